@@ -1,0 +1,30 @@
+"""Command line: `python3 -m refquant <command>`. Each command lives in its own module and adds
+itself to the parser with a `register(subparsers)` function listed in COMMAND_MODULES."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that define `register(subparsers)`; each sets `func` on its parser.
+COMMAND_MODULES = ("refquant.demo",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refquant", description="Bit-exact FP8 / NVFP4 quantization after NVIDIA modelopt."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"refquant {args.command}: error: {error}", file=sys.stderr)
+        return 2

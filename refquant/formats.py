@@ -1,0 +1,52 @@
+"""Named limits and code tables of the two formats: FP8 E4M3 (float8_e4m3fn) and E2M1 (FP4).
+
+Everything numeric that more than one module needs lives here, once. SPEC.md section 0 gives the
+fp32 bit patterns of the derived constants; the tests check them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# --- FP8 E4M3 (float8_e4m3fn): 1 sign, 4 exponent bits (bias 7), 3 mantissa bits, no inf. ---
+E4M3_MAX = 448.0  # largest finite magnitude; also the constant KV-cache amax ("cast" modes)
+E4M3_MIN_SUBNORMAL = 2.0**-9  # smallest positive value; NVFP4QTensor clamps block scales here
+E4M3_DTYPE = torch.float8_e4m3fn
+
+# --- E2M1 (FP4): 1 sign bit, 2 exponent bits, 1 mantissa bit. ---
+E2M1_MAX = 6.0
+# Magnitude of each 3-bit magnitude index; bit 3 of a code is the sign (SPEC.md section 4.4).
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# Decision points between neighbouring magnitudes (SPEC.md section 3.4). A tie goes to the even
+# index: at 0.25, 1.25, 2.5 and 5 the value rounds down, at 0.75, 1.75 and 3.5 it rounds up.
+E2M1_DECISION_POINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+E2M1_TIE_ROUNDS_UP = (False, True, False, True, False, True, False)
+E2M1_SIGN_BIT = 0b1000
+
+# --- NVFP4: E2M1 values in blocks of 16 along the last dim, an E4M3 scale per block, and an fp32
+# per-tensor ("global") scale = global_amax / (6 * 448). ---
+NVFP4_BLOCK_SIZE = 16
+NVFP4_SCALE_DENOMINATOR = E2M1_MAX * E4M3_MAX  # 2688
+# rcp(2688) as modelopt's Triton wrapper and CUDA tensors produce it: fp32 0x39C30C31.
+RCP_2688 = 1.0 / NVFP4_SCALE_DENOMINATOR
+# The NVFP4 fake-quant kernel's guards (SPEC.md section 3.3): a global scale that is not > 0 is
+# replaced by 1e-12, and a final block scale below 1e-5 by 1.0. Both are fp32 literals there.
+NVFP4_GLOBAL_SCALE_FLOOR = 1e-12
+NVFP4_BLOCK_SCALE_FLOOR = 1e-5
+
+# FP8 fake quant treats any amax at or below 2**-24 as 1.0 (tensor_quant.py:49-52).
+FP8_AMAX_FLOOR = 2.0**-24
+
+SUPPORTED_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def e2m1_code_table(device: torch.device | str | None = None) -> torch.Tensor:
+    """fp32 value of each of the 16 E2M1 codes; code 8 ("negative zero") decodes to +0.0."""
+    magnitudes = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=device)
+    negatives = 0.0 - magnitudes  # 0 - 0 = +0.0, as modelopt's table has it
+    return torch.cat([magnitudes, negatives])
+
+
+def fp32_bits(value: float) -> int:
+    """The IEEE binary32 bit pattern of `value` rounded to fp32 (for docs and tests)."""
+    return int(torch.tensor(value, dtype=torch.float32).view(torch.int32).item()) & 0xFFFFFFFF

@@ -1,0 +1,192 @@
+"""FP8 E4M3 fake and real quantization, bit for bit as modelopt computes it.
+
+Fake quant reproduces modelopt's TensorQuantizer (SPEC.md section 1); real quant reproduces
+FP8QTensor.quantize / dequantize (section 2). Every rounding step is written out: we never use
+`tensor / python_float` (a true division on CPU, a reciprocal multiply on CUDA) and never cast an
+out-of-range fp32 to float8_e4m3fn unclamped (NaN on torch 2.11, saturation on 2.13).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._checks import (
+    AmaxLike,
+    Flavor,
+    as_amax_tensor,
+    check_channel_amax,
+    check_flavor,
+    check_float_input,
+    reduce_amax,
+)
+from .formats import E4M3_DTYPE, E4M3_MAX, FP8_AMAX_FLOOR
+
+
+def saturating_e4m3(v: torch.Tensor) -> torch.Tensor:
+    """Round to E4M3 (nearest, ties to even), saturating to +-448; NaN stays NaN.
+
+    Clamping first makes the cast independent of torch's overflow policy (P5): |v| in (448, 464]
+    rounds to 448 anyway, and larger values and +-inf saturate as torch 2.13 does.
+    """
+    return v.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3_DTYPE)
+
+
+def fp8_fake_quant_scales(amax: torch.Tensor, flavor: Flavor = "modelopt-cpu"):
+    """(scale, inverse scale) in fp32 from an amax, as modelopt's FP8 fake quant forms them.
+
+    amax <= 2**-24 is replaced by 1.0. "modelopt-cpu": scale = fl(448 * rcp(amax)) (Python's
+    `448.0 / tensor` is a reciprocal then a multiply: two roundings). "modelopt-cuda": scale =
+    448 / amax, one correctly rounded division (modelopt's CUDA extension). Either way the inverse
+    is rcp(scale), never amax / 448.
+    """
+    amax = amax.float()
+    amax = torch.where(amax <= FP8_AMAX_FLOOR, torch.ones_like(amax), amax)
+    if flavor == "modelopt-cpu":
+        scale = torch.reciprocal(amax) * E4M3_MAX
+    else:
+        scale = torch.full_like(amax, E4M3_MAX) / amax
+    return scale, torch.reciprocal(scale)
+
+
+def fp8_fake_quant(
+    x: torch.Tensor,
+    amax: AmaxLike = None,
+    *,
+    axis: int | tuple[int, ...] | None = None,
+    flavor: Flavor = "modelopt-cpu",
+) -> torch.Tensor:
+    """FP8 E4M3 fake quantization (quantize, then dequantize) of x; same shape and dtype out.
+
+    amax: a float or 0-d tensor (per-tensor), a keep-dims tensor (per-channel, e.g. (N, 1) for a
+    (N, K) weight, (1, 1, C) for a (B, T, C) activation), or None to take max|x| from the data
+    (per-tensor, or per `axis` -- the dims that keep their own amax, as modelopt's `axis`).
+
+    Order of operations (SPEC.md 1.3): v = fl(fp32(x) * scale), clamp to +-448, round to E4M3,
+    widen, multiply by the inverse scale in fp32, round to x's dtype.
+    """
+    check_flavor(flavor)
+    check_float_input(x)
+    if x.numel() == 0:
+        return x.clone()
+    if amax is None:
+        amax = reduce_amax(x, axis)  # NaN or inf in x makes every output NaN, as in modelopt
+    else:
+        if axis is not None:
+            raise ValueError("pass either amax or axis (axis is for an amax taken from the data), not both.")
+        amax = as_amax_tensor(amax, x)
+        check_channel_amax(amax, x)
+    scale, inv_scale = fp8_fake_quant_scales(amax, flavor)
+    if amax.numel() == 1:
+        scale, inv_scale = scale.reshape(()), inv_scale.reshape(())
+    on_grid = saturating_e4m3(x.float() * scale).float()
+    return (on_grid * inv_scale).to(x.dtype)
+
+
+@dataclass
+class FP8Tensor:
+    """Real-quantized FP8 tensor, as modelopt's FP8QTensor holds it.
+
+    data:  float8_e4m3fn, x's shape.
+    scale: the dequantization scale as FP8QTensor returns it: x's dtype when computed from the
+           data, fp32 when given or derived from an fp32 amax. 0-d (per-tensor), keep-dims
+           (per-channel), or (..., ceil(n / block_size)) for per-block scales.
+    dtype: the original dtype, the default of dequantize().
+    block_size: None, or the block length along the last dim for per-block scales.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+    block_size: int | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """data * scale, multiplied in the target dtype (one rounding there), as FP8QTensor does."""
+        dtype = dtype or self.dtype
+        scale = self.scale.to(dtype)
+        if self.block_size is not None:
+            scale = scale.repeat_interleave(self.block_size, dim=-1)[..., : self.data.shape[-1]]
+        return self.data.to(dtype) * scale
+
+
+def fp8_quantize(
+    x: torch.Tensor,
+    amax: AmaxLike = None,
+    *,
+    scale: torch.Tensor | float | None = None,
+    axis: int | tuple[int, ...] | None = None,
+    block_size: int | None = None,
+    flavor: Flavor = "modelopt-cpu",
+) -> FP8Tensor:
+    """Real FP8 quantization: FP8QTensor.quantize (SPEC.md 2.2), or the TensorQuantizer path.
+
+    Exactly one source for the scale:
+    - `scale`: used as given (FP8QTensor.quantize(x, scales=scale)); a float becomes fp32.
+    - `amax`: scale = amax / 448 in amax's dtype (the TensorQuantizer real-quant path,
+      `self.amax / 448.0`); a float amax is fp32.
+    - neither: amax = max|x| in x's dtype (per-tensor, per `axis`, or per block of `block_size`
+      along the last dim) and scale = amax / 448 in x's dtype.
+    "modelopt-cpu" divides by 448 exactly; "modelopt-cuda" multiplies by fp32(1/448), and rounds
+    a given 0-d fp32 scale to x's dtype before dividing a bf16/fp16 x (what torch's CUDA kernel does).
+
+    The quotient x / scale is formed in fp32 and rounded to the promoted dtype of (x, scale) before
+    the E4M3 rounding (two roundings for bf16/fp16 x, as modelopt). modelopt does not clamp; we
+    saturate to +-448 explicitly (torch 2.13's behaviour, which the vectors record).
+    """
+    check_flavor(flavor)
+    check_float_input(x)
+    sources = sum(v is not None for v in (amax, scale))
+    if sources > 1:
+        raise ValueError("pass at most one of amax and scale.")
+    if (axis is not None or block_size is not None) and sources:
+        raise ValueError("axis and block_size choose how the scale is computed from x; drop them when passing amax or scale.")
+    if axis is not None and block_size is not None:
+        raise ValueError("pass either axis (per-channel) or block_size (per-block), not both.")
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0):
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
+
+    x_blocked = x
+    if scale is not None:
+        if not isinstance(scale, torch.Tensor):
+            scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
+        scale = as_amax_tensor(scale, x, what="scale")
+        check_channel_amax(scale, x, what="scale")
+    elif amax is not None:
+        amax = as_amax_tensor(amax, x)
+        check_channel_amax(amax, x)
+        scale = _divide_by_448(amax, flavor)
+    elif block_size is not None:
+        x_blocked = _pad_last_dim(x, block_size)
+        blocks = x_blocked.unflatten(-1, (-1, block_size))
+        scale = _divide_by_448(blocks.abs().amax(dim=-1), flavor)
+    else:
+        scale = _divide_by_448(reduce_amax(x, axis), flavor)
+
+    divisor = scale
+    if block_size is not None:
+        divisor = scale.repeat_interleave(block_size, dim=-1)
+    elif flavor == "modelopt-cuda" and scale.ndim == 0 and x.dtype != scale.dtype:
+        divisor = scale.to(x.dtype)
+    quotient_dtype = torch.result_type(x_blocked, divisor)
+    quotient = (x_blocked.float() / divisor.float()).to(quotient_dtype)
+    data = saturating_e4m3(quotient)[..., : x.shape[-1]] if x.ndim else saturating_e4m3(quotient)
+    return FP8Tensor(data=data, scale=scale, dtype=x.dtype, block_size=block_size)
+
+
+def _divide_by_448(amax: torch.Tensor, flavor: Flavor) -> torch.Tensor:
+    """amax / 448.0 in amax's dtype, computed in fp32 and rounded once, per flavor (P2)."""
+    if flavor == "modelopt-cpu":
+        quotient = amax.float() / torch.tensor(E4M3_MAX, device=amax.device)
+    else:
+        quotient = amax.float() * torch.reciprocal(torch.tensor(E4M3_MAX, device=amax.device))
+    return quotient.to(amax.dtype)
+
+
+def _pad_last_dim(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = (-x.shape[-1]) % multiple
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x

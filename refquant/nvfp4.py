@@ -1,0 +1,235 @@
+"""NVFP4 fake and real quantization, bit for bit as modelopt computes it.
+
+NVFP4 stores E2M1 values in blocks of 16 along the last dim; each block has an E4M3 scale and the
+tensor has one fp32 global scale = global_amax / 2688 (2688 = 6 * 448, so the largest block scale,
+448, times the largest E2M1 value, 6, reaches global_amax).
+
+Two modelopt paths, which differ on purpose-less details (docs/numerics.md has the table):
+- fake quant = the Triton kernel behind TensorQuantizer (SPEC.md section 3.3), the one modelopt
+  uses during PTQ;
+- real quant = NVFP4QTensor.quantize / dequantize (section 4), used for export and compression.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input
+from .fp8 import saturating_e4m3
+from .formats import (
+    E2M1_DECISION_POINTS,
+    E2M1_MAGNITUDES,
+    E2M1_SIGN_BIT,
+    E2M1_TIE_ROUNDS_UP,
+    E4M3_DTYPE,
+    E4M3_MAX,
+    E4M3_MIN_SUBNORMAL,
+    E2M1_MAX,
+    NVFP4_BLOCK_SCALE_FLOOR,
+    NVFP4_BLOCK_SIZE,
+    NVFP4_GLOBAL_SCALE_FLOOR,
+    NVFP4_SCALE_DENOMINATOR,
+    RCP_2688,
+    e2m1_code_table,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def e2m1_magnitude_index(u: torch.Tensor) -> torch.Tensor:
+    """Index 0..7 into E2M1_MAGNITUDES of the E2M1 rounding of |u| >= 0 (uint8).
+
+    Counts the decision points that u has passed: strictly for points whose tie rounds down,
+    inclusively for points whose tie rounds up (round half to even on the 3-bit index). Written
+    as "not below" so that NaN passes every point and maps to 6, as modelopt's ladder does.
+    """
+    index = torch.zeros(u.shape, dtype=torch.uint8, device=u.device)
+    for point, tie_up in zip(E2M1_DECISION_POINTS, E2M1_TIE_ROUNDS_UP):
+        passed = ~(u < point) if tie_up else ~(u <= point)
+        index += passed.to(torch.uint8)
+    return index
+
+
+def e2m1_round_magnitude(u: torch.Tensor) -> torch.Tensor:
+    """|u| rounded to the E2M1 magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6} (fp32; NaN -> 6)."""
+    magnitudes = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=u.device)
+    return magnitudes[e2m1_magnitude_index(u).long()]
+
+
+def pad_to_blocks(x: torch.Tensor, block_size: int = NVFP4_BLOCK_SIZE) -> torch.Tensor:
+    """Zero-pad the last dim up to a multiple of block_size (what modelopt does for the max)."""
+    pad = (-x.shape[-1]) % block_size
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x
+
+
+def to_blocks(x: torch.Tensor, block_size: int = NVFP4_BLOCK_SIZE) -> torch.Tensor:
+    """(..., n) -> (..., ceil(n / block_size), block_size), zero-padded."""
+    return pad_to_blocks(x, block_size).unflatten(-1, (-1, block_size))
+
+
+def _global_amax(x: torch.Tensor, amax: AmaxLike) -> torch.Tensor:
+    """fp32 0-d global amax: the given one, or max|x| taken in x's dtype (NaN propagates)."""
+    if amax is None:
+        return x.abs().amax().float()
+    amax = as_amax_tensor(amax, x)
+    if amax.numel() != 1:
+        raise ValueError(
+            f"NVFP4 takes one global amax per tensor, got shape {tuple(amax.shape)}; per-block "
+            "scales are computed from the data. Pass a float or a 0-d tensor."
+        )
+    return amax.reshape(()).float()
+
+
+def global_scale_from_amax(amax: torch.Tensor, flavor: Flavor) -> torch.Tensor:
+    """fp32 global scale = amax / 2688: IEEE on CPU, amax * fp32(1/2688) on CUDA (P2)."""
+    if flavor == "modelopt-cpu":
+        return amax / torch.tensor(NVFP4_SCALE_DENOMINATOR, device=amax.device)
+    return amax * RCP_2688
+
+
+def _check_nonempty_last_dim(x: torch.Tensor) -> None:
+    if x.ndim == 0:
+        raise ValueError("NVFP4 quantizes blocks along the last dim; x is 0-d. Reshape it to (1,) or more.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake quant: modelopt's Triton kernel fp4_fake_quant_block (SPEC.md 3.3)
+# ---------------------------------------------------------------------------------------------
+
+
+def nvfp4_fake_block_scale(block_amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """Per-block fp32 scale S of the fake-quant kernel, from the NaN-free block max |x|.
+
+    g' = global scale, or 1e-12 when it is not > 0 (0 or NaN); e = E4M3(min(m / (6 g'), 448));
+    S = fl(e * g'), replaced by 1.0 below 1e-5 (tiny or all-zero blocks).
+    """
+    g = torch.where(global_scale > 0, global_scale, torch.full_like(global_scale, NVFP4_GLOBAL_SCALE_FLOOR))
+    ideal = block_amax / (g * E2M1_MAX)
+    e4m3_scale = ideal.clamp(max=E4M3_MAX).to(E4M3_DTYPE).float()
+    scale = e4m3_scale * g
+    return torch.where(scale >= NVFP4_BLOCK_SCALE_FLOOR, scale, torch.ones_like(scale))
+
+
+def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None) -> torch.Tensor:
+    """NVFP4 fake quantization (modelopt's TensorQuantizer on a GPU); same shape and dtype out.
+
+    amax: the global amax (float or 0-d tensor); None takes max|x| of the whole tensor.
+    One path for both flavors (CONTRACT.md point 3): global scale = amax * fp32(1/2688); block
+    max ignores NaN; scales as nvfp4_fake_block_scale; each element is |x| * rcp(S) rounded to
+    E2M1 (modelopt's kernel divides approximately: we use the IEEE reciprocal, which matches it
+    except for rare near-ties, see CONTRACT.md); output q * S with the sign of x, +0.0 for a
+    negative that rounds to zero, NaN elements come out as -6 * S. A last dim that is not a
+    multiple of 16 is zero-padded for the block max and the padding dropped.
+    """
+    check_float_input(x)
+    _check_nonempty_last_dim(x)
+    if x.numel() == 0:
+        return x.clone()
+    global_scale = _global_amax(x, amax) * RCP_2688
+    blocks = to_blocks(x.float())
+    magnitude = blocks.abs()
+    block_amax = torch.where(torch.isnan(magnitude), 0.0, magnitude).amax(dim=-1, keepdim=True)
+    scale = nvfp4_fake_block_scale(block_amax, global_scale)
+    q = e2m1_round_magnitude(magnitude * torch.reciprocal(scale))
+    p = q * scale
+    # `0 - p`, not `-p`: the kernel's unary minus never produces -0.0 (P7).
+    y = torch.where(blocks >= 0, p, 0.0 - p)
+    return y.flatten(-2)[..., : x.shape[-1]].to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real quant: NVFP4QTensor (SPEC.md section 4)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NVFP4Tensor:
+    """Real-quantized NVFP4 tensor, laid out as modelopt's NVFP4QTensor.
+
+    packed:       uint8 (..., ceil(n/16) * 8); byte j holds element 2j in its low nibble and
+                  element 2j+1 in its high nibble; bit 3 of a nibble is the sign.
+    block_scale:  float8_e4m3fn (..., ceil(n/16)), one per block of 16 along the last dim.
+    global_scale: fp32 0-d, global_amax / 2688 (rounded per flavor).
+    shape:        the original shape (the last dim may be shorter than the padded blocks).
+    dtype:        the original dtype, the default of dequantize().
+    """
+
+    packed: torch.Tensor
+    block_scale: torch.Tensor
+    global_scale: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def codes(self) -> torch.Tensor:
+        """The 4-bit E2M1 codes, one uint8 per (padded) element."""
+        return unpack_e2m1(self.packed)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """value(code) * fl(fp32(block scale) * global scale), in fp32, rounded to `dtype`.
+
+        Returns the original shape (modelopt raises for a padded last dim; we crop).
+        """
+        dtype = dtype or self.dtype
+        values = e2m1_code_table(self.packed.device)[self.codes().long()]
+        scale = self.block_scale.float().unsqueeze(-1) * self.global_scale
+        out = (values.unflatten(-1, (-1, NVFP4_BLOCK_SIZE)) * scale).flatten(-2)
+        return out[..., : self.shape[-1]].reshape(self.shape).to(dtype)
+
+
+def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
+    """(..., 2k) uint8 codes -> (..., k) bytes: even element in the low nibble."""
+    pairs = codes.unflatten(-1, (-1, 2))
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
+    """(..., k) bytes -> (..., 2k) uint8 codes; inverse of pack_e2m1."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
+
+
+def nvfp4_real_block_scale(block_amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """NVFP4QTensor's E4M3 block scale from the block max |x| (fp32) and the global scale.
+
+    bmax / fl(6 * global scale), IEEE; a zero quotient becomes 1.0; clamped to [2**-9, 448].
+    Deviation (CONTRACT.md point 5): a zero block under a zero global scale (an all-zero tensor)
+    gets 1.0, where modelopt's 0/0 gives NaN.
+    """
+    quotient = block_amax / (global_scale * E2M1_MAX)
+    zero_block = (quotient == 0) | ((block_amax == 0) & (global_scale == 0))
+    quotient = torch.where(zero_block, torch.ones_like(quotient), quotient)
+    return quotient.clamp(E4M3_MIN_SUBNORMAL, E4M3_MAX).to(E4M3_DTYPE)
+
+
+def nvfp4_quantize(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> NVFP4Tensor:
+    """Real NVFP4 quantization: modelopt's NVFP4QTensor.quantize(x, 16, wsf2=amax / 2688).
+
+    amax: the global amax (float or 0-d tensor); None takes max|x| in x's dtype. The global scale
+    is amax / 2688 rounded per flavor ("modelopt-cpu": IEEE division; "modelopt-cuda": multiply
+    by fp32(1/2688)). Blocks: nvfp4_real_block_scale; elements: x / fl(fp32(block scale) *
+    global scale) (IEEE) rounded to E2M1, sign bit set when the quotient is < 0 (so -0.0 gets
+    code 0 and a small negative code 8). NaN gets code 7.
+    """
+    check_flavor(flavor)
+    check_float_input(x)
+    _check_nonempty_last_dim(x)
+    global_scale = global_scale_from_amax(_global_amax(x, amax), flavor)
+    blocks = to_blocks(x).float()
+    block_amax = blocks.abs().amax(dim=-1, keepdim=True)  # NaN propagates, as modelopt's
+    block_scale = nvfp4_real_block_scale(block_amax, global_scale)
+    divisor = block_scale.float() * global_scale
+    u = blocks / divisor
+    # Only reachable under a zero global scale (all-zero tensor): keep 0 / 0 from becoming NaN.
+    u = torch.where((blocks == 0) & (divisor == 0), torch.zeros_like(u), u)
+    codes = e2m1_magnitude_index(u.abs()) | ((u < 0).to(torch.uint8) << 3)
+    return NVFP4Tensor(
+        packed=pack_e2m1(codes.flatten(-2)),
+        block_scale=block_scale.squeeze(-1),
+        global_scale=global_scale,
+        shape=x.shape,
+        dtype=x.dtype,
+    )

@@ -1,0 +1,205 @@
+"""The quantizer module: holds an amax, calibrates it, and calls the numerics. No math of its own.
+
+Semantics are modelopt's TensorQuantizer (SPEC.md sections 1.2, 5, 6): an amax comes from
+(1) use_constant_amax -> 448.0, (2) a calibrated `_amax` buffer, (3) otherwise the data of each
+call. Max calibration records max|x| (per tensor, or per channel with `axis`) with quantization
+switched off; a quantizer whose calibrator saw nothing keeps no amax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+import torch
+from dataclasses_json import DataClassJsonMixin
+from torch import nn
+
+from ._checks import FLAVORS, Flavor, reduce_amax
+from .backends import BACKENDS, numerics
+from .formats import E4M3_MAX
+
+Format = Literal["fp8", "nvfp4", "disabled"]
+FORMATS = ("fp8", "nvfp4", "disabled")
+Axis = Union[int, list[int], None]
+
+
+@dataclass
+class QuantizerConfig(DataClassJsonMixin):
+    """What one quantizer does; modelopt's QuantizerAttributeConfig, reduced to FP8 and NVFP4.
+
+    format:            "fp8" (E4M3, num_bits (4,3)), "nvfp4" (E2M1 in dynamic blocks of 16 with
+                       E4M3 block scales), or "disabled" (no format: what a quantizer is before
+                       any recipe rule gives it one).
+    enable:            on or off; an off quantizer returns its input unchanged.
+    axis:              per-channel FP8: the dim(s) that keep their own amax (None: per-tensor).
+                       NVFP4 has one global amax; its per-block scales come from the data.
+    use_constant_amax: amax is the constant 448.0 (the E4M3 max), never calibrated or stored
+                       (the KV-cache "cast" modes).
+    """
+
+    format: Format = "disabled"
+    enable: bool = True
+    axis: Axis = None
+    use_constant_amax: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format={self.format!r} is not known; use one of {', '.join(FORMATS)}.")
+        if self.format == "nvfp4" and self.axis is not None:
+            raise ValueError(
+                "NVFP4 takes no per-channel axis: it has one global amax and per-block scales along "
+                "the last dim. Remove `axis`, or use format 'fp8' for per-channel scales."
+            )
+        if self.use_constant_amax and self.axis is not None:
+            raise ValueError("use_constant_amax pins one amax of 448 for the whole tensor; remove `axis`.")
+        if self.enable and self.format == "disabled":
+            raise ValueError("an enabled quantizer needs a format: set format to 'fp8' or 'nvfp4', or enable = false.")
+
+
+@dataclass
+class _MaxCalibrator:
+    """modelopt's MaxCalibrator: running max of max|x| (keep-dims per channel), in x's dtype."""
+
+    axis: Axis = None
+    amax: Optional[torch.Tensor] = field(default=None)
+
+    def collect(self, x: torch.Tensor, name: str) -> None:
+        local = reduce_amax(x.detach(), self.axis)
+        if not bool(torch.isfinite(local).all()):
+            raise ValueError(
+                f"calibration of {name or 'a quantizer'} saw NaN or inf activations; max calibration "
+                "cannot take an amax from them. Check the model and the calibration data."
+            )
+        if self.amax is not None and self.amax.shape != local.shape:
+            raise ValueError(
+                f"calibration of {name or 'a quantizer'}: per-channel amax shape changed from "
+                f"{tuple(self.amax.shape)} to {tuple(local.shape)} between batches."
+            )
+        self.amax = local if self.amax is None else torch.maximum(self.amax, local)
+
+
+class TensorQuantizer(nn.Module):
+    """Fake-quantizes the tensors that pass through it, per its QuantizerConfig.
+
+    amax (property): the amax it uses (448.0 for a constant-amax quantizer; the calibrated one; or
+    None, meaning "taken from each call's data"). `backend` picks the reference or compiled
+    numerics, `flavor` which modelopt run FP8 reproduces (CONTRACT.md point 2).
+    """
+
+    def __init__(
+        self,
+        config: QuantizerConfig | None = None,
+        *,
+        backend: str = "reference",
+        flavor: Flavor = "modelopt-cpu",
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not known; use one of {', '.join(BACKENDS)}.")
+        if flavor not in FLAVORS:
+            raise ValueError(f"flavor={flavor!r} is not known; use one of {', '.join(FLAVORS)}.")
+        self.backend = backend
+        self.flavor = flavor
+        self.name = name
+        self.config = QuantizerConfig(enable=False)
+        self._quantizing = True
+        self._calibrator: _MaxCalibrator | None = None
+        if config is not None:
+            self.set_config(config)
+
+    # --- configuration -------------------------------------------------------------------
+    def set_config(self, config: QuantizerConfig) -> None:
+        """Replace every attribute (modelopt's set_from_attribute_config); a stored amax stays."""
+        self.config = config
+        if config.use_constant_amax and "_amax" in self._buffers:
+            del self._buffers["_amax"]
+
+    def set_enabled(self, enable: bool) -> None:
+        if enable and self.config.format == "disabled":
+            raise ValueError(
+                f"cannot enable {self.name or 'this quantizer'}: it has no format yet. Give it a "
+                "cfg (format 'fp8' or 'nvfp4') in an earlier or the same rule."
+            )
+        self.config = QuantizerConfig(**{**self.config.to_dict(), "enable": enable})
+
+    @property
+    def is_enabled(self) -> bool:
+        return self.config.enable
+
+    @property
+    def amax(self) -> torch.Tensor | None:
+        if self.config.use_constant_amax:
+            return torch.tensor(E4M3_MAX, dtype=torch.float32)
+        return self._buffers.get("_amax")
+
+    @property
+    def is_calibrated(self) -> bool:
+        return "_amax" in self._buffers
+
+    def set_amax(self, amax: torch.Tensor) -> None:
+        if self.config.use_constant_amax:
+            raise ValueError(f"{self.name or 'this quantizer'} uses the constant amax 448; it stores none.")
+        self.register_buffer("_amax", amax.detach().clone())
+
+    # --- calibration (modelopt's enable_stats_collection / finish_stats_collection) -------
+    def start_calibration(self) -> None:
+        """Quantization off; collect max|x| unless the amax is constant (then nothing collects)."""
+        if not self.is_enabled:
+            return
+        self._quantizing = False
+        self._calibrator = None if self.config.use_constant_amax else _MaxCalibrator(self.config.axis)
+
+    def finish_calibration(self) -> None:
+        """Store the collected amax (if any data came), switch quantization back on."""
+        if self._calibrator is not None and self._calibrator.amax is not None:
+            self.set_amax(self._calibrator.amax)
+        self._calibrator = None
+        self._quantizing = True
+
+    @property
+    def is_calibrating(self) -> bool:
+        return self._calibrator is not None
+
+    # --- forward --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_enabled or x.numel() == 0:
+            return x
+        if self._calibrator is not None:
+            self._calibrator.collect(x, self.name)
+        if not self._quantizing:
+            return x
+        impl = numerics(self.backend)
+        amax = self.amax
+        if amax is not None:
+            amax = amax.to(x.device)
+        if self.config.format == "fp8":
+            axis = self.config.axis if amax is None else None
+            return impl.fp8_fake_quant(x, amax, axis=axis, flavor=self.flavor)
+        return impl.nvfp4_fake_quant(x, amax)
+
+    # --- state_dict: the amax buffer exists only once calibrated; accept it on load --------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "_amax"
+        if key in state_dict and "_amax" not in self._buffers:
+            if self.config.use_constant_amax:
+                error_msgs.append(f"{key}: a constant-amax quantizer stores no amax; drop it from the state dict.")
+            else:
+                self.register_buffer("_amax", torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        if not self.is_enabled:
+            return "disabled"
+        amax = self.amax
+        if self.config.use_constant_amax:
+            amax_text = "amax=448(const)"
+        elif amax is None:
+            amax_text = "amax=dynamic"
+        elif amax.numel() == 1:
+            amax_text = f"amax={float(amax):.4g}"
+        else:
+            amax_text = f"amax=per-channel{tuple(amax.shape)}"
+        axis = f" axis={self.config.axis}" if self.config.axis is not None else ""
+        return f"{self.config.format}{axis} {amax_text} backend={self.backend}"
