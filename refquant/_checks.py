@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import weakref
 from typing import Literal, Union
 
 import torch
@@ -46,20 +48,44 @@ def as_amax_tensor(amax: AmaxLike, x: torch.Tensor, what: str = "amax") -> torch
     if isinstance(amax, bool) or not isinstance(amax, (torch.Tensor, float, int)):
         raise ValueError(f"{what} must be a float or a tensor, got {type(amax).__name__}.")
     if not isinstance(amax, torch.Tensor):
-        amax = torch.tensor(float(amax), dtype=torch.float32, device=x.device)
-    elif not amax.is_floating_point():
+        if not (math.isfinite(amax) and amax >= 0):  # checked on the host: no device round trip
+            _raise_bad_amax(what, [amax])
+        return torch.tensor(float(amax), dtype=torch.float32, device=x.device)
+    if not amax.is_floating_point():
         raise ValueError(f"{what} has dtype {amax.dtype}; pass a floating-point amax.")
-    else:
-        amax = amax.to(x.device)
-    if not _is_tracing():
+    amax = amax.to(x.device)
+    if not _is_tracing() and not _already_checked(amax):
         bad = ~torch.isfinite(amax) | (amax < 0)
-        if bool(bad.any()):
-            raise ValueError(
-                f"{what} must be finite and >= 0 (it is the largest |value| to represent); got "
-                f"{amax.flatten()[bad.flatten()][:4].tolist()}. Recalibrate, or pass amax=None "
-                "to take it from the data."
-            )
+        if bool(bad.any()):  # reads back to the host: a device sync, hence _already_checked
+            _raise_bad_amax(what, amax.flatten()[bad.flatten()][:4].tolist())
+        _remember_checked(amax)
     return amax
+
+
+def _raise_bad_amax(what: str, bad_values: list) -> None:
+    meaning = "it is the largest |value| to represent" if what == "amax" else "x is divided by it"
+    raise ValueError(
+        f"{what} must be finite and >= 0 ({meaning}); got "
+        f"{bad_values}. Recalibrate, or pass {what}=None to take it from the data."
+    )
+
+
+# Tensors whose values passed the amax check, by id, with the version counter they had then: a
+# quantizer's calibrated amax is checked once, not synced on every forward. An in-place change
+# moves the version (so it is checked again); the weak reference tells a recycled id apart.
+_CHECKED: dict[int, tuple[weakref.ref, int]] = {}
+_CHECKED_MAX_ENTRIES = 4096
+
+
+def _already_checked(amax: torch.Tensor) -> bool:
+    entry = _CHECKED.get(id(amax))
+    return entry is not None and entry[0]() is amax and entry[1] == amax._version
+
+
+def _remember_checked(amax: torch.Tensor) -> None:
+    if len(_CHECKED) >= _CHECKED_MAX_ENTRIES:
+        _CHECKED.clear()
+    _CHECKED[id(amax)] = (weakref.ref(amax), amax._version)
 
 
 def check_channel_amax(amax: torch.Tensor, x: torch.Tensor, what: str = "amax") -> None:

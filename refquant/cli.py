@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # Modules that define `register(subparsers)`; each sets `func` on its parser.
-COMMAND_MODULES = ("refquant.demo",)
+COMMAND_MODULES = ("refquant.demo", "refquant.recipes_cli", "refquant.ptq_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

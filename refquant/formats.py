@@ -28,7 +28,9 @@ E2M1_SIGN_BIT = 0b1000
 NVFP4_BLOCK_SIZE = 16
 NVFP4_SCALE_DENOMINATOR = E2M1_MAX * E4M3_MAX  # 2688
 # rcp(2688) as modelopt's Triton wrapper and CUDA tensors produce it: fp32 0x39C30C31.
-RCP_2688 = 1.0 / NVFP4_SCALE_DENOMINATOR
+# Held as that fp32 value exactly (not the double 1/2688), so `t * RCP_2688` gives the same bits
+# whether a backend rounds the Python scalar to fp32 first or multiplies in double and rounds once.
+RCP_2688 = float(torch.tensor(1.0 / NVFP4_SCALE_DENOMINATOR, dtype=torch.float32))
 # The NVFP4 fake-quant kernel's guards (SPEC.md section 3.3): a global scale that is not > 0 is
 # replaced by 1e-12, and a final block scale below 1e-5 by 1.0. Both are fp32 literals there.
 NVFP4_GLOBAL_SCALE_FLOOR = 1e-12

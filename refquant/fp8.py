@@ -33,6 +33,30 @@ def saturating_e4m3(v: torch.Tensor) -> torch.Tensor:
     return v.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3_DTYPE)
 
 
+@torch.library.custom_op("refquant::ieee_divide", mutates_args=())
+def ieee_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, correctly rounded, on every device and under torch.compile.
+
+    A plain `/` by a constant tensor (amax / 448) is rewritten by inductor on CUDA into a multiply
+    by the rounded reciprocal (lowering.div_prim), whatever the division-rounding setting: this
+    op is opaque to inductor, so it runs torch's own (IEEE) division kernel (docs/compiled.md).
+    """
+    return numerator / denominator
+
+
+@ieee_divide.register_fake
+def _(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    shape = torch.broadcast_shapes(numerator.shape, denominator.shape)
+    return numerator.new_empty(shape, dtype=torch.result_type(numerator, denominator))
+
+
+def ieee_reciprocal(v: torch.Tensor) -> torch.Tensor:
+    """1 / v correctly rounded, written as a division: torch 2.11's inductor lowers
+    torch.reciprocal as an int32 `1 / v`, which Triton divides approximately even under
+    division rounding (docs/compiled.md). Same bits as torch.reciprocal in eager mode."""
+    return torch.ones_like(v) / v
+
+
 def fp8_fake_quant_scales(amax: torch.Tensor, flavor: Flavor = "modelopt-cpu"):
     """(scale, inverse scale) in fp32 from an amax, as modelopt's FP8 fake quant forms them.
 
@@ -43,11 +67,14 @@ def fp8_fake_quant_scales(amax: torch.Tensor, flavor: Flavor = "modelopt-cpu"):
     """
     amax = amax.float()
     amax = torch.where(amax <= FP8_AMAX_FLOOR, torch.ones_like(amax), amax)
+    one = torch.ones_like(amax)
+    # ieee_divide, an op inductor does not inline: the scales are computed once per amax, not
+    # re-divided for every element of x inside the fused kernel (docs/compiled.md).
     if flavor == "modelopt-cpu":
-        scale = torch.reciprocal(amax) * E4M3_MAX
+        scale = ieee_divide(one, amax) * E4M3_MAX
     else:
-        scale = torch.full_like(amax, E4M3_MAX) / amax
-    return scale, torch.reciprocal(scale)
+        scale = ieee_divide(torch.full_like(amax, E4M3_MAX), amax)
+    return scale, ieee_divide(one, scale)
 
 
 def fp8_fake_quant(
@@ -172,16 +199,29 @@ def fp8_quantize(
         divisor = scale.repeat_interleave(block_size, dim=-1)
     elif flavor == "modelopt-cuda" and scale.ndim == 0 and x.dtype != scale.dtype:
         divisor = scale.to(x.dtype)
-    quotient_dtype = torch.result_type(x_blocked, divisor)
+    quotient_dtype = _quotient_dtype(x_blocked, divisor)
     quotient = (x_blocked.float() / divisor.float()).to(quotient_dtype)
     data = saturating_e4m3(quotient)[..., : x.shape[-1]] if x.ndim else saturating_e4m3(quotient)
     return FP8Tensor(data=data, scale=scale, dtype=x.dtype, block_size=block_size)
 
 
+def _quotient_dtype(x: torch.Tensor, divisor: torch.Tensor) -> torch.dtype:
+    """torch.result_type(x, divisor) for floating x and divisor, spelled out (dynamo can trace it).
+
+    A 0-d divisor does not widen a dimensioned x (torch's promotion of "scalar" tensors), so a
+    bf16 x over an fp32 0-d scale gives bf16, as modelopt's `x / scale` does.
+    """
+    if divisor.ndim == 0 and x.ndim > 0:
+        return x.dtype
+    if x.ndim == 0 and divisor.ndim > 0:
+        return divisor.dtype
+    return torch.promote_types(x.dtype, divisor.dtype)
+
+
 def _divide_by_448(amax: torch.Tensor, flavor: Flavor) -> torch.Tensor:
     """amax / 448.0 in amax's dtype, computed in fp32 and rounded once, per flavor (P2)."""
     if flavor == "modelopt-cpu":
-        quotient = amax.float() / torch.tensor(E4M3_MAX, device=amax.device)
+        quotient = ieee_divide(amax.float(), torch.tensor(E4M3_MAX, device=amax.device))
     else:
         quotient = amax.float() * torch.reciprocal(torch.tensor(E4M3_MAX, device=amax.device))
     return quotient.to(amax.dtype)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input
-from .fp8 import saturating_e4m3
+from .fp8 import ieee_divide, ieee_reciprocal, saturating_e4m3
 from .formats import (
     E2M1_DECISION_POINTS,
     E2M1_MAGNITUDES,
@@ -56,9 +56,19 @@ def e2m1_magnitude_index(u: torch.Tensor) -> torch.Tensor:
 
 
 def e2m1_round_magnitude(u: torch.Tensor) -> torch.Tensor:
-    """|u| rounded to the E2M1 magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6} (fp32; NaN -> 6)."""
-    magnitudes = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=u.device)
-    return magnitudes[e2m1_magnitude_index(u).long()]
+    """|u| rounded to the E2M1 magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6} (fp32; NaN -> 6).
+
+    The same decision points as e2m1_magnitude_index, summed as magnitude steps (0.5 x 4, 1, 1,
+    2) instead of looked up in a table: every partial sum is exact in fp32, and comparisons fuse
+    into a torch.compile kernel where a gather from a table does not (docs/compiled.md).
+    """
+    steps = [above - below for below, above in zip(E2M1_MAGNITUDES, E2M1_MAGNITUDES[1:])]
+    magnitude = None
+    for point, tie_up, step in zip(E2M1_DECISION_POINTS, E2M1_TIE_ROUNDS_UP, steps):
+        passed = ~(u < point) if tie_up else ~(u <= point)
+        term = torch.where(passed, step, 0.0)
+        magnitude = term if magnitude is None else magnitude + term
+    return magnitude
 
 
 def pad_to_blocks(x: torch.Tensor, block_size: int = NVFP4_BLOCK_SIZE) -> torch.Tensor:
@@ -88,7 +98,7 @@ def _global_amax(x: torch.Tensor, amax: AmaxLike) -> torch.Tensor:
 def global_scale_from_amax(amax: torch.Tensor, flavor: Flavor) -> torch.Tensor:
     """fp32 global scale = amax / 2688: IEEE on CPU, amax * fp32(1/2688) on CUDA (P2)."""
     if flavor == "modelopt-cpu":
-        return amax / torch.tensor(NVFP4_SCALE_DENOMINATOR, device=amax.device)
+        return ieee_divide(amax, torch.tensor(NVFP4_SCALE_DENOMINATOR, device=amax.device))
     return amax * RCP_2688
 
 
@@ -135,11 +145,13 @@ def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None) -> torch.Tensor:
     magnitude = blocks.abs()
     block_amax = torch.where(torch.isnan(magnitude), 0.0, magnitude).amax(dim=-1, keepdim=True)
     scale = nvfp4_fake_block_scale(block_amax, global_scale)
-    q = e2m1_round_magnitude(magnitude * torch.reciprocal(scale))
+    q = e2m1_round_magnitude(magnitude * ieee_reciprocal(scale))
     p = q * scale
     # `0 - p`, not `-p`: the kernel's unary minus never produces -0.0 (P7).
-    y = torch.where(blocks >= 0, p, 0.0 - p)
-    return y.flatten(-2)[..., : x.shape[-1]].to(x.dtype)
+    # Rounded to x's dtype in the block layout, then flattened: under torch.compile the output
+    # is then written by the kernel that reduces the blocks (a crop first would split it in two).
+    y = torch.where(blocks >= 0, p, 0.0 - p).to(x.dtype).flatten(-2)
+    return y if y.shape[-1] == x.shape[-1] else y[..., : x.shape[-1]].contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,19 +184,39 @@ class NVFP4Tensor:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """value(code) * fl(fp32(block scale) * global scale), in fp32, rounded to `dtype`.
 
-        Returns the original shape (modelopt raises for a padded last dim; we crop).
+        Returns the original shape (modelopt raises for a padded last dim; we crop). The leading
+        dims are packed's; only the last one comes from `shape`.
         """
         dtype = dtype or self.dtype
         values = e2m1_code_table(self.packed.device)[self.codes().long()]
         scale = self.block_scale.float().unsqueeze(-1) * self.global_scale
         out = (values.unflatten(-1, (-1, NVFP4_BLOCK_SIZE)) * scale).flatten(-2)
-        return out[..., : self.shape[-1]].reshape(self.shape).to(dtype)
+        return out[..., : self.shape[-1]].to(dtype)
 
 
 def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
     """(..., 2k) uint8 codes -> (..., k) bytes: even element in the low nibble."""
     pairs = codes.unflatten(-1, (-1, 2))
     return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def pack_e2m1_blocks(codes: torch.Tensor) -> torch.Tensor:
+    """(..., nblocks, 16) uint8 codes -> (..., nblocks * 8) bytes, the same bytes as pack_e2m1.
+
+    One int64 word per block, nibble k at bits 4k..4k+3: on a little-endian machine (x86, every
+    GPU) byte j of the word holds nibble 2j low and 2j+1 high, pack_e2m1's layout. The word is a
+    sum over the block, so torch.compile fuses it into the kernel that reduces the block's max
+    (docs/compiled.md). The nibbles don't overlap, so their sum is their bitwise OR; nibble 15
+    holds the word's sign bit, so it enters as a signed 4-bit value and no partial sum overflows.
+    """
+    if codes.shape[-1] != 16:
+        raise ValueError(f"pack_e2m1_blocks takes blocks of 16 codes, got a last dim of {codes.shape[-1]}.")
+    place_value = torch.tensor([16**k for k in range(16)], dtype=torch.int64, device=codes.device)
+    nibble = codes.to(torch.int64)
+    is_top_nibble = torch.arange(16, device=codes.device) == 15
+    nibble = torch.where(is_top_nibble & (nibble >= 8), nibble - 16, nibble)
+    words = (nibble * place_value).sum(dim=-1)
+    return words.view(torch.uint8)
 
 
 def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
@@ -227,7 +259,7 @@ def nvfp4_quantize(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "
     u = torch.where((blocks == 0) & (divisor == 0), torch.zeros_like(u), u)
     codes = e2m1_magnitude_index(u.abs()) | ((u < 0).to(torch.uint8) << 3)
     return NVFP4Tensor(
-        packed=pack_e2m1(codes.flatten(-2)),
+        packed=pack_e2m1_blocks(codes),
         block_scale=block_scale.squeeze(-1),
         global_scale=global_scale,
         shape=x.shape,

@@ -8,7 +8,7 @@ switched off; a quantizer whose calibrator saw nothing keeps no amax.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Optional, Union
 
 import torch
@@ -46,6 +46,14 @@ class QuantizerConfig(DataClassJsonMixin):
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"format={self.format!r} is not known; use one of {', '.join(FORMATS)}.")
+        for flag in ("enable", "use_constant_amax"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag}={getattr(self, flag)!r} must be True or False.")
+        if not _is_axis(self.axis):
+            raise ValueError(
+                f"axis={self.axis!r} must be None (per-tensor), an int, or a list of ints (the dims "
+                "that keep their own amax, as modelopt's `axis`)."
+            )
         if self.format == "nvfp4" and self.axis is not None:
             raise ValueError(
                 "NVFP4 takes no per-channel axis: it has one global amax and per-block scales along "
@@ -53,8 +61,17 @@ class QuantizerConfig(DataClassJsonMixin):
             )
         if self.use_constant_amax and self.axis is not None:
             raise ValueError("use_constant_amax pins one amax of 448 for the whole tensor; remove `axis`.")
+        if self.use_constant_amax and self.format == "disabled":
+            raise ValueError("use_constant_amax needs a format to quantize to: set format to 'fp8' or 'nvfp4'.")
         if self.enable and self.format == "disabled":
             raise ValueError("an enabled quantizer needs a format: set format to 'fp8' or 'nvfp4', or enable = false.")
+
+
+def _is_axis(axis: object) -> bool:
+    def is_int(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    return axis is None or is_int(axis) or (isinstance(axis, (list, tuple)) and all(map(is_int, axis)))
 
 
 @dataclass
@@ -66,10 +83,13 @@ class _MaxCalibrator:
 
     def collect(self, x: torch.Tensor, name: str) -> None:
         local = reduce_amax(x.detach(), self.axis)
+        # modelopt's MaxCalibrator asserts here too: an amax from NaN or inf data is meaningless.
         if not bool(torch.isfinite(local).all()):
+            bad = "NaN" if bool(torch.isnan(local).any()) else "inf"
             raise ValueError(
-                f"calibration of {name or 'a quantizer'} saw NaN or inf activations; max calibration "
-                "cannot take an amax from them. Check the model and the calibration data."
+                f"calibration of {name or 'a quantizer'} saw {bad} in a tensor of shape "
+                f"{tuple(x.shape)} ({x.dtype}); max calibration cannot take an amax from it. Find "
+                "where the model produces it (e.g. an overflow in fp16), or drop that calibration batch."
             )
         if self.amax is not None and self.amax.shape != local.shape:
             raise ValueError(
@@ -117,12 +137,13 @@ class TensorQuantizer(nn.Module):
             del self._buffers["_amax"]
 
     def set_enabled(self, enable: bool) -> None:
+        """Flip on/off and keep every other attribute (modelopt's enable-only quant_cfg entry)."""
         if enable and self.config.format == "disabled":
             raise ValueError(
                 f"cannot enable {self.name or 'this quantizer'}: it has no format yet. Give it a "
                 "cfg (format 'fp8' or 'nvfp4') in an earlier or the same rule."
             )
-        self.config = QuantizerConfig(**{**self.config.to_dict(), "enable": enable})
+        self.config = replace(self.config, enable=enable)
 
     @property
     def is_enabled(self) -> bool:
@@ -139,8 +160,14 @@ class TensorQuantizer(nn.Module):
         return "_amax" in self._buffers
 
     def set_amax(self, amax: torch.Tensor) -> None:
+        """Store a calibrated amax: 0-d (per-tensor) or keep-dims (per-channel), any float dtype."""
         if self.config.use_constant_amax:
             raise ValueError(f"{self.name or 'this quantizer'} uses the constant amax 448; it stores none.")
+        if not isinstance(amax, torch.Tensor) or not amax.is_floating_point():
+            raise ValueError(
+                f"amax for {self.name or 'this quantizer'} must be a floating-point tensor, got "
+                f"{getattr(amax, 'dtype', type(amax).__name__)}; e.g. torch.tensor(2.5)."
+            )
         self.register_buffer("_amax", amax.detach().clone())
 
     # --- calibration (modelopt's enable_stats_collection / finish_stats_collection) -------
@@ -177,16 +204,20 @@ class TensorQuantizer(nn.Module):
         if self.config.format == "fp8":
             axis = self.config.axis if amax is None else None
             return impl.fp8_fake_quant(x, amax, axis=axis, flavor=self.flavor)
+        if amax is not None and amax.numel() != 1:
+            amax = amax.amax()  # modelopt reduces a non-scalar NVFP4 amax with a plain max (SPEC.md 3.2)
         return impl.nvfp4_fake_quant(x, amax)
 
     # --- state_dict: the amax buffer exists only once calibrated; accept it on load --------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         key = prefix + "_amax"
-        if key in state_dict and "_amax" not in self._buffers:
+        if key in state_dict:
+            stored, current = state_dict[key], self._buffers.get("_amax")
             if self.config.use_constant_amax:
                 error_msgs.append(f"{key}: a constant-amax quantizer stores no amax; drop it from the state dict.")
-            else:
-                self.register_buffer("_amax", torch.empty_like(state_dict[key]))
+            elif current is None or current.shape != stored.shape or current.dtype != stored.dtype:
+                # The saved amax decides shape and dtype (per-channel, bf16 from a bf16 model).
+                self.register_buffer("_amax", torch.empty_like(stored))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:

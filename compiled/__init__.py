@@ -1,0 +1,21 @@
+"""refquant.compiled: the reference numerics lowered through torch.compile (inductor).
+
+The same functions as refquant (fp8_fake_quant, fp8_quantize, nvfp4_fake_quant, nvfp4_quantize,
+and the dequantize of their results), with the same signatures and the same bits on CPU (C++)
+and CUDA (Triton). Each one is torch.compile applied to the reference function itself, under the
+inductor options in refquant.compiled.options, scoped to these calls. docs/compiled.md has the
+design and the measurements.
+"""
+
+from .functions import FP8Tensor, NVFP4Tensor, fp8_fake_quant, fp8_quantize, nvfp4_fake_quant, nvfp4_quantize
+from .options import inductor_options
+
+__all__ = [
+    "FP8Tensor",
+    "NVFP4Tensor",
+    "fp8_fake_quant",
+    "fp8_quantize",
+    "inductor_options",
+    "nvfp4_fake_quant",
+    "nvfp4_quantize",
+]

@@ -1,0 +1,486 @@
+"""Post-training quantization of a PyTorch / transformers model: insert, apply a recipe, calibrate,
+report. Semantics are modelopt's `mtq.quantize(model, cfg, forward_loop)` (SPEC.md sections 6, 7, 9).
+
+    report = quantize_model(model, recipe, calib_batches, eval_batch=batch)   # in place
+    print(report.to_table())
+
+1. insert_quantizers: every nn.Linear becomes a QuantLinear with `input_quantizer`,
+   `weight_quantizer`, `output_quantizer`; every attention module gets `q_bmm_quantizer`,
+   `k_bmm_quantizer`, `v_bmm_quantizer`, `p_bmm_quantizer` (refquant.attention); every
+   nn.Embedding gets `weight_quantizer`, `output_quantizer` and an `input_quantizer` that never
+   turns on (its input is token ids). Names are modelopt's, so recipe patterns mean the same
+   (`model.layers.0.self_attn.k_bmm_quantizer`). All start disabled.
+2. apply_recipe (refquant.recipe): the recipe's rules, in order, later wins.
+3. max calibration (SPEC.md 6.1): model.eval(); every enabled quantizer stops quantizing and starts
+   collecting max|x| (constant-amax ones only pass data through); every weight passes once through
+   its weight quantizer; the forward loop runs over the calibration batches without gradients;
+   each quantizer stores what it saw as `_amax` and quantizes from then on.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from dataclasses_json import DataClassJsonMixin
+from torch import nn
+
+from ._checks import Flavor
+from .attention import check_attention_hookable, is_attention_module, quant_attention_class
+from .quantizer import QuantizerConfig, TensorQuantizer
+
+LINEAR_QUANTIZER_NAMES = ("input_quantizer", "weight_quantizer", "output_quantizer")
+CALIBRATION_ALGORITHMS = ("max", None)
+
+
+# --- quantized modules ------------------------------------------------------------------------
+class QuantLinearMixin:
+    """modelopt's QuantLinear: output_quantizer(linear(input_quantizer(x), weight_quantizer(W), b)).
+
+    Mixed in front of the layer's own class (a QuantLinear is still an nn.Linear), so the layer's
+    name, weight and bias are untouched; the weight is fake-quantized from the master weight at
+    every forward, nothing is cached (SPEC.md 6.3).
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        input = self.input_quantizer(input)
+        weight = self.weight_quantizer(self.weight)
+        return self.output_quantizer(F.linear(input, weight, self.bias))
+
+
+class QuantEmbeddingMixin:
+    """modelopt's QuantEmbedding: output_quantizer(embedding(ids, weight_quantizer(W))). Its
+    input_quantizer exists (for names and recipe patterns) but is never called and never enabled:
+    the input is integer token ids."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight = self.weight_quantizer(self.weight)
+        output = F.embedding(
+            input, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
+        return self.output_quantizer(output)
+
+
+class HardDisabledQuantizer(TensorQuantizer):
+    """A quantizer slot that stays off whatever a recipe says (modelopt's
+    HardDisabledTensorQuantizer): a wildcard rule such as `*input_quantizer` is absorbed, not
+    applied, because the embedding's input is token ids."""
+
+    def set_config(self, config: QuantizerConfig) -> None:
+        super().set_config(replace(config, enable=False))
+
+    def set_enabled(self, enable: bool) -> None:
+        super().set_enabled(False)
+
+
+class QuantLinear(QuantLinearMixin, nn.Linear):
+    pass
+
+
+class QuantEmbedding(QuantEmbeddingMixin, nn.Embedding):
+    pass
+
+
+_QUANT_CLASSES: dict[type, type] = {nn.Linear: QuantLinear, nn.Embedding: QuantEmbedding}
+
+
+def _quant_class(mixin: type, cls: type) -> type:
+    """QuantLinear / QuantEmbedding, or for a subclass of those layers a mixin class made once."""
+    if cls not in _QUANT_CLASSES:
+        _QUANT_CLASSES[cls] = type(f"Quant{cls.__name__}", (mixin, cls), {})
+    return _QUANT_CLASSES[cls]
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    return isinstance(module, (QuantLinearMixin, QuantEmbeddingMixin)) or hasattr(type(module), "_refquant_original_class")
+
+
+def insert_quantizers(model: nn.Module, *, backend: str = "reference", flavor: Flavor = "modelopt-cpu") -> list[str]:
+    """Give `model` modelopt's quantizer submodules, in place; returns every quantizer's full name.
+
+    Idempotent: layers that already have quantizers keep them (and their amax); calling again only
+    sets `backend` and `flavor` on all of them. Raises ValueError when the model has no nn.Linear,
+    or when an attention module cannot be hooked (refquant.attention.check_attention_hookable).
+    """
+    named = list(model.named_modules())
+    linears = [(name, m) for name, m in named if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(
+            f"no quantizable layers in {type(model).__name__}: refquant quantizes nn.Linear layers "
+            "(and K/V in their attention modules) and found none. Pass a transformers causal LM "
+            "such as Llama, Mistral, Qwen2 or Qwen3."
+        )
+    attentions = [(name, m) for name, m in named if is_attention_module(m) and not _is_quantized(m)]
+    for name, module in attentions:
+        check_attention_hookable(name or type(model).__name__, module)  # all checked before any change
+
+    for _, module in linears:
+        if not _is_quantized(module):
+            module.__class__ = _quant_class(QuantLinearMixin, type(module))
+            for quantizer_name in LINEAR_QUANTIZER_NAMES:
+                module.add_module(quantizer_name, TensorQuantizer(backend=backend, flavor=flavor))
+    for _, module in named:
+        if isinstance(module, nn.Embedding) and not _is_quantized(module):
+            module.__class__ = _quant_class(QuantEmbeddingMixin, type(module))
+            module.add_module("input_quantizer", HardDisabledQuantizer(backend=backend, flavor=flavor))
+            module.add_module("weight_quantizer", TensorQuantizer(backend=backend, flavor=flavor))
+            module.add_module("output_quantizer", TensorQuantizer(backend=backend, flavor=flavor))
+    for _, module in attentions:
+        module.__class__ = quant_attention_class(type(module))
+        module._setup_bmm_quantizers(backend, flavor)
+
+    names = []
+    for name, quantizer in model.named_modules():
+        if isinstance(quantizer, TensorQuantizer):
+            quantizer.name, quantizer.backend, quantizer.flavor = name, backend, flavor
+            names.append(name)
+    return names
+
+
+def named_quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, TensorQuantizer)]
+
+
+# --- calibration ------------------------------------------------------------------------------
+def _model_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def run_batch(model: nn.Module, batch: Any) -> Any:
+    """model(**batch) for a dict (tensors moved to the model's device), model(input_ids=batch) for a
+    tensor of token ids [batch, seq]."""
+    device = _model_device(model)
+    if isinstance(batch, torch.Tensor):
+        return model(input_ids=batch.to(device))
+    if isinstance(batch, dict):
+        return model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+    raise ValueError(
+        f"a calibration / evaluation batch must be a dict of model inputs or a tensor of input_ids, "
+        f"got {type(batch).__name__}."
+    )
+
+
+def _batch_tokens(batch: Any) -> int:
+    ids = batch if isinstance(batch, torch.Tensor) else batch.get("input_ids") if isinstance(batch, dict) else None
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+
+
+def _is_weight_quantizer(name: str) -> bool:
+    return name.endswith("weight_quantizer")
+
+
+def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: bool = True) -> tuple[int, int]:
+    """modelopt's max calibration (SPEC.md 6.1) over the model's enabled quantizers, in place.
+
+    Returns (batches, tokens) seen. Raises ValueError when no batch came although an enabled
+    activation quantizer needs one (it would silently fall back to a per-call amax, SPEC.md 10.13).
+    """
+    was_training = model.training
+    model.eval()
+    quantizers = named_quantizers(model)
+    for _, quantizer in quantizers:
+        quantizer.start_calibration()
+    batches = tokens = 0
+    with torch.no_grad():
+        # weight_only_quantize: weights calibrate even where the forward never reaches them
+        for module in model.modules():
+            if isinstance(module, (QuantLinearMixin, QuantEmbeddingMixin)):
+                module.weight_quantizer(module.weight)
+        iterator = calib_batches
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(calib_batches, desc="calibrating", unit="batch", leave=False)
+        for batch in iterator:
+            run_batch(model, batch)
+            batches += 1
+            tokens += _batch_tokens(batch)
+    needs_data = [
+        name for name, q in quantizers
+        if q.is_calibrating and not _is_weight_quantizer(name)
+    ]
+    for _, quantizer in quantizers:
+        quantizer.finish_calibration()
+    model.train(was_training)  # as modelopt's calibrate
+    if batches == 0 and needs_data:
+        raise ValueError(
+            f"calib_batches gave no batch, but {len(needs_data)} enabled activation quantizers (e.g. "
+            f"{needs_data[0]}) need calibration data. Pass at least one batch."
+        )
+    return batches, tokens
+
+
+# --- the report -------------------------------------------------------------------------------
+@dataclass
+class QuantizerRow(DataClassJsonMixin):
+    """One quantizer after PTQ. amax_source: "calibrated" (a stored amax), "constant" (448, never
+    calibrated), "dynamic" (no stored amax: taken from each call's data), or "off" (disabled).
+    amax: the per-tensor value, or the largest channel's for per-channel; amax_shape [] per tensor."""
+
+    name: str
+    format: str
+    enabled: bool
+    amax_source: str
+    amax: Optional[float] = None
+    amax_shape: list[int] = field(default_factory=list)
+    amax_dtype: Optional[str] = None
+    axis: Any = None
+    rule: Optional[int] = None  # index of the last recipe rule that matched it
+
+
+@dataclass
+class QualityReport(DataClassJsonMixin):
+    """The quantized model against the original on one evaluation batch (logits in fp32)."""
+
+    eval_tokens: int
+    max_abs_logit_error: float
+    mean_abs_logit_error: float
+    top1_agreement: float  # fraction of positions whose argmax token is unchanged
+    perplexity_original: Optional[float] = None  # next-token perplexity; None without input_ids
+    perplexity_quantized: Optional[float] = None
+
+
+@dataclass
+class PTQReport(DataClassJsonMixin):
+    model: str
+    recipe: Optional[str]
+    algorithm: Optional[str]
+    backend: str
+    flavor: str
+    calib_batches: int
+    calib_tokens: int
+    quantizers: list[QuantizerRow]
+    totals: dict[str, int]
+    unmatched_rules: list[str]
+    quality: Optional[QualityReport] = None
+    seconds: float = 0.0
+
+    def row(self, name: str) -> QuantizerRow:
+        for row in self.quantizers:
+            if row.name == name:
+                return row
+        raise KeyError(f"no quantizer named {name!r} in the report")
+
+    def to_table(self, show_disabled: bool = False) -> str:
+        """The report as text: a header, one line per enabled quantizer (all with show_disabled),
+        the disabled ones collapsed over layer indices, totals, unmatched rules, quality."""
+        lines = [
+            f"refquant PTQ of {self.model}: recipe {self.recipe or '(none)'}, algorithm {self.algorithm}, "
+            f"backend {self.backend}, flavor {self.flavor}",
+            f"calibration: {self.calib_batches} batches, {self.calib_tokens} tokens; PTQ took {self.seconds:.1f} s",
+            "",
+        ]
+        shown = [r for r in self.quantizers if r.enabled or show_disabled]
+        width = max([len(r.name) for r in shown] + [9])
+        lines.append(f"{'quantizer':<{width}}  {'format':<8} {'enabled':<7} {'amax':>12}  {'source':<10} {'dtype':<8} rule")
+        for r in shown:
+            if r.amax is None:
+                amax = "-"
+            elif r.amax_shape:
+                amax = f"max {r.amax:.5g} {tuple(r.amax_shape)}"
+            else:
+                amax = f"{r.amax:.6g}"
+            lines.append(
+                f"{r.name:<{width}}  {r.format:<8} {str(r.enabled).lower():<7} {amax:>12}  "
+                f"{r.amax_source:<10} {r.amax_dtype or '-':<8} {'' if r.rule is None else r.rule}"
+            )
+        disabled = [r for r in self.quantizers if not r.enabled]
+        if disabled and not show_disabled:
+            groups = Counter(re.sub(r"\.\d+\.", ".*.", r.name) for r in disabled)
+            lines.append(f"\ndisabled ({len(disabled)}):")
+            lines += [f"  {pattern}" + (f"  x{count}" if count > 1 else "") for pattern, count in groups.items()]
+        lines.append("\ntotals: " + ", ".join(f"{key} {value}" for key, value in self.totals.items()))
+        if self.unmatched_rules:
+            lines.append(f"recipe rules that matched no quantizer ({len(self.unmatched_rules)}):")
+            lines += [f"  {text}" for text in self.unmatched_rules]
+        if self.quality is not None:
+            q = self.quality
+            lines.append(
+                f"\nquality on {q.eval_tokens} eval tokens: logit error max {q.max_abs_logit_error:.4g}, "
+                f"mean {q.mean_abs_logit_error:.4g}; top-1 agreement {q.top1_agreement:.1%}"
+            )
+            if q.perplexity_original is not None:
+                lines.append(
+                    f"perplexity: original {q.perplexity_original:.4f}, quantized {q.perplexity_quantized:.4f} "
+                    f"({(q.perplexity_quantized / q.perplexity_original - 1):+.2%})"
+                )
+        return "\n".join(lines)
+
+
+def _quantizer_row(name: str, quantizer: TensorQuantizer, rule: Optional[int]) -> QuantizerRow:
+    config = quantizer.config
+    row = QuantizerRow(name=name, format=config.format, enabled=quantizer.is_enabled, amax_source="off",
+                       axis=config.axis, rule=rule)
+    if config.use_constant_amax:
+        source = "constant"
+    elif quantizer.is_calibrated:
+        source = "calibrated"
+    else:
+        source = "dynamic"
+    amax = quantizer.amax
+    if amax is not None:
+        row.amax = float(amax.float().max())
+        row.amax_shape = [] if amax.numel() == 1 else list(amax.shape)
+        row.amax_dtype = str(amax.dtype).removeprefix("torch.")
+    if quantizer.is_enabled:
+        row.amax_source = source
+    return row
+
+
+def _rule_text(index: int, rule: Any) -> str:
+    parts = [f"rule {index}: quantizer_name={rule.quantizer_name!r}"]
+    if getattr(rule, "origin", ""):
+        parts.append(f"({rule.origin})")
+    if getattr(rule, "parent_class", None):
+        parts.append(f"parent_class={rule.parent_class!r}")
+    if getattr(rule, "cfg", None) is not None:
+        parts.append(f"cfg format={rule.cfg.format}")
+    if getattr(rule, "enable", None) is not None:
+        parts.append(f"enable={str(rule.enable).lower()}")
+    return " ".join(parts)
+
+
+def _totals(rows: list[QuantizerRow]) -> dict[str, int]:
+    enabled = [r for r in rows if r.enabled]
+    totals = {"quantizers": len(rows), "enabled": len(enabled)}
+    for key, count in sorted(Counter(r.format for r in enabled).items()):
+        totals[key] = count
+    for key, count in sorted(Counter(r.amax_source for r in enabled).items()):
+        totals[key] = count
+    totals["quantized_linears"] = sum(1 for r in enabled if r.name.endswith(".weight_quantizer"))
+    totals["quantized_kv"] = sum(1 for r in enabled if r.name.endswith(("k_bmm_quantizer", "v_bmm_quantizer")))
+    return totals
+
+
+# --- quality ----------------------------------------------------------------------------------
+@contextmanager
+def _all_quantizers_off(model: nn.Module) -> Iterator[None]:
+    """Within the block every quantizer is disabled; on exit each gets its own config back."""
+    saved = [(quantizer, quantizer.config) for _, quantizer in named_quantizers(model)]
+    for quantizer, _ in saved:
+        if quantizer.is_enabled:
+            quantizer.set_enabled(False)
+    try:
+        yield
+    finally:
+        for quantizer, config in saved:
+            quantizer.config = config  # the exact object it had
+
+
+def _eval_logits(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The model's logits on `batch` in eval mode (no dropout), as fp32; the mode is restored."""
+    was_training = model.training
+    with torch.no_grad():
+        output = run_batch(model.eval(), batch)
+    model.train(was_training)
+    logits = output.logits if hasattr(output, "logits") else output[0] if isinstance(output, tuple) else output
+    return logits.detach().float()
+
+
+def _perplexity(logits: torch.Tensor, batch: Any) -> Optional[float]:
+    """exp(mean next-token cross entropy); positions with attention_mask 0 are left out."""
+    ids = batch if isinstance(batch, torch.Tensor) else batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.shape[-1] < 2:
+        return None
+    targets = ids[..., 1:].to(logits.device)
+    losses = F.cross_entropy(logits[..., :-1, :].flatten(0, -2), targets.flatten(), reduction="none")
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if isinstance(mask, torch.Tensor):
+        keep = mask[..., 1:].to(logits.device).flatten().bool()
+        losses = losses[keep]
+    return math.exp(float(losses.mean()))
+
+
+def _quality(original: torch.Tensor, quantized: torch.Tensor, batch: Any) -> QualityReport:
+    error = (quantized - original).abs()
+    return QualityReport(
+        eval_tokens=_batch_tokens(batch),
+        max_abs_logit_error=float(error.max()),
+        mean_abs_logit_error=float(error.mean()),
+        top1_agreement=float((quantized.argmax(-1) == original.argmax(-1)).float().mean()),
+        perplexity_original=_perplexity(original, batch),
+        perplexity_quantized=_perplexity(quantized, batch),
+    )
+
+
+# --- the flow ---------------------------------------------------------------------------------
+def quantize_model(
+    model: nn.Module,
+    recipe: Any,
+    calib_batches: Iterable[Any],
+    *,
+    backend: str = "reference",
+    flavor: Flavor = "modelopt-cpu",
+    eval_batch: Any = None,
+    progress: bool = True,
+) -> PTQReport:
+    """Quantize `model` in place with `recipe` (a refquant.recipe.Recipe), calibrating on
+    `calib_batches` (dicts for model(**batch), or input_ids tensors [batch, seq]).
+
+    recipe=None keeps the quantizers' configs as they are (set them yourself after
+    insert_quantizers) and runs max calibration. With `eval_batch`, the report's quality compares
+    the quantized model's logits to the original's (taken before calibration, with every quantizer
+    off). Raises ValueError when the recipe enables no quantizer in this model, when its algorithm
+    is not max calibration, or on bad batches.
+    """
+    started = time.perf_counter()
+    algorithm = "max" if recipe is None else recipe.algorithm
+    if algorithm not in CALIBRATION_ALGORITHMS:
+        raise ValueError(
+            f"recipe {recipe.name!r} asks for algorithm {algorithm!r}; refquant calibrates with 'max' "
+            "(or none). Set algorithm = \"max\" in the recipe."
+        )
+    insert_quantizers(model, backend=backend, flavor=flavor)
+    original_logits = None
+    if eval_batch is not None:
+        # all quantizers off: a QuantLinear computes exactly what its nn.Linear did
+        with _all_quantizers_off(model):
+            original_logits = _eval_logits(model, eval_batch)
+    last_rule: dict[str, int] = {}
+    unmatched: list[str] = []
+    if recipe is not None:
+        from .recipe import apply_recipe
+
+        application = apply_recipe(model, recipe)
+        for index in sorted(application.matches):
+            for name in application.matches[index]:
+                last_rule[name] = index
+        unmatched = [_rule_text(i, rule) for i, rule in enumerate(recipe.quant_cfg) if not application.matches.get(i)]
+    quantizers = named_quantizers(model)
+    if not any(q.is_enabled for _, q in quantizers):
+        raise ValueError(
+            f"no quantizable layers in {type(model).__name__}: recipe "
+            f"{getattr(recipe, 'name', None) or '(none)'} enables none of its {len(quantizers)} "
+            "quantizers. Check the recipe's quantizer_name patterns against the model's module names."
+        )
+
+    batches = tokens = 0
+    if algorithm == "max":
+        batches, tokens = max_calibrate(model, calib_batches, progress=progress)
+
+    quality = None
+    if original_logits is not None:
+        quality = _quality(original_logits, _eval_logits(model, eval_batch), eval_batch)
+    rows = [_quantizer_row(name, q, last_rule.get(name)) for name, q in quantizers]
+    return PTQReport(
+        model=type(model).__name__,
+        recipe=getattr(recipe, "name", None),
+        algorithm=algorithm,
+        backend=backend,
+        flavor=flavor,
+        calib_batches=batches,
+        calib_tokens=tokens,
+        quantizers=rows,
+        totals=_totals(rows),
+        unmatched_rules=unmatched,
+        quality=quality,
+        seconds=round(time.perf_counter() - started, 3),
+    )

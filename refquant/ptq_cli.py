@@ -1,0 +1,175 @@
+"""`refquant quantize`: the main job. PTQ of a causal LM (the built-in small Llama-style model, or a
+local Hugging Face folder), a printed report, and a deployable checkpoint.
+
+    python3 -m refquant quantize                              # built-in model, text and recipe
+    python3 -m refquant quantize --model ./my-llama --calib-text notes.txt --out ./my-llama-nvfp4
+
+Everything runs offline: a local model folder is loaded with local_files_only=True. Bad input
+(a missing model folder, an unknown recipe, a model with nothing to quantize, an output folder
+that exists) is reported before any file is written, and the checkpoint is written atomically
+by refquant.export, so a failed run leaves no output behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from . import models
+
+DEFAULT_RECIPE = "nvfp4_default-fp8_cast_kv"
+DEFAULT_OUT = "out/refquant-ckpt"
+KV_CACHE_QFORMATS = ("fp8", "fp8_cast", "nvfp4", "nvfp4_cast", "none")
+
+
+def choose_recipe(recipe: str | None, qformat: str | None, kv_cache_qformat: str | None):
+    """(Recipe, notices) from the command-line choice.
+
+    --recipe given: that recipe, authoritative (--qformat and --kv-cache-qformat are ignored, with a
+    notice, as modelopt's hf_ptq does). Else --qformat / --kv-cache-qformat given: the built-in body
+    for qformat (default nvfp4) with the KV entries appended (refquant.recipe.select_recipe). Else
+    the default recipe nvfp4_default-fp8_cast_kv.
+    """
+    from .recipe import select_recipe
+
+    if recipe is not None:
+        found, notices = select_recipe(recipe, kv_cache_qformat=kv_cache_qformat)
+        if qformat is not None:
+            ignored = f"--qformat {qformat} is ignored: the recipe {found.name!r} sets every quantizer's format."
+            notices = [ignored, *notices]
+        return found, notices
+    if qformat is None and kv_cache_qformat is None:
+        return select_recipe(DEFAULT_RECIPE)
+    return select_recipe(None, qformat=qformat or "nvfp4", kv_cache_qformat=kv_cache_qformat)
+
+
+def load_model(model_dir: str | None, device: str):
+    """(model, tokenize, description). None: the built-in model with the byte tokenizer."""
+    if model_dir is None:
+        model = models.build_builtin_model().to(device)
+        return model, models.byte_tokenize, "built-in Llama-style model (seeded)"
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"--model {model_dir}: no such folder. Pass a local Hugging Face model folder (with config.json)."
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--model {model_dir}: the folder has no config.json, so it is not a Hugging Face model folder."
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype="auto")
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"--model {model_dir}: transformers could not load it as a causal LM: {error}") from error
+    model = model.to(device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenize = lambda text: torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int64)  # noqa: E731
+    except (OSError, ValueError, KeyError, TypeError):
+        if model.config.vocab_size < models.BYTE_VOCAB:
+            raise ValueError(
+                f"--model {model_dir} has no tokenizer files and a vocabulary of {model.config.vocab_size} "
+                f"ids, too small for the built-in byte tokenizer ({models.BYTE_VOCAB}). Add its tokenizer files."
+            ) from None
+        print(f"note: {model_dir} has no tokenizer; using the built-in byte-level tokenizer.", file=sys.stderr)
+        tokenize = models.byte_tokenize
+    return model, tokenize, str(path)
+
+
+def run(args) -> int:
+    out_dir = Path(args.out)
+    if out_dir.exists():
+        raise FileExistsError(
+            f"--out {out_dir} exists; refquant never overwrites a checkpoint. Remove it or pass another --out."
+        )
+    if args.report_json is not None and not Path(args.report_json).resolve().parent.is_dir():
+        raise FileNotFoundError(f"--report-json {args.report_json}: its folder does not exist.")
+    if args.calib_text is not None and not Path(args.calib_text).is_file():
+        raise FileNotFoundError(f"--calib-text {args.calib_text}: no such file.")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available here; use --device cpu.")
+    try:
+        from .export import export_checkpoint
+    except ImportError as error:
+        raise ValueError(f"cannot write a checkpoint: refquant.export is not available ({error}).") from error
+    from .ptq import quantize_model
+
+    recipe, notices = choose_recipe(args.recipe, args.qformat, args.kv_cache_qformat)
+    for notice in notices:
+        print(f"note: {notice}", file=sys.stderr)
+    model, tokenize, description = load_model(args.model, args.device)
+    if args.calib_text is None:
+        text = models.CALIBRATION_TEXT
+    else:
+        text = Path(args.calib_text).read_text(encoding="utf-8")
+    calib_batches, eval_batch = models.token_batches(
+        tokenize(text), num_batches=args.calib_batches, seq_len=args.seq_len
+    )
+    where = args.calib_text or "built-in"
+    print(f"model: {description}; recipe: {recipe.name}; calibration text: {where}", file=sys.stderr)
+
+    report = quantize_model(
+        model, recipe, calib_batches, backend=args.backend, flavor=args.flavor,
+        eval_batch=eval_batch, progress=not args.no_progress,
+    )
+    print(report.to_table(show_disabled=args.show_disabled))
+    export_checkpoint(model, out_dir)
+    print(f"\ncheckpoint written to {out_dir}")
+    if args.report_json is not None:
+        _write_atomically(Path(args.report_json), report.to_json(indent=2))
+        print(f"report written to {args.report_json}")
+    return 0
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "quantize",
+        help="PTQ of a causal LM: calibrate, print the report, write a deployable checkpoint",
+        description=(
+            "Quantize a causal LM as modelopt's PTQ does: insert quantizers, apply a recipe, run max "
+            "calibration, print a per-quantizer report with the quality cost (logit error and "
+            "perplexity against the original model), and write a Hugging Face checkpoint in "
+            "modelopt's format. With no arguments it runs offline on a built-in Llama-style model "
+            "(4 layers, hidden 256, GQA, seeded weights) with built-in calibration text and the "
+            f"recipe {DEFAULT_RECIPE}."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--model", metavar="DIR",
+        help="local Hugging Face model folder (loaded offline); default: the built-in model")
+    add("--calib-text", metavar="FILE",
+        help="UTF-8 text file to calibrate on; default: built-in paragraphs. Its last --seq-len tokens "
+        "are the evaluation batch")
+    add("--recipe", metavar="NAME_OR_PATH",
+        help=f"a shipped recipe name (see `refquant recipes list`) or a recipe file; default {DEFAULT_RECIPE} "
+        "when neither --qformat nor --kv-cache-qformat is given. A recipe is authoritative: it ignores both")
+    add("--qformat", choices=("fp8", "nvfp4"),
+        help="no recipe: weights and inputs in this format (nvfp4 when only --kv-cache-qformat is given)")
+    add("--kv-cache-qformat", choices=KV_CACHE_QFORMATS,
+        help="no recipe: the K/V format (the *_cast ones use the constant amax 448; default fp8_cast); "
+        "ignored with --recipe")
+    add("--device", default="cpu", help="torch device to quantize on, e.g. cpu or cuda")
+    add("--backend", choices=("reference", "compiled"), default="reference",
+        help="numerics: the eager reference or refquant.compiled")
+    add("--flavor", choices=("modelopt-cpu", "modelopt-cuda"), default="modelopt-cpu",
+        help="which modelopt run the FP8 numerics reproduce (CONTRACT.md point 2)")
+    add("--out", default=DEFAULT_OUT, metavar="DIR", help="checkpoint folder to create (must not exist)")
+    add("--report-json", metavar="FILE", help="also write the report as JSON to FILE")
+    add("--calib-batches", type=int, default=16, metavar="N", help="calibration batches")
+    add("--seq-len", type=int, default=128, metavar="N", help="tokens per batch")
+    add("--show-disabled", action="store_true", help="list disabled quantizers one per line")
+    add("--no-progress", action="store_true", help="no calibration progress bar")
+    parser.set_defaults(func=run)

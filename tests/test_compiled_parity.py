@@ -1,0 +1,250 @@
+"""refquant.compiled against the eager reference, bit for bit (docs/compiled.md).
+
+The eager reference on CPU is the golden one (its own tests hold it to modelopt's vectors), so
+every compiled result here is compared with the reference run eagerly on the CPU: on the CPU
+(inductor's C++) and, where a GPU is present, on CUDA (Triton). Inputs: every case of every
+vector file, all 65,536 bf16 patterns through each function, odd leading shapes, non-contiguous
+views. CPU compile time is the cost here, so graphs are shared: every size is dynamic, and the
+exhaustive sweeps are one tensor per function.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+from conftest import cuda, vector_cases
+
+import refquant as rq
+import refquant.compiled as rc
+from refquant.compiled.options import division_rounding_option
+from refquant.nvfp4 import pack_e2m1, pack_e2m1_blocks
+from refquant.testing import assert_bitexact
+
+DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
+
+
+def _on(value, device: str):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def assert_compiled_matches_reference(fn_name: str, device: str, *args, what: str = "", **kwargs) -> None:
+    """compiled(args on device) == reference(args on CPU), results and their dequantize()."""
+    expected = getattr(rq, fn_name)(*args, **kwargs)
+    actual = getattr(rc, fn_name)(*(_on(a, device) for a in args), **{k: _on(v, device) for k, v in kwargs.items()})
+    what = f"compiled {fn_name} on {device}: {what}"
+    if isinstance(expected, torch.Tensor):
+        assert_bitexact(actual.cpu(), expected, what)
+        return
+    assert isinstance(actual, type(expected)), f"{what}: got {type(actual).__name__}"
+    assert_bitexact(_to_cpu(actual), expected, what)
+    assert_bitexact(actual.dequantize().cpu(), expected.dequantize(), f"{what}, dequantize")
+
+
+def _to_cpu(q):
+    if isinstance(q, rq.NVFP4Tensor):
+        return rq.NVFP4Tensor(q.packed.cpu(), q.block_scale.cpu(), q.global_scale.cpu(), q.shape, q.dtype)
+    return rq.FP8Tensor(q.data.cpu(), q.scale.cpu(), q.dtype, q.block_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every vector file, every case: the calls the reference's own vector tests make.
+# ---------------------------------------------------------------------------------------------
+
+
+def _vector_calls(file_name: str, case: dict):
+    """(function name, args, kwargs) for one vector case."""
+    x = case["x"]
+    if file_name in ("fp8_fake_exhaustive.pt", "fp8_fake_random.pt", "fp8_fake_per_channel.pt"):
+        if case.get("amax_mode") == "dynamic":
+            yield "fp8_fake_quant", (x,), {"axis": case.get("axis")}
+        else:
+            yield "fp8_fake_quant", (x, case["amax"]), {}
+    elif file_name == "fp8_real.pt":
+        if case["scales_given"] is not None:
+            yield "fp8_quantize", (x,), {"scale": case["scales_given"]}
+        elif case["block_sizes"] is not None:
+            yield "fp8_quantize", (x,), {"block_size": int(dict(case["block_sizes"])["-1"])}
+        else:
+            yield "fp8_quantize", (x,), {"axis": case["axis"]}
+        yield "fp8_quantize", (x, x.abs().amax().float()), {}
+    elif file_name == "kv_cast.pt":
+        fn = "fp8_fake_quant" if case["format"] == "fp8" else "nvfp4_fake_quant"
+        yield fn, (x, case["amax_used"]), {}
+    else:  # nvfp4_fake.pt, nvfp4_fake_sweep.pt, nvfp4_real.pt
+        amax = case["global_amax"]
+        yield "nvfp4_fake_quant", (x, amax), {}
+        yield "nvfp4_quantize", (x, amax), {}
+
+
+VECTOR_FILES = [
+    "fp8_fake_exhaustive.pt",
+    "fp8_fake_random.pt",
+    "fp8_fake_per_channel.pt",
+    "fp8_real.pt",
+    "kv_cast.pt",
+    "nvfp4_fake.pt",
+    "nvfp4_fake_sweep.pt",
+    "nvfp4_real.pt",
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("file_name", VECTOR_FILES)
+def test_compiled_matches_reference_on_every_vector_case(file_name, device):
+    for case in vector_cases(file_name):
+        for fn_name, args, kwargs in _vector_calls(file_name, case):
+            assert_compiled_matches_reference(fn_name, device, *args, what=case["name"], **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# All 65,536 bf16 patterns through each function, one tensor per function.
+# ---------------------------------------------------------------------------------------------
+
+
+def _all_bf16_patterns() -> torch.Tensor:
+    return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_fp8_fake_quant_matches_reference_on_every_bf16_pattern(device):
+    # Per-channel amax: one row of all patterns per amax (incl. 0, tiny, subnormal-range, huge).
+    amaxes = torch.tensor([448.0, 1.0, 3.14159, 1e-3, 2.0**-24, 0.0, 2.0**-130, 3.0e38])
+    x = _all_bf16_patterns().expand(len(amaxes), -1).contiguous()
+    for flavor in ("modelopt-cpu", "modelopt-cuda"):
+        assert_compiled_matches_reference("fp8_fake_quant", device, x, amaxes[:, None], flavor=flavor)
+    assert_compiled_matches_reference("fp8_fake_quant", device, x[:1], amaxes[2], what="per-tensor")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_nvfp4_matches_reference_on_every_bf16_pattern(device):
+    x = _all_bf16_patterns().reshape(-1, 16)
+    for amax in (torch.tensor(2688.0), torch.tensor(1.0), torch.tensor(0.0), None):
+        assert_compiled_matches_reference("nvfp4_fake_quant", device, x, amax, what=f"amax {amax}")
+    for flavor in ("modelopt-cpu", "modelopt-cuda"):
+        assert_compiled_matches_reference("nvfp4_quantize", device, x, torch.tensor(3.0e4), flavor=flavor)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_fp8_quantize_matches_reference_on_every_bf16_pattern(device):
+    finite = _all_bf16_patterns()
+    finite = finite[torch.isfinite(finite)].reshape(-1, 16 * 255)
+    for flavor in ("modelopt-cpu", "modelopt-cuda"):
+        assert_compiled_matches_reference("fp8_quantize", device, finite, block_size=16, flavor=flavor)
+        assert_compiled_matches_reference("fp8_quantize", device, finite, scale=torch.tensor(0.37), flavor=flavor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes, layouts, dtypes, dynamic lengths
+# ---------------------------------------------------------------------------------------------
+
+
+# fp16 / fp32 reach every function through the vector files; the layouts are checked in bf16 on the
+# CPU (compile time) and in all three dtypes on CUDA.
+ODD_SHAPE_PARAMS = [("cpu", torch.bfloat16)] + [
+    pytest.param("cuda", dtype, marks=cuda) for dtype in (torch.bfloat16, torch.float16, torch.float32)
+]
+
+
+@pytest.mark.parametrize(("device", "dtype"), ODD_SHAPE_PARAMS)
+def test_compiled_matches_reference_on_odd_shapes_and_non_contiguous_views(device, dtype):
+    gen = torch.Generator().manual_seed(7)
+    base = (torch.randn(6, 5, 96, generator=gen) * 4).to(dtype)
+    views = {
+        "odd 3-d": base[:, :3, :40],  # last dim not a multiple of 16, sliced: non-contiguous
+        "transposed": base[0].t(),
+    }
+    for name, x in views.items():
+        amax = x.float().abs().amax() * 0.5
+        assert_compiled_matches_reference("fp8_fake_quant", device, x, amax, what=name)
+        assert_compiled_matches_reference("fp8_fake_quant", device, x, what=name)
+        assert_compiled_matches_reference("nvfp4_fake_quant", device, x, amax, what=name)
+        assert_compiled_matches_reference("nvfp4_fake_quant", device, x, what=name)
+        assert_compiled_matches_reference("nvfp4_quantize", device, x, what=name)
+        assert_compiled_matches_reference("fp8_quantize", device, x, what=name)
+
+
+def _graphs_compiled() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_changing_sequence_lengths_do_not_recompile(device):
+    amax = torch.tensor(2.0, device=device)
+    # Warm-up: whatever graphs these configurations need (bf16, amax given) exist after this.
+    for length in (7, 8):
+        x = torch.randn(2, length, 48, device=device, dtype=torch.bfloat16)
+        rc.fp8_fake_quant(x, amax)
+        rc.nvfp4_fake_quant(x, amax)
+        rc.nvfp4_quantize(x, amax)
+    before = _graphs_compiled()
+    for length in (5, 13, 100, 333):
+        x = torch.randn(3, length, 48, device=device, dtype=torch.bfloat16)
+        assert_bitexact(rc.fp8_fake_quant(x, amax).cpu(), rq.fp8_fake_quant(x.cpu(), amax.cpu()))
+        assert_bitexact(rc.nvfp4_fake_quant(x, amax).cpu(), rq.nvfp4_fake_quant(x.cpu(), amax.cpu()))
+        rc.nvfp4_quantize(x, amax)
+    assert _graphs_compiled() == before, "a new sequence length compiled a new graph"
+
+
+# ---------------------------------------------------------------------------------------------
+# The wrapper: errors, scoping of options, the quantizer backend
+# ---------------------------------------------------------------------------------------------
+
+
+def test_compiled_functions_raise_the_reference_errors():
+    x = torch.randn(4, 32)
+    for call in (
+        lambda m: m.fp8_quantize(x, 1.0, scale=2.0),
+        lambda m: m.nvfp4_fake_quant(x, torch.ones(2)),
+        lambda m: m.fp8_fake_quant(x, -1.0),
+        lambda m: m.fp8_fake_quant(x, torch.tensor(float("nan"))),
+        lambda m: m.fp8_fake_quant(x, 1.0, flavor="gpu"),
+        lambda m: m.nvfp4_quantize(torch.tensor(1.0)),
+        lambda m: m.fp8_fake_quant(x.to(torch.int32)),
+    ):
+        with pytest.raises(ValueError) as reference_error:
+            call(rq)
+        with pytest.raises(ValueError) as compiled_error:
+            call(rc)
+        assert str(compiled_error.value) == str(reference_error.value)
+
+
+def test_compile_options_leave_global_settings_untouched():
+    division = division_rounding_option()
+    read = lambda: (  # noqa: E731
+        inductor_config.eager_numerics.division_rounding if division.startswith("eager_numerics") else getattr(inductor_config, division),
+        inductor_config.emulate_precision_casts,
+        torch._dynamo.config.recompile_limit,
+    )
+    before = read()
+    rc.fp8_fake_quant(torch.randn(4, 32), 1.0)
+    assert read() == before
+    assert rc.inductor_options()[division] is True and rc.inductor_options()["emulate_precision_casts"] is True
+
+
+def test_compiled_results_dequantize_through_the_compiled_class():
+    x = torch.randn(3, 32)
+    assert isinstance(rc.nvfp4_quantize(x), rc.NVFP4Tensor) and isinstance(rc.nvfp4_quantize(x), rq.NVFP4Tensor)
+    assert isinstance(rc.fp8_quantize(x), rc.FP8Tensor) and isinstance(rc.fp8_quantize(x), rq.FP8Tensor)
+
+
+def test_quantizer_with_compiled_backend_gives_the_reference_bits():
+    from refquant.quantizer import QuantizerConfig, TensorQuantizer
+
+    x = torch.randn(2, 9, 64, dtype=torch.bfloat16)
+    for config in (QuantizerConfig(format="fp8"), QuantizerConfig(format="nvfp4"), QuantizerConfig(format="fp8", axis=-1)):
+        outputs = []
+        for backend in ("reference", "compiled"):
+            quantizer = TensorQuantizer(config, backend=backend)
+            quantizer.start_calibration()
+            quantizer(x)
+            quantizer.finish_calibration()
+            outputs.append(quantizer(x))
+        assert_bitexact(outputs[1], outputs[0], f"TensorQuantizer {config}")
+
+
+def test_block_packing_matches_pairwise_packing():
+    codes = torch.randint(0, 16, (5, 3, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    codes[0, 0] = 15  # the top nibble carries the int64 word's sign bit
+    codes[0, 1] = torch.arange(16)
+    assert torch.equal(pack_e2m1_blocks(codes), pack_e2m1(codes.flatten(-2)))
