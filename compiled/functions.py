@@ -94,7 +94,10 @@ class FP8Tensor(reference_fp8.FP8Tensor):
     """refquant.FP8Tensor whose dequantize() runs compiled (same fields, same bits)."""
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return _run(_compiled_fp8_dequantize, reference_fp8.FP8Tensor.dequantize, self, dtype)
+        if _is_degenerate(self.data):
+            return reference_fp8.FP8Tensor.dequantize(self, dtype)
+        dynamic = reference_fp8.FP8Tensor(_dynamic(self.data), _dynamic(self.scale), self.dtype, self.block_size)
+        return _run(_compiled_fp8_dequantize, reference_fp8.FP8Tensor.dequantize, dynamic, dtype)
 
 
 def fp8_fake_quant(
@@ -115,6 +118,7 @@ def fp8_fake_quant(
         rows = _rows(x)
         out = _run(_compiled_fp8_fake_quant, reference_fp8.fp8_fake_quant, rows, amax, axis=None, flavor=flavor)
         return out.reshape(x.shape)
+    amax = None if amax is None else _dynamic(amax)
     return _run(_compiled_fp8_fake_quant, reference_fp8.fp8_fake_quant, _dynamic(x), amax, axis=axis, flavor=flavor)
 
 
@@ -142,6 +146,8 @@ def fp8_quantize(
         lead = x.shape[:-1]
         block_scale = quantized.scale if block_size is None else quantized.scale.reshape(*lead, -1)
         return FP8Tensor(quantized.data.reshape(x.shape), block_scale, quantized.dtype, quantized.block_size)
+    amax = None if amax is None else _dynamic(amax)
+    kwargs["scale"] = None if scale is None else _dynamic(scale)
     return _compiled_result(_run(_compiled_fp8_quantize, reference_fp8.fp8_quantize, _dynamic(x), amax, **kwargs))
 
 

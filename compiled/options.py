@@ -31,13 +31,12 @@ def inductor_options() -> dict[str, bool]:
       roundings of x / scale collapse into one), and turn off Triton's mul+add -> fma contraction.
     - realize_opcount_threshold: see below.
     """
-    return {
-        division_rounding_option(): True,
-        "emulate_precision_casts": True,
+    options = {division_rounding_option(): True, "emulate_precision_casts": True}
+    if hasattr(inductor_config, "realize_opcount_threshold"):
         # Speed, not bits: inductor cuts a pointwise chain of more than 30 ops into its own kernel
         # and buffer; the E2M1 ladder of NVFP4 real quant is longer, and belongs in one kernel.
-        "realize_opcount_threshold": REALIZE_OPCOUNT_THRESHOLD,
-    }
+        options["realize_opcount_threshold"] = REALIZE_OPCOUNT_THRESHOLD
+    return options
 
 
 REALIZE_OPCOUNT_THRESHOLD = 200

@@ -67,14 +67,11 @@ def fp8_fake_quant_scales(amax: torch.Tensor, flavor: Flavor = "modelopt-cpu"):
     """
     amax = amax.float()
     amax = torch.where(amax <= FP8_AMAX_FLOOR, torch.ones_like(amax), amax)
-    one = torch.ones_like(amax)
-    # ieee_divide, an op inductor does not inline: the scales are computed once per amax, not
-    # re-divided for every element of x inside the fused kernel (docs/compiled.md).
     if flavor == "modelopt-cpu":
-        scale = ieee_divide(one, amax) * E4M3_MAX
+        scale = ieee_reciprocal(amax) * E4M3_MAX
     else:
-        scale = ieee_divide(torch.full_like(amax, E4M3_MAX), amax)
-    return scale, ieee_divide(one, scale)
+        scale = torch.full_like(amax, E4M3_MAX) / amax
+    return scale, ieee_reciprocal(scale)
 
 
 def fp8_fake_quant(

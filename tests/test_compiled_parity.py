@@ -89,6 +89,7 @@ VECTOR_FILES = [
 ]
 
 
+@pytest.mark.slow  # ~150 graphs to compile on a cold CPU cache (~2.5 of this file's ~3.5 minutes)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("file_name", VECTOR_FILES)
 def test_compiled_matches_reference_on_every_vector_case(file_name, device):
@@ -146,6 +147,7 @@ ODD_SHAPE_PARAMS = [("cpu", torch.bfloat16)] + [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("device", "dtype"), ODD_SHAPE_PARAMS)
 def test_compiled_matches_reference_on_odd_shapes_and_non_contiguous_views(device, dtype):
     gen = torch.Generator().manual_seed(7)
