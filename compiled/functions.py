@@ -179,10 +179,11 @@ class NVFP4Tensor(reference_nvfp4.NVFP4Tensor):
         return out.reshape(self.shape)
 
 
-def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None) -> torch.Tensor:
+def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> torch.Tensor:
     """refquant.nvfp4_fake_quant through torch.compile: same arguments, same bits."""
     if _is_degenerate(x):
-        return reference_nvfp4.nvfp4_fake_quant(x, amax)
+        return reference_nvfp4.nvfp4_fake_quant(x, amax, flavor=flavor)
+    check_flavor(flavor)
     check_float_input(x)
     if amax is not None:
         amax = as_amax_tensor(amax, x)

@@ -38,34 +38,37 @@ def _is_tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
-def as_amax_tensor(amax: AmaxLike, x: torch.Tensor, what: str = "amax") -> torch.Tensor:
+def as_amax_tensor(amax: AmaxLike, x: torch.Tensor, what: str = "amax", *, positive: bool = False) -> torch.Tensor:
     """Turn a user amax (float, int or tensor) into a tensor on x's device; fp32 for numbers.
 
     A tensor keeps its dtype (modelopt converts with .float() where it computes, and we do the
     same at the point of use). Values are checked: a negative, NaN or infinite amax is a bug
-    upstream, and modelopt would silently turn it into garbage.
+    upstream, and modelopt would silently turn it into garbage. `positive` also rejects 0 (for a
+    divisor such as a given FP8 scale).
     """
     if isinstance(amax, bool) or not isinstance(amax, (torch.Tensor, float, int)):
         raise ValueError(f"{what} must be a float or a tensor, got {type(amax).__name__}.")
     if not isinstance(amax, torch.Tensor):
-        if not (math.isfinite(amax) and amax >= 0):  # checked on the host: no device round trip
-            _raise_bad_amax(what, [amax])
+        if not (math.isfinite(amax) and (amax > 0 if positive else amax >= 0)):  # on the host: no sync
+            _raise_bad_amax(what, [amax], positive)
         return torch.tensor(float(amax), dtype=torch.float32, device=x.device)
     if not amax.is_floating_point():
         raise ValueError(f"{what} has dtype {amax.dtype}; pass a floating-point amax.")
     amax = amax.to(x.device)
-    if not _is_tracing() and not _already_checked(amax):
-        bad = ~torch.isfinite(amax) | (amax < 0)
+    if not _is_tracing() and (positive or not _already_checked(amax)):
+        bad = ~torch.isfinite(amax) | ((amax <= 0) if positive else (amax < 0))
         if bool(bad.any()):  # reads back to the host: a device sync, hence _already_checked
-            _raise_bad_amax(what, amax.flatten()[bad.flatten()][:4].tolist())
-        _remember_checked(amax)
+            _raise_bad_amax(what, amax.flatten()[bad.flatten()][:4].tolist(), positive)
+        if not positive:
+            _remember_checked(amax)
     return amax
 
 
-def _raise_bad_amax(what: str, bad_values: list) -> None:
+def _raise_bad_amax(what: str, bad_values: list, positive: bool = False) -> None:
     meaning = "it is the largest |value| to represent" if what == "amax" else "x is divided by it"
+    bound = "> 0" if positive else ">= 0"
     raise ValueError(
-        f"{what} must be finite and >= 0 ({meaning}); got "
+        f"{what} must be finite and {bound} ({meaning}); got "
         f"{bad_values}. Recalibrate, or pass {what}=None to take it from the data."
     )
 

@@ -164,6 +164,8 @@ def fp8_quantize(
     """
     check_flavor(flavor)
     check_float_input(x)
+    if x.numel() == 0:
+        raise ValueError(f"x of shape {tuple(x.shape)} is empty: there is nothing to quantize.")
     sources = sum(v is not None for v in (amax, scale))
     if sources > 1:
         raise ValueError("pass at most one of amax and scale.")
@@ -178,7 +180,7 @@ def fp8_quantize(
     if scale is not None:
         if not isinstance(scale, torch.Tensor):
             scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
-        scale = as_amax_tensor(scale, x, what="scale")
+        scale = as_amax_tensor(scale, x, what="scale", positive=True)
         check_channel_amax(scale, x, what="scale")
     elif amax is not None:
         amax = as_amax_tensor(amax, x)
@@ -198,6 +200,9 @@ def fp8_quantize(
         divisor = scale.to(x.dtype)
     quotient_dtype = _quotient_dtype(x_blocked, divisor)
     quotient = (x_blocked.float() / divisor.float()).to(quotient_dtype)
+    # Deviation (CONTRACT.md point 5): a zero amax (an all-zero tensor, channel or block) gives a
+    # zero scale, and modelopt's 0 / 0 makes NaN bytes; we give zeros, which dequantize to zeros.
+    quotient = torch.where((x_blocked == 0) & (divisor == 0), torch.zeros_like(quotient), quotient)
     data = saturating_e4m3(quotient)[..., : x.shape[-1]] if x.ndim else saturating_e4m3(quotient)
     return FP8Tensor(data=data, scale=scale, dtype=x.dtype, block_size=block_size)
 

@@ -125,7 +125,7 @@ def nvfp4_fake_block_scale(block_amax: torch.Tensor, global_scale: torch.Tensor)
     return torch.where(scale >= NVFP4_BLOCK_SCALE_FLOOR, scale, torch.ones_like(scale))
 
 
-def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None) -> torch.Tensor:
+def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> torch.Tensor:
     """NVFP4 fake quantization (modelopt's TensorQuantizer on a GPU); same shape and dtype out.
 
     amax: the global amax (float or 0-d tensor); None takes max|x| of the whole tensor.
@@ -135,7 +135,10 @@ def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None) -> torch.Tensor:
     except for rare near-ties, see CONTRACT.md); output q * S with the sign of x, +0.0 for a
     negative that rounds to zero, NaN elements come out as -6 * S. A last dim that is not a
     multiple of 16 is zero-padded for the block max and the padding dropped.
+    `flavor` is accepted for a uniform call signature and checked, but changes nothing: modelopt
+    has this one fake-quant path on every device.
     """
+    check_flavor(flavor)
     check_float_input(x)
     _check_nonempty_last_dim(x)
     if x.numel() == 0:
@@ -249,6 +252,8 @@ def nvfp4_quantize(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "
     check_flavor(flavor)
     check_float_input(x)
     _check_nonempty_last_dim(x)
+    if x.numel() == 0:
+        raise ValueError(f"x of shape {tuple(x.shape)} is empty: there is nothing to quantize.")
     global_scale = global_scale_from_amax(_global_amax(x, amax), flavor)
     blocks = to_blocks(x).float()
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)  # NaN propagates, as modelopt's

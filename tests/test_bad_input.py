@@ -57,6 +57,11 @@ BAD_CALLS = [
     ("fp8_quantize_axis_and_block_size", lambda: rq.fp8_quantize(X, axis=0, block_size=16), ["axis", "block_size"]),
     ("nvfp4_fake_0d_input", lambda: rq.nvfp4_fake_quant(torch.tensor(1.0)), ["0-d", "(1,)"]),
     ("nvfp4_quantize_0d_input", lambda: rq.nvfp4_quantize(torch.tensor(1.0)), ["0-d"]),
+    ("fp8_quantize_zero_scale", lambda: rq.fp8_quantize(X, scale=0.0), ["scale", "> 0", "scale=None"]),
+    ("fp8_quantize_zero_scale_tensor", lambda: rq.fp8_quantize(X, scale=torch.zeros(4, 1)), ["scale", "> 0"]),
+    ("fp8_quantize_empty_input", lambda: rq.fp8_quantize(torch.ones(0, 8)), ["(0, 8)", "empty"]),
+    ("nvfp4_quantize_empty_input", lambda: rq.nvfp4_quantize(torch.ones(3, 0)), ["(3, 0)", "empty"]),
+    ("nvfp4_fake_unknown_flavor", lambda: rq.nvfp4_fake_quant(X, 1.0, flavor="triton"), ["'triton'", "modelopt-cpu"]),
 ]
 
 
