@@ -206,11 +206,13 @@ def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
 def pack_e2m1_blocks(codes: torch.Tensor) -> torch.Tensor:
     """(..., nblocks, 16) uint8 codes -> (..., nblocks * 8) bytes, the same bytes as pack_e2m1.
 
-    One int64 word per block, nibble k at bits 4k..4k+3: on a little-endian machine (x86, every
-    GPU) byte j of the word holds nibble 2j low and 2j+1 high, pack_e2m1's layout. The word is a
-    sum over the block, so torch.compile fuses it into the kernel that reduces the block's max
-    (docs/compiled.md). The nibbles don't overlap, so their sum is their bitwise OR; nibble 15
-    holds the word's sign bit, so it enters as a signed 4-bit value and no partial sum overflows.
+    One int64 word per block, nibble k at bits 4k..4k+3, so byte j of the word (bits 8j..8j+7)
+    holds nibble 2j low and 2j+1 high, pack_e2m1's layout. The word is a sum over the block, so
+    torch.compile fuses it into the kernel that reduces the block's max (docs/compiled.md). The
+    nibbles don't overlap, so their sum is their bitwise OR; nibble 15 holds the word's sign bit,
+    so it enters as a signed 4-bit value and no partial sum overflows. The bytes are taken out
+    with shifts, not a dtype view: inductor on CUDA cannot lower an int64 -> uint8 view (it failed
+    for one block per row), and shifts don't depend on the machine's byte order.
     """
     if codes.shape[-1] != 16:
         raise ValueError(f"pack_e2m1_blocks takes blocks of 16 codes, got a last dim of {codes.shape[-1]}.")
@@ -218,8 +220,10 @@ def pack_e2m1_blocks(codes: torch.Tensor) -> torch.Tensor:
     nibble = codes.to(torch.int64)
     is_top_nibble = torch.arange(16, device=codes.device) == 15
     nibble = torch.where(is_top_nibble & (nibble >= 8), nibble - 16, nibble)
-    words = (nibble * place_value).sum(dim=-1)
-    return words.view(torch.uint8)
+    words = (nibble * place_value).sum(dim=-1, keepdim=True)
+    byte_shift = torch.arange(0, 64, 8, dtype=torch.int64, device=codes.device)
+    # An arithmetic shift keeps the low bits of a negative word as they are: & 0xFF is byte j.
+    return ((words >> byte_shift) & 0xFF).to(torch.uint8).flatten(-2)
 
 
 def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
