@@ -183,9 +183,13 @@ def _doc() -> str:
     return DOC.read_text(encoding="utf-8")
 
 
-def test_docs_worked_nvfp4_block_is_what_the_code_computes():
-    assert render_worked_example() in _doc(), (
-        "docs/numerics.md's worked NVFP4 block is stale; run `python tests/test_formats.py` and paste it"
+README = DOC.parent.parent / "README.md"
+
+
+@pytest.mark.parametrize("page", [DOC, README], ids=["docs/numerics.md", "README.md"])
+def test_docs_worked_nvfp4_block_is_what_the_code_computes(page):
+    assert render_worked_example() in page.read_text(encoding="utf-8"), (
+        f"{page.name}'s worked NVFP4 block is stale; run `python tests/test_formats.py` and paste it"
     )
 
 
