@@ -34,15 +34,9 @@ import torch
 import refquant as rq
 from refquant.export import CompressedWeightQuantizer, read_checkpoint_tensors
 from refquant.models import build_builtin_model
+from refquant.recipe import shipped_recipes
 
-RECIPES = (
-    "fp8_default-fp8_cast_kv",
-    "nvfp4_default-fp8_cast_kv",
-    "nvfp4_default-nvfp4_cast_kv",
-    "fp8_default-fp8_kv",
-    "nvfp4_default-fp8_kv",
-    "nvfp4_default-nvfp4_kv",
-)
+RECIPES = tuple(shipped_recipes())  # the six shipped TOML recipes
 # refquant's recipe names -> modelopt 0.47's (renamed "*-kv_*"); None: not shipped by modelopt,
 # built from its units (see modelopt_quant_cfg).
 MODELOPT_RECIPES = {
