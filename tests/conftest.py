@@ -8,6 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI runs the property tests on a fixed sequence of examples (reproducible, never flaky); a local
+# run explores new random examples every time.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parent.parent
 VECTORS = Path(os.environ.get("REFQUANT_VECTORS", REPO.parent / "shared" / "spec" / "vectors"))
