@@ -37,10 +37,9 @@ import json
 import os
 import shutil
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -48,7 +47,7 @@ from torch import nn
 from .fp8 import FP8Tensor, _divide_by_448, fp8_quantize
 from .formats import E2M1_MAX, E4M3_MAX, NVFP4_BLOCK_SIZE
 from .nvfp4 import NVFP4Tensor, global_scale_from_amax, nvfp4_quantize
-from .quantizer import QuantizerConfig, TensorQuantizer
+from .quantizer import QuantizerConfig, TensorQuantizer, all_quantizers_off, named_quantizers
 
 # The modelopt release whose checkpoint layout we write. hf_quant_config.json names modelopt as the
 # producer because the runtimes pick their modelopt loader by that name; refquant_quantizers.json
@@ -123,10 +122,6 @@ class CompressedWeightQuantizer(TensorQuantizer):
         return f"{super().extra_repr()} compressed={self.layer_format}"
 
 
-def _quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer)}
-
-
 def _child_quantizer(module: nn.Module, name: str) -> Optional[TensorQuantizer]:
     quantizer = getattr(module, name, None)
     return quantizer if isinstance(quantizer, TensorQuantizer) else None
@@ -179,19 +174,6 @@ def _quantizable_layers(model: nn.Module) -> dict[str, Optional[str]]:
     return layers
 
 
-@contextmanager
-def _all_quantizers_off(model: nn.Module) -> Iterator[None]:
-    saved = [(q, q.config) for q in _quantizers(model).values()]
-    try:
-        for quantizer, config in saved:
-            if config.enable:
-                quantizer.set_enabled(False)
-        yield
-    finally:
-        for quantizer, config in saved:
-            quantizer.config = config  # the exact object it had, so a stored amax is kept
-
-
 def shared_input_groups(model: nn.Module) -> list[list[str]]:
     """Names of the quantized linears that receive the same input tensor, groups of 2 or more.
 
@@ -222,7 +204,7 @@ def shared_input_groups(model: nn.Module) -> list[list[str]]:
     parameter = next(model.parameters())
     tokens = torch.ones((1, 2), dtype=torch.long, device=parameter.device)
     try:
-        with torch.no_grad(), _all_quantizers_off(model):
+        with torch.no_grad(), all_quantizers_off(model):
             model(input_ids=tokens, use_cache=False)
     finally:
         for handle in handles:
@@ -339,7 +321,7 @@ def _kv_cache_algo(model: nn.Module) -> Optional[str]:
 
 def plan_export(model: nn.Module) -> ExportPlan:
     """Compute every tensor and config entry the checkpoint of `model` holds; the model is unchanged."""
-    quantizers = _quantizers(model)
+    quantizers = dict(named_quantizers(model))
     if not any(q.is_enabled for q in quantizers.values()):
         raise ValueError(
             f"{type(model).__name__} has no enabled quantizer, so there is nothing to export as a "
@@ -808,7 +790,7 @@ def load_checkpoint(out_dir: str | os.PathLike, *, attn_implementation: Optional
     _restore_buffer_dtypes(model, state.get("buffer_dtypes", {}))
     insert_quantizers(model, backend=state["backend"], flavor=state["flavor"])
 
-    quantizers = _quantizers(model)
+    quantizers = dict(named_quantizers(model))
     stored = state["quantizers"]
     if set(stored) != set(quantizers):
         missing, extra = sorted(set(quantizers) - set(stored)), sorted(set(stored) - set(quantizers))

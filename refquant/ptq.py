@@ -23,9 +23,8 @@ import math
 import re
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,7 @@ from torch import nn
 
 from ._checks import Flavor
 from .attention import check_attention_hookable, is_attention_module, quant_attention_class
-from .quantizer import QuantizerConfig, TensorQuantizer
+from .quantizer import QuantizerConfig, TensorQuantizer, all_quantizers_off, named_quantizers
 
 LINEAR_QUANTIZER_NAMES = ("input_quantizer", "weight_quantizer", "output_quantizer")
 CALIBRATION_ALGORITHMS = ("max", None)
@@ -136,16 +135,10 @@ def insert_quantizers(model: nn.Module, *, backend: str = "reference", flavor: F
         module.__class__ = quant_attention_class(type(module))
         module._setup_bmm_quantizers(backend, flavor)
 
-    names = []
-    for name, quantizer in model.named_modules():
-        if isinstance(quantizer, TensorQuantizer):
-            quantizer.name, quantizer.backend, quantizer.flavor = name, backend, flavor
-            names.append(name)
-    return names
-
-
-def named_quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, TensorQuantizer)]
+    quantizers = named_quantizers(model)
+    for name, quantizer in quantizers:
+        quantizer.name, quantizer.backend, quantizer.flavor = name, backend, flavor
+    return [name for name, _ in quantizers]
 
 
 # --- calibration ------------------------------------------------------------------------------
@@ -361,20 +354,6 @@ def _totals(rows: list[QuantizerRow]) -> dict[str, int]:
 
 
 # --- quality ----------------------------------------------------------------------------------
-@contextmanager
-def _all_quantizers_off(model: nn.Module) -> Iterator[None]:
-    """Within the block every quantizer is disabled; on exit each gets its own config back."""
-    saved = [(quantizer, quantizer.config) for _, quantizer in named_quantizers(model)]
-    for quantizer, _ in saved:
-        if quantizer.is_enabled:
-            quantizer.set_enabled(False)
-    try:
-        yield
-    finally:
-        for quantizer, config in saved:
-            quantizer.config = config  # the exact object it had
-
-
 def _eval_logits(model: nn.Module, batch: Any) -> torch.Tensor:
     """The model's logits on `batch` in eval mode (no dropout), as fp32; the mode is restored."""
     was_training = model.training
@@ -442,7 +421,7 @@ def quantize_model(
     original_logits = None
     if eval_batch is not None:
         # all quantizers off: a QuantLinear computes exactly what its nn.Linear did
-        with _all_quantizers_off(model):
+        with all_quantizers_off(model):
             original_logits = _eval_logits(model, eval_batch)
     last_rule: dict[str, int] = {}
     unmatched: list[str] = []

@@ -8,8 +8,9 @@ switched off; a quantizer whose calibrator saw nothing keeps no amax.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Literal, Optional, Union
+from typing import Iterator, Literal, Optional, Union
 
 import torch
 from dataclasses_json import DataClassJsonMixin
@@ -234,3 +235,23 @@ class TensorQuantizer(nn.Module):
             amax_text = f"amax=per-channel{tuple(amax.shape)}"
         axis = f" axis={self.config.axis}" if self.config.axis is not None else ""
         return f"{self.config.format}{axis} {amax_text} backend={self.backend}"
+
+
+def named_quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
+    """Every TensorQuantizer in model.named_modules(), with its full dotted name, in module order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, TensorQuantizer)]
+
+
+@contextmanager
+def all_quantizers_off(model: nn.Module) -> Iterator[None]:
+    """Within the block every quantizer of `model` is disabled; on exit each gets back the exact
+    config object it had (so nothing else about it, a stored amax included, changes)."""
+    saved = [(quantizer, quantizer.config) for _, quantizer in named_quantizers(model)]
+    try:
+        for quantizer, config in saved:
+            if config.enable:
+                quantizer.set_enabled(False)
+        yield
+    finally:
+        for quantizer, config in saved:
+            quantizer.config = config

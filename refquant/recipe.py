@@ -27,7 +27,7 @@ from typing import ClassVar, Optional, Union
 from dataclasses_json import DataClassJsonMixin, config
 from torch import nn
 
-from .quantizer import QuantizerConfig, TensorQuantizer
+from .quantizer import QuantizerConfig, named_quantizers
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -297,7 +297,7 @@ def _resolve_cfg(table: dict, path: Path, key: str, stack: tuple[Path, ...], ena
     spec = _check_table(merged, _CfgSpec, path, key)
     if spec.format is None:
         raise _fail(path, key, "cfg has no format",
-                    f"Add format = \"fp8\" or \"nvfp4\", or import a numerics unit: {{ import = \"numerics/fp8\" }}.")
+                    'Add format = "fp8" or "nvfp4", or import a numerics unit: { import = "numerics/fp8" }.')
     if spec.format not in RECIPE_FORMATS:
         close = difflib.get_close_matches(spec.format, RECIPE_FORMATS, n=1)
         hint = f"Did you mean {close[0]!r}? " if close else ""
@@ -415,7 +415,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> RecipeApplication:
     an enable-only rule flips on/off. The parent of `a.b.c` is the module `a.b` (the model for a
     top-level name). Returns the names each rule matched and the rules that matched nothing.
     """
-    quantizers = [(name, module) for name, module in model.named_modules() if isinstance(module, TensorQuantizer)]
+    quantizers = named_quantizers(model)
     parents = {name: model.get_submodule(name.rpartition(".")[0]) for name, _ in quantizers}
     matches: dict[int, list[str]] = {}
     for index, rule in enumerate(recipe.quant_cfg):
