@@ -27,6 +27,8 @@ E2M1_SIGN_BIT = 0b1000
 # per-tensor ("global") scale = global_amax / (6 * 448). ---
 NVFP4_BLOCK_SIZE = 16
 NVFP4_SCALE_DENOMINATOR = E2M1_MAX * E4M3_MAX  # 2688
+# rcp(448) as torch's CUDA `tensor / 448.0` uses it (FP8QTensor's amax / 448): fp32 0x3B124925.
+RCP_448 = float(torch.tensor(1.0 / E4M3_MAX, dtype=torch.float32))
 # rcp(2688) as modelopt's Triton wrapper and CUDA tensors produce it: fp32 0x39C30C31.
 # Held as that fp32 value exactly (not the double 1/2688), so `t * RCP_2688` gives the same bits
 # whether a backend rounds the Python scalar to fp32 first or multiplies in double and rounds once.

@@ -21,7 +21,7 @@ from ._checks import (
     check_float_input,
     reduce_amax,
 )
-from .formats import E4M3_DTYPE, E4M3_MAX, FP8_AMAX_FLOOR
+from .formats import E4M3_DTYPE, E4M3_MAX, FP8_AMAX_FLOOR, RCP_448
 
 
 def saturating_e4m3(v: torch.Tensor) -> torch.Tensor:
@@ -178,8 +178,6 @@ def fp8_quantize(
 
     x_blocked = x
     if scale is not None:
-        if not isinstance(scale, torch.Tensor):
-            scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
         scale = as_amax_tensor(scale, x, what="scale", positive=True)
         check_channel_amax(scale, x, what="scale")
     elif amax is not None:
@@ -225,7 +223,7 @@ def _divide_by_448(amax: torch.Tensor, flavor: Flavor) -> torch.Tensor:
     if flavor == "modelopt-cpu":
         quotient = ieee_divide(amax.float(), torch.tensor(E4M3_MAX, device=amax.device))
     else:
-        quotient = amax.float() * torch.reciprocal(torch.tensor(E4M3_MAX, device=amax.device))
+        quotient = amax.float() * RCP_448
     return quotient.to(amax.dtype)
 
 

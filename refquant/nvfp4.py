@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input
-from .fp8 import ieee_divide, ieee_reciprocal, saturating_e4m3
+from .fp8 import ieee_divide, ieee_reciprocal
 from .formats import (
     E2M1_DECISION_POINTS,
     E2M1_MAGNITUDES,
-    E2M1_SIGN_BIT,
     E2M1_TIE_ROUNDS_UP,
     E4M3_DTYPE,
     E4M3_MAX,
@@ -41,16 +40,22 @@ from .formats import (
 # ---------------------------------------------------------------------------------------------
 
 
-def e2m1_magnitude_index(u: torch.Tensor) -> torch.Tensor:
-    """Index 0..7 into E2M1_MAGNITUDES of the E2M1 rounding of |u| >= 0 (uint8).
+def _passed_decision_points(u: torch.Tensor):
+    """For each E2M1 decision point in order, the mask of elements of |u| >= 0 that passed it.
 
-    Counts the decision points that u has passed: strictly for points whose tie rounds down,
-    inclusively for points whose tie rounds up (round half to even on the 3-bit index). Written
-    as "not below" so that NaN passes every point and maps to 6, as modelopt's ladder does.
+    Strictly for points whose tie rounds down, inclusively for points whose tie rounds up (round
+    half to even on the 3-bit index). Written as "not below" so that NaN passes every point and
+    maps to 6, as modelopt's ladder does.
     """
-    index = torch.zeros(u.shape, dtype=torch.uint8, device=u.device)
     for point, tie_up in zip(E2M1_DECISION_POINTS, E2M1_TIE_ROUNDS_UP):
-        passed = ~(u < point) if tie_up else ~(u <= point)
+        yield ~(u < point) if tie_up else ~(u <= point)
+
+
+def e2m1_magnitude_index(u: torch.Tensor) -> torch.Tensor:
+    """Index 0..7 into E2M1_MAGNITUDES of the E2M1 rounding of |u| >= 0 (uint8): the number of
+    decision points passed."""
+    index = torch.zeros(u.shape, dtype=torch.uint8, device=u.device)
+    for passed in _passed_decision_points(u):
         index += passed.to(torch.uint8)
     return index
 
@@ -64,8 +69,7 @@ def e2m1_round_magnitude(u: torch.Tensor) -> torch.Tensor:
     """
     steps = [above - below for below, above in zip(E2M1_MAGNITUDES, E2M1_MAGNITUDES[1:])]
     magnitude = None
-    for point, tie_up, step in zip(E2M1_DECISION_POINTS, E2M1_TIE_ROUNDS_UP, steps):
-        passed = ~(u < point) if tie_up else ~(u <= point)
+    for passed, step in zip(_passed_decision_points(u), steps):
         term = torch.where(passed, step, 0.0)
         magnitude = term if magnitude is None else magnitude + term
     return magnitude
@@ -143,7 +147,8 @@ def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor =
     _check_nonempty_last_dim(x)
     if x.numel() == 0:
         return x.clone()
-    global_scale = _global_amax(x, amax) * RCP_2688
+    # modelopt's Triton wrapper divides a CUDA tensor: the "modelopt-cuda" rule on every device.
+    global_scale = global_scale_from_amax(_global_amax(x, amax), "modelopt-cuda")
     blocks = to_blocks(x.float())
     magnitude = blocks.abs()
     block_amax = torch.where(torch.isnan(magnitude), 0.0, magnitude).amax(dim=-1, keepdim=True)

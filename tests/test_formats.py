@@ -25,6 +25,7 @@ CONSTANT_ROWS = [
     # (what, value as refquant computes it in fp32, fp32 bits)
     ("rcp(2688) = formats.RCP_2688", formats.RCP_2688, 0x39C30C31),
     ("rcp(448)", float(torch.reciprocal(torch.tensor(448.0))), 0x3B124925),
+    ("rcp(448) = formats.RCP_448", formats.RCP_448, 0x3B124925),
     ("fl(448 * rcp(2688)) = fp32(1/6)", float(torch.tensor(448.0) * formats.RCP_2688), 0x3E2AAAAB),
     ("1e-5 = NVFP4_BLOCK_SCALE_FLOOR", formats.NVFP4_BLOCK_SCALE_FLOOR, 0x3727C5AC),
     ("1e-12 = NVFP4_GLOBAL_SCALE_FLOOR", formats.NVFP4_GLOBAL_SCALE_FLOOR, 0x2B8CBCCC),
@@ -44,6 +45,12 @@ def test_rcp_2688_is_what_a_cuda_tensor_divided_by_2688_multiplies_by():
     """SPEC.md P2: on CUDA `t / 2688.0` is `t * fp32(1/2688)`; our constant is that fp32 value."""
     assert torch.tensor(formats.RCP_2688, dtype=torch.float32).item() == formats.RCP_2688  # exactly fp32
     assert fp32_bits(formats.RCP_2688) == fp32_bits(float(torch.reciprocal(torch.tensor(2688.0))))
+
+
+def test_rcp_448_is_what_a_cuda_tensor_divided_by_448_multiplies_by():
+    """SPEC.md P2, FP8QTensor's `amax / 448.0` on CUDA: our constant is exactly fp32(1/448)."""
+    assert torch.tensor(formats.RCP_448, dtype=torch.float32).item() == formats.RCP_448  # exactly fp32
+    assert fp32_bits(formats.RCP_448) == fp32_bits(float(torch.reciprocal(torch.tensor(448.0))))
 
 
 def test_e4m3_limits_are_those_of_float8_e4m3fn():
