@@ -10,7 +10,10 @@
    reference, the compiled one and modelopt's / torchao's own kernels when importable, and a
    plain device copy of the same tensor in the same run. Ratio = copy ms / op ms (both move 4
    bytes an element); for the real quant, the bytes it must move (2 + 0.5 + 1/16 an element)
-   over its time, divided by the copy's bandwidth.
+   over its time, divided by the copy's bandwidth. Two times per row: end to end (do_bench, the
+   call's host work included where the GPU waits for it) and device-only (the kernels' own time
+   from torch.profiler), each over the copy timed the same way.
+3. Host microseconds per call on a tiny tensor, compiled and eager.
 Writes DIR/gpu_report.json and DIR/inductor_code.txt (the Triton code of the timed graphs) and
 prints a table last.
 """
@@ -147,9 +150,38 @@ def division_finding(device: str, main) -> dict:
 
 
 def bench_ms(fn) -> float:
+    """End-to-end: do_bench's median, host work of the call included where the GPU waits on it."""
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median"))
+
+
+def device_ms(fn, calls: int = 10) -> float:
+    """Device-only: the summed time of the kernels one call runs (torch.profiler, mean of `calls`),
+    so host overhead (dynamo guards, the Python wrapper, launches) is left out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(getattr(e, "device_time", 0) or getattr(e, "cuda_time", 0) for e in prof.events())
+    return total_us / calls / 1000
+
+
+def host_us(fn, calls: int = 300) -> float:
+    """Host time of one call on a tiny tensor (the GPU keeps up, so the loop is host-bound)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
 
 
 def peers(x: torch.Tensor, amax: torch.Tensor, with_modelopt_fp8: bool) -> dict:
@@ -214,13 +246,21 @@ def run_timing(shape_names, with_modelopt_fp8: bool, eager_too: bool) -> dict:
         x = (torch.randn(*shape, device="cuda") * 3).to(torch.bfloat16)
         amax = x.abs().amax().float()
         copy_ms = bench_ms(lambda: x.clone())
-        rows = {"copy": {"ms": copy_ms, "ratio": 1.0}}
+        copy_device_ms = device_ms(lambda: x.clone())
+        rows = {"copy": {"ms": copy_ms, "ratio": 1.0, "device_ms": copy_device_ms, "device_ratio": 1.0}}
         found = peers(x, amax, with_modelopt_fp8) if shape_name == "main" else {}
         for row, call in OPERATIONS.items():
             ours = call(compiled, x, amax)
             parity = differing(ours, call(refquant, x, amax))
             ms = bench_ms(lambda: call(compiled, x, amax))
-            rows[row] = {"ms": ms, "ratio": ratio(row, copy_ms, ms), "differing_vs_eager": parity}
+            dev_ms = device_ms(lambda: call(compiled, x, amax))
+            rows[row] = {
+                "ms": ms,
+                "ratio": ratio(row, copy_ms, ms),
+                "device_ms": dev_ms,
+                "device_ratio": ratio(row, copy_device_ms, dev_ms),
+                "differing_vs_eager": parity,
+            }
             if eager_too:
                 eager_ms = bench_ms(lambda: call(refquant, x, amax))
                 rows[row]["eager_ms"] = eager_ms
@@ -229,11 +269,24 @@ def run_timing(shape_names, with_modelopt_fp8: bool, eager_too: bool) -> dict:
                 if callable(found.get(peer_row)):
                     peer_ms = bench_ms(found[peer_row])
                     key = "torchao" if peer_row.endswith("torchao") else "modelopt"
+                    peer_device_ms = device_ms(found[peer_row])
                     rows[row][f"{key}_ms"] = peer_ms
                     rows[row][f"{key}_ratio"] = ratio(row, copy_ms, peer_ms)
+                    rows[row][f"{key}_device_ratio"] = ratio(row, copy_device_ms, peer_device_ms)
         rows["peers_notes"] = {k: v for k, v in found.items() if not callable(v)}
         results[shape_name] = rows
     return results
+
+
+def run_host_overhead() -> dict:
+    """Host microseconds per call on a 16 x 64 bf16 tensor: compiled, eager, and a bare launch."""
+    x = (torch.randn(16, 64, device="cuda") * 3).to(torch.bfloat16)
+    amax = x.abs().amax().float()
+    out = {"x.clone() (one eager launch)": host_us(lambda: x.clone())}
+    for row, call in OPERATIONS.items():
+        out[f"{row} compiled"] = host_us(lambda: call(compiled, x, amax))
+        out[f"{row} eager"] = host_us(lambda: call(refquant, x, amax))
+    return out
 
 
 def dump_code(path: Path) -> None:
@@ -250,14 +303,16 @@ def dump_code(path: Path) -> None:
 
 
 def print_table(timing: dict, device_name: str) -> None:
-    print(f"\n{device_name}: ratio to a device copy of the same bf16 tensor (median of do_bench)")
-    print("| shape | operation | compiled ms | compiled ratio | eager ratio | modelopt ratio | torchao ratio | bits differ |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\n{device_name}: ratio to a device copy of the same bf16 tensor, timed in this run.")
+    print("End to end = do_bench median (host work included where the GPU waits for it); device = kernel time only (torch.profiler).")
+    columns = ("ms", "ratio", "device_ms", "device_ratio", "eager_ratio", "modelopt_ratio", "modelopt_device_ratio", "torchao_ratio")
+    print("| shape | operation | compiled ms | compiled ratio | compiled device ms | compiled device ratio | eager ratio | modelopt ratio | modelopt device ratio | torchao ratio | bits differ |")
+    print("| --- " * 11 + "|")
     for shape_name, rows in timing.items():
         for row, r in rows.items():
             if row == "peers_notes":
                 continue
-            cells = [f"{r.get(k):.3f}" if isinstance(r.get(k), float) else "-" for k in ("ms", "ratio", "eager_ratio", "modelopt_ratio", "torchao_ratio")]
+            cells = [f"{r.get(k):.3f}" if isinstance(r.get(k), float) else "-" for k in columns]
             print(f"| {shape_name} {SHAPES[shape_name][0]}x{SHAPES[shape_name][1]} | {row} | " + " | ".join(cells) + f" | {r.get('differing_vs_eager', '-')} |")
 
 
@@ -295,6 +350,8 @@ def main() -> None:
         print("parity rows with differences:", json.dumps(bad), flush=True)
         print("division finding:", json.dumps(report["parity"].get("division_finding"), indent=1), flush=True)
     report["timing"] = run_timing(args.shapes.split(","), not args.no_modelopt_fp8, not args.no_eager)
+    report["host_us_per_call"] = run_host_overhead()
+    print("host us per call (16 x 64):", json.dumps({k: round(v, 1) for k, v in report["host_us_per_call"].items()}), flush=True)
     (out / "gpu_report.json").write_text(json.dumps(report, indent=1))
     try:
         dump_code(out / "inductor_code.txt")

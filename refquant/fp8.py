@@ -33,21 +33,18 @@ def saturating_e4m3(v: torch.Tensor) -> torch.Tensor:
     return v.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3_DTYPE)
 
 
-@torch.library.custom_op("refquant::ieee_divide", mutates_args=())
-def ieee_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """numerator / denominator, correctly rounded, on every device and under torch.compile.
+def divide_by_constant(v: torch.Tensor, constant: float) -> torch.Tensor:
+    """fp32(v) / constant, correctly rounded to fp32, for constant = 448 or 2688 (odd part 7, 21).
 
-    A plain `/` by a constant tensor (amax / 448) is rewritten by inductor on CUDA into a multiply
-    by the rounded reciprocal (lowering.div_prim), whatever the division-rounding setting: this
-    op is opaque to inductor, so it runs torch's own (IEEE) division kernel (docs/compiled.md).
+    Written as a float64 division rounded once to fp32, so no backend can approximate it: inductor
+    on CUDA rewrites a division by a constant as a multiply by its rounded reciprocal (P6,
+    docs/compiled.md), and eager CUDA does the same for `tensor / python_float`; in float64 that
+    multiply is within 2**-52 (relative) of the true quotient, while v / (k * 2**e) for odd k that
+    is not exactly an fp32 value or midpoint lies at least 2**-25 / k from every fp32 rounding
+    boundary. So the final rounding to fp32 gives the IEEE quotient either way
+    (tests/test_formats.py checks it over every bf16 pattern and millions of fp32 ones).
     """
-    return numerator / denominator
-
-
-@ieee_divide.register_fake
-def _(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    shape = torch.broadcast_shapes(numerator.shape, denominator.shape)
-    return numerator.new_empty(shape, dtype=torch.result_type(numerator, denominator))
+    return (v.to(torch.float64) / constant).to(torch.float32)
 
 
 def ieee_reciprocal(v: torch.Tensor) -> torch.Tensor:
@@ -221,7 +218,7 @@ def _quotient_dtype(x: torch.Tensor, divisor: torch.Tensor) -> torch.dtype:
 def _divide_by_448(amax: torch.Tensor, flavor: Flavor) -> torch.Tensor:
     """amax / 448.0 in amax's dtype, computed in fp32 and rounded once, per flavor (P2)."""
     if flavor == "modelopt-cpu":
-        quotient = ieee_divide(amax.float(), torch.tensor(E4M3_MAX, device=amax.device))
+        quotient = divide_by_constant(amax.float(), E4M3_MAX)
     else:
         quotient = amax.float() * RCP_448
     return quotient.to(amax.dtype)

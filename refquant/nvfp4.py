@@ -12,16 +12,14 @@ Two modelopt paths, which differ on purpose-less details (docs/numerics.md has t
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 
-from ._checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input
-from .fp8 import ieee_divide, ieee_reciprocal
+from ._checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input, max_abs
+from .fp8 import divide_by_constant, ieee_reciprocal
 from .formats import (
-    E2M1_DECISION_POINTS,
-    E2M1_MAGNITUDES,
-    E2M1_TIE_ROUNDS_UP,
     E4M3_DTYPE,
     E4M3_MAX,
     E4M3_MIN_SUBNORMAL,
@@ -40,39 +38,35 @@ from .formats import (
 # ---------------------------------------------------------------------------------------------
 
 
-def _passed_decision_points(u: torch.Tensor):
-    """For each E2M1 decision point in order, the mask of elements of |u| >= 0 that passed it.
+def e2m1_round_magnitude(u: torch.Tensor) -> torch.Tensor:
+    """|u| >= 0 rounded to the E2M1 magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6} (fp32; NaN -> 6).
 
-    Strictly for points whose tie rounds down, inclusively for points whose tie rounds up (round
-    half to even on the 3-bit index). Written as "not below" so that NaN passes every point and
-    maps to 6, as modelopt's ladder does.
+    The E2M1 grid is evenly spaced within each binade: steps of 0.5 below 2, of 1 in [2, 4), of 2
+    from 4 up to 6. So the rounding is "nearest multiple of the step, ties to even", capped at 6,
+    and fp32 addition does exactly that: adding step * 2**23 leaves a sum whose last bit is worth
+    `step`, so the hardware rounds |u| to a multiple of the step (ties to an even multiple, which
+    is the even E2M1 index), and subtracting it back is exact. This gives the decision points of
+    SPEC.md 3.4 (E2M1_DECISION_POINTS: 0.25, 1.25, 2.5 and 5 round down, 0.75, 1.75 and 3.5 round
+    up); tests/test_exhaustive_bf16.py checks it against a nearest-even oracle on every bf16
+    pattern and on the fp32 neighbours of every decision point. (A ladder of seven comparisons
+    says the same; this shape is a few instructions per element, which on an H100 is the
+    difference between a compute-bound and a bandwidth-bound kernel, docs/compiled.md.)
+    u >= 2**24 or inf rounds past 6 and is capped; NaN fails `q < 6` and becomes 6, as in
+    modelopt's kernel, whose comparisons NaN passes.
     """
-    for point, tie_up in zip(E2M1_DECISION_POINTS, E2M1_TIE_ROUNDS_UP):
-        yield ~(u < point) if tie_up else ~(u <= point)
+    step = torch.where(u < 2.0, 0.5, torch.where(u < 4.0, 1.0, 2.0))
+    shift = step * 2.0**23
+    q = (u + shift) - shift
+    return torch.where(q < E2M1_MAX, q, E2M1_MAX)
 
 
 def e2m1_magnitude_index(u: torch.Tensor) -> torch.Tensor:
-    """Index 0..7 into E2M1_MAGNITUDES of the E2M1 rounding of |u| >= 0 (uint8): the number of
-    decision points passed."""
-    index = torch.zeros(u.shape, dtype=torch.uint8, device=u.device)
-    for passed in _passed_decision_points(u):
-        index += passed.to(torch.uint8)
-    return index
+    """Index 0..7 into E2M1_MAGNITUDES of the E2M1 rounding of |u| >= 0 (uint8; NaN -> 7).
 
-
-def e2m1_round_magnitude(u: torch.Tensor) -> torch.Tensor:
-    """|u| rounded to the E2M1 magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6} (fp32; NaN -> 6).
-
-    The same decision points as e2m1_magnitude_index, summed as magnitude steps (0.5 x 4, 1, 1,
-    2) instead of looked up in a table: every partial sum is exact in fp32, and comparisons fuse
-    into a torch.compile kernel where a gather from a table does not (docs/compiled.md).
+    From the rounded magnitude q: 2q up to 2 (indices 0..4), q + 2 for 3 and 4 (5, 6), 7 for 6.
     """
-    steps = [above - below for below, above in zip(E2M1_MAGNITUDES, E2M1_MAGNITUDES[1:])]
-    magnitude = None
-    for passed, step in zip(_passed_decision_points(u), steps):
-        term = torch.where(passed, step, 0.0)
-        magnitude = term if magnitude is None else magnitude + term
-    return magnitude
+    q = e2m1_round_magnitude(u)
+    return torch.where(q <= 2.0, q * 2.0, torch.where(q <= 4.0, q + 2.0, 7.0)).to(torch.uint8)
 
 
 def pad_to_blocks(x: torch.Tensor, block_size: int = NVFP4_BLOCK_SIZE) -> torch.Tensor:
@@ -89,7 +83,7 @@ def to_blocks(x: torch.Tensor, block_size: int = NVFP4_BLOCK_SIZE) -> torch.Tens
 def _global_amax(x: torch.Tensor, amax: AmaxLike) -> torch.Tensor:
     """fp32 0-d global amax: the given one, or max|x| taken in x's dtype (NaN propagates)."""
     if amax is None:
-        return x.abs().amax().float()
+        return max_abs(x).float()
     amax = as_amax_tensor(amax, x)
     if amax.numel() != 1:
         raise ValueError(
@@ -102,7 +96,7 @@ def _global_amax(x: torch.Tensor, amax: AmaxLike) -> torch.Tensor:
 def global_scale_from_amax(amax: torch.Tensor, flavor: Flavor) -> torch.Tensor:
     """fp32 global scale = amax / 2688: IEEE on CPU, amax * fp32(1/2688) on CUDA (P2)."""
     if flavor == "modelopt-cpu":
-        return ieee_divide(amax, torch.tensor(NVFP4_SCALE_DENOMINATOR, device=amax.device))
+        return divide_by_constant(amax, NVFP4_SCALE_DENOMINATOR)
     return amax * RCP_2688
 
 
@@ -211,24 +205,24 @@ def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
 def pack_e2m1_blocks(codes: torch.Tensor) -> torch.Tensor:
     """(..., nblocks, 16) uint8 codes -> (..., nblocks * 8) bytes, the same bytes as pack_e2m1.
 
-    One int64 word per block, nibble k at bits 4k..4k+3, so byte j of the word (bits 8j..8j+7)
-    holds nibble 2j low and 2j+1 high, pack_e2m1's layout. The word is a sum over the block, so
-    torch.compile fuses it into the kernel that reduces the block's max (docs/compiled.md). The
-    nibbles don't overlap, so their sum is their bitwise OR; nibble 15 holds the word's sign bit,
-    so it enters as a signed 4-bit value and no partial sum overflows. The bytes are taken out
-    with shifts, not a dtype view: inductor on CUDA cannot lower an int64 -> uint8 view (it failed
-    for one block per row), and shifts don't depend on the machine's byte order.
+    One int64 word per block, code k at bits 4k..4k+3; read as 8 little-endian bytes, byte j is
+    then code 2j (low nibble) and code 2j+1 (high nibble), pack_e2m1's layout. The word is a sum
+    over the block (the codes don't overlap, so the sum is their bitwise OR), so under
+    torch.compile it is computed by the kernel that reduces the block's max, and the bytes are a
+    free view of it (docs/compiled.md). Code 15 holds the word's sign bit, so it enters as a
+    signed 4-bit value and no partial sum overflows.
     """
     if codes.shape[-1] != 16:
         raise ValueError(f"pack_e2m1_blocks takes blocks of 16 codes, got a last dim of {codes.shape[-1]}.")
-    place_value = torch.tensor([16**k for k in range(16)], dtype=torch.int64, device=codes.device)
+    if sys.byteorder != "little":
+        raise RuntimeError("pack_e2m1_blocks reads int64 words as bytes and needs a little-endian machine.")
+    shift = torch.arange(0, 64, 4, dtype=torch.int64, device=codes.device)
     nibble = codes.to(torch.int64)
-    is_top_nibble = torch.arange(16, device=codes.device) == 15
-    nibble = torch.where(is_top_nibble & (nibble >= 8), nibble - 16, nibble)
-    words = (nibble * place_value).sum(dim=-1, keepdim=True)
-    byte_shift = torch.arange(0, 64, 8, dtype=torch.int64, device=codes.device)
-    # An arithmetic shift keeps the low bits of a negative word as they are: & 0xFF is byte j.
-    return ((words >> byte_shift) & 0xFF).to(torch.uint8).flatten(-2)
+    nibble = torch.where((shift == 60) & (nibble >= 8), nibble - 16, nibble)
+    words = (nibble << shift).sum(dim=-1)
+    # Flattened before the view: inductor on CUDA failed to lower the int64 -> uint8 view of a
+    # (rows, 1) word tensor (one block per row); a 1-D view is plain.
+    return words.reshape(-1).view(torch.uint8).reshape(*codes.shape[:-2], -1)
 
 
 def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:

@@ -39,16 +39,9 @@ CALLS = {
 }
 
 
-CPU_NVFP4_QUANTIZE_IS_SLOWER = pytest.mark.xfail(
-    strict=True,
-    reason="known: on 2 CPU cores compiled nvfp4_quantize took 40 ms vs 15 ms eager at 512x2048 "
-    "(not yet profiled); open work",
-)
-
-
 def _cases():
     for name in CALLS:
-        yield pytest.param(name, "cpu", (512, 2048), marks=CPU_NVFP4_QUANTIZE_IS_SLOWER if name == "nvfp4_quantize" else ())
+        yield pytest.param(name, "cpu", (512, 2048))
         yield pytest.param(name, "cuda", (8192, 16384), marks=cuda)
 
 

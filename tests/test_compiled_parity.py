@@ -224,6 +224,20 @@ def test_compile_options_leave_global_settings_untouched():
     assert rc.inductor_options()[division] is True and rc.inductor_options()["emulate_precision_casts"] is True
 
 
+def test_torch_without_per_function_limits_still_compiles_past_the_global_limit(monkeypatch):
+    """torch < 2.13 (the H100's 2.11) has no torch.compile(recompile_limit=): _run retries a call
+    that hit the global limit (8 graphs) with the limit raised for that call only."""
+    from refquant.compiled import functions
+
+    monkeypatch.setattr(functions, "LIMIT_PER_FUNCTION", False)
+    twice = torch.compile(lambda x: x * 2, fullgraph=True, dynamic=False)  # a graph per shape
+    limit = torch._dynamo.config.recompile_limit
+    for n in range(1, limit + 4):
+        x = torch.arange(n, dtype=torch.float32)
+        assert torch.equal(functions._run(twice, lambda x: x * 2, x), x * 2)
+    assert torch._dynamo.config.recompile_limit == limit
+
+
 def test_compiled_results_dequantize_through_the_compiled_class():
     x = torch.randn(3, 32)
     assert isinstance(rc.nvfp4_quantize(x), rc.NVFP4Tensor) and isinstance(rc.nvfp4_quantize(x), rq.NVFP4Tensor)

@@ -209,6 +209,24 @@ def test_e2m1_rounding_equals_independent_nearest_even_on_every_16bit_pattern(dt
     assert torch.equal(torch.tensor(E2M1_MAGNITUDES)[index], oracle_e2m1_magnitude(u))
 
 
+def test_e2m1_rounding_equals_the_oracle_on_the_fp32_neighbours_of_every_boundary():
+    """The add-and-subtract rounding (refquant.nvfp4.e2m1_round_magnitude) against the oracle on
+    the 2,001 fp32 values around each decision point, each magnitude, each binade edge of the
+    step (2, 4) and the values that leave the trick's range (2**23 .. 2**26, inf); NaN -> 6."""
+    from refquant.formats import E2M1_DECISION_POINTS
+    from refquant.nvfp4 import e2m1_round_magnitude
+
+    centres = torch.tensor([*E2M1_DECISION_POINTS, *E2M1_MAGNITUDES[1:], 8.0, 2.0**23, 2.0**24, 2.0**25, 2.0**26])
+    offsets = torch.arange(-1000, 1001, dtype=torch.int32)
+    u = (centres.view(torch.int32)[:, None] + offsets).view(torch.float32).flatten()
+    u = torch.cat([u, torch.tensor([0.0, float("inf"), torch.finfo(torch.float32).max, 2.0**-149])])
+    assert torch.equal(e2m1_round_magnitude(u), oracle_e2m1_magnitude(u))
+    index = e2m1_magnitude_index(u).long()
+    assert torch.equal(torch.tensor(E2M1_MAGNITUDES)[index], oracle_e2m1_magnitude(u))
+    nan = torch.tensor([float("nan")])
+    assert e2m1_round_magnitude(nan).item() == 6.0 and e2m1_magnitude_index(nan).item() == 7
+
+
 def test_nvfp4_unit_scale_sweep_rounds_each_value_to_nearest_e2m1():
     """G = 2688 (wsf2 = 1) with companion 6: the block scale is exactly 1 for |v| <= 6, so each
     output is the E2M1 rounding of v itself, sign kept, +0.0 for values that round to zero."""

@@ -53,6 +53,30 @@ def test_rcp_448_is_what_a_cuda_tensor_divided_by_448_multiplies_by():
     assert fp32_bits(formats.RCP_448) == fp32_bits(float(torch.reciprocal(torch.tensor(448.0))))
 
 
+def _fp32_sweep() -> torch.Tensor:
+    """Every bf16 pattern as fp32, plus 4M random fp32 bit patterns (normal and subnormal)."""
+    bf16 = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(0, 2**31 - 1, (4_000_000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    return torch.cat([bf16, bits.view(torch.float32)])
+
+
+@pytest.mark.parametrize("constant", [formats.E4M3_MAX, formats.NVFP4_SCALE_DENOMINATOR])
+def test_divide_by_constant_is_the_ieee_fp32_quotient_however_the_backend_divides(constant):
+    from refquant.fp8 import divide_by_constant
+
+    v = _fp32_sweep()
+    ieee = v / torch.tensor(constant)  # fp32 / fp32 tensor on the CPU: one IEEE division
+    finite = torch.isfinite(v)
+    bits = lambda t: t[finite].view(torch.int32)  # noqa: E731 - bit for bit, the sign of zero too
+    assert torch.equal(bits(divide_by_constant(v, constant)), bits(ieee))
+    # What inductor on CUDA (and eager CUDA) computes instead: a multiply by the float64
+    # reciprocal. Rounded to fp32 it must give the same bits.
+    by_reciprocal = (v.double() * (1.0 / constant)).float()
+    assert torch.equal(bits(by_reciprocal), bits(ieee))
+    assert torch.isnan(divide_by_constant(torch.tensor([float("nan")]), constant)).all()
+
+
 def test_e4m3_limits_are_those_of_float8_e4m3fn():
     info = torch.finfo(formats.E4M3_DTYPE)
     assert info.max == formats.E4M3_MAX
