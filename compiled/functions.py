@@ -22,6 +22,7 @@ from torch._dynamo.exc import FailOnRecompileLimitHit, Unsupported
 from refquant import fp8 as reference_fp8
 from refquant import nvfp4 as reference_nvfp4
 from refquant._checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input
+from refquant.formats import NVFP4_BLOCK_SIZE
 
 from .options import FP8_REALIZE_OPCOUNT_THRESHOLD, LIMIT_PER_FUNCTION, compile_reference, recompile_limit_patch
 
@@ -215,7 +216,10 @@ def nvfp4_quantize(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "
     check_float_input(x)
     if amax is not None:
         amax = as_amax_tensor(amax, x)
-    quantized = _run(_compiled_nvfp4_quantize, reference_nvfp4.nvfp4_quantize, _rows(x), amax, flavor=flavor)
+    compiled = _compiled_nvfp4_quantize
+    if x.is_cuda and x.shape[-1] % NVFP4_BLOCK_SIZE == 0:
+        compiled = _nvfp4_quantize_with_triton_blocks()
+    quantized = _run(compiled, reference_nvfp4.nvfp4_quantize, _rows(x), amax, flavor=flavor)
     lead = x.shape[:-1]
     return NVFP4Tensor(
         packed=quantized.packed.reshape(*lead, -1),
@@ -224,3 +228,25 @@ def nvfp4_quantize(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "
         shape=x.shape,
         dtype=x.dtype,
     )
+
+
+def _nvfp4_quantize_triton_blocks(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu"):
+    """refquant.nvfp4_quantize with its block step (refquant.nvfp4.nvfp4_quantize_blocks) run by the
+    Triton kernel of compiled/nvfp4_triton.py: CUDA, last dim a multiple of 16. The global scale is
+    the reference's own code; the two lines below are nvfp4_quantize's last two."""
+    from .nvfp4_triton import nvfp4_quantize_blocks
+
+    global_scale = reference_nvfp4.global_scale_from_amax(reference_nvfp4._global_amax(x, amax), flavor)
+    packed, block_scale = nvfp4_quantize_blocks(x.contiguous(), global_scale)
+    return reference_nvfp4.NVFP4Tensor(packed, block_scale, global_scale, x.shape, x.dtype)
+
+
+_COMPILED_TRITON_BLOCKS: list[Callable] = []
+
+
+def _nvfp4_quantize_with_triton_blocks() -> Callable:
+    """The compiled _nvfp4_quantize_triton_blocks, made on first use (Triton is imported only then:
+    CPU-only installs have no Triton)."""
+    if not _COMPILED_TRITON_BLOCKS:
+        _COMPILED_TRITON_BLOCKS.append(compile_reference(_nvfp4_quantize_triton_blocks))
+    return _COMPILED_TRITON_BLOCKS[0]

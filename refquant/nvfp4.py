@@ -258,6 +258,18 @@ def nvfp4_quantize(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "
     if x.numel() == 0:
         raise ValueError(f"x of shape {tuple(x.shape)} is empty: there is nothing to quantize.")
     global_scale = global_scale_from_amax(_global_amax(x, amax), flavor)
+    packed, block_scale = nvfp4_quantize_blocks(x, global_scale)
+    return NVFP4Tensor(packed=packed, block_scale=block_scale, global_scale=global_scale, shape=x.shape, dtype=x.dtype)
+
+
+def nvfp4_quantize_blocks(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4QTensor's per-block step under a given fp32 0-d global scale: (packed bytes
+    (..., ceil(n/16) * 8) uint8, block scales (..., ceil(n/16)) float8_e4m3fn).
+
+    Blocks: nvfp4_real_block_scale; elements: x / fl(fp32(block scale) * global scale) (IEEE)
+    rounded to E2M1, sign bit set when the quotient is < 0; packed two codes a byte.
+    (refquant.compiled runs this step as a Triton kernel on CUDA, compiled/nvfp4_triton.py.)
+    """
     blocks = to_blocks(x).float()
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)  # NaN propagates, as modelopt's
     block_scale = nvfp4_real_block_scale(block_amax, global_scale)
@@ -266,10 +278,4 @@ def nvfp4_quantize(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "
     # Only reachable under a zero global scale (all-zero tensor): keep 0 / 0 from becoming NaN.
     u = torch.where((blocks == 0) & (divisor == 0), torch.zeros_like(u), u)
     codes = e2m1_magnitude_index(u.abs()) | ((u < 0).to(torch.uint8) << 3)
-    return NVFP4Tensor(
-        packed=pack_e2m1_blocks(codes),
-        block_scale=block_scale.squeeze(-1),
-        global_scale=global_scale,
-        shape=x.shape,
-        dtype=x.dtype,
-    )
+    return pack_e2m1_blocks(codes), block_scale.squeeze(-1)

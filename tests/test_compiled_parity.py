@@ -238,6 +238,33 @@ def test_torch_without_per_function_limits_still_compiles_past_the_global_limit(
     assert torch._dynamo.config.recompile_limit == limit
 
 
+@cuda
+def test_nvfp4_quantize_on_cuda_runs_the_triton_block_step_bit_for_bit():
+    """compiled/nvfp4_triton.py (CUDA, last dim a multiple of 16) against the eager CPU reference:
+    every bf16 pattern in blocks, shuffled, exact ties on the E2M1 decision points, fp16 / fp32,
+    a transposed and a row-sliced view, every kind of amax (zero, tiny, given, taken from x), both
+    flavors."""
+    from refquant.compiled import functions
+
+    patterns = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    inputs = {
+        "every bf16 pattern": patterns.reshape(-1, 16),
+        "shuffled": patterns[torch.randperm(65536, generator=gen)].reshape(-1, 64),
+        "ties": (torch.randint(-24, 25, (256, 64), generator=gen) * 0.125).to(torch.bfloat16),
+        "fp16": (torch.randn(64, 256, generator=gen) * 7).half(),
+        "fp32": torch.randn(3, 5, 64, generator=gen) * 1e-3,
+        "transposed": torch.randn(256, 64, generator=gen).bfloat16().t(),
+        "row-sliced": torch.randn(64, 96, generator=gen).bfloat16()[:, :48],
+    }
+    for name, x in inputs.items():
+        finite = x.float()[torch.isfinite(x.float())]
+        for amax in (None, 0.0, 1e-30, 3.0, 2688.0, float(finite.abs().max())):
+            for flavor in ("modelopt-cpu", "modelopt-cuda"):
+                assert_compiled_matches_reference("nvfp4_quantize", "cuda", x, amax, flavor=flavor, what=f"{name}, amax {amax}, {flavor}")
+    assert functions._COMPILED_TRITON_BLOCKS, "the CUDA path did not go through the Triton block step"
+
+
 def test_compiled_results_dequantize_through_the_compiled_class():
     x = torch.randn(3, 32)
     assert isinstance(rc.nvfp4_quantize(x), rc.NVFP4Tensor) and isinstance(rc.nvfp4_quantize(x), rq.NVFP4Tensor)
