@@ -13,6 +13,7 @@ go to the reference eagerly: they are not worth a graph, and it raises or return
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -241,12 +242,8 @@ def _nvfp4_quantize_triton_blocks(x: torch.Tensor, amax: AmaxLike = None, *, fla
     return reference_nvfp4.NVFP4Tensor(packed, block_scale, global_scale, x.shape, x.dtype)
 
 
-_COMPILED_TRITON_BLOCKS: list[Callable] = []
-
-
+@functools.cache
 def _nvfp4_quantize_with_triton_blocks() -> Callable:
     """The compiled _nvfp4_quantize_triton_blocks, made on first use (Triton is imported only then:
     CPU-only installs have no Triton)."""
-    if not _COMPILED_TRITON_BLOCKS:
-        _COMPILED_TRITON_BLOCKS.append(compile_reference(_nvfp4_quantize_triton_blocks))
-    return _COMPILED_TRITON_BLOCKS[0]
+    return compile_reference(_nvfp4_quantize_triton_blocks)

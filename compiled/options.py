@@ -24,7 +24,18 @@ def division_rounding_option() -> str:
     return "emulate_divison_rounding"
 
 
-def inductor_options(realize_opcount_threshold: int | None = None) -> dict[str, bool | int]:
+# NVFP4: a long elementwise chain (the E2M1 rounding, the packing) belongs in the kernel that reduces
+# the blocks; inductor's default of 30 cut it into a kernel of its own with a uint8 buffer between.
+REALIZE_OPCOUNT_THRESHOLD = 200
+# FP8: the per-tensor scales (a reciprocal of the amax, a product, a second reciprocal) are 0-d
+# values broadcast over x; inlined, each thread of the big kernel recomputes them (two IEEE
+# divisions). With a low threshold they are computed once, in a one-element kernel. On the H100
+# the FP8 kernel runs at the copy's time with it (0.179 ms at 8192 x 16384); its effect alone was
+# not measured there: the 0.26 ms it was first blamed for came from the symbolic last dim.
+FP8_REALIZE_OPCOUNT_THRESHOLD = 1
+
+
+def inductor_options(realize_opcount_threshold: int = REALIZE_OPCOUNT_THRESHOLD) -> dict[str, bool | int]:
     """Options for torch.compile(..., options=...) that keep every rounding step of the reference.
 
     - division rounding: IEEE division and reciprocal (see division_rounding_option).
@@ -33,22 +44,12 @@ def inductor_options(realize_opcount_threshold: int | None = None) -> dict[str, 
       roundings of x / scale collapse into one), and turn off Triton's mul+add -> fma contraction.
     - realize_opcount_threshold (speed, not bits): a pointwise value used more than once, or
       broadcast, whose computation has more ops than this is computed once into a buffer instead
-      of being recomputed by each consumer. Inductor's default is 30; see the two values below.
+      of being recomputed by each consumer. Inductor's default is 30; see the two values above.
     """
     options: dict[str, bool | int] = {division_rounding_option(): True, "emulate_precision_casts": True}
     if hasattr(inductor_config, "realize_opcount_threshold"):
-        options["realize_opcount_threshold"] = realize_opcount_threshold or REALIZE_OPCOUNT_THRESHOLD
+        options["realize_opcount_threshold"] = realize_opcount_threshold
     return options
-
-
-# NVFP4: a long elementwise chain (the E2M1 rounding, the packing) belongs in the kernel that reduces
-# the blocks; inductor's default of 30 cut it into a kernel of its own with a uint8 buffer between.
-REALIZE_OPCOUNT_THRESHOLD = 200
-# FP8: the per-tensor scales (a reciprocal of the amax, a product, a second reciprocal) are 0-d
-# values broadcast over x. Inlined, they were recomputed for every element -- two IEEE divisions
-# an element, which made FP8 fake quant compute-bound on an H100 (0.27 ms at 8192 x 16384 against
-# 0.18 ms for a copy). With a low threshold they are computed once, in a one-element kernel.
-FP8_REALIZE_OPCOUNT_THRESHOLD = 1
 
 
 # dynamo keeps at most `recompile_limit` graphs per function (8 by default). One reference function
@@ -60,7 +61,7 @@ RECOMPILE_LIMIT = 64
 LIMIT_PER_FUNCTION = "recompile_limit" in inspect.signature(torch.compile).parameters
 
 
-def compile_reference(fn, realize_opcount_threshold: int | None = None):
+def compile_reference(fn, realize_opcount_threshold: int = REALIZE_OPCOUNT_THRESHOLD):
     """torch.compile(fn) as refquant.compiled runs it: one graph (fullgraph), sizes made dynamic by
     the caller's marks, our inductor options, and our recompile limit where torch takes one."""
     kwargs = {"fullgraph": True, "dynamic": None, "options": inductor_options(realize_opcount_threshold)}

@@ -262,7 +262,7 @@ def test_nvfp4_quantize_on_cuda_runs_the_triton_block_step_bit_for_bit():
         for amax in (None, 0.0, 1e-30, 3.0, 2688.0, float(finite.abs().max())):
             for flavor in ("modelopt-cpu", "modelopt-cuda"):
                 assert_compiled_matches_reference("nvfp4_quantize", "cuda", x, amax, flavor=flavor, what=f"{name}, amax {amax}, {flavor}")
-    assert functions._COMPILED_TRITON_BLOCKS, "the CUDA path did not go through the Triton block step"
+    assert functions._nvfp4_quantize_with_triton_blocks.cache_info().currsize == 1, "the CUDA path did not go through the Triton block step"
 
 
 def test_compiled_results_dequantize_through_the_compiled_class():
