@@ -25,23 +25,26 @@ from refquant import nvfp4 as reference_nvfp4
 from refquant._checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input
 from refquant.formats import NVFP4_BLOCK_SIZE
 
-from .options import FP8_REALIZE_OPCOUNT_THRESHOLD, LIMIT_PER_FUNCTION, compile_reference, recompile_limit_patch
+from .options import FP8_REALIZE_OPCOUNT_THRESHOLD, LIMIT_PER_FUNCTION, CompiledPerSignature, recompile_limit_patch
 
-_compiled_fp8_fake_quant = compile_reference(reference_fp8.fp8_fake_quant, FP8_REALIZE_OPCOUNT_THRESHOLD)
-_compiled_fp8_quantize = compile_reference(reference_fp8.fp8_quantize, FP8_REALIZE_OPCOUNT_THRESHOLD)
-_compiled_fp8_dequantize = compile_reference(reference_fp8.FP8Tensor.dequantize, FP8_REALIZE_OPCOUNT_THRESHOLD)
-_compiled_nvfp4_fake_quant = compile_reference(reference_nvfp4.nvfp4_fake_quant)
-_compiled_nvfp4_quantize = compile_reference(reference_nvfp4.nvfp4_quantize)
-_compiled_nvfp4_dequantize = compile_reference(reference_nvfp4.NVFP4Tensor.dequantize)
+_compiled_fp8_fake_quant = CompiledPerSignature(reference_fp8.fp8_fake_quant, FP8_REALIZE_OPCOUNT_THRESHOLD)
+_compiled_fp8_quantize = CompiledPerSignature(reference_fp8.fp8_quantize, FP8_REALIZE_OPCOUNT_THRESHOLD)
+_compiled_fp8_dequantize = CompiledPerSignature(reference_fp8.FP8Tensor.dequantize, FP8_REALIZE_OPCOUNT_THRESHOLD)
+_compiled_nvfp4_fake_quant = CompiledPerSignature(reference_nvfp4.nvfp4_fake_quant)
+_compiled_nvfp4_quantize = CompiledPerSignature(reference_nvfp4.nvfp4_quantize)
+_compiled_nvfp4_dequantize = CompiledPerSignature(reference_nvfp4.NVFP4Tensor.dequantize)
 
 
-def _run(compiled: Callable, reference: Callable, *args, **kwargs):
-    """compiled(*args, **kwargs); bad arguments raise the reference's own ValueError.
+def _run(compiled: CompiledPerSignature | Callable, reference: Callable, *args, **kwargs):
+    """compiled(*args, **kwargs) (the torch.compile for this signature); bad arguments raise the
+    reference's own ValueError.
 
     Under fullgraph tracing a `raise ValueError` in the reference surfaces as dynamo's Unsupported;
     running the reference eagerly on the same arguments raises the real error. If the reference
     does not raise, the failure is ours and Unsupported propagates.
     """
+    if isinstance(compiled, CompiledPerSignature):
+        compiled = compiled.for_call(args, kwargs)
     try:
         try:
             return compiled(*args, **kwargs)
@@ -243,7 +246,7 @@ def _nvfp4_quantize_triton_blocks(x: torch.Tensor, amax: AmaxLike = None, *, fla
 
 
 @functools.cache
-def _nvfp4_quantize_with_triton_blocks() -> Callable:
+def _nvfp4_quantize_with_triton_blocks() -> CompiledPerSignature:
     """The compiled _nvfp4_quantize_triton_blocks, made on first use (Triton is imported only then:
     CPU-only installs have no Triton)."""
-    return compile_reference(_nvfp4_quantize_triton_blocks)
+    return CompiledPerSignature(_nvfp4_quantize_triton_blocks)

@@ -1,30 +1,96 @@
 """NVFP4 real quantization's per-block step as one Triton kernel (CUDA only), for refquant.compiled.
 
 Why a kernel of our own (issue 6 allows one "only where inductor cannot get there"): through
-inductor, the reference's block step is one persistent-reduction kernel that builds each block's
-8 packed bytes as an int64 word (a sum over the block, so it fuses with the block max): 0.270 ms
-at 8192 x 16384 bf16 on an H100, 0.42 of the bandwidth it could reach. Here each block's even and
-odd elements are loaded side by side, so two codes become one byte in registers (no int64 word,
-no sum across lanes): 0.217 ms, 0.52. Still short of the 0.80 target; docs/compiled.md lists what
-was tried (a reciprocal multiply with an exact fallback for near-ties was slower: 0.31 ms).
+inductor, the reference's block step (refquant.nvfp4.nvfp4_quantize_blocks) is one persistent-
+reduction kernel at 0.270 ms for 8192 x 16384 bf16 on an H100, 0.42 of the bandwidth it could
+reach, and compute-bound: an IEEE division an element (a branchy instruction sequence with a
+slow-path call) and the E2M1 rounding of the quotient, about 50 instructions an element. A
+Triton kernel doing that same arithmetic ran at 0.217 ms. This one runs at 0.118 ms (0.97).
 
-It is the same arithmetic as refquant.nvfp4.nvfp4_quantize after the global scale, step for step
-(nvfp4_real_block_scale, the IEEE quotient, e2m1_magnitude_index, the sign bit, pack_e2m1), and
-tests/test_compiled_parity.py holds it to the reference bit for bit on CUDA.
+The element step here does not divide. Within a block the divisor d = fp32(block scale) * g is
+fixed, and the reference's code is a monotone function of |x| (plus the sign), so it is decided
+by comparing |x| with eight per-block thresholds, each the exact inverse image of one E2M1
+decision point under the IEEE quotient:
+
+- the E2M1 index is >= k iff RN(|x| / d) passes decision point b (> b where a tie rounds down,
+  >= b where it rounds up: formats.E2M1_TIE_ROUNDS_UP). RN(z) > b iff z > b + h, and RN(z) >= b
+  iff z >= b - h, with h half an ulp of b (b's fp32 mantissa is even, so the midpoint's tie goes
+  to b). Over the reals, |x| / d > b + h iff |x| > (b + h) d iff |x| > RD((b + h) d), because no
+  fp32 lies strictly between RD(y) and y; likewise |x| >= (b - h) d iff |x| >= RU((b - h) d).
+  (b +- h) d = b d +- h d is one FMA, so RD / RU of it is one FMA in that rounding mode
+  (fma.rm / fma.rp, exact before its single rounding), and h d is exact (h is a power of two);
+- the sign bit is set iff RN(x / d) < 0, i.e. x < 0 and RN(|x| / d) != 0, i.e. |x| / d > 2**-150,
+  i.e. |x| > RD(d * 2**-150), computed as RD(RD(d * 2**-64) * 2**-86) (the second rounding's grid
+  scaled up by 2**86 lies in the first one's, so the two roundings equal one).
+
+Seven index comparisons become three: a binary search over the thresholds, which keeps NaN (a NaN
+|x| passes every `not <` and gets index 7, as in the reference). NaN blocks get a NaN divisor,
+NaN thresholds, index 7 and no sign bit, as in the reference. The argument needs h d and the
+thresholds to be normal numbers and nothing to overflow, which holds for every block when
+2**-90 <= g <= 2**100. Any other global scale (zero, inf, NaN, a tiny given amax) takes the
+division path, which is the reference's arithmetic step for step.
+
+Three paths, one kernel (the global scale is read on the device, so the choice is made there):
+- bf16 (the common case): x is read as words of two bf16, and the thresholds are rounded onto
+  bf16 (for bf16 |x|, |x| >= t iff |x| >= RU_bf16(t), |x| > t iff |x| > RD_bf16(t)), so each
+  comparison, select and mask handles two elements (PTX set.*.bf16x2, lop3; about 10
+  instructions a pair). One thread owns a whole block (no shuffles). The grid is persistent, and
+  each program loads its next tile before working on this one;
+- fp16 and fp32: the same thresholds in fp32, one element at a time (0.21 ms and 0.26 ms at
+  8192 x 16384: the bf16 path's packing is left for those dtypes);
+- a global scale outside the window: the division.
+The block scale is the reference's nvfp4_real_block_scale (one IEEE division a block). The block
+max is an integer max of the magnitude bits (NaN patterns sort above inf), so NaN propagates as
+in torch.amax. tests/test_compiled_parity.py holds every path to the reference bit for bit on
+CUDA, including fp32 and bf16 inputs on and next to every threshold.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from refquant.formats import E2M1_MAX, E4M3_MAX, E4M3_MIN_SUBNORMAL, NVFP4_BLOCK_SIZE
+from refquant.formats import (
+    E2M1_DECISION_POINTS,
+    E2M1_MAX,
+    E2M1_TIE_ROUNDS_UP,
+    E4M3_MAX,
+    E4M3_MIN_SUBNORMAL,
+    NVFP4_BLOCK_SIZE,
+)
 
-# 128 blocks (2048 elements) a program on Triton's default 4 warps: within 1% of the fastest of
-# 64 / 128 / 256 blocks x 2 / 4 / 8 warps on the H100 (0.217 ms at 8192 x 16384).
-BLOCKS_PER_PROGRAM = 128
+# A tile of 512 blocks on 8 warps (two blocks a thread), 4 persistent programs an SM: 0.119 ms at
+# 8192 x 16384 bf16 on an H100, and within 3% for 2 to 16 programs an SM; 128 or 256 blocks on 4
+# warps ran as fast at 8 an SM but were up to 20% slower at other counts (docs/compiled.md).
+BLOCKS_PER_PROGRAM = 512
+NUM_WARPS = 8
+PROGRAMS_PER_SM = 4
+# fp16, fp32, and a global scale outside the window: 128 blocks a tile.
+ANY_DTYPE_BLOCKS_PER_PROGRAM = 128
+
+# The threshold path's window for the global scale (see the module docstring).
+THRESHOLD_PATH_MIN_GLOBAL_SCALE = 2.0**-90
+THRESHOLD_PATH_MAX_GLOBAL_SCALE = 2.0**100
+
+# The kernel's binary search compares with "not <" at the decision points whose ties round up
+# (0.75, 1.75, 3.5) and "not <=" at the others: it is written for this pattern.
+if E2M1_TIE_ROUNDS_UP != (False, True, False, True, False, True, False):
+    raise RuntimeError("compiled/nvfp4_triton.py assumes E2M1 ties round down, up, down, ... at its 7 decision points.")
+
+
+def _half_ulp(b: float) -> float:
+    """Half an fp32 ulp of b > 0 (b's binade [2**e, 2**(e+1)) has ulp 2**(e - 23))."""
+    return math.ldexp(1.0, math.frexp(b)[1] - 1 - 24)
+
+
+_BLOCK = tl.constexpr(NVFP4_BLOCK_SIZE)
+_B1, _B2, _B3, _B4, _B5, _B6, _B7 = (tl.constexpr(b) for b in E2M1_DECISION_POINTS)
+_H1, _H2, _H3, _H4, _H5, _H6, _H7 = (tl.constexpr(_half_ulp(b)) for b in E2M1_DECISION_POINTS)
 
 
 @triton.jit
@@ -34,15 +100,221 @@ def _e2m1_index(a):
     shift = step * 8388608.0  # 2**23
     q = (a + shift) - shift
     q = tl.where(q < 6.0, q, 6.0)  # NaN -> 6
-    return tl.where(q <= 2.0, q * 2.0, tl.where(q <= 4.0, q + 2.0, 7.0)).to(tl.uint8)
+    return tl.where(q <= 2.0, q * 2.0, tl.where(q <= 4.0, q + 2.0, 7.0)).to(tl.int32)
 
 
 @triton.jit
-def _code_of_quotient(x, u, divisor):
-    """The 4-bit code of one element from its quotient u = x / divisor: the index of |u|, and the
-    sign bit when u < 0."""
-    u = tl.where((x == 0.0) & (divisor == 0.0), 0.0, u)  # all-zero tensor: 0 / 0 -> code 0
-    return _e2m1_index(tl.abs(u)) | ((u < 0.0).to(tl.uint8) << 3)
+def _codes_by_division(x, divisor):
+    """The reference's element step: u = x / divisor (IEEE), the E2M1 index of |u|, the sign bit
+    when u < 0; 0 / 0 (an all-zero tensor) gives code 0."""
+    u = tl.div_rn(x, divisor)
+    u = tl.where((x == 0.0) & (divisor == 0.0), 0.0, u)
+    return _e2m1_index(tl.abs(u)) | ((u < 0.0).to(tl.int32) << 3)
+
+
+@triton.jit
+def _fma_rd(a, b, c):
+    """fl(a * b + c) rounded toward -inf (PTX fma.rm.f32: no flush to zero, unlike libdevice's)."""
+    return tl.inline_asm_elementwise("fma.rm.f32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _fma_ru(a, b, c):
+    """fl(a * b + c) rounded toward +inf (fma.rp.f32)."""
+    return tl.inline_asm_elementwise("fma.rp.f32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _mul_rd(a, b):
+    """fl(a * b) rounded toward -inf (mul.rm.f32)."""
+    return tl.inline_asm_elementwise("mul.rm.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _above(d, b: tl.constexpr, h: tl.constexpr):
+    """RD((b + h) * d): |x| > this iff |x| / d > b + h (d > 0)."""
+    return _fma_rd(tl.full(d.shape, b, tl.float32), d, d * h)
+
+
+@triton.jit
+def _at_least(d, b: tl.constexpr, h: tl.constexpr):
+    """RU((b - h) * d): |x| >= this iff |x| / d >= b - h (d > 0)."""
+    return _fma_ru(tl.full(d.shape, b, tl.float32), d, -(d * h))
+
+
+@triton.jit
+def _nonzero_threshold(d):
+    """RD(d * 2**-150): |x| > this iff RN(|x| / d) != 0. Two RD steps (2**-150 is not an fp32)."""
+    return _mul_rd(_mul_rd(d, tl.full(d.shape, 2.0**-64, tl.float32)), tl.full(d.shape, 2.0**-86, tl.float32))
+
+
+@triton.jit
+def _codes_by_thresholds(x, d):
+    """The same codes as _codes_by_division, by comparisons (module docstring); d is the per-block
+    divisor, normal and positive or NaN."""
+    t1 = _above(d, _B1, _H1)
+    t2 = _at_least(d, _B2, _H2)
+    t3 = _above(d, _B3, _H3)
+    t4 = _at_least(d, _B4, _H4)
+    t5 = _above(d, _B5, _H5)
+    t6 = _at_least(d, _B6, _H6)
+    t7 = _above(d, _B7, _H7)
+    nonzero = _nonzero_threshold(d)
+    a = tl.abs(x)
+    # Each predicate is used right where it is made: live predicates across the 16 elements of a
+    # thread would be spilled to registers.
+    reaches4 = ~(a < t4)
+    bit4 = tl.where(reaches4, 4, 0)
+    t26 = tl.where(reaches4, t6, t2)
+    t_hi = tl.where(reaches4, t7, t3)
+    t_lo = tl.where(reaches4, t5, t1)
+    reaches_t26 = ~(a < t26)
+    bit2 = tl.where(reaches_t26, 2, 0)
+    t_odd = tl.where(reaches_t26, t_hi, t_lo)
+    bit1 = tl.where(~(a <= t_odd), 1, 0)
+    sign = tl.where(a > nonzero, (x.to(tl.int32, bitcast=True) >> 28) & 8, 0)
+    return bit4 | bit2 | bit1 | sign
+
+
+@triton.jit
+def _block_scale(block_amax, g, E2M1_MAX_: tl.constexpr, E4M3_MAX_: tl.constexpr, E4M3_MIN_: tl.constexpr):
+    """nvfp4_real_block_scale: bmax / fl(6 g) (IEEE), 0 -> 1, clamped to [2**-9, 448], to E4M3."""
+    quotient = tl.div_rn(block_amax, g * E2M1_MAX_)
+    g_is_zero = (tl.zeros_like(block_amax) + g) == 0.0  # per block, so `&` is elementwise
+    zero_block = (quotient == 0.0) | ((block_amax == 0.0) & g_is_zero)
+    quotient = tl.where(zero_block, 1.0, quotient)
+    quotient = tl.where(quotient < E4M3_MIN_, E4M3_MIN_, quotient)  # comparisons keep NaN, as clamp
+    quotient = tl.where(quotient > E4M3_MAX_, E4M3_MAX_, quotient)
+    return quotient.to(tl.float8e4nv)
+
+
+@triton.jit
+def _any_dtype_tile(x_ptr, tile, g, packed_ptr, block_scale_ptr, n_blocks, E2M1_MAX_: tl.constexpr, E4M3_MAX_: tl.constexpr,
+                    E4M3_MIN_: tl.constexpr, THRESHOLDS: tl.constexpr, BLOCKS: tl.constexpr):
+    """One tile of BLOCKS blocks, any float dtype, in fp32: the codes by fp32 thresholds
+    (THRESHOLDS: g in the window) or by the division."""
+    block = tile * BLOCKS + tl.arange(0, BLOCKS)
+    in_range = (block < n_blocks)[:, None]
+    column = tl.arange(0, _BLOCK)
+    x = tl.load(x_ptr + block[:, None].to(tl.int64) * _BLOCK + column[None, :], mask=in_range, other=0.0)
+    x = x.to(tl.float32)
+    # Block max |x| as an integer max of the magnitude bits: NaN propagates, as torch.amax.
+    block_amax = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1).to(tl.float32, bitcast=True)
+    block_scale = _block_scale(block_amax, g, E2M1_MAX_, E4M3_MAX_, E4M3_MIN_)
+    divisor = (block_scale.to(tl.float32) * g)[:, None]
+    if THRESHOLDS:
+        code = _codes_by_thresholds(x, divisor)
+    else:
+        code = _codes_by_division(x, divisor)
+    low, high = tl.split(tl.reshape(code, [BLOCKS, _BLOCK // 2, 2]))
+    byte = (low | (high << 4)).to(tl.uint8)
+    pair = tl.arange(0, _BLOCK // 2)
+    tl.store(packed_ptr + block[:, None].to(tl.int64) * (_BLOCK // 2) + pair[None, :], byte, mask=in_range)
+    tl.store(block_scale_ptr + block, block_scale, mask=block < n_blocks)
+
+
+# --- bf16: two elements a 32-bit register, compared as bf16x2 -------------------------------------
+
+
+@triton.jit
+def _max_u16x2(a, b):
+    """Halfwise unsigned max of two bf16x2 magnitude words (for non-negative floats, integer order
+    is float order, and NaN patterns sort above inf)."""
+    return tl.inline_asm_elementwise("max.u16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _bf16_pair_rd(t):
+    """fp32 t >= 0 (or NaN) -> RD_bf16(t) in both halves of a word: truncation (a quiet NaN keeps
+    its top mantissa bit, so it stays NaN)."""
+    return tl.inline_asm_elementwise("prmt.b32 $0, $1, $1, 0x3232;", "=r,r", [t.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _bf16_pair_ru(t):
+    """fp32 t >= 0 (or NaN) -> RU_bf16(t) in both halves of a word."""
+    bits = t.to(tl.int32, bitcast=True)
+    bits = tl.where(t == t, bits + 0xFFFF, bits)
+    return tl.inline_asm_elementwise("prmt.b32 $0, $1, $1, 0x3232;", "=r,r", [bits], dtype=tl.int32, is_pure=True, pack=1)
+
+
+# The packed byte of two bf16 elements (one word: element 2j low, 2j+1 high) from the bf16x2
+# threshold pairs: the binary search of _codes_by_thresholds, two elements an instruction
+# (`set` gives 0xffff in a half where its comparison holds; lop3 0xCA is "m ? b : c"). One line:
+# inductor copies a user kernel's globals into its generated source as string literals.
+# Operands: $1 the pair, $2..$8 the thresholds t4, t2, t6, t1, t3, t5, t7, $9 the nonzero one.
+_PAIR_BYTE_PTX = tl.constexpr(
+    " ".join(
+        [
+            "{",
+            ".reg .b32 a, m4, m2, m1, mz, t26, thi, tlo, todd, s, r, k;",
+            "and.b32 a, $1, 0x7FFF7FFF;",
+            "set.geu.u32.bf16x2 m4, a, $2;",
+            "lop3.b32 t26, m4, $4, $3, 0xCA;",
+            "lop3.b32 thi, m4, $8, $6, 0xCA;",
+            "lop3.b32 tlo, m4, $7, $5, 0xCA;",
+            "set.geu.u32.bf16x2 m2, a, t26;",
+            "lop3.b32 todd, m2, thi, tlo, 0xCA;",
+            "set.gtu.u32.bf16x2 m1, a, todd;",
+            "set.gt.u32.bf16x2 mz, a, $9;",
+            "and.b32 r, m4, 0x00040004;",
+            "and.b32 k, m2, 0x00020002;",
+            "or.b32 r, r, k;",
+            "and.b32 k, m1, 0x00010001;",
+            "or.b32 r, r, k;",
+            "shr.u32 s, $1, 12;",
+            "and.b32 s, s, 0x00080008;",
+            "and.b32 s, s, mz;",
+            "or.b32 r, r, s;",
+            "shr.u32 s, r, 12;",
+            "or.b32 r, r, s;",
+            "and.b32 $0, r, 0xFF;",
+            "}",
+        ]
+    )
+)
+
+
+@triton.jit
+def _bf16_pair_bytes(pairs, t4, t2, t6, t1, t3, t5, t7, t0):
+    return tl.inline_asm_elementwise(_PAIR_BYTE_PTX, "=r,r,r,r,r,r,r,r,r,r", [pairs, t4, t2, t6, t1, t3, t5, t7, t0],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _load_bf16_pairs(pairs_ptr, tile, n_blocks, BLOCKS: tl.constexpr):
+    """A tile's blocks as words of two bf16: (BLOCKS, 4) for each half block, one thread a block."""
+    block = tile * BLOCKS + tl.arange(0, BLOCKS)
+    word = pairs_ptr + block[:, None].to(tl.int64) * (_BLOCK // 2) + tl.arange(0, _BLOCK // 4)[None, :]
+    in_range = (block < n_blocks)[:, None]
+    return tl.load(word, mask=in_range, other=0), tl.load(word + _BLOCK // 4, mask=in_range, other=0)
+
+
+@triton.jit
+def _bf16_pairs_tile(first, second, tile, g, packed_ptr, block_scale_ptr, n_blocks, E2M1_MAX_: tl.constexpr,
+                     E4M3_MAX_: tl.constexpr, E4M3_MIN_: tl.constexpr, BLOCKS: tl.constexpr):
+    """One tile of bf16 blocks under a global scale in the window, from its words."""
+    block = tile * BLOCKS + tl.arange(0, BLOCKS)
+    magnitudes = tl.reduce(_max_u16x2(first & 0x7FFF7FFF, second & 0x7FFF7FFF), 1, _max_u16x2)
+    magnitudes = tl.maximum(magnitudes & 0xFFFF, (magnitudes >> 16) & 0xFFFF)
+    block_amax = (magnitudes << 16).to(tl.float32, bitcast=True)  # the bf16 max, exactly, in fp32
+    block_scale = _block_scale(block_amax, g, E2M1_MAX_, E4M3_MAX_, E4M3_MIN_)
+    d = block_scale.to(tl.float32) * g
+    # The fp32 thresholds of _codes_by_thresholds, rounded onto bf16: for bf16 |x|, |x| >= t iff
+    # |x| >= RU_bf16(t), and |x| > t iff |x| > RD_bf16(t) (bf16 values are fp32 values).
+    t1 = _bf16_pair_rd(_above(d, _B1, _H1))[:, None]
+    t2 = _bf16_pair_ru(_at_least(d, _B2, _H2))[:, None]
+    t3 = _bf16_pair_rd(_above(d, _B3, _H3))[:, None]
+    t4 = _bf16_pair_ru(_at_least(d, _B4, _H4))[:, None]
+    t5 = _bf16_pair_rd(_above(d, _B5, _H5))[:, None]
+    t6 = _bf16_pair_ru(_at_least(d, _B6, _H6))[:, None]
+    t7 = _bf16_pair_rd(_above(d, _B7, _H7))[:, None]
+    t0 = _bf16_pair_rd(_nonzero_threshold(d))[:, None]
+    in_range = (block < n_blocks)[:, None]
+    out = packed_ptr + block[:, None].to(tl.int64) * (_BLOCK // 2) + tl.arange(0, _BLOCK // 4)[None, :]
+    tl.store(out, _bf16_pair_bytes(first, t4, t2, t6, t1, t3, t5, t7, t0).to(tl.uint8), mask=in_range)
+    tl.store(out + _BLOCK // 4, _bf16_pair_bytes(second, t4, t2, t6, t1, t3, t5, t7, t0).to(tl.uint8), mask=in_range)
+    tl.store(block_scale_ptr + block, block_scale, mask=block < n_blocks)
 
 
 @triton.jit
@@ -55,39 +327,40 @@ def _nvfp4_blocks_kernel(
     E2M1_MAX_: tl.constexpr,
     E4M3_MAX_: tl.constexpr,
     E4M3_MIN_: tl.constexpr,
+    G_MIN: tl.constexpr,
+    G_MAX: tl.constexpr,
+    BF16_PAIRS: tl.constexpr,
     BLOCKS: tl.constexpr,
+    ANY_DTYPE_BLOCKS: tl.constexpr,
 ):
-    block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
-    in_range = (block < n_blocks)[:, None]
-    pair = tl.arange(0, 8)
-    # Even and odd elements side by side: two codes of one byte end up in the same thread.
-    even = block[:, None].to(tl.int64) * 16 + 2 * pair[None, :]
-    x_even = tl.load(x_ptr + even, mask=in_range, other=0.0).to(tl.float32)
-    x_odd = tl.load(x_ptr + even + 1, mask=in_range, other=0.0).to(tl.float32)
+    """Persistent: program p takes tiles p, p + programs, ... of BLOCKS blocks each."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    n_tiles = tl.cdiv(n_blocks, BLOCKS)
     g = tl.load(global_scale_ptr)
+    in_window = (g >= G_MIN) & (g <= G_MAX)
+    if BF16_PAIRS and in_window:
+        # The next tile's words are loaded before this one's are used: loads stay in flight.
+        pairs_ptr = x_ptr.to(tl.pointer_type(tl.int32))
+        first_next, second_next = _load_bf16_pairs(pairs_ptr, pid, n_blocks, BLOCKS)
+        for tile in range(pid, n_tiles, programs):
+            first, second = first_next, second_next
+            first_next, second_next = _load_bf16_pairs(pairs_ptr, tile + programs, n_blocks, BLOCKS)
+            _bf16_pairs_tile(first, second, tile, g, packed_ptr, block_scale_ptr, n_blocks, E2M1_MAX_, E4M3_MAX_, E4M3_MIN_, BLOCKS)
+    else:
+        # Smaller tiles here: the kernel's register count is its most demanding path's, and this
+        # one must not lower the occupancy of the bf16 path.
+        for tile in range(pid, tl.cdiv(n_blocks, ANY_DTYPE_BLOCKS), programs):
+            if in_window:
+                _any_dtype_tile(x_ptr, tile, g, packed_ptr, block_scale_ptr, n_blocks, E2M1_MAX_, E4M3_MAX_, E4M3_MIN_, True, ANY_DTYPE_BLOCKS)
+            else:
+                _any_dtype_tile(x_ptr, tile, g, packed_ptr, block_scale_ptr, n_blocks, E2M1_MAX_, E4M3_MAX_, E4M3_MIN_, False, ANY_DTYPE_BLOCKS)
 
-    # Block max |x|, NaN propagating like torch.amax (the hardware max drops NaN).
-    a_even = tl.abs(x_even)
-    a_odd = tl.abs(x_odd)
-    has_nan = tl.max(((a_even != a_even) | (a_odd != a_odd)).to(tl.int32), axis=1)
-    block_amax = tl.max(tl.maximum(a_even, a_odd), axis=1)
-    block_amax = tl.where(has_nan > 0, float("nan"), block_amax)
 
-    # nvfp4_real_block_scale: bmax / fl(6 g) (IEEE), 0 -> 1, clamped to [2**-9, 448], to E4M3.
-    quotient = tl.div_rn(block_amax, g * E2M1_MAX_)
-    g_is_zero = (tl.zeros([BLOCKS], tl.float32) + g) == 0.0  # per block, so `&` is elementwise
-    zero_block = (quotient == 0.0) | ((block_amax == 0.0) & g_is_zero)
-    quotient = tl.where(zero_block, 1.0, quotient)
-    quotient = tl.where(quotient < E4M3_MIN_, E4M3_MIN_, quotient)  # comparisons keep NaN, as clamp
-    quotient = tl.where(quotient > E4M3_MAX_, E4M3_MAX_, quotient)
-    block_scale = quotient.to(tl.float8e4nv)
-    divisor = (block_scale.to(tl.float32) * g)[:, None]
-
-    q_even = tl.div_rn(x_even, divisor)  # IEEE, as the reference's `blocks / divisor`
-    q_odd = tl.div_rn(x_odd, divisor)
-    byte = _code_of_quotient(x_even, q_even, divisor) | (_code_of_quotient(x_odd, q_odd, divisor) << 4)
-    tl.store(packed_ptr + block[:, None].to(tl.int64) * 8 + pair[None, :], byte, mask=in_range)
-    tl.store(block_scale_ptr + block, block_scale, mask=block < n_blocks)
+@functools.cache
+def _programs(device_index: int) -> int:
+    """Persistent grid: PROGRAMS_PER_SM programs on each SM of the device."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count * PROGRAMS_PER_SM
 
 
 @triton_op("refquant::nvfp4_quantize_blocks", mutates_args=())
@@ -97,11 +370,9 @@ def nvfp4_quantize_blocks(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[
     n_blocks = x.numel() // NVFP4_BLOCK_SIZE
     packed = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
     block_scale = torch.empty((*x.shape[:-1], x.shape[-1] // NVFP4_BLOCK_SIZE), dtype=torch.float8_e4m3fn, device=x.device)
-
-    def grid(meta):
-        return (triton.cdiv(n_blocks, meta["BLOCKS"]),)
-
-    wrap_triton(_nvfp4_blocks_kernel)[grid](
+    # Words of two bf16 need x 4-byte aligned: an even element offset (the allocator aligns storage).
+    bf16_pairs = x.dtype == torch.bfloat16 and x.storage_offset() % 2 == 0
+    wrap_triton(_nvfp4_blocks_kernel)[(_programs(x.device.index or 0),)](
         x,
         global_scale,
         packed,
@@ -110,6 +381,11 @@ def nvfp4_quantize_blocks(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[
         E2M1_MAX_=E2M1_MAX,
         E4M3_MAX_=E4M3_MAX,
         E4M3_MIN_=E4M3_MIN_SUBNORMAL,
+        G_MIN=THRESHOLD_PATH_MIN_GLOBAL_SCALE,
+        G_MAX=THRESHOLD_PATH_MAX_GLOBAL_SCALE,
+        BF16_PAIRS=bf16_pairs,
         BLOCKS=BLOCKS_PER_PROGRAM,
+        ANY_DTYPE_BLOCKS=ANY_DTYPE_BLOCKS_PER_PROGRAM,
+        num_warps=NUM_WARPS,
     )
     return packed, block_scale

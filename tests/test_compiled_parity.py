@@ -238,6 +238,30 @@ def test_torch_without_per_function_limits_still_compiles_past_the_global_limit(
     assert torch._dynamo.config.recompile_limit == limit
 
 
+def _scaled(x: torch.Tensor, flavor: str = "modelopt-cpu") -> torch.Tensor:
+    return x * (2 if flavor == "modelopt-cpu" else 3)
+
+
+def test_one_torch_compile_per_call_signature():
+    """CompiledPerSignature: a new signature (dtype, rank, an option) gets its own torch.compile,
+    on a copy of the function with a code object of its own (dynamo's graphs live on code
+    objects); new row counts reuse the signature's."""
+    from refquant.compiled.options import CompiledPerSignature
+
+    per_signature = CompiledPerSignature(_scaled)
+    rows_2 = per_signature.for_call((torch.ones(2, 8),), {})
+    assert per_signature.for_call((torch.ones(5, 8),), {}) is rows_2
+    others = [
+        per_signature.for_call((torch.ones(2, 8, dtype=torch.bfloat16),), {}),
+        per_signature.for_call((torch.ones(2, 3, 8),), {}),
+        per_signature.for_call((torch.ones(2, 8),), {"flavor": "modelopt-cuda"}),
+    ]
+    code_objects = {id(_scaled.__code__)} | {id(c._torchdynamo_orig_callable.__code__) for c in [rows_2, *others]}
+    assert len(code_objects) == 5, "each signature needs a code object of its own"
+    assert torch.equal(rows_2(torch.ones(5, 8)), torch.full((5, 8), 2.0))
+    assert torch.equal(others[2](torch.ones(2, 8), flavor="modelopt-cuda"), torch.full((2, 8), 3.0))
+
+
 @cuda
 def test_nvfp4_quantize_on_cuda_runs_the_triton_block_step_bit_for_bit():
     """compiled/nvfp4_triton.py (CUDA, last dim a multiple of 16) against the eager CPU reference:
@@ -263,6 +287,80 @@ def test_nvfp4_quantize_on_cuda_runs_the_triton_block_step_bit_for_bit():
             for flavor in ("modelopt-cpu", "modelopt-cuda"):
                 assert_compiled_matches_reference("nvfp4_quantize", "cuda", x, amax, flavor=flavor, what=f"{name}, amax {amax}, {flavor}")
     assert functions._nvfp4_quantize_with_triton_blocks.cache_info().currsize == 1, "the CUDA path did not go through the Triton block step"
+
+
+def _fp32_round(exact: torch.Tensor, toward: float) -> torch.Tensor:
+    """float64 values -> the nearest fp32 in direction `toward` (+inf or -inf): RU or RD."""
+    nearest = exact.float()
+    wrong_side = (nearest.double() < exact) if toward > 0 else (nearest.double() > exact)
+    return torch.where(wrong_side, torch.nextafter(nearest, torch.tensor(toward)), nearest)
+
+
+def _element_thresholds(divisor: torch.Tensor) -> torch.Tensor:
+    """(n, 8) fp32: for each fp32 divisor d, the 8 magnitudes where the reference's element code
+    changes (docstring of compiled/nvfp4_triton.py), computed here independently in float64,
+    where (b +- h) * d is exact: RD(d * 2**-150), then RD((b + h) d) / RU((b - h) d) for each
+    E2M1 decision point b by its tie direction (h = half an fp32 ulp of b)."""
+    from refquant.formats import E2M1_DECISION_POINTS, E2M1_TIE_ROUNDS_UP
+
+    d = divisor.double()
+    columns = [_fp32_round(d * 2.0**-150, -1.0)]
+    for b, tie_up in zip(E2M1_DECISION_POINTS, E2M1_TIE_ROUNDS_UP):
+        h = 2.0 ** (torch.tensor(b).log2().floor().item() - 24)
+        columns.append(_fp32_round((b - h) * d, 1.0) if tie_up else _fp32_round((b + h) * d, -1.0))
+    return torch.stack(columns, dim=-1)
+
+
+def _steps_around(thresholds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(n, 8) fp32 thresholds -> (n, 8 * 5) values of `dtype` (as fp32) at and around each: the
+    two nearest values of `dtype` either side and the ones next to those."""
+    bits = thresholds.view(torch.int32)
+    if dtype == torch.float32:
+        near = bits[:, :, None] + torch.tensor([-2, -1, 0, 1, 2], dtype=torch.int32)
+        return near.clamp(min=0).view(torch.float32).flatten(1)
+    below = torch.bitwise_right_shift(bits, 16)  # bf16 bits of RD_bf16(t), t >= 0
+    near = below[:, :, None] + torch.tensor([-1, 0, 1, 2, 3], dtype=torch.int32)  # RU_bf16(t) is `below` or `below + 1`
+    return (near.clamp(min=0) << 16).view(torch.float32).flatten(1)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_block_step_on_cuda_matches_the_division_next_to_every_threshold(dtype):
+    """The Triton block step decides element codes by comparisons with per-block thresholds in
+    place of the division (fp32 thresholds; for bf16, rounded onto bf16 and compared two elements
+    at a time). Here every element sits on a threshold or within two values of `dtype` of it
+    (either sign), in blocks of every E4M3 scale, under global scales inside the threshold path's
+    window (its edges included) and outside it (the division path), against the CPU reference's
+    nvfp4_quantize_blocks under the same global scale. Also a bf16 tensor at an odd element
+    offset, which cannot be read as words of two bf16 and takes the fp32 path."""
+    from refquant.compiled.nvfp4_triton import nvfp4_quantize_blocks as triton_blocks
+    from refquant.nvfp4 import nvfp4_quantize_blocks as reference_blocks
+
+    gen = torch.Generator().manual_seed(5)
+    scales = torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    inside = [2.0**-90, 2.0**100, 1.0, 1 / 2688, 3.3895e38 / 2688] + (2.0 ** (torch.rand(12, generator=gen) * 180 - 85)).tolist()
+    outside = [2.0**-91, 2.0**-120, 2.0**101, 0.0]
+    for g in inside + outside:
+        global_scale = torch.tensor(g, dtype=torch.float32)
+        divisor = scales * global_scale  # fp32, as the kernel and the reference compute it
+        near = _steps_around(_element_thresholds(divisor), dtype)  # 40 magnitudes a scale
+        near = torch.cat([near, near[:, :5]], dim=1).reshape(-1, 15)  # 3 blocks a scale, 15 each
+        # A first element of 6 g s (rounded) gives the block the scale s.
+        block_max = (scales.double() * (global_scale * 6.0).double()).to(dtype).float()
+        blocks = torch.cat([block_max.repeat_interleave(3)[:, None], near], dim=1)
+        signs = torch.where(torch.rand(blocks.shape, generator=gen) < 0.5, -1.0, 1.0)
+        x = (blocks * signs).reshape(len(scales), 48).to(dtype)
+        assert torch.equal(x.float(), (blocks * signs).reshape(len(scales), 48)), "the inputs must be exact in dtype"
+        expected = reference_blocks(x, global_scale)
+        views = {"contiguous": x.cuda()}
+        if dtype == torch.bfloat16:
+            storage = torch.zeros(x.numel() + 1, dtype=dtype, device="cuda")
+            storage[1:] = x.flatten().cuda()
+            views["odd element offset"] = storage[1:].view(x.shape)
+        for name, view in views.items():
+            actual = triton_blocks(view, global_scale.cuda())
+            assert_bitexact(actual[1].cpu(), expected[1], f"block scales, {name}, global scale {g}")
+            assert_bitexact(actual[0].cpu(), expected[0], f"packed codes, {name}, global scale {g}")
 
 
 def test_compiled_results_dequantize_through_the_compiled_class():
