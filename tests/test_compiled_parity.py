@@ -323,6 +323,35 @@ def _steps_around(thresholds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (near.clamp(min=0) << 16).view(torch.float32).flatten(1)
 
 
+def test_threshold_method_reproduces_the_division_on_every_bf16_pattern():
+    """The method of compiled/nvfp4_triton.py, on the CPU: for every bf16 pattern, under every
+    E4M3 block scale and global scales across the window, the codes decided by comparing |x| with
+    the eight thresholds (computed independently here in float64; as fp32 values, and rounded
+    onto bf16 as the kernel's bf16 path does) equal the reference's codes from the IEEE division.
+    (The kernel's own arithmetic, FMAs in directed rounding, is held to the reference on CUDA.)"""
+    from refquant.formats import E2M1_TIE_ROUNDS_UP
+    from refquant.nvfp4 import e2m1_magnitude_index
+
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    a = x.abs()
+    scales = torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    for g in (2.0**-90, 1 / 2688, 0.37, 1.0, 3.3895e38 / 2688, 2.0**100):
+        divisor = scales * torch.tensor(g, dtype=torch.float32)
+        u = x / divisor[:, None]
+        expected = e2m1_magnitude_index(u.abs()).int() | ((u < 0).int() << 3)
+        thresholds = _element_thresholds(divisor)
+        bits = thresholds.view(torch.int32)
+        round_up = torch.tensor((False, *E2M1_TIE_ROUNDS_UP))
+        onto_bf16 = torch.where(round_up, bits + 0xFFFF, bits) & ~0xFFFF  # RU / RD to bf16 (t >= 0)
+        for name, t in (("fp32", thresholds), ("bf16", onto_bf16.view(torch.float32))):
+            t = t[:, :, None]
+            passed = [(a >= t[:, k]) if round_up[k] else (a > t[:, k]) for k in range(1, 8)]
+            index = torch.where(a.isnan(), 7, sum(p.int() for p in passed))
+            codes = index | ((torch.signbit(x) & (a > t[:, 0])).int() << 3)
+            differ = int((codes != expected).sum())
+            assert differ == 0, f"{name} thresholds, global scale {g}: {differ} of {codes.numel()} codes differ"
+
+
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_block_step_on_cuda_matches_the_division_next_to_every_threshold(dtype):
