@@ -149,9 +149,9 @@ def _nonzero_threshold(d):
 
 
 @triton.jit
-def _codes_by_thresholds(x, d):
-    """The same codes as _codes_by_division, by comparisons (module docstring); d is the per-block
-    divisor, normal and positive or NaN."""
+def _thresholds(d):
+    """The eight fp32 thresholds of a block with divisor d (normal and positive, or NaN): t1..t7 of
+    the decision points (compared with `>` at t1, t3, t5, t7, `>=` at t2, t4, t6), then `nonzero`."""
     t1 = _above(d, _B1, _H1)
     t2 = _at_least(d, _B2, _H2)
     t3 = _above(d, _B3, _H3)
@@ -159,7 +159,14 @@ def _codes_by_thresholds(x, d):
     t5 = _above(d, _B5, _H5)
     t6 = _at_least(d, _B6, _H6)
     t7 = _above(d, _B7, _H7)
-    nonzero = _nonzero_threshold(d)
+    return t1, t2, t3, t4, t5, t6, t7, _nonzero_threshold(d)
+
+
+@triton.jit
+def _codes_by_thresholds(x, d):
+    """The same codes as _codes_by_division, by comparisons (module docstring); d is the per-block
+    divisor, normal and positive or NaN."""
+    t1, t2, t3, t4, t5, t6, t7, nonzero = _thresholds(d)
     a = tl.abs(x)
     # Each predicate is used right where it is made: live predicates across the 16 elements of a
     # thread would be spilled to registers.
@@ -224,18 +231,23 @@ def _max_u16x2(a, b):
 
 
 @triton.jit
+def _high_half_twice(bits):
+    """The top 16 bits of a word in both of its halves (prmt)."""
+    return tl.inline_asm_elementwise("prmt.b32 $0, $1, $1, 0x3232;", "=r,r", [bits], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _bf16_pair_rd(t):
     """fp32 t >= 0 (or NaN) -> RD_bf16(t) in both halves of a word: truncation (a quiet NaN keeps
     its top mantissa bit, so it stays NaN)."""
-    return tl.inline_asm_elementwise("prmt.b32 $0, $1, $1, 0x3232;", "=r,r", [t.to(tl.int32, bitcast=True)], dtype=tl.int32, is_pure=True, pack=1)
+    return _high_half_twice(t.to(tl.int32, bitcast=True))
 
 
 @triton.jit
 def _bf16_pair_ru(t):
     """fp32 t >= 0 (or NaN) -> RU_bf16(t) in both halves of a word."""
     bits = t.to(tl.int32, bitcast=True)
-    bits = tl.where(t == t, bits + 0xFFFF, bits)
-    return tl.inline_asm_elementwise("prmt.b32 $0, $1, $1, 0x3232;", "=r,r", [bits], dtype=tl.int32, is_pure=True, pack=1)
+    return _high_half_twice(tl.where(t == t, bits + 0xFFFF, bits))
 
 
 # The packed byte of two bf16 elements (one word: element 2j low, 2j+1 high) from the bf16x2
@@ -302,14 +314,9 @@ def _bf16_pairs_tile(first, second, tile, g, packed_ptr, block_scale_ptr, n_bloc
     d = block_scale.to(tl.float32) * g
     # The fp32 thresholds of _codes_by_thresholds, rounded onto bf16: for bf16 |x|, |x| >= t iff
     # |x| >= RU_bf16(t), and |x| > t iff |x| > RD_bf16(t) (bf16 values are fp32 values).
-    t1 = _bf16_pair_rd(_above(d, _B1, _H1))[:, None]
-    t2 = _bf16_pair_ru(_at_least(d, _B2, _H2))[:, None]
-    t3 = _bf16_pair_rd(_above(d, _B3, _H3))[:, None]
-    t4 = _bf16_pair_ru(_at_least(d, _B4, _H4))[:, None]
-    t5 = _bf16_pair_rd(_above(d, _B5, _H5))[:, None]
-    t6 = _bf16_pair_ru(_at_least(d, _B6, _H6))[:, None]
-    t7 = _bf16_pair_rd(_above(d, _B7, _H7))[:, None]
-    t0 = _bf16_pair_rd(_nonzero_threshold(d))[:, None]
+    t1, t2, t3, t4, t5, t6, t7, t0 = _thresholds(d)
+    t1, t3, t5, t7, t0 = _bf16_pair_rd(t1)[:, None], _bf16_pair_rd(t3)[:, None], _bf16_pair_rd(t5)[:, None], _bf16_pair_rd(t7)[:, None], _bf16_pair_rd(t0)[:, None]
+    t2, t4, t6 = _bf16_pair_ru(t2)[:, None], _bf16_pair_ru(t4)[:, None], _bf16_pair_ru(t6)[:, None]
     in_range = (block < n_blocks)[:, None]
     out = packed_ptr + block[:, None].to(tl.int64) * (_BLOCK // 2) + tl.arange(0, _BLOCK // 4)[None, :]
     tl.store(out, _bf16_pair_bytes(first, t4, t2, t6, t1, t3, t5, t7, t0).to(tl.uint8), mask=in_range)
