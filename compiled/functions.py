@@ -24,6 +24,7 @@ from refquant import fp8 as reference_fp8
 from refquant import nvfp4 as reference_nvfp4
 from refquant._checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input
 from refquant.formats import NVFP4_BLOCK_SIZE
+from refquant.gpu_division import reciprocal_table
 
 from .options import FP8_REALIZE_OPCOUNT_THRESHOLD, LIMIT_PER_FUNCTION, CompiledPerSignature, recompile_limit_patch
 
@@ -207,6 +208,7 @@ def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor =
     check_float_input(x)
     if amax is not None:
         amax = as_amax_tensor(amax, x)
+    reciprocal_table(x.device)  # decoded here, eagerly: the graph reads it as a constant
     out = _run(_compiled_nvfp4_fake_quant, reference_nvfp4.nvfp4_fake_quant, _rows(x), amax)
     return out.reshape(x.shape)
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input, max_abs
-from .fp8 import divide_by_constant, ieee_reciprocal
+from .fp8 import divide_by_constant
+from .gpu_division import approx_divide, approx_reciprocal_fp32
 from .formats import (
     E4M3_DTYPE,
     E4M3_MAX,
@@ -111,28 +112,36 @@ def _check_nonempty_last_dim(x: torch.Tensor) -> None:
 
 
 def nvfp4_fake_block_scale(block_amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
-    """Per-block fp32 scale S of the fake-quant kernel, from the NaN-free block max |x|.
+    """Per-block fp32 scale S of the fake-quant kernel, from the block max |x| and the global scale.
 
-    g' = global scale, or 1e-12 when it is not > 0 (0 or NaN); e = E4M3(min(m / (6 g'), 448));
-    S = fl(e * g'), replaced by 1.0 below 1e-5 (tiny or all-zero blocks).
+    block_amax ignores NaN elements and is NaN only for an all-NaN block (Triton's tl.max).
+    g' = global scale, or 1e-12 when it is not > 0 (0 or NaN); t = div.full(m, fl(6 g')) (the
+    kernel's approximate division, refquant.gpu_division); t = min(t, 448), where a NaN t gives 448
+    (tl.minimum returns the number); e = E4M3(t); S = fl(e * g'), replaced by 1.0 below 1e-5 (tiny
+    or all-zero blocks).
     """
     g = torch.where(global_scale > 0, global_scale, torch.full_like(global_scale, NVFP4_GLOBAL_SCALE_FLOOR))
-    ideal = block_amax / (g * E2M1_MAX)
-    e4m3_scale = ideal.clamp(max=E4M3_MAX).to(E4M3_DTYPE).float()
-    scale = e4m3_scale * g
+    ideal = approx_divide(block_amax, g * E2M1_MAX)
+    ideal = torch.where(ideal < E4M3_MAX, ideal, E4M3_MAX)  # NaN fails the test: 448, as tl.minimum
+    scale = ideal.to(E4M3_DTYPE).float() * g
     return torch.where(scale >= NVFP4_BLOCK_SCALE_FLOOR, scale, torch.ones_like(scale))
 
 
+def nan_ignoring_block_max(magnitude: torch.Tensor) -> torch.Tensor:
+    """max over the last dim skipping NaN, NaN when every element is NaN (Triton's tl.max)."""
+    block_max = torch.where(torch.isnan(magnitude), 0.0, magnitude).amax(dim=-1, keepdim=True)
+    return torch.where(torch.isnan(magnitude).all(dim=-1, keepdim=True), float("nan"), block_max)
+
+
 def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> torch.Tensor:
-    """NVFP4 fake quantization (modelopt's TensorQuantizer on a GPU); same shape and dtype out.
+    """NVFP4 fake quantization, modelopt's Triton kernel bit for bit; same shape and dtype out.
 
     amax: the global amax (float or 0-d tensor); None takes max|x| of the whole tensor.
     One path for both flavors (CONTRACT.md point 3): global scale = amax * fp32(1/2688); block
-    max ignores NaN; scales as nvfp4_fake_block_scale; each element is |x| * rcp(S) rounded to
-    E2M1 (modelopt's kernel divides approximately: we use the IEEE reciprocal, which matches it
-    except for rare near-ties, see CONTRACT.md); output q * S with the sign of x, +0.0 for a
-    negative that rounds to zero, NaN elements come out as -6 * S. A last dim that is not a
-    multiple of 16 is zero-padded for the block max and the padding dropped.
+    scales as nvfp4_fake_block_scale; each element is |x| / S by the kernel's approximate division
+    (div.full.f32, refquant.gpu_division) rounded to E2M1; output fl(q * S) with the sign of x,
+    +0.0 for a negative that rounds to zero, NaN elements come out as -6 * S. A last dim that is
+    not a multiple of 16 is zero-padded for the block max and the padding dropped.
     `flavor` is accepted for a uniform call signature and checked, but changes nothing: modelopt
     has this one fake-quant path on every device.
     """
@@ -145,9 +154,10 @@ def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor =
     global_scale = global_scale_from_amax(_global_amax(x, amax), "modelopt-cuda")
     blocks = to_blocks(x.float())
     magnitude = blocks.abs()
-    block_amax = torch.where(torch.isnan(magnitude), 0.0, magnitude).amax(dim=-1, keepdim=True)
-    scale = nvfp4_fake_block_scale(block_amax, global_scale)
-    q = e2m1_round_magnitude(magnitude * ieee_reciprocal(scale))
+    scale = nvfp4_fake_block_scale(nan_ignoring_block_max(magnitude), global_scale)
+    # |x| / S as the kernel divides. S lies in [1e-5, 448 * 2^118]: its reciprocal R(S) is a normal
+    # fp32, so an fp32 multiply by it rounds the exact product once, as div.full.f32 does.
+    q = e2m1_round_magnitude(magnitude * approx_reciprocal_fp32(scale))
     p = q * scale
     # `0 - p`, not `-p`: the kernel's unary minus never produces -0.0 (P7).
     # Rounded to x's dtype in the block layout, then flattened: under torch.compile the output
