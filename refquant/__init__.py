@@ -1,18 +1,25 @@
 """refquant: a bit-exact, readable PyTorch reference for modelopt's FP8 and NVFP4 quantization.
 
-The numerics are pure functions of tensors (refquant.fp8, refquant.nvfp4); CPU eager is the
-golden reference, and every function gives the same bits on CPU and CUDA.
+The numerics are pure functions of tensors (refquant.numerics.fp8, refquant.numerics.nvfp4); CPU
+eager is the golden reference, and every function gives the same bits on CPU and CUDA.
+
+The packages are layers, each importing only those below it (tests/test_layering.py):
+  numerics/   the formats and the math: fake quant, real quant, dequant
+  compiled/   the same functions through torch.compile, beside the numerics
+  quant/      the quantizer module, its backends, and TOML recipes
+  hf/         transformers: quantizers in linears and attention, PTQ, checkpoint export and load
+  cli/        python3 -m refquant {quantize,recipes,demo}
 """
 
-from . import formats, testing
-from .fp8 import FP8Tensor, fp8_fake_quant, fp8_quantize
-from .nvfp4 import NVFP4Tensor, nvfp4_fake_quant, nvfp4_quantize
-from .quantizer import QuantizerConfig, TensorQuantizer
-from .ptq import PTQReport, insert_quantizers, quantize_model
-from .recipe import QuantRule, Recipe, apply_recipe, load_recipe, select_recipe
-from .export import compress_weights, export_checkpoint, load_checkpoint
-
-__version__ = "0.1.0"
+from . import testing
+from ._version import __version__
+from .numerics import formats
+from .numerics.fp8 import FP8Tensor, fp8_fake_quant, fp8_quantize
+from .numerics.nvfp4 import NVFP4Tensor, nvfp4_fake_quant, nvfp4_quantize
+from .quant.quantizer import QuantizerConfig, TensorQuantizer
+from .quant.recipe import QuantRule, Recipe, apply_recipe, load_recipe, select_recipe
+from .hf.ptq import PTQReport, insert_quantizers, quantize_model
+from .hf.export import compress_weights, export_checkpoint, load_checkpoint
 
 __all__ = [
     "FP8Tensor",

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import refquant as rq
-from refquant import export as export_module
-from refquant.export import CompressedWeightQuantizer, read_checkpoint_tensors, summarise_excluded
+from refquant.hf import export as export_module
+from refquant.hf.export import CompressedWeightQuantizer, read_checkpoint_tensors, summarise_excluded
 
 RECIPES = (
     "fp8_default-fp8_cast_kv",

@@ -16,9 +16,9 @@ import torch
 from dataclasses_json import DataClassJsonMixin
 from torch import nn
 
-from ._checks import FLAVORS, Flavor, reduce_amax
+from ..numerics.checks import FLAVORS, Flavor, reduce_amax
 from .backends import BACKENDS, numerics
-from .formats import E4M3_MAX
+from ..numerics.formats import E4M3_MAX
 
 Format = Literal["fp8", "nvfp4", "disabled"]
 FORMATS = ("fp8", "nvfp4", "disabled")

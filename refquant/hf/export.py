@@ -44,10 +44,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .fp8 import FP8Tensor, _divide_by_448, fp8_quantize
-from .formats import E2M1_MAX, E4M3_MAX, NVFP4_BLOCK_SIZE
-from .nvfp4 import NVFP4Tensor, global_scale_from_amax, nvfp4_quantize
-from .quantizer import QuantizerConfig, TensorQuantizer, all_quantizers_off, named_quantizers
+from ..numerics.fp8 import FP8Tensor, _divide_by_448, fp8_quantize
+from ..numerics.formats import E2M1_MAX, E4M3_MAX, NVFP4_BLOCK_SIZE
+from ..numerics.nvfp4 import NVFP4Tensor, global_scale_from_amax, nvfp4_quantize
+from ..quant.quantizer import QuantizerConfig, TensorQuantizer, all_quantizers_off, named_quantizers
 
 # The modelopt release whose checkpoint layout we write. hf_quant_config.json names modelopt as the
 # producer because the runtimes pick their modelopt loader by that name; refquant_quantizers.json
@@ -543,7 +543,7 @@ def _restore_buffer_dtypes(model: nn.Module, dtypes: dict[str, str]) -> None:
 def _state_document(model: nn.Module, plan: ExportPlan) -> dict:
     """What load_checkpoint needs to rebuild the compressed model: every quantizer's config and
     amax (after fusion, i.e. as compress_weights leaves it) and each layer's format."""
-    from . import __version__
+    from .._version import __version__
 
     quantizers = {}
     for name, quantizer in plan.quantizers.items():

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input, max_abs
+from .checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input, max_abs
 from .fp8 import divide_by_constant, ieee_reciprocal
 from .formats import (
     E4M3_DTYPE,
@@ -268,7 +268,7 @@ def nvfp4_quantize_blocks(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[
 
     Blocks: nvfp4_real_block_scale; elements: x / fl(fp32(block scale) * global scale) (IEEE)
     rounded to E2M1, sign bit set when the quotient is < 0; packed two codes a byte.
-    (refquant.compiled runs this step as a Triton kernel on CUDA, compiled/nvfp4_triton.py.)
+    (refquant.compiled runs this step as a Triton kernel on CUDA, refquant.compiled.nvfp4_triton.)
     """
     blocks = to_blocks(x).float()
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)  # NaN propagates, as modelopt's
