@@ -12,7 +12,7 @@ The packages are layers, each importing only those below it (tests/test_layering
 """
 
 from . import testing
-from ._version import __version__
+from ._version import __version__  # noqa: F401 (public; not in __all__, as before)
 from .numerics import formats
 from .numerics.fp8 import FP8Tensor, fp8_fake_quant, fp8_quantize
 from .numerics.nvfp4 import NVFP4Tensor, nvfp4_fake_quant, nvfp4_quantize

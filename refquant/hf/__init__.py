@@ -2,6 +2,6 @@
 
   attention.py   K/V quantizers inside Hugging Face attention modules
   ptq.py         insert quantizers, apply a recipe, calibrate, report
-  export.py      modelopt's Hugging Face checkpoint: export, load, compress_weights
+  export/        modelopt's Hugging Face checkpoint: export, load, compress_weights
   models.py      the built-in small model, byte tokenizer and calibration text
 """

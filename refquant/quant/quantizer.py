@@ -237,6 +237,12 @@ class TensorQuantizer(nn.Module):
         return f"{self.config.format}{axis} {amax_text} backend={self.backend}"
 
 
+def child_quantizer(module: nn.Module, name: str) -> Optional[TensorQuantizer]:
+    """The TensorQuantizer at `module.<name>`, or None when there is none."""
+    quantizer = getattr(module, name, None)
+    return quantizer if isinstance(quantizer, TensorQuantizer) else None
+
+
 def named_quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
     """Every TensorQuantizer in model.named_modules(), with its full dotted name, in module order."""
     return [(name, module) for name, module in model.named_modules() if isinstance(module, TensorQuantizer)]
