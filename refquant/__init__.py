@@ -5,7 +5,8 @@ eager is the golden reference, and every function gives the same bits on CPU and
 
 The packages are layers, each importing only those below it (tests/test_layering.py):
   numerics/   the formats and the math: fake quant, real quant, dequant
-  compiled/   the same functions through torch.compile, beside the numerics
+  compiled/   the same functions through torch.compile, beside the numerics (rq.compiled,
+              imported on first use: it loads torch._dynamo and inductor)
   quant/      the quantizer module, its backends, and TOML recipes
   hf/         transformers: quantizers in linears and attention, PTQ, checkpoint export and load
   cli/        python3 -m refquant {quantize,recipes,demo}
@@ -44,3 +45,17 @@ __all__ = [
     "select_recipe",
     "testing",
 ]
+
+
+def __getattr__(name: str):
+    # refquant.compiled costs seconds to import (torch._dynamo, inductor); `import refquant` stays
+    # fast, and `rq.compiled` imports it on first use.
+    if name == "compiled":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.compiled")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "compiled"})
