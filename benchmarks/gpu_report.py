@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import refquant  # noqa: E402
-from refquant._checks import FLAVORS  # noqa: E402
+from refquant.numerics.checks import FLAVORS  # noqa: E402
 import refquant.compiled as compiled  # noqa: E402
 from refquant.compiled.options import division_rounding_option  # noqa: E402
 from refquant.testing import bits_of  # noqa: E402

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .fp8 import FP8Tensor
-from .formats import E2M1_MAGNITUDES, NVFP4_BLOCK_SIZE
-from .nvfp4 import NVFP4Tensor
+from .numerics.fp8 import FP8Tensor
+from .numerics.formats import E2M1_MAGNITUDES, NVFP4_BLOCK_SIZE
+from .numerics.nvfp4 import NVFP4Tensor
 
 _MAX_REPORTED = 8
 

@@ -1,6 +1,6 @@
 """Quantize the same seeded model with refquant and with modelopt, and compare everything.
 
-For each recipe: build the built-in seeded Llama twice (refquant.models.build_builtin_model), give
+For each recipe: build the built-in seeded Llama twice (refquant.hf.models.build_builtin_model), give
 both the same calibration batches, quantize one with rq.quantize_model and the other with
 modelopt's mtq.quantize (the recipe's quant_cfg, a forward loop over the batches), then compare
 
@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 import refquant as rq
-from refquant.export import CompressedWeightQuantizer, read_checkpoint_tensors
-from refquant.models import build_builtin_model
-from refquant.recipe import shipped_recipes
+from refquant.hf.export import CompressedWeightQuantizer, read_checkpoint_tensors
+from refquant.hf.models import build_builtin_model
+from refquant.quant.recipe import shipped_recipes
 
 RECIPES = tuple(shipped_recipes())  # the six shipped TOML recipes
 # refquant's recipe names -> modelopt 0.47's (renamed "*-kv_*"); None: not shipped by modelopt,

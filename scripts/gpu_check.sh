@@ -2,18 +2,17 @@
 # CUDA check of the tree, for the device tool's H100 (torch + Triton there, no network):
 # the vector / exhaustive / property / bad-input tests on `cuda`, compiled-vs-reference parity on
 # CUDA, and the benchmark-marked speedup tests. Logs go to $OUT (or ./out/gpu_check).
-# Before the call, here:  mkdir -p .device .whlmin && cp -r ../shared/spec/vectors .device/
-#   and put the dataclasses-json and marshmallow wheels (py3-none-any) into .whlmin/;
-#   both folders are git-ignored: pass carry [".device", ".whlmin"]. For the speedup tests against
-#   modelopt, also carry ".whl" (nvidia-modelopt 0.47 and its pure-Python needs, see README of the
-#   device tool); without it those tests skip.
+# Before the call, here:  put the dataclasses-json and marshmallow wheels (py3-none-any) into
+#   .whlmin/ and pass carry [".whlmin"] (the test vectors are in the tree, tests/vectors/). For the
+#   speedup tests against modelopt, also carry ".whl" (nvidia-modelopt 0.47 and its pure-Python
+#   needs, see README of the device tool); without it those tests skip.
 set -u
 OUT=${OUT:-out/gpu_check}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whlmin/*.whl || exit 1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
-export PYTHONPATH=/tmp/site:$PWD REFQUANT_VECTORS=.device/vectors PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "editable install failed"
 nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"

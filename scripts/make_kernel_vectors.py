@@ -72,10 +72,7 @@ def modelopt_kernel(x: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
 
 def weight_inputs() -> dict[str, torch.Tensor]:
     """A few linear weights of the built-in model (fp32, seeded; at most 256 rows each), by short name."""
-    try:
-        from refquant.hf.models import build_builtin_model
-    except ImportError:
-        from refquant.models import build_builtin_model
+    from refquant.hf.models import build_builtin_model
 
     model = build_builtin_model(dtype=torch.float32)
     names = {

@@ -1,4 +1,4 @@
-"""Compile compiled/nvfp4_triton.py's kernel for an H100 (sm_90) without a GPU and show its SASS.
+"""Compile refquant/compiled/nvfp4_triton.py's kernel for an H100 (sm_90) without a GPU and show its SASS.
 
     pip install triton==3.6.0   # a CPU machine is enough: Triton ships ptxas and nvdisasm
     python3 scripts/triton_sass.py [--dtype bf16|fp16|fp32] [--sass FILE]
@@ -32,7 +32,7 @@ def main() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    import compiled.nvfp4_triton as kernels
+    import refquant.compiled.nvfp4_triton as kernels
 
     signature = {"x_ptr": "*" + args.dtype, "global_scale_ptr": "*fp32", "packed_ptr": "*u8", "block_scale_ptr": "*fp8e4nv", "n_blocks": "i32"}
     constants = {

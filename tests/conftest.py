@@ -1,7 +1,10 @@
-"""Shared test fixtures: where the spec's vectors live, and how to load them."""
+"""Shared test fixtures: the spec's vectors (in tests/vectors/), and how to load them."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import lzma
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -17,15 +20,33 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parent.parent
-VECTORS = Path(os.environ.get("REFQUANT_VECTORS", REPO.parent / "shared" / "spec" / "vectors"))
+# The outputs modelopt computed, each NAME.pt stored as NAME.pt.xz (lzma) with the sha256 of the
+# original bytes in SHA256SUMS; scripts/pack_vectors.py adds files.
+VECTORS = REPO / "tests" / "vectors"
+
+
+def vector_sha256sums() -> dict[str, str]:
+    """SHA256SUMS as {NAME.pt: sha256 of its original bytes}."""
+    lines = (VECTORS / "SHA256SUMS").read_text().splitlines()
+    return {name: digest for digest, name in (line.split(maxsplit=1) for line in lines if line.strip())}
+
+
+def vector_bytes(name: str) -> bytes:
+    """The original bytes of vector file `name` ("fp8_real.pt"), decompressed in memory from
+    tests/vectors/NAME.xz; fails unless their sha256 is the one SHA256SUMS lists."""
+    path = VECTORS / f"{name}.xz"
+    if not path.exists():
+        pytest.fail(f"vector file {path} is missing; pack {name} with scripts/pack_vectors.py")
+    data = lzma.decompress(path.read_bytes())
+    expected = vector_sha256sums().get(name)
+    if hashlib.sha256(data).hexdigest() != expected:
+        pytest.fail(f"{path} does not decompress to the bytes SHA256SUMS lists for {name} ({expected})")
+    return data
 
 
 @lru_cache(maxsize=None)
 def load_vectors(name: str) -> dict:
-    path = VECTORS / name
-    if not path.exists():
-        pytest.fail(f"vector file {path} is missing; set REFQUANT_VECTORS to the spec's vectors/ folder")
-    return torch.load(path, weights_only=True)
+    return torch.load(io.BytesIO(vector_bytes(name)), weights_only=True)
 
 
 def vector_cases(name: str) -> list[dict]:

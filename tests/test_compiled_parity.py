@@ -18,7 +18,7 @@ from conftest import cuda, vector_cases
 import refquant as rq
 import refquant.compiled as rc
 from refquant.compiled.options import division_rounding_option
-from refquant.nvfp4 import pack_e2m1, pack_e2m1_blocks
+from refquant.numerics.nvfp4 import pack_e2m1, pack_e2m1_blocks
 from refquant.testing import assert_bitexact
 
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
@@ -264,7 +264,7 @@ def test_one_torch_compile_per_call_signature():
 
 @cuda
 def test_nvfp4_quantize_on_cuda_runs_the_triton_block_step_bit_for_bit():
-    """compiled/nvfp4_triton.py (CUDA, last dim a multiple of 16) against the eager CPU reference:
+    """refquant/compiled/nvfp4_triton.py (CUDA, last dim a multiple of 16) against the eager CPU reference:
     every bf16 pattern in blocks, shuffled, exact ties on the E2M1 decision points, fp16 / fp32,
     a transposed and a row-sliced view, every kind of amax (zero, tiny, given, taken from x), both
     flavors."""
@@ -298,10 +298,10 @@ def _fp32_round(exact: torch.Tensor, toward: float) -> torch.Tensor:
 
 def _element_thresholds(divisor: torch.Tensor) -> torch.Tensor:
     """(n, 8) fp32: for each fp32 divisor d, the 8 magnitudes where the reference's element code
-    changes (docstring of compiled/nvfp4_triton.py), computed here independently in float64,
+    changes (docstring of refquant/compiled/nvfp4_triton.py), computed here independently in float64,
     where (b +- h) * d is exact: RD(d * 2**-150), then RD((b + h) d) / RU((b - h) d) for each
     E2M1 decision point b by its tie direction (h = half an fp32 ulp of b)."""
-    from refquant.formats import E2M1_DECISION_POINTS, E2M1_TIE_ROUNDS_UP
+    from refquant.numerics.formats import E2M1_DECISION_POINTS, E2M1_TIE_ROUNDS_UP
 
     d = divisor.double()
     columns = [_fp32_round(d * 2.0**-150, -1.0)]
@@ -324,13 +324,13 @@ def _steps_around(thresholds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def test_threshold_method_reproduces_the_division_on_every_bf16_pattern():
-    """The method of compiled/nvfp4_triton.py, on the CPU: for every bf16 pattern, under every
+    """The method of refquant/compiled/nvfp4_triton.py, on the CPU: for every bf16 pattern, under every
     E4M3 block scale and global scales across the window, the codes decided by comparing |x| with
     the eight thresholds (computed independently here in float64; as fp32 values, and rounded
     onto bf16 as the kernel's bf16 path does) equal the reference's codes from the IEEE division.
     (The kernel's own arithmetic, FMAs in directed rounding, is held to the reference on CUDA.)"""
-    from refquant.formats import E2M1_TIE_ROUNDS_UP
-    from refquant.nvfp4 import e2m1_magnitude_index
+    from refquant.numerics.formats import E2M1_TIE_ROUNDS_UP
+    from refquant.numerics.nvfp4 import e2m1_magnitude_index
 
     x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
     a = x.abs()
@@ -363,7 +363,7 @@ def test_triton_block_step_on_cuda_matches_the_division_next_to_every_threshold(
     nvfp4_quantize_blocks under the same global scale. Also a bf16 tensor at an odd element
     offset, which cannot be read as words of two bf16 and takes the fp32 path."""
     from refquant.compiled.nvfp4_triton import nvfp4_quantize_blocks as triton_blocks
-    from refquant.nvfp4 import nvfp4_quantize_blocks as reference_blocks
+    from refquant.numerics.nvfp4 import nvfp4_quantize_blocks as reference_blocks
 
     gen = torch.Generator().manual_seed(5)
     scales = torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
@@ -399,7 +399,7 @@ def test_compiled_results_dequantize_through_the_compiled_class():
 
 
 def test_quantizer_with_compiled_backend_gives_the_reference_bits():
-    from refquant.quantizer import QuantizerConfig, TensorQuantizer
+    from refquant.quant.quantizer import QuantizerConfig, TensorQuantizer
 
     x = torch.randn(2, 9, 64, dtype=torch.bfloat16)
     for config in (QuantizerConfig(format="fp8"), QuantizerConfig(format="nvfp4"), QuantizerConfig(format="fp8", axis=-1)):

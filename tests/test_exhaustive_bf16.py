@@ -22,9 +22,9 @@ import torch
 from conftest import find_case, vector_cases
 
 import refquant as rq
-from refquant.formats import E2M1_MAGNITUDES, E4M3_MAX
-from refquant.fp8 import saturating_e4m3
-from refquant.nvfp4 import e2m1_magnitude_index
+from refquant.numerics.formats import E2M1_MAGNITUDES, E4M3_MAX
+from refquant.numerics.fp8 import saturating_e4m3
+from refquant.numerics.nvfp4 import e2m1_magnitude_index
 from refquant.testing import assert_bitexact, bits_of
 
 FP32_1E_3 = 0.0010000000474974513  # fp32(1e-3), as the vectors store it
@@ -210,11 +210,11 @@ def test_e2m1_rounding_equals_independent_nearest_even_on_every_16bit_pattern(dt
 
 
 def test_e2m1_rounding_equals_the_oracle_on_the_fp32_neighbours_of_every_boundary():
-    """The add-and-subtract rounding (refquant.nvfp4.e2m1_round_magnitude) against the oracle on
+    """The add-and-subtract rounding (refquant.numerics.nvfp4.e2m1_round_magnitude) against the oracle on
     the 2,001 fp32 values around each decision point, each magnitude, each binade edge of the
     step (2, 4) and the values that leave the trick's range (2**23 .. 2**26, inf); NaN -> 6."""
-    from refquant.formats import E2M1_DECISION_POINTS
-    from refquant.nvfp4 import e2m1_round_magnitude
+    from refquant.numerics.formats import E2M1_DECISION_POINTS
+    from refquant.numerics.nvfp4 import e2m1_round_magnitude
 
     centres = torch.tensor([*E2M1_DECISION_POINTS, *E2M1_MAGNITUDES[1:], 8.0, 2.0**23, 2.0**24, 2.0**25, 2.0**26])
     offsets = torch.arange(-1000, 1001, dtype=torch.int32)

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import refquant as rq
-from refquant import export as export_module
-from refquant.export import CompressedWeightQuantizer, read_checkpoint_tensors, summarise_excluded
+from refquant.hf import export as export_module
+from refquant.hf.export import CompressedWeightQuantizer, read_checkpoint_tensors, summarise_excluded
+from refquant.hf.export import write as export_write
 
 RECIPES = (
     "fp8_default-fp8_cast_kv",
@@ -291,7 +292,7 @@ def test_interrupted_export_leaves_no_checkpoint_behind(tmp_path, monkeypatch):
         (folder / "model.safetensors").write_bytes(b"half")  # a partial file, then the failure
         raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(export_module, "_write_safetensors", fail_midway)
+    monkeypatch.setattr(export_write, "_write_safetensors", fail_midway)
     with pytest.raises(OSError, match="injected"):
         rq.export_checkpoint(model, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor its temporary sibling

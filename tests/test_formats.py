@@ -1,4 +1,4 @@
-"""The format constants and code tables (refquant.formats), as tables, and docs/numerics.md's numbers.
+"""The format constants and code tables (refquant.numerics.formats), as tables, and docs/numerics.md's numbers.
 
 The worked NVFP4 block and the examples of the docs' two tables are recomputed here, so the guide
 cannot drift from the code. To refresh the worked block after a deliberate change, run
@@ -14,8 +14,8 @@ import torch
 
 import refquant as rq
 from refquant import formats
-from refquant.formats import fp32_bits
-from refquant.nvfp4 import e2m1_magnitude_index
+from refquant.numerics.formats import fp32_bits
+from refquant.numerics.nvfp4 import e2m1_magnitude_index
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "numerics.md"
 
@@ -63,7 +63,7 @@ def _fp32_sweep() -> torch.Tensor:
 
 @pytest.mark.parametrize("constant", [formats.E4M3_MAX, formats.NVFP4_SCALE_DENOMINATOR])
 def test_divide_by_constant_is_the_ieee_fp32_quotient_however_the_backend_divides(constant):
-    from refquant.fp8 import divide_by_constant
+    from refquant.numerics.fp8 import divide_by_constant
 
     v = _fp32_sweep()
     ieee = v / torch.tensor(constant)  # fp32 / fp32 tensor on the CPU: one IEEE division

@@ -1,4 +1,4 @@
-"""The GPU's approximate division (refquant.gpu_division) against the GPU itself.
+"""The GPU's approximate division (refquant.numerics.gpu_division) against the GPU itself.
 
 - The shipped reciprocal table equals an independent measurement of the same instruction.
 - approx_divide gives the bits of div.full.f32 (and of Triton's fp32 `/`) as an H200 computed
@@ -19,7 +19,7 @@ from conftest import VECTORS, cuda, vector_cases
 from hypothesis import given
 from hypothesis import strategies as st
 
-from refquant.gpu_division import (
+from refquant.numerics.gpu_division import (
     TABLE_PATH,
     approx_divide,
     approx_reciprocal,

@@ -13,7 +13,7 @@ import torch
 from conftest import cuda, vector_cases
 
 import refquant as rq
-from refquant.formats import E4M3_MAX
+from refquant.numerics.formats import E4M3_MAX
 from refquant.testing import assert_bitexact
 
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]

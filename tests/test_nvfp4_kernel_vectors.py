@@ -15,8 +15,8 @@ from conftest import cuda, vector_cases
 
 import refquant as rq
 import refquant.compiled as rc
-from refquant.formats import E2M1_DECISION_POINTS
-from refquant.nvfp4 import (
+from refquant.numerics.formats import E2M1_DECISION_POINTS
+from refquant.numerics.nvfp4 import (
     e2m1_round_magnitude,
     global_scale_from_amax,
     nan_ignoring_block_max,

@@ -15,8 +15,8 @@ import torch
 from conftest import cuda, find_case, vector_cases
 
 import refquant as rq
-from refquant.formats import E2M1_MAGNITUDES, RCP_2688
-from refquant.nvfp4 import e2m1_magnitude_index, to_blocks
+from refquant.numerics.formats import E2M1_MAGNITUDES, RCP_2688
+from refquant.numerics.nvfp4 import e2m1_magnitude_index, to_blocks
 from refquant.testing import assert_bitexact, bits_of
 
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]

@@ -31,8 +31,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import refquant as rq
-from refquant.formats import E2M1_DECISION_POINTS, NVFP4_BLOCK_SIZE
-from refquant.nvfp4 import pack_e2m1, unpack_e2m1
+from refquant.numerics.formats import E2M1_DECISION_POINTS, NVFP4_BLOCK_SIZE
+from refquant.numerics.nvfp4 import pack_e2m1, unpack_e2m1
 from refquant.testing import assert_bitexact, bits_of
 
 SETTINGS = settings(max_examples=40, deadline=None)

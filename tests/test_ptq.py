@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import refquant as rq
-from refquant.ptq import max_calibrate, named_quantizers
-from refquant.quantizer import QuantizerConfig
+from refquant.hf.ptq import max_calibrate, named_quantizers
+from refquant.quant.quantizer import QuantizerConfig
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from refquant import ptq_cli
+from refquant.cli import quantize as ptq_cli
 from refquant.cli import main
 
 transformers = pytest.importorskip("transformers")
@@ -110,12 +110,12 @@ def test_model_without_quantizable_layers_gives_a_clear_message_and_no_output(in
 
 
 def test_failing_export_leaves_neither_checkpoint_nor_report(in_tmp, capsys, monkeypatch):
-    import refquant.export
+    import refquant.hf.export
 
     def broken_export(model, out_dir):
         raise ValueError("disk full (injected)")
 
-    monkeypatch.setattr(refquant.export, "export_checkpoint", broken_export)
+    monkeypatch.setattr(refquant.hf.export, "export_checkpoint", broken_export)
     model_dir = tiny_llama_folder(in_tmp / "tiny-llama")
     code = main(["quantize", "--model", str(model_dir), "--out", "ckpt", "--report-json", "r.json",
                  "--seq-len", "32", "--calib-batches", "1", "--no-progress"])

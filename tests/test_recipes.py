@@ -16,7 +16,7 @@ from torch import nn
 
 import refquant as rq
 from refquant import QuantizerConfig, QuantRule, TensorQuantizer, apply_recipe, load_recipe, select_recipe
-from refquant.recipe import RECIPES_DIR, effective_config, recipe_to_toml
+from refquant.quant.recipe import RECIPES_DIR, effective_config, recipe_to_toml
 
 # SPEC.md 7.4: FP8 = {num_bits (4,3), axis None}; NVFP4 = {num_bits (2,1), block_sizes {-1: 16,
 # type: dynamic, scale_bits: (4,3)}}.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from refquant.cli import main
-from refquant.recipe import load_recipe, recipe_table, shipped_recipes
+from refquant.quant.recipe import load_recipe, recipe_table, shipped_recipes
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(shipped_recipes())

@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 from torch import nn
 
-from .quantizer import TensorQuantizer
+from ..quant.quantizer import TensorQuantizer
 
 BMM_QUANTIZER_NAMES = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "p_bmm_quantizer")
 

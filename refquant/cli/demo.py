@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .fp8 import fp8_fake_quant
-from .nvfp4 import nvfp4_quantize
+from ..numerics.fp8 import fp8_fake_quant
+from ..numerics.nvfp4 import nvfp4_quantize
 
 
 def run(args) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import (
+from .checks import (
     AmaxLike,
     Flavor,
     as_amax_tensor,

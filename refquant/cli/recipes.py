@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .recipe import load_recipe, recipe_table, recipe_to_toml, shipped_recipes
+from ..quant.recipe import load_recipe, recipe_table, recipe_to_toml, shipped_recipes
 
 
 def list_recipes(args) -> int:

@@ -34,7 +34,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes_toml"
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes_toml"
 UNITS_DIR = RECIPES_DIR / "units"
 
 RECIPE_FORMATS = ("fp8", "nvfp4")  # what a recipe's cfg may name; "off" is `enable = false`

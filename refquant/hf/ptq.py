@@ -6,11 +6,11 @@ report. Semantics are modelopt's `mtq.quantize(model, cfg, forward_loop)` (SPEC.
 
 1. insert_quantizers: every nn.Linear becomes a QuantLinear with `input_quantizer`,
    `weight_quantizer`, `output_quantizer`; every attention module gets `q_bmm_quantizer`,
-   `k_bmm_quantizer`, `v_bmm_quantizer`, `p_bmm_quantizer` (refquant.attention); every
+   `k_bmm_quantizer`, `v_bmm_quantizer`, `p_bmm_quantizer` (refquant.hf.attention); every
    nn.Embedding gets `weight_quantizer`, `output_quantizer` and an `input_quantizer` that never
    turns on (its input is token ids). Names are modelopt's, so recipe patterns mean the same
    (`model.layers.0.self_attn.k_bmm_quantizer`). All start disabled.
-2. apply_recipe (refquant.recipe): the recipe's rules, in order, later wins.
+2. apply_recipe (refquant.quant.recipe): the recipe's rules, in order, later wins.
 3. max calibration (SPEC.md 6.1): model.eval(); every enabled quantizer stops quantizing and starts
    collecting max|x| (constant-amax ones only pass data through); every weight passes once through
    its weight quantizer; the forward loop runs over the calibration batches without gradients;
@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from dataclasses_json import DataClassJsonMixin
 from torch import nn
 
-from ._checks import Flavor
+from ..numerics.checks import Flavor
 from .attention import check_attention_hookable, is_attention_module, quant_attention_class
-from .quantizer import QuantizerConfig, TensorQuantizer, all_quantizers_off, named_quantizers
+from ..quant.quantizer import QuantizerConfig, TensorQuantizer, all_quantizers_off, named_quantizers
 
 LINEAR_QUANTIZER_NAMES = ("input_quantizer", "weight_quantizer", "output_quantizer")
 CALIBRATION_ALGORITHMS = ("max", None)
@@ -106,7 +106,7 @@ def insert_quantizers(model: nn.Module, *, backend: str = "reference", flavor: F
 
     Idempotent: layers that already have quantizers keep them (and their amax); calling again only
     sets `backend` and `flavor` on all of them. Raises ValueError when the model has no nn.Linear,
-    or when an attention module cannot be hooked (refquant.attention.check_attention_hookable).
+    or when an attention module cannot be hooked (refquant.hf.attention.check_attention_hookable).
     """
     named = list(model.named_modules())
     linears = [(name, m) for name, m in named if isinstance(m, nn.Linear)]
@@ -401,7 +401,7 @@ def quantize_model(
     eval_batch: Any = None,
     progress: bool = True,
 ) -> PTQReport:
-    """Quantize `model` in place with `recipe` (a refquant.recipe.Recipe), calibrating on
+    """Quantize `model` in place with `recipe` (a refquant.quant.recipe.Recipe), calibrating on
     `calib_batches` (dicts for model(**batch), or input_ids tensors [batch, seq]).
 
     recipe=None keeps the quantizers' configs as they are (set them yourself after
@@ -426,7 +426,7 @@ def quantize_model(
     last_rule: dict[str, int] = {}
     unmatched: list[str] = []
     if recipe is not None:
-        from .recipe import apply_recipe
+        from ..quant.recipe import apply_recipe
 
         application = apply_recipe(model, recipe)
         for index in sorted(application.matches):

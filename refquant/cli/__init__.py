@@ -9,7 +9,7 @@ import os
 import sys
 
 # Modules that define `register(subparsers)`; each sets `func` on its parser.
-COMMAND_MODULES = ("refquant.demo", "refquant.recipes_cli", "refquant.ptq_cli")
+COMMAND_MODULES = ("refquant.cli.demo", "refquant.cli.recipes", "refquant.cli.quantize")
 
 
 def build_parser() -> argparse.ArgumentParser:

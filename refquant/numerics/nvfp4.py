@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input, max_abs
+from .checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input, max_abs
 from .fp8 import divide_by_constant
 from .gpu_division import approx_divide, approx_reciprocal_fp32
 from .formats import (
@@ -116,7 +116,7 @@ def nvfp4_fake_block_scale(block_amax: torch.Tensor, global_scale: torch.Tensor)
 
     block_amax ignores NaN elements and is NaN only for an all-NaN block (Triton's tl.max).
     g' = global scale, or 1e-12 when it is not > 0 (0 or NaN); t = div.full(m, fl(6 g')) (the
-    kernel's approximate division, refquant.gpu_division); t = min(t, 448), where a NaN t gives 448
+    kernel's approximate division, refquant.numerics.gpu_division); t = min(t, 448), where a NaN t gives 448
     (tl.minimum returns the number); e = E4M3(t); S = fl(e * g'), replaced by 1.0 below 1e-5 (tiny
     or all-zero blocks).
     """
@@ -139,7 +139,7 @@ def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor =
     amax: the global amax (float or 0-d tensor); None takes max|x| of the whole tensor.
     One path for both flavors (CONTRACT.md point 3): global scale = amax * fp32(1/2688); block
     scales as nvfp4_fake_block_scale; each element is |x| / S by the kernel's approximate division
-    (div.full.f32, refquant.gpu_division) rounded to E2M1; output fl(q * S) with the sign of x,
+    (div.full.f32, refquant.numerics.gpu_division) rounded to E2M1; output fl(q * S) with the sign of x,
     +0.0 for a negative that rounds to zero, NaN elements come out as -6 * S. A last dim that is
     not a multiple of 16 is zero-padded for the block max and the padding dropped.
     `flavor` is accepted for a uniform call signature and checked, but changes nothing: modelopt
@@ -278,7 +278,7 @@ def nvfp4_quantize_blocks(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[
 
     Blocks: nvfp4_real_block_scale; elements: x / fl(fp32(block scale) * global scale) (IEEE)
     rounded to E2M1, sign bit set when the quotient is < 0; packed two codes a byte.
-    (refquant.compiled runs this step as a Triton kernel on CUDA, compiled/nvfp4_triton.py.)
+    (refquant.compiled runs this step as a Triton kernel on CUDA, refquant.compiled.nvfp4_triton.)
     """
     blocks = to_blocks(x).float()
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)  # NaN propagates, as modelopt's

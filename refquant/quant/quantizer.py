@@ -16,9 +16,9 @@ import torch
 from dataclasses_json import DataClassJsonMixin
 from torch import nn
 
-from ._checks import FLAVORS, Flavor, reduce_amax
+from ..numerics.checks import FLAVORS, Flavor, reduce_amax
 from .backends import BACKENDS, numerics
-from .formats import E4M3_MAX
+from ..numerics.formats import E4M3_MAX
 
 Format = Literal["fp8", "nvfp4", "disabled"]
 FORMATS = ("fp8", "nvfp4", "disabled")
@@ -235,6 +235,12 @@ class TensorQuantizer(nn.Module):
             amax_text = f"amax=per-channel{tuple(amax.shape)}"
         axis = f" axis={self.config.axis}" if self.config.axis is not None else ""
         return f"{self.config.format}{axis} {amax_text} backend={self.backend}"
+
+
+def child_quantizer(module: nn.Module, name: str) -> Optional[TensorQuantizer]:
+    """The TensorQuantizer at `module.<name>`, or None when there is none."""
+    quantizer = getattr(module, name, None)
+    return quantizer if isinstance(quantizer, TensorQuantizer) else None
 
 
 def named_quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:

@@ -1,11 +1,11 @@
 """NVFP4 real quantization's per-block step as one Triton kernel (CUDA only), for refquant.compiled.
 
 Why a kernel of our own (issue 6 allows one "only where inductor cannot get there"): through
-inductor, the reference's block step (refquant.nvfp4.nvfp4_quantize_blocks) is one persistent-
-reduction kernel at 0.270 ms for 8192 x 16384 bf16 on an H100, 0.42 of the bandwidth it could
-reach, and compute-bound: an IEEE division an element (a branchy instruction sequence with a
-slow-path call) and the E2M1 rounding of the quotient, about 50 instructions an element. A
-Triton kernel doing that same arithmetic ran at 0.217 ms. This one runs at 0.118 ms (0.97).
+inductor, the reference's block step (refquant.numerics.nvfp4.nvfp4_quantize_blocks) is one
+persistent-reduction kernel at 0.270 ms for 8192 x 16384 bf16 on an H100, 0.42 of the bandwidth it
+could reach, and compute-bound: an IEEE division an element (a branchy instruction sequence with a
+slow-path call) and the E2M1 rounding of the quotient, about 50 instructions an element. A Triton
+kernel doing that same arithmetic ran at 0.217 ms. This one runs at 0.118 ms (0.97).
 
 The element step here does not divide. Within a block the divisor d = fp32(block scale) * g is
 fixed, and the reference's code is a monotone function of |x| (plus the sign), so it is decided
@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from refquant.formats import (
+from ..numerics.formats import (
     E2M1_DECISION_POINTS,
     E2M1_MAX,
     E2M1_TIE_ROUNDS_UP,
@@ -80,7 +80,7 @@ THRESHOLD_PATH_MAX_GLOBAL_SCALE = 2.0**100
 # The kernel's binary search compares with "not <" at the decision points whose ties round up
 # (0.75, 1.75, 3.5) and "not <=" at the others: it is written for this pattern.
 if E2M1_TIE_ROUNDS_UP != (False, True, False, True, False, True, False):
-    raise RuntimeError("compiled/nvfp4_triton.py assumes E2M1 ties round down, up, down, ... at its 7 decision points.")
+    raise RuntimeError("refquant.compiled.nvfp4_triton assumes E2M1 ties round down, up, down, ... at its 7 decision points.")
 
 
 def _half_ulp(b: float) -> float:
@@ -95,7 +95,7 @@ _H1, _H2, _H3, _H4, _H5, _H6, _H7 = (tl.constexpr(_half_ulp(b)) for b in E2M1_DE
 
 @triton.jit
 def _e2m1_index(a):
-    """refquant.nvfp4.e2m1_magnitude_index of a = |u| (fp32): the add-and-subtract rounding."""
+    """refquant.numerics.nvfp4.e2m1_magnitude_index of a = |u| (fp32): the add-and-subtract rounding."""
     step = tl.where(a < 2.0, 0.5, tl.where(a < 4.0, 1.0, 2.0))
     shift = step * 8388608.0  # 2**23
     q = (a + shift) - shift

@@ -7,7 +7,7 @@ local Hugging Face folder), a printed report, and a deployable checkpoint.
 Everything runs offline: a local model folder is loaded with local_files_only=True. Bad input
 (a missing model folder, an unknown recipe, a model with nothing to quantize, an output folder
 that exists) is reported before any file is written, and the checkpoint is written atomically
-by refquant.export, so a failed run leaves no output behind.
+by refquant.hf.export, so a failed run leaves no output behind.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import models
+from ..hf import models
 
 DEFAULT_RECIPE = "nvfp4_default-fp8_cast_kv"
 DEFAULT_OUT = "out/refquant-ckpt"
@@ -31,10 +31,10 @@ def choose_recipe(recipe: str | None, qformat: str | None, kv_cache_qformat: str
 
     --recipe given: that recipe, authoritative (--qformat and --kv-cache-qformat are ignored, with a
     notice, as modelopt's hf_ptq does). Else --qformat / --kv-cache-qformat given: the built-in body
-    for qformat (default nvfp4) with the KV entries appended (refquant.recipe.select_recipe). Else
-    the default recipe nvfp4_default-fp8_cast_kv.
+    for qformat (default nvfp4) with the KV entries appended (refquant.quant.recipe.select_recipe).
+    Else the default recipe nvfp4_default-fp8_cast_kv.
     """
-    from .recipe import select_recipe
+    from ..quant.recipe import select_recipe
 
     if recipe is not None:
         found, notices = select_recipe(recipe, kv_cache_qformat=kv_cache_qformat)
@@ -95,10 +95,10 @@ def run(args) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available here; use --device cpu.")
     try:
-        from .export import export_checkpoint
+        from ..hf.export import export_checkpoint
     except ImportError as error:
-        raise ValueError(f"cannot write a checkpoint: refquant.export is not available ({error}).") from error
-    from .ptq import quantize_model
+        raise ValueError(f"cannot write a checkpoint: refquant.hf.export is not available ({error}).") from error
+    from ..hf.ptq import quantize_model
 
     recipe, notices = choose_recipe(args.recipe, args.qformat, args.kv_cache_qformat)
     for notice in notices:

@@ -1,9 +1,10 @@
 """The reference's numerics, each one torch.compile'd as it stands: same signatures, same bits.
 
 Each public function here validates its arguments eagerly (cheap host checks; a tensor amax is
-read back once, see refquant._checks.as_amax_tensor), presents the compiled graph a canonical
-view of x, calls torch.compile(<the reference function>), and returns what the reference returns.
-Nothing here computes a number: the math is refquant.fp8 / refquant.nvfp4, once.
+read back once, see refquant.numerics.checks.as_amax_tensor), presents the compiled graph a
+canonical view of x, calls torch.compile(<the reference function>), and returns what the
+reference returns. Nothing here computes a number: the math is refquant.numerics.fp8 /
+refquant.numerics.nvfp4, once.
 
 Shapes: elementwise and per-block work sees x as (rows, last dim), rows marked dynamic, so every
 leading shape (any batch x sequence length, any ndim) shares one graph; the last dim is static on
@@ -20,11 +21,11 @@ from typing import Callable
 import torch
 from torch._dynamo.exc import FailOnRecompileLimitHit, Unsupported
 
-from refquant import fp8 as reference_fp8
-from refquant import nvfp4 as reference_nvfp4
-from refquant._checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input
-from refquant.formats import NVFP4_BLOCK_SIZE
-from refquant.gpu_division import reciprocal_table
+from ..numerics import fp8 as reference_fp8
+from ..numerics import nvfp4 as reference_nvfp4
+from ..numerics.checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input
+from ..numerics.formats import NVFP4_BLOCK_SIZE
+from ..numerics.gpu_division import reciprocal_table
 
 from .options import FP8_REALIZE_OPCOUNT_THRESHOLD, LIMIT_PER_FUNCTION, CompiledPerSignature, recompile_limit_patch
 
@@ -237,9 +238,9 @@ def nvfp4_quantize(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "
 
 
 def _nvfp4_quantize_triton_blocks(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu"):
-    """refquant.nvfp4_quantize with its block step (refquant.nvfp4.nvfp4_quantize_blocks) run by the
-    Triton kernel of compiled/nvfp4_triton.py: CUDA, last dim a multiple of 16. The global scale is
-    the reference's own code; the two lines below are nvfp4_quantize's last two."""
+    """refquant.nvfp4_quantize with its block step (refquant.numerics.nvfp4.nvfp4_quantize_blocks)
+    run by the Triton kernel of nvfp4_triton.py: CUDA, last dim a multiple of 16. The global scale
+    is the reference's own code; the two lines below are nvfp4_quantize's last two."""
     from .nvfp4_triton import nvfp4_quantize_blocks
 
     global_scale = reference_nvfp4.global_scale_from_amax(reference_nvfp4._global_amax(x, amax), flavor)

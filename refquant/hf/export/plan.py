@@ -1,0 +1,276 @@
+"""What a model exports, computed without touching it: each quantized linear's format and tensors,
+the fusion groups of shared-input layers, the K/V scales and hf_quant_config (ExportPlan)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ...quant.quantizer import TensorQuantizer, all_quantizers_off, child_quantizer, named_quantizers
+from .configs import MODELOPT_FORMAT_VERSION, layer_quant_config
+from .tensors import _fp8_scale, export_linear_tensors
+
+# Formats whose shared-input layers get one input / global weight scale (modelopt fuses every
+# format except FP8 per-tensor, unified_export_hf.py `_fuse_shared_input_modules`).
+FUSED_FORMATS = ("nvfp4", "w4a16_nvfp4")
+KV_QUANTIZERS = {"k_bmm_quantizer": "k_proj.k_scale", "v_bmm_quantizer": "v_proj.v_scale"}
+
+
+@dataclass
+class LinearExport:
+    """One quantized linear as the checkpoint holds it.
+
+    layer_format: "fp8", "nvfp4" or "w4a16_nvfp4" (modelopt's names).
+    weight_amax / input_amax: the amax the export used (after fusion), in the quantizer's dtype.
+    tensors: checkpoint suffix ("weight", "weight_scale", "weight_scale_2", "input_scale") -> tensor.
+    """
+
+    name: str
+    layer_format: str
+    weight_amax: torch.Tensor
+    input_amax: Optional[torch.Tensor]
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass
+class ExportPlan:
+    """Everything export_checkpoint writes, computed without touching the model."""
+
+    linears: dict[str, LinearExport]
+    kv_scales: dict[str, torch.Tensor]  # checkpoint key -> fp32 scale
+    fused_groups: list[list[str]]
+    hf_quant_config: dict
+    flavor: str
+    backend: str
+    quantizers: dict[str, TensorQuantizer] = field(repr=False, default_factory=dict)
+
+
+class CompressedWeightQuantizer(TensorQuantizer):
+    """The weight quantizer of a layer whose weight already holds its exported round trip.
+
+    Keeps the original quantizer's config and amax (so reports and re-exports see what was
+    calibrated) and `exported`, the checkpoint tensors of its layer; its forward passes the weight
+    through unchanged, as modelopt's compressed (real-quant) weights are used as they are.
+    """
+
+    def __init__(self, source: TensorQuantizer, layer_format: str, exported: dict[str, torch.Tensor]):
+        super().__init__(source.config, backend=source.backend, flavor=source.flavor, name=source.name)
+        if source.is_calibrated:
+            self.set_amax(source.amax)
+        self.layer_format = layer_format
+        self.exported = {key: value.detach().cpu() for key, value in exported.items()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()} compressed={self.layer_format}"
+
+
+def layer_format(name: str, module: nn.Module) -> Optional[str]:
+    """modelopt's per-layer format (get_quantization_format) of a layer with a weight_quantizer.
+
+    None: the weight is not quantized (the layer goes to exclude_modules). "fp8": per-tensor FP8
+    weight (input FP8 or off); "nvfp4": NVFP4 weight and input; "w4a16_nvfp4": NVFP4 weight, input
+    off. Other combinations are formats modelopt exports with rules refquant does not implement.
+    """
+    weight_q = child_quantizer(module, "weight_quantizer")
+    input_q = child_quantizer(module, "input_quantizer")
+    if weight_q is None or not weight_q.is_enabled:
+        return None
+    input_format = input_q.config.format if input_q is not None and input_q.is_enabled else None
+    if weight_q.config.format == "fp8":
+        if weight_q.config.axis is not None:
+            raise ValueError(
+                f"{name}: per-channel FP8 weights (axis={weight_q.config.axis}) export as modelopt's "
+                "FP8_PER_CHANNEL_PER_TOKEN, which refquant does not write. Use per-tensor FP8 "
+                "(axis unset) for the weight."
+            )
+        if input_format == "nvfp4":
+            raise ValueError(f"{name}: an FP8 weight with an NVFP4 input has no modelopt checkpoint format.")
+        return "fp8"
+    if input_format == "nvfp4":
+        return "nvfp4"
+    if input_format is None:
+        return "w4a16_nvfp4"
+    raise ValueError(
+        f"{name}: an NVFP4 weight with an FP8 input is modelopt's W4A8_NVFP4_FP8, whose weight scales "
+        "follow other rules; refquant does not export it. Quantize the input as NVFP4, or turn it off."
+    )
+
+
+def _quantizable_layers(model: nn.Module) -> dict[str, Optional[str]]:
+    """Every layer modelopt gives quantizers to, with its format (None: unquantized).
+
+    modelopt wraps nn.Linear and nn.Embedding; a wrapped layer that stays unquantized (lm_head and
+    the embeddings under the shipped recipes) is listed in exclude_modules.
+    """
+    layers: dict[str, Optional[str]] = {}
+    for name, module in model.named_modules():
+        if child_quantizer(module, "weight_quantizer") is not None:
+            layers[name] = layer_format(name, module)
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            layers[name] = None
+    return layers
+
+
+def shared_input_groups(model: nn.Module) -> list[list[str]]:
+    """Names of the quantized linears that receive the same input tensor, groups of 2 or more.
+
+    modelopt's collect_shared_input_modules: one forward of the token ids [[1, 1]] with every
+    quantizer off, a hook on every linear whose input or weight quantizer is on, grouped by the
+    identity of the input tensor (q/k/v read the same normed hidden states, so do gate/up).
+    """
+    inputs: dict[int, list[str]] = {}
+    keep_alive: list[torch.Tensor] = []  # ids stay unique while the tensors live
+    handles = []
+
+    def hook(name: str):
+        def record(module, args, output):
+            if args and isinstance(args[0], torch.Tensor):
+                keep_alive.append(args[0])
+                inputs.setdefault(id(args[0]), []).append(name)
+
+        return record
+
+    for name, module in model.named_modules():
+        weight_q = child_quantizer(module, "weight_quantizer")
+        input_q = child_quantizer(module, "input_quantizer")
+        if weight_q is None or not (weight_q.is_enabled or (input_q is not None and input_q.is_enabled)):
+            continue
+        handles.append(module.register_forward_hook(hook(name)))
+    if not handles:
+        return []
+    parameter = next(model.parameters())
+    tokens = torch.ones((1, 2), dtype=torch.long, device=parameter.device)
+    try:
+        with torch.no_grad(), all_quantizers_off(model):
+            model(input_ids=tokens, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [names for names in inputs.values() if len(names) > 1]
+
+
+def _group_max(amaxes: list[torch.Tensor]) -> torch.Tensor:
+    return torch.max(torch.stack([a.reshape(()) for a in amaxes]))
+
+
+def _required_amax(name: str, quantizer: TensorQuantizer) -> torch.Tensor:
+    amax = quantizer.amax
+    if amax is None:
+        raise ValueError(
+            f"{name} is enabled but has no amax: a checkpoint needs calibrated scales. Run "
+            "rq.quantize_model(model, recipe, calib_batches) (max calibration) before exporting."
+        )
+    return amax
+
+
+def _uniform(quantizers: dict[str, TensorQuantizer], attribute: str) -> str:
+    values = {getattr(q, attribute) for q in quantizers.values()}
+    if len(values) > 1:
+        raise ValueError(
+            f"the model's quantizers use different {attribute}s ({sorted(values)}); a checkpoint is "
+            f"written with one. Call rq.insert_quantizers(model, {attribute}=...) to set one for all."
+        )
+    return values.pop() if values else ("reference" if attribute == "backend" else "modelopt-cpu")
+
+
+def _kv_cache_algo(model: nn.Module) -> Optional[str]:
+    """modelopt's kv_cache_quant_algo: "FP8" if an enabled K/V (or output) quantizer is FP8, else
+    "NVFP4" if one is NVFP4; None when none is enabled; one format for the whole model."""
+    found: Optional[str] = None
+    for name, module in model.named_modules():
+        formats = [
+            q.config.format
+            for attr in ("k_bmm_quantizer", "v_bmm_quantizer", "output_quantizer")
+            if (q := child_quantizer(module, attr)) is not None and q.is_enabled
+        ]
+        if not formats:
+            continue
+        algo = "FP8" if "fp8" in formats else "NVFP4"
+        if found is not None and algo != found:
+            raise ValueError(
+                f"{name}: KV cache quantized as {algo} while another layer uses {found}; the checkpoint "
+                "has one kv_cache_quant_algo. Quantize K and V alike in every attention module."
+            )
+        found = algo
+    return found
+
+
+def plan_export(model: nn.Module) -> ExportPlan:
+    """Compute every tensor and config entry the checkpoint of `model` holds; the model is unchanged."""
+    quantizers = dict(named_quantizers(model))
+    if not any(q.is_enabled for q in quantizers.values()):
+        raise ValueError(
+            f"{type(model).__name__} has no enabled quantizer, so there is nothing to export as a "
+            "quantized checkpoint. Quantize it first: rq.quantize_model(model, recipe, calib_batches)."
+        )
+    for name, quantizer in quantizers.items():
+        if quantizer.is_calibrating:
+            raise ValueError(f"{name} is still calibrating; finish calibration before exporting.")
+    flavor = _uniform(quantizers, "flavor")
+    backend = _uniform(quantizers, "backend")
+    formats = _quantizable_layers(model)
+    modules = dict(model.named_modules())
+
+    weight_amax: dict[str, torch.Tensor] = {}
+    input_amax: dict[str, Optional[torch.Tensor]] = {}
+    for name, fmt in formats.items():
+        if fmt is None:
+            continue
+        module = modules[name]
+        weight_amax[name] = _required_amax(f"{name}.weight_quantizer", module.weight_quantizer)
+        input_q = child_quantizer(module, "input_quantizer")
+        input_amax[name] = input_q.amax if input_q is not None and input_q.is_enabled else None
+
+    compressed = {name for name in weight_amax if isinstance(modules[name].weight_quantizer, CompressedWeightQuantizer)}
+    fused_groups = []
+    if len(compressed) < len(weight_amax):  # a fully compressed model carries its fused amaxes already
+        for group in shared_input_groups(model):
+            group_formats = {formats.get(name) for name in group}
+            if len(group_formats) != 1:
+                raise ValueError(
+                    f"layers {group} read the same input but are quantized differently "
+                    f"({sorted(map(str, group_formats))}); deployment fuses them, so they need one format."
+                )
+            if group_formats.pop() not in FUSED_FORMATS:
+                continue
+            fused_groups.append(group)
+            fused_weight = _group_max([weight_amax[name] for name in group])
+            for name in group:
+                weight_amax[name] = fused_weight.to(weight_amax[name].dtype)
+            if all(input_amax[name] is not None for name in group):
+                fused_input = _group_max([input_amax[name] for name in group])
+                for name in group:
+                    input_amax[name] = fused_input.to(input_amax[name].dtype)
+
+    linears = {}
+    for name in weight_amax:
+        module = modules[name]
+        if name in compressed:
+            tensors = dict(module.weight_quantizer.exported)
+        else:
+            tensors = export_linear_tensors(name, module, formats[name], weight_amax[name], input_amax[name], flavor)
+        linears[name] = LinearExport(name, formats[name], weight_amax[name], input_amax[name], tensors)
+
+    kv_scales = {}
+    for name, module in modules.items():
+        for attr, suffix in KV_QUANTIZERS.items():
+            quantizer = child_quantizer(module, attr)
+            if quantizer is not None and quantizer.is_enabled and quantizer.is_calibrated:
+                key = f"{name}.{suffix}" if name else suffix
+                kv_scales[key] = _fp8_scale(quantizer.amax, flavor)
+
+    hf_quant_config = {
+        "producer": {"name": "modelopt", "version": MODELOPT_FORMAT_VERSION},
+        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+    }
+    hf_quant_config["quantization"].update(layer_quant_config(formats))
+    kv_algo = _kv_cache_algo(model)
+    if kv_algo is not None:
+        hf_quant_config["quantization"]["kv_cache_quant_algo"] = kv_algo
+    return ExportPlan(linears, kv_scales, fused_groups, hf_quant_config, flavor, backend, quantizers)

@@ -1,0 +1,75 @@
+"""The checkpoint tensors of one quantized linear, and the weight a runtime reads back from them;
+every number computed by refquant's numerics in the quantizers' flavor."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ...numerics.formats import E2M1_MAX, E4M3_MAX
+from ...numerics.fp8 import FP8Tensor, _divide_by_448, fp8_quantize
+from ...numerics.nvfp4 import NVFP4Tensor, global_scale_from_amax, nvfp4_quantize
+from ...quant.quantizer import child_quantizer
+
+
+def _export_amax(amax: torch.Tensor, maxbound: float, clamp: bool) -> torch.Tensor:
+    """modelopt's TensorQuantizer.export_amax: zero or NaN amax -> maxbound (a layer calibration
+    never reached; 448 for FP8, 6 for NVFP4); FP8 also clamps to [tiny, max] of the amax dtype."""
+    amax = torch.where(amax == 0, torch.full_like(amax, maxbound), amax)
+    amax = torch.nan_to_num(amax, nan=maxbound)
+    if clamp:
+        info = torch.finfo(amax.dtype)
+        amax = amax.clamp(min=info.tiny, max=info.max)
+    return amax
+
+
+def _fp8_scale(amax: torch.Tensor, flavor: str) -> torch.Tensor:
+    """fp32 amax / 448 per flavor: modelopt's `amax.float() / 448.0` (SPEC.md 2.4)."""
+    return _divide_by_448(amax.float(), flavor)
+
+
+def export_linear_tensors(
+    name: str, module: nn.Module, fmt: str, weight_amax: torch.Tensor, input_amax: Optional[torch.Tensor], flavor: str
+) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one quantized linear (modelopt's _export_quantized_weight).
+
+    weight_amax / input_amax: the amaxes after fusion. The weight is quantized in its own dtype.
+    """
+    weight = module.weight.detach()
+    input_q = child_quantizer(module, "input_quantizer")
+    tensors: dict[str, torch.Tensor] = {}
+    if fmt == "fp8":
+        weight_scale = _fp8_scale(weight_amax, flavor).reshape(())
+        tensors["weight"] = fp8_quantize(weight, scale=weight_scale, flavor=flavor).data
+        tensors["weight_scale"] = weight_scale
+        # modelopt writes an FP8 input scale whenever the input quantizer holds a calibrated amax.
+        if input_q is not None and input_q.is_calibrated:
+            tensors["input_scale"] = _fp8_scale(_export_amax(input_q.amax, E4M3_MAX, clamp=True), flavor).reshape(())
+        return tensors
+    quantized = nvfp4_quantize(weight, amax=weight_amax.reshape(()), flavor=flavor)
+    tensors["weight"] = quantized.packed
+    tensors["weight_scale"] = quantized.block_scale
+    tensors["weight_scale_2"] = quantized.global_scale.reshape(())
+    if fmt == "nvfp4" and input_amax is not None:
+        # NVFP4 activations: amax / (6 * 448), from the fused amax
+        sanitized = _export_amax(input_amax, E2M1_MAX, clamp=False)
+        tensors["input_scale"] = global_scale_from_amax(sanitized.float(), flavor).reshape(())
+    return tensors
+
+
+def dequantize_linear_weight(fmt: str, tensors: dict[str, torch.Tensor], shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """The weight a checkpoint layer holds, as the nearest `dtype` values: code * scale formed in
+    fp32 (as a runtime's GEMM applies its fp32 scales), rounded once to `dtype`. (modelopt's
+    FP8QTensor.dequantize multiplies in `dtype`, rounding the scale first; we do not copy that.)"""
+    if fmt == "fp8":
+        fp8 = FP8Tensor(data=tensors["weight"], scale=tensors["weight_scale"], dtype=torch.float32)
+        return fp8.dequantize().to(dtype)
+    return NVFP4Tensor(
+        packed=tensors["weight"],
+        block_scale=tensors["weight_scale"],
+        global_scale=tensors["weight_scale_2"],
+        shape=torch.Size(shape),
+        dtype=dtype,
+    ).dequantize()
