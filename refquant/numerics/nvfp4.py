@@ -128,9 +128,12 @@ def nvfp4_fake_block_scale(block_amax: torch.Tensor, global_scale: torch.Tensor)
 
 
 def nan_ignoring_block_max(magnitude: torch.Tensor) -> torch.Tensor:
-    """max over the last dim skipping NaN, NaN when every element is NaN (Triton's tl.max)."""
-    block_max = torch.where(torch.isnan(magnitude), 0.0, magnitude).amax(dim=-1, keepdim=True)
-    return torch.where(torch.isnan(magnitude).all(dim=-1, keepdim=True), float("nan"), block_max)
+    """max over the last dim of |x| >= 0 skipping NaN, NaN when every element is NaN (Triton's tl.max).
+
+    One reduction: NaN enters as -1, below every magnitude, so a max of -1 marks an all-NaN block.
+    """
+    block_max = torch.where(torch.isnan(magnitude), -1.0, magnitude).amax(dim=-1, keepdim=True)
+    return torch.where(block_max < 0, float("nan"), block_max)
 
 
 def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> torch.Tensor:
