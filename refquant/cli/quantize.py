@@ -165,7 +165,7 @@ def register(subparsers) -> None:
     add("--backend", choices=("reference", "compiled"), default="reference",
         help="numerics: the eager reference or refquant.compiled")
     add("--flavor", choices=("modelopt-cpu", "modelopt-cuda"), default="modelopt-cpu",
-        help="which modelopt run the FP8 numerics reproduce (CONTRACT.md point 2)")
+        help="which modelopt run the FP8 numerics reproduce (refquant's docs/contract.md §2)")
     add("--out", default=DEFAULT_OUT, metavar="DIR", help="checkpoint folder to create (must not exist)")
     add("--report-json", metavar="FILE", help="also write the report as JSON to FILE")
     add("--calib-batches", type=int, default=16, metavar="N", help="calibration batches")

@@ -1,5 +1,6 @@
 """Post-training quantization of a PyTorch / transformers model: insert, apply a recipe, calibrate,
-report. Semantics are modelopt's `mtq.quantize(model, cfg, forward_loop)` (SPEC.md sections 6, 7, 9).
+report. Semantics are modelopt's `mtq.quantize(model, cfg, forward_loop)`
+(docs/modelopt_behaviour.md §6, §7, §9).
 
     report = quantize_model(model, recipe, calib_batches, eval_batch=batch)   # in place
     print(report.to_table())
@@ -11,10 +12,11 @@ report. Semantics are modelopt's `mtq.quantize(model, cfg, forward_loop)` (SPEC.
    turns on (its input is token ids). Names are modelopt's, so recipe patterns mean the same
    (`model.layers.0.self_attn.k_bmm_quantizer`). All start disabled.
 2. apply_recipe (refquant.quant.recipe): the recipe's rules, in order, later wins.
-3. max calibration (SPEC.md 6.1): model.eval(); every enabled quantizer stops quantizing and starts
-   collecting max|x| (constant-amax ones only pass data through); every weight passes once through
-   its weight quantizer; the forward loop runs over the calibration batches without gradients;
-   each quantizer stores what it saw as `_amax` and quantizes from then on.
+3. max calibration (docs/modelopt_behaviour.md §6.1): model.eval(); every enabled quantizer stops
+   quantizing and starts collecting max|x| (constant-amax ones only pass data through); every
+   weight passes once through its weight quantizer; the forward loop runs over the calibration
+   batches without gradients; each quantizer stores what it saw as `_amax` and quantizes from then
+   on.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class QuantLinearMixin:
 
     Mixed in front of the layer's own class (a QuantLinear is still an nn.Linear), so the layer's
     name, weight and bias are untouched; the weight is fake-quantized from the master weight at
-    every forward, nothing is cached (SPEC.md 6.3).
+    every forward, nothing is cached (docs/modelopt_behaviour.md §6.3).
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -171,10 +173,12 @@ def _is_weight_quantizer(name: str) -> bool:
 
 
 def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: bool = True) -> tuple[int, int]:
-    """modelopt's max calibration (SPEC.md 6.1) over the model's enabled quantizers, in place.
+    """modelopt's max calibration (docs/modelopt_behaviour.md §6.1) over the model's enabled
+    quantizers, in place.
 
     Returns (batches, tokens) seen. Raises ValueError when no batch came although an enabled
-    activation quantizer needs one (it would silently fall back to a per-call amax, SPEC.md 10.13).
+    activation quantizer needs one (it would silently fall back to a per-call amax,
+    docs/modelopt_behaviour.md §10.13).
     """
     was_training = model.training
     model.eval()

@@ -3,9 +3,9 @@
     rq.export_checkpoint(model, out_dir)      # what TensorRT-LLM, vLLM and SGLang load
     model2 = rq.load_checkpoint(out_dir)      # a runnable model again (== rq.compress_weights(model))
 
-The checkpoint is what modelopt 0.47's `export_hf_checkpoint` writes (SPEC.md 2.4, 4.1, 4.8, 5.6;
-modelopt/torch/export/unified_export_hf.py, quant_utils.py), every number computed by refquant's
-own numerics in the quantizers' flavor:
+The checkpoint is what modelopt 0.47's `export_hf_checkpoint` writes (docs/modelopt_behaviour.md
+§2.4, §4.1, §4.8, §5.6; modelopt/torch/export/unified_export_hf.py, quant_utils.py), every number
+computed by refquant's own numerics in the quantizers' flavor:
 
   FP8 layer    weight        float8_e4m3fn [out, in]   E4M3(W / weight_scale), the FP8QTensor division
                weight_scale  fp32 0-d                  weight amax / 448
@@ -20,7 +20,7 @@ own numerics in the quantizers' flavor:
                model.safetensors (sharded with an index past 10 GB, as modelopt), and
                refquant_quantizers.json: refquant's exact quantizer state, which runtimes ignore.
 
-"a / c" above is the flavor's division (CONTRACT.md point 2): IEEE on "modelopt-cpu", a multiply by
+"a / c" above is the flavor's division (docs/contract.md §2): IEEE on "modelopt-cpu", a multiply by
 fp32(1 / c) on "modelopt-cuda" (modelopt's `tensor / python_float` on a GPU).
 
 Layers that deployment fuses (inputs shared, found as modelopt finds them: one forward of two
