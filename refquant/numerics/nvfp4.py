@@ -19,7 +19,7 @@ import torch
 
 from .checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input, max_abs
 from .fp8 import divide_by_constant
-from .gpu_division import approx_divide, approx_reciprocal_fp32
+from .gpu_division import approx_reciprocal_fp32
 from .formats import (
     E4M3_DTYPE,
     E4M3_MAX,
@@ -121,7 +121,9 @@ def nvfp4_fake_block_scale(block_amax: torch.Tensor, global_scale: torch.Tensor)
     or all-zero blocks).
     """
     g = torch.where(global_scale > 0, global_scale, torch.full_like(global_scale, NVFP4_GLOBAL_SCALE_FLOOR))
-    ideal = approx_divide(block_amax, g * E2M1_MAX)
+    # m / fl(6 g') as the kernel divides. fl(6 g') is +inf or within [6e-12, 2^120): its reciprocal
+    # is a normal fp32 (or 0), so the fp32 product rounds the exact m * R once, as div.full.f32 does.
+    ideal = block_amax * approx_reciprocal_fp32(g * E2M1_MAX)
     ideal = torch.where(ideal < E4M3_MAX, ideal, E4M3_MAX)  # NaN fails the test: 448, as tl.minimum
     scale = ideal.to(E4M3_DTYPE).float() * g
     return torch.where(scale >= NVFP4_BLOCK_SCALE_FLOOR, scale, torch.ones_like(scale))
