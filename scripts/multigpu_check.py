@@ -38,6 +38,7 @@ os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import gc  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -247,6 +248,7 @@ def run_split(args) -> int:
             print(result["traceback"], file=sys.stderr, flush=True)
         failed |= not result["ok"]
         write_json(out / "split.json", document)
+        gc.collect()  # accelerate's hooks make reference cycles: free the dispatched copy now
         if args.device == "cuda":
             torch.cuda.empty_cache()
 
