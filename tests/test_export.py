@@ -289,7 +289,7 @@ def test_existing_output_folder_is_refused_and_left_alone(tmp_path):
 def test_interrupted_export_leaves_no_checkpoint_behind(tmp_path, monkeypatch):
     model = quantized("fp8_default-fp8_cast_kv")
 
-    def fail_midway(state_dict, folder):
+    def fail_midway(tensors, folder, *args):
         (folder / "model.safetensors").write_bytes(b"half")  # a partial file, then the failure
         raise OSError("disk full (injected)")
 
