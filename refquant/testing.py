@@ -1,9 +1,10 @@
 """Bit-exact comparison for kernel engineers: refquant.testing.assert_bitexact(actual, expected).
 
 Compares bit patterns (NaN equals NaN whatever its payload, since CUDA and CPU write different
-NaN bits, SPEC.md P9). On a mismatch it raises AssertionError with the count, the first
-mismatching indices, both values and their bits decoded: sign/exponent/mantissa for floats and
-E4M3, code and value for E2M1 nibbles, and the block and its scale for NVFP4Tensor pairs.
+NaN bits, docs/modelopt_behaviour.md P9). On a mismatch it raises AssertionError with the count,
+the first mismatching indices, both values and their bits decoded: sign/exponent/mantissa for
+floats and E4M3, code and value for E2M1 nibbles, and the block and its scale for NVFP4Tensor
+pairs.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ KV_PATTERN = "*[kv]_bmm_quantizer"
 def modelopt_quant_cfg(recipe: str) -> dict:
     """The quant_cfg modelopt uses for `recipe`. nvfp4_default-nvfp4_kv is the NVFP4 body with the
     calibrated kv_nvfp4 unit in the KV slot: nvfp4_default-kv_nvfp4_cast with its KV entry's cfg
-    replaced by the unit's (SPEC.md 7.5)."""
+    replaced by the unit's (docs/modelopt_behaviour.md §7.5)."""
     from modelopt.recipe import load_recipe
     from modelopt.torch.opt.config_loader import load_config
 
@@ -343,7 +343,8 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda"):
         from modelopt.torch.quantization.extensions import get_cuda_ext_fp8
 
-        # SPEC.md 1.1: with its CUDA extension modelopt's FP8 fake quant is "modelopt-cuda"; without, eager
+        # docs/modelopt_behaviour.md §1.1: with its CUDA extension modelopt's FP8 fake quant is
+        # "modelopt-cuda"; without, eager
         fp8_path = "CUDA extension" if get_cuda_ext_fp8() is not None else "eager fallback (no extension)"
     print(f"modelopt FP8 fake quant path: {fp8_path}")
     print(table(results, device_name))

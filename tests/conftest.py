@@ -1,4 +1,5 @@
-"""Shared test fixtures: the spec's vectors (in tests/vectors/), and how to load them."""
+"""Shared test fixtures: the test vectors (tests/vectors/, described in docs/test_vectors.md), and how
+to load them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Bad input gets a ValueError that names the bad value and says what to do (issue 3, CONTRACT.md).
+"""Bad input gets a ValueError that names the bad value and says what to do (issue 3,
+docs/contract.md).
 
 One row per mistake: the call, and words the message must contain (what is wrong, and the fix).
 """
@@ -80,12 +81,14 @@ def test_bad_input_raises_value_error_that_names_the_problem(call, fragments):
     ids=["zero", "tiny", "zero_tensor", "bf16_tensor", "shape_1", "per_row", "per_column"],
 )
 def test_fp8_fake_quant_accepts_every_valid_amax_form(amax):
-    """Edge values that are valid: amax 0 and tiny amax act as 1.0 (SPEC.md 1.5), keep-dims shapes."""
+    """Edge values that are valid: amax 0 and tiny amax act as 1.0 (docs/modelopt_behaviour.md
+    §1.5), keep-dims shapes."""
     y = rq.fp8_fake_quant(X, amax)
     assert y.shape == X.shape and y.dtype == X.dtype
 
 
 def test_nvfp4_accepts_zero_global_amax():
-    """G = 0 (calibrated on zeros) is valid: defined outputs, SPEC.md 3.5 and CONTRACT.md point 5."""
+    """G = 0 (calibrated on zeros) is valid: defined outputs, docs/modelopt_behaviour.md §3.5 and
+    docs/contract.md §5."""
     assert torch.isfinite(rq.nvfp4_fake_quant(X, 0.0)).all()
     assert torch.isfinite(rq.nvfp4_quantize(torch.zeros(2, 16), 0.0).dequantize()).all()

@@ -9,8 +9,9 @@ cast-based path, so these tests do not just compare refquant with itself.
 NVFP4: every finite bf16 value in its own block (nvfp4_fake_sweep.pt) through real quant, fake
 quant, and an independent E2M1 rounding. What holds there: fake quant == real dequantize, bit for
 bit, for all 2 x 65,280 blocks of the sweep (and both equal modelopt's CPU stand-in and its Triton
-kernel): with these block scales |x| * rcp(S) and x / S never straddle an E2M1 decision point, and
-no block scale underflows (the two places where fake and real NVFP4 part, docs/numerics.md).
+kernel): with these block scales the kernel's division |x| * R(S) (R the GPU's reciprocal) and the
+IEEE x / S never straddle an E2M1 decision point, and no block scale underflows (the two places
+where fake and real NVFP4 part, docs/numerics.md).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def oracle_e4m3(v: torch.Tensor) -> torch.Tensor:
 
 
 def spec_scales(amax: float, flavor: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC.md 1.3 / 1.4 written out: (s, rcp(s)) in fp32."""
+    """docs/modelopt_behaviour.md §1.3 / §1.4 written out: (s, rcp(s)) in fp32."""
     a = torch.tensor(amax, dtype=torch.float32)
     a = torch.where(a <= 2.0**-24, torch.ones_like(a), a)
     if flavor == "modelopt-cpu":
@@ -133,7 +134,7 @@ def test_fp8_fake_quant_over_all_bf16_patterns(amax, flavor):
     if expected is not None:
         assert_bitexact(y, expected, f"modelopt vector, amax {amax}, {flavor}")
 
-    # Independent pipeline: SPEC.md 1.3 with the enumerated E4M3 rounding.
+    # Independent pipeline: docs/modelopt_behaviour.md §1.3 with the enumerated E4M3 rounding.
     v = (x.float() * s).clamp(-E4M3_MAX, E4M3_MAX)
     assert_bitexact(y, (oracle_e4m3(v) * inv).to(torch.bfloat16), f"independent E4M3 model, amax {amax}")
 
@@ -156,7 +157,7 @@ def test_fp8_fake_quant_over_all_bf16_patterns(amax, flavor):
     assert bool((y_sorted[1:] >= y_sorted[:-1]).all()), "fake quant must be monotone"
 
     # Outputs lie on the E4M3 grid times the inverse scale, and every grid point is reached:
-    # 126 magnitudes of each sign plus zero = 253 distinct values (vectors/README.md).
+    # 126 magnitudes of each sign plus zero = 253 distinct values (docs/test_vectors.md §5.1).
     grid = torch.cat([-e4m3_positive_values().flip(0), e4m3_positive_values()]).float()
     on_grid = (grid * inv).to(torch.bfloat16).unique()
     assert bool(torch.isin(y[finite_in], on_grid).all())

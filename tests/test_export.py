@@ -1,10 +1,10 @@
 """export_checkpoint / load_checkpoint / compress_weights on tiny transformers models.
 
 What is checked: the checkpoint's tensor names, dtypes and shapes per shipped recipe (modelopt's
-unified HF layout, SPEC.md 2.4, 4.1, 4.8, 5.6), its scale values against the spec's formulas
-computed here independently, the shared scales of fused NVFP4 layers, the configs, and that a
-reloaded checkpoint runs bit for bit like compress_weights(model). scripts/compare_modelopt.py
-compares the same checkpoints with modelopt's own export, byte for byte.
+unified HF layout, docs/modelopt_behaviour.md §2.4, §4.1, §4.8, §5.6), its scale values against
+those sections' formulas computed here independently, the shared scales of fused NVFP4 layers, the
+configs, and that a reloaded checkpoint runs bit for bit like compress_weights(model).
+scripts/compare_modelopt.py compares the same checkpoints with modelopt's own export, byte for byte.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def test_checkpoint_tensor_names_dtypes_and_shapes_follow_modelopt_per_recipe(ex
                 assert tensors[f"{name}.weight_scale"].shape == ()
             assert tensors[f"{name}.input_scale"].dtype == torch.float32
             assert tensors[f"{name}.input_scale"].shape == ()
-        if calibrated_kv:  # cast KV has no amax to export (SPEC.md 5.6)
+        if calibrated_kv:  # cast KV has no amax to export (docs/modelopt_behaviour.md §5.6)
             expected |= {f"{prefix}.self_attn.k_proj.k_scale", f"{prefix}.self_attn.v_proj.v_scale"}
     assert set(tensors) == expected
     for key in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
@@ -150,7 +150,7 @@ def test_configs_describe_the_recipe_as_modelopt_does(exported):
     assert state["flavor"] == "modelopt-cpu" and len(state["layers"]) == 14
 
 
-# --- values: the spec's formulas, computed here ---------------------------------------------
+# --- values: modelopt's formulas, computed here --------------------------------------------
 
 
 def _ieee_scale(amax: torch.Tensor, denominator: float) -> torch.Tensor:
@@ -167,7 +167,8 @@ def test_fp8_checkpoint_values_are_amax_over_448_and_the_fp8qtensor_division():
             weight_scale = _ieee_scale(module.weight_quantizer.amax, 448.0)
             assert_same_bits(folder_tensors[f"{name}.weight_scale"], weight_scale, name)
             assert_same_bits(folder_tensors[f"{name}.input_scale"], _ieee_scale(module.input_quantizer.amax, 448.0), name)
-            # FP8 export: (bf16 W / fp32 scale) rounds to bf16 first, then to E4M3 (SPEC.md 2.2, 2.4)
+            # FP8 export: (bf16 W / fp32 scale) rounds to bf16 first, then to E4M3
+            # (docs/modelopt_behaviour.md §2.2, §2.4)
             codes = (module.weight.float() / weight_scale).to(torch.bfloat16).float().clamp(-448, 448).to(torch.float8_e4m3fn)
             assert_same_bits(folder_tensors[f"{name}.weight"], codes, name)
         attention = model.get_submodule(f"model.layers.{layer}.self_attn")
@@ -288,7 +289,7 @@ def test_existing_output_folder_is_refused_and_left_alone(tmp_path):
 def test_interrupted_export_leaves_no_checkpoint_behind(tmp_path, monkeypatch):
     model = quantized("fp8_default-fp8_cast_kv")
 
-    def fail_midway(state_dict, folder):
+    def fail_midway(tensors, folder, *args):
         (folder / "model.safetensors").write_bytes(b"half")  # a partial file, then the failure
         raise OSError("disk full (injected)")
 

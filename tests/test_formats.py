@@ -19,7 +19,7 @@ from refquant.numerics.nvfp4 import e2m1_magnitude_index
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "numerics.md"
 
-# --- constants (SPEC.md section 0) ---------------------------------------------------------------
+# --- constants (docs/modelopt_behaviour.md §0) ---------------------------------------------------
 
 CONSTANT_ROWS = [
     # (what, value as refquant computes it in fp32, fp32 bits)
@@ -38,17 +38,20 @@ CONSTANT_ROWS = [
 
 @pytest.mark.parametrize("what, value, bits", CONSTANT_ROWS, ids=[row[0].split(" ")[0] for row in CONSTANT_ROWS])
 def test_constant_has_the_fp32_bits_of_the_spec(what, value, bits):
-    assert fp32_bits(value) == bits, f"{what}: 0x{fp32_bits(value):08X}, spec says 0x{bits:08X}"
+    actual = fp32_bits(value)
+    assert actual == bits, f"{what}: 0x{actual:08X}, docs/modelopt_behaviour.md §0 says 0x{bits:08X}"
 
 
 def test_rcp_2688_is_what_a_cuda_tensor_divided_by_2688_multiplies_by():
-    """SPEC.md P2: on CUDA `t / 2688.0` is `t * fp32(1/2688)`; our constant is that fp32 value."""
+    """docs/modelopt_behaviour.md P2: on CUDA `t / 2688.0` is `t * fp32(1/2688)`; our constant is
+    that fp32 value."""
     assert torch.tensor(formats.RCP_2688, dtype=torch.float32).item() == formats.RCP_2688  # exactly fp32
     assert fp32_bits(formats.RCP_2688) == fp32_bits(float(torch.reciprocal(torch.tensor(2688.0))))
 
 
 def test_rcp_448_is_what_a_cuda_tensor_divided_by_448_multiplies_by():
-    """SPEC.md P2, FP8QTensor's `amax / 448.0` on CUDA: our constant is exactly fp32(1/448)."""
+    """docs/modelopt_behaviour.md P2, FP8QTensor's `amax / 448.0` on CUDA: our constant is exactly
+    fp32(1/448)."""
     assert torch.tensor(formats.RCP_448, dtype=torch.float32).item() == formats.RCP_448  # exactly fp32
     assert fp32_bits(formats.RCP_448) == fp32_bits(float(torch.reciprocal(torch.tensor(448.0))))
 
@@ -84,7 +87,7 @@ def test_e4m3_limits_are_those_of_float8_e4m3fn():
     assert smallest == formats.E4M3_MIN_SUBNORMAL
 
 
-# --- E2M1 code table (SPEC.md 4.4) ----------------------------------------------------------------
+# --- E2M1 code table (docs/modelopt_behaviour.md §4.4) --------------------------------------------
 
 E2M1_CODE_ROWS = [
     # code, value, note
@@ -114,7 +117,7 @@ def test_e2m1_code_table(code, value, note):
     assert fp32_bits(decoded.item()) == fp32_bits(value), note  # +0.0 for both zeros, by bits
 
 
-# --- E2M1 rounding (SPEC.md 3.4): magnitude -> code, one row per value -----------------------------
+# --- E2M1 rounding (docs/modelopt_behaviour.md §3.4): magnitude -> code, one row per value ---------
 
 E2M1_ROUNDING_ROWS = [
     # u (magnitude), expected magnitude index (= code), note

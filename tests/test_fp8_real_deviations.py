@@ -1,4 +1,4 @@
-"""FP8 real quant where modelopt gives garbage and refquant a defined result (CONTRACT.md point 5).
+"""FP8 real quant where modelopt gives garbage and refquant a defined result (docs/contract.md §5).
 
 modelopt's FP8QTensor divides by amax / 448 with no zero guard: an all-zero tensor, channel or
 block gets scale 0 and 0 / 0 = NaN bytes. refquant writes zero bytes there (scale stays 0, as

@@ -1,10 +1,11 @@
 """FP8 E4M3 against modelopt's own outputs: every case of every FP8 vector file, bit for bit.
 
-Fake quant (TensorQuantizer, SPEC.md section 1): fp8_fake_exhaustive / random / per_channel are
-modelopt's CPU run (flavor "modelopt-cpu"); fp8_fake_cuda holds the cases whose CUDA output differs
-(flavor "modelopt-cuda"). Real quant (FP8QTensor, section 2): fp8_real. NaN compares as NaN.
+Fake quant (TensorQuantizer, docs/modelopt_behaviour.md §1): fp8_fake_exhaustive / random /
+per_channel are modelopt's CPU run (flavor "modelopt-cpu"); fp8_fake_cuda holds the cases whose
+CUDA output differs (flavor "modelopt-cuda"). Real quant (FP8QTensor, §2): fp8_real. NaN compares
+as NaN.
 Every test runs on CPU and, where a GPU is present, on CUDA: refquant promises the same bits on
-both (CONTRACT.md point 1).
+both (docs/contract.md §1).
 """
 
 from __future__ import annotations

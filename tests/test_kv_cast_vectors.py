@@ -1,4 +1,5 @@
-"""KV-cache "cast" quantizers (use_constant_amax=True, SPEC.md section 5) against kv_cast.pt.
+"""KV-cache "cast" quantizers (use_constant_amax=True, docs/modelopt_behaviour.md §5) against
+kv_cast.pt.
 
 modelopt pins amax to 448.0 (the E4M3 max) and keeps no amax buffer. FP8: scale exactly 1, so
 fp8_fake_quant(x, 448.0) is x clamped to +-448 and rounded to E4M3. NVFP4: the vectors hold the CPU
@@ -35,7 +36,8 @@ def test_kv_cast_cases_use_the_constant_amax_448_and_no_buffer():
 @pytest.mark.parametrize("flavor", ["modelopt-cpu", "modelopt-cuda"])
 @pytest.mark.parametrize("case", _cases("fp8"))
 def test_fp8_kv_cast_is_fake_quant_with_amax_448(case, flavor, device):
-    """Both flavors agree here: 448 * rcp(448) and 448 / 448 are both exactly 1 (SPEC.md 1.4)."""
+    """Both flavors agree here: 448 * rcp(448) and 448 / 448 are both exactly 1
+    (docs/modelopt_behaviour.md §1.4)."""
     actual = rq.fp8_fake_quant(case["x"].to(device), E4M3_MAX, flavor=flavor)
     assert_bitexact(actual, case["y"], case["name"])
 

@@ -1,11 +1,11 @@
 """NVFP4 against modelopt's own outputs, bit for bit.
 
-- Real quant (NVFP4QTensor, SPEC.md section 4): nvfp4_real.pt, and the CPU stand-in files
-  nvfp4_fake.pt and nvfp4_fake_sweep.pt (NVFP4QTensor quantize + dequantize): global scale ==
-  wsf2, block scale bits, packed bytes, codes (when stored) and dequantize() == y, exactly.
-- Fake quant (the Triton kernel behind TensorQuantizer, section 3.3): nvfp4_fake_cuda.pt, every
-  element of every case, with the kernel's approximate division reproduced (CONTRACT.md point 3).
-Every test runs on CPU and, where a GPU is present, on CUDA (CONTRACT.md point 1).
+- Real quant (NVFP4QTensor, docs/modelopt_behaviour.md §4): nvfp4_real.pt, and the CPU stand-in
+  files nvfp4_fake.pt and nvfp4_fake_sweep.pt (NVFP4QTensor quantize + dequantize): global scale
+  == wsf2, block scale bits, packed bytes, codes (when stored) and dequantize() == y, exactly.
+- Fake quant (the Triton kernel behind TensorQuantizer, §3.3): nvfp4_fake_cuda.pt, every element
+  of every case, with the kernel's approximate division reproduced (docs/contract.md §3).
+Every test runs on CPU and, where a GPU is present, on CUDA (docs/contract.md §1).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def test_nvfp4_quantize_matches_nvfp4qtensor_on_every_finite_bf16_value(case, de
     _assert_real_case(_quantize(case, device), case)
 
 
-# Where refquant deviates from modelopt on purpose (CONTRACT.md point 5); the other observed_only
+# Where refquant deviates from modelopt on purpose (docs/contract.md §5); the other observed_only
 # cases are compared, and marked xfail (with the difference) should modelopt's bits ever differ.
 OUR_DEVIATIONS = {"all_zero_tensor_amax_computed"}
 
@@ -110,7 +110,7 @@ def _fake_cuda_cases() -> list:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", _fake_cuda_cases())
 def test_nvfp4_fake_quant_matches_triton_kernel_bit_for_bit(case, device):
-    """Every element of every case, observed_only ones included: 0 differ (CONTRACT.md point 3;
+    """Every element of every case, observed_only ones included: 0 differ (docs/contract.md §3;
     the allowance of 3 near-tie elements that the IEEE reciprocal needed is gone)."""
     amax = _fake_amax(case)
     x = _source_case(case)["x"]
@@ -120,7 +120,7 @@ def test_nvfp4_fake_quant_matches_triton_kernel_bit_for_bit(case, device):
 
 def test_the_ieee_division_would_miss_the_kernel():
     """The cases above can tell the kernel's division from IEEE's: with |x| / S and m / d taken as
-    IEEE quotients, 70 elements of the file differ (CONTRACT.md point 3)."""
+    IEEE quotients, 70 elements of the file differ (docs/contract.md §3)."""
     differing = 0
     for case in vector_cases("nvfp4_fake_cuda.pt"):
         x = _source_case(case)["x"]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
 from conftest import REPO
 
 import refquant as rq
@@ -21,9 +22,12 @@ PUBLIC_NAMES = [
 ]
 
 
-def run_python(code: str) -> subprocess.CompletedProcess:
-    """`code` in a fresh interpreter that imports this checkout's refquant (cwd first on sys.path)."""
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+def python_output(*args: str) -> str:
+    """stdout of `python3 ARGS` in a fresh interpreter started in the repository root (so it imports
+    this checkout's refquant); fails when it exits nonzero."""
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
 
 
 def test_public_names_are_unchanged_and_all_resolve():
@@ -33,34 +37,31 @@ def test_public_names_are_unchanged_and_all_resolve():
 
 
 def test_import_refquant_does_not_import_compiled_or_dynamo():
-    result = run_python(
+    loaded = python_output(
+        "-c",
         "import sys, refquant\n"
-        "print(sorted(m for m in ('refquant.compiled', 'torch._dynamo', 'torch._inductor') if m in sys.modules))"
+        "print(sorted(m for m in ('refquant.compiled', 'torch._dynamo', 'torch._inductor') if m in sys.modules))",
     )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert loaded == "[]"
 
 
 def test_compiled_works_after_a_plain_import_refquant():
-    result = run_python(
+    result = python_output(
+        "-c",
         "import sys, torch\n"
         "import refquant as rq\n"
         "assert 'compiled' in dir(rq) and 'refquant.compiled' not in sys.modules\n"
         "x = torch.randn(4, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)\n"
         "rq.testing.assert_bitexact(rq.compiled.nvfp4_quantize(x, 3.0), rq.nvfp4_quantize(x, 3.0))\n"
         "assert rq.compiled is sys.modules['refquant.compiled']\n"
-        "print('ok')"
+        "print('ok')",
     )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    assert result == "ok"
 
 
 def test_unknown_attribute_is_an_attribute_error():
-    result = run_python(
-        "import refquant as rq\n"
-        "try:\n    rq.no_such_name\nexcept AttributeError as error:\n    print(error)"
-    )
-    assert result.stdout.strip() == "module 'refquant' has no attribute 'no_such_name'", result.stderr
+    with pytest.raises(AttributeError, match="module 'refquant' has no attribute 'no_such_name'"):
+        getattr(rq, "no_such_name")
 
 
 def test_console_script_points_at_the_cli_main():
@@ -70,7 +71,6 @@ def test_console_script_points_at_the_cli_main():
 
 
 def test_python_m_refquant_lists_the_three_commands():
-    result = subprocess.run([sys.executable, "-m", "refquant", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert result.returncode == 0, result.stderr
+    usage = python_output("-m", "refquant", "--help")
     for command in ("quantize", "recipes", "demo"):
-        assert command in result.stdout, command
+        assert command in usage, command

@@ -6,9 +6,9 @@ What holds, precisely (docs/numerics.md explains why):
 - FP8 real quant: FP8Tensor.dequantize() == fp8_fake_quant(x, amax) when amax = 448 * 2**k with 2**k
   a normal number of x's dtype: the scales are then exact powers of two, so "multiply by rcp(s) in
   fp32" (fake) and "divide, then multiply in the target dtype" (real) round identically. For any
-  other amax they may differ (SPEC.md 2.2-2.3).
+  other amax they may differ (docs/modelopt_behaviour.md §2.2-2.3).
 - NVFP4 fake quant: sign symmetric except that it never gives -0.0 (a negative that rounds to zero
-  comes out +0.0, SPEC.md 3.5). NVFP4 real quant: codes of -x are the codes of x with the sign bit
+  comes out +0.0, §3.5). NVFP4 real quant: codes of -x are the codes of x with the sign bit
   flipped, except where x / S is +-0 (code 0 both ways) or NaN (code 7 both ways).
 - NVFP4 idempotence with a fixed global amax G, for blocks whose E4M3 block scale is normal
   (>= 2**-6), whose fp32 scale S = e * g is >= 1e-5 and whose outputs are finite in x's dtype:
@@ -17,8 +17,10 @@ What holds, precisely (docs/numerics.md explains why):
   round to 4 instead of 6 and the scale shrinks: not idempotent (example below).
 - dequantize(quantize(x)) == nvfp4_fake_quant(x) for fp32 x under the same global scale (flavor
   "modelopt-cuda", whose wsf2 = G * rcp(2688) is the fake path's) and the same block conditions
-  (SPEC.md 4.7), except where |x| / S is within 2 fp32 ulp of an E2M1 decision point: there the
-  real path's IEEE division and the fake path's |x| * rcp(S) may round apart.
+  (§4.7), except where |x| / S is within 2 fp32 ulp of an E2M1 decision point: there the real
+  path's IEEE division and the fake path's kernel division (|x| * R(S), R the GPU's reciprocal,
+  docs/numerics.md) may round apart. (The two block scales could also part, where m / fl(6 g) sits
+  next to an E4M3 rounding midpoint; random fp32 blocks practically never do.)
 - pack / unpack of E2M1 nibbles are inverse bijections.
 """
 
@@ -232,7 +234,7 @@ def test_nvfp4_flavors_differ_only_through_the_global_scale(seed, global_amax, s
 def test_pack_of_unpack_is_identity_on_all_256_bytes():
     every_byte = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     assert_bitexact(pack_e2m1(unpack_e2m1(every_byte)), every_byte)
-    # Byte j holds element 2j in its low nibble (SPEC.md 4.3).
+    # Byte j holds element 2j in its low nibble (docs/modelopt_behaviour.md §4.3).
     assert_bitexact(unpack_e2m1(torch.tensor([0x7A], dtype=torch.uint8)), torch.tensor([0xA, 0x7], dtype=torch.uint8))
 
 

@@ -1,6 +1,6 @@
 """The PTQ flow on tiny transformers models of each supported family: where the quantizers go and
-what they are named (SPEC.md 7.5, 9), what max calibration stores (SPEC.md 6), that constant-amax
-K/V is never calibrated (SPEC.md 5), and what the report says."""
+what they are named (docs/modelopt_behaviour.md §7.5, §9), what max calibration stores (§6), that
+constant-amax K/V is never calibrated (§5), and what the report says."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def test_attention_that_cannot_be_hooked_fails_clearly_and_changes_nothing():
     assert type(model[0].qkv) is nn.Linear  # checked before any layer was converted
 
 
-# --- K/V placement (SPEC.md 9) ----------------------------------------------------------------
+# --- K/V placement (docs/modelopt_behaviour.md §9) --------------------------------------------
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kv_quantizers_see_post_rope_keys_before_gqa_repetition(family, attn_implementation, monkeypatch):
@@ -169,7 +169,7 @@ def test_kv_quantizers_see_the_whole_cache_when_decoding():
     assert shapes == [(1, 2, 8, 16), (1, 2, 9, 16)]
 
 
-# --- recipes on each family (SPEC.md 7.5) -----------------------------------------------------
+# --- recipes on each family (docs/modelopt_behaviour.md §7.5) ---------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_recipe_enables_exactly_the_quantizers_spec_7_5_lists(family):
     model = tiny_model(family)
@@ -183,7 +183,7 @@ def test_recipe_enables_exactly_the_quantizers_spec_7_5_lists(family):
     assert formats["model.layers.0.mlp.down_proj.weight_quantizer"] == "nvfp4"
 
 
-# --- calibration (SPEC.md 6) ------------------------------------------------------------------
+# --- calibration (docs/modelopt_behaviour.md §6) ----------------------------------------------
 def unquantized_statistics(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """max|input| of every linear and max|post-RoPE key| / max|value| per attention, over all
     batches, measured on a model without quantizers."""
@@ -196,7 +196,8 @@ def unquantized_statistics(model: nn.Module, batches: list[torch.Tensor]) -> dic
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             module.register_forward_pre_hook(lambda m, args, name=name: keep_max(f"{name}.input_quantizer", args[0]))
-        if name.endswith("self_attn.v_proj"):  # V is v_proj's output, only reshaped (SPEC.md 9)
+        # V is v_proj's output, only reshaped (docs/modelopt_behaviour.md §9)
+        if name.endswith("self_attn.v_proj"):
             attention = name.rpartition(".")[0]
             module.register_forward_hook(lambda m, args, out, a=attention: keep_max(f"{a}.v_bmm_quantizer", out))
     modeling = modeling_module(model)
@@ -236,7 +237,7 @@ def test_max_calibration_stores_max_abs_of_unquantized_tensors(recipe):
             want = weight.detach().abs().amax()
         else:
             want = expected[name]
-        # same value and dtype (bf16 for a bf16 model), SPEC.md 6.2
+        # same value and dtype (bf16 for a bf16 model), docs/modelopt_behaviour.md §6.2
         assert quantizer.amax.dtype == torch.bfloat16 and torch.equal(quantizer.amax, want), name
         checked += 1
     assert checked == (28 if recipe.startswith("nvfp4") else 32)  # 2 layers x 7 linears x 2 (+ 2 x k/v)
@@ -280,7 +281,7 @@ def test_calibration_with_known_amax_per_tensor_and_per_channel_over_batches():
     assert row.amax == 7.0 and row.amax_shape == [2, 1] and row.amax_source == "calibrated"
 
 
-# --- constant-amax K/V (SPEC.md 5) ------------------------------------------------------------
+# --- constant-amax K/V (docs/modelopt_behaviour.md §5) ----------------------------------------
 @pytest.mark.parametrize("recipe,kv_format", [("nvfp4_default-fp8_cast_kv", "fp8"), ("nvfp4_default-nvfp4_cast_kv", "nvfp4")])
 def test_constant_amax_kv_is_never_calibrated_and_quantizes_with_448(recipe, kv_format):
     model = tiny_model("qwen3")

@@ -104,7 +104,7 @@ def test_bad_input_gives_a_clear_message_and_no_output(in_tmp, capsys, args, mes
 
 def test_model_without_quantizable_layers_gives_a_clear_message_and_no_output(in_tmp, capsys, monkeypatch):
     embeddings_only = nn.Sequential(nn.Embedding(320, 8))
-    monkeypatch.setattr(ptq_cli, "load_model", lambda model_dir, device: (embeddings_only, ptq_cli.models.byte_tokenize, "embeddings"))
+    monkeypatch.setattr(ptq_cli, "load_model", lambda model_dir, device, device_map=None: (embeddings_only, ptq_cli.models.byte_tokenize, "embeddings"))
     code = main(["quantize", "--out", "ckpt", "--report-json", "r.json", "--no-progress"])
     assert_failed_without_output(code, capsys, in_tmp, "no quantizable layers in Sequential")
 
@@ -112,7 +112,7 @@ def test_model_without_quantizable_layers_gives_a_clear_message_and_no_output(in
 def test_failing_export_leaves_neither_checkpoint_nor_report(in_tmp, capsys, monkeypatch):
     import refquant.hf.export
 
-    def broken_export(model, out_dir):
+    def broken_export(model, out_dir, **options):
         raise ValueError("disk full (injected)")
 
     monkeypatch.setattr(refquant.hf.export, "export_checkpoint", broken_export)

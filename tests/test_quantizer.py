@@ -1,7 +1,7 @@
 """TensorQuantizer: where its amax comes from, max calibration, constant-amax KV cast, state_dict.
 
-SPEC.md 1.2 (amax priority), 5 (use_constant_amax), 6 (max calibration). Inputs are hand-made so
-the right amax is known without running the code under test.
+docs/modelopt_behaviour.md §1.2 (amax priority), §5 (use_constant_amax), §6 (max calibration).
+Inputs are hand-made so the right amax is known without running the code under test.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def calibrate(quantizer: TensorQuantizer, batches: list[torch.Tensor]) -> list[t
     return outputs
 
 
-# --- constant amax: the KV-cache "cast" modes (SPEC.md 5) --------------------------------------
+# --- constant amax: the KV-cache "cast" modes (docs/modelopt_behaviour.md §5) ------------------
 
 
 @pytest.mark.parametrize("case", [c for c in vector_cases("kv_cast.pt") if c["format"] == "fp8"], ids=lambda c: c["name"])
@@ -76,7 +76,7 @@ def test_switching_to_constant_amax_drops_an_earlier_calibrated_amax():
     assert_bitexact(quantizer.amax, torch.tensor(448.0), "amax")
 
 
-# --- max calibration (SPEC.md 6) -----------------------------------------------------------
+# --- max calibration (docs/modelopt_behaviour.md §6) ---------------------------------------
 
 
 def test_per_tensor_amax_is_the_largest_magnitude_over_all_batches_in_the_input_dtype():

@@ -1,8 +1,8 @@
-"""Recipes: the six shipped ones resolve to SPEC.md 7.5's tables; composition, application,
-recipe-vs-flag selection, and every kind of bad input.
+"""Recipes: the six shipped ones resolve to docs/modelopt_behaviour.md §7.5's tables; composition,
+application, recipe-vs-flag selection, and every kind of bad input.
 
-The expected tables below are copied from SPEC.md 7.3 / 7.5 in modelopt's terms (num_bits,
-axis, block_sizes, use_constant_amax); only MODELOPT_NUMERICS, written here from SPEC.md 7.4,
+The expected tables below are copied from docs/modelopt_behaviour.md §7.3 / §7.5 in modelopt's terms
+(num_bits, axis, block_sizes, use_constant_amax); only MODELOPT_NUMERICS, written here from §7.4,
 translates our `format` names into them.
 """
 
@@ -18,12 +18,13 @@ import refquant as rq
 from refquant import QuantizerConfig, QuantRule, TensorQuantizer, apply_recipe, load_recipe, select_recipe
 from refquant.quant.recipe import RECIPES_DIR, effective_config, recipe_to_toml
 
-# SPEC.md 7.4: FP8 = {num_bits (4,3), axis None}; NVFP4 = {num_bits (2,1), block_sizes {-1: 16,
-# type: dynamic, scale_bits: (4,3)}}.
+# docs/modelopt_behaviour.md §7.4: FP8 = {num_bits (4,3), axis None}; NVFP4 = {num_bits (2,1),
+# block_sizes {-1: 16, type: dynamic, scale_bits: (4,3)}}.
 NVFP4_BLOCKS = {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}
 MODELOPT_NUMERICS = {"fp8": ((4, 3), None), "nvfp4": ((2, 1), NVFP4_BLOCKS)}
 
-# SPEC.md 7.3, the 23 rows of DD: (pattern, parent_class); every one is `enable: false`.
+# docs/modelopt_behaviour.md §7.3, the 23 rows of DD: (pattern, parent_class); every one is
+# `enable: false`.
 DD = [
     ("*block_sparse_moe.gate*", None), ("*linear_attn.conv1d*", None), ("*linear_attn.in_proj_a*", None),
     ("*linear_attn.in_proj_b*", None), ("*lm_head*", None), ("*mixer.conv1d*", None), ("*mlp.gate.*", None),
@@ -33,8 +34,8 @@ DD = [
     ("*", "nn.BatchNorm2d"), ("*", "nn.BatchNorm3d"), ("*", "nn.LeakyReLU"), ("*", "nn.Embedding"),
 ]
 
-# SPEC.md 7.5 rows: (quantizer_name, parent_class, enable, num_bits, axis, block_sizes, use_constant_amax);
-# "unchanged" marks an enable-only row (no cfg).
+# docs/modelopt_behaviour.md §7.5 rows: (quantizer_name, parent_class, enable, num_bits, axis,
+# block_sizes, use_constant_amax); "unchanged" marks an enable-only row (no cfg).
 OFF = ("unchanged", None, None, None)
 FP8_ROW = ((4, 3), None, None, False)
 NVFP4_ROW = ((2, 1), None, NVFP4_BLOCKS, False)
@@ -189,7 +190,7 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor]) -> None:
 
 
 def expected_enabled(layers: int = 2) -> set[str]:
-    """SPEC.md 7.5 "effective state on a Llama-style model"."""
+    """docs/modelopt_behaviour.md §7.5 "effective state on a Llama-style model"."""
     names = set()
     for i in range(layers):
         for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -247,7 +248,7 @@ def test_calibrated_kv_recipe_calibrates_k_and_v_to_their_max_magnitude():
     assert torch.equal(attention.k_bmm_quantizer.amax, k.abs().max())
 
 
-# --- application semantics (SPEC.md 7.2) ----------------------------------------------------
+# --- application semantics (docs/modelopt_behaviour.md §7.2) --------------------------------
 
 
 def recipe_of(*rules: QuantRule) -> rq.Recipe:
@@ -303,7 +304,7 @@ def test_enabling_a_quantizer_that_no_rule_gave_a_format_names_the_rule():
         apply_recipe(TinyLlama(layers=1), recipe_of(QuantRule("*q_bmm_quantizer", enable=True)))
 
 
-# --- recipe vs --kv-cache-qformat (SPEC.md 8.4) ---------------------------------------------
+# --- recipe vs --kv-cache-qformat (docs/modelopt_behaviour.md §8.4) -------------------------
 
 
 def test_recipe_with_calibrated_kv_stays_calibrated_despite_a_cast_flag_and_says_so():

@@ -1,5 +1,6 @@
-"""The vector files in tests/vectors/: each decompresses to the exact bytes modelopt's generator wrote
-(the sha256 in SHA256SUMS, which agrees with the spec's manifest.json), and none is missing."""
+"""The vector files in tests/vectors/: each decompresses to the exact bytes its generator wrote (the
+sha256 in SHA256SUMS, which agrees with manifest.json, the original provenance record of the first
+ten files), and none is missing. docs/test_vectors.md describes them."""
 
 from __future__ import annotations
 

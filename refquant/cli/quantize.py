@@ -3,6 +3,8 @@ local Hugging Face folder), a printed report, and a deployable checkpoint.
 
     python3 -m refquant quantize                              # built-in model, text and recipe
     python3 -m refquant quantize --model ./my-llama --calib-text notes.txt --out ./my-llama-nvfp4
+    python3 -m refquant quantize --model ./big-llama --device-map auto      # spread over the GPUs
+    torchrun --nproc-per-node 2 -m refquant quantize --device cuda ...      # data-parallel calibration
 
 Everything runs offline: a local model folder is loaded with local_files_only=True. Bad input
 (a missing model folder, an unknown recipe, a model with nothing to quantize, an output folder
@@ -13,8 +15,10 @@ by refquant.hf.export, so a failed run leaves no output behind.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -24,6 +28,9 @@ from ..hf import models
 DEFAULT_RECIPE = "nvfp4_default-fp8_cast_kv"
 DEFAULT_OUT = "out/refquant-ckpt"
 KV_CACHE_QFORMATS = ("fp8", "fp8_cast", "nvfp4", "nvfp4_cast", "none")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' from_pretrained strategies
+# Ranks wait in a collective while rank 0 writes a big checkpoint: longer than NCCL's 10-minute default.
+DISTRIBUTED_TIMEOUT = timedelta(hours=2)
 
 
 def choose_recipe(recipe: str | None, qformat: str | None, kv_cache_qformat: str | None):
@@ -47,8 +54,32 @@ def choose_recipe(recipe: str | None, qformat: str | None, kv_cache_qformat: str
     return select_recipe(None, qformat=qformat or "nvfp4", kv_cache_qformat=kv_cache_qformat)
 
 
-def load_model(model_dir: str | None, device: str):
-    """(model, tokenize, description). None: the built-in model with the byte tokenizer."""
+def start_distributed(device: str) -> tuple[int, int, str]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL for --device cuda, with this
+    rank on the GPU of its LOCAL_RANK; gloo on the CPU) and return (rank, world size, device).
+    Else (0, 1, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "gloo"
+    if device.startswith("cuda"):
+        if device != "cuda":
+            raise ValueError(
+                f"--device {device} under torchrun: pass --device cuda; each rank takes the GPU of its LOCAL_RANK."
+            )
+        device, backend = f"cuda:{local_rank}", "nccl"
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=DISTRIBUTED_TIMEOUT)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def load_model(model_dir: str | None, device: str, device_map: str | None = None):
+    """(model, tokenize, description). None: the built-in model with the byte tokenizer.
+    device_map: transformers' from_pretrained(device_map=...) through accelerate, instead of device."""
     if model_dir is None:
         model = models.build_builtin_model().to(device)
         return model, models.byte_tokenize, "built-in Llama-style model (seeded)"
@@ -63,11 +94,12 @@ def load_model(model_dir: str | None, device: str):
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    placement = {"device_map": device_map} if device_map is not None else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype="auto")
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype="auto", **placement)
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"--model {model_dir}: transformers could not load it as a causal LM: {error}") from error
-    model = model.to(device).eval()
+    model = (model if device_map is not None else model.to(device)).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         tokenize = lambda text: torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int64)  # noqa: E731
@@ -82,7 +114,39 @@ def load_model(model_dir: str | None, device: str):
     return model, tokenize, str(path)
 
 
+def check_device_map(args, world: int) -> None:
+    if args.device_map is None:
+        return
+    if args.model is None:
+        raise ValueError("--device-map needs --model DIR: it spreads a local Hugging Face model over the devices.")
+    if args.device != "cpu":
+        raise ValueError(f"--device {args.device} with --device-map {args.device_map}: pass one of them, not both.")
+    if world > 1:
+        raise ValueError(
+            f"--device-map {args.device_map} under torchrun: every rank would spread its copy over all the GPUs. "
+            "Use --device-map in one process, or torchrun with --device cuda (one GPU a rank)."
+        )
+    if importlib.util.find_spec("accelerate") is None:
+        raise ValueError(
+            f"--device-map {args.device_map} needs accelerate, which transformers uses to place the layers: "
+            "pip install accelerate==1.15.0 (or refquant[multigpu])."
+        )
+
+
 def run(args) -> int:
+    import torch.distributed as dist
+
+    joined = not (dist.is_available() and dist.is_initialized())
+    rank, world, args.device = start_distributed(args.device)
+    try:
+        return _run(args, rank, world)
+    finally:
+        if world > 1 and joined and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args, rank: int, world: int) -> int:
+    """The main job on this rank: every rank calibrates batches[rank::world]; rank 0 reports and writes."""
     out_dir = Path(args.out)
     if out_dir.exists():
         raise FileExistsError(
@@ -96,16 +160,21 @@ def run(args) -> int:
         _check_plot_folder(args.plot)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available here; use --device cpu.")
+    check_device_map(args, world)
     try:
-        from ..hf.export import export_checkpoint
+        from ..hf.export import export_checkpoint, parse_shard_size
     except ImportError as error:
         raise ValueError(f"cannot write a checkpoint: refquant.hf.export is not available ({error}).") from error
     from ..hf.ptq import quantize_model
 
+    try:
+        parse_shard_size(args.max_shard_size)
+    except ValueError as error:
+        raise ValueError(f"--max-shard-size {args.max_shard_size}: {error}") from None
     recipe, notices = choose_recipe(args.recipe, args.qformat, args.kv_cache_qformat)
-    for notice in notices:
+    for notice in notices if rank == 0 else ():
         print(f"note: {notice}", file=sys.stderr)
-    model, tokenize, description = load_model(args.model, args.device)
+    model, tokenize, description = load_model(args.model, args.device, args.device_map)
     if args.calib_text is None:
         text = models.CALIBRATION_TEXT
     else:
@@ -114,20 +183,26 @@ def run(args) -> int:
         tokenize(text), num_batches=args.calib_batches, seq_len=args.seq_len
     )
     where = args.calib_text or "built-in"
-    print(f"model: {description}; recipe: {recipe.name}; calibration text: {where}", file=sys.stderr)
+    if rank == 0:
+        ranks = f"; {world} ranks (data parallel: each calibrates 1 batch in {world})" if world > 1 else ""
+        print(f"model: {description}; recipe: {recipe.name}; calibration text: {where}{ranks}", file=sys.stderr)
 
     report = quantize_model(
-        model, recipe, calib_batches, backend=args.backend, flavor=args.flavor,
+        model, recipe, calib_batches[rank::world], backend=args.backend, flavor=args.flavor,
         eval_batch=eval_batch, progress=not args.no_progress,
     )
     if args.sensitivity is not None:
         from ..hf.sensitivity import measure_sensitivity
 
+        # every rank (the same calibrated model, the same batch), so all reach the export together
         report.sensitivity = measure_sensitivity(
-            model, eval_batch, granularity=args.sensitivity, progress=not args.no_progress
+            model, eval_batch, granularity=args.sensitivity, progress=not args.no_progress and rank == 0
         )
-    print(report.to_table(show_disabled=args.show_disabled, sort_by=None if args.sort == "module" else args.sort))
-    export_checkpoint(model, out_dir)
+    if rank == 0:
+        print(report.to_table(show_disabled=args.show_disabled, sort_by=None if args.sort == "module" else args.sort))
+    export_checkpoint(model, out_dir, max_shard_size=args.max_shard_size)  # every rank calls it; rank 0 writes
+    if rank != 0:
+        return 0
     print(f"\ncheckpoint written to {out_dir}")
     if args.report_json is not None:
         _write_atomically(Path(args.report_json), report.to_json(indent=2))
@@ -169,7 +244,8 @@ def register(subparsers) -> None:
             "perplexity against the original model), and write a Hugging Face checkpoint in "
             "modelopt's format. With no arguments it runs offline on a built-in Llama-style model "
             "(4 layers, hidden 256, GQA, seeded weights) with built-in calibration text and the "
-            f"recipe {DEFAULT_RECIPE}."
+            f"recipe {DEFAULT_RECIPE}. Under torchrun each rank calibrates its share of the batches "
+            "(data parallel) and rank 0 reports and writes; --device-map spreads one model over the GPUs."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -187,12 +263,19 @@ def register(subparsers) -> None:
     add("--kv-cache-qformat", choices=KV_CACHE_QFORMATS,
         help="no recipe: the K/V format (the *_cast ones use the constant amax 448; default fp8_cast); "
         "ignored with --recipe")
-    add("--device", default="cpu", help="torch device to quantize on, e.g. cpu or cuda")
+    add("--device", default="cpu",
+        help="torch device to quantize on, e.g. cpu or cuda (under torchrun: cuda, each rank its LOCAL_RANK's GPU)")
+    add("--device-map", choices=DEVICE_MAPS,
+        help="with --model: spread the model over the visible GPUs (and CPU / disk when they are full) with "
+        "transformers' from_pretrained(device_map=...) and accelerate, instead of --device")
     add("--backend", choices=("reference", "compiled"), default="reference",
         help="numerics: the eager reference or refquant.compiled")
     add("--flavor", choices=("modelopt-cpu", "modelopt-cuda"), default="modelopt-cpu",
-        help="which modelopt run the FP8 numerics reproduce (CONTRACT.md point 2)")
+        help="which modelopt run the FP8 numerics reproduce (refquant's docs/contract.md §2)")
     add("--out", default=DEFAULT_OUT, metavar="DIR", help="checkpoint folder to create (must not exist)")
+    add("--max-shard-size", default="10GB", metavar="SIZE",
+        help="largest safetensors file, in bytes or with a unit (5GB, 500MB, 2GiB); past it the checkpoint is "
+        "sharded with model.safetensors.index.json")
     add("--report-json", metavar="FILE", help="also write the report as JSON to FILE")
     add("--calib-batches", type=int, default=16, metavar="N", help="calibration batches")
     add("--seq-len", type=int, default=128, metavar="N", help="tokens per batch")

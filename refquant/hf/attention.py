@@ -1,4 +1,5 @@
-"""K/V quantization inside Hugging Face attention, at the point modelopt quantizes (SPEC.md section 9).
+"""K/V quantization inside Hugging Face attention, at the point modelopt quantizes
+(docs/modelopt_behaviour.md §9).
 
 A transformers attention module (LlamaAttention, MistralAttention, Qwen2Attention, Qwen3Attention,
 ...) projects q/k/v, applies RoPE, updates the KV cache, and then calls its attention kernel
@@ -69,7 +70,7 @@ class QuantAttentionMixin:
 
         def quantized_attention(original: Callable, module, query, key, value, *rest, **kw):
             # query/key/value: [batch, heads, seq, head_dim], post-RoPE and post-cache-update,
-            # before GQA repetition (SPEC.md section 9)
+            # before GQA repetition (docs/modelopt_behaviour.md §9)
             nonlocal calls
             calls += 1
             query = module.q_bmm_quantizer(query)
@@ -148,9 +149,9 @@ def check_attention_hookable(name: str, module: nn.Module) -> None:
         )
         raise ValueError(
             f"cannot place K/V quantizers in {name} ({cls.__module__}.{cls.__name__}): {why}. refquant "
-            "quantizes K and V where modelopt does, on the states passed to that interface (SPEC.md "
-            "section 9). Use a transformers model class that dispatches through the attention "
-            "interface (transformers >= 4.48: Llama, Mistral, Qwen2, Qwen3, ...)."
+            "quantizes K and V where modelopt does, on the states passed to that interface (refquant's "
+            "docs/modelopt_behaviour.md §9). Use a transformers model class that dispatches through the "
+            "attention interface (transformers >= 4.48: Llama, Mistral, Qwen2, Qwen3, ...)."
         )
 
 

@@ -1,5 +1,6 @@
 """Post-training quantization of a PyTorch / transformers model: insert, apply a recipe, calibrate,
-report. Semantics are modelopt's `mtq.quantize(model, cfg, forward_loop)` (SPEC.md sections 6, 7, 9).
+report. Semantics are modelopt's `mtq.quantize(model, cfg, forward_loop)`
+(docs/modelopt_behaviour.md §6, §7, §9).
 
     report = quantize_model(model, recipe, calib_batches, eval_batch=batch)   # in place
     print(report.to_table())
@@ -11,10 +12,16 @@ report. Semantics are modelopt's `mtq.quantize(model, cfg, forward_loop)` (SPEC.
    turns on (its input is token ids). Names are modelopt's, so recipe patterns mean the same
    (`model.layers.0.self_attn.k_bmm_quantizer`). All start disabled.
 2. apply_recipe (refquant.quant.recipe): the recipe's rules, in order, later wins.
-3. max calibration (SPEC.md 6.1): model.eval(); every enabled quantizer stops quantizing and starts
-   collecting max|x| (constant-amax ones only pass data through); every weight passes once through
-   its weight quantizer; the forward loop runs over the calibration batches without gradients;
-   each quantizer stores what it saw as `_amax` and quantizes from then on.
+3. max calibration (docs/modelopt_behaviour.md §6.1): model.eval(); every enabled quantizer stops
+   quantizing and starts collecting max|x| (constant-amax ones only pass data through); every
+   weight passes once through its weight quantizer; the forward loop runs over the calibration
+   batches without gradients; each quantizer stores what it saw as `_amax` and quantizes from then
+   on. Under torch.distributed each rank calibrates its share of the batches and the amaxes are
+   all-reduced with MAX (refquant.quant.distributed), so every rank ends with what one process gets
+   from all of them.
+
+A model spread over devices by accelerate (device_map, dispatch_model, offload) quantizes exactly as
+on one device: its hooks are made to call the quantized forwards (refquant.hf.dispatch).
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from torch import nn
 
 from ..numerics.checks import Flavor
 from .attention import check_attention_hookable, is_attention_module, quant_attention_class
+from .dispatch import check_forward_rebindable, execution_device, loaded_weights, rebind_forward, require_loaded
+from ..quant.distributed import rank_and_world, synchronize_calibration
 from ..quant.quantizer import QuantizerConfig, TensorQuantizer, all_quantizers_off, named_quantizers
 from ..quant.metrics import QuantizerError, collect_quantizer_errors
 
@@ -46,7 +55,7 @@ class QuantLinearMixin:
 
     Mixed in front of the layer's own class (a QuantLinear is still an nn.Linear), so the layer's
     name, weight and bias are untouched; the weight is fake-quantized from the master weight at
-    every forward, nothing is cached (SPEC.md 6.3).
+    every forward, nothing is cached (docs/modelopt_behaviour.md §6.3).
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -107,7 +116,9 @@ def insert_quantizers(model: nn.Module, *, backend: str = "reference", flavor: F
 
     Idempotent: layers that already have quantizers keep them (and their amax); calling again only
     sets `backend` and `flavor` on all of them. Raises ValueError when the model has no nn.Linear,
-    or when an attention module cannot be hooked (refquant.hf.attention.check_attention_hookable).
+    when an attention module cannot be hooked (refquant.hf.attention.check_attention_hookable), or
+    when a layer's forward is replaced on the instance by something other than accelerate's hook
+    (refquant.hf.dispatch: accelerate's hooks are made to call the quantized forward).
     """
     named = list(model.named_modules())
     linears = [(name, m) for name, m in named if isinstance(m, nn.Linear)]
@@ -120,20 +131,26 @@ def insert_quantizers(model: nn.Module, *, backend: str = "reference", flavor: F
     attentions = [(name, m) for name, m in named if is_attention_module(m) and not _is_quantized(m)]
     for name, module in attentions:
         check_attention_hookable(name or type(model).__name__, module)  # all checked before any change
+    embeddings = [(name, m) for name, m in named if isinstance(m, nn.Embedding)]
+    for name, module in linears + embeddings + attentions:
+        check_forward_rebindable(name, module)
 
     for _, module in linears:
         if not _is_quantized(module):
             module.__class__ = _quant_class(QuantLinearMixin, type(module))
+            rebind_forward(module)  # an accelerate hook calls the quantized forward from now on
             for quantizer_name in LINEAR_QUANTIZER_NAMES:
                 module.add_module(quantizer_name, TensorQuantizer(backend=backend, flavor=flavor))
-    for _, module in named:
-        if isinstance(module, nn.Embedding) and not _is_quantized(module):
+    for _, module in embeddings:
+        if not _is_quantized(module):
             module.__class__ = _quant_class(QuantEmbeddingMixin, type(module))
+            rebind_forward(module)
             module.add_module("input_quantizer", HardDisabledQuantizer(backend=backend, flavor=flavor))
             module.add_module("weight_quantizer", TensorQuantizer(backend=backend, flavor=flavor))
             module.add_module("output_quantizer", TensorQuantizer(backend=backend, flavor=flavor))
     for _, module in attentions:
         module.__class__ = quant_attention_class(type(module))
+        rebind_forward(module)
         module._setup_bmm_quantizers(backend, flavor)
 
     quantizers = named_quantizers(model)
@@ -143,15 +160,11 @@ def insert_quantizers(model: nn.Module, *, backend: str = "reference", flavor: F
 
 
 # --- calibration ------------------------------------------------------------------------------
-def _model_device(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
 def run_batch(model: nn.Module, batch: Any) -> Any:
     """model(**batch) for a dict (tensors moved to the model's device), model(input_ids=batch) for a
-    tensor of token ids [batch, seq]."""
-    device = _model_device(model)
+    tensor of token ids [batch, seq]. A model spread by accelerate takes the batch on its execution
+    device (refquant.hf.dispatch.execution_device), never on the meta device of offloaded weights."""
+    device = execution_device(model)
     if isinstance(batch, torch.Tensor):
         return model(input_ids=batch.to(device))
     if isinstance(batch, dict):
@@ -171,32 +184,58 @@ def _is_weight_quantizer(name: str) -> bool:
     return name.endswith("weight_quantizer")
 
 
-def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: bool = True) -> tuple[int, int]:
-    """modelopt's max calibration (SPEC.md 6.1) over the model's enabled quantizers, in place.
+def _calibrate_weights(model: nn.Module) -> None:
+    """modelopt's weight_only_quantize: each enabled weight quantizer sees its weight once, so
+    weights calibrate even where the forward never reaches them. Weights accelerate offloaded are
+    loaded as their layer's hook loads them around a forward."""
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantLinearMixin, QuantEmbeddingMixin)) and module.weight_quantizer.is_enabled:
+            with loaded_weights(module):
+                module.weight_quantizer(require_loaded(f"{name}.weight", module.weight))
 
-    Returns (batches, tokens) seen. Raises ValueError when no batch came although an enabled
-    activation quantizer needs one (it would silently fall back to a per-call amax, SPEC.md 10.13).
+
+def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: bool = True) -> tuple[int, int]:
+    """modelopt's max calibration (docs/modelopt_behaviour.md §6.1) over the model's enabled
+    quantizers, in place.
+
+    Under torch.distributed (initialized, world size > 1) `calib_batches` are this rank's share:
+    after the forward loop every collected amax is all-reduced with MAX
+    (refquant.quant.distributed), so every rank ends with the amax one process gets from all the
+    batches; every rank must run the same model and recipe.
+    Returns (batches, tokens) seen, by all ranks together. Raises ValueError when no batch came
+    although an enabled activation quantizer needs one (it would silently fall back to a per-call
+    amax, docs/modelopt_behaviour.md §10.13).
     """
     was_training = model.training
     model.eval()
     quantizers = named_quantizers(model)
     for _, quantizer in quantizers:
         quantizer.start_calibration()
+    rank, world = rank_and_world()
     batches = tokens = 0
+    failure: Optional[Exception] = None
     with torch.no_grad():
-        # weight_only_quantize: weights calibrate even where the forward never reaches them
-        for module in model.modules():
-            if isinstance(module, (QuantLinearMixin, QuantEmbeddingMixin)):
-                module.weight_quantizer(module.weight)
-        iterator = calib_batches
-        if progress:
-            from tqdm.auto import tqdm
+        try:
+            _calibrate_weights(model)
+            iterator = calib_batches
+            if progress and rank == 0:
+                from tqdm.auto import tqdm
 
-            iterator = tqdm(calib_batches, desc="calibrating", unit="batch", leave=False)
-        for batch in iterator:
-            run_batch(model, batch)
-            batches += 1
-            tokens += _batch_tokens(batch)
+                iterator = tqdm(calib_batches, desc="calibrating", unit="batch", leave=False)
+            for batch in iterator:
+                run_batch(model, batch)
+                batches += 1
+                tokens += _batch_tokens(batch)
+        except Exception as error:
+            if world == 1:
+                raise
+            failure = error  # the other ranks learn of it in the exchange below, then all raise
+    if world > 1:
+        batches, tokens = synchronize_calibration(
+            quantizers, batches=batches, tokens=tokens, error=failure,
+            weight_quantizers={name for name, _ in quantizers if _is_weight_quantizer(name)},
+            fallback_device=lambda name: execution_device(model.get_submodule(name.rpartition(".")[0])),
+        )
     needs_data = [
         name for name, q in quantizers
         if q.is_calibrating and not _is_weight_quantizer(name)
@@ -318,6 +357,7 @@ class PTQReport(DataClassJsonMixin):
     unmatched_rules: list[str]
     quality: Optional[QualityReport] = None
     seconds: float = 0.0
+    world_size: int = 1  # torch.distributed ranks that calibrated, each on its share of the batches
     sensitivity: Optional[SensitivityReport] = None
 
     def row(self, name: str) -> QuantizerRow:
@@ -334,7 +374,9 @@ class PTQReport(DataClassJsonMixin):
         lines = [
             f"refquant PTQ of {self.model}: recipe {self.recipe or '(none)'}, algorithm {self.algorithm}, "
             f"backend {self.backend}, flavor {self.flavor}",
-            f"calibration: {self.calib_batches} batches, {self.calib_tokens} tokens; PTQ took {self.seconds:.1f} s",
+            f"calibration: {self.calib_batches} batches, {self.calib_tokens} tokens"
+            + (f" over {self.world_size} ranks" if self.world_size > 1 else "")
+            + f"; PTQ took {self.seconds:.1f} s",
             "",
         ]
         shown = [r for r in self.quantizers if r.enabled or show_disabled]
@@ -518,8 +560,10 @@ def quantize_model(
     insert_quantizers) and runs max calibration. With `eval_batch`, the report's quality compares
     the quantized model's logits to the original's (taken before calibration, with every quantizer
     off), and each enabled quantizer's row carries what it did to the tensors of that evaluation
-    forward (`error`, refquant.quant.metrics; measured beside it, no output bit changes). Raises ValueError when the recipe enables no quantizer in this model, when its algorithm
-    is not max calibration, or on bad batches.
+    forward (`error`, refquant.quant.metrics; measured beside it, no output bit changes). Under
+    torch.distributed, `calib_batches` are this rank's share (max_calibrate); every rank must pass
+    the same model and recipe. Raises ValueError when the recipe enables no quantizer in this
+    model, when its algorithm is not max calibration, or on bad batches.
     """
     started = time.perf_counter()
     algorithm = "max" if recipe is None else recipe.algorithm
@@ -579,4 +623,5 @@ def quantize_model(
         unmatched_rules=unmatched,
         quality=quality,
         seconds=round(time.perf_counter() - started, 3),
+        world_size=rank_and_world()[1],
     )

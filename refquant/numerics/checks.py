@@ -19,7 +19,7 @@ def check_flavor(flavor: str) -> None:
     if flavor not in FLAVORS:
         raise ValueError(
             f"flavor={flavor!r} is not known; use 'modelopt-cpu' (modelopt's eager CPU run, the "
-            "default) or 'modelopt-cuda' (modelopt's GPU run). CONTRACT.md point 2 explains both."
+            "default) or 'modelopt-cuda' (modelopt's GPU run). refquant's docs/contract.md §2 explains both."
         )
 
 

@@ -1,7 +1,7 @@
 """Named limits and code tables of the two formats: FP8 E4M3 (float8_e4m3fn) and E2M1 (FP4).
 
-Everything numeric that more than one module needs lives here, once. SPEC.md section 0 gives the
-fp32 bit patterns of the derived constants; the tests check them.
+Everything numeric that more than one module needs lives here, once. docs/modelopt_behaviour.md §0
+gives the fp32 bit patterns of the derived constants; the tests check them.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ E4M3_DTYPE = torch.float8_e4m3fn
 
 # --- E2M1 (FP4): 1 sign bit, 2 exponent bits, 1 mantissa bit. ---
 E2M1_MAX = 6.0
-# Magnitude of each 3-bit magnitude index; bit 3 of a code is the sign (SPEC.md section 4.4).
+# Magnitude of each 3-bit magnitude index; bit 3 of a code is the sign
+# (docs/modelopt_behaviour.md §4.4).
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-# Decision points between neighbouring magnitudes (SPEC.md section 3.4). A tie goes to the even
-# index: at 0.25, 1.25, 2.5 and 5 the value rounds down, at 0.75, 1.75 and 3.5 it rounds up.
+# Decision points between neighbouring magnitudes (docs/modelopt_behaviour.md §3.4). A tie goes to
+# the even index: at 0.25, 1.25, 2.5 and 5 the value rounds down, at 0.75, 1.75 and 3.5 it rounds up.
 E2M1_DECISION_POINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 E2M1_TIE_ROUNDS_UP = (False, True, False, True, False, True, False)
 E2M1_SIGN_BIT = 0b1000
@@ -33,8 +34,9 @@ RCP_448 = float(torch.tensor(1.0 / E4M3_MAX, dtype=torch.float32))
 # Held as that fp32 value exactly (not the double 1/2688), so `t * RCP_2688` gives the same bits
 # whether a backend rounds the Python scalar to fp32 first or multiplies in double and rounds once.
 RCP_2688 = float(torch.tensor(1.0 / NVFP4_SCALE_DENOMINATOR, dtype=torch.float32))
-# The NVFP4 fake-quant kernel's guards (SPEC.md section 3.3): a global scale that is not > 0 is
-# replaced by 1e-12, and a final block scale below 1e-5 by 1.0. Both are fp32 literals there.
+# The NVFP4 fake-quant kernel's guards (docs/modelopt_behaviour.md §3.3): a global scale that is
+# not > 0 is replaced by 1e-12, and a final block scale below 1e-5 by 1.0. Both are fp32 literals
+# there.
 NVFP4_GLOBAL_SCALE_FLOOR = 1e-12
 NVFP4_BLOCK_SCALE_FLOOR = 1e-5
 

@@ -1,7 +1,7 @@
 """FP8 E4M3 fake and real quantization, bit for bit as modelopt computes it.
 
-Fake quant reproduces modelopt's TensorQuantizer (SPEC.md section 1); real quant reproduces
-FP8QTensor.quantize / dequantize (section 2). Every rounding step is written out: we never use
+Fake quant reproduces modelopt's TensorQuantizer (docs/modelopt_behaviour.md §1); real quant
+reproduces FP8QTensor.quantize / dequantize (§2). Every rounding step is written out: we never use
 `tensor / python_float` (a true division on CPU, a reciprocal multiply on CUDA) and never cast an
 out-of-range fp32 to float8_e4m3fn unclamped (NaN on torch 2.11, saturation on 2.13).
 """
@@ -84,8 +84,8 @@ def fp8_fake_quant(
     (N, K) weight, (1, 1, C) for a (B, T, C) activation), or None to take max|x| from the data
     (per-tensor, or per `axis` -- the dims that keep their own amax, as modelopt's `axis`).
 
-    Order of operations (SPEC.md 1.3): v = fl(fp32(x) * scale), clamp to +-448, round to E4M3,
-    widen, multiply by the inverse scale in fp32, round to x's dtype.
+    Order of operations (docs/modelopt_behaviour.md §1.3): v = fl(fp32(x) * scale), clamp to +-448,
+    round to E4M3, widen, multiply by the inverse scale in fp32, round to x's dtype.
     """
     check_flavor(flavor)
     check_float_input(x)
@@ -144,7 +144,8 @@ def fp8_quantize(
     block_size: int | None = None,
     flavor: Flavor = "modelopt-cpu",
 ) -> FP8Tensor:
-    """Real FP8 quantization: FP8QTensor.quantize (SPEC.md 2.2), or the TensorQuantizer path.
+    """Real FP8 quantization: FP8QTensor.quantize (docs/modelopt_behaviour.md §2.2), or the
+    TensorQuantizer path.
 
     Exactly one source for the scale:
     - `scale`: used as given (FP8QTensor.quantize(x, scales=scale)); a float becomes fp32.
@@ -195,7 +196,7 @@ def fp8_quantize(
         divisor = scale.to(x.dtype)
     quotient_dtype = _quotient_dtype(x_blocked, divisor)
     quotient = (x_blocked.float() / divisor.float()).to(quotient_dtype)
-    # Deviation (CONTRACT.md point 5): a zero amax (an all-zero tensor, channel or block) gives a
+    # Deviation (docs/contract.md §5): a zero amax (an all-zero tensor, channel or block) gives a
     # zero scale, and modelopt's 0 / 0 makes NaN bytes; we give zeros, which dequantize to zeros.
     quotient = torch.where((x_blocked == 0) & (divisor == 0), torch.zeros_like(quotient), quotient)
     data = saturating_e4m3(quotient)[..., : x.shape[-1]] if x.ndim else saturating_e4m3(quotient)

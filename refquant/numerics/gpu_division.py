@@ -31,6 +31,8 @@ TABLE_PATH = Path(__file__).resolve().parent / "data" / "rcp_approx_sm90.bin.zli
 MANTISSA_BITS = 23
 _MANTISSA_MASK = (1 << MANTISSA_BITS) - 1
 _ONE_BITS = 0x3F800000  # fp32 1.0
+_EXPONENT_MASK = 0x7F800000
+_SIGN_MASK = -(1 << 31)  # bit 31 of an int32
 _SMALLEST_NORMAL = 2.0**-126
 # Scales a subnormal divisor into the normal range exactly (its reciprocal is scaled back in float64).
 _SUBNORMAL_SHIFT = 64
@@ -119,8 +121,16 @@ def approx_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def approx_reciprocal_fp32(b: torch.Tensor) -> torch.Tensor:
     """R(b) as fp32, for divisors whose R(b) is a normal fp32 (2^-126 <= |b| < 2^126) or +-inf.
 
-    There `a * approx_reciprocal_fp32(b)` in fp32 is exactly approx_divide(a, b) (R(b) converts to
-    fp32 without rounding, and an fp32 multiply rounds the exact product once) and costs no
-    float64 work per element. Outside that range R(b) does not fit fp32; use approx_divide.
+    There `a * approx_reciprocal_fp32(b)` in fp32 is exactly approx_divide(a, b) (R(b) is an fp32
+    number, and an fp32 multiply rounds the exact product once) and costs no float64 work: the
+    fake-quant element step uses it. It is approx_reciprocal done in 32-bit integers, the exponent
+    subtracted from r(1.m)'s bits; tests check the two agree for every mantissa. Outside that range
+    R(b) does not fit fp32 and the result is meaningless: use approx_divide there.
     """
-    return approx_reciprocal(b).float()
+    bits = b.float().view(torch.int32)
+    mantissa = (bits & _MANTISSA_MASK).long()
+    r_one = reciprocal_table(b.device)[mantissa.reshape(-1)].reshape(mantissa.shape)
+    # r(1.m) * 2^-E: subtract E from the biased exponent field; the sign bit is b's.
+    r_bits = (r_one - (bits & _EXPONENT_MASK) + _ONE_BITS) | (bits & _SIGN_MASK)
+    reciprocal = r_bits.view(torch.float32)
+    return torch.where(torch.isinf(b), 0.0 * b.sign(), torch.where(torch.isnan(b), b, reciprocal))

@@ -5,9 +5,9 @@ tensor has one fp32 global scale = global_amax / 2688 (2688 = 6 * 448, so the la
 448, times the largest E2M1 value, 6, reaches global_amax).
 
 Two modelopt paths, which differ on purpose-less details (docs/numerics.md has the table):
-- fake quant = the Triton kernel behind TensorQuantizer (SPEC.md section 3.3), the one modelopt
-  uses during PTQ;
-- real quant = NVFP4QTensor.quantize / dequantize (section 4), used for export and compression.
+- fake quant = the Triton kernel behind TensorQuantizer (docs/modelopt_behaviour.md §3.3), the one
+  modelopt uses during PTQ, with its approximate division (refquant.numerics.gpu_division);
+- real quant = NVFP4QTensor.quantize / dequantize (§4), used for export and compression.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from .checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input, max_abs
 from .fp8 import divide_by_constant
-from .gpu_division import approx_divide, approx_reciprocal_fp32
+from .gpu_division import approx_reciprocal_fp32
 from .formats import (
     E4M3_DTYPE,
     E4M3_MAX,
@@ -48,11 +48,11 @@ def e2m1_round_magnitude(u: torch.Tensor) -> torch.Tensor:
     and fp32 addition does exactly that: adding step * 2**23 leaves a sum whose last bit is worth
     `step`, so the hardware rounds |u| to a multiple of the step (ties to an even multiple, which
     is the even E2M1 index), and subtracting it back is exact. This gives the decision points of
-    SPEC.md 3.4 (E2M1_DECISION_POINTS: 0.25, 1.25, 2.5 and 5 round down, 0.75, 1.75 and 3.5 round
-    up); tests/test_exhaustive_bf16.py checks it against a nearest-even oracle on every bf16
-    pattern and on the fp32 neighbours of every decision point. (A ladder of seven comparisons
-    says the same; this shape is a few instructions per element, which on an H100 is the
-    difference between a compute-bound and a bandwidth-bound kernel, docs/compiled.md.)
+    docs/modelopt_behaviour.md §3.4 (E2M1_DECISION_POINTS: 0.25, 1.25, 2.5 and 5 round down, 0.75,
+    1.75 and 3.5 round up); tests/test_exhaustive_bf16.py checks it against a nearest-even oracle
+    on every bf16 pattern and on the fp32 neighbours of every decision point. (A ladder of seven
+    comparisons says the same; this shape is a few instructions per element, which on an H100 is
+    the difference between a compute-bound and a bandwidth-bound kernel, docs/compiled.md.)
     u >= 2**24 or inf rounds past 6 and is capped; NaN fails `q < 6` and becomes 6, as in
     modelopt's kernel, whose comparisons NaN passes.
     """
@@ -108,7 +108,7 @@ def _check_nonempty_last_dim(x: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fake quant: modelopt's Triton kernel fp4_fake_quant_block (SPEC.md 3.3)
+# Fake quant: modelopt's Triton kernel fp4_fake_quant_block (docs/modelopt_behaviour.md §3.3)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -137,7 +137,9 @@ def nvfp4_fake_block_scale_detail(block_amax: torch.Tensor, global_scale: torch.
     the blocks whose S fell back to 1.0 (the PTQ report counts both, refquant.quant.metrics);
     nvfp4_fake_block_scale is `.scale` of this."""
     g = torch.where(global_scale > 0, global_scale, torch.full_like(global_scale, NVFP4_GLOBAL_SCALE_FLOOR))
-    ideal = approx_divide(block_amax, g * E2M1_MAX)
+    # m / fl(6 g') as the kernel divides. fl(6 g') is +inf or within [6e-12, 2^120): its reciprocal
+    # is a normal fp32 (or 0), so the fp32 product rounds the exact m * R once, as div.full.f32 does.
+    ideal = block_amax * approx_reciprocal_fp32(g * E2M1_MAX)
     clamped = torch.where(ideal < E4M3_MAX, ideal, E4M3_MAX)  # NaN fails the test: 448, as tl.minimum
     scale = clamped.to(E4M3_DTYPE).float() * g
     kept = scale >= NVFP4_BLOCK_SCALE_FLOOR
@@ -145,16 +147,19 @@ def nvfp4_fake_block_scale_detail(block_amax: torch.Tensor, global_scale: torch.
 
 
 def nan_ignoring_block_max(magnitude: torch.Tensor) -> torch.Tensor:
-    """max over the last dim skipping NaN, NaN when every element is NaN (Triton's tl.max)."""
-    block_max = torch.where(torch.isnan(magnitude), 0.0, magnitude).amax(dim=-1, keepdim=True)
-    return torch.where(torch.isnan(magnitude).all(dim=-1, keepdim=True), float("nan"), block_max)
+    """max over the last dim of |x| >= 0 skipping NaN, NaN when every element is NaN (Triton's tl.max).
+
+    One reduction: NaN enters as -1, below every magnitude, so a max of -1 marks an all-NaN block.
+    """
+    block_max = torch.where(torch.isnan(magnitude), -1.0, magnitude).amax(dim=-1, keepdim=True)
+    return torch.where(block_max < 0, float("nan"), block_max)
 
 
 def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> torch.Tensor:
     """NVFP4 fake quantization, modelopt's Triton kernel bit for bit; same shape and dtype out.
 
     amax: the global amax (float or 0-d tensor); None takes max|x| of the whole tensor.
-    One path for both flavors (CONTRACT.md point 3): global scale = amax * fp32(1/2688); block
+    One path for both flavors (docs/contract.md §3): global scale = amax * fp32(1/2688); block
     scales as nvfp4_fake_block_scale; each element is |x| / S by the kernel's approximate division
     (div.full.f32, refquant.numerics.gpu_division) rounded to E2M1; output fl(q * S) with the sign of x,
     +0.0 for a negative that rounds to zero, NaN elements come out as -6 * S. A last dim that is
@@ -184,7 +189,7 @@ def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor =
 
 
 # ---------------------------------------------------------------------------------------------
-# Real quant: NVFP4QTensor (SPEC.md section 4)
+# Real quant: NVFP4QTensor (docs/modelopt_behaviour.md §4)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -261,7 +266,7 @@ def nvfp4_real_block_scale(block_amax: torch.Tensor, global_scale: torch.Tensor)
     """NVFP4QTensor's E4M3 block scale from the block max |x| (fp32) and the global scale.
 
     bmax / fl(6 * global scale), IEEE; a zero quotient becomes 1.0; clamped to [2**-9, 448].
-    Deviation (CONTRACT.md point 5): a zero block under a zero global scale (an all-zero tensor)
+    Deviation (docs/contract.md §5): a zero block under a zero global scale (an all-zero tensor)
     gets 1.0, where modelopt's 0/0 gives NaN.
     """
     quotient = block_amax / (global_scale * E2M1_MAX)

@@ -1,7 +1,7 @@
 """The quantizer module: holds an amax, calibrates it, and calls the numerics. No math of its own.
 
-Semantics are modelopt's TensorQuantizer (SPEC.md sections 1.2, 5, 6): an amax comes from
-(1) use_constant_amax -> 448.0, (2) a calibrated `_amax` buffer, (3) otherwise the data of each
+Semantics are modelopt's TensorQuantizer (docs/modelopt_behaviour.md §1.2, §5, §6): an amax comes
+from (1) use_constant_amax -> 448.0, (2) a calibrated `_amax` buffer, (3) otherwise the data of each
 call. Max calibration records max|x| (per tensor, or per channel with `axis`) with quantization
 switched off; a quantizer whose calibrator saw nothing keeps no amax.
 """
@@ -105,7 +105,7 @@ class TensorQuantizer(nn.Module):
 
     amax (property): the amax it uses (448.0 for a constant-amax quantizer; the calibrated one; or
     None, meaning "taken from each call's data"). `backend` picks the reference or compiled
-    numerics, `flavor` which modelopt run FP8 reproduces (CONTRACT.md point 2).
+    numerics, `flavor` which modelopt run FP8 reproduces (docs/contract.md §2).
     """
 
     def __init__(
@@ -206,7 +206,8 @@ class TensorQuantizer(nn.Module):
             axis = self.config.axis if amax is None else None
             return impl.fp8_fake_quant(x, amax, axis=axis, flavor=self.flavor)
         if amax is not None and amax.numel() != 1:
-            amax = amax.amax()  # modelopt reduces a non-scalar NVFP4 amax with a plain max (SPEC.md 3.2)
+            # modelopt reduces a non-scalar NVFP4 amax with a plain max (docs/modelopt_behaviour.md §3.2)
+            amax = amax.amax()
         return impl.nvfp4_fake_quant(x, amax)
 
     # --- state_dict: the amax buffer exists only once calibrated; accept it on load --------

@@ -1,4 +1,5 @@
-"""Recipes: TOML files -> typed dataclasses -> which quantizer gets which format (SPEC.md 7-8).
+"""Recipes: TOML files -> typed dataclasses -> which quantizer gets which format
+(docs/modelopt_behaviour.md §7-8).
 
 A recipe is data: an ordered list of rules (modelopt's `quant_cfg`). Each rule matches quantizers
 by an fnmatch glob over their full dotted module name (optionally only under a parent class) and
@@ -44,7 +45,7 @@ QFORMAT_UNITS = {"fp8": "w8a8_fp8_fp8", "nvfp4": "w4a4_nvfp4_nvfp4"}
 KV_CACHE_UNITS = {
     "fp8": "kv_fp8", "fp8_cast": "kv_fp8_cast", "nvfp4": "kv_nvfp4", "nvfp4_cast": "kv_nvfp4_cast", "none": None,
 }
-DEFAULT_KV_CACHE_QFORMAT = "fp8_cast"  # modelopt's hf_ptq default (SPEC.md 8.4)
+DEFAULT_KV_CACHE_QFORMAT = "fp8_cast"  # modelopt's hf_ptq default (docs/modelopt_behaviour.md §8.4)
 KV_QUANTIZER_PATTERN = "*[kv]_bmm_quantizer"
 
 
@@ -55,7 +56,7 @@ KV_QUANTIZER_PATTERN = "*[kv]_bmm_quantizer"
 
 @dataclass
 class QuantRule(DataClassJsonMixin):
-    """One quant_cfg entry after imports are resolved (SPEC.md 7.1).
+    """One quant_cfg entry after imports are resolved (docs/modelopt_behaviour.md §7.1).
 
     quantizer_name: fnmatch glob over full dotted module names (`*` crosses dots).
     parent_class:   the quantizer's parent module must be an instance of torch.nn.<Name>,
@@ -390,7 +391,7 @@ def parent_class_of(name: str, where: str = "parent_class") -> type[nn.Module]:
 
 
 # --------------------------------------------------------------------------------------------
-# Applying a recipe to a model (SPEC.md 7.2)
+# Applying a recipe to a model (docs/modelopt_behaviour.md §7.2)
 # --------------------------------------------------------------------------------------------
 
 # Fused-expert quantizer lists ("...weight_quantizers.3") also match the singular pattern.
@@ -462,7 +463,7 @@ def describe_config(state: QuantizerConfig | None) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Recipe vs --kv-cache-qformat (SPEC.md 8.4)
+# Recipe vs --kv-cache-qformat (docs/modelopt_behaviour.md §8.4)
 # --------------------------------------------------------------------------------------------
 
 
@@ -498,7 +499,8 @@ def select_recipe(
     kv = DEFAULT_KV_CACHE_QFORMAT if kv_cache_qformat is None else kv_cache_qformat
     units = ["base_disable_all", QFORMAT_UNITS[qformat], "default_disabled_quantizers"]
     if KV_CACHE_UNITS[kv] is not None:
-        units.append(KV_CACHE_UNITS[kv])  # after DD, as hf_ptq appends it (SPEC.md 8.4)
+        # after DD, as hf_ptq appends it (docs/modelopt_behaviour.md §8.4)
+        units.append(KV_CACHE_UNITS[kv])
     rules = [rule for unit in units for rule in _unit_rules(unit)]
     composed = Recipe(
         name=f"qformat={qformat},kv_cache_qformat={kv}",

@@ -3,9 +3,9 @@
     rq.export_checkpoint(model, out_dir)      # what TensorRT-LLM, vLLM and SGLang load
     model2 = rq.load_checkpoint(out_dir)      # a runnable model again (== rq.compress_weights(model))
 
-The checkpoint is what modelopt 0.47's `export_hf_checkpoint` writes (SPEC.md 2.4, 4.1, 4.8, 5.6;
-modelopt/torch/export/unified_export_hf.py, quant_utils.py), every number computed by refquant's
-own numerics in the quantizers' flavor:
+The checkpoint is what modelopt 0.47's `export_hf_checkpoint` writes (docs/modelopt_behaviour.md
+§2.4, §4.1, §4.8, §5.6; modelopt/torch/export/unified_export_hf.py, quant_utils.py), every number
+computed by refquant's own numerics in the quantizers' flavor:
 
   FP8 layer    weight        float8_e4m3fn [out, in]   E4M3(W / weight_scale), the FP8QTensor division
                weight_scale  fp32 0-d                  weight amax / 448
@@ -17,10 +17,11 @@ own numerics in the quantizers' flavor:
   attention    k_proj.k_scale, v_proj.v_scale fp32 0-d   calibrated K / V amax / 448; none for the
                                                        constant-amax ("cast") KV modes
   files        config.json (+ quantization_config), hf_quant_config.json, generation_config.json,
-               model.safetensors (sharded with an index past 10 GB, as modelopt), and
-               refquant_quantizers.json: refquant's exact quantizer state, which runtimes ignore.
+               model.safetensors (sharded with an index past max_shard_size, 10 GB by default as
+               modelopt's; streamed a layer at a time), and refquant_quantizers.json: refquant's
+               exact quantizer state, which runtimes ignore.
 
-"a / c" above is the flavor's division (CONTRACT.md point 2): IEEE on "modelopt-cpu", a multiply by
+"a / c" above is the flavor's division (docs/contract.md §2): IEEE on "modelopt-cpu", a multiply by
 fp32(1 / c) on "modelopt-cuda" (modelopt's `tensor / python_float` on a GPU).
 
 Layers that deployment fuses (inputs shared, found as modelopt finds them: one forward of two
@@ -34,7 +35,7 @@ round trip, in place, and is what `load_checkpoint` gives back bit for bit (docs
   tensors.py   the checkpoint tensors of one linear, and the weight read back from them
   configs.py   hf_quant_config.json and config.json's quantization_config
   state.py     refquant_quantizers.json: the exact quantizer state
-  write.py     export_checkpoint: files written atomically
+  write.py     export_checkpoint: tensors streamed into shards, files written atomically, rank 0 only
   load.py      compress_weights and load_checkpoint
 """
 
@@ -43,13 +44,14 @@ from .load import compress_weights, load_checkpoint, read_checkpoint_tensors
 from .plan import CompressedWeightQuantizer, ExportPlan, LinearExport, layer_format, plan_export, shared_input_groups
 from .state import decode_amax, encode_amax
 from .tensors import dequantize_linear_weight, export_linear_tensors
-from .write import checkpoint_state_dict, export_checkpoint
+from .write import checkpoint_state_dict, checkpoint_tensors, export_checkpoint, parse_shard_size
 
 __all__ = [
     "CompressedWeightQuantizer",
     "ExportPlan",
     "LinearExport",
     "checkpoint_state_dict",
+    "checkpoint_tensors",
     "compress_weights",
     "decode_amax",
     "dequantize_linear_weight",
@@ -59,6 +61,7 @@ __all__ = [
     "layer_format",
     "layer_quant_config",
     "load_checkpoint",
+    "parse_shard_size",
     "plan_export",
     "quantization_config",
     "read_checkpoint_tensors",

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ...quant.quantizer import QuantizerConfig, child_quantizer, named_quantizers
+from ..dispatch import has_offloaded_weights
 from .plan import CompressedWeightQuantizer, ExportPlan, plan_export
 from .state import STATE_FILE, STATE_FORMAT, STATE_VERSION, _restore_buffer_dtypes, decode_amax
 from .tensors import dequantize_linear_weight
@@ -21,6 +22,14 @@ def _apply_plan(model: nn.Module, plan: ExportPlan) -> list[str]:
     """Give `model` the state its checkpoint describes: fused amaxes, each quantized weight replaced
     by its dequantized checkpoint tensors, weight quantizers that pass the weight through."""
     modules = dict(model.named_modules())
+    offloaded = [name for name in plan.linears if has_offloaded_weights(modules[name])]
+    if offloaded:
+        raise ValueError(
+            f"compress_weights replaces each quantized weight in place, but {offloaded[0]} (and "
+            f"{len(offloaded) - 1} more) keeps its weight offloaded by accelerate (on the meta device), "
+            "where a change would be lost at its next forward. Load the model without offload "
+            "(enough max_memory), or export it (rq.export_checkpoint) and rq.load_checkpoint it."
+        )
     for name, linear in plan.linears.items():
         module = modules[name]
         weight_q = module.weight_quantizer
@@ -31,10 +40,11 @@ def _apply_plan(model: nn.Module, plan: ExportPlan) -> list[str]:
         input_q = child_quantizer(module, "input_quantizer")
         if input_q is not None and input_q.is_calibrated and linear.input_amax is not None:
             input_q.set_amax(linear.input_amax)
-        weight = dequantize_linear_weight(linear.layer_format, linear.tensors, module.weight.shape, module.weight.dtype)
+        tensors = linear.tensors()
+        weight = dequantize_linear_weight(linear.layer_format, tensors, module.weight.shape, module.weight.dtype)
         with torch.no_grad():
             module.weight.copy_(weight.to(module.weight.device))
-        module.weight_quantizer = CompressedWeightQuantizer(weight_q, linear.layer_format, linear.tensors)
+        module.weight_quantizer = CompressedWeightQuantizer(weight_q, linear.layer_format, tensors)
     return list(plan.linears)
 
 
@@ -57,20 +67,29 @@ def _read_json(path: Path, what: str) -> dict:
     return json.loads(path.read_text())
 
 
-def read_checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint's safetensors files (single file or sharded with an index)."""
+def read_checkpoint_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's safetensors files: model.safetensors, or the shards that
+    model.safetensors.index.json lists (its weight_map must name each tensor's file exactly)."""
     from safetensors.torch import load_file
 
+    folder = Path(folder)
     index_path = folder / "model.safetensors.index.json"
-    if index_path.is_file():
-        files = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
+    weight_map = json.loads(index_path.read_text())["weight_map"] if index_path.is_file() else None
+    files = sorted(set(weight_map.values())) if weight_map is not None else ["model.safetensors"]
     tensors: dict[str, torch.Tensor] = {}
     for filename in files:
         if not (folder / filename).is_file():
             raise ValueError(f"{folder / filename} is missing; the checkpoint is incomplete.")
-        tensors.update(load_file(str(folder / filename)))
+        shard = load_file(str(folder / filename))
+        if weight_map is not None:
+            listed = {key for key, name in weight_map.items() if name == filename}
+            if set(shard) != listed:
+                wrong = sorted(set(shard) ^ listed)
+                raise ValueError(
+                    f"{index_path} does not match {filename}: {wrong[:3]} are listed for it but not in "
+                    "it, or in it but not listed. The checkpoint is damaged; export it again."
+                )
+        tensors.update(shard)
     return tensors
 
 

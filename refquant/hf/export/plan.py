@@ -4,12 +4,13 @@ the fusion groups of shared-input layers, the K/V scales and hf_quant_config (Ex
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from ...quant.quantizer import TensorQuantizer, all_quantizers_off, child_quantizer, named_quantizers
+from ..dispatch import execution_device, loaded_weights, require_loaded
 from .configs import MODELOPT_FORMAT_VERSION, layer_quant_config
 from .tensors import _fp8_scale, export_linear_tensors
 
@@ -25,14 +26,19 @@ class LinearExport:
 
     layer_format: "fp8", "nvfp4" or "w4a16_nvfp4" (modelopt's names).
     weight_amax / input_amax: the amax the export used (after fusion), in the quantizer's dtype.
-    tensors: checkpoint suffix ("weight", "weight_scale", "weight_scale_2", "input_scale") -> tensor.
+    tensors(): checkpoint suffix ("weight", "weight_scale", "weight_scale_2", "input_scale") ->
+    tensor, computed at each call (on the layer's device) and not kept: the export streams the
+    checkpoint a layer at a time, so a plan holds no layer's tensors.
     """
 
     name: str
     layer_format: str
     weight_amax: torch.Tensor
     input_amax: Optional[torch.Tensor]
-    tensors: dict[str, torch.Tensor]
+    compute: Callable[[], dict[str, torch.Tensor]] = field(repr=False)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.compute()
 
 
 @dataclass
@@ -144,8 +150,7 @@ def shared_input_groups(model: nn.Module) -> list[list[str]]:
         handles.append(module.register_forward_hook(hook(name)))
     if not handles:
         return []
-    parameter = next(model.parameters())
-    tokens = torch.ones((1, 2), dtype=torch.long, device=parameter.device)
+    tokens = torch.ones((1, 2), dtype=torch.long, device=execution_device(model))
     try:
         with torch.no_grad(), all_quantizers_off(model):
             model(input_ids=tokens, use_cache=False)
@@ -156,7 +161,8 @@ def shared_input_groups(model: nn.Module) -> list[list[str]]:
 
 
 def _group_max(amaxes: list[torch.Tensor]) -> torch.Tensor:
-    return torch.max(torch.stack([a.reshape(()) for a in amaxes]))
+    # a group's layers may sit on different devices of a split model; a max is exact anywhere
+    return torch.max(torch.stack([a.reshape(()).to(amaxes[0].device) for a in amaxes]))
 
 
 def _required_amax(name: str, quantizer: TensorQuantizer) -> torch.Tensor:
@@ -199,6 +205,21 @@ def _kv_cache_algo(model: nn.Module) -> Optional[str]:
             )
         found = algo
     return found
+
+
+def _stored_tensors(quantizer: CompressedWeightQuantizer) -> Callable[[], dict[str, torch.Tensor]]:
+    return lambda: dict(quantizer.exported)
+
+
+def _linear_tensors(
+    name: str, module: nn.Module, fmt: str, weight_amax: torch.Tensor, input_amax: Optional[torch.Tensor], flavor: str
+) -> Callable[[], dict[str, torch.Tensor]]:
+    def compute() -> dict[str, torch.Tensor]:
+        with loaded_weights(module):  # an offloaded weight, loaded as its accelerate hook loads it
+            require_loaded(f"{name}.weight", module.weight)
+            return export_linear_tensors(name, module, fmt, weight_amax, input_amax, flavor)
+
+    return compute
 
 
 def plan_export(model: nn.Module) -> ExportPlan:
@@ -252,10 +273,10 @@ def plan_export(model: nn.Module) -> ExportPlan:
     for name in weight_amax:
         module = modules[name]
         if name in compressed:
-            tensors = dict(module.weight_quantizer.exported)
+            compute = _stored_tensors(module.weight_quantizer)
         else:
-            tensors = export_linear_tensors(name, module, formats[name], weight_amax[name], input_amax[name], flavor)
-        linears[name] = LinearExport(name, formats[name], weight_amax[name], input_amax[name], tensors)
+            compute = _linear_tensors(name, module, formats[name], weight_amax[name], input_amax[name], flavor)
+        linears[name] = LinearExport(name, formats[name], weight_amax[name], input_amax[name], compute)
 
     kv_scales = {}
     for name, module in modules.items():

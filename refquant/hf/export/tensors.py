@@ -26,7 +26,7 @@ def _export_amax(amax: torch.Tensor, maxbound: float, clamp: bool) -> torch.Tens
 
 
 def _fp8_scale(amax: torch.Tensor, flavor: str) -> torch.Tensor:
-    """fp32 amax / 448 per flavor: modelopt's `amax.float() / 448.0` (SPEC.md 2.4)."""
+    """fp32 amax / 448 per flavor: modelopt's `amax.float() / 448.0` (docs/modelopt_behaviour.md §2.4)."""
     return _divide_by_448(amax.float(), flavor)
 
 

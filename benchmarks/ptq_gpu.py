@@ -1,0 +1,304 @@
+"""PTQ of Llama-shaped models on one GPU: refquant (compiled, reference) against modelopt, side by side.
+
+For each shape and recipe, a model built from a config with seeded weights (bf16) is quantized as
+a user would: calibration over the same batches, a forward of an evaluation batch, an export.
+Measured per variant (plain bf16, modelopt, refquant compiled, refquant reference):
+
+    calibration s    wall time of rq.quantize_model / mtq.quantize (the forward loop included)
+    forward ms       median of timed forwards of the evaluation batch (CUDA events, after warm-up)
+    export s         rq.export_checkpoint / modelopt's export_hf_checkpoint
+    peak GiB         torch.cuda.max_memory_allocated over calibration + forward + export; the
+                     pristine weights wait on the CPU, so the GPU holds the working model only
+    vs modelopt      every quantizer's amax, the evaluation logits and every exported tensor,
+                     bit for bit (refquant compiled and reference against modelopt's run)
+
+    python3 benchmarks/ptq_gpu.py --out DIR [--shapes small,large] [--recipes R ...]
+
+Writes DIR/ptq_gpu.json and prints a table last. No time is asserted: this is a report.
+modelopt is optional (its columns stay empty when it does not import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+import refquant as rq  # noqa: E402
+
+# Llama-shaped configs: "small" is issue 13's 0.6B shape, "large" Llama-2-7B's (6.7B).
+SHAPES = {
+    "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=320),
+    "small": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=8, vocab_size=32000),
+    "large": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+}
+DEFAULT_RECIPES = ("fp8_default-fp8_kv", "nvfp4_default-fp8_cast_kv", "nvfp4_default-fp8_kv")
+VARIANTS = ("plain", "modelopt", "compiled", "reference")
+
+
+def build_model(shape: str, seed: int, device: torch.device):
+    """LlamaForCausalLM of SHAPES[shape], transformers' own init under `seed`, bf16, eval, on device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(max_position_embeddings=4096, attn_implementation="sdpa", tie_word_embeddings=False, **SHAPES[shape])
+    config.architectures = ["LlamaForCausalLM"]  # modelopt's export reads it
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # init straight in bf16: no fp32 copy of a 6.7B model
+        try:
+            with device:
+                model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default)
+    return model.eval()
+
+
+def batches_for(shape: str, count: int, batch: int, seq: int, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, SHAPES[shape]["vocab_size"], (batch, seq), generator=generator) for _ in range(count)]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_forward_ms(model, batch: torch.Tensor, device: torch.device, repeats: int) -> dict:
+    """Median and spread of `repeats` forwards after two warm-ups (CUDA events on a GPU)."""
+    batch = batch.to(device)
+    times = []
+    with torch.no_grad():
+        for step in range(repeats + 2):
+            synchronize(device)
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                model(input_ids=batch)
+                end.record()
+                end.synchronize()
+                elapsed = start.elapsed_time(end)
+            else:
+                began = time.perf_counter()
+                model(input_ids=batch)
+                elapsed = (time.perf_counter() - began) * 1e3
+            if step >= 2:
+                times.append(elapsed)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
+
+
+def logits_of(model, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch.to(device)).logits.float().cpu()
+
+
+def reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def run_variant(variant: str, recipe: str, pristine, shape: str, args, batches, eval_batch, workdir: Path) -> dict:
+    """One variant of one recipe on a fresh copy of the model; returns timings and what to compare."""
+    device = torch.device(args.device)
+    model = copy.deepcopy(pristine).to(device)
+    reset_peak(device)
+    result: dict = {"variant": variant, "recipe": recipe}
+    synchronize(device)
+    began = time.perf_counter()
+    if variant == "plain":
+        with torch.no_grad():
+            for batch in batches:
+                model(input_ids=batch.to(device))
+    elif variant == "modelopt":
+        import modelopt.torch.quantization as mtq
+        from compare_modelopt import modelopt_quant_cfg
+
+        def forward_loop(m):
+            for batch in batches:
+                m(input_ids=batch.to(device))
+
+        mtq.quantize(model, modelopt_quant_cfg(recipe), forward_loop)
+    else:
+        flavor = "modelopt-cuda" if device.type == "cuda" else "modelopt-cpu"
+        rq.quantize_model(model, rq.load_recipe(recipe), batches, backend=variant, flavor=flavor, progress=False)
+    synchronize(device)
+    result["calibration_s"] = time.perf_counter() - began
+    result["forward"] = timed_forward_ms(model, eval_batch, device, args.repeats)
+    logits = logits_of(model, eval_batch, device)
+    amax = None if variant == "plain" else amax_table(model)
+    if variant != "plain" and not args.no_export:
+        out = workdir / f"{recipe}-{variant}"
+        began = time.perf_counter()
+        if variant == "modelopt":
+            from modelopt.torch.export import export_hf_checkpoint
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                export_hf_checkpoint(model, export_dir=out)
+        else:
+            rq.export_checkpoint(model, out)
+        synchronize(device)
+        result["export_s"] = time.perf_counter() - began
+        result["export_dir"] = str(out)
+    result["peak_gib"] = peak_gib(device)
+    del model
+    reset_peak(device)
+    return result | {"_logits": logits, "_amax": amax}
+
+
+def amax_table(model) -> dict:
+    from compare_modelopt import quantizer_table
+
+    return {name: amax for name, (enabled, amax) in quantizer_table(model).items() if enabled}
+
+
+def compare_to_modelopt(ours: dict, theirs: dict) -> dict:
+    from compare_modelopt import compare_exports, same_bits
+
+    amax_a, amax_b = ours["_amax"], theirs["_amax"]
+    names = set(amax_a) | set(amax_b)
+    amax_same = sum(
+        1 for n in names
+        if n in amax_a and n in amax_b and (amax_a[n] is None) == (amax_b[n] is None)
+        and (amax_a[n] is None or same_bits(amax_a[n], amax_b[n]))
+    )
+    logits_differ = int((ours["_logits"] != theirs["_logits"]).sum())
+    result = {"amax_same": amax_same, "amax_compared": len(names), "logits_differing": logits_differ,
+              "logits": ours["_logits"].numel()}
+    if "export_dir" in ours and "export_dir" in theirs:
+        exports = compare_exports(Path(ours["export_dir"]), Path(theirs["export_dir"]))
+        result["export_ok"] = exports["ok"]
+        result["export_mismatched"] = exports["mismatched"][:4] + exports["only_refquant"][:2] + exports["only_modelopt"][:2]
+    return result
+
+
+def modelopt_available() -> bool:
+    try:
+        import modelopt.torch.quantization  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "no modelopt columns"
+        return False
+    return True
+
+
+def run_shape(shape: str, args, modelopt_ok: bool, rows: list[dict]) -> None:
+    device = torch.device(args.device)
+    pristine = build_model(shape, args.seed, device).to("cpu")  # the GPU holds one model at a time
+    reset_peak(device)
+    batches = batches_for(shape, args.batches, args.batch_size, args.seq, args.seed + 1)
+    eval_batch = batches_for(shape, 1, args.batch_size, args.seq, args.seed + 2)[0]
+    parameters = sum(t.numel() for t in pristine.parameters())
+    recipes = args.recipes
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        plain = run_variant("plain", "-", pristine, shape, args, batches, eval_batch, Path(tmp))
+        rows.append(_row(shape, parameters, plain, plain))
+        for recipe in recipes:
+            results = {}
+            for variant in args.variants:
+                if variant == "plain" or (variant == "modelopt" and not modelopt_ok):
+                    continue
+                try:
+                    results[variant] = run_variant(variant, recipe, pristine, shape, args, batches, eval_batch, Path(tmp))
+                except Exception as error:  # noqa: BLE001 - report and go on
+                    import traceback
+
+                    traceback.print_exc()
+                    results[variant] = {"variant": variant, "recipe": recipe, "error": f"{type(error).__name__}: {error}"}
+            for variant, result in results.items():
+                if variant != "modelopt" and "modelopt" in results and "error" not in result and "error" not in results["modelopt"]:
+                    result["vs_modelopt"] = compare_to_modelopt(result, results["modelopt"])
+                rows.append(_row(shape, parameters, result, plain))
+            for result in results.values():
+                if "export_dir" in result:
+                    shutil.rmtree(result["export_dir"], ignore_errors=True)
+            print(format_table(rows[-len(results):]), flush=True)
+
+
+def _row(shape: str, parameters: int, result: dict, plain: dict) -> dict:
+    row = {k: v for k, v in result.items() if not k.startswith("_")}
+    row["shape"] = shape
+    row["parameters"] = parameters
+    if "forward" in result and "forward" in plain:
+        row["forward_over_plain"] = result["forward"]["median_ms"] / plain["forward"]["median_ms"]
+        row["calibration_over_plain"] = result["calibration_s"] / plain["calibration_s"]
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| shape | recipe | variant | calibration s (x plain) | forward ms (x plain) [min-max] | export s | peak GiB | vs modelopt: amax, logits, export |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['recipe']} | {r['variant']} | ERROR {r['error'][:80]} | | | | |")
+            continue
+        f = r["forward"]
+        cal = f"{r['calibration_s']:.2f} ({r.get('calibration_over_plain', 1):.2f})"
+        fwd = f"{f['median_ms']:.1f} ({r.get('forward_over_plain', 1):.2f}) [{f['min_ms']:.1f}-{f['max_ms']:.1f}]"
+        exp = f"{r['export_s']:.1f}" if "export_s" in r else "-"
+        peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
+        vs = "-"
+        if "vs_modelopt" in r:
+            v = r["vs_modelopt"]
+            vs = (f"{v['amax_same']}/{v['amax_compared']} same, "
+                  + ("logits same" if v["logits_differing"] == 0 else f"logits {v['logits_differing']}/{v['logits']} differ")
+                  + ("" if "export_ok" not in v else (", export same" if v["export_ok"] else ", export DIFF")))
+        lines.append(f"| {r['shape']} | {r['recipe']} | {r['variant']} | {cal} | {fwd} | {exp} | {peak} | {vs} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for ptq_gpu.json")
+    parser.add_argument("--shapes", default="small,large", help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--recipes", nargs="*", default=list(DEFAULT_RECIPES))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batches", type=int, default=8, help="calibration batches")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-export", action="store_true")
+    parser.add_argument("--workdir", default=None, help="where the exports go (deleted after comparing)")
+    args = parser.parse_args(argv)
+    shapes = [s for s in args.shapes.split(",") if s]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shape(s) {unknown}; use {', '.join(SHAPES)}")
+    warnings.filterwarnings("ignore", module="modelopt")
+    modelopt_ok = "modelopt" in args.variants and modelopt_available()
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    rows: list[dict] = []
+    for shape in shapes:
+        run_shape(shape, args, modelopt_ok, rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    document = {"device": device_name, "torch": torch.__version__, "modelopt": modelopt_ok,
+                "settings": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")}, "rows": rows}
+    (args.out / "ptq_gpu.json").write_text(json.dumps(document, indent=1, default=str) + "\n")
+    print(f"\n{device_name}, torch {torch.__version__}; {args.batches} calibration batches of {args.batch_size} x {args.seq} tokens")
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""A model that accelerate spreads over devices quantizes exactly as the plain model (refquant.hf.dispatch).
+
+accelerate replaces `module.forward` on the modules it hooks; insert_quantizers changes their class,
+so without care the hooks would call the old forward and bypass the quantizers (issue 12: only the
+weight amaxes agreed). With one device we cannot split a model, but accelerate puts the same hooks on
+the CPU: per-block hooks as dispatch_model over several GPUs attaches them, dispatch_model with a
+disk offload, cpu_offload, hooks attached after the quantizers, hooks removed again. Each must give
+the plain model's amaxes, logits and exported bytes; what cannot work must say why.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import refquant as rq
+from refquant.quant.quantizer import named_quantizers
+
+accelerate = pytest.importorskip("accelerate")
+from accelerate import cpu_offload, dispatch_model  # noqa: E402
+from accelerate.hooks import ModelHook, add_hook_to_module, attach_align_device_hook_on_blocks, remove_hook_from_module  # noqa: E402
+
+RECIPES = ("fp8_default-fp8_kv", "nvfp4_default-nvfp4_kv")  # calibrated K/V: the attention hook matters
+BLOCKS = ("model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "model.rotary_emb", "lm_head")
+
+
+def tiny_model():
+    """A seeded 2-layer Llama (hidden 64, GQA), bf16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    return model.to(torch.bfloat16).eval()
+
+
+def batches(count: int = 3, seed: int = 1) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 128, (2, 16), generator=generator) for _ in range(count)]
+
+
+EVAL = batches(1, seed=7)[0]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=EVAL).logits
+
+
+def files(folder) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def spread(model: nn.Module, how: str, tmp_path) -> nn.Module:
+    """Put accelerate's hooks on `model` as `how` says; returns it."""
+    if how == "blocks":  # what dispatch_model over several GPUs attaches: a hook on every submodule with tensors
+        attach_align_device_hook_on_blocks(
+            model, execution_device={name: torch.device("cpu") for name in BLOCKS},
+            offload={name: False for name in BLOCKS}, module_name="",
+        )
+    elif how == "dispatch":
+        dispatch_model(model, {name: "cpu" for name in BLOCKS}, force_hooks=True)
+    elif how == "dispatch-disk":  # layer 1 and lm_head offloaded: weights on meta, loaded by their hooks
+        device_map = {name: "disk" if name in ("model.layers.1", "lm_head") else "cpu" for name in BLOCKS}
+        dispatch_model(model, device_map, offload_dir=str(tmp_path / "offload"))
+    elif how == "cpu_offload":  # every weight on meta
+        cpu_offload(model, execution_device=torch.device("cpu"))
+    elif how == "hooks-after-insert":
+        rq.insert_quantizers(model)
+        dispatch_model(model, {name: "cpu" for name in BLOCKS}, force_hooks=True)
+    elif how == "hooks-removed":  # remove_hook_from_module leaves the old bound forward on the instance
+        dispatch_model(model, {name: "cpu" for name in BLOCKS}, force_hooks=True)
+        remove_hook_from_module(model, recurse=True)
+    else:
+        raise AssertionError(how)
+    return model
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """recipe -> (amaxes, logits, exported files) of the plain model."""
+    results = {}
+    for recipe in RECIPES:
+        model = tiny_model()
+        rq.quantize_model(model, rq.load_recipe(recipe), batches(), progress=False)
+        folder = rq.export_checkpoint(model, tmp_path_factory.mktemp("plain") / recipe)
+        results[recipe] = ({n: q.amax for n, q in named_quantizers(model) if q.is_enabled}, logits(model), files(folder))
+    return results
+
+
+@pytest.mark.parametrize("how", ["blocks", "dispatch", "dispatch-disk", "cpu_offload", "hooks-after-insert", "hooks-removed"])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_hooked_model_gives_the_plain_models_amax_logits_and_checkpoint_bytes(plain, recipe, how, tmp_path):
+    amaxes, expected_logits, expected_files = plain[recipe]
+    model = spread(tiny_model(), how, tmp_path)
+    rq.quantize_model(model, rq.load_recipe(recipe), batches(), progress=False)
+
+    quantizers = dict(named_quantizers(model))
+    assert [n for n, q in quantizers.items() if q.is_enabled] == list(amaxes)
+    for name, amax in amaxes.items():
+        got = quantizers[name].amax
+        assert got is not None, f"{name}: no amax (its forward was bypassed)"
+        assert got.dtype == amax.dtype and torch.equal(bits(got), bits(amax)), name
+    assert torch.equal(bits(logits(model)), bits(expected_logits))
+    folder = rq.export_checkpoint(model, tmp_path / "ckpt")
+    assert files(folder) == expected_files
+
+
+def test_hook_fix_reaches_the_attention_and_every_linear():
+    """The issue's symptom, counted: with accelerate's per-block hooks every enabled quantizer of a
+    calibrated-KV recipe gets an amax, the K/V ones included (before the fix only the weights did)."""
+    model = spread(tiny_model(), "blocks", None)
+    rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches(), progress=False)
+    enabled = [(n, q) for n, q in named_quantizers(model) if q.is_enabled]
+    assert {n.rpartition(".")[2] for n, _ in enabled} >= {"k_bmm_quantizer", "v_bmm_quantizer", "input_quantizer"}
+    assert all(q.is_calibrated for _, q in enabled)
+    attention = model.model.layers[0].self_attn
+    assert attention._old_forward.__func__ is type(attention).forward  # the hook calls the quantized forward
+
+
+# --- what cannot work says why ------------------------------------------------------------------
+
+
+def test_a_forward_replaced_on_the_instance_is_refused_before_anything_changes():
+    model = tiny_model()
+    q_proj = model.model.layers[0].self_attn.q_proj
+    q_proj.forward = lambda x: nn.functional.linear(x, q_proj.weight)
+    with pytest.raises(ValueError, match=r"cannot quantize model\.layers\.0\.self_attn\.q_proj \(Linear\): its forward "
+                       r"is replaced on the instance.*Remove the wrapper.*remove_hook_from_module"):
+        rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches(), progress=False)
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))  # checked first
+
+
+def test_an_accelerate_hook_around_a_foreign_forward_is_refused():
+    model = tiny_model()
+    attention = model.model.layers[1].self_attn
+    original = attention.forward
+    attention.forward = lambda *args, **kwargs: original(*args, **kwargs)
+    add_hook_to_module(attention, ModelHook())  # its _old_forward is the lambda, not LlamaAttention.forward
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn \(LlamaAttention\): accelerate's hook on it calls"):
+        rq.insert_quantizers(model)
+
+
+def test_weights_no_hook_of_their_own_layer_loads_are_refused():
+    """preload_module_classes: the MLP's hook loads its children's weights; the linears have none."""
+    model = cpu_offload(tiny_model(), execution_device=torch.device("cpu"), preload_module_classes=["LlamaMLP"])
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight is on the meta device and no "
+                       r"accelerate hook of its own layer loads it.*preload_module_classes"):
+        rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches(), progress=False)
+
+
+def test_compress_weights_refuses_offloaded_weights(tmp_path):
+    model = spread(tiny_model(), "dispatch-disk", tmp_path)
+    rq.quantize_model(model, rq.load_recipe("nvfp4_default-fp8_cast_kv"), batches(), progress=False)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.q_proj \(and 6 more\) keeps its weight "
+                       r"offloaded by accelerate.*rq\.load_checkpoint"):
+        rq.compress_weights(model)

@@ -1,0 +1,200 @@
+"""Data-parallel calibration and export over torch.distributed: two gloo processes on the CPU.
+
+Each rank calibrates its half of the batches; after the forward loop one all_reduce(MAX) gives
+every rank the amax one process gets from all the batches (refquant.quant.distributed), and rank 0
+alone writes the checkpoint. Checked against one process over all batches, bit for bit and byte for
+byte; and what goes wrong on one rank (an error, another recipe, other weights, no data at all)
+ends every rank with an error that says what, instead of a hang or a silent difference.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import refquant as rq
+from refquant.hf.models import CALIBRATION_TEXT, build_builtin_model, byte_tokenize, token_batches
+from refquant.quant.distributed import synchronize_calibration
+from refquant.quant.quantizer import QuantizerConfig, TensorQuantizer, named_quantizers
+
+pytest.importorskip("transformers")
+WORLD = 2
+RECIPES = ("fp8_default-fp8_kv", "nvfp4_default-nvfp4_kv")
+THREADS = 1  # the same in every process, so the forward computes the same bits everywhere
+
+
+def calibration_batches() -> list[torch.Tensor]:
+    return token_batches(byte_tokenize(CALIBRATION_TEXT), num_batches=6, seq_len=48)[0]
+
+
+def amaxes(model) -> dict[str, torch.Tensor]:
+    return {name: q.amax.clone() for name, q in named_quantizers(model) if q.is_calibrated}
+
+
+def quantized(recipe: str, batches, seed: int = 0):
+    model = build_builtin_model(seed=seed)
+    report = rq.quantize_model(model, rq.load_recipe(recipe), batches, progress=False)
+    return model, report
+
+
+def _error(call) -> str:
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - the message is the result
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def _nan_and_missing_data(rank: int) -> dict[str, torch.Tensor]:
+    """synchronize_calibration on hand-set amaxes: a NaN on rank 1 only, a per-channel amax, and
+    one only rank 1 collected."""
+    quantizers = [(f"q{i}", TensorQuantizer(QuantizerConfig(format="fp8", axis=axis), name=f"q{i}"))
+                  for i, axis in enumerate((None, 0, None))]
+    for _, quantizer in quantizers:
+        quantizer.start_calibration()
+    quantizers[0][1]._calibrator.amax = torch.tensor(math.nan if rank == 1 else 2.0, dtype=torch.bfloat16)
+    quantizers[1][1]._calibrator.amax = torch.tensor([[1.0 + rank], [5.0 - rank]])
+    quantizers[2][1]._calibrator.amax = torch.tensor(3.5) if rank == 1 else None
+    synchronize_calibration(quantizers, batches=1, tokens=1, error=None, weight_quantizers=(),
+                            fallback_device=lambda name: torch.device("cpu"))
+    for _, quantizer in quantizers:
+        quantizer.finish_calibration()
+    return {name: q.amax for name, q in quantizers}
+
+
+def _rank(rank: int, port: int, folder: Path) -> None:
+    torch.set_num_threads(THREADS)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=120))  # a hang becomes an error, not a stuck CI
+    results: dict = {}
+    try:
+        batches = calibration_batches()
+        for recipe in RECIPES:
+            model, report = quantized(recipe, batches[rank::WORLD])
+            results[recipe] = {"amax": amaxes(model), "batches": report.calib_batches,
+                               "tokens": report.calib_tokens, "world_size": report.world_size}
+            rq.export_checkpoint(model, folder / "out" / recipe)
+        # rank 0 sees no batch at all (rank 1 all of them); rank 0 still writes the checkpoint
+        model, _ = quantized(RECIPES[1], batches if rank == 1 else [])
+        results["rank 0 without data"] = amaxes(model)
+        rq.export_checkpoint(model, folder / "out" / "rank-0-without-data")
+        results["nan"] = _nan_and_missing_data(rank)
+        results["errors"] = {
+            "a bad batch on rank 1": _error(lambda: quantized(RECIPES[0], ["not a batch"] if rank == 1 else batches[:1])),
+            "another recipe on rank 1": _error(lambda: quantized(RECIPES[rank], batches[:1])),
+            "other weights on rank 1": _error(lambda: quantized(RECIPES[0], batches[:1], seed=rank)),
+            "no batch on any rank": _error(lambda: quantized(RECIPES[0], [])),
+            "rank 0 cannot write": _error(lambda: rq.export_checkpoint(model, folder / "out" / RECIPES[0])),
+        }
+    finally:
+        torch.save(results, folder / f"rank{rank}.pt")
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Run the two ranks once; their results, rank by rank, and the folder they wrote into."""
+    folder = tmp_path_factory.mktemp("dp")
+    mp.spawn(_rank, args=(_free_port(), folder), nprocs=WORLD, join=True)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], folder
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process over all the batches: recipe -> (amaxes, report, checkpoint folder)."""
+    folder = tmp_path_factory.mktemp("single")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        results = {}
+        for recipe in RECIPES:
+            model, report = quantized(recipe, calibration_batches())
+            results[recipe] = (amaxes(model), report, rq.export_checkpoint(model, folder / recipe))
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def assert_same_amaxes(got: dict, expected: dict, what: str) -> None:
+    assert list(got) == list(expected), what
+    for name, amax in expected.items():
+        assert got[name].dtype == amax.dtype and got[name].shape == amax.shape, f"{what}: {name}"
+        assert torch.equal(bits(got[name]), bits(amax)), f"{what}: {name}"
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_two_ranks_on_halves_give_every_rank_the_single_process_amax_bit_for_bit(ranks, single, recipe):
+    results, _ = ranks
+    expected, report, _ = single[recipe]
+    assert len(expected) > 0
+    for rank, result in enumerate(results):
+        assert_same_amaxes(result[recipe]["amax"], expected, f"rank {rank}")
+        assert (result[recipe]["batches"], result[recipe]["tokens"]) == (report.calib_batches, report.calib_tokens)
+        assert result[recipe]["world_size"] == WORLD
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_rank_0_writes_the_single_process_checkpoint_byte_for_byte_and_alone(ranks, single, recipe):
+    _, folder = ranks
+    assert files(folder / "out" / recipe) == files(single[recipe][2])
+    written = sorted(path.name for path in (folder / "out").iterdir())
+    assert written == sorted([*RECIPES, "rank-0-without-data"])  # no partial folder, nothing twice
+
+
+def test_a_rank_whose_quantizers_saw_no_data_ends_with_the_amax_of_the_others(ranks, single, tmp_path):
+    results, folder = ranks
+    expected, _, checkpoint = single[RECIPES[1]]
+    for rank, result in enumerate(results):
+        assert_same_amaxes(result["rank 0 without data"], expected, f"rank {rank}")
+    assert files(folder / "out" / "rank-0-without-data") == files(checkpoint)
+
+
+def test_a_nan_on_any_rank_gives_nan_and_data_from_one_rank_reaches_all(ranks):
+    results, _ = ranks
+    for result in results:
+        nan = result["nan"]
+        assert nan["q0"].dtype == torch.bfloat16 and torch.isnan(nan["q0"])  # MAX reductions alone may drop NaN
+        assert torch.equal(nan["q1"], torch.tensor([[2.0], [5.0]]))
+        assert torch.equal(nan["q2"], torch.tensor(3.5))
+
+
+@pytest.mark.parametrize(
+    "scenario, rank_0, rank_1",
+    [
+        ("a bad batch on rank 1", r"ValueError: calibration failed on rank 1 of 2 \(ValueError: a calibration / evaluation batch",
+         r"ValueError: a calibration / evaluation batch must be a dict"),
+        ("another recipe on rank 1", r"ranks \[1\] run a different model or recipe than rank 0",
+         r"ranks \[1\] run a different model or recipe than rank 0"),
+        ("other weights on rank 1", r"the ranks hold different weights: the amax of model\.layers\.0\.self_attn\.q_proj\.weight_quantizer",
+         r"the ranks hold different weights"),
+        ("no batch on any rank", r"calib_batches gave no batch", r"calib_batches gave no batch"),
+        ("rank 0 cannot write", r"ValueError: output folder .* already exists",
+         r"rank 0 failed to write the checkpoint .*already exists.*nothing was written"),
+    ],
+)
+def test_what_goes_wrong_on_one_rank_stops_every_rank_with_a_clear_error(ranks, scenario, rank_0, rank_1):
+    results, _ = ranks
+    assert re.search(rank_0, results[0]["errors"][scenario]), results[0]["errors"][scenario]
+    assert re.search(rank_1, results[1]["errors"][scenario]), results[1]["errors"][scenario]
