@@ -65,9 +65,12 @@ def _nan_and_missing_data(rank: int) -> dict[str, torch.Tensor]:
     quantizers[2][1]._calibrator.amax = torch.tensor(3.5) if rank == 1 else None
     synchronize_calibration(quantizers, batches=1, tokens=1, error=None, weight_quantizers=(),
                             fallback_device=lambda name: torch.device("cpu"))
-    for _, quantizer in quantizers:
+    reduced = {name: q._calibrator.amax for name, q in quantizers}
+    for _, quantizer in quantizers[1:]:
         quantizer.finish_calibration()
-    return {name: q.amax for name, q in quantizers}
+    # A NaN amax is refused when calibration finishes, on every rank, as in one process.
+    reduced["q0 finish"] = _error(quantizers[0][1].finish_calibration)
+    return reduced
 
 
 def _rank(rank: int, port: int, folder: Path) -> None:
@@ -176,6 +179,7 @@ def test_a_nan_on_any_rank_gives_nan_and_data_from_one_rank_reaches_all(ranks):
     for result in results:
         nan = result["nan"]
         assert nan["q0"].dtype == torch.bfloat16 and torch.isnan(nan["q0"])  # MAX reductions alone may drop NaN
+        assert nan["q0 finish"].startswith("ValueError: calibration of q0 saw NaN")
         assert torch.equal(nan["q1"], torch.tensor([[2.0], [5.0]]))
         assert torch.equal(nan["q2"], torch.tensor(3.5))
 

@@ -141,8 +141,11 @@ def test_disabled_quantizer_neither_collects_nor_quantizes():
 def test_nan_or_inf_activation_during_calibration_is_a_clear_error(bad):
     quantizer = TensorQuantizer(FP8, name="model.layers.0.mlp.up_proj.input_quantizer")
     quantizer.start_calibration()
+    quantizer(torch.tensor([1.0, bad, 2.0]))  # checked once at the end: no device read-back per call
+    quantizer(torch.tensor([3.0, 2.0]))  # a later good batch does not hide it
     with pytest.raises(ValueError, match=r"up_proj\.input_quantizer saw (NaN|inf)"):
-        quantizer(torch.tensor([1.0, bad, 2.0]))
+        quantizer.finish_calibration()
+    assert not quantizer.is_calibrated
 
 
 def test_nvfp4_calibration_records_one_global_amax_used_by_the_forward():

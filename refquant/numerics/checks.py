@@ -51,7 +51,9 @@ def as_amax_tensor(amax: AmaxLike, x: torch.Tensor, what: str = "amax", *, posit
     if not isinstance(amax, torch.Tensor):
         if not (math.isfinite(amax) and (amax > 0 if positive else amax >= 0)):  # on the host: no sync
             _raise_bad_amax(what, [amax], positive)
-        return torch.tensor(float(amax), dtype=torch.float32, device=x.device)
+        # A fill on x's device, not torch.tensor(value, device=...): that copies from host memory,
+        # and a copy from pageable memory waits for the device (a sync per call on CUDA).
+        return torch.full((), float(amax), dtype=torch.float32, device=x.device)
     if not amax.is_floating_point():
         raise ValueError(f"{what} has dtype {amax.dtype}; pass a floating-point amax.")
     amax = amax.to(x.device)

@@ -84,20 +84,25 @@ class _MaxCalibrator:
 
     def collect(self, x: torch.Tensor, name: str) -> None:
         local = reduce_amax(x.detach(), self.axis)
-        # modelopt's MaxCalibrator asserts here too: an amax from NaN or inf data is meaningless.
-        if not bool(torch.isfinite(local).all()):
-            bad = "NaN" if bool(torch.isnan(local).any()) else "inf"
-            raise ValueError(
-                f"calibration of {name or 'a quantizer'} saw {bad} in a tensor of shape "
-                f"{tuple(x.shape)} ({x.dtype}); max calibration cannot take an amax from it. Find "
-                "where the model produces it (e.g. an overflow in fp16), or drop that calibration batch."
-            )
         if self.amax is not None and self.amax.shape != local.shape:
             raise ValueError(
                 f"calibration of {name or 'a quantizer'}: per-channel amax shape changed from "
                 f"{tuple(self.amax.shape)} to {tuple(local.shape)} between batches."
             )
+        # torch.maximum propagates NaN and keeps inf, so check_finite sees any bad batch at the end;
+        # checking here would read the device back on every call (a sync per quantizer per batch).
         self.amax = local if self.amax is None else torch.maximum(self.amax, local)
+
+    def check_finite(self, name: str) -> None:
+        """modelopt's MaxCalibrator asserts this too: an amax from NaN or inf data is meaningless."""
+        if self.amax is None or bool(torch.isfinite(self.amax).all()):
+            return
+        bad = "NaN" if bool(torch.isnan(self.amax).any()) else "inf"
+        raise ValueError(
+            f"calibration of {name or 'a quantizer'} saw {bad} in the data of a calibration batch (amax "
+            f"shape {tuple(self.amax.shape)}, {self.amax.dtype}); max calibration cannot take an amax from "
+            "it. Find where the model produces it (e.g. an overflow in fp16), or drop that calibration batch."
+        )
 
 
 class TensorQuantizer(nn.Module):
@@ -180,8 +185,10 @@ class TensorQuantizer(nn.Module):
         self._calibrator = None if self.config.use_constant_amax else _MaxCalibrator(self.config.axis)
 
     def finish_calibration(self) -> None:
-        """Store the collected amax (if any data came), switch quantization back on."""
+        """Store the collected amax (if any data came), switch quantization back on. Raises
+        ValueError (and stores nothing) when the data held NaN or inf."""
         if self._calibrator is not None and self._calibrator.amax is not None:
+            self._calibrator.check_finite(self.name)
             self.set_amax(self._calibrator.amax)
         self._calibrator = None
         self._quantizing = True
@@ -199,13 +206,18 @@ class TensorQuantizer(nn.Module):
         if not self._quantizing:
             return x
         impl = numerics(self.backend)
-        amax = self.amax
-        if amax is not None:
-            amax = amax.to(x.device)
+        if self.config.use_constant_amax:
+            # A Python number: the numerics make it a tensor on x's device without a host copy
+            # (self.amax is a CPU tensor, and copying it to a GPU on every call waits for the GPU).
+            amax = E4M3_MAX
+        else:
+            amax = self.amax
+            if amax is not None:
+                amax = amax.to(x.device)
         if self.config.format == "fp8":
             axis = self.config.axis if amax is None else None
             return impl.fp8_fake_quant(x, amax, axis=axis, flavor=self.flavor)
-        if amax is not None and amax.numel() != 1:
+        if isinstance(amax, torch.Tensor) and amax.numel() != 1:
             # modelopt reduces a non-scalar NVFP4 amax with a plain max (docs/modelopt_behaviour.md §3.2)
             amax = amax.amax()
         return impl.nvfp4_fake_quant(x, amax)
