@@ -153,7 +153,11 @@ class ErrorMeter:
         self._nvfp4: dict[str, bool] = {}
 
     def add(self, name: str, x: torch.Tensor, y: torch.Tensor, quantizer: TensorQuantizer) -> None:
-        sums = error_sums(x, y, quantizer.config, quantizer.amax, quantizer.flavor)
+        if quantizer.config.use_constant_amax:  # made on x's device: a host copy per call would wait for it
+            amax = torch.full((), E4M3_MAX, dtype=torch.float32, device=x.device)
+        else:
+            amax = quantizer.amax
+        sums = error_sums(x, y, quantizer.config, amax, quantizer.flavor)
         previous = self._sums.get(name)
         self._sums[name] = sums if previous is None else previous + sums.to(previous.device)
         self._calls[name] = self._calls.get(name, 0) + 1
