@@ -156,6 +156,8 @@ def _run(args, rank: int, world: int) -> int:
         raise FileNotFoundError(f"--report-json {args.report_json}: its folder does not exist.")
     if args.calib_text is not None and not Path(args.calib_text).is_file():
         raise FileNotFoundError(f"--calib-text {args.calib_text}: no such file.")
+    if args.plot is not None:
+        _check_plot_folder(args.plot)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available here; use --device cpu.")
     check_device_map(args, world)
@@ -189,8 +191,15 @@ def _run(args, rank: int, world: int) -> int:
         model, recipe, calib_batches[rank::world], backend=args.backend, flavor=args.flavor,
         eval_batch=eval_batch, progress=not args.no_progress,
     )
+    if args.sensitivity is not None:
+        from ..hf.sensitivity import measure_sensitivity
+
+        # every rank (the same calibrated model, the same batch), so all reach the export together
+        report.sensitivity = measure_sensitivity(
+            model, eval_batch, granularity=args.sensitivity, progress=not args.no_progress and rank == 0
+        )
     if rank == 0:
-        print(report.to_table(show_disabled=args.show_disabled))
+        print(report.to_table(show_disabled=args.show_disabled, sort_by=None if args.sort == "module" else args.sort))
     export_checkpoint(model, out_dir, max_shard_size=args.max_shard_size)  # every rank calls it; rank 0 writes
     if rank != 0:
         return 0
@@ -198,7 +207,25 @@ def _run(args, rank: int, world: int) -> int:
     if args.report_json is not None:
         _write_atomically(Path(args.report_json), report.to_json(indent=2))
         print(f"report written to {args.report_json}")
+    if args.plot is not None:
+        from ..hf.plots import plot_report
+
+        for path in plot_report(report, args.plot, model_name=description):
+            print(f"plot written to {path}")
     return 0
+
+
+def _check_plot_folder(folder: str) -> None:
+    """--plot needs matplotlib and a folder (or a path to create one): checked before any work."""
+    from ..hf.plots import MissingPlotDependency, require_matplotlib
+
+    try:
+        require_matplotlib()
+    except MissingPlotDependency as error:
+        raise ValueError(f"--plot {folder}: {error}") from None
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--plot {folder}: exists and is not a folder. Pass a folder for the PNGs.")
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -254,4 +281,12 @@ def register(subparsers) -> None:
     add("--seq-len", type=int, default=128, metavar="N", help="tokens per batch")
     add("--show-disabled", action="store_true", help="list disabled quantizers one per line")
     add("--no-progress", action="store_true", help="no calibration progress bar")
+    add("--sort", choices=("module", "sqnr", "rel_error", "clipped", "zeroed"), default="module",
+        help="order of the per-quantizer table: module order, or the worst first by that error column")
+    add("--sensitivity", nargs="?", const="block", choices=("block", "layer"), metavar="{block,layer}",
+        help="also quantize one decoder block (default) or one layer at a time and rank them by logit "
+        "error; the report suggests recipe rules that keep the worst unquantized (bf16)")
+    add("--plot", metavar="DIR",
+        help="write PNGs to DIR: SQNR and amax per quantizer by depth, and the sensitivity ranking "
+        "(needs matplotlib: pip install matplotlib, or the 'plot' extra)")
     parser.set_defaults(func=run)

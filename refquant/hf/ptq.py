@@ -43,6 +43,7 @@ from .attention import check_attention_hookable, is_attention_module, quant_atte
 from .dispatch import check_forward_rebindable, execution_device, loaded_weights, rebind_forward, require_loaded
 from ..quant.distributed import rank_and_world, synchronize_calibration
 from ..quant.quantizer import QuantizerConfig, TensorQuantizer, all_quantizers_off, named_quantizers
+from ..quant.metrics import QuantizerError, collect_quantizer_errors
 
 LINEAR_QUANTIZER_NAMES = ("input_quantizer", "weight_quantizer", "output_quantizer")
 CALIBRATION_ALGORITHMS = ("max", None)
@@ -255,7 +256,8 @@ def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: b
 class QuantizerRow(DataClassJsonMixin):
     """One quantizer after PTQ. amax_source: "calibrated" (a stored amax), "constant" (448, never
     calibrated), "dynamic" (no stored amax: taken from each call's data), or "off" (disabled).
-    amax: the per-tensor value, or the largest channel's for per-channel; amax_shape [] per tensor."""
+    amax: the per-tensor value, or the largest channel's for per-channel; amax_shape [] per tensor.
+    error: SQNR, relative error, clipped and zeroed shares on the evaluation batch (None without one)."""
 
     name: str
     format: str
@@ -266,6 +268,7 @@ class QuantizerRow(DataClassJsonMixin):
     amax_dtype: Optional[str] = None
     axis: Any = None
     rule: Optional[int] = None  # index of the last recipe rule that matched it
+    error: Optional[QuantizerError] = None  # what it did on the eval batch (refquant.quant.metrics)
 
 
 @dataclass
@@ -278,6 +281,66 @@ class QualityReport(DataClassJsonMixin):
     top1_agreement: float  # fraction of positions whose argmax token is unchanged
     perplexity_original: Optional[float] = None  # next-token perplexity; None without input_ids
     perplexity_quantized: Optional[float] = None
+
+
+@dataclass
+class SensitivityRow(DataClassJsonMixin):
+    """The model with only one unit (a decoder block, or one layer's quantizers) quantized, against
+    the original on the evaluation batch (refquant.hf.sensitivity)."""
+
+    unit: str  # "model.layers.3" (a block), "model.layers.3.mlp.down_proj" (a layer)
+    patterns: list[str]  # recipe quantizer_name globs that match exactly this unit's enabled quantizers
+    quantizers: int
+    max_abs_logit_error: float
+    mean_abs_logit_error: float
+    top1_agreement: float
+    perplexity: Optional[float] = None
+
+
+@dataclass
+class SensitivityReport(DataClassJsonMixin):
+    """One row per unit, the most costly first (by mean absolute logit error), and recipe rules
+    that would keep the `keep` worst units unquantized."""
+
+    granularity: str  # "block" or "layer"
+    rows: list[SensitivityRow]
+    perplexity_original: Optional[float]
+    keep: int
+    suggested_rules: str  # quant_cfg items in TOML, to paste at the end of a recipe's quant_cfg
+    seconds: float = 0.0
+
+
+ERROR_SORT_KEYS = ("sqnr", "rel_error", "clipped", "zeroed")
+
+
+def _worst_first_key(sort_by: str):
+    """Sort key over QuantizerRows for `sort_by`: the worst first, rows without a number last."""
+    if sort_by not in ERROR_SORT_KEYS:
+        raise ValueError(f"sort_by={sort_by!r} is not known; use one of {', '.join(ERROR_SORT_KEYS)} (or None: module order).")
+    attribute = {"sqnr": "sqnr_db"}.get(sort_by, sort_by)
+    sign = 1.0 if sort_by == "sqnr" else -1.0  # low SQNR is bad; high error and shares are bad
+
+    def key(row: "QuantizerRow") -> tuple[int, float]:
+        value = getattr(row.error, attribute, None) if row.error is not None else None
+        return (1, 0.0) if value is None else (0, sign * value)
+
+    return key
+
+
+def _sqnr_text(error: Optional[QuantizerError]) -> str:
+    sqnr = None if error is None else error.sqnr_db
+    return "-" if sqnr is None else f"{sqnr:.2f}" if math.isfinite(sqnr) else "inf" if sqnr > 0 else "-inf"
+
+
+def _error_cells(error: Optional[QuantizerError]) -> str:
+    """SQNR dB, rel err, clip %, zero %, and NVFP4's fallback and saturated block %."""
+    if error is None:
+        return f"{'-':>7} {'-':>8} {'-':>7} {'-':>7} {'-':>7} {'-':>7}"
+    percent = lambda share: "-" if share is None else f"{100 * share:.3g}"  # noqa: E731
+    sqnr = _sqnr_text(error)
+    rel_error = "-" if error.rel_error is None else f"{error.rel_error:.4f}"
+    return (f"{sqnr:>7} {rel_error:>8} {percent(error.clipped):>7} {percent(error.zeroed):>7} "
+            f"{percent(error.block_scale_fallback):>7} {percent(error.block_scale_saturated):>7}")
 
 
 @dataclass
@@ -295,6 +358,7 @@ class PTQReport(DataClassJsonMixin):
     quality: Optional[QualityReport] = None
     seconds: float = 0.0
     world_size: int = 1  # torch.distributed ranks that calibrated, each on its share of the batches
+    sensitivity: Optional[SensitivityReport] = None
 
     def row(self, name: str) -> QuantizerRow:
         for row in self.quantizers:
@@ -302,9 +366,11 @@ class PTQReport(DataClassJsonMixin):
                 return row
         raise KeyError(f"no quantizer named {name!r} in the report")
 
-    def to_table(self, show_disabled: bool = False) -> str:
-        """The report as text: a header, one line per enabled quantizer (all with show_disabled),
-        the disabled ones collapsed over layer indices, totals, unmatched rules, quality."""
+    def to_table(self, show_disabled: bool = False, sort_by: Optional[str] = None) -> str:
+        """The report as text: a header, one line per enabled quantizer (all with show_disabled)
+        with its error on the eval batch, the disabled ones collapsed over layer indices, the
+        lowest SQNRs, totals, unmatched rules, quality, sensitivity. sort_by: None (module
+        order), "sqnr", "rel_error", "clipped" or "zeroed", the worst first."""
         lines = [
             f"refquant PTQ of {self.model}: recipe {self.recipe or '(none)'}, algorithm {self.algorithm}, "
             f"backend {self.backend}, flavor {self.flavor}",
@@ -314,8 +380,13 @@ class PTQReport(DataClassJsonMixin):
             "",
         ]
         shown = [r for r in self.quantizers if r.enabled or show_disabled]
+        if sort_by is not None:
+            shown.sort(key=_worst_first_key(sort_by))
         width = max([len(r.name) for r in shown] + [9])
-        lines.append(f"{'quantizer':<{width}}  {'format':<8} {'enabled':<7} {'amax':>12}  {'source':<10} {'dtype':<8} rule")
+        lines.append(
+            f"{'quantizer':<{width}}  {'format':<8} {'enabled':<7} {'amax':>12}  {'source':<10} {'dtype':<8} "
+            f"{'SQNR dB':>7} {'rel err':>8} {'clip %':>7} {'zero %':>7} {'S=1 %':>7} {'S448 %':>7}  rule"
+        )
         for r in shown:
             if r.amax is None:
                 amax = "-"
@@ -325,13 +396,27 @@ class PTQReport(DataClassJsonMixin):
                 amax = f"{r.amax:.6g}"
             lines.append(
                 f"{r.name:<{width}}  {r.format:<8} {str(r.enabled).lower():<7} {amax:>12}  "
-                f"{r.amax_source:<10} {r.amax_dtype or '-':<8} {'' if r.rule is None else r.rule}"
+                f"{r.amax_source:<10} {r.amax_dtype or '-':<8} {_error_cells(r.error)}  {'' if r.rule is None else r.rule}"
+            )
+        if any(r.error is not None for r in shown):
+            lines.append(
+                "(on the eval batch: SQNR = 10 log10(sum x^2 / sum (x - q(x))^2); rel err = ||x - q(x)|| / ||x||; "
+                "clip = |x| saturated (over half a step beyond the largest value at its scale); zero = nonzero x "
+                "that became 0; NVFP4 blocks: S=1 = scale fell back to 1.0, S448 = E4M3 block scale saturated at 448; "
+                "docs/ptq.md has the exact definitions)"
             )
         disabled = [r for r in self.quantizers if not r.enabled]
         if disabled and not show_disabled:
             groups = Counter(re.sub(r"\.\d+\.", ".*.", r.name) for r in disabled)
             lines.append(f"\ndisabled ({len(disabled)}):")
             lines += [f"  {pattern}" + (f"  x{count}" if count > 1 else "") for pattern, count in groups.items()]
+        measured = sorted((r for r in self.quantizers if r.error is not None), key=_worst_first_key("sqnr"))
+        if measured and sort_by is None:
+            lines.append("\nlowest SQNR (worst first):")
+            for kind, rows in (("weights", [r for r in measured if _is_weight_quantizer(r.name)]),
+                               ("activations", [r for r in measured if not _is_weight_quantizer(r.name)])):
+                if rows:
+                    lines.append(f"  {kind}: " + ", ".join(f"{r.name} {_sqnr_text(r.error)} dB" for r in rows[:3]))
         lines.append("\ntotals: " + ", ".join(f"{key} {value}" for key, value in self.totals.items()))
         if self.unmatched_rules:
             lines.append(f"recipe rules that matched no quantizer ({len(self.unmatched_rules)}):")
@@ -347,6 +432,31 @@ class PTQReport(DataClassJsonMixin):
                     f"perplexity: original {q.perplexity_original:.4f}, quantized {q.perplexity_quantized:.4f} "
                     f"({(q.perplexity_quantized / q.perplexity_original - 1):+.2%})"
                 )
+        if self.sensitivity is not None:
+            lines += ["", self.sensitivity_table()]
+        return "\n".join(lines)
+
+    def sensitivity_table(self) -> str:
+        """The sensitivity ranking (worst first) and the suggested recipe rules, as text."""
+        s = self.sensitivity
+        if s is None:
+            return "no sensitivity run (quantize with --sensitivity, or refquant.hf.sensitivity.measure_sensitivity)"
+        width = max([len(r.unit) for r in s.rows] + [4])
+        lines = [
+            f"sensitivity: one {s.granularity} quantized at a time, the rest unquantized ({len(s.rows)} runs, "
+            f"{s.seconds:.1f} s), the most costly first"
+            + ("" if s.perplexity_original is None else f" (original perplexity {s.perplexity_original:.4f})") + ":",
+            f"  {'unit':<{width}}  {'quantizers':>10}  {'logit err mean':>14}  {'max':>9}  {'top-1':>7}  perplexity",
+        ]
+        for r in s.rows:
+            perplexity = "-" if r.perplexity is None else f"{r.perplexity:.4f}"
+            lines.append(
+                f"  {r.unit:<{width}}  {r.quantizers:>10}  {r.mean_abs_logit_error:>14.5g}  "
+                f"{r.max_abs_logit_error:>9.4g}  {r.top1_agreement:>7.1%}  {perplexity}"
+            )
+        if s.suggested_rules:
+            lines += ["", f"to keep the {s.keep} most costly unquantized, add these rules at the end of the recipe's quant_cfg:",
+                      s.suggested_rules]
         return "\n".join(lines)
 
 
@@ -449,9 +559,11 @@ def quantize_model(
     recipe=None keeps the quantizers' configs as they are (set them yourself after
     insert_quantizers) and runs max calibration. With `eval_batch`, the report's quality compares
     the quantized model's logits to the original's (taken before calibration, with every quantizer
-    off). Under torch.distributed, `calib_batches` are this rank's share (max_calibrate); every rank
-    must pass the same model and recipe. Raises ValueError when the recipe enables no quantizer in
-    this model, when its algorithm is not max calibration, or on bad batches.
+    off), and each enabled quantizer's row carries what it did to the tensors of that evaluation
+    forward (`error`, refquant.quant.metrics; measured beside it, no output bit changes). Under
+    torch.distributed, `calib_batches` are this rank's share (max_calibrate); every rank must pass
+    the same model and recipe. Raises ValueError when the recipe enables no quantizer in this
+    model, when its algorithm is not max calibration, or on bad batches.
     """
     started = time.perf_counter()
     algorithm = "max" if recipe is None else recipe.algorithm
@@ -489,9 +601,15 @@ def quantize_model(
         batches, tokens = max_calibrate(model, calib_batches, progress=progress)
 
     quality = None
+    errors = {}
     if original_logits is not None:
-        quality = _quality(original_logits, _eval_logits(model, eval_batch), eval_batch)
+        with collect_quantizer_errors(model) as meter:  # measured beside the quantizers: no bit changes
+            quantized_logits = _eval_logits(model, eval_batch)
+        quality = _quality(original_logits, quantized_logits, eval_batch)
+        errors = meter.results()
     rows = [_quantizer_row(name, q, last_rule.get(name)) for name, q in quantizers]
+    for row in rows:
+        row.error = errors.get(row.name)
     return PTQReport(
         model=type(model).__name__,
         recipe=getattr(recipe, "name", None),

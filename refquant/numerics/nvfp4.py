@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -120,13 +121,29 @@ def nvfp4_fake_block_scale(block_amax: torch.Tensor, global_scale: torch.Tensor)
     (tl.minimum returns the number); e = E4M3(t); S = fl(e * g'), replaced by 1.0 below 1e-5 (tiny
     or all-zero blocks).
     """
+    return nvfp4_fake_block_scale_detail(block_amax, global_scale).scale
+
+
+class FakeBlockScale(NamedTuple):
+    """The fake-quant kernel's block scale S, per block, with what its two guards looked at."""
+
+    scale: torch.Tensor  # S, fp32, block_amax's shape
+    ideal: torch.Tensor  # t = m ÷ fl(6 g'), fp32, before min(t, 448) and the E4M3 rounding
+    fell_back: torch.Tensor  # bool: fl(e * g') < 1e-5 (or NaN), so S was replaced by 1.0
+
+
+def nvfp4_fake_block_scale_detail(block_amax: torch.Tensor, global_scale: torch.Tensor) -> FakeBlockScale:
+    """nvfp4_fake_block_scale's steps, returning S, the ideal scale t before its clamp to 448, and
+    the blocks whose S fell back to 1.0 (the PTQ report counts both, refquant.quant.metrics);
+    nvfp4_fake_block_scale is `.scale` of this."""
     g = torch.where(global_scale > 0, global_scale, torch.full_like(global_scale, NVFP4_GLOBAL_SCALE_FLOOR))
     # m / fl(6 g') as the kernel divides. fl(6 g') is +inf or within [6e-12, 2^120): its reciprocal
     # is a normal fp32 (or 0), so the fp32 product rounds the exact m * R once, as div.full.f32 does.
     ideal = block_amax * approx_reciprocal_fp32(g * E2M1_MAX)
-    ideal = torch.where(ideal < E4M3_MAX, ideal, E4M3_MAX)  # NaN fails the test: 448, as tl.minimum
-    scale = ideal.to(E4M3_DTYPE).float() * g
-    return torch.where(scale >= NVFP4_BLOCK_SCALE_FLOOR, scale, torch.ones_like(scale))
+    clamped = torch.where(ideal < E4M3_MAX, ideal, E4M3_MAX)  # NaN fails the test: 448, as tl.minimum
+    scale = clamped.to(E4M3_DTYPE).float() * g
+    kept = scale >= NVFP4_BLOCK_SCALE_FLOOR
+    return FakeBlockScale(torch.where(kept, scale, torch.ones_like(scale)), ideal, ~kept)
 
 
 def nan_ignoring_block_max(magnitude: torch.Tensor) -> torch.Tensor:
