@@ -144,7 +144,7 @@ def run_variant(variant: str, recipe: str, pristine, shape: str, args, batches, 
     result["calibration_s"] = time.perf_counter() - began
     result["forward"] = timed_forward_ms(model, eval_batch, device, args.repeats)
     logits = logits_of(model, eval_batch, device)
-    amax = None if variant == "plain" else amax_table(model)
+    amax = amax_table(model) if variant != "plain" and args.compare else None
     if variant != "plain" and not args.no_export:
         out = workdir / f"{recipe}-{variant}"
         began = time.perf_counter()
@@ -287,13 +287,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown shape(s) {unknown}; use {', '.join(SHAPES)}")
     warnings.filterwarnings("ignore", module="modelopt")
     modelopt_ok = "modelopt" in args.variants and modelopt_available()
+    args.compare = modelopt_ok  # the amax tables are read only to compare with modelopt's
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     rows: list[dict] = []
     for shape in shapes:
         run_shape(shape, args, modelopt_ok, rows)
     args.out.mkdir(parents=True, exist_ok=True)
     document = {"device": device_name, "torch": torch.__version__, "modelopt": modelopt_ok,
-                "settings": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")}, "rows": rows}
+                "settings": {k: v for k, v in vars(args).items() if k not in ("out", "workdir", "compare")}, "rows": rows}
     (args.out / "ptq_gpu.json").write_text(json.dumps(document, indent=1, default=str) + "\n")
     print(f"\n{device_name}, torch {torch.__version__}; {args.batches} calibration batches of {args.batch_size} x {args.seq} tokens")
     print(format_table(rows))
