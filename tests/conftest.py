@@ -62,3 +62,21 @@ def find_case(name: str, case_name: str) -> dict:
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def tiny_llama():
+    """A seeded 2-layer Llama (hidden 64, GQA 4/2 heads of 16, vocab 128), bf16, eval: small enough
+    for the accelerate, sharding and multi-process tests to build many times."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    return model.to(torch.bfloat16).eval()
+
+
+def folder_files(folder) -> dict[str, bytes]:
+    """{file name: bytes} of every file in a checkpoint folder, for byte-for-byte comparisons."""
+    return {path.name: path.read_bytes() for path in sorted(Path(folder).iterdir())}

@@ -20,21 +20,10 @@ from refquant.quant.quantizer import named_quantizers
 accelerate = pytest.importorskip("accelerate")
 from accelerate import cpu_offload, dispatch_model  # noqa: E402
 from accelerate.hooks import ModelHook, add_hook_to_module, attach_align_device_hook_on_blocks, remove_hook_from_module  # noqa: E402
+from conftest import tiny_llama, folder_files
 
 RECIPES = ("fp8_default-fp8_kv", "nvfp4_default-nvfp4_kv")  # calibrated K/V: the attention hook matters
 BLOCKS = ("model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "model.rotary_emb", "lm_head")
-
-
-def tiny_model():
-    """A seeded 2-layer Llama (hidden 64, GQA), bf16."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    return model.to(torch.bfloat16).eval()
 
 
 def batches(count: int = 3, seed: int = 1) -> list[torch.Tensor]:
@@ -52,10 +41,6 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=EVAL).logits
-
-
-def files(folder) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
 
 def spread(model: nn.Module, how: str, tmp_path) -> nn.Module:
@@ -88,10 +73,10 @@ def plain(tmp_path_factory):
     """recipe -> (amaxes, logits, exported files) of the plain model."""
     results = {}
     for recipe in RECIPES:
-        model = tiny_model()
+        model = tiny_llama()
         rq.quantize_model(model, rq.load_recipe(recipe), batches(), progress=False)
         folder = rq.export_checkpoint(model, tmp_path_factory.mktemp("plain") / recipe)
-        results[recipe] = ({n: q.amax for n, q in named_quantizers(model) if q.is_enabled}, logits(model), files(folder))
+        results[recipe] = ({n: q.amax for n, q in named_quantizers(model) if q.is_enabled}, logits(model), folder_files(folder))
     return results
 
 
@@ -99,7 +84,7 @@ def plain(tmp_path_factory):
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_hooked_model_gives_the_plain_models_amax_logits_and_checkpoint_bytes(plain, recipe, how, tmp_path):
     amaxes, expected_logits, expected_files = plain[recipe]
-    model = spread(tiny_model(), how, tmp_path)
+    model = spread(tiny_llama(), how, tmp_path)
     rq.quantize_model(model, rq.load_recipe(recipe), batches(), progress=False)
 
     quantizers = dict(named_quantizers(model))
@@ -110,13 +95,13 @@ def test_hooked_model_gives_the_plain_models_amax_logits_and_checkpoint_bytes(pl
         assert got.dtype == amax.dtype and torch.equal(bits(got), bits(amax)), name
     assert torch.equal(bits(logits(model)), bits(expected_logits))
     folder = rq.export_checkpoint(model, tmp_path / "ckpt")
-    assert files(folder) == expected_files
+    assert folder_files(folder) == expected_files
 
 
 def test_hook_fix_reaches_the_attention_and_every_linear():
     """The issue's symptom, counted: with accelerate's per-block hooks every enabled quantizer of a
     calibrated-KV recipe gets an amax, the K/V ones included (before the fix only the weights did)."""
-    model = spread(tiny_model(), "blocks", None)
+    model = spread(tiny_llama(), "blocks", None)
     rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches(), progress=False)
     enabled = [(n, q) for n, q in named_quantizers(model) if q.is_enabled]
     assert {n.rpartition(".")[2] for n, _ in enabled} >= {"k_bmm_quantizer", "v_bmm_quantizer", "input_quantizer"}
@@ -129,7 +114,7 @@ def test_hook_fix_reaches_the_attention_and_every_linear():
 
 
 def test_a_forward_replaced_on_the_instance_is_refused_before_anything_changes():
-    model = tiny_model()
+    model = tiny_llama()
     q_proj = model.model.layers[0].self_attn.q_proj
     q_proj.forward = lambda x: nn.functional.linear(x, q_proj.weight)
     with pytest.raises(ValueError, match=r"cannot quantize model\.layers\.0\.self_attn\.q_proj \(Linear\): its forward "
@@ -139,7 +124,7 @@ def test_a_forward_replaced_on_the_instance_is_refused_before_anything_changes()
 
 
 def test_an_accelerate_hook_around_a_foreign_forward_is_refused():
-    model = tiny_model()
+    model = tiny_llama()
     attention = model.model.layers[1].self_attn
     original = attention.forward
     attention.forward = lambda *args, **kwargs: original(*args, **kwargs)
@@ -150,14 +135,14 @@ def test_an_accelerate_hook_around_a_foreign_forward_is_refused():
 
 def test_weights_no_hook_of_their_own_layer_loads_are_refused():
     """preload_module_classes: the MLP's hook loads its children's weights; the linears have none."""
-    model = cpu_offload(tiny_model(), execution_device=torch.device("cpu"), preload_module_classes=["LlamaMLP"])
+    model = cpu_offload(tiny_llama(), execution_device=torch.device("cpu"), preload_module_classes=["LlamaMLP"])
     with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight is on the meta device and no "
                        r"accelerate hook of its own layer loads it.*preload_module_classes"):
         rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches(), progress=False)
 
 
 def test_compress_weights_refuses_offloaded_weights(tmp_path):
-    model = spread(tiny_model(), "dispatch-disk", tmp_path)
+    model = spread(tiny_llama(), "dispatch-disk", tmp_path)
     rq.quantize_model(model, rq.load_recipe("nvfp4_default-fp8_cast_kv"), batches(), progress=False)
     with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.q_proj \(and 6 more\) keeps its weight "
                        r"offloaded by accelerate.*rq\.load_checkpoint"):

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, folder_files
 from refquant.cli import main
 
 transformers = pytest.importorskip("transformers")
@@ -29,16 +29,12 @@ def tiny_llama_folder(path):
     return path
 
 
-def files(folder) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
-
-
 def test_device_map_auto_writes_the_checkpoint_of_the_plain_run(tmp_path):
     pytest.importorskip("accelerate")
     model_dir = tiny_llama_folder(tmp_path / "tiny")
     assert main([*ARGS, "--model", str(model_dir), "--out", str(tmp_path / "plain")]) == 0
     assert main([*ARGS, "--model", str(model_dir), "--device-map", "auto", "--out", str(tmp_path / "mapped")]) == 0
-    assert files(tmp_path / "mapped") == files(tmp_path / "plain")
+    assert folder_files(tmp_path / "mapped") == folder_files(tmp_path / "plain")
 
 
 def test_max_shard_size_shards_the_checkpoint(tmp_path):
@@ -93,7 +89,7 @@ def test_torchrun_with_two_ranks_writes_the_single_process_checkpoint(tmp_path):
     ranks = subprocess.run([*torchrun, *ARGS, "--out", str(tmp_path / "ranks")],
                            env=env, capture_output=True, text=True, timeout=300)
     assert ranks.returncode == 0, ranks.stderr
-    assert files(tmp_path / "ranks") == files(tmp_path / "single")
+    assert folder_files(tmp_path / "ranks") == folder_files(tmp_path / "single")
     assert ranks.stdout.count("refquant PTQ of LlamaForCausalLM") == 1  # rank 0 alone reports
     assert "4 batches, 256 tokens over 2 ranks" in ranks.stdout
     assert "2 ranks (data parallel: each calibrates 1 batch in 2)" in ranks.stderr

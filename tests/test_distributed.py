@@ -24,6 +24,7 @@ import refquant as rq
 from refquant.hf.models import CALIBRATION_TEXT, build_builtin_model, byte_tokenize, token_batches
 from refquant.quant.distributed import synchronize_calibration
 from refquant.quant.quantizer import QuantizerConfig, TensorQuantizer, named_quantizers
+from conftest import folder_files
 
 pytest.importorskip("transformers")
 WORLD = 2
@@ -143,10 +144,6 @@ def assert_same_amaxes(got: dict, expected: dict, what: str) -> None:
         assert torch.equal(bits(got[name]), bits(amax)), f"{what}: {name}"
 
 
-def files(folder: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
-
-
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_two_ranks_on_halves_give_every_rank_the_single_process_amax_bit_for_bit(ranks, single, recipe):
     results, _ = ranks
@@ -161,7 +158,7 @@ def test_two_ranks_on_halves_give_every_rank_the_single_process_amax_bit_for_bit
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_rank_0_writes_the_single_process_checkpoint_byte_for_byte_and_alone(ranks, single, recipe):
     _, folder = ranks
-    assert files(folder / "out" / recipe) == files(single[recipe][2])
+    assert folder_files(folder / "out" / recipe) == folder_files(single[recipe][2])
     written = sorted(path.name for path in (folder / "out").iterdir())
     assert written == sorted([*RECIPES, "rank-0-without-data"])  # no partial folder, nothing twice
 
@@ -171,7 +168,7 @@ def test_a_rank_whose_quantizers_saw_no_data_ends_with_the_amax_of_the_others(ra
     expected, _, checkpoint = single[RECIPES[1]]
     for rank, result in enumerate(results):
         assert_same_amaxes(result["rank 0 without data"], expected, f"rank {rank}")
-    assert files(folder / "out" / "rank-0-without-data") == files(checkpoint)
+    assert folder_files(folder / "out" / "rank-0-without-data") == folder_files(checkpoint)
 
 
 def test_a_nan_on_any_rank_gives_nan_and_data_from_one_rank_reaches_all(ranks):

@@ -17,25 +17,15 @@ import refquant as rq
 from refquant.hf import export as export_module
 from refquant.hf.export import parse_shard_size, read_checkpoint_tensors
 from refquant.hf.export import write as export_write
+from conftest import tiny_llama
 
 pytest.importorskip("transformers")
 SHARD = 12_000  # bytes: a 2-layer model of hidden 64 (75 kB) becomes several shards, the embeddings alone
 
 
-def tiny_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    return model.to(torch.bfloat16).eval()
-
-
 @pytest.fixture(scope="module")
 def model():
-    model = tiny_model()
+    model = tiny_llama()
     batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))]
     rq.quantize_model(model, rq.load_recipe("nvfp4_default-nvfp4_kv"), batches, progress=False)
     return model
