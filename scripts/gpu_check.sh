@@ -13,6 +13,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# modelopt imports pulp at start-up (for a feature quantization never calls); stand in where it is missing
+python3 -c "import pulp" 2>/dev/null || export PYTHONPATH=$PYTHONPATH:$PWD/scripts/stand_ins
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "editable install failed"
 nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"

@@ -17,14 +17,13 @@ Groups:
     python3 scripts/make_kernel_vectors.py --out nvfp4_fake_kernel_ties.pt
 
 modelopt imports `pulp` at start-up for a search feature that quantization never calls; where
-pulp is not installed a stand-in module is registered so the import succeeds.
+pulp is not installed, scripts/stand_ins/pulp stands in for it.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -35,18 +34,11 @@ SEED = 0
 
 
 def _stand_in_pulp() -> None:
+    """Put scripts/stand_ins (a placeholder pulp) on the path when pulp is not installed."""
     try:
         import pulp  # noqa: F401
     except ImportError:
-        module = types.ModuleType("pulp")
-
-        def stand_in(name: str):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return type(name, (), {})
-
-        module.__getattr__ = stand_in
-        sys.modules["pulp"] = module
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "stand_ins"))
 
 
 def modelopt_fake_quant(x: torch.Tensor, global_amax: torch.Tensor | None) -> torch.Tensor:
