@@ -86,6 +86,14 @@ def reciprocal_table(device: torch.device | str = "cpu") -> torch.Tensor:
     return table
 
 
+def _reciprocal_bits_of_mantissa(bits: torch.Tensor) -> torch.Tensor:
+    """int32 bits of r(1.m) for the mantissa of every fp32 bit pattern in `bits` (same shape)."""
+    mantissa = (bits & _MANTISSA_MASK).long()
+    # Indexed flat: a 0-d index tensor would be read back as a Python int (a host sync, and a
+    # data-dependent value that torch.compile cannot trace).
+    return reciprocal_table(bits.device)[mantissa.reshape(-1)].reshape(mantissa.shape)
+
+
 def approx_reciprocal(b: torch.Tensor) -> torch.Tensor:
     """R(b) of every fp32 b, exactly, as float64 (it can lie outside fp32's range: 1/subnormal).
 
@@ -96,10 +104,7 @@ def approx_reciprocal(b: torch.Tensor) -> torch.Tensor:
     tiny = b.abs() < _SMALLEST_NORMAL
     normalized = torch.where(tiny, b * 2.0**_SUBNORMAL_SHIFT, b)  # exact: a power-of-two scaling
     bits = normalized.view(torch.int32)
-    # Indexed flat: a 0-d index tensor would be read back as a Python int (a host sync, and a
-    # data-dependent value that torch.compile cannot trace).
-    mantissa = (bits & _MANTISSA_MASK).long()
-    r_one = reciprocal_table(b.device)[mantissa.reshape(-1)].reshape(mantissa.shape).view(torch.float32).double()
+    r_one = _reciprocal_bits_of_mantissa(bits).view(torch.float32).double()
     exponent = ((bits >> MANTISSA_BITS) & 0xFF).to(torch.int64) - 127 - torch.where(tiny, _SUBNORMAL_SHIFT, 0)
     # 2^-exponent as float64, built from its bits (exponent is within [-190, 127]: a normal double).
     power = ((1023 - exponent) << 52).view(torch.float64)
@@ -128,8 +133,7 @@ def approx_reciprocal_fp32(b: torch.Tensor) -> torch.Tensor:
     R(b) does not fit fp32 and the result is meaningless: use approx_divide there.
     """
     bits = b.float().view(torch.int32)
-    mantissa = (bits & _MANTISSA_MASK).long()
-    r_one = reciprocal_table(b.device)[mantissa.reshape(-1)].reshape(mantissa.shape)
+    r_one = _reciprocal_bits_of_mantissa(bits)
     # r(1.m) * 2^-E: subtract E from the biased exponent field; the sign bit is b's.
     r_bits = (r_one - (bits & _EXPONENT_MASK) + _ONE_BITS) | (bits & _SIGN_MASK)
     reciprocal = r_bits.view(torch.float32)

@@ -177,8 +177,9 @@ def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor =
     blocks = to_blocks(x.float())
     magnitude = blocks.abs()
     scale = nvfp4_fake_block_scale(nan_ignoring_block_max(magnitude), global_scale)
-    # |x| / S as the kernel divides. S lies in [1e-5, 448 * 2^118]: its reciprocal R(S) is a normal
-    # fp32, so an fp32 multiply by it rounds the exact product once, as div.full.f32 does.
+    # |x| / S as the kernel divides. S is 1.0, +inf (an inf global amax) or in [1e-5, 2^126): R(S)
+    # is a normal fp32 or 0, so an fp32 multiply by it rounds the exact product once, as
+    # div.full.f32 does (approx_reciprocal_fp32).
     q = e2m1_round_magnitude(magnitude * approx_reciprocal_fp32(scale))
     p = q * scale
     # `0 - p`, not `-p`: the kernel's unary minus never produces -0.0 (P7).
