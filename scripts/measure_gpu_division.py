@@ -25,8 +25,15 @@ from pathlib import Path
 
 import torch
 
-MANTISSAS = 1 << 23
-ONE_BITS = 0x3F800000  # fp32 1.0
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from refquant.numerics.gpu_division import (  # noqa: E402
+    MANTISSA_BITS,
+    TABLE_PATH,
+    decode_deltas,
+    reciprocal_bits_from_deltas,
+)
+
+MANTISSAS = 1 << MANTISSA_BITS
 
 
 def _kernels():
@@ -86,16 +93,12 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def measure_deltas(rcp) -> torch.Tensor:
-    """delta[m] = bits(rcp.approx(1.m)) - bits(RN(1 / 1.m)) for every mantissa m (int8, CPU).
-
-    RN(1/b) is taken in float64 and rounded to fp32: 1/b is never within 2^-53 (relative) of an
-    fp32 rounding midpoint for a 24-bit b, so the double rounding is the correct rounding.
-    """
-    mantissa = torch.arange(MANTISSAS, dtype=torch.int32)
-    b = (mantissa | ONE_BITS).view(torch.float32)
-    nearest = (1.0 / b.double()).float()
+    """delta[m] = bits(rcp.approx(1.m)) - bits(RN(1 / 1.m)) for every mantissa m (int8, CPU);
+    RN(1 / 1.m) as refquant forms it (reciprocal_bits_from_deltas with every delta 0)."""
+    nearest = reciprocal_bits_from_deltas(torch.zeros(MANTISSAS, dtype=torch.int8))
+    b = (torch.arange(MANTISSAS, dtype=torch.int32) | (127 << MANTISSA_BITS)).view(torch.float32)  # 1.m
     measured = rcp(b.cuda()).cpu()
-    delta = bits(measured) - bits(nearest)
+    delta = bits(measured) - nearest
     if delta.abs().max() > 1:
         worst = int(delta.abs().argmax())
         raise RuntimeError(f"rcp.approx of 1.m differs from RN(1/1.m) by {int(delta[worst])} ulp at m={worst}: "
@@ -108,19 +111,6 @@ def encode(delta: torch.Tensor) -> bytes:
     code = (delta.to(torch.int32) + 1).reshape(-1, 4)
     packed = code[:, 0] | (code[:, 1] << 2) | (code[:, 2] << 4) | (code[:, 3] << 6)
     return zlib.compress(packed.to(torch.uint8).numpy().tobytes(), 9)
-
-
-def decode(blob: bytes) -> torch.Tensor:
-    packed = torch.frombuffer(bytearray(zlib.decompress(blob)), dtype=torch.uint8).to(torch.int32)
-    code = torch.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], dim=1).reshape(-1)
-    return (code - 1).to(torch.int8)
-
-
-def table_bits(delta: torch.Tensor) -> torch.Tensor:
-    """int32 bits of r(1.m) for every m: RN(1/1.m) plus delta ulps."""
-    mantissa = torch.arange(MANTISSAS, dtype=torch.int32)
-    nearest = (1.0 / (mantissa | ONE_BITS).view(torch.float32).double()).float()
-    return bits(nearest) + delta.to(torch.int32)
 
 
 def check_exponent_shift(rcp, r_one: torch.Tensor) -> dict:
@@ -230,19 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     summary["table_bytes"] = len(blob)
     if args.write:
         args.write.write_bytes(blob)
-    shipped_path = args.table
-    if shipped_path is None:
-        try:
-            from refquant.numerics.gpu_division import TABLE_PATH as shipped_path
-        except ImportError:
-            shipped_path = None
-    if shipped_path is not None and Path(shipped_path).exists():
-        shipped = decode(Path(shipped_path).read_bytes())
+    shipped_path = args.table or TABLE_PATH
+    if Path(shipped_path).exists():
+        shipped = decode_deltas(Path(shipped_path).read_bytes())
         differ = int((shipped != delta).sum())
         summary["shipped_table"] = {"path": str(shipped_path), "mantissas_differing": differ}
         verdict = "the same table as refquant ships" if differ == 0 else f"a DIFFERENT table ({differ} mantissas)"
         print(f"{props.name}: rcp.approx.ftz.f32 gives {verdict}")
-    r_one = table_bits(delta)
+    r_one = reciprocal_bits_from_deltas(delta)
     summary["exponent_shift_mismatches"] = check_exponent_shift(rcp, r_one)
     summary["random_pairs"] = check_random_pairs(div_full, triton_div, r_one, args.pairs, seed=0)
     if args.probe:
