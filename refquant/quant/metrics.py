@@ -37,7 +37,7 @@ import torch
 from dataclasses_json import DataClassJsonMixin
 from torch import nn
 
-from ..numerics.checks import max_abs, reduce_amax
+from ..numerics.checks import as_amax_tensor, max_abs, reduce_amax
 from ..numerics.fp8 import fp8_fake_quant_scales
 from ..numerics.formats import E2M1_MAX, E4M3_MAX, NVFP4_BLOCK_SIZE
 from ..numerics.nvfp4 import global_scale_from_amax, nan_ignoring_block_max, nvfp4_fake_block_scale_detail, to_blocks
@@ -70,7 +70,7 @@ FP8_CLIP_POINT = E4M3_MAX + 16.0  # 464: E4M3 steps by 32 between 256 and 448
 E2M1_CLIP_POINT = E2M1_MAX + 1.0  # 7: E2M1 steps by 2 from 4 to 6
 
 
-def clip_limit(x: torch.Tensor, config: QuantizerConfig, amax: Optional[torch.Tensor], flavor: str):
+def clip_limit(x: torch.Tensor, config: QuantizerConfig, amax: Optional[torch.Tensor | float], flavor: str):
     """The magnitude above which an element of x counts as clipped, fp32 and broadcastable to x,
     and for NVFP4 its blocks: (limit, None) or (limit, (block max |x|, FakeBlockScale)).
 
@@ -78,15 +78,17 @@ def clip_limit(x: torch.Tensor, config: QuantizerConfig, amax: Optional[torch.Te
     max|x| per `axis` when it has none). NVFP4: fl(7 * S) for each element's block, S by the
     reference's own nvfp4_fake_block_scale steps.
     """
+    if amax is not None:
+        amax = as_amax_tensor(amax, x)  # as the numerics take it: a number is filled on x's device
     if config.format == "fp8":
         if amax is None:
             amax = reduce_amax(x, config.axis)
-        _, inv_scale = fp8_fake_quant_scales(amax.to(x.device), flavor)
+        _, inv_scale = fp8_fake_quant_scales(amax, flavor)
         if amax.numel() == 1:
             inv_scale = inv_scale.reshape(())
         return FP8_CLIP_POINT * inv_scale, None
     # NVFP4: the global amax as TensorQuantizer.forward and nvfp4_fake_quant pick it
-    global_amax = max_abs(x).float() if amax is None else amax.to(x.device).amax().float()
+    global_amax = max_abs(x).float() if amax is None else amax.amax().float()
     global_scale = global_scale_from_amax(global_amax, "modelopt-cuda")
     block_max = nan_ignoring_block_max(to_blocks(x.float()).abs())
     detail = nvfp4_fake_block_scale_detail(block_max, global_scale)
@@ -95,7 +97,7 @@ def clip_limit(x: torch.Tensor, config: QuantizerConfig, amax: Optional[torch.Te
     return limit, (block_max, detail)
 
 
-def error_sums(x: torch.Tensor, y: torch.Tensor, config: QuantizerConfig, amax: Optional[torch.Tensor],
+def error_sums(x: torch.Tensor, y: torch.Tensor, config: QuantizerConfig, amax: Optional[torch.Tensor | float],
                flavor: str = "modelopt-cpu") -> torch.Tensor:
     """One call's sums (SUMS order), float64 on x's device, from x, its fake quant y = q(x), and the
     quantizer's config, amax (None: taken from x) and flavor. No host sync."""
@@ -153,11 +155,7 @@ class ErrorMeter:
         self._nvfp4: dict[str, bool] = {}
 
     def add(self, name: str, x: torch.Tensor, y: torch.Tensor, quantizer: TensorQuantizer) -> None:
-        if quantizer.config.use_constant_amax:  # made on x's device: a host copy per call would wait for it
-            amax = torch.full((), E4M3_MAX, dtype=torch.float32, device=x.device)
-        else:
-            amax = quantizer.amax
-        sums = error_sums(x, y, quantizer.config, amax, quantizer.flavor)
+        sums = error_sums(x, y, quantizer.config, quantizer.amax_for(x), quantizer.flavor)
         previous = self._sums.get(name)
         self._sums[name] = sums if previous is None else previous + sums.to(previous.device)
         self._calls[name] = self._calls.get(name, 0) + 1

@@ -206,14 +206,7 @@ class TensorQuantizer(nn.Module):
         if not self._quantizing:
             return x
         impl = numerics(self.backend)
-        if self.config.use_constant_amax:
-            # A Python number: the numerics make it a tensor on x's device without a host copy
-            # (self.amax is a CPU tensor, and copying it to a GPU on every call waits for the GPU).
-            amax = E4M3_MAX
-        else:
-            amax = self.amax
-            if amax is not None:
-                amax = amax.to(x.device)
+        amax = self.amax_for(x)
         if self.config.format == "fp8":
             axis = self.config.axis if amax is None else None
             return impl.fp8_fake_quant(x, amax, axis=axis, flavor=self.flavor)
@@ -221,6 +214,15 @@ class TensorQuantizer(nn.Module):
             # modelopt reduces a non-scalar NVFP4 amax with a plain max (docs/modelopt_behaviour.md §3.2)
             amax = amax.amax()
         return impl.nvfp4_fake_quant(x, amax)
+
+    def amax_for(self, x: torch.Tensor) -> torch.Tensor | float | None:
+        """The amax this quantizer applies to x: the stored one on x's device, None (taken from x),
+        or for a constant amax the number 448.0. A number, not self.amax: the numerics turn it into a
+        tensor on x's device by a fill, where copying a CPU tensor to a GPU waits for the GPU."""
+        if self.config.use_constant_amax:
+            return E4M3_MAX
+        amax = self.amax
+        return None if amax is None else amax.to(x.device)
 
     # --- state_dict: the amax buffer exists only once calibrated; accept it on load --------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
