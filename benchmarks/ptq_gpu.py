@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 import refquant as rq  # noqa: E402
+from compare_modelopt import logits_of  # noqa: E402
 
 # Llama-shaped configs: "small" is issue 13's 0.6B shape, "large" Llama-2-7B's (6.7B).
 SHAPES = {
@@ -100,11 +101,6 @@ def timed_forward_ms(model, batch: torch.Tensor, device: torch.device, repeats: 
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
 
 
-def logits_of(model, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=batch.to(device)).logits.float().cpu()
-
-
 def reset_peak(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -143,7 +139,7 @@ def run_variant(variant: str, recipe: str, pristine, shape: str, args, batches, 
     synchronize(device)
     result["calibration_s"] = time.perf_counter() - began
     result["forward"] = timed_forward_ms(model, eval_batch, device, args.repeats)
-    logits = logits_of(model, eval_batch, device)
+    logits = logits_of(model, eval_batch)
     amax = amax_table(model) if variant != "plain" and args.compare else None
     if variant != "plain" and not args.no_export:
         out = workdir / f"{recipe}-{variant}"
