@@ -79,16 +79,20 @@ def synchronize(device: torch.device) -> None:
 
 
 def timed_forward_ms(model, batch: torch.Tensor, device: torch.device, repeats: int) -> dict:
-    """Median and spread of `repeats` forwards after two warm-ups (CUDA events on a GPU)."""
+    """Median and spread of `repeats` forwards after two warm-ups (CUDA events on a GPU), and on
+    a GPU the median host time: from the call until the forward returns, before waiting for the
+    GPU. A host time near the forward's time means the host sets the pace (host-bound)."""
     batch = batch.to(device)
-    times = []
+    times, host = [], []
     with torch.no_grad():
         for step in range(repeats + 2):
             synchronize(device)
             if device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
+                began = time.perf_counter()
                 model(input_ids=batch)
+                issued = (time.perf_counter() - began) * 1e3
                 end.record()
                 end.synchronize()
                 elapsed = start.elapsed_time(end)
@@ -98,7 +102,12 @@ def timed_forward_ms(model, batch: torch.Tensor, device: torch.device, repeats: 
                 elapsed = (time.perf_counter() - began) * 1e3
             if step >= 2:
                 times.append(elapsed)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
+                if device.type == "cuda":
+                    host.append(issued)
+    timing = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
+    if host:
+        timing["host_ms"] = statistics.median(host)
+    return timing
 
 
 def reset_peak(device: torch.device) -> None:
@@ -244,16 +253,17 @@ def _row(shape: str, parameters: int, result: dict, plain: dict) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| shape | recipe | variant | calibration s (x plain) | forward ms (x plain) [min-max] | export s | peak GiB | vs modelopt: amax, logits, export |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| shape | recipe | variant | calibration s (x plain) | forward ms (x plain) [min-max] | host ms | export s | peak GiB | vs modelopt: amax, logits, export |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['recipe']} | {r['variant']} | ERROR {r['error'][:80]} | | | | |")
+            lines.append(f"| {r['shape']} | {r['recipe']} | {r['variant']} | ERROR {r['error'][:80]} | | | | | |")
             continue
         f = r["forward"]
         cal = f"{r['calibration_s']:.2f} ({r.get('calibration_over_plain', 1):.2f})"
         fwd = f"{f['median_ms']:.1f} ({r.get('forward_over_plain', 1):.2f}) [{f['min_ms']:.1f}-{f['max_ms']:.1f}]"
+        host = f"{f['host_ms']:.1f}" if "host_ms" in f else "-"
         exp = f"{r['export_s']:.1f}" if "export_s" in r else "-"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
         vs = "-"
@@ -262,7 +272,7 @@ def format_table(rows: list[dict]) -> str:
             vs = (f"{v['amax_same']}/{v['amax_compared']} same, "
                   + ("logits same" if v["logits_differing"] == 0 else f"logits {v['logits_differing']}/{v['logits']} differ")
                   + ("" if "export_ok" not in v else (", export same" if v["export_ok"] else ", export DIFF")))
-        lines.append(f"| {r['shape']} | {r['recipe']} | {r['variant']} | {cal} | {fwd} | {exp} | {peak} | {vs} |")
+        lines.append(f"| {r['shape']} | {r['recipe']} | {r['variant']} | {cal} | {fwd} | {host} | {exp} | {peak} | {vs} |")
     return "\n".join(lines)
 
 

@@ -256,7 +256,7 @@ def test_one_torch_compile_per_call_signature():
         per_signature.for_call((torch.ones(2, 3, 8),), {}),
         per_signature.for_call((torch.ones(2, 8),), {"flavor": "modelopt-cuda"}),
     ]
-    code_objects = {id(_scaled.__code__)} | {id(c._torchdynamo_orig_callable.__code__) for c in [rows_2, *others]}
+    code_objects = {id(_scaled.__code__)} | {id(c.fn.__code__) for c in [rows_2, *others]}
     assert len(code_objects) == 5, "each signature needs a code object of its own"
     assert torch.equal(rows_2(torch.ones(5, 8)), torch.full((5, 8), 2.0))
     assert torch.equal(others[2](torch.ones(2, 8), flavor="modelopt-cuda"), torch.full((2, 8), 3.0))

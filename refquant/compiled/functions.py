@@ -29,12 +29,32 @@ from ..numerics.gpu_division import reciprocal_table
 
 from .options import FP8_REALIZE_OPCOUNT_THRESHOLD, LIMIT_PER_FUNCTION, CompiledPerSignature, recompile_limit_patch
 
-_compiled_fp8_fake_quant = CompiledPerSignature(reference_fp8.fp8_fake_quant, FP8_REALIZE_OPCOUNT_THRESHOLD)
-_compiled_fp8_quantize = CompiledPerSignature(reference_fp8.fp8_quantize, FP8_REALIZE_OPCOUNT_THRESHOLD)
-_compiled_fp8_dequantize = CompiledPerSignature(reference_fp8.FP8Tensor.dequantize, FP8_REALIZE_OPCOUNT_THRESHOLD)
-_compiled_nvfp4_fake_quant = CompiledPerSignature(reference_nvfp4.nvfp4_fake_quant)
-_compiled_nvfp4_quantize = CompiledPerSignature(reference_nvfp4.nvfp4_quantize)
-_compiled_nvfp4_dequantize = CompiledPerSignature(reference_nvfp4.NVFP4Tensor.dequantize)
+
+
+def _marked(args: tuple) -> tuple:
+    """The positional arguments as dynamo traces them: every tensor of rank >= 1 marked as _mark
+    says. Only a call that goes through dynamo (compiles, or finds no graph to call directly)
+    pays for this. The wrappers below pass such tensors as objects of their own (_rows, _own), so
+    a mark never lands on a caller's tensor, and the direct call sees the same kind of object as
+    the trace did (a view: dynamo's guards read a view's base)."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.ndim:
+            _mark(a)
+    return args
+
+
+def _compiled(fn: Callable, realize_opcount_threshold: int | None = None) -> CompiledPerSignature:
+    if realize_opcount_threshold is None:
+        return CompiledPerSignature(fn, prepare=_marked)
+    return CompiledPerSignature(fn, realize_opcount_threshold, prepare=_marked)
+
+
+_compiled_fp8_fake_quant = _compiled(reference_fp8.fp8_fake_quant, FP8_REALIZE_OPCOUNT_THRESHOLD)
+_compiled_fp8_quantize = _compiled(reference_fp8.fp8_quantize, FP8_REALIZE_OPCOUNT_THRESHOLD)
+_compiled_fp8_dequantize = _compiled(reference_fp8.FP8Tensor.dequantize, FP8_REALIZE_OPCOUNT_THRESHOLD)
+_compiled_nvfp4_fake_quant = _compiled(reference_nvfp4.nvfp4_fake_quant)
+_compiled_nvfp4_quantize = _compiled(reference_nvfp4.nvfp4_quantize)
+_compiled_nvfp4_dequantize = _compiled(reference_nvfp4.NVFP4Tensor.dequantize)
 
 
 def _run(compiled: CompiledPerSignature | Callable, reference: Callable, *args, **kwargs):
@@ -63,14 +83,24 @@ def _run(compiled: CompiledPerSignature | Callable, reference: Callable, *args, 
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as (rows, last dim): a view where strides allow (a copy otherwise), for the graph.
+    """x as (rows, last dim): a view where strides allow (a copy otherwise), a new tensor object
+    even when x is already 2-D (see _marked).
 
-    The rows are dynamic: every batch x sequence length and every ndim share one graph. The last
-    dim is static on CUDA (see _mark) and dynamic on the CPU.
+    The rows are dynamic (marked by _marked before dynamo traces them): every batch x sequence
+    length and every ndim share one graph. The last dim is static on CUDA (see _mark) and dynamic
+    on the CPU.
     """
-    rows = x.reshape(-1, x.shape[-1])  # a new tensor object even when x is already 2-D
-    _mark(rows)
-    return rows
+    return x.view(x.shape) if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _own(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A view of t, a tensor object of our own to mark (see _marked); None and 0-d tensors, which
+    get no marks, as they are."""
+    return t if t is None or t.ndim == 0 else t.view(t.shape)
+
+
+def _as_shape_of(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return out if out.shape == x.shape else out.reshape(x.shape)
 
 
 def _dynamic(x: torch.Tensor) -> torch.Tensor:
@@ -137,11 +167,9 @@ def fp8_fake_quant(
     if amax is not None:
         amax = as_amax_tensor(amax, x)
     if axis is None and _is_per_tensor(amax):
-        rows = _rows(x)
-        out = _run(_compiled_fp8_fake_quant, reference_fp8.fp8_fake_quant, rows, amax, axis=None, flavor=flavor)
-        return out.reshape(x.shape)
-    amax = None if amax is None else _dynamic(amax)
-    return _run(_compiled_fp8_fake_quant, reference_fp8.fp8_fake_quant, _dynamic(x), amax, axis=axis, flavor=flavor)
+        out = _run(_compiled_fp8_fake_quant, reference_fp8.fp8_fake_quant, _rows(x), amax, axis=None, flavor=flavor)
+        return _as_shape_of(out, x)
+    return _run(_compiled_fp8_fake_quant, reference_fp8.fp8_fake_quant, _own(x), _own(amax), axis=axis, flavor=flavor)
 
 
 def fp8_quantize(
@@ -168,9 +196,8 @@ def fp8_quantize(
         lead = x.shape[:-1]
         block_scale = quantized.scale if block_size is None else quantized.scale.reshape(*lead, -1)
         return FP8Tensor(quantized.data.reshape(x.shape), block_scale, quantized.dtype, quantized.block_size)
-    amax = None if amax is None else _dynamic(amax)
-    kwargs["scale"] = None if scale is None else _dynamic(scale)
-    return _compiled_result(_run(_compiled_fp8_quantize, reference_fp8.fp8_quantize, _dynamic(x), amax, **kwargs))
+    kwargs["scale"] = None if scale is None else _dynamic(scale)  # a keyword: _marked does not see it
+    return _compiled_result(_run(_compiled_fp8_quantize, reference_fp8.fp8_quantize, _own(x), _own(amax), **kwargs))
 
 
 def _compiled_result(quantized: reference_fp8.FP8Tensor) -> FP8Tensor:
@@ -191,8 +218,8 @@ class NVFP4Tensor(reference_nvfp4.NVFP4Tensor):
             return reference_nvfp4.NVFP4Tensor.dequantize(self, dtype)
         # The reference takes the leading dims from packed and only the last one from shape.
         as_rows = reference_nvfp4.NVFP4Tensor(
-            packed=_rows(self.packed),
-            block_scale=_rows(self.block_scale),
+            packed=_dynamic(_rows(self.packed)),  # fields: _marked marks only tensor arguments
+            block_scale=_dynamic(_rows(self.block_scale)),
             global_scale=self.global_scale,
             shape=torch.Size([self.packed.numel() // self.packed.shape[-1], self.shape[-1]]),
             dtype=self.dtype,
@@ -211,7 +238,7 @@ def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor =
         amax = as_amax_tensor(amax, x)
     reciprocal_table(x.device)  # decoded here, eagerly: the graph reads it as a constant
     out = _run(_compiled_nvfp4_fake_quant, reference_nvfp4.nvfp4_fake_quant, _rows(x), amax)
-    return out.reshape(x.shape)
+    return _as_shape_of(out, x)
 
 
 def nvfp4_quantize(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> NVFP4Tensor:
@@ -252,4 +279,4 @@ def _nvfp4_quantize_triton_blocks(x: torch.Tensor, amax: AmaxLike = None, *, fla
 def _nvfp4_quantize_with_triton_blocks() -> CompiledPerSignature:
     """The compiled _nvfp4_quantize_triton_blocks, made on first use (Triton is imported only then:
     CPU-only installs have no Triton)."""
-    return CompiledPerSignature(_nvfp4_quantize_triton_blocks)
+    return _compiled(_nvfp4_quantize_triton_blocks)

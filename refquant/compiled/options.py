@@ -13,6 +13,8 @@ import types
 import torch
 import torch._inductor.config as inductor_config
 
+from .direct_call import DirectCompiled
+
 
 def division_rounding_option() -> str:
     """The name of inductor's "divide like eager" switch in the installed torch.
@@ -63,13 +65,15 @@ RECOMPILE_LIMIT = 64
 LIMIT_PER_FUNCTION = "recompile_limit" in inspect.signature(torch.compile).parameters
 
 
-def compile_reference(fn, realize_opcount_threshold: int = REALIZE_OPCOUNT_THRESHOLD):
+def compile_reference(fn, realize_opcount_threshold: int = REALIZE_OPCOUNT_THRESHOLD, prepare=None) -> DirectCompiled:
     """torch.compile(fn) as refquant.compiled runs it: one graph (fullgraph), sizes made dynamic by
-    the caller's marks, our inductor options, and our recompile limit where torch takes one."""
-    kwargs = {"fullgraph": True, "dynamic": None, "options": inductor_options(realize_opcount_threshold)}
+    the caller's marks, our inductor options, our recompile limit where torch takes one; and once a
+    graph exists, calls that pass its guards skip dynamo's dispatch (refquant.compiled.direct_call).
+    prepare(args) gives the positional arguments dynamo traces (views with dynamic dims marked)."""
+    kwargs = {"fullgraph": True, "dynamic": None}
     if LIMIT_PER_FUNCTION:
         kwargs["recompile_limit"] = RECOMPILE_LIMIT
-    return torch.compile(fn, **kwargs)
+    return DirectCompiled(fn, inductor_options(realize_opcount_threshold), kwargs, prepare)
 
 
 def recompile_limit_patch():
@@ -90,24 +94,32 @@ class CompiledPerSignature:
     graph for all.
     """
 
-    def __init__(self, fn, realize_opcount_threshold: int = REALIZE_OPCOUNT_THRESHOLD):
+    def __init__(self, fn, realize_opcount_threshold: int = REALIZE_OPCOUNT_THRESHOLD, prepare=None):
         self.fn = fn
         self.realize_opcount_threshold = realize_opcount_threshold
+        self.prepare = prepare
         self._compiled: dict[tuple, object] = {}
 
     def for_call(self, args: tuple, kwargs: dict):
-        key = (_signature(args), _signature(tuple(sorted(kwargs.items()))))
+        key = (tuple(map(_signature, args)), tuple([(name, _signature(value)) for name, value in sorted(kwargs.items())]))
         compiled = self._compiled.get(key)
         if compiled is None:
-            compiled = compile_reference(_own_code_copy(self.fn), self.realize_opcount_threshold)
+            compiled = compile_reference(_own_code_copy(self.fn), self.realize_opcount_threshold, self.prepare)
             self._compiled[key] = compiled
         return compiled
 
 
+_PLAIN_VALUES = (str, int, float, bool, type(None), torch.dtype)
+
+
 def _signature(value):
     """A hashable summary of an argument that leaves out what dynamo treats as dynamic (row counts)."""
+    if isinstance(value, _PLAIN_VALUES):  # first: the common case, and the cheapest
+        return value
     if isinstance(value, torch.Tensor):
-        return (value.device.type, value.dtype, value.ndim, value.shape[-1] if value.is_cuda and value.ndim else None)
+        # the device with its index: a model split over GPUs gets a compile per GPU, so a call
+        # checks one graph's guards, not every GPU's in turn
+        return (value.device, value.dtype, value.ndim, value.shape[-1] if value.is_cuda and value.ndim else None)
     if isinstance(value, torch.Size):
         return ("size", len(value), value[-1] if value else None)
     if isinstance(value, (tuple, list)):

@@ -42,7 +42,7 @@ from ..numerics.checks import Flavor
 from .attention import check_attention_hookable, is_attention_module, quant_attention_class
 from .dispatch import check_forward_rebindable, execution_device, loaded_weights, rebind_forward, require_loaded
 from ..quant.distributed import rank_and_world, synchronize_calibration
-from ..quant.quantizer import QuantizerConfig, TensorQuantizer, all_quantizers_off, named_quantizers
+from ..quant.quantizer import QuantizerConfig, SharedInputResult, TensorQuantizer, all_quantizers_off, named_quantizers
 from ..quant.metrics import QuantizerError, collect_quantizer_errors
 
 LINEAR_QUANTIZER_NAMES = ("input_quantizer", "weight_quantizer", "output_quantizer")
@@ -154,8 +154,10 @@ def insert_quantizers(model: nn.Module, *, backend: str = "reference", flavor: F
         module._setup_bmm_quantizers(backend, flavor)
 
     quantizers = named_quantizers(model)
+    shared = SharedInputResult()  # q/k/v (and gate/up) input quantizers share one tensor
     for name, quantizer in quantizers:
         quantizer.name, quantizer.backend, quantizer.flavor = name, backend, flavor
+        quantizer.shared_input_result = shared
     return [name for name, _ in quantizers]
 
 

@@ -8,9 +8,10 @@ switched off; a quantizer whose calibrator saw nothing keeps no amax.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Literal, Optional, Union
+from typing import Any, Iterator, Literal, Optional, Union
 
 import torch
 from dataclasses_json import DataClassJsonMixin
@@ -105,6 +106,42 @@ class _MaxCalibrator:
         )
 
 
+class SharedInputResult:
+    """The last fake-quant result among a model's quantizers, for the next one given the same tensor.
+
+    In a transformer block one tensor feeds several quantizers: q_proj, k_proj and v_proj's input
+    quantizers all get the normed hidden states, gate_proj and up_proj's the same tensor again.
+    Max calibration gives them the same amax (they saw the same data), so their outputs are equal,
+    bit for bit. The first computes; the others get its result (one kernel and one call instead of
+    three). A hit needs the very same tensor object, unchanged since (`_version`), with the same
+    settings (config, flavor, backend, the amax's value), and the result unchanged too. It holds
+    the input by a weak reference: when the input is freed the entry goes, so nothing outlives
+    the forward. Weights (nn.Parameter) are not entered: each has one quantizer, and a weight would
+    push out the activation the next layer's quantizer could reuse.
+    """
+
+    def __init__(self) -> None:
+        self._entry: Optional[tuple] = None
+
+    def get(self, x: torch.Tensor, settings: tuple) -> Optional[torch.Tensor]:
+        entry = self._entry
+        if entry is None:
+            return None
+        source, version, entry_settings, result, result_version = entry
+        if source() is x and x._version == version and result._version == result_version and entry_settings == settings:
+            return result
+        return None
+
+    def put(self, x: torch.Tensor, settings: tuple, result: torch.Tensor) -> None:
+        if isinstance(x, nn.Parameter):
+            return
+        self._entry = (weakref.ref(x, self._forget), x._version, settings, result, result._version)
+
+    def _forget(self, source: weakref.ref) -> None:
+        if self._entry is not None and self._entry[0] is source:
+            self._entry = None
+
+
 class TensorQuantizer(nn.Module):
     """Fake-quantizes the tensors that pass through it, per its QuantizerConfig.
 
@@ -132,6 +169,9 @@ class TensorQuantizer(nn.Module):
         self.config = QuantizerConfig(enable=False)
         self._quantizing = True
         self._calibrator: _MaxCalibrator | None = None
+        # set by refquant.hf.ptq.insert_quantizers: one per model, see SharedInputResult
+        self.shared_input_result: Optional[SharedInputResult] = None
+        self._amax_value: Optional[tuple] = None  # (buffer, its _version, its value): see _settings
         if config is not None:
             self.set_config(config)
 
@@ -205,6 +245,20 @@ class TensorQuantizer(nn.Module):
             self._calibrator.collect(x, self.name)
         if not self._quantizing:
             return x
+        shared = self.shared_input_result
+        settings = None
+        if shared is not None and not (x.requires_grad and torch.is_grad_enabled()):
+            settings = self._settings()
+            if settings is not None:
+                result = shared.get(x, settings)
+                if result is not None:
+                    return result
+        result = self._fake_quant(x)
+        if settings is not None:
+            shared.put(x, settings, result)
+        return result
+
+    def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         impl = numerics(self.backend)
         amax = self.amax_for(x)
         if self.config.format == "fp8":
@@ -214,6 +268,25 @@ class TensorQuantizer(nn.Module):
             # modelopt reduces a non-scalar NVFP4 amax with a plain max (docs/modelopt_behaviour.md §3.2)
             amax = amax.amax()
         return impl.nvfp4_fake_quant(x, amax)
+
+    def _settings(self) -> Optional[tuple[Any, ...]]:
+        """What decides this quantizer's output for a given input, comparable across quantizers
+        (SharedInputResult); None for a per-channel amax (not shared). A stored amax enters by
+        value, read back once per change of the buffer (a device sync then, none per call)."""
+        if self.config.use_constant_amax:
+            amax_value: Any = E4M3_MAX
+        else:
+            amax = self._buffers.get("_amax")
+            if amax is None:
+                amax_value = None  # taken from x: equal inputs, equal amax
+            elif amax.numel() != 1:
+                return None
+            else:
+                cached = self._amax_value
+                if cached is None or cached[0] is not amax or cached[1] != amax._version:
+                    cached = self._amax_value = (amax, amax._version, (amax.dtype, float(amax)))
+                amax_value = cached[2]
+        return (self.config, self.flavor, self.backend, amax_value)
 
     def amax_for(self, x: torch.Tensor) -> torch.Tensor | float | None:
         """The amax this quantizer applies to x: the stored one on x's device, None (taken from x),

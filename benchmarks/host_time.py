@@ -1,0 +1,156 @@
+"""Host time of one compiled quantizer call, step by step (where a host-bound PTQ forward goes).
+
+On a small tensor the GPU finishes each kernel before the host issues the next call, so the wall
+time of many back-to-back calls is their host time. Measured per call (median of rounds):
+
+    eager launch          x.mul(2): one eager kernel launch, the floor
+    quantizer             TensorQuantizer(backend="compiled")(x), as the PTQ forward calls it
+    public function       refquant.compiled.<fn>(x, amax)
+    direct call           the compiled graph through refquant.compiled.direct_call (guards + run)
+    through dynamo        the same graph through torch.compile's own dispatch
+    guard check           dynamo's guards of the graph, evaluated on the arguments
+    graph only            inductor's compiled function, inputs ready
+
+    python3 benchmarks/host_time.py [--out DIR] [--device cuda] [--rows 64] [--cols 2048]
+                                    [--profile-recipe R [--shape small]]
+
+Prints a table and writes DIR/host_time.json. With --profile-recipe, also quantizes ptq_gpu.py's
+model of --shape with recipe R (compiled backend, one calibration batch of 4 x 1024 tokens) and
+profiles one forward on the host (cProfile): the functions that take the most time, and how many
+compiled calls went through dynamo rather than directly. A report: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import refquant.compiled as rc  # noqa: E402
+from refquant.compiled import functions  # noqa: E402
+from refquant.quant.quantizer import QuantizerConfig, TensorQuantizer  # noqa: E402
+
+
+def per_call_us(step, device: torch.device, calls: int = 400, rounds: int = 7) -> float:
+    """Median over rounds of (wall time of `calls` calls, GPU drained after) / calls, in us."""
+    for _ in range(20):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    samples = []
+    for _ in range(rounds):
+        began = time.perf_counter()
+        for _ in range(calls):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        samples.append((time.perf_counter() - began) / calls * 1e6)
+    return statistics.median(samples)
+
+
+def steps_of(name: str, x: torch.Tensor, amax: torch.Tensor, flavor: str) -> dict:
+    """The call of refquant.compiled.<name> cut into its steps, each a zero-argument callable."""
+    compiled = {"fp8_fake_quant": functions._compiled_fp8_fake_quant, "nvfp4_fake_quant": functions._compiled_nvfp4_fake_quant}[name]
+    public = getattr(rc, name)
+    kwargs = {"axis": None, "flavor": flavor} if name == "fp8_fake_quant" else {}
+    public(x, amax, **({"flavor": flavor} if name == "fp8_fake_quant" else {}))
+    rows = functions._rows(x)
+    entry = compiled.for_call((rows, amax), kwargs)
+    entry(rows, amax, **kwargs)
+    steps = {
+        "public function": lambda: public(x, amax, **({"flavor": flavor} if name == "fp8_fake_quant" else {})),
+        "through dynamo": lambda: entry.dynamo(rows, amax, **kwargs),
+    }
+    if entry.direct_graphs:
+        graph = entry._direct[0]
+        frame = entry._frame((rows, amax), kwargs)
+        values = [read(frame) for read in graph.inputs]
+        steps["direct call"] = lambda: entry(rows, amax, **kwargs)
+        steps["guard check"] = lambda: graph.guards.check(frame)
+        steps["graph only"] = lambda: graph.compiled(*values)
+    return steps, entry.direct_graphs
+
+
+def profile_forward(recipe: str, shape: str, device: torch.device) -> dict:
+    """cProfile of one quantized forward (after warm-up); prints the top functions."""
+    import cProfile
+    import io
+    import pstats
+
+    import refquant as rq
+    from ptq_gpu import batches_for, build_model
+
+    model = build_model(shape, 0, device)
+    batch = batches_for(shape, 1, 4, 1024, 0)[0].to(device)
+    flavor = "modelopt-cuda" if device.type == "cuda" else "modelopt-cpu"
+    rq.quantize_model(model, rq.load_recipe(recipe), [batch], backend="compiled", flavor=flavor, progress=False)
+    compiled = [c for c in vars(functions).values() if hasattr(c, "_compiled")]
+    entries = lambda: [e for c in compiled for e in c._compiled.values()]  # noqa: E731
+    with torch.no_grad():
+        for _ in range(3):
+            model(input_ids=batch)
+        before = sum(e.calls_through_dynamo for e in entries())
+        profiler = cProfile.Profile()
+        began = time.perf_counter()
+        profiler.enable()
+        model(input_ids=batch)
+        profiler.disable()
+        host_ms = (time.perf_counter() - began) * 1e3
+    through_dynamo = sum(e.calls_through_dynamo for e in entries()) - before
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    print(f"profile of one {shape} forward, {recipe}: {host_ms:.1f} ms on the host under cProfile; "
+          f"{through_dynamo} compiled calls went through dynamo")
+    print(text.getvalue())
+    return {"recipe": recipe, "shape": shape, "host_ms_profiled": host_ms, "calls_through_dynamo": through_dynamo,
+            "top": text.getvalue()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--cols", type=int, default=2048)
+    parser.add_argument("--profile-recipe", default=None)
+    parser.add_argument("--shape", default="small")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    flavor = "modelopt-cuda" if device.type == "cuda" else "modelopt-cpu"
+    x = torch.randn(args.rows, args.cols, device=device, dtype=torch.bfloat16)
+    amax = x.abs().amax().float()
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
+               "shape": [args.rows, args.cols], "eager launch": per_call_us(lambda: x.mul(2), device), "functions": {}}
+    for name, fmt in (("fp8_fake_quant", "fp8"), ("nvfp4_fake_quant", "nvfp4")):
+        quantizer = TensorQuantizer(QuantizerConfig(format=fmt), backend="compiled", flavor=flavor)
+        quantizer.set_amax(amax)
+        steps, direct = steps_of(name, x, amax, flavor)
+        row = {"direct graphs": direct, "quantizer": per_call_us(lambda: quantizer(x), device)}
+        row.update({step: per_call_us(call, device) for step, call in steps.items()})
+        results["functions"][name] = row
+    print(f"{results['device']}, torch {results['torch']}, x {args.rows} x {args.cols} bf16; host us per call "
+          f"(eager launch {results['eager launch']:.1f})")
+    columns = ["quantizer", "public function", "direct call", "through dynamo", "guard check", "graph only"]
+    print("| function | direct graphs | " + " | ".join(columns) + " |")
+    print("| --- | --- |" + " --- |" * len(columns))
+    for name, row in results["functions"].items():
+        cells = [f"{row[c]:.1f}" if c in row else "-" for c in columns]
+        print(f"| {name} | {row['direct graphs']} | " + " | ".join(cells) + " |")
+    if args.profile_recipe:
+        results["profile"] = profile_forward(args.profile_recipe, args.shape, device)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "host_time.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

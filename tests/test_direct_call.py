@@ -1,0 +1,244 @@
+"""refquant.compiled.direct_call: compiled graphs called without dynamo's dispatch, behind dynamo's
+own guards, and the quantizers' shared input result (refquant.quant.quantizer.SharedInputResult).
+
+What must hold: a call that the graph's guards accept gives the graph's bits without going
+through dynamo; any call they reject (another dtype, requires_grad under grad mode, a transposed
+view, one row where the graph was traced for many) goes through dynamo and gives the right bits;
+inside a user's torch.compile the functions are traced as before; a tensor fed to several
+quantizers with equal settings is quantized once, and never reused once anything changed.
+"""
+
+from __future__ import annotations
+
+import gc
+import types
+
+import pytest
+import torch
+
+import refquant as rq
+import refquant.compiled as rc
+from refquant.compiled import functions
+from refquant.compiled.options import CompiledPerSignature
+from refquant.quant.quantizer import QuantizerConfig, SharedInputResult, TensorQuantizer
+from refquant.testing import assert_bitexact
+from conftest import cuda
+
+
+def _halved(x: torch.Tensor, amax: torch.Tensor, flavor: str = "a") -> torch.Tensor:
+    return (x.float() * (0.5 if flavor == "a" else 0.25) / amax).to(x.dtype)
+
+
+def _entry(per_signature: CompiledPerSignature, *args, **kwargs):
+    return per_signature.for_call(args, kwargs)
+
+
+def _no_dynamo(entry, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("this call went through dynamo")
+
+    monkeypatch.setattr(entry, "dynamo", refuse)
+
+
+def test_after_the_first_call_calls_of_any_row_count_skip_dynamo(monkeypatch):
+    per_signature = CompiledPerSignature(_halved, prepare=functions._marked)
+    amax = torch.tensor(3.0)
+    first = torch.randn(8, 32, dtype=torch.bfloat16)
+    entry = _entry(per_signature, functions._rows(first), amax)
+    assert_bitexact(entry(first, amax), _halved(first, amax))
+    assert entry.direct_graphs == 1 and entry.calls_through_dynamo == 1
+    _no_dynamo(entry, monkeypatch)
+    for rows in (2, 5, 300):
+        x = torch.randn(rows, 32, dtype=torch.bfloat16)
+        assert_bitexact(entry(x, amax), _halved(x, amax), f"{rows} rows, direct")
+    assert entry.calls_through_dynamo == 1
+
+
+@pytest.mark.parametrize(
+    "what, make",
+    [
+        ("another dtype", lambda: (torch.randn(8, 32, dtype=torch.float16), {})),
+        ("a transposed view", lambda: (torch.randn(32, 8, dtype=torch.bfloat16).t(), {})),
+        ("one row", lambda: (torch.randn(1, 32, dtype=torch.bfloat16), {})),
+        ("another flavor", lambda: (torch.randn(8, 32, dtype=torch.bfloat16), {"flavor": "b"})),
+        ("a tensor that requires grad, under grad mode", lambda: (torch.randn(8, 32, dtype=torch.bfloat16).requires_grad_(), {})),
+    ],
+)
+def test_a_call_the_graphs_guards_reject_goes_through_dynamo_and_is_right(what, make):
+    # a function of its own name per case: dynamo keeps what it learnt about sizes per function
+    # name and line, and the cases would otherwise teach each other
+    own = types.FunctionType(_halved.__code__.replace(co_name=f"_halved_{abs(hash(what))}"), globals(), None, _halved.__defaults__)
+    per_signature = CompiledPerSignature(own, prepare=functions._marked)
+    amax = torch.tensor(3.0)
+    x0 = torch.randn(8, 32, dtype=torch.bfloat16)
+    entry = _entry(per_signature, x0, amax)
+    entry(x0, amax)
+    x, kwargs = make()
+    through_dynamo = entry.calls_through_dynamo
+    out = entry(x, amax, **kwargs)
+    assert entry.calls_through_dynamo == through_dynamo + 1, f"{what}: the first graph's guards should reject it"
+    assert_bitexact(out.detach(), _halved(x.detach(), amax, **kwargs), what)
+    again = entry(x, amax, **kwargs)  # the graph dynamo just compiled is called directly from now on
+    assert entry.calls_through_dynamo == through_dynamo + 1, f"{what}: the new graph was not adopted"
+    assert_bitexact(again.detach(), out.detach(), what)
+
+
+def test_a_result_that_is_not_one_tensor_stays_on_dynamos_path():
+    x = torch.randn(4, 32)
+    rc.nvfp4_quantize(x, 2.0)
+    entries = list(functions._compiled_nvfp4_quantize._compiled.values())
+    assert entries and all(entry.direct_graphs == 0 for entry in entries)
+    assert_bitexact(rc.nvfp4_quantize(x, 2.0), rq.nvfp4_quantize(x, 2.0))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_the_public_functions_call_their_graphs_directly_and_give_the_reference_bits(monkeypatch, device):
+    weight = torch.nn.Parameter(torch.randn(16, 64, dtype=torch.bfloat16, device=device))
+    states = torch.randn(2, 4, 5, 64, dtype=torch.bfloat16, device=device).transpose(1, 2)  # a K/V layout: not contiguous
+    amax = torch.tensor(2.5, device=device)
+    calls = [
+        (rc.fp8_fake_quant, rq.fp8_fake_quant, weight, amax),
+        (rc.fp8_fake_quant, rq.fp8_fake_quant, states, 448.0),
+        (rc.nvfp4_fake_quant, rq.nvfp4_fake_quant, weight, amax),
+        (rc.nvfp4_fake_quant, rq.nvfp4_fake_quant, states, None),
+    ]
+    with torch.no_grad():
+        for compiled, reference, x, a in calls:
+            compiled(x, a)
+        entries = [e for c in (functions._compiled_fp8_fake_quant, functions._compiled_nvfp4_fake_quant) for e in c._compiled.values()]
+        for entry in entries:
+            _no_dynamo(entry, monkeypatch)
+        for compiled, reference, x, a in calls:
+            cpu_amax = a.cpu() if isinstance(a, torch.Tensor) else a
+            expected = reference(x.detach().cpu(), cpu_amax)
+            assert_bitexact(compiled(x, a).cpu(), expected, f"{compiled.__name__} of {tuple(x.shape)} on {device}")
+
+
+def test_inside_a_users_torch_compile_the_functions_are_traced_as_before():
+    amax = torch.tensor(2.0)
+    x = torch.randn(6, 32, dtype=torch.bfloat16)
+    rc.fp8_fake_quant(x, amax)  # a direct graph exists already
+
+    def user(x):
+        return rc.fp8_fake_quant(x, amax) * 2 + rc.nvfp4_fake_quant(x, amax)
+
+    expected = rq.fp8_fake_quant(x, amax) * 2 + rq.nvfp4_fake_quant(x, amax)
+    assert_bitexact(torch.compile(user, backend="eager", fullgraph=True)(x), expected)
+
+
+def test_a_quantized_model_under_a_users_torch_compile_gives_the_eager_logits():
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    rq.quantize_model(model, rq.load_recipe("nvfp4_default-fp8_cast_kv"), [ids], backend="compiled", progress=False)
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        traced = torch.compile(model, backend="eager")(input_ids=ids).logits
+        with rq.quant.quantizer.all_quantizers_off(model):
+            plain = model(input_ids=ids).logits
+    assert_bitexact(traced, eager, "the quantized model through dynamo")
+    assert not torch.equal(eager, plain), "the quantizers did nothing"
+
+
+# ---------------------------------------------------------------------------------------------
+# SharedInputResult
+# ---------------------------------------------------------------------------------------------
+
+
+def _calibrated(amax: float, fmt: str = "fp8", shared: SharedInputResult | None = None) -> TensorQuantizer:
+    quantizer = TensorQuantizer(QuantizerConfig(format=fmt))
+    quantizer.set_amax(torch.tensor(amax))
+    quantizer.shared_input_result = shared
+    return quantizer
+
+
+def _counting(monkeypatch) -> list:
+    computed = []
+    original = TensorQuantizer._fake_quant
+
+    def counted(self, x):
+        computed.append(self)
+        return original(self, x)
+
+    monkeypatch.setattr(TensorQuantizer, "_fake_quant", counted)
+    return computed
+
+
+def test_one_tensor_into_quantizers_of_equal_settings_is_quantized_once(monkeypatch):
+    shared = SharedInputResult()
+    q, k, v = (_calibrated(3.0, shared=shared) for _ in range(3))
+    computed = _counting(monkeypatch)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    outputs = [q(x), k(x), v(x)]
+    assert computed == [q]
+    assert outputs[1] is outputs[0] and outputs[2] is outputs[0]
+    assert_bitexact(outputs[0], rq.fp8_fake_quant(x, torch.tensor(3.0)))
+
+
+@pytest.mark.parametrize(
+    "what, second",
+    [
+        ("another amax", lambda shared: _calibrated(2.0, shared=shared)),
+        ("another format", lambda shared: _calibrated(3.0, "nvfp4", shared=shared)),
+        ("no shared cache", lambda shared: _calibrated(3.0)),
+    ],
+)
+def test_other_settings_compute_their_own_result(monkeypatch, what, second):
+    shared = SharedInputResult()
+    first, other = _calibrated(3.0, shared=shared), second(shared)
+    computed = _counting(monkeypatch)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    first(x)
+    out = other(x)
+    assert computed == [first, other], what
+    assert_bitexact(out, other._fake_quant(x), what)
+
+
+def test_a_changed_input_or_result_or_amax_is_computed_again(monkeypatch):
+    shared = SharedInputResult()
+    a, b = _calibrated(3.0, shared=shared), _calibrated(3.0, shared=shared)
+    computed = _counting(monkeypatch)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    a(x)
+    x.mul_(2)  # in place: the input's version moves
+    assert_bitexact(b(x), rq.fp8_fake_quant(x, torch.tensor(3.0)), "after x changed")
+    result = a(x)  # b's result, shared
+    result.add_(1)  # someone wrote into the shared result
+    assert_bitexact(b(x), rq.fp8_fake_quant(x, torch.tensor(3.0)), "after the result changed")
+    b._buffers["_amax"].fill_(2.0)  # amax changed in place: b's settings differ now
+    assert_bitexact(b(x), rq.fp8_fake_quant(x, torch.tensor(2.0)), "after the amax changed")
+    assert computed == [a, b, b, b], "a, then b after each change; a's second call shared b's result"
+
+
+def test_weights_are_not_kept_and_a_freed_input_frees_the_entry():
+    shared = SharedInputResult()
+    quantizer = _calibrated(3.0, shared=shared)
+    quantizer(torch.nn.Parameter(torch.randn(8, 64)))
+    assert shared._entry is None, "a weight was kept"
+    x = torch.randn(4, 64)
+    quantizer(x)
+    assert shared._entry is not None
+    del x
+    gc.collect()
+    assert shared._entry is None, "the entry outlived its input"
+
+
+def test_insert_quantizers_gives_a_models_quantizers_one_shared_cache_and_qkv_share_it(monkeypatch):
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), [ids], progress=False)
+    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
+    assert len({id(q.shared_input_result) for q in quantizers}) == 1
+    computed = _counting(monkeypatch)
+    with torch.no_grad():
+        shared_logits = model(input_ids=ids).logits
+        for quantizer in quantizers:
+            quantizer.shared_input_result = None
+        computed_with_cache = len(computed)
+        own_logits = model(input_ids=ids).logits
+    # per layer: k_proj and v_proj reuse q_proj's input result, up_proj gate_proj's
+    assert len(computed) - computed_with_cache - computed_with_cache == 3 * 2
+    assert_bitexact(shared_logits, own_logits, "logits with and without the shared results")
