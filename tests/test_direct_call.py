@@ -242,3 +242,22 @@ def test_insert_quantizers_gives_a_models_quantizers_one_shared_cache_and_qkv_sh
     # per layer: k_proj and v_proj reuse q_proj's input result, up_proj gate_proj's
     assert len(computed) - computed_with_cache - computed_with_cache == 3 * 2
     assert_bitexact(shared_logits, own_logits, "logits with and without the shared results")
+
+
+def test_an_inference_graph_is_called_through_inductors_own_call_and_gives_the_same_bits(monkeypatch):
+    """Under no_grad, the adopted graph calls inductor's generated call(args) itself (the autograd
+    wrappers around it do nothing for such a graph). Compiled afresh (no AOT cache) so that the
+    inner compile is seen."""
+    own = types.FunctionType(_halved.__code__.replace(co_name="_halved_inference"), globals(), None, _halved.__defaults__)
+    per_signature = CompiledPerSignature(own, prepare=functions._marked)
+    amax = torch.tensor(3.0)
+    with torch.no_grad(), torch._functorch.config.patch(enable_autograd_cache=False):
+        x = torch.randn(8, 32, dtype=torch.bfloat16)
+        entry = _entry(per_signature, x, amax)
+        entry(x, amax)
+    assert entry.direct_graphs == 1 and entry._direct[0].inference_code is not None
+    _no_dynamo(entry, monkeypatch)
+    with torch.no_grad():
+        for rows in (3, 64):
+            y = torch.randn(rows, 32, dtype=torch.bfloat16)
+            assert_bitexact(entry(y, amax), _halved(y, amax), f"{rows} rows through inductor's call")

@@ -41,6 +41,7 @@ class _CompiledGraph:
     compiled: Callable
     graph_args: list
     single_output: bool
+    inference_code: Optional[Callable[[list], Any]]  # inductor's own call(args) for an inference graph
 
 
 @dataclass
@@ -50,10 +51,19 @@ class _DirectGraph:
     guards: Any
     compiled: Callable
     inputs: list[Callable[[dict], Any]]
+    inference_code: Optional[Callable[[list], Any]] = None
+
+    def __post_init__(self) -> None:
+        self.check = getattr(self.guards, "root", self.guards).check  # the C++ check, one frame less
 
     def run(self, frame: dict) -> torch.Tensor:
+        values = [read(frame) for read in self.inputs]
+        if self.inference_code is not None:
+            # inductor's generated call(args): what the autograd wrappers around it end up calling
+            # for an inference graph without aliasing or mutation (checked when adopted)
+            return self.inference_code(values)[0]
         # dynamo calls a backend's result with the graph inputs as positional arguments
-        return self.compiled(*[read(frame) for read in self.inputs])[0]
+        return self.compiled(*values)[0]
 
 
 class DirectCompiled:
@@ -86,7 +96,7 @@ class DirectCompiled:
         if self._direct and self._frame is not None:
             frame = self._frame(args, kwargs)
             for graph in self._direct:
-                if graph.guards.check(frame):
+                if graph.check(frame):
                     return graph.run(frame)
         self.calls_through_dynamo += 1
         result = self.dynamo(*(self.prepare(args) if self.prepare is not None else args), **kwargs)
@@ -96,16 +106,26 @@ class DirectCompiled:
 
     # --- the backend: inductor, keeping what it compiled ------------------------------------
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list):
-        from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
-        compiled = compile_fx(gm, example_inputs, config_patches=self.options)
+        inner_results = []
+
+        def inner_compile(*args, **kwargs):
+            output_code = compile_fx_inner(*args, **kwargs)
+            inner_results.append((output_code, kwargs.get("is_inference", False)))
+            return output_code
+
+        compiled = compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=self.options)
         try:
             compile_id = str(torch._guards.CompileContext.current_compile_id())
             graph_args = [node.meta.get("grapharg") for node in gm.graph.nodes if node.op == "placeholder"]
             output = next(node for node in gm.graph.nodes if node.op == "output")
             results = output.args[0]
             single_output = isinstance(results, (tuple, list)) and len(results) == 1
-            self._captured[compile_id] = _CompiledGraph(compiled, graph_args, single_output)
+            inference_code = None
+            if len(inner_results) == 1 and inner_results[0][1]:
+                inference_code = getattr(inner_results[0][0], "current_callable", None)
+            self._captured[compile_id] = _CompiledGraph(compiled, graph_args, single_output, inference_code)
         except Exception as error:  # dynamo internals moved: stay on dynamo's path
             _give_up(error)
         return compiled
@@ -127,7 +147,11 @@ class DirectCompiled:
             self._guards_seen.add(id(guards))
             captured = self._captured.pop(str(getattr(entry, "compile_id", None)), None)
             graph = _direct_graph(guards, captured)
-            if graph is not None and _same_result(graph, frame, result):
+            if graph is None:
+                continue
+            if graph.inference_code is not None and not _same_result(graph, frame, result):
+                graph.inference_code = None  # inductor's call alone did not do it: keep the wrappers
+            if _same_result(graph, frame, result):
                 self._direct.append(graph)
 
 
@@ -137,14 +161,17 @@ def _direct_graph(guards: Any, captured: Optional[_CompiledGraph]) -> Optional[_
     inputs = [_input_reader(graph_arg) for graph_arg in captured.graph_args]
     if any(read is None for read in inputs):
         return None
-    return _DirectGraph(guards, captured.compiled, inputs)
+    return _DirectGraph(guards, captured.compiled, inputs, captured.inference_code)
 
 
 def _same_result(graph: _DirectGraph, frame: dict, result: object) -> bool:
     """The first direct call must give the dynamo call's result, bit for bit."""
-    if not isinstance(result, torch.Tensor) or not graph.guards.check(frame):
+    if not isinstance(result, torch.Tensor) or not graph.check(frame):
         return False
-    direct = graph.run(frame)
+    try:
+        direct = graph.run(frame)
+    except Exception:  # noqa: BLE001 - a calling convention we got wrong: not called directly
+        return False
     if not isinstance(direct, torch.Tensor) or direct.shape != result.shape or direct.dtype != result.dtype:
         return False
     if direct.device != result.device or _layout(direct) != _layout(result):
