@@ -40,3 +40,33 @@ def test_numerics(benchmark, name, backend, device):
         return out
 
     benchmark(run)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("path", ["quantizer, compiled", "quantizer, reference", "compiled function", "through dynamo"])
+def test_host_time_of_a_small_quantizer_call(benchmark, fmt, path):
+    """Host time of one fake-quant call on a small tensor, where the kernel is negligible and the
+    host's work is the cost (the PTQ forward's case; benchmarks/host_time.py cuts it into steps)."""
+    from refquant.compiled import functions
+    from refquant.quant.quantizer import QuantizerConfig, TensorQuantizer
+
+    x = torch.randn(16, 256, dtype=torch.bfloat16)
+    amax = x.abs().amax().float()
+    kwargs = {"flavor": "modelopt-cpu"} if fmt == "fp8" else {}
+    compiled_function = rc.fp8_fake_quant if fmt == "fp8" else rc.nvfp4_fake_quant
+    compiled_function(x, amax, **kwargs)
+    if path.startswith("quantizer"):
+        quantizer = TensorQuantizer(QuantizerConfig(format=fmt), backend=path.split(", ")[1])
+        quantizer.set_amax(amax)
+        call = lambda: quantizer(x)  # noqa: E731
+    elif path == "compiled function":
+        call = lambda: compiled_function(x, amax, **kwargs)  # noqa: E731
+    else:
+        per_signature = functions._compiled_fp8_fake_quant if fmt == "fp8" else functions._compiled_nvfp4_fake_quant
+        graph_kwargs = {"axis": None, **kwargs} if fmt == "fp8" else {}
+        entry = per_signature.for_call((functions._rows(x), amax), graph_kwargs)
+        rows = functions._marked((functions._rows(x),))[0]
+        call = lambda: entry.dynamo(rows, amax, **graph_kwargs)  # noqa: E731
+    with torch.no_grad():
+        call()
+        benchmark(call)

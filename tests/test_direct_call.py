@@ -261,3 +261,79 @@ def test_an_inference_graph_is_called_through_inductors_own_call_and_gives_the_s
         for rows in (3, 64):
             y = torch.randn(rows, 32, dtype=torch.bfloat16)
             assert_bitexact(entry(y, amax), _halved(y, amax), f"{rows} rows through inductor's call")
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorQuantizer's bound call (refquant.compiled.bind_fake_quant)
+# ---------------------------------------------------------------------------------------------
+
+
+def _compiled_quantizer(fmt: str, amax: float | None, flavor: str = "modelopt-cpu") -> TensorQuantizer:
+    quantizer = TensorQuantizer(QuantizerConfig(format=fmt), backend="compiled", flavor=flavor)
+    if amax is not None:
+        quantizer.set_amax(torch.tensor(amax))
+    return quantizer
+
+
+def _expected(quantizer: TensorQuantizer, x: torch.Tensor) -> torch.Tensor:
+    amax = quantizer.amax
+    if quantizer.config.format == "fp8":
+        return rq.fp8_fake_quant(x, amax, flavor=quantizer.flavor)
+    return rq.nvfp4_fake_quant(x, amax)
+
+
+def _public_functions_refuse(monkeypatch):
+    for name in ("fp8_fake_quant", "nvfp4_fake_quant"):
+        monkeypatch.setattr(rc, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("the public function ran")))
+
+
+@pytest.mark.parametrize("fmt, amax", [("fp8", 3.0), ("nvfp4", 3.0), ("nvfp4", None), ("fp8", None)])
+def test_a_quantizers_later_calls_take_the_bound_call(monkeypatch, fmt, amax):
+    quantizer = _compiled_quantizer(fmt, amax)
+    x = torch.randn(3, 7, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert_bitexact(quantizer(x), _expected(quantizer, x), "first call")
+        assert quantizer._bound is not None
+        _public_functions_refuse(monkeypatch)
+        for shape in ((3, 7, 64), (5, 64), (2, 2, 9, 64)):
+            y = torch.randn(*shape, dtype=torch.bfloat16)
+            assert_bitexact(quantizer(y), _expected(quantizer, y), f"bound call, {shape}")
+
+
+@pytest.mark.parametrize(
+    "what, change",
+    [
+        ("the amax changed in place", lambda q: q._buffers["_amax"].fill_(0.5)),
+        ("a new amax", lambda q: q.set_amax(torch.tensor(0.25))),
+        ("another format", lambda q: q.set_config(QuantizerConfig(format="nvfp4"))),
+        ("another flavor", lambda q: setattr(q, "flavor", "modelopt-cuda")),
+        ("the constant amax", lambda q: q.set_config(QuantizerConfig(format="fp8", use_constant_amax=True))),
+        ("the reference backend", lambda q: setattr(q, "backend", "reference")),
+    ],
+)
+def test_a_quantizer_whose_settings_changed_does_not_use_its_old_bound_call(what, change):
+    quantizer = _compiled_quantizer("fp8", 3.0)
+    x = torch.randn(4, 64, dtype=torch.bfloat16) * 2
+    with torch.no_grad():
+        quantizer(x)
+        change(quantizer)
+        assert_bitexact(quantizer(x), _expected(quantizer, x), what)
+        assert_bitexact(quantizer(x), _expected(quantizer, x), f"{what}, again")
+
+
+def test_a_tensor_the_bound_graph_does_not_take_gets_the_ordinary_call():
+    quantizer = _compiled_quantizer("nvfp4", 3.0)
+    with torch.no_grad():
+        quantizer(torch.randn(4, 64, dtype=torch.bfloat16))
+        for x in (torch.randn(4, 64, dtype=torch.float16), torch.randn(64, 4).t().contiguous().t(), torch.randn(1, 64), torch.randn(0, 64)):
+            assert_bitexact(quantizer(x), _expected(quantizer, x), f"{x.dtype} {tuple(x.shape)} {x.stride()}")
+
+
+def test_bind_fake_quant_binds_nothing_it_cannot_call_directly():
+    x = torch.randn(4, 64)
+    rc.fp8_fake_quant(x, torch.ones(1, 64), flavor="modelopt-cpu")
+    assert rc.bind_fake_quant("fp8", x, torch.ones(1, 64)) is None, "a per-channel amax"
+    assert rc.bind_fake_quant("fp8", torch.randn(0, 64), 1.0) is None, "an empty x"
+    assert rc.bind_fake_quant("int8", x, 1.0) is None, "an unknown format"
+    with pytest.raises(ValueError, match="amax"):
+        rc.bind_fake_quant("fp8", x, -1.0)

@@ -9,12 +9,13 @@ NVFP4 real quant's per-block step is the Triton kernel of refquant.compiled.nvfp
 the design and the measurements.
 """
 
-from .functions import FP8Tensor, NVFP4Tensor, fp8_fake_quant, fp8_quantize, nvfp4_fake_quant, nvfp4_quantize
+from .functions import FP8Tensor, NVFP4Tensor, bind_fake_quant, fp8_fake_quant, fp8_quantize, nvfp4_fake_quant, nvfp4_quantize
 from .options import inductor_options
 
 __all__ = [
     "FP8Tensor",
     "NVFP4Tensor",
+    "bind_fake_quant",
     "fp8_fake_quant",
     "fp8_quantize",
     "inductor_options",

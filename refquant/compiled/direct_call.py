@@ -104,6 +104,21 @@ class DirectCompiled:
             self._adopt_new_graphs(self._frame(args, kwargs), result)
         return result
 
+    def frame_of(self, *args, **kwargs) -> Optional[dict]:
+        """fn's locals for these arguments (what the guards read), for call_direct; None where
+        this function's calls cannot be bound (see _frame_binder)."""
+        return None if self._frame is None else self._frame(args, kwargs)
+
+    def call_direct(self, frame: dict) -> Optional[torch.Tensor]:
+        """The result of the graph whose guards pass on `frame` (fn's locals), or None: no graph
+        fits, or a torch.compile is tracing us (the caller then makes an ordinary call)."""
+        if torch.compiler.is_compiling():
+            return None
+        for graph in self._direct:
+            if graph.check(frame):
+                return graph.run(frame)
+        return None
+
     # --- the backend: inductor, keeping what it compiled ------------------------------------
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list):
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner

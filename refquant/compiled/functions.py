@@ -83,20 +83,28 @@ def _run(compiled: CompiledPerSignature | Callable, reference: Callable, *args, 
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as (rows, last dim): a view where strides allow (a copy otherwise), a new tensor object
-    even when x is already 2-D (see _marked).
+    """x as (rows, last dim), a tensor object of our own (see _own): a view where strides allow,
+    a copy otherwise.
 
     The rows are dynamic (marked by _marked before dynamo traces them): every batch x sequence
     length and every ndim share one graph. The last dim is static on CUDA (see _mark) and dynamic
     on the CPU.
     """
-    return x.view(x.shape) if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+    return _own(x if x.ndim == 2 else x.reshape(-1, x.shape[-1]))
 
 
 def _own(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A view of t, a tensor object of our own to mark (see _marked); None and 0-d tensors, which
-    get no marks, as they are."""
-    return t if t is None or t.ndim == 0 else t.view(t.shape)
+    """t as a tensor object of our own, for the graph: marks then never land on a caller's tensor
+    (see _marked), and it is not a view, so dynamo's guards do not reach into how the caller's
+    tensor was made (a view's guards check its base's sizes, and a graph traced on a reshaped
+    4-D tensor would not take a 2-D one). detach() gives such an alias; under grad mode a tensor
+    that requires grad gets a view instead, which keeps the autograd graph. None and 0-d tensors
+    (no marks) stay as they are."""
+    if t is None or t.ndim == 0:
+        return t
+    if t.requires_grad and torch.is_grad_enabled():
+        return t.view(t.shape)
+    return t.detach()
 
 
 def _as_shape_of(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -239,6 +247,61 @@ def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor =
     reciprocal_table(x.device)  # decoded here, eagerly: the graph reads it as a constant
     out = _run(_compiled_nvfp4_fake_quant, reference_nvfp4.nvfp4_fake_quant, _rows(x), amax)
     return _as_shape_of(out, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# A fake quantizer's call, bound once (refquant.quant.quantizer.TensorQuantizer's fast path)
+# ---------------------------------------------------------------------------------------------
+
+
+class BoundFakeQuant:
+    """fp8_fake_quant(x, amax, flavor=...) or nvfp4_fake_quant(x, amax) for one fixed per-tensor
+    amax, with the per-call work of the functions above done once: the amax checked and placed
+    on the device, the call signature resolved, the graph's other arguments bound. A call only
+    reshapes x and calls the graph directly behind its guards (refquant.compiled.direct_call),
+    which check everything else about x (dtype, device, sizes, strides, grad); it returns None
+    when they do not pass, and the caller then makes the ordinary call. Made by bind_fake_quant.
+    """
+
+    __slots__ = ("_entry", "_frame")
+
+    def __init__(self, entry, frame: dict):
+        self._entry = entry
+        self._frame = frame
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        if x.ndim == 0:
+            return None
+        frame = dict(self._frame)
+        frame["x"] = _rows(x)
+        out = self._entry.call_direct(frame)
+        return None if out is None else _as_shape_of(out, x)
+
+
+def bind_fake_quant(format: str, x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> BoundFakeQuant | None:
+    """The fake quantization of `format` ("fp8" or "nvfp4") with this amax (None: taken from each
+    x; a float or a 0-d tensor), bound for tensors like x (a call with x must have run already,
+    so that its graph exists): a BoundFakeQuant, or None where there is nothing to bind (a
+    per-channel amax, a degenerate x, a graph that cannot be called directly). The amax is
+    checked here, once: bind again when it changes."""
+    if _is_degenerate(x) or format not in ("fp8", "nvfp4"):
+        return None
+    check_flavor(flavor)
+    if amax is not None:
+        amax = as_amax_tensor(amax, x)
+        if amax.ndim != 0:
+            return None
+    rows = _rows(x)
+    if format == "fp8":
+        compiled, kwargs = _compiled_fp8_fake_quant, {"axis": None, "flavor": flavor}
+    else:
+        reciprocal_table(x.device)
+        compiled, kwargs = _compiled_nvfp4_fake_quant, {}
+    entry = compiled.for_call((rows, amax), kwargs)
+    frame = entry.frame_of(rows, amax, **kwargs)
+    if not entry.direct_graphs or frame is None or "x" not in frame:
+        return None
+    return BoundFakeQuant(entry, frame)
 
 
 def nvfp4_quantize(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> NVFP4Tensor:

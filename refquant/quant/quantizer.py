@@ -172,6 +172,7 @@ class TensorQuantizer(nn.Module):
         # set by refquant.hf.ptq.insert_quantizers: one per model, see SharedInputResult
         self.shared_input_result: Optional[SharedInputResult] = None
         self._amax_value: Optional[tuple] = None  # (buffer, its _version, its value): see _settings
+        self._bound: Optional[tuple] = None  # (bound call, what it was bound for): see _fake_quant
         if config is not None:
             self.set_config(config)
 
@@ -247,7 +248,7 @@ class TensorQuantizer(nn.Module):
             return x
         shared = self.shared_input_result
         settings = None
-        if shared is not None and not (x.requires_grad and torch.is_grad_enabled()):
+        if shared is not None and not isinstance(x, nn.Parameter) and not (x.requires_grad and torch.is_grad_enabled()):
             settings = self._settings()
             if settings is not None:
                 result = shared.get(x, settings)
@@ -259,15 +260,53 @@ class TensorQuantizer(nn.Module):
         return result
 
     def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._call_bound(x)
+        if out is not None:
+            return out
         impl = numerics(self.backend)
         amax = self.amax_for(x)
         if self.config.format == "fp8":
             axis = self.config.axis if amax is None else None
-            return impl.fp8_fake_quant(x, amax, axis=axis, flavor=self.flavor)
-        if isinstance(amax, torch.Tensor) and amax.numel() != 1:
-            # modelopt reduces a non-scalar NVFP4 amax with a plain max (docs/modelopt_behaviour.md §3.2)
-            amax = amax.amax()
-        return impl.nvfp4_fake_quant(x, amax)
+            out = impl.fp8_fake_quant(x, amax, axis=axis, flavor=self.flavor)
+            per_tensor = axis is None
+        else:
+            per_tensor = not isinstance(amax, torch.Tensor) or amax.numel() == 1
+            if not per_tensor:
+                # modelopt reduces a non-scalar NVFP4 amax with a plain max (docs/modelopt_behaviour.md §3.2)
+                amax = amax.amax()
+            out = impl.nvfp4_fake_quant(x, amax)
+        self._bind(impl, x, amax if per_tensor else None, per_tensor)
+        return out
+
+    # --- the compiled backend's fast path ---------------------------------------------------
+    # A forward after calibration calls the same fake quantization with the same amax on tensors
+    # of the same kind, over and over; refquant.compiled.bind_fake_quant does that call's
+    # argument handling once. The bound call is used while the quantizer's config, flavor,
+    # backend and amax buffer (object and version) are those it was bound for, and while its
+    # graph's guards accept x; otherwise the ordinary call runs, and binds again.
+
+    def _call_bound(self, x: torch.Tensor) -> torch.Tensor | None:
+        bound = self._bound
+        if bound is None or torch.compiler.is_compiling():
+            return None
+        call, config, flavor, backend, buffer, version = bound
+        amax = self._buffers.get("_amax")
+        if config is not self.config or flavor != self.flavor or backend != self.backend or amax is not buffer:
+            return None
+        if amax is not None and amax._version != version:
+            return None
+        return call(x)
+
+    def _bind(self, impl, x: torch.Tensor, amax, per_tensor: bool) -> None:
+        binder = getattr(impl, "bind_fake_quant", None)
+        self._bound = None
+        if binder is None or not per_tensor or torch.compiler.is_compiling():
+            return
+        call = binder(self.config.format, x, amax, flavor=self.flavor)
+        if call is not None:
+            buffer = self._buffers.get("_amax")
+            version = None if buffer is None else buffer._version
+            self._bound = (call, self.config, self.flavor, self.backend, buffer, version)
 
     def _settings(self) -> Optional[tuple[Any, ...]]:
         """What decides this quantizer's output for a given input, comparable across quantizers
