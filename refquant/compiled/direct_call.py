@@ -130,7 +130,10 @@ class DirectCompiled:
             inner_results.append((output_code, kwargs.get("is_inference", False)))
             return output_code
 
-        compiled = compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=self.options)
+        # AOTAutograd's own cache would hand back a stored wrapper and skip inner_compile, leaving
+        # nothing to call directly; inductor's graph cache (inside compile_fx_inner) still applies.
+        with _no_autograd_cache():
+            compiled = compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=self.options)
         try:
             compile_id = str(torch._guards.CompileContext.current_compile_id())
             graph_args = [node.meta.get("grapharg") for node in gm.graph.nodes if node.op == "placeholder"]
@@ -168,6 +171,16 @@ class DirectCompiled:
                 graph.inference_code = None  # inductor's call alone did not do it: keep the wrappers
             if _same_result(graph, frame, result):
                 self._direct.append(graph)
+
+
+def _no_autograd_cache():
+    import contextlib
+
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "enable_autograd_cache"):
+        return functorch_config.patch(enable_autograd_cache=False)
+    return contextlib.nullcontext()
 
 
 def _direct_graph(guards: Any, captured: Optional[_CompiledGraph]) -> Optional[_DirectGraph]:

@@ -272,8 +272,8 @@ class BoundFakeQuant:
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         if x.ndim == 0:
             return None
-        frame = dict(self._frame)
-        frame["x"] = _rows(x)
+        frame = dict(self._frame)  # a dict per call: a quantizer may run in several threads
+        frame["x"] = _rows(x)       # (nn.DataParallel's replicas share it)
         out = self._entry.call_direct(frame)
         return None if out is None else _as_shape_of(out, x)
 
@@ -301,6 +301,7 @@ def bind_fake_quant(format: str, x: torch.Tensor, amax: AmaxLike = None, *, flav
     frame = entry.frame_of(rows, amax, **kwargs)
     if not entry.direct_graphs or frame is None or "x" not in frame:
         return None
+    frame["x"] = None  # each call puts its own x here; keeping this one would keep it alive
     return BoundFakeQuant(entry, frame)
 
 
