@@ -337,3 +337,28 @@ def test_bind_fake_quant_binds_nothing_it_cannot_call_directly():
     assert rc.bind_fake_quant("int8", x, 1.0) is None, "an unknown format"
     with pytest.raises(ValueError, match="amax"):
         rc.bind_fake_quant("fp8", x, -1.0)
+
+
+def test_a_quantized_model_with_bound_calls_deep_copies_and_its_quantizers_pickle():
+    import copy
+    import io
+
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    rq.quantize_model(model, rq.load_recipe("nvfp4_default-fp8_cast_kv"), [ids], backend="compiled", progress=False)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        assert any(q._bound is not None for q in model.modules() if isinstance(q, TensorQuantizer))
+        copied = copy.deepcopy(model)
+        shared = {id(q.shared_input_result) for q in copied.modules() if isinstance(q, TensorQuantizer)}
+        assert len(shared) == 1 and shared != {id(model.model.layers[0].self_attn.q_proj.input_quantizer.shared_input_result)}
+        assert_bitexact(copied(input_ids=ids).logits, logits, "the deep copy")
+        quantizer = model.model.layers[0].self_attn.k_proj.weight_quantizer
+        buffer = io.BytesIO()
+        torch.save(quantizer, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        weight = model.model.layers[0].self_attn.k_proj.weight
+        assert_bitexact(loaded(weight), quantizer(weight), "a quantizer pickled after its bound call")

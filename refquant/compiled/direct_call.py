@@ -19,7 +19,10 @@ How (`DirectCompiled`):
   while someone else's torch.compile is tracing us, or a graph we cannot call directly all go
   through dynamo, which compiles or runs as it always did.
 - A graph is called directly only if its whole result is its one tensor output, checked when it is
-  first compiled: the direct call's bits must equal the dynamo call's on that first input.
+  first compiled: the direct call's bits must equal the dynamo call's on that first input. For an
+  inference graph the call goes to inductor's generated `call(args)` itself, past the autograd
+  wrappers (which do nothing for it), under the same check; AOTAutograd's cache is off for these
+  compiles, since a hit there would hide that function (inductor's own graph cache still works).
 - Anything this relies on that the installed torch lacks (these are dynamo internals) leaves the
   function on dynamo's path: slower, never different.
 """
@@ -72,13 +75,13 @@ class DirectCompiled:
 
     def __init__(self, fn: Callable, options: dict, compile_kwargs: dict, prepare: Optional[Callable[[tuple], tuple]] = None):
         """prepare(args): the positional arguments as dynamo should trace them (refquant marks
-        dynamic dims on views of them); only calls that go through dynamo pay for it."""
+        their dynamic dims); only calls that go through dynamo pay for it."""
         self.fn = fn
         self.options = options
         self.prepare = prepare
         self._captured: dict[str, _CompiledGraph] = {}
         self._direct: list[_DirectGraph] = []
-        self._guards_seen: set[int] = set()  # ids of the guard managers already looked at
+        self._guards_seen: list = []  # the guard managers already looked at (kept: ids get reused)
         self._frame = _frame_binder(fn)
         self.calls_through_dynamo = 0  # for tests and reports: how often the direct call did not apply
         self.dynamo = torch.compile(fn, backend=self._backend, **compile_kwargs)
@@ -95,9 +98,9 @@ class DirectCompiled:
             return self.dynamo(*args, **kwargs)
         if self._direct and self._frame is not None:
             frame = self._frame(args, kwargs)
-            for graph in self._direct:
-                if graph.check(frame):
-                    return graph.run(frame)
+            graph = self._fitting(frame)
+            if graph is not None:
+                return graph.run(frame)
         self.calls_through_dynamo += 1
         result = self.dynamo(*(self.prepare(args) if self.prepare is not None else args), **kwargs)
         if self._frame is not None:
@@ -114,9 +117,13 @@ class DirectCompiled:
         fits, or a torch.compile is tracing us (the caller then makes an ordinary call)."""
         if torch.compiler.is_compiling():
             return None
+        graph = self._fitting(frame)
+        return None if graph is None else graph.run(frame)
+
+    def _fitting(self, frame: dict) -> Optional[_DirectGraph]:
         for graph in self._direct:
             if graph.check(frame):
-                return graph.run(frame)
+                return graph
         return None
 
     # --- the backend: inductor, keeping what it compiled ------------------------------------
@@ -160,16 +167,18 @@ class DirectCompiled:
             return
         for entry in entries:
             guards = getattr(entry, "guard_manager", None)
-            if guards is None or id(guards) in self._guards_seen:
+            if guards is None or any(seen is guards for seen in self._guards_seen):
                 continue
-            self._guards_seen.add(id(guards))
+            self._guards_seen.append(guards)
             captured = self._captured.pop(str(getattr(entry, "compile_id", None)), None)
             graph = _direct_graph(guards, captured)
             if graph is None:
                 continue
-            if graph.inference_code is not None and not _same_result(graph, frame, result):
+            same = _same_result(graph, frame, result)
+            if not same and graph.inference_code is not None:
                 graph.inference_code = None  # inductor's call alone did not do it: keep the wrappers
-            if _same_result(graph, frame, result):
+                same = _same_result(graph, frame, result)
+            if same:
                 self._direct.append(graph)
 
 

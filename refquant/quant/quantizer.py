@@ -141,6 +141,13 @@ class SharedInputResult:
         if self._entry is not None and self._entry[0] is source:
             self._entry = None
 
+    # A copy (copy.deepcopy of a model, pickling) starts empty: the entry is a cache of one forward.
+    def __getstate__(self) -> dict:
+        return {"_entry": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self._entry = None
+
 
 class TensorQuantizer(nn.Module):
     """Fake-quantizes the tensors that pass through it, per its QuantizerConfig.
@@ -277,6 +284,13 @@ class TensorQuantizer(nn.Module):
             out = impl.nvfp4_fake_quant(x, amax)
         self._bind(impl, x, amax if per_tensor else None, per_tensor)
         return out
+
+    def __getstate__(self) -> dict:
+        """For copy.deepcopy and pickling: the bound call (compiled graphs and dynamo's guard
+        managers, which cannot be copied) is left out and made again on the next call."""
+        state = self.__dict__.copy()
+        state["_bound"] = None
+        return state
 
     # --- the compiled backend's fast path ---------------------------------------------------
     # A forward after calibration calls the same fake quantization with the same amax on tensors
