@@ -362,3 +362,24 @@ def test_a_quantized_model_with_bound_calls_deep_copies_and_its_quantizers_pickl
         loaded = torch.load(buffer, weights_only=False)
         weight = model.model.layers[0].self_attn.k_proj.weight
         assert_bitexact(loaded(weight), quantizer(weight), "a quantizer pickled after its bound call")
+
+
+@pytest.mark.parametrize("recipe", ["fp8_default-fp8_kv", "nvfp4_default-fp8_cast_kv", "nvfp4_default-fp8_kv"])
+def test_a_steady_quantized_forward_makes_no_dynamo_call_and_no_new_binding(monkeypatch, recipe):
+    """The fast path holds for a whole model: after a warm-up forward, every quantizer call is a
+    bound call or a shared result (a regression here, such as the weights' Parameter type failing
+    the guards, would only show as lost speed)."""
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    rq.quantize_model(model, rq.load_recipe(recipe), [ids], backend="compiled", progress=False)
+    entries = lambda: [e for c in vars(functions).values() if isinstance(c, CompiledPerSignature) for e in c._compiled.values()]  # noqa: E731
+    with torch.no_grad():
+        model(input_ids=ids)
+        through_dynamo = sum(e.calls_through_dynamo for e in entries())
+        monkeypatch.setattr(TensorQuantizer, "_bind", lambda *a, **k: pytest.fail("a quantizer bound again"))
+        _public_functions_refuse(monkeypatch)
+        for length in (12, 7):
+            model(input_ids=ids[:, :length])
+    assert sum(e.calls_through_dynamo for e in entries()) == through_dynamo
