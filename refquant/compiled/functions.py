@@ -36,7 +36,7 @@ def _marked(args: tuple) -> tuple:
     says. Only a call that goes through dynamo (compiles, or finds no graph to call directly)
     pays for this. The wrappers below pass such tensors as objects of their own (_rows, _own), so
     a mark never lands on a caller's tensor, and the direct call sees the same kind of object as
-    the trace did (a view: dynamo's guards read a view's base)."""
+    the trace did (see _own)."""
     for a in args:
         if isinstance(a, torch.Tensor) and a.ndim:
             _mark(a)
