@@ -33,6 +33,16 @@ def _entry(per_signature: CompiledPerSignature, *args, **kwargs):
     return per_signature.for_call(args, kwargs)
 
 
+def _quantized_tiny_llama(recipe: str, seed: int, backend: str = "compiled"):
+    """conftest's tiny Llama, quantized with `recipe` on one batch of ids; (model, ids)."""
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(seed))
+    rq.quantize_model(model, rq.load_recipe(recipe), [ids], backend=backend, progress=False)
+    return model, ids
+
+
 def _no_dynamo(entry, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("this call went through dynamo")
@@ -127,11 +137,7 @@ def test_inside_a_users_torch_compile_the_functions_are_traced_as_before():
 
 
 def test_a_quantized_model_under_a_users_torch_compile_gives_the_eager_logits():
-    from conftest import tiny_llama
-
-    model = tiny_llama()
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-    rq.quantize_model(model, rq.load_recipe("nvfp4_default-fp8_cast_kv"), [ids], backend="compiled", progress=False)
+    model, ids = _quantized_tiny_llama("nvfp4_default-fp8_cast_kv", 0)
     with torch.no_grad():
         eager = model(input_ids=ids).logits
         traced = torch.compile(model, backend="eager")(input_ids=ids).logits
@@ -225,11 +231,7 @@ def test_weights_are_not_kept_and_a_freed_input_frees_the_entry():
 
 
 def test_insert_quantizers_gives_a_models_quantizers_one_shared_cache_and_qkv_share_it(monkeypatch):
-    from conftest import tiny_llama
-
-    model = tiny_llama()
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-    rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), [ids], progress=False)
+    model, ids = _quantized_tiny_llama("fp8_default-fp8_kv", 1, backend="reference")
     quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
     assert len({id(q.shared_input_result) for q in quantizers}) == 1
     computed = _counting(monkeypatch)
@@ -343,11 +345,7 @@ def test_a_quantized_model_with_bound_calls_deep_copies_and_its_quantizers_pickl
     import copy
     import io
 
-    from conftest import tiny_llama
-
-    model = tiny_llama()
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
-    rq.quantize_model(model, rq.load_recipe("nvfp4_default-fp8_cast_kv"), [ids], backend="compiled", progress=False)
+    model, ids = _quantized_tiny_llama("nvfp4_default-fp8_cast_kv", 2)
     with torch.no_grad():
         logits = model(input_ids=ids).logits
         assert any(q._bound is not None for q in model.modules() if isinstance(q, TensorQuantizer))
@@ -369,11 +367,7 @@ def test_a_steady_quantized_forward_makes_no_dynamo_call_and_no_new_binding(monk
     """The fast path holds for a whole model: after a warm-up forward, every quantizer call is a
     bound call or a shared result (a regression here, such as the weights' Parameter type failing
     the guards, would only show as lost speed)."""
-    from conftest import tiny_llama
-
-    model = tiny_llama()
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
-    rq.quantize_model(model, rq.load_recipe(recipe), [ids], backend="compiled", progress=False)
+    model, ids = _quantized_tiny_llama(recipe, 3)
     entries = lambda: [e for c in vars(functions).values() if isinstance(c, CompiledPerSignature) for e in c._compiled.values()]  # noqa: E731
     with torch.no_grad():
         model(input_ids=ids)
