@@ -27,7 +27,13 @@ from ..numerics.checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, ch
 from ..numerics.formats import NVFP4_BLOCK_SIZE
 from ..numerics.gpu_division import reciprocal_table
 
-from .options import FP8_REALIZE_OPCOUNT_THRESHOLD, LIMIT_PER_FUNCTION, CompiledPerSignature, recompile_limit_patch
+from .options import (
+    FP8_REALIZE_OPCOUNT_THRESHOLD,
+    LIMIT_PER_FUNCTION,
+    REALIZE_OPCOUNT_THRESHOLD,
+    CompiledPerSignature,
+    recompile_limit_patch,
+)
 
 
 
@@ -43,9 +49,7 @@ def _marked(args: tuple) -> tuple:
     return args
 
 
-def _compiled(fn: Callable, realize_opcount_threshold: int | None = None) -> CompiledPerSignature:
-    if realize_opcount_threshold is None:
-        return CompiledPerSignature(fn, prepare=_marked)
+def _compiled(fn: Callable, realize_opcount_threshold: int = REALIZE_OPCOUNT_THRESHOLD) -> CompiledPerSignature:
     return CompiledPerSignature(fn, realize_opcount_threshold, prepare=_marked)
 
 
@@ -294,8 +298,7 @@ def bind_fake_quant(format: str, x: torch.Tensor, amax: AmaxLike = None, *, flav
     rows = _rows(x)
     if format == "fp8":
         compiled, kwargs = _compiled_fp8_fake_quant, {"axis": None, "flavor": flavor}
-    else:
-        reciprocal_table(x.device)
+    else:  # its reciprocal table exists: the graph was compiled by an earlier call
         compiled, kwargs = _compiled_nvfp4_fake_quant, {}
     entry = compiled.for_call((rows, amax), kwargs)
     frame = entry.frame_of(rows, amax, **kwargs)

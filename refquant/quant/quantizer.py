@@ -275,14 +275,15 @@ class TensorQuantizer(nn.Module):
         if self.config.format == "fp8":
             axis = self.config.axis if amax is None else None
             out = impl.fp8_fake_quant(x, amax, axis=axis, flavor=self.flavor)
-            per_tensor = axis is None
         else:
-            per_tensor = not isinstance(amax, torch.Tensor) or amax.numel() == 1
-            if not per_tensor:
+            axis = None
+            if isinstance(amax, torch.Tensor) and amax.numel() != 1:
                 # modelopt reduces a non-scalar NVFP4 amax with a plain max (docs/modelopt_behaviour.md §3.2)
                 amax = amax.amax()
             out = impl.nvfp4_fake_quant(x, amax)
-        self._bind(impl, x, amax if per_tensor else None, per_tensor)
+        # only a per-tensor call binds (bind_fake_quant's rule): a per-channel one would try anew every call
+        per_tensor = axis is None and (not isinstance(amax, torch.Tensor) or amax.ndim == 0)
+        self._bind(impl, x, amax, per_tensor)
         return out
 
     def __getstate__(self) -> dict:
@@ -302,7 +303,7 @@ class TensorQuantizer(nn.Module):
     def _call_bound(self, x: torch.Tensor) -> torch.Tensor | None:
         bound = self._bound
         if bound is None or torch.compiler.is_compiling():
-            return None
+            return None  # under someone's torch.compile: dynamo traces the ordinary call, not this
         call, config, flavor, backend, buffer, version = bound
         amax = self._buffers.get("_amax")
         if config is not self.config or flavor != self.flavor or backend != self.backend or amax is not buffer:
