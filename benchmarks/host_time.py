@@ -92,8 +92,7 @@ def profile_forward(recipe: str, shape: str, device: torch.device) -> dict:
     batch = batches_for(shape, 1, 4, 1024, 0)[0].to(device)
     flavor = "modelopt-cuda" if device.type == "cuda" else "modelopt-cpu"
     rq.quantize_model(model, rq.load_recipe(recipe), [batch], backend="compiled", flavor=flavor, progress=False)
-    compiled = [c for c in vars(functions).values() if hasattr(c, "_compiled")]
-    entries = lambda: [e for c in compiled for e in c._compiled.values()]  # noqa: E731
+    entries = lambda: [e for c in functions.compiled_functions() for e in c._compiled.values()]  # noqa: E731
     with torch.no_grad():
         for _ in range(3):
             model(input_ids=batch)

@@ -1,7 +1,7 @@
-"""Compile refquant/compiled/nvfp4_triton.py's kernel for an H100 (sm_90) without a GPU and show its SASS.
+"""Compile refquant.compiled's NVFP4 Triton kernels for sm_90 (H100, H200) without a GPU and show their SASS.
 
     pip install triton==3.6.0   # a CPU machine is enough: Triton ships ptxas and nvdisasm
-    python3 scripts/triton_sass.py [--dtype bf16|fp16|fp32] [--sass FILE]
+    python3 scripts/triton_sass.py [--kernel real|fake] [--dtype bf16|fp16|fp32] [--sass FILE]
 
 Prints the instruction count, the register count and the most common instructions: how the
 kernel's structure was read while making it (docs/compiled.md, "NVFP4 real quant"). Pointers are
@@ -24,31 +24,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kernel", default="real", choices=["real", "fake"], help="nvfp4_triton.py (real quant) or nvfp4_fake_triton.py")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--sass", help="also write the full SASS here")
+    parser.add_argument("--blocks", type=int, help="blocks a program (default: the module's)")
+    parser.add_argument("--warps", type=int, help="warps a program (default: the module's)")
     args = parser.parse_args()
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    import refquant.compiled.nvfp4_triton as kernels
+    if args.kernel == "real":
+        import refquant.compiled.nvfp4_triton as kernels
 
-    signature = {"x_ptr": "*" + args.dtype, "global_scale_ptr": "*fp32", "packed_ptr": "*u8", "block_scale_ptr": "*fp8e4nv", "n_blocks": "i32"}
-    constants = {
-        "E2M1_MAX_": 6.0,
-        "E4M3_MAX_": 448.0,
-        "E4M3_MIN_": 2.0**-9,
-        "G_MIN": kernels.THRESHOLD_PATH_MIN_GLOBAL_SCALE,
-        "G_MAX": kernels.THRESHOLD_PATH_MAX_GLOBAL_SCALE,
-        "BF16_PAIRS": args.dtype == "bf16",
-        "BLOCKS": kernels.BLOCKS_PER_PROGRAM,
-        "ANY_DTYPE_BLOCKS": kernels.ANY_DTYPE_BLOCKS_PER_PROGRAM,
-    }
+        fn, num_warps = kernels._nvfp4_blocks_kernel, kernels.NUM_WARPS
+        signature = {"x_ptr": "*" + args.dtype, "global_scale_ptr": "*fp32", "packed_ptr": "*u8", "block_scale_ptr": "*fp8e4nv", "n_blocks": "i32"}
+        constants = {
+            "E2M1_MAX_": 6.0,
+            "E4M3_MAX_": 448.0,
+            "E4M3_MIN_": 2.0**-9,
+            "G_MIN": kernels.THRESHOLD_PATH_MIN_GLOBAL_SCALE,
+            "G_MAX": kernels.THRESHOLD_PATH_MAX_GLOBAL_SCALE,
+            "BF16_PAIRS": args.dtype == "bf16",
+            "BLOCKS": kernels.BLOCKS_PER_PROGRAM,
+            "ANY_DTYPE_BLOCKS": kernels.ANY_DTYPE_BLOCKS_PER_PROGRAM,
+        }
+    else:
+        import refquant.compiled.nvfp4_fake_triton as kernels
+
+        fn, num_warps = kernels._nvfp4_fake_kernel, kernels.NUM_WARPS
+        signature = {"x_ptr": "*" + args.dtype, "amax_ptr": "*fp32", "table_ptr": "*i32", "y_ptr": "*" + args.dtype, "n_blocks": "i32"}
+        constants = kernels.kernel_constants()
+    if args.blocks:
+        constants["BLOCKS"] = args.blocks
+    num_warps = args.warps or num_warps
     signature.update({name: "constexpr" for name in constants})
     aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind.startswith("*") or kind == "i32"}
-    source = ASTSource(fn=kernels._nvfp4_blocks_kernel, signature=signature, constexprs=constants, attrs=aligned)
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": kernels.NUM_WARPS})
+    source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as folder:

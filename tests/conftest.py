@@ -64,6 +64,23 @@ def find_case(name: str, case_name: str) -> dict:
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def nvfp4_kernel_inputs() -> dict[str, torch.Tensor]:
+    """CPU tensors for holding an NVFP4 Triton kernel to the reference (last dims multiples of 16
+    except one view): every bf16 pattern in blocks, shuffled, exact ties on the E2M1 decision
+    points, fp16, fp32, a transposed and a row-sliced view."""
+    patterns = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    return {
+        "every bf16 pattern": patterns.reshape(-1, 16),
+        "shuffled": patterns[torch.randperm(65536, generator=gen)].reshape(-1, 64),
+        "ties": (torch.randint(-24, 25, (256, 64), generator=gen) * 0.125).to(torch.bfloat16),
+        "fp16": (torch.randn(64, 256, generator=gen) * 7).half(),
+        "fp32": torch.randn(3, 5, 64, generator=gen) * 1e-3,
+        "transposed": torch.randn(256, 64, generator=gen).bfloat16().t(),
+        "row-sliced": torch.randn(64, 96, generator=gen).bfloat16()[:, :48],
+    }
+
+
 def tiny_llama():
     """A seeded 2-layer Llama (hidden 64, GQA 4/2 heads of 16, vocab 128), bf16, eval: small enough
     for the accelerate, sharding and multi-process tests to build many times."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._inductor.config as inductor_config
-from conftest import cuda, vector_cases
+from conftest import cuda, nvfp4_kernel_inputs, vector_cases
 
 import refquant as rq
 import refquant.compiled as rc
@@ -270,18 +270,7 @@ def test_nvfp4_quantize_on_cuda_runs_the_triton_block_step_bit_for_bit():
     flavors."""
     from refquant.compiled import functions
 
-    patterns = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-    gen = torch.Generator().manual_seed(3)
-    inputs = {
-        "every bf16 pattern": patterns.reshape(-1, 16),
-        "shuffled": patterns[torch.randperm(65536, generator=gen)].reshape(-1, 64),
-        "ties": (torch.randint(-24, 25, (256, 64), generator=gen) * 0.125).to(torch.bfloat16),
-        "fp16": (torch.randn(64, 256, generator=gen) * 7).half(),
-        "fp32": torch.randn(3, 5, 64, generator=gen) * 1e-3,
-        "transposed": torch.randn(256, 64, generator=gen).bfloat16().t(),
-        "row-sliced": torch.randn(64, 96, generator=gen).bfloat16()[:, :48],
-    }
-    for name, x in inputs.items():
+    for name, x in nvfp4_kernel_inputs().items():
         finite = x.float()[torch.isfinite(x.float())]
         for amax in (None, 0.0, 1e-30, 3.0, 2688.0, float(finite.abs().max())):
             for flavor in ("modelopt-cpu", "modelopt-cuda"):
@@ -347,7 +336,9 @@ def test_threshold_method_reproduces_the_division_on_every_bf16_pattern():
             t = t[:, :, None]
             passed = [(a >= t[:, k]) if round_up[k] else (a > t[:, k]) for k in range(1, 8)]
             index = torch.where(a.isnan(), 7, sum(p.int() for p in passed))
-            codes = index | ((torch.signbit(x) & (a > t[:, 0])).int() << 3)
+            # fp32 path: the sign bit of x where |x| passes t0; bf16 path: x < -t0, on the signed pair
+            negative = (x < -t[:, 0]) if name == "bf16" else (torch.signbit(x) & (a > t[:, 0]))
+            codes = index | (negative.int() << 3)
             differ = int((codes != expected).sum())
             assert differ == 0, f"{name} thresholds, global scale {g}: {differ} of {codes.numel()} codes differ"
 

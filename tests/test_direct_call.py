@@ -93,12 +93,56 @@ def test_a_call_the_graphs_guards_reject_goes_through_dynamo_and_is_right(what, 
     assert_bitexact(again.detach(), out.detach(), what)
 
 
-def test_a_result_that_is_not_one_tensor_stays_on_dynamos_path():
+def test_a_result_that_is_not_tensors_stays_on_dynamos_path():
     x = torch.randn(4, 32)
-    rc.nvfp4_quantize(x, 2.0)
+    rc.nvfp4_quantize(x, 2.0)  # the reference's NVFP4Tensor, a dataclass
     entries = list(functions._compiled_nvfp4_quantize._compiled.values())
     assert entries and all(entry.direct_graphs == 0 for entry in entries)
     assert_bitexact(rc.nvfp4_quantize(x, 2.0), rq.nvfp4_quantize(x, 2.0))
+
+
+def _halved_and_doubled(x: torch.Tensor, amax: torch.Tensor):
+    return _halved(x, amax), (x.float() * 2.0).to(x.dtype), amax * 3
+
+
+def _halved_and_a_number(x: torch.Tensor, amax: torch.Tensor):
+    return _halved(x, amax), 2.0
+
+
+def test_a_tuple_of_tensors_is_called_directly_and_a_tuple_with_a_number_is_not(monkeypatch):
+    amax = torch.tensor(1.5)
+    tensors = CompiledPerSignature(_halved_and_doubled, prepare=functions._marked)
+    entry = _entry(tensors, torch.randn(3, 8), amax)
+    entry(torch.randn(3, 8), amax)
+    assert entry.direct_graphs == 1, "a tuple of tensors was not adopted"
+    _no_dynamo(entry, monkeypatch)
+    for rows in (2, 9):
+        x = torch.randn(rows, 8)
+        out = entry(x, amax)
+        assert isinstance(out, tuple) and len(out) == 3
+        for got, want in zip(out, (_halved(x, amax), x * 2.0, amax * 3)):
+            assert_bitexact(got, want, f"{rows} rows")
+    mixed = CompiledPerSignature(_halved_and_a_number, prepare=functions._marked)
+    entry = _entry(mixed, torch.randn(3, 8), amax)
+    entry(torch.randn(3, 8), amax)
+    assert entry.direct_graphs == 0, "a tuple with a number in it cannot be the graph's outputs"
+
+
+@cuda
+def test_nvfp4_quantize_on_cuda_is_called_directly():
+    x = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
+    amax = x.abs().amax().float()
+    rc.nvfp4_quantize(x, amax)
+    entries = list(functions._nvfp4_quantize_with_triton_blocks()._compiled.values())
+    assert entries and all(entry.direct_graphs == 1 for entry in entries)
+    before = sum(entry.calls_through_dynamo for entry in entries)
+    for rows in (64, 3, 200):
+        y = torch.randn(rows, 128, device="cuda", dtype=torch.bfloat16)
+        got, want = rc.nvfp4_quantize(y, amax), rq.nvfp4_quantize(y.cpu(), amax.cpu())
+        assert_bitexact(got.packed.cpu(), want.packed, f"{rows} rows, packed")
+        assert_bitexact(got.block_scale.cpu(), want.block_scale, f"{rows} rows, block scales")
+        assert_bitexact(got.global_scale.cpu(), want.global_scale, f"{rows} rows, global scale")
+    assert sum(entry.calls_through_dynamo for entry in entries) == before, "a call went through dynamo"
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
@@ -331,6 +375,27 @@ def test_a_tensor_the_bound_graph_does_not_take_gets_the_ordinary_call():
             assert_bitexact(quantizer(x), _expected(quantizer, x), f"{x.dtype} {tuple(x.shape)} {x.stride()}")
 
 
+@pytest.mark.parametrize("flavor", ["modelopt-cpu", "modelopt-cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_a_bound_fp8_call_runs_the_element_step_under_scales_computed_once(flavor, dtype):
+    """FP8 with a given amax binds its scales (fp8_fake_quant_scales, once) and a graph of the element
+    step alone; every amax regime (ordinary, below the 2**-24 floor, 448, huge) gives the
+    reference's bits."""
+    from refquant.compiled import functions
+
+    element_step = functions._compiled_fp8_fake_quant_with_scales
+    gen = torch.Generator().manual_seed(4)
+    inputs = [(torch.randn(rows, 64, generator=gen) * 40).to(dtype) for rows in (5, 2, 17)]
+    for amax in (3.0, 1e-30, 448.0, 3.0e38):
+        bound = rc.bind_fake_quant("fp8", inputs[0], amax, flavor=flavor)
+        assert bound is not None, "nothing was bound"
+        assert any(bound._entry is entry for entry in element_step._compiled.values()), "not the element step's graph"
+        for x in inputs:
+            out = bound(x)
+            assert out is not None, f"{tuple(x.shape)}: the bound graph did not take it"
+            assert_bitexact(out, rq.fp8_fake_quant(x, amax, flavor=flavor), f"amax {amax}, {tuple(x.shape)}")
+
+
 def test_bind_fake_quant_binds_nothing_it_cannot_call_directly():
     x = torch.randn(4, 64)
     rc.fp8_fake_quant(x, torch.ones(1, 64), flavor="modelopt-cpu")
@@ -368,7 +433,7 @@ def test_a_steady_quantized_forward_makes_no_dynamo_call_and_no_new_binding(monk
     bound call or a shared result (a regression here, such as the weights' Parameter type failing
     the guards, would only show as lost speed)."""
     model, ids = _quantized_tiny_llama(recipe, 3)
-    entries = lambda: [e for c in vars(functions).values() if isinstance(c, CompiledPerSignature) for e in c._compiled.values()]  # noqa: E731
+    entries = lambda: [e for c in functions.compiled_functions() for e in c._compiled.values()]  # noqa: E731
     with torch.no_grad():
         model(input_ids=ids)
         through_dynamo = sum(e.calls_through_dynamo for e in entries())

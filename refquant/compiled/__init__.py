@@ -3,10 +3,11 @@
 The same functions as refquant (fp8_fake_quant, fp8_quantize, nvfp4_fake_quant, nvfp4_quantize,
 and the dequantize of their results), with the same signatures and the same bits on CPU (C++)
 and CUDA (Triton). Each one is torch.compile applied to the reference function itself, under the
-inductor options in refquant.compiled.options, scoped to these calls. One exception: on CUDA,
-NVFP4 real quant's per-block step is the Triton kernel of refquant.compiled.nvfp4_triton
-(imported only then), held to the reference bit for bit by the CUDA tests. docs/compiled.md has
-the design and the measurements.
+inductor options in refquant.compiled.options, scoped to these calls. Two exceptions: on CUDA,
+NVFP4 real and fake quant's per-block steps are the Triton kernels of
+refquant.compiled.nvfp4_triton and refquant.compiled.nvfp4_fake_triton (imported only then), held
+to the reference bit for bit by the CUDA tests. docs/compiled.md has the design and the
+measurements.
 """
 
 from .functions import FP8Tensor, NVFP4Tensor, bind_fake_quant, fp8_fake_quant, fp8_quantize, nvfp4_fake_quant, nvfp4_quantize

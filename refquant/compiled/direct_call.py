@@ -18,8 +18,10 @@ How (`DirectCompiled`):
   inductor's function with that graph's inputs. No guard passing (a new signature), a call made
   while someone else's torch.compile is tracing us, or a graph we cannot call directly all go
   through dynamo, which compiles or runs as it always did.
-- A graph is called directly only if its whole result is its one tensor output, checked when it is
-  first compiled: the direct call's bits must equal the dynamo call's on that first input. For an
+- A graph is called directly only if the function's whole result is its tensor outputs, in order:
+  one tensor, or a tuple of tensors (NVFP4 real quant's packed bytes, scales and global scale).
+  That is checked when it is first compiled: the direct call's outputs must equal the dynamo
+  call's result on that first input, bit for bit, shape, dtype, device and strides. For an
   inference graph the call goes to inductor's generated `call(args)` itself, past the autograd
   wrappers (which do nothing for it), under the same check; AOTAutograd's cache is off for these
   compiles, since a hit there would hide that function (inductor's own graph cache still works).
@@ -43,7 +45,7 @@ class _CompiledGraph:
 
     compiled: Callable
     graph_args: list
-    single_output: bool
+    output_count: int  # the graph's outputs (-1: not a flat list of them)
     inference_code: Optional[Callable[[list], Any]]  # inductor's own call(args) for an inference graph
 
 
@@ -55,18 +57,21 @@ class _DirectGraph:
     compiled: Callable
     inputs: list[Callable[[dict], Any]]
     inference_code: Optional[Callable[[list], Any]] = None
+    output_count: int = 1
+    as_tuple: bool = False  # the function returns a tuple of the outputs, not the one tensor
 
     def __post_init__(self) -> None:
         self.check = getattr(self.guards, "root", self.guards).check  # the C++ check, one frame less
 
-    def run(self, frame: dict) -> torch.Tensor:
+    def run(self, frame: dict) -> torch.Tensor | tuple[torch.Tensor, ...]:
         values = [read(frame) for read in self.inputs]
         if self.inference_code is not None:
             # inductor's generated call(args): what the autograd wrappers around it end up calling
             # for an inference graph without aliasing or mutation (checked when adopted)
-            return self.inference_code(values)[0]
-        # dynamo calls a backend's result with the graph inputs as positional arguments
-        return self.compiled(*values)[0]
+            outputs = self.inference_code(values)
+        else:  # dynamo calls a backend's result with the graph inputs as positional arguments
+            outputs = self.compiled(*values)
+        return tuple(outputs[: self.output_count]) if self.as_tuple else outputs[0]
 
 
 class DirectCompiled:
@@ -112,13 +117,17 @@ class DirectCompiled:
         this function's calls cannot be bound (see _frame_binder)."""
         return None if self._frame is None else self._frame(args, kwargs)
 
-    def call_direct(self, frame: dict) -> Optional[torch.Tensor]:
+    def call_direct(self, frame: dict) -> Optional[torch.Tensor | tuple[torch.Tensor, ...]]:
         """The result of the graph whose guards pass on `frame` (fn's locals), or None: no graph
         fits, or a torch.compile is tracing us (the caller then makes an ordinary call)."""
         if torch.compiler.is_compiling():
             return None
         graph = self._fitting(frame)
         return None if graph is None else graph.run(frame)
+
+    def fits(self, frame: Optional[dict]) -> bool:
+        """Whether a graph is called directly for `frame` (fn's locals, from frame_of)."""
+        return frame is not None and self._fitting(frame) is not None
 
     def _fitting(self, frame: dict) -> Optional[_DirectGraph]:
         for graph in self._direct:
@@ -146,11 +155,11 @@ class DirectCompiled:
             graph_args = [node.meta.get("grapharg") for node in gm.graph.nodes if node.op == "placeholder"]
             output = next(node for node in gm.graph.nodes if node.op == "output")
             results = output.args[0]
-            single_output = isinstance(results, (tuple, list)) and len(results) == 1
+            output_count = len(results) if isinstance(results, (tuple, list)) else -1
             inference_code = None
             if len(inner_results) == 1 and inner_results[0][1]:
                 inference_code = getattr(inner_results[0][0], "current_callable", None)
-            self._captured[compile_id] = _CompiledGraph(compiled, graph_args, single_output, inference_code)
+            self._captured[compile_id] = _CompiledGraph(compiled, graph_args, output_count, inference_code)
         except Exception as error:  # dynamo internals moved: stay on dynamo's path
             _give_up(error)
         return compiled
@@ -171,7 +180,7 @@ class DirectCompiled:
                 continue
             self._guards_seen.append(guards)
             captured = self._captured.pop(str(getattr(entry, "compile_id", None)), None)
-            graph = _direct_graph(guards, captured)
+            graph = _direct_graph(guards, captured, result)
             if graph is None:
                 continue
             same = _same_result(graph, frame, result)
@@ -192,23 +201,39 @@ def _no_autograd_cache():
     return contextlib.nullcontext()
 
 
-def _direct_graph(guards: Any, captured: Optional[_CompiledGraph]) -> Optional[_DirectGraph]:
-    if captured is None or not captured.single_output or not hasattr(guards, "check"):
+def _direct_graph(guards: Any, captured: Optional[_CompiledGraph], result: object) -> Optional[_DirectGraph]:
+    """The graph as a direct call, if the function's result (`result`, from dynamo's call) can be
+    its outputs: one tensor from one output, or a tuple of tensors from as many outputs."""
+    if captured is None or not hasattr(guards, "check"):
+        return None
+    if isinstance(result, torch.Tensor):
+        as_tuple = False
+    elif isinstance(result, tuple) and result and all(isinstance(t, torch.Tensor) for t in result):
+        as_tuple = True
+    else:
+        return None
+    if captured.output_count != (len(result) if as_tuple else 1):
         return None
     inputs = [_input_reader(graph_arg) for graph_arg in captured.graph_args]
     if any(read is None for read in inputs):
         return None
-    return _DirectGraph(guards, captured.compiled, inputs, captured.inference_code)
+    return _DirectGraph(guards, captured.compiled, inputs, captured.inference_code, captured.output_count, as_tuple)
 
 
 def _same_result(graph: _DirectGraph, frame: dict, result: object) -> bool:
     """The first direct call must give the dynamo call's result, bit for bit."""
-    if not isinstance(result, torch.Tensor) or not graph.check(frame):
+    if not graph.check(frame):
         return False
     try:
         direct = graph.run(frame)
     except Exception:  # noqa: BLE001 - a calling convention we got wrong: not called directly
         return False
+    if graph.as_tuple:
+        return isinstance(direct, tuple) and len(direct) == len(result) and all(map(_same_tensor, direct, result))
+    return _same_tensor(direct, result)
+
+
+def _same_tensor(direct: object, result: torch.Tensor) -> bool:
     if not isinstance(direct, torch.Tensor) or direct.shape != result.shape or direct.dtype != result.dtype:
         return False
     if direct.device != result.device or _layout(direct) != _layout(result):

@@ -54,6 +54,7 @@ def _compiled(fn: Callable, realize_opcount_threshold: int = REALIZE_OPCOUNT_THR
 
 
 _compiled_fp8_fake_quant = _compiled(reference_fp8.fp8_fake_quant, FP8_REALIZE_OPCOUNT_THRESHOLD)
+_compiled_fp8_fake_quant_with_scales = _compiled(reference_fp8.fp8_fake_quant_with_scales, FP8_REALIZE_OPCOUNT_THRESHOLD)
 _compiled_fp8_quantize = _compiled(reference_fp8.fp8_quantize, FP8_REALIZE_OPCOUNT_THRESHOLD)
 _compiled_fp8_dequantize = _compiled(reference_fp8.FP8Tensor.dequantize, FP8_REALIZE_OPCOUNT_THRESHOLD)
 _compiled_nvfp4_fake_quant = _compiled(reference_nvfp4.nvfp4_fake_quant)
@@ -249,8 +250,31 @@ def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor =
     if amax is not None:
         amax = as_amax_tensor(amax, x)
     reciprocal_table(x.device)  # decoded here, eagerly: the graph reads it as a constant
-    out = _run(_compiled_nvfp4_fake_quant, reference_nvfp4.nvfp4_fake_quant, _rows(x), amax)
+    out = _run(_compiled_nvfp4_fake_quant_for(x), reference_nvfp4.nvfp4_fake_quant, _rows(x), amax)
     return _as_shape_of(out, x)
+
+
+def _compiled_nvfp4_fake_quant_for(x: torch.Tensor) -> CompiledPerSignature:
+    """The compiled reference, or on CUDA with a last dim that is a multiple of 16 the same with its
+    block step run by the Triton kernel of nvfp4_fake_triton.py."""
+    if x.is_cuda and x.shape[-1] % NVFP4_BLOCK_SIZE == 0:
+        return _nvfp4_fake_quant_with_triton_blocks()
+    return _compiled_nvfp4_fake_quant
+
+
+def _nvfp4_fake_quant_triton_blocks(x: torch.Tensor, amax: AmaxLike = None) -> torch.Tensor:
+    """refquant.nvfp4_fake_quant with its block step (refquant.numerics.nvfp4.nvfp4_fake_quant_blocks)
+    run by the Triton kernel of nvfp4_fake_triton.py: CUDA, last dim a multiple of 16, x not
+    empty. The global amax is the reference's own code."""
+    from .nvfp4_fake_triton import nvfp4_fake_quant_blocks
+
+    return nvfp4_fake_quant_blocks(x.contiguous(), reference_nvfp4._global_amax(x, amax), reciprocal_table(x.device))
+
+
+@functools.cache
+def _nvfp4_fake_quant_with_triton_blocks() -> CompiledPerSignature:
+    """The compiled _nvfp4_fake_quant_triton_blocks, made on first use (CPU-only installs have no Triton)."""
+    return _compiled(_nvfp4_fake_quant_triton_blocks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,10 +285,12 @@ def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor =
 class BoundFakeQuant:
     """fp8_fake_quant(x, amax, flavor=...) or nvfp4_fake_quant(x, amax) for one fixed per-tensor
     amax, with the per-call work of the functions above done once: the amax checked and placed
-    on the device, the call signature resolved, the graph's other arguments bound. A call only
-    reshapes x and calls the graph directly behind its guards (refquant.compiled.direct_call),
-    which check everything else about x (dtype, device, sizes, strides, grad); it returns None
-    when they do not pass, and the caller then makes the ordinary call. Made by bind_fake_quant.
+    on the device, the call signature resolved, the graph's other arguments bound. For FP8 with a
+    given amax that includes the scales (fp8_fake_quant_scales, run eagerly by the reference), so
+    a call launches only the element kernel. A call only reshapes x and calls the graph directly
+    behind its guards (refquant.compiled.direct_call), which check everything else about x (dtype,
+    device, sizes, strides, grad); it returns None when they do not pass, and the caller then
+    makes the ordinary call. Made by bind_fake_quant.
     """
 
     __slots__ = ("_entry", "_frame")
@@ -296,12 +322,19 @@ def bind_fake_quant(format: str, x: torch.Tensor, amax: AmaxLike = None, *, flav
         if amax.ndim != 0:
             return None
     rows = _rows(x)
-    if format == "fp8":
-        compiled, kwargs = _compiled_fp8_fake_quant, {"axis": None, "flavor": flavor}
+    if format == "fp8" and amax is not None:
+        scale, inv_scale = reference_fp8.fp8_fake_quant_scales(amax, flavor)
+        args, kwargs = (rows, scale.reshape(()), inv_scale.reshape(())), {}
+        entry = _compiled_fp8_fake_quant_with_scales.for_call(args, kwargs)
+        if not entry.fits(entry.frame_of(*args)):  # no graph for tensors like x yet: this call makes one
+            _run(_compiled_fp8_fake_quant_with_scales, reference_fp8.fp8_fake_quant_with_scales, *args)
+    elif format == "fp8":
+        args, kwargs = (rows, amax), {"axis": None, "flavor": flavor}
+        entry = _compiled_fp8_fake_quant.for_call(args, kwargs)
     else:  # its reciprocal table exists: the graph was compiled by an earlier call
-        compiled, kwargs = _compiled_nvfp4_fake_quant, {}
-    entry = compiled.for_call((rows, amax), kwargs)
-    frame = entry.frame_of(rows, amax, **kwargs)
+        args, kwargs = (rows, amax), {}
+        entry = _compiled_nvfp4_fake_quant_for(x).for_call(args, kwargs)
+    frame = entry.frame_of(*args, **kwargs)
     if not entry.direct_graphs or frame is None or "x" not in frame:
         return None
     frame["x"] = None  # each call puts its own x here; keeping this one would keep it alive
@@ -317,29 +350,32 @@ def nvfp4_quantize(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "
     check_float_input(x)
     if amax is not None:
         amax = as_amax_tensor(amax, x)
-    compiled = _compiled_nvfp4_quantize
     if x.is_cuda and x.shape[-1] % NVFP4_BLOCK_SIZE == 0:
+        # a tuple of tensors, which the graph returns as they are: called directly (direct_call)
         compiled = _nvfp4_quantize_with_triton_blocks()
-    quantized = _run(compiled, reference_nvfp4.nvfp4_quantize, _rows(x), amax, flavor=flavor)
+        packed, block_scale, global_scale = _run(compiled, reference_nvfp4.nvfp4_quantize, _rows(x), amax, flavor=flavor)
+    else:
+        quantized = _run(_compiled_nvfp4_quantize, reference_nvfp4.nvfp4_quantize, _rows(x), amax, flavor=flavor)
+        packed, block_scale, global_scale = quantized.packed, quantized.block_scale, quantized.global_scale
     lead = x.shape[:-1]
     return NVFP4Tensor(
-        packed=quantized.packed.reshape(*lead, -1),
-        block_scale=quantized.block_scale.reshape(*lead, -1),
-        global_scale=quantized.global_scale,
+        packed=packed.reshape(*lead, -1),
+        block_scale=block_scale.reshape(*lead, -1),
+        global_scale=global_scale,
         shape=x.shape,
         dtype=x.dtype,
     )
 
 
 def _nvfp4_quantize_triton_blocks(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu"):
-    """refquant.nvfp4_quantize with its block step (refquant.numerics.nvfp4.nvfp4_quantize_blocks)
-    run by the Triton kernel of nvfp4_triton.py: CUDA, last dim a multiple of 16. The global scale
-    is the reference's own code; the two lines below are nvfp4_quantize's last two."""
+    """refquant.nvfp4_quantize's (packed bytes, block scales, global scale), with its block step
+    (refquant.numerics.nvfp4.nvfp4_quantize_blocks) run by the Triton kernel of nvfp4_triton.py:
+    CUDA, last dim a multiple of 16. The global scale is the reference's own code."""
     from .nvfp4_triton import nvfp4_quantize_blocks
 
     global_scale = reference_nvfp4.global_scale_from_amax(reference_nvfp4._global_amax(x, amax), flavor)
     packed, block_scale = nvfp4_quantize_blocks(x.contiguous(), global_scale)
-    return reference_nvfp4.NVFP4Tensor(packed, block_scale, global_scale, x.shape, x.dtype)
+    return packed, block_scale, global_scale
 
 
 @functools.cache
@@ -347,3 +383,13 @@ def _nvfp4_quantize_with_triton_blocks() -> CompiledPerSignature:
     """The compiled _nvfp4_quantize_triton_blocks, made on first use (Triton is imported only then:
     CPU-only installs have no Triton)."""
     return _compiled(_nvfp4_quantize_triton_blocks)
+
+
+def compiled_functions() -> list[CompiledPerSignature]:
+    """Every compiled function made so far, the Triton-backed ones included (for tests and reports:
+    each holds its per-signature DirectCompiled entries and their calls_through_dynamo)."""
+    found = [c for c in globals().values() if isinstance(c, CompiledPerSignature)]
+    for made_on_first_use in (_nvfp4_quantize_with_triton_blocks, _nvfp4_fake_quant_with_triton_blocks):
+        if made_on_first_use.cache_info().currsize:
+            found.append(made_on_first_use())
+    return found

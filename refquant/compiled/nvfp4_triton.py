@@ -5,7 +5,10 @@ inductor, the reference's block step (refquant.numerics.nvfp4.nvfp4_quantize_blo
 persistent-reduction kernel at 0.270 ms for 8192 x 16384 bf16 on an H100, 0.42 of the bandwidth it
 could reach, and compute-bound: an IEEE division an element (a branchy instruction sequence with a
 slow-path call) and the E2M1 rounding of the quotient, about 50 instructions an element. A Triton
-kernel doing that same arithmetic ran at 0.217 ms. This one runs at 0.118 ms (0.97).
+kernel doing that same arithmetic ran at 0.217 ms. This one runs at 0.118 ms (0.97). The H200
+moves memory 1.4x faster with the same SMs, and there the kernel is bound by its integer and
+logic instructions (0.73 of the copy's bandwidth): the bf16 path's instructions were cut for it
+(scripts/triton_sass.py counts them; docs/compiled.md).
 
 The element step here does not divide. Within a block the divisor d = fp32(block scale) * g is
 fixed, and the reference's code is a monotone function of |x| (plus the sign), so it is decided
@@ -33,9 +36,12 @@ division path, which is the reference's arithmetic step for step.
 Three paths, one kernel (the global scale is read on the device, so the choice is made there):
 - bf16 (the common case): x is read as words of two bf16, and the thresholds are rounded onto
   bf16 (for bf16 |x|, |x| >= t iff |x| >= RU_bf16(t), |x| > t iff |x| > RD_bf16(t)), so each
-  comparison, select and mask handles two elements (PTX set.*.bf16x2, lop3; about 10
-  instructions a pair). One thread owns a whole block (no shuffles). The grid is persistent, and
-  each program loads its next tile before working on this one;
+  comparison, select and mask handles two elements (PTX set.*.bf16x2, lop3; about 15
+  instructions a pair). For the H200 the ALU pipe's share was cut (a block's loop: 218
+  instructions, 158 on the ALU pipe, against 241 and 189 before): |x| by abs.bf16x2, which runs
+  on the FMA pipe, and the sign bit by one comparison of the signed pair with -t0 (x < -t0 is
+  x < 0 and |x| > t0, false for NaN and -0.0). One thread owns a whole block (no shuffles). The
+  grid is persistent, and each program loads its next tile before working on this one;
 - fp16 and fp32: the same thresholds in fp32, one element at a time (0.21 ms and 0.26 ms at
   8192 x 16384: the bf16 path's packing is left for those dtypes);
 - a global scale outside the window: the division.
@@ -64,12 +70,16 @@ from ..numerics.formats import (
     NVFP4_BLOCK_SIZE,
 )
 
-# A tile of 512 blocks on 8 warps (two blocks a thread), 4 persistent programs an SM: 0.119 ms at
-# 8192 x 16384 bf16 on an H100, and within 3% for 2 to 16 programs an SM; 128 or 256 blocks on 4
-# warps ran as fast at 8 an SM but were up to 20% slower at other counts (docs/compiled.md).
+# A tile of 512 blocks on 8 warps (two blocks a thread), 3 persistent programs an SM. On the H100,
+# 4 programs an SM ran at 0.119 ms at 8192 x 16384 bf16, within 3% for 2 to 16. Since the H200
+# rework (see the docstring) this tile needs 69 registers a thread (scripts/triton_sass.py), so 3
+# programs fit an SM at once, not 4. On the H200 (kernel time over a copy's bandwidth, 8192 x 16384
+# / 11008 x 4096 bf16; benchmarks/nvfp4_tiles.py --real): 0.826 / 0.789 with 3 an SM, against
+# 0.815 / 0.708 with 4; 0.811 / 0.782 for 128 blocks on 4 warps at 9 an SM; 0.792 / 0.775 for 256
+# blocks on 8 warps at 4 an SM; 0.66-0.68 with one program a tile (no persistent loop).
 BLOCKS_PER_PROGRAM = 512
 NUM_WARPS = 8
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 3
 # fp16, fp32, and a global scale outside the window: 128 blocks a tile.
 ANY_DTYPE_BLOCKS_PER_PROGRAM = 128
 
@@ -252,15 +262,17 @@ def _bf16_pair_ru(t):
 
 # The packed byte of two bf16 elements (one word: element 2j low, 2j+1 high) from the bf16x2
 # threshold pairs: the binary search of _codes_by_thresholds, two elements an instruction
-# (`set` gives 0xffff in a half where its comparison holds; lop3 0xCA is "m ? b : c"). One line:
-# inductor copies a user kernel's globals into its generated source as string literals.
-# Operands: $1 the pair, $2..$8 the thresholds t4, t2, t6, t1, t3, t5, t7, $9 the nonzero one.
+# (`set` gives 0xffff in a half where its comparison holds; lop3 0xCA is "m ? b : c"). The sign
+# bit is `x < -t0` on the signed pair (x < 0 and |x| > t0; false for NaN and -0.0), so it needs
+# no shift of x. The result's bits above the byte are left as they are: the store keeps the byte.
+# One line: inductor copies a user kernel's globals into its generated source as string literals.
+# Operands: $1 the pair, $2..$8 the thresholds t4, t2, t6, t1, t3, t5, t7, $9 the nonzero one negated.
 _PAIR_BYTE_PTX = tl.constexpr(
     " ".join(
         [
             "{",
-            ".reg .b32 a, m4, m2, m1, mz, t26, thi, tlo, todd, s, r, k;",
-            "and.b32 a, $1, 0x7FFF7FFF;",
+            ".reg .b32 a, m4, m2, m1, mn, t26, thi, tlo, todd, r, k;",
+            "abs.bf16x2 a, $1;",
             "set.geu.u32.bf16x2 m4, a, $2;",
             "lop3.b32 t26, m4, $4, $3, 0xCA;",
             "lop3.b32 thi, m4, $8, $6, 0xCA;",
@@ -268,19 +280,16 @@ _PAIR_BYTE_PTX = tl.constexpr(
             "set.geu.u32.bf16x2 m2, a, t26;",
             "lop3.b32 todd, m2, thi, tlo, 0xCA;",
             "set.gtu.u32.bf16x2 m1, a, todd;",
-            "set.gt.u32.bf16x2 mz, a, $9;",
+            "set.lt.u32.bf16x2 mn, $1, $9;",
             "and.b32 r, m4, 0x00040004;",
             "and.b32 k, m2, 0x00020002;",
             "or.b32 r, r, k;",
             "and.b32 k, m1, 0x00010001;",
             "or.b32 r, r, k;",
-            "shr.u32 s, $1, 12;",
-            "and.b32 s, s, 0x00080008;",
-            "and.b32 s, s, mz;",
-            "or.b32 r, r, s;",
-            "shr.u32 s, r, 12;",
-            "or.b32 r, r, s;",
-            "and.b32 $0, r, 0xFF;",
+            "and.b32 k, mn, 0x00080008;",
+            "or.b32 r, r, k;",
+            "shr.u32 k, r, 12;",
+            "or.b32 $0, r, k;",
             "}",
         ]
     )
@@ -315,12 +324,13 @@ def _bf16_pairs_tile(first, second, tile, g, packed_ptr, block_scale_ptr, n_bloc
     # The fp32 thresholds of _codes_by_thresholds, rounded onto bf16: for bf16 |x|, |x| >= t iff
     # |x| >= RU_bf16(t), and |x| > t iff |x| > RD_bf16(t) (bf16 values are fp32 values).
     t1, t2, t3, t4, t5, t6, t7, t0 = _thresholds(d)
-    t1, t3, t5, t7, t0 = _bf16_pair_rd(t1)[:, None], _bf16_pair_rd(t3)[:, None], _bf16_pair_rd(t5)[:, None], _bf16_pair_rd(t7)[:, None], _bf16_pair_rd(t0)[:, None]
+    t1, t3, t5, t7 = _bf16_pair_rd(t1)[:, None], _bf16_pair_rd(t3)[:, None], _bf16_pair_rd(t5)[:, None], _bf16_pair_rd(t7)[:, None]
+    negated_t0 = (_bf16_pair_rd(t0) ^ -2147450880)[:, None]  # 0x80008000: both halves' sign bits
     t2, t4, t6 = _bf16_pair_ru(t2)[:, None], _bf16_pair_ru(t4)[:, None], _bf16_pair_ru(t6)[:, None]
     in_range = (block < n_blocks)[:, None]
     out = packed_ptr + block[:, None].to(tl.int64) * (_BLOCK // 2) + tl.arange(0, _BLOCK // 4)[None, :]
-    tl.store(out, _bf16_pair_bytes(first, t4, t2, t6, t1, t3, t5, t7, t0).to(tl.uint8), mask=in_range)
-    tl.store(out + _BLOCK // 4, _bf16_pair_bytes(second, t4, t2, t6, t1, t3, t5, t7, t0).to(tl.uint8), mask=in_range)
+    tl.store(out, _bf16_pair_bytes(first, t4, t2, t6, t1, t3, t5, t7, negated_t0).to(tl.uint8), mask=in_range)
+    tl.store(out + _BLOCK // 4, _bf16_pair_bytes(second, t4, t2, t6, t1, t3, t5, t7, negated_t0).to(tl.uint8), mask=in_range)
     tl.store(block_scale_ptr + block, block_scale, mask=block < n_blocks)
 
 

@@ -101,6 +101,13 @@ def fp8_fake_quant(
     scale, inv_scale = fp8_fake_quant_scales(amax, flavor)
     if amax.numel() == 1:
         scale, inv_scale = scale.reshape(()), inv_scale.reshape(())
+    return fp8_fake_quant_with_scales(x, scale, inv_scale)
+
+
+def fp8_fake_quant_with_scales(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
+    """fp8_fake_quant's element step under the scales fp8_fake_quant_scales gave (fp32, 0-d or
+    broadcasting over x): x * scale onto the E4M3 grid, times the inverse scale, in x's dtype.
+    (refquant.compiled's bound quantizer call computes the scales once and calls this.)"""
     on_grid = saturating_e4m3(x.float() * scale).float()
     return (on_grid * inv_scale).to(x.dtype)
 

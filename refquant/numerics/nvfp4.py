@@ -172,8 +172,16 @@ def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor =
     _check_nonempty_last_dim(x)
     if x.numel() == 0:
         return x.clone()
+    return nvfp4_fake_quant_blocks(x, _global_amax(x, amax))
+
+
+def nvfp4_fake_quant_blocks(x: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
+    """nvfp4_fake_quant's work under a given fp32 0-d global amax (x non-empty, at least 1-d).
+
+    (refquant.compiled runs this step as a Triton kernel on CUDA, refquant.compiled.nvfp4_fake_triton.)
+    """
     # modelopt's Triton wrapper divides a CUDA tensor: the "modelopt-cuda" rule on every device.
-    global_scale = global_scale_from_amax(_global_amax(x, amax), "modelopt-cuda")
+    global_scale = global_scale_from_amax(global_amax, "modelopt-cuda")
     blocks = to_blocks(x.float())
     magnitude = blocks.abs()
     scale = nvfp4_fake_block_scale(nan_ignoring_block_max(magnitude), global_scale)

@@ -1,0 +1,166 @@
+"""NVFP4 fake quantization's per-block step as one Triton kernel (CUDA only), for refquant.compiled.
+
+Why a kernel of our own: on an H200 inductor's kernel for the reference's block step
+(refquant.numerics.nvfp4.nvfp4_fake_quant_blocks) ran at 0.73 of a device copy (8192 x 16384 bf16).
+The card moves memory 1.4x faster than an H100 with the same SMs, so a kernel that was near the
+copy's time there is now limited by its instructions. This one does the same arithmetic in
+fewer of them, at 0.98 of a copy there (128 blocks on 4 warps; benchmarks/nvfp4_tiles.py):
+
+- one thread holds a block of 16 whole (two 16-byte loads), so the block max is 15 register max
+  operations, not a cross-thread reduction; Triton's tl.max skips NaN and gives NaN only when the
+  whole block is NaN, which is what the reference's nan_ignoring_block_max does (it describes
+  modelopt's kernel, which uses tl.max too);
+- the per-block values (the scale S and R(S), the reciprocal from
+  refquant.numerics.gpu_division's table) are computed once a block; an element costs a multiply,
+  the E2M1 rounding, a multiply and the sign;
+- the products that feed an addition are written as PTX mul.rn.f32: Triton would otherwise be
+  free to fuse them into an FMA, which rounds once where the reference rounds twice.
+
+Every step is the reference's, in the reference's order; tests/test_compiled_parity.py holds it
+to the reference bit for bit on CUDA (every bf16 pattern, fp16 and fp32, NaN and inf blocks, zero,
+tiny and inf global amax). The global scale is computed in the kernel from the amax (amax *
+fp32(1/2688), the reference's global_scale_from_amax for modelopt's kernel), so a call with a
+given amax is one launch.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ..numerics.formats import (
+    E2M1_MAX,
+    E4M3_MAX,
+    NVFP4_BLOCK_SCALE_FLOOR,
+    NVFP4_BLOCK_SIZE,
+    NVFP4_GLOBAL_SCALE_FLOOR,
+    RCP_2688,
+)
+
+# Blocks a program and warps: one block a thread, 128 threads. On the H200 (device time, ratio to a
+# copy; benchmarks/nvfp4_fake_tiles.py): 0.98 at 8192 x 16384 bf16 and 0.91-0.96 on the 6.7B shape's
+# activations and weights, against 0.96 / 0.87-0.94 for 256 blocks on 8 warps and 0.73 / 0.66-0.71
+# for 512 or 1024 blocks on 4 or 8 warps (two or more blocks a thread).
+BLOCKS_PER_PROGRAM = 128
+NUM_WARPS = 4
+
+_BLOCK = tl.constexpr(NVFP4_BLOCK_SIZE)
+
+
+@triton.jit
+def _mul_rn(a, b):
+    """fl(a * b), never fused with a following addition (PTX mul.rn.f32)."""
+    return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _approx_reciprocal(b, table_ptr):
+    """refquant.numerics.gpu_division.approx_reciprocal_fp32: R(b) for fp32 b, from the table of
+    r(1.m) (int32 bits, one a mantissa): the exponent subtracted from r(1.m)'s bits, b's sign kept;
+    +-inf -> +-0 and NaN -> NaN."""
+    bits = b.to(tl.int32, bitcast=True)
+    r_one = tl.load(table_ptr + (bits & 0x7FFFFF))
+    r_bits = (r_one - (bits & 0x7F800000) + 0x3F800000) | (bits & -2147483648)
+    r = r_bits.to(tl.float32, bitcast=True)
+    r = tl.where(b != b, b, r)
+    return tl.where(tl.abs(b) == float("inf"), tl.where(b > 0, 0.0, -0.0), r)
+
+
+@triton.jit
+def _e2m1_round(u):
+    """refquant.numerics.nvfp4.e2m1_round_magnitude of u = |x| / S >= 0 (fp32; NaN -> 6).
+
+    The reference adds and subtracts step * 2**23 (step 0.5 below 2, 1 below 4, 2 above), which
+    rounds u to a multiple of the step. Here the added number is 2**22 * max(1, 2**floor(log2 u))
+    (u's exponent bits, at least 1.0), one integer and, one max and one multiply instead of two
+    comparisons and two selects: the same below 8, and from 8 up both results reach 8 or more and
+    are capped to 6; NaN and inf make the sum NaN, which the cap turns into 6, as the reference's.
+    """
+    power_of_two = (u.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    shift = tl.maximum(power_of_two, 1.0) * 4194304.0
+    q = (u + shift) - shift
+    return tl.where(q < 6.0, q, 6.0)
+
+
+@triton.jit
+def _fake_quant_half_blocks(x, scale, rcp_scale, Y_DTYPE: tl.constexpr):
+    """Eight elements of each block (a thread's row): |x| / S rounded onto E2M1, times S, with the
+    sign of x (`0 - p`: a negative that rounds to zero gives +0.0, and NaN gives -6 S)."""
+    x = x.to(tl.float32)
+    p = _e2m1_round(_mul_rn(tl.abs(x), rcp_scale[:, None])) * scale[:, None]
+    return tl.where(x >= 0.0, p, 0.0 - p).to(Y_DTYPE)
+
+
+@triton.jit
+def _nvfp4_fake_kernel(
+    x_ptr,
+    amax_ptr,
+    table_ptr,
+    y_ptr,
+    n_blocks,
+    RCP_2688_: tl.constexpr,
+    G_FLOOR: tl.constexpr,
+    S_FLOOR: tl.constexpr,
+    E2M1_MAX_: tl.constexpr,
+    E4M3_MAX_: tl.constexpr,
+    BLOCKS: tl.constexpr,
+):
+    # The tensor's values, as refquant.numerics.nvfp4.nvfp4_fake_quant computes them.
+    global_scale = tl.load(amax_ptr) * RCP_2688_
+    g = tl.where(global_scale > 0.0, global_scale, G_FLOOR)
+    rcp_6g = _approx_reciprocal(g * E2M1_MAX_, table_ptr)
+
+    # Each block as two rows of 8 (16 bytes in bf16): Triton then gives a whole block to one
+    # thread, and every per-block value below lives in that thread's registers.
+    block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    first = block[:, None].to(tl.int64) * _BLOCK + tl.arange(0, _BLOCK // 2)[None, :]
+    in_range = (block < n_blocks)[:, None]
+    low = tl.load(x_ptr + first, mask=in_range, other=0.0)
+    high = tl.load(x_ptr + first + _BLOCK // 2, mask=in_range, other=0.0)
+
+    # The block scale (nvfp4_fake_block_scale): t = m / fl(6 g'), at most 448, to E4M3, times g'.
+    # The max is taken in x's dtype (exact, and the same order): tl.max skips NaN.
+    block_max = tl.maximum(tl.max(tl.abs(low), axis=1), tl.max(tl.abs(high), axis=1)).to(tl.float32)
+    ideal = block_max * rcp_6g
+    clamped = tl.where(ideal < E4M3_MAX_, ideal, E4M3_MAX_)
+    scale = clamped.to(tl.float8e4nv).to(tl.float32) * g
+    scale = tl.where(scale >= S_FLOOR, scale, 1.0)
+    rcp_scale = _approx_reciprocal(scale, table_ptr)
+
+    y_dtype = y_ptr.dtype.element_ty
+    tl.store(y_ptr + first, _fake_quant_half_blocks(low, scale, rcp_scale, y_dtype), mask=in_range)
+    tl.store(y_ptr + first + _BLOCK // 2, _fake_quant_half_blocks(high, scale, rcp_scale, y_dtype), mask=in_range)
+
+
+def kernel_constants() -> dict[str, float | int]:
+    """The kernel's constexpr arguments (also used by scripts/triton_sass.py)."""
+    return {
+        "RCP_2688_": RCP_2688,
+        "G_FLOOR": NVFP4_GLOBAL_SCALE_FLOOR,
+        "S_FLOOR": NVFP4_BLOCK_SCALE_FLOOR,
+        "E2M1_MAX_": E2M1_MAX,
+        "E4M3_MAX_": E4M3_MAX,
+        "BLOCKS": BLOCKS_PER_PROGRAM,
+    }
+
+
+@triton_op("refquant::nvfp4_fake_quant_blocks", mutates_args=())
+def nvfp4_fake_quant_blocks(x: torch.Tensor, amax: torch.Tensor, reciprocals: torch.Tensor) -> torch.Tensor:
+    """refquant.numerics.nvfp4.nvfp4_fake_quant of a contiguous CUDA x whose last dim is a multiple
+    of 16, under an fp32 0-d global amax, with the device's reciprocal table
+    (refquant.numerics.gpu_division.reciprocal_table)."""
+    y = torch.empty_like(x)
+    n_blocks = x.numel() // NVFP4_BLOCK_SIZE
+    wrap_triton(_nvfp4_fake_kernel)[(triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)](
+        x,
+        amax,
+        reciprocals,
+        y,
+        n_blocks,
+        **kernel_constants(),
+        num_warps=NUM_WARPS,
+    )
+    return y

@@ -1,0 +1,162 @@
+"""refquant/compiled/nvfp4_fake_triton.py, the Triton kernel of NVFP4 fake quant's block step on CUDA.
+
+On the CPU: its rounding step, rewritten in torch, against the reference's on every input that
+decides anything. On CUDA: the kernel, through refquant.compiled and called alone, against the
+eager CPU reference bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import cuda, nvfp4_kernel_inputs
+
+import refquant as rq
+import refquant.compiled as rc
+from refquant.numerics.formats import E2M1_DECISION_POINTS, E4M3_DTYPE
+from refquant.numerics.gpu_division import approx_reciprocal_fp32
+from refquant.numerics.nvfp4 import e2m1_round_magnitude, nvfp4_fake_quant_blocks
+from refquant.testing import assert_bitexact
+
+
+def _kernel_rounding(u: torch.Tensor) -> torch.Tensor:
+    """_e2m1_round of nvfp4_fake_triton.py in torch: add and subtract 2**22 * max(1, u's power of two)."""
+    power_of_two = (u.view(torch.int32) & 0x7F800000).view(torch.float32)
+    shift = torch.maximum(power_of_two, torch.tensor(1.0)) * 2.0**22
+    q = (u + shift) - shift
+    return torch.where(q < 6.0, q, 6.0)
+
+
+def _fp32_neighbours(values: list[float], reach: int) -> torch.Tensor:
+    """Every fp32 within `reach` ulps of each value (non-negative ones only)."""
+    bits = torch.tensor(values, dtype=torch.float32).view(torch.int32)
+    near = bits[:, None] + torch.arange(-reach, reach + 1, dtype=torch.int32)
+    return near[near >= 0].view(torch.float32)
+
+
+def test_kernel_rounding_equals_the_reference_rounding():
+    """The kernel picks the added power of two from u's exponent instead of the reference's two
+    comparisons; the rounded magnitude (after the cap at 6) is the same for every non-negative bf16,
+    every fp32 near the decision points, the binade edges and the top of the range, fp32
+    subnormals, inf and NaN, and a million random fp32 values."""
+    gen = torch.Generator().manual_seed(11)
+    bf16 = torch.arange(0, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    edges = [*E2M1_DECISION_POINTS, 0.5, 1.0, 2.0, 4.0, 6.0, 7.0, 8.0, 16.0, 2.0**23, 2.0**24, 2.0**104, 2.0**106, 3.4e38]
+    special = torch.tensor([0.0, 2.0**-149, 2.0**-126, float("inf"), float("nan")])
+    random = torch.randint(0, 0x7F800000, (1_000_000,), generator=gen, dtype=torch.int32).view(torch.float32)
+    small = torch.rand(1_000_000, generator=gen) * 12
+    u = torch.cat([bf16, _fp32_neighbours(edges, 4096), special, random, small])
+    assert_bitexact(_kernel_rounding(u), e2m1_round_magnitude(u), "kernel rounding vs the reference's")
+
+
+# --- CUDA -------------------------------------------------------------------------------------
+
+
+def _nan_and_inf_blocks() -> torch.Tensor:
+    """Blocks that are all NaN, NaN among numbers, inf among numbers, all zero, -0.0 and tiny."""
+    rows = torch.randn(8, 16, generator=torch.Generator().manual_seed(2)) * 5
+    rows[0] = float("nan")
+    rows[1, 3] = float("nan")
+    rows[2, 7] = float("inf")
+    rows[3, 0] = -float("inf")
+    rows[4] = 0.0
+    rows[5] = -0.0
+    rows[6] = rows[6] * 1e-38
+    rows[7, ::2] = float("nan")
+    return rows.reshape(4, 32)
+
+
+@cuda
+def test_nvfp4_fake_quant_on_cuda_runs_the_triton_block_step_bit_for_bit():
+    """Through refquant.compiled (CUDA, last dim a multiple of 16): every bf16 pattern in blocks,
+    shuffled, fp16 and fp32, NaN and inf blocks, a transposed and a row-sliced view, every kind of
+    global amax (taken from x, which gives inf or NaN for the blocks with them, zero, tiny,
+    ordinary, huge); against the CPU reference."""
+    from refquant.compiled import functions
+
+    gen = torch.Generator().manual_seed(3)
+    inputs = nvfp4_kernel_inputs() | {
+        "fp32 wide range": torch.randn(64, 64, generator=gen) * 2.0 ** torch.randint(-140, 120, (64, 64), generator=gen),
+        "NaN and inf blocks": _nan_and_inf_blocks(),
+        "NaN and inf blocks, bf16": _nan_and_inf_blocks().bfloat16(),
+    }
+    for name, x in inputs.items():
+        finite = x.float()[torch.isfinite(x.float())]
+        for amax in (None, 0.0, 1e-30, 3.0, 2688.0, float(finite.abs().max()), 3.0e38):
+            expected = rq.nvfp4_fake_quant(x, amax)
+            actual = rc.nvfp4_fake_quant(x.cuda(), None if amax is None else torch.tensor(amax).cuda())
+            assert_bitexact(actual.cpu(), expected, f"{name}, amax {amax}")
+    assert functions._nvfp4_fake_quant_with_triton_blocks.cache_info().currsize == 1, "the CUDA path did not go through the Triton block step"
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_triton_fake_block_step_on_cuda_next_to_every_decision_point(dtype):
+    """The kernel alone against the reference's block step, nvfp4_fake_quant_blocks, on elements
+    within 3 values of `dtype` of b * S (either side) for every E2M1 decision point b, where |x| / S rounds one way
+    or the other: blocks of every E4M3 scale, under global amaxes from tiny to huge; either sign."""
+    from refquant.compiled.nvfp4_fake_triton import nvfp4_fake_quant_blocks as triton_blocks
+    from refquant.numerics.gpu_division import reciprocal_table
+
+    gen = torch.Generator().manual_seed(5)
+    codes = torch.arange(1, 127, dtype=torch.uint8).view(E4M3_DTYPE).float()
+    # 1e-6 and the last: every block scale falls below 1e-5 and becomes 1.0 (the fallback).
+    for amax in (2688.0, 1.0, 0.37, 1.0e4, 3.0e38, 1e-6, 448.0 * 6 * 2.0**-100):
+        global_amax = torch.tensor(amax, dtype=torch.float32)
+        g = global_amax * 0.000372023809523809  # about amax / 2688: only the block maxima depend on it
+        scale = (codes * g).float()
+        decision = torch.tensor(E2M1_DECISION_POINTS).double()
+        centre = (decision[None, :] * scale.double()[:, None]).to(dtype)  # (scales, 7)
+        step = torch.arange(-3, 4, dtype=torch.int32)
+        if dtype == torch.float32:
+            near = (centre.view(torch.int32)[:, :, None] + step).view(torch.float32)
+        else:
+            near = (centre.view(torch.int16).int()[:, :, None] + step).to(torch.int16).view(dtype).float()
+        near = torch.cat([near.reshape(len(codes), 49), torch.zeros(len(codes), 11)], dim=1)
+        near = near.reshape(-1, 15)  # 4 blocks a scale, 15 elements each after the block max
+        block_max = (scale.double() * 6).to(dtype).float().repeat_interleave(4)[:, None]
+        blocks = torch.cat([block_max, near], dim=1)
+        signs = torch.where(torch.rand(blocks.shape, generator=gen) < 0.5, -1.0, 1.0)
+        # Values of dtype already (fp16 at the huge amax: inf, and NaN patterns next to it).
+        x = (blocks * signs).reshape(len(codes), 64).to(dtype)
+        expected = nvfp4_fake_quant_blocks(x, global_amax)
+        actual = triton_blocks(x.cuda(), global_amax.cuda(), reciprocal_table("cuda"))
+        assert_bitexact(actual.cpu(), expected, f"{dtype}, global amax {amax}")
+
+
+@cuda
+def test_triton_fake_block_step_on_cuda_under_every_block_scale():
+    """Every E4M3 block scale under one global scale: each block's max is the one that gives it,
+    and its elements take every E2M1 value; R(S) is read from the table for each (the kernel's
+    one gather)."""
+    from refquant.compiled.nvfp4_fake_triton import nvfp4_fake_quant_blocks as triton_blocks
+    from refquant.numerics.gpu_division import reciprocal_table
+
+    global_amax = torch.tensor(1234.5)
+    g = global_amax * 0.000372023809523809
+    scale = torch.arange(1, 127, dtype=torch.uint8).view(E4M3_DTYPE).float() * g
+    rcp = approx_reciprocal_fp32(scale)
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.3, 0.8, 1.3, 1.8, 2.6, 3.6, 5.1])
+    x = torch.cat([(scale * 6)[:, None], grid[None, :] / rcp[:, None]], dim=1)
+    expected = nvfp4_fake_quant_blocks(x, global_amax)
+    actual = triton_blocks(x.cuda(), global_amax.cuda(), reciprocal_table("cuda"))
+    assert_bitexact(actual.cpu(), expected, "every E4M3 block scale")
+
+
+@cuda
+def test_triton_fake_block_step_on_cuda_under_inf_and_nan_global_amax():
+    """A global amax of inf or NaN (the public functions refuse one, but max|x| of data with inf or
+    NaN gives one): an infinite global scale, a NaN one that becomes the 1e-12 floor, and the
+    largest finite amaxes, on blocks with and without NaN and inf."""
+    from refquant.compiled.nvfp4_fake_triton import nvfp4_fake_quant_blocks as triton_blocks
+    from refquant.numerics.gpu_division import reciprocal_table
+
+    gen = torch.Generator().manual_seed(9)
+    inputs = {"NaN and inf blocks": _nan_and_inf_blocks(), "random": torch.randn(16, 64, generator=gen) * 100}
+    for name, x in inputs.items():
+        for amax in (float("inf"), float("nan"), 3.4028235e38, 0.0, -1.0):
+            global_amax = torch.tensor(amax, dtype=torch.float32)
+            for dtype in (torch.float32, torch.bfloat16):
+                xd = x.to(dtype)
+                actual = triton_blocks(xd.cuda(), global_amax.cuda(), reciprocal_table("cuda"))
+                assert_bitexact(actual.cpu(), nvfp4_fake_quant_blocks(xd, global_amax), f"{name}, {dtype}, global amax {amax}")
