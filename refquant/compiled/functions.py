@@ -310,10 +310,11 @@ class BoundFakeQuant:
 
 def bind_fake_quant(format: str, x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> BoundFakeQuant | None:
     """The fake quantization of `format` ("fp8" or "nvfp4") with this amax (None: taken from each
-    x; a float or a 0-d tensor), bound for tensors like x (a call with x must have run already,
-    so that its graph exists): a BoundFakeQuant, or None where there is nothing to bind (a
-    per-channel amax, a degenerate x, a graph that cannot be called directly). The amax is
-    checked here, once: bind again when it changes."""
+    x; a float or a 0-d tensor), bound for tensors like x: a BoundFakeQuant, or None where there
+    is nothing to bind (a per-channel amax, a degenerate x, a graph that cannot be called
+    directly). The amax is checked here, once: bind again when it changes. FP8 with an amax binds
+    its scales and the element step's graph, compiling it here if no graph takes x yet; the other
+    cases bind the graph of an ordinary call with x, which must have run already."""
     if _is_degenerate(x) or format not in ("fp8", "nvfp4"):
         return None
     check_flavor(flavor)

@@ -6,8 +6,8 @@ The card moves memory 1.4x faster than an H100 with the same SMs, so a kernel th
 copy's time there is now limited by its instructions. This one does the same arithmetic in
 fewer of them, at 0.98 of a copy there (128 blocks on 4 warps; benchmarks/nvfp4_tiles.py):
 
-- one thread holds a block of 16 whole (two 16-byte loads), so the block max is 15 register max
-  operations, not a cross-thread reduction; Triton's tl.max skips NaN and gives NaN only when the
+- one thread holds a block of 16 whole (two rows of 8: two 16-byte loads in bf16), so the block
+  max is register max operations in x's dtype, not a cross-thread reduction; Triton's tl.max skips NaN and gives NaN only when the
   whole block is NaN, which is what the reference's nan_ignoring_block_max does (it describes
   modelopt's kernel, which uses tl.max too);
 - the per-block values (the scale S and R(S), the reciprocal from
@@ -16,15 +16,16 @@ fewer of them, at 0.98 of a copy there (128 blocks on 4 warps; benchmarks/nvfp4_
 - the products that feed an addition are written as PTX mul.rn.f32: Triton would otherwise be
   free to fuse them into an FMA, which rounds once where the reference rounds twice.
 
-Every step is the reference's, in the reference's order; tests/test_compiled_parity.py holds it
-to the reference bit for bit on CUDA (every bf16 pattern, fp16 and fp32, NaN and inf blocks, zero,
-tiny and inf global amax). The global scale is computed in the kernel from the amax (amax *
+Every step is the reference's, in the reference's order, and the E2M1 rounding adds a power of
+two chosen from u's exponent where the reference compares twice (same result; see _e2m1_round).
+tests/test_nvfp4_fake_kernel.py holds the kernel to the reference bit for bit on CUDA (every
+bf16 pattern, fp16 and fp32, NaN and inf blocks, elements next to every decision point under
+every block scale, zero, tiny, huge, inf and NaN global amax). The global scale is computed in the kernel from the amax (amax *
 fp32(1/2688), the reference's global_scale_from_amax for modelopt's kernel), so a call with a
 given amax is one launch.
 """
 
 from __future__ import annotations
-
 
 import torch
 import triton
@@ -40,10 +41,10 @@ from ..numerics.formats import (
     RCP_2688,
 )
 
-# Blocks a program and warps: one block a thread, 128 threads. On the H200 (device time, ratio to a
-# copy; benchmarks/nvfp4_fake_tiles.py): 0.98 at 8192 x 16384 bf16 and 0.91-0.96 on the 6.7B shape's
-# activations and weights, against 0.96 / 0.87-0.94 for 256 blocks on 8 warps and 0.73 / 0.66-0.71
-# for 512 or 1024 blocks on 4 or 8 warps (two or more blocks a thread).
+# Blocks a program and warps: one block a thread, 128 threads. On the H200 (kernel time, ratio to a
+# copy; benchmarks/nvfp4_tiles.py): 0.98 at 8192 x 16384 bf16 and 0.90-0.97 on the 6.7B shape's
+# activations and weights, against 0.96 / 0.85-0.94 for 256 blocks on 8 warps and 0.65-0.92 with
+# two or more blocks a thread (256 on 4 warps, 512 on 4 or 8, 1024 on 8).
 BLOCKS_PER_PROGRAM = 128
 NUM_WARPS = 4
 
