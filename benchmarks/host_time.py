@@ -57,8 +57,13 @@ def per_call_us(step, device: torch.device, calls: int = 400, rounds: int = 7) -
 
 
 def steps_of(name: str, x: torch.Tensor, amax: torch.Tensor, flavor: str) -> dict:
-    """The call of refquant.compiled.<name> cut into its steps, each a zero-argument callable."""
-    compiled = {"fp8_fake_quant": functions._compiled_fp8_fake_quant, "nvfp4_fake_quant": functions._compiled_nvfp4_fake_quant}[name]
+    """The call of refquant.compiled.<name> cut into its steps, each a zero-argument callable: the
+    graph the public function calls (for NVFP4 on CUDA, the one around the Triton block step). A
+    TensorQuantizer's FP8 bound call runs a graph of the element step instead (scales bound)."""
+    if name == "fp8_fake_quant":
+        compiled = functions._compiled_fp8_fake_quant
+    else:
+        compiled = functions._compiled_nvfp4_fake_quant_for(x)
     public = getattr(rc, name)
     kwargs = {"axis": None, "flavor": flavor} if name == "fp8_fake_quant" else {}
     public(x, amax, **({"flavor": flavor} if name == "fp8_fake_quant" else {}))

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -82,7 +83,7 @@ def main() -> None:
             row["modelopt_vs_ours_differing"] = differing(modelopt_fake(x, amax), expected)
         for blocks, warps in TILES:
             def launch(blocks=blocks, warps=warps):
-                kernels._nvfp4_fake_kernel[(triton_cdiv(n_blocks, blocks),)](
+                kernels._nvfp4_fake_kernel[(triton.cdiv(n_blocks, blocks),)](
                     x, amax, table, y, n_blocks, **{**constants, "BLOCKS": blocks}, num_warps=warps
                 )
 
@@ -115,13 +116,11 @@ def real_quant_tiles(x: torch.Tensor, amax: torch.Tensor, copy_ms: float, device
     for blocks, warps, per_sm in REAL_TILES:
         packed = torch.empty_like(packed_expected)
         scales = torch.empty_like(scales_expected)
-        programs = per_sm * sms if per_sm else triton_cdiv(n_blocks, blocks)
+        programs = per_sm * sms if per_sm else triton.cdiv(n_blocks, blocks)
 
         def launch(blocks=blocks, warps=warps, programs=programs):
             real._nvfp4_blocks_kernel[(programs,)](
-                x, global_scale, packed, scales, n_blocks, E2M1_MAX_=6.0, E4M3_MAX_=448.0, E4M3_MIN_=2.0**-9,
-                G_MIN=real.THRESHOLD_PATH_MIN_GLOBAL_SCALE, G_MAX=real.THRESHOLD_PATH_MAX_GLOBAL_SCALE,
-                BF16_PAIRS=True, BLOCKS=blocks, ANY_DTYPE_BLOCKS=real.ANY_DTYPE_BLOCKS_PER_PROGRAM, num_warps=warps,
+                x, global_scale, packed, scales, n_blocks, **{**real.kernel_constants(bf16_pairs=True), "BLOCKS": blocks}, num_warps=warps
             )
 
         launch()
@@ -129,10 +128,6 @@ def real_quant_tiles(x: torch.Tensor, amax: torch.Tensor, copy_ms: float, device
         ratio = REAL_BYTES_PER_ELEMENT / 4 * copy_ms / device_ms(launch)
         rows[f"{blocks}x{warps}x{per_sm or 'tiles'}"] = {"ratio": ratio, "same_bytes": same}
     return rows
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 if __name__ == "__main__":

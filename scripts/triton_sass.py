@@ -40,16 +40,7 @@ def main() -> None:
 
         fn, num_warps = kernels._nvfp4_blocks_kernel, kernels.NUM_WARPS
         signature = {"x_ptr": "*" + args.dtype, "global_scale_ptr": "*fp32", "packed_ptr": "*u8", "block_scale_ptr": "*fp8e4nv", "n_blocks": "i32"}
-        constants = {
-            "E2M1_MAX_": 6.0,
-            "E4M3_MAX_": 448.0,
-            "E4M3_MIN_": 2.0**-9,
-            "G_MIN": kernels.THRESHOLD_PATH_MIN_GLOBAL_SCALE,
-            "G_MAX": kernels.THRESHOLD_PATH_MAX_GLOBAL_SCALE,
-            "BF16_PAIRS": args.dtype == "bf16",
-            "BLOCKS": kernels.BLOCKS_PER_PROGRAM,
-            "ANY_DTYPE_BLOCKS": kernels.ANY_DTYPE_BLOCKS_PER_PROGRAM,
-        }
+        constants = kernels.kernel_constants(bf16_pairs=args.dtype == "bf16")
     else:
         import refquant.compiled.nvfp4_fake_triton as kernels
 

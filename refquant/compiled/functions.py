@@ -254,10 +254,15 @@ def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor =
     return _as_shape_of(out, x)
 
 
+def _takes_triton_block_step(x: torch.Tensor) -> bool:
+    """Whether NVFP4's block step runs as our Triton kernel for x: CUDA, last dim a multiple of 16."""
+    return x.is_cuda and x.shape[-1] % NVFP4_BLOCK_SIZE == 0
+
+
 def _compiled_nvfp4_fake_quant_for(x: torch.Tensor) -> CompiledPerSignature:
-    """The compiled reference, or on CUDA with a last dim that is a multiple of 16 the same with its
-    block step run by the Triton kernel of nvfp4_fake_triton.py."""
-    if x.is_cuda and x.shape[-1] % NVFP4_BLOCK_SIZE == 0:
+    """The compiled reference, or where _takes_triton_block_step the same with its block step run
+    by the Triton kernel of nvfp4_fake_triton.py."""
+    if _takes_triton_block_step(x):
         return _nvfp4_fake_quant_with_triton_blocks()
     return _compiled_nvfp4_fake_quant
 
@@ -351,7 +356,7 @@ def nvfp4_quantize(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "
     check_float_input(x)
     if amax is not None:
         amax = as_amax_tensor(amax, x)
-    if x.is_cuda and x.shape[-1] % NVFP4_BLOCK_SIZE == 0:
+    if _takes_triton_block_step(x):
         # a tuple of tensors, which the graph returns as they are: called directly (direct_call)
         compiled = _nvfp4_quantize_with_triton_blocks()
         packed, block_scale, global_scale = _run(compiled, reference_nvfp4.nvfp4_quantize, _rows(x), amax, flavor=flavor)

@@ -380,6 +380,21 @@ def _programs(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count * PROGRAMS_PER_SM
 
 
+def kernel_constants(bf16_pairs: bool) -> dict[str, float | int | bool]:
+    """_nvfp4_blocks_kernel's constexpr arguments (also used by scripts/triton_sass.py and
+    benchmarks/nvfp4_tiles.py); bf16_pairs: x is bf16 at an even element offset."""
+    return {
+        "E2M1_MAX_": E2M1_MAX,
+        "E4M3_MAX_": E4M3_MAX,
+        "E4M3_MIN_": E4M3_MIN_SUBNORMAL,
+        "G_MIN": THRESHOLD_PATH_MIN_GLOBAL_SCALE,
+        "G_MAX": THRESHOLD_PATH_MAX_GLOBAL_SCALE,
+        "BF16_PAIRS": bf16_pairs,
+        "BLOCKS": BLOCKS_PER_PROGRAM,
+        "ANY_DTYPE_BLOCKS": ANY_DTYPE_BLOCKS_PER_PROGRAM,
+    }
+
+
 @triton_op("refquant::nvfp4_quantize_blocks", mutates_args=())
 def nvfp4_quantize_blocks(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed bytes (..., n/2) uint8, block scales (..., n/16) float8_e4m3fn) of a contiguous CUDA
@@ -395,14 +410,7 @@ def nvfp4_quantize_blocks(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[
         packed,
         block_scale,
         n_blocks,
-        E2M1_MAX_=E2M1_MAX,
-        E4M3_MAX_=E4M3_MAX,
-        E4M3_MIN_=E4M3_MIN_SUBNORMAL,
-        G_MIN=THRESHOLD_PATH_MIN_GLOBAL_SCALE,
-        G_MAX=THRESHOLD_PATH_MAX_GLOBAL_SCALE,
-        BF16_PAIRS=bf16_pairs,
-        BLOCKS=BLOCKS_PER_PROGRAM,
-        ANY_DTYPE_BLOCKS=ANY_DTYPE_BLOCKS_PER_PROGRAM,
+        **kernel_constants(bf16_pairs),
         num_warps=NUM_WARPS,
     )
     return packed, block_scale
