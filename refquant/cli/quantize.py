@@ -139,7 +139,13 @@ def run(args) -> int:
     joined = not (dist.is_available() and dist.is_initialized())
     rank, world, args.device = start_distributed(args.device)
     try:
-        return _run(args, rank, world)
+        status = _run(args, rank, world)
+        if world > 1 and joined:
+            # Every rank done before any tears its connections down: rank 1 used to destroy its
+            # group while rank 0 was still writing, and gloo on rank 0 then aborted the process at
+            # exit now and then (SIGABRT, "terminate called without an active exception").
+            dist.barrier()
+        return status
     finally:
         if world > 1 and joined and dist.is_initialized():
             dist.destroy_process_group()
