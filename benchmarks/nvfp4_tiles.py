@@ -99,19 +99,22 @@ def main() -> None:
 
 
 # Real quant (nvfp4_triton.py, persistent): (blocks a tile, warps, programs an SM; 0 = one program a tile).
-REAL_TILES = [(512, 8, 4), (512, 8, 3), (256, 8, 4), (256, 8, 5), (128, 4, 8), (128, 4, 9), (256, 8, 0), (128, 4, 0)]
+# A tile's programs must all fit an SM at once (registers: scripts/triton_sass.py), else the last
+# ones run as a second wave.
+REAL_TILES = [(128, 4, 6), (128, 4, 7), (128, 4, 8), (128, 4, 9), (256, 8, 4), (256, 8, 5), (512, 8, 2), (128, 4, 0)]
 REAL_BYTES_PER_ELEMENT = 2 + 0.5 + 1 / 16
 
 
 def real_quant_tiles(x: torch.Tensor, amax: torch.Tensor, copy_ms: float, device_ms) -> dict:
     """The real-quant kernel's device time under each of REAL_TILES, as a bandwidth ratio to the
-    copy (the bytes it must move over its time), and whether its bytes equal the module default's."""
+    copy (the bytes it must move over its time), and whether its bytes equal the module default's.
+    Launched as refquant.compiled.nvfp4_quantize(x, amax, flavor="modelopt-cuda") launches it."""
     import refquant.compiled.nvfp4_triton as real
 
-    global_scale = amax * refquant.numerics.formats.RCP_2688
-    packed_expected, scales_expected = real.nvfp4_quantize_blocks(x, global_scale)
+    packed_expected, scales_expected, global_scale = real.nvfp4_quantize_from_amax(x, amax, False)
     n_blocks = x.numel() // 16
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    constants = real.kernel_constants(bf16_pairs=True, scale_from=real.FROM_AMAX_TIMES_RCP_2688)
     rows = {}
     for blocks, warps, per_sm in REAL_TILES:
         packed = torch.empty_like(packed_expected)
@@ -120,7 +123,7 @@ def real_quant_tiles(x: torch.Tensor, amax: torch.Tensor, copy_ms: float, device
 
         def launch(blocks=blocks, warps=warps, programs=programs):
             real._nvfp4_blocks_kernel[(programs,)](
-                x, global_scale, packed, scales, n_blocks, **{**real.kernel_constants(bf16_pairs=True), "BLOCKS": blocks}, num_warps=warps
+                x, amax, global_scale, packed, scales, n_blocks, **{**constants, "BLOCKS": blocks}, num_warps=warps
             )
 
         launch()

@@ -39,8 +39,10 @@ def main() -> None:
         import refquant.compiled.nvfp4_triton as kernels
 
         fn, num_warps = kernels._nvfp4_blocks_kernel, kernels.NUM_WARPS
-        signature = {"x_ptr": "*" + args.dtype, "global_scale_ptr": "*fp32", "packed_ptr": "*u8", "block_scale_ptr": "*fp8e4nv", "n_blocks": "i32"}
-        constants = kernels.kernel_constants(bf16_pairs=args.dtype == "bf16")
+        signature = {"x_ptr": "*" + args.dtype, "scale_source_ptr": "*fp32", "global_scale_ptr": "*fp32", "packed_ptr": "*u8",
+                     "block_scale_ptr": "*fp8e4nv", "n_blocks": "i32"}
+        # as nvfp4_quantize(x, amax, flavor="modelopt-cuda") launches it
+        constants = kernels.kernel_constants(bf16_pairs=args.dtype == "bf16", scale_from=kernels.FROM_AMAX_TIMES_RCP_2688)
     else:
         import refquant.compiled.nvfp4_fake_triton as kernels
 

@@ -376,12 +376,12 @@ def nvfp4_quantize(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "
 def _nvfp4_quantize_triton_blocks(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu"):
     """refquant.nvfp4_quantize's (packed bytes, block scales, global scale), with its block step
     (refquant.numerics.nvfp4.nvfp4_quantize_blocks) run by the Triton kernel of nvfp4_triton.py:
-    CUDA, last dim a multiple of 16. The global scale is the reference's own code."""
-    from .nvfp4_triton import nvfp4_quantize_blocks
+    CUDA, last dim a multiple of 16. The global amax is the reference's own code; the kernel
+    computes the global scale from it (global_scale_from_amax), so a given amax costs one launch."""
+    from .nvfp4_triton import nvfp4_quantize_from_amax
 
-    global_scale = reference_nvfp4.global_scale_from_amax(reference_nvfp4._global_amax(x, amax), flavor)
-    packed, block_scale = nvfp4_quantize_blocks(x.contiguous(), global_scale)
-    return packed, block_scale, global_scale
+    packed, block_scale, global_scale = nvfp4_quantize_from_amax(x.contiguous(), reference_nvfp4._global_amax(x, amax), flavor == "modelopt-cpu")
+    return packed, block_scale, global_scale.reshape(())
 
 
 @functools.cache

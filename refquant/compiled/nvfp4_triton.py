@@ -5,10 +5,11 @@ inductor, the reference's block step (refquant.numerics.nvfp4.nvfp4_quantize_blo
 persistent-reduction kernel at 0.270 ms for 8192 x 16384 bf16 on an H100, 0.42 of the bandwidth it
 could reach, and compute-bound: an IEEE division an element (a branchy instruction sequence with a
 slow-path call) and the E2M1 rounding of the quotient, about 50 instructions an element. A Triton
-kernel doing that same arithmetic ran at 0.217 ms. This one runs at 0.118 ms (0.97). The H200
-moves memory 1.4x faster with the same SMs, and there the kernel is bound by its integer and
-logic instructions (0.73 of the copy's bandwidth): the bf16 path's instructions were cut for it
-(scripts/triton_sass.py counts them; docs/compiled.md).
+kernel doing that same arithmetic ran at 0.217 ms. This one ran at 0.118 ms (0.97) there. The
+H200 moves memory 1.4x faster with the same SMs, and there the kernel was bound by its integer and
+logic instructions (0.73 of the copy's bandwidth); with the bf16 path's element step moved to the
+FMA pipe (the ladder below) it runs at 0.95-0.97 of the copy's bandwidth on the H200
+(scripts/triton_sass.py counts the instructions; docs/compiled.md has the measurements).
 
 The element step here does not divide. Within a block the divisor d = fp32(block scale) * g is
 fixed, and the reference's code is a monotone function of |x| (plus the sign), so it is decided
@@ -26,29 +27,36 @@ decision point under the IEEE quotient:
   i.e. |x| > RD(d * 2**-150), computed as RD(RD(d * 2**-64) * 2**-86) (the second rounding's grid
   scaled up by 2**86 lies in the first one's, so the two roundings equal one).
 
-Seven index comparisons become three: a binary search over the thresholds, which keeps NaN (a NaN
-|x| passes every `not <` and gets index 7, as in the reference). NaN blocks get a NaN divisor,
-NaN thresholds, index 7 and no sign bit, as in the reference. The argument needs h d and the
-thresholds to be normal numbers and nothing to overflow, which holds for every block when
-2**-90 <= g <= 2**100. Any other global scale (zero, inf, NaN, a tiny given amax) takes the
-division path, which is the reference's arithmetic step for step.
+The fp32 path makes the seven index comparisons three (a binary search over the thresholds,
+which keeps NaN: a NaN |x| passes every `not <` and gets index 7, as in the reference); the bf16
+path sums all seven (below). NaN blocks get a NaN divisor, NaN thresholds, index 7 and no sign
+bit, as in the reference. The argument needs h d and the thresholds to be normal numbers and
+nothing to overflow, which holds for every block when 2**-90 <= g <= 2**100. Any other global
+scale (zero, inf, NaN, a tiny given amax) takes the division path, which is the reference's
+arithmetic step for step.
 
 Three paths, one kernel (the global scale is read on the device, so the choice is made there):
 - bf16 (the common case): x is read as words of two bf16, and the thresholds are rounded onto
   bf16 (for bf16 |x|, |x| >= t iff |x| >= RU_bf16(t), |x| > t iff |x| > RD_bf16(t)), so each
-  comparison, select and mask handles two elements (PTX set.*.bf16x2, lop3; about 15
-  instructions a pair). For the H200 the ALU pipe's share was cut (a block's loop: 218
-  instructions, 158 on the ALU pipe, against 241 and 189 before): |x| by abs.bf16x2, which runs
-  on the FMA pipe, and the sign bit by one comparison of the signed pair with -t0 (x < -t0 is
-  x < 0 and |x| > t0, false for NaN and -0.0). One thread owns a whole block (no shuffles). The
-  grid is persistent, and each program loads its next tile before working on this one;
-- fp16 and fp32: the same thresholds in fp32, one element at a time (0.21 ms and 0.26 ms at
-  8192 x 16384: the bf16 path's packing is left for those dtypes);
+  instruction handles two elements. The code is a ladder (_PAIR_CODES_PTX): seven bf16x2
+  comparisons with the thresholds and one of x with -t0 for the sign bit (x < -t0 is x < 0 and
+  |x| > t0, false for NaN and -0.0), each summed into a bf16 count by an FMA, then two PRMT and
+  one LEA.HI a pair of words for the bytes. On the H200 the binary search this replaced was
+  bound by the ALU pipe (LOP3 selects and bit masks; that pipe takes a warp's instruction every
+  other cycle); the ladder is bf16x2 arithmetic (a block's loop: 237 instructions, of which 64
+  HSET2, 72 HFMA2 and 48 integer, logic and fp32-compare instructions; the binary search's: 218,
+  of which 32 HSET2 and 124 integer and logic; scripts/triton_sass.py). One thread owns a whole
+  block (no shuffles). The grid is persistent, and each program loads its next tile before
+  working on this one;
+- fp16 and fp32: the thresholds in fp32, one element at a time (0.21 ms and 0.26 ms at
+  8192 x 16384 on an H100: the bf16 path's packing is left for those dtypes);
 - a global scale outside the window: the division.
 The block scale is the reference's nvfp4_real_block_scale (one IEEE division a block). The block
 max is an integer max of the magnitude bits (NaN patterns sort above inf), so NaN propagates as
-in torch.amax. tests/test_compiled_parity.py holds every path to the reference bit for bit on
-CUDA, including fp32 and bf16 inputs on and next to every threshold.
+in torch.amax. The global scale is computed in the kernel when the call passes the global amax
+(nvfp4_quantize_from_amax, what refquant.compiled.nvfp4_quantize uses), so a call with a given
+amax is one launch. tests/test_compiled_parity.py holds every path to the reference bit for bit
+on CUDA, including fp32 and bf16 inputs on and next to every threshold.
 """
 
 from __future__ import annotations
@@ -68,18 +76,26 @@ from ..numerics.formats import (
     E4M3_MAX,
     E4M3_MIN_SUBNORMAL,
     NVFP4_BLOCK_SIZE,
+    NVFP4_SCALE_DENOMINATOR,
+    RCP_2688,
 )
 
-# A tile of 512 blocks on 8 warps (two blocks a thread), 3 persistent programs an SM. On the H100,
-# 4 programs an SM ran at 0.119 ms at 8192 x 16384 bf16, within 3% for 2 to 16. Since the H200
-# rework (see the docstring) this tile needs 69 registers a thread (scripts/triton_sass.py), so 3
-# programs fit an SM at once, not 4. On the H200 (kernel time over a copy's bandwidth, 8192 x 16384
-# / 11008 x 4096 bf16; benchmarks/nvfp4_tiles.py --real): 0.826 / 0.789 with 3 an SM, against
-# 0.815 / 0.708 with 4; 0.811 / 0.782 for 128 blocks on 4 warps at 9 an SM; 0.792 / 0.775 for 256
-# blocks on 8 warps at 4 an SM; 0.66-0.68 with one program a tile (no persistent loop).
-BLOCKS_PER_PROGRAM = 512
-NUM_WARPS = 8
-PROGRAMS_PER_SM = 3
+# A tile of 128 blocks on 4 warps (one block a thread), 8 persistent programs an SM. The bf16
+# path needs 56 registers a thread (scripts/triton_sass.py), so up to 9 such programs fit an SM at
+# once; with more, the rest wait for a second wave (0.79-0.83 at 10 and 12). On the H200 (kernel
+# time over a copy's bandwidth, 8192 x 16384 / 11008 x 4096 bf16; benchmarks/nvfp4_tiles.py
+# --real, runs G, H and L): 0.957-0.967 / 0.923-0.941 at 8 an SM, 0.961-0.970 / 0.918-0.948 at 9,
+# 0.958 / 0.918 at 7; 256 blocks on 8 warps at 4 or 5 an SM 0.914-0.923 / 0.858-0.885; 512
+# blocks on 8 warps (87 registers) 0.78-0.82; one program a tile 0.75-0.77.
+BLOCKS_PER_PROGRAM = 128
+NUM_WARPS = 4
+PROGRAMS_PER_SM = 8
+# What the kernel's scale_source_ptr holds: the global scale, or the global amax, from which the
+# kernel computes the global scale as the reference does for each flavor (one launch a call).
+GIVEN_GLOBAL_SCALE, FROM_AMAX_TIMES_RCP_2688, FROM_AMAX_OVER_2688 = 0, 1, 2
+_GIVEN_GLOBAL_SCALE = tl.constexpr(GIVEN_GLOBAL_SCALE)
+_FROM_AMAX_TIMES_RCP_2688 = tl.constexpr(FROM_AMAX_TIMES_RCP_2688)
+_FROM_AMAX_OVER_2688 = tl.constexpr(FROM_AMAX_OVER_2688)
 # fp16, fp32, and a global scale outside the window: 128 blocks a tile.
 ANY_DTYPE_BLOCKS_PER_PROGRAM = 128
 
@@ -87,8 +103,9 @@ ANY_DTYPE_BLOCKS_PER_PROGRAM = 128
 THRESHOLD_PATH_MIN_GLOBAL_SCALE = 2.0**-90
 THRESHOLD_PATH_MAX_GLOBAL_SCALE = 2.0**100
 
-# The kernel's binary search compares with "not <" at the decision points whose ties round up
-# (0.75, 1.75, 3.5) and "not <=" at the others: it is written for this pattern.
+# The kernel compares with ">=" at the decision points whose ties round up (0.75, 1.75, 3.5) and
+# ">" at the others (the fp32 path's binary search, the bf16 path's ladder): it is written for this
+# pattern.
 if E2M1_TIE_ROUNDS_UP != (False, True, False, True, False, True, False):
     raise RuntimeError("refquant.compiled.nvfp4_triton assumes E2M1 ties round down, up, down, ... at its 7 decision points.")
 
@@ -255,51 +272,85 @@ def _bf16_pair_rd(t):
 
 @triton.jit
 def _bf16_pair_ru(t):
-    """fp32 t >= 0 (or NaN) -> RU_bf16(t) in both halves of a word."""
-    bits = t.to(tl.int32, bitcast=True)
-    return _high_half_twice(tl.where(t == t, bits + 0xFFFF, bits))
+    """fp32 t >= 0 -> RU_bf16(t) in both halves of a word. A NaN t may come out as NaN, -0.0 or
+    0.0: the ladder compares with it by `set.geu`, which holds for every |x| against any of them,
+    as against NaN."""
+    return _high_half_twice(t.to(tl.int32, bitcast=True) + 0xFFFF)
 
 
-# The packed byte of two bf16 elements (one word: element 2j low, 2j+1 high) from the bf16x2
-# threshold pairs: the binary search of _codes_by_thresholds, two elements an instruction
-# (`set` gives 0xffff in a half where its comparison holds; lop3 0xCA is "m ? b : c"). The sign
-# bit is `x < -t0` on the signed pair (x < 0 and |x| > t0; false for NaN and -0.0), so it needs
-# no shift of x. The result's bits above the byte are left as they are: the store keeps the byte.
+# The bf16 element step, the ladder: each of the seven decision points adds one to a count where
+# |x| passes its threshold (RN(|x| / d) only grows with |x|, so the count is the E2M1 index), and
+# the sign test (x < -t0) adds eight. The count is a bf16 in each half of the word: `set` with a
+# bf16x2 result gives 1.0 or 0.0 in each half, and an FMA adds it times one ulp of LADDER_BASE (or
+# eight ulps), so a half ends as LADDER_BASE + code ulps, exactly, whose bits are LADDER_BASE's
+# plus the code (the code is below 16, the mantissa has 7 bits). All of it is bf16x2 arithmetic:
+# the binary search it replaced selected thresholds and assembled bits with lop3 on the ALU pipe,
+# which issues a warp's instruction every other cycle, and that pipe bounded the kernel on the
+# H200. LADDER_BASE's exponent field is even and below 32, so a half's bits 7..4 and 15..12 are
+# zero, which _packed_word relies on.
+# NaN: `set.gtu` / `set.geu` hold for a NaN |x| or a NaN threshold (index 7, as the reference),
+# `set.lt` does not (no sign bit).
+LADDER_BASE = 0x0F00  # bf16 2**-97 (exponent field 30)
+LADDER_ONE = 0x0B80  # bf16 2**-104, one ulp of LADDER_BASE
+LADDER_EIGHT = 0x0D00  # bf16 2**-101, eight ulps
+# Operands: $1 |x| (abs.bf16x2), $2 x, $3..$9 t1..t7 (> at odd k, >= at even k), $10 -t0.
 # One line: inductor copies a user kernel's globals into its generated source as string literals.
-# Operands: $1 the pair, $2..$8 the thresholds t4, t2, t6, t1, t3, t5, t7, $9 the nonzero one negated.
-_PAIR_BYTE_PTX = tl.constexpr(
+_PAIR_CODES_PTX = tl.constexpr(
     " ".join(
         [
             "{",
-            ".reg .b32 a, m4, m2, m1, mn, t26, thi, tlo, todd, r, k;",
-            "abs.bf16x2 a, $1;",
-            "set.geu.u32.bf16x2 m4, a, $2;",
-            "lop3.b32 t26, m4, $4, $3, 0xCA;",
-            "lop3.b32 thi, m4, $8, $6, 0xCA;",
-            "lop3.b32 tlo, m4, $7, $5, 0xCA;",
-            "set.geu.u32.bf16x2 m2, a, t26;",
-            "lop3.b32 todd, m2, thi, tlo, 0xCA;",
-            "set.gtu.u32.bf16x2 m1, a, todd;",
-            "set.lt.u32.bf16x2 mn, $1, $9;",
-            "and.b32 r, m4, 0x00040004;",
-            "and.b32 k, m2, 0x00020002;",
-            "or.b32 r, r, k;",
-            "and.b32 k, m1, 0x00010001;",
-            "or.b32 r, r, k;",
-            "and.b32 k, mn, 0x00080008;",
-            "or.b32 r, r, k;",
-            "shr.u32 k, r, 12;",
-            "or.b32 $0, r, k;",
-            "}",
+            ".reg .b32 s, c, one, eight;",
+            f"mov.b32 c, {LADDER_BASE * 0x10001:#x};",  # the same bf16 in both halves
+            f"mov.b32 one, {LADDER_ONE * 0x10001:#x};",
+            f"mov.b32 eight, {LADDER_EIGHT * 0x10001:#x};",
         ]
+        + [f"set.{'gtu' if k % 2 else 'geu'}.bf16x2.bf16x2 s, $1, ${k + 2}; fma.rn.bf16x2 c, s, one, c;" for k in range(1, 8)]
+        + ["set.lt.bf16x2.bf16x2 s, $2, $10;", "fma.rn.bf16x2 $0, s, eight, c;", "}"]
     )
 )
 
 
 @triton.jit
-def _bf16_pair_bytes(pairs, t4, t2, t6, t1, t3, t5, t7, t0):
-    return tl.inline_asm_elementwise(_PAIR_BYTE_PTX, "=r,r,r,r,r,r,r,r,r,r", [pairs, t4, t2, t6, t1, t3, t5, t7, t0],
-                                     dtype=tl.int32, is_pure=True, pack=1)
+def _bf16_pair_codes(magnitude, pairs, t1, t2, t3, t4, t5, t6, t7, negated_t0):
+    return tl.inline_asm_elementwise(_PAIR_CODES_PTX, "=r,r,r,r,r,r,r,r,r,r,r",
+                                     [magnitude, pairs, t1, t2, t3, t4, t5, t6, t7, negated_t0], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _abs_bf16x2(pairs):
+    """|x| of both halves (abs.bf16x2: the FMA pipe; -0.0 -> 0.0, NaN stays NaN)."""
+    return tl.inline_asm_elementwise("abs.bf16x2 $0, $1;", "=r,r", [pairs], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _permute(a, b, selector: tl.constexpr):
+    """prmt.b32: byte i of the result is byte selector[i] of (b:a) (a's bytes 0-3, b's 4-7)."""
+    return tl.inline_asm_elementwise(f"prmt.b32 $0, $1, $2, {selector};", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _four_columns(words):
+    """(BLOCKS, 4) -> its 4 columns, each (BLOCKS,), in order (register moves: one thread a row)."""
+    rows: tl.constexpr = words.shape[0]
+    even, odd = tl.split(tl.reshape(words, [rows, 2, 2]))  # columns 0 2 / 1 3
+    c0, c2 = tl.split(even)
+    c1, c3 = tl.split(odd)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _packed_word(codes):
+    """Four ladder words (BLOCKS, 4), eight elements in order, -> the word of their four packed
+    bytes (element 2j in byte j's low nibble, 2j + 1 in its high one)."""
+    c0, c1, c2, c3 = _four_columns(codes)
+    # The low byte of each half, (e0, e2, e1, e3) as bytes 0..3; then adding d >> 12 puts e1 and
+    # e3 into the high nibbles of bytes 0 and 1 (the ladder's bits 7..4 and 15..12 are zero, so
+    # no bits overlap: one LEA.HI).
+    low = _permute(c0, c1, 0x6240)
+    high = _permute(c2, c3, 0x6240)
+    low = low + (low >> 12)
+    high = high + (high >> 12)
+    return _permute(low, high, 0x5410)
 
 
 @triton.jit
@@ -308,7 +359,7 @@ def _load_bf16_pairs(pairs_ptr, tile, n_blocks, BLOCKS: tl.constexpr):
     block = tile * BLOCKS + tl.arange(0, BLOCKS)
     word = pairs_ptr + block[:, None].to(tl.int64) * (_BLOCK // 2) + tl.arange(0, _BLOCK // 4)[None, :]
     in_range = (block < n_blocks)[:, None]
-    return tl.load(word, mask=in_range, other=0), tl.load(word + _BLOCK // 4, mask=in_range, other=0)
+    return tl.load(word, mask=in_range), tl.load(word + _BLOCK // 4, mask=in_range)
 
 
 @triton.jit
@@ -316,7 +367,8 @@ def _bf16_pairs_tile(first, second, tile, g, packed_ptr, block_scale_ptr, n_bloc
                      E4M3_MAX_: tl.constexpr, E4M3_MIN_: tl.constexpr, BLOCKS: tl.constexpr):
     """One tile of bf16 blocks under a global scale in the window, from its words."""
     block = tile * BLOCKS + tl.arange(0, BLOCKS)
-    magnitudes = tl.reduce(_max_u16x2(first & 0x7FFF7FFF, second & 0x7FFF7FFF), 1, _max_u16x2)
+    magnitude_first, magnitude_second = _abs_bf16x2(first), _abs_bf16x2(second)
+    magnitudes = tl.reduce(_max_u16x2(magnitude_first, magnitude_second), 1, _max_u16x2)
     magnitudes = tl.maximum(magnitudes & 0xFFFF, (magnitudes >> 16) & 0xFFFF)
     block_amax = (magnitudes << 16).to(tl.float32, bitcast=True)  # the bf16 max, exactly, in fp32
     block_scale = _block_scale(block_amax, g, E2M1_MAX_, E4M3_MAX_, E4M3_MIN_)
@@ -327,20 +379,38 @@ def _bf16_pairs_tile(first, second, tile, g, packed_ptr, block_scale_ptr, n_bloc
     t1, t3, t5, t7 = _bf16_pair_rd(t1)[:, None], _bf16_pair_rd(t3)[:, None], _bf16_pair_rd(t5)[:, None], _bf16_pair_rd(t7)[:, None]
     negated_t0 = (_bf16_pair_rd(t0) ^ -2147450880)[:, None]  # 0x80008000: both halves' sign bits
     t2, t4, t6 = _bf16_pair_ru(t2)[:, None], _bf16_pair_ru(t4)[:, None], _bf16_pair_ru(t6)[:, None]
-    in_range = (block < n_blocks)[:, None]
-    out = packed_ptr + block[:, None].to(tl.int64) * (_BLOCK // 2) + tl.arange(0, _BLOCK // 4)[None, :]
-    tl.store(out, _bf16_pair_bytes(first, t4, t2, t6, t1, t3, t5, t7, negated_t0).to(tl.uint8), mask=in_range)
-    tl.store(out + _BLOCK // 4, _bf16_pair_bytes(second, t4, t2, t6, t1, t3, t5, t7, negated_t0).to(tl.uint8), mask=in_range)
+    word_first = _packed_word(_bf16_pair_codes(magnitude_first, first, t1, t2, t3, t4, t5, t6, t7, negated_t0))
+    word_second = _packed_word(_bf16_pair_codes(magnitude_second, second, t1, t2, t3, t4, t5, t6, t7, negated_t0))
+    words = tl.join(word_first, word_second)  # (BLOCKS, 2): a block's 8 bytes
+    out = packed_ptr.to(tl.pointer_type(tl.int32)) + block[:, None].to(tl.int64) * 2 + tl.arange(0, 2)[None, :]
+    tl.store(out, words, mask=(block < n_blocks)[:, None])
     tl.store(block_scale_ptr + block, block_scale, mask=block < n_blocks)
+
+
+@triton.jit
+def _global_scale(scale_source_ptr, SCALE_FROM: tl.constexpr, RCP_2688_: tl.constexpr, DENOMINATOR: tl.constexpr):
+    """The fp32 global scale: read as it is, or refquant.numerics.nvfp4.global_scale_from_amax of
+    the amax read (amax * fp32(1/2688) for modelopt's CUDA flavor, amax / 2688 (IEEE) for its CPU
+    one)."""
+    value = tl.load(scale_source_ptr)
+    if SCALE_FROM == _FROM_AMAX_TIMES_RCP_2688:
+        value = value * RCP_2688_
+    elif SCALE_FROM == _FROM_AMAX_OVER_2688:
+        value = tl.div_rn(value, DENOMINATOR)
+    return value
 
 
 @triton.jit
 def _nvfp4_blocks_kernel(
     x_ptr,
+    scale_source_ptr,
     global_scale_ptr,
     packed_ptr,
     block_scale_ptr,
     n_blocks,
+    SCALE_FROM: tl.constexpr,
+    RCP_2688_: tl.constexpr,
+    DENOMINATOR: tl.constexpr,
     E2M1_MAX_: tl.constexpr,
     E4M3_MAX_: tl.constexpr,
     E4M3_MIN_: tl.constexpr,
@@ -350,11 +420,15 @@ def _nvfp4_blocks_kernel(
     BLOCKS: tl.constexpr,
     ANY_DTYPE_BLOCKS: tl.constexpr,
 ):
-    """Persistent: program p takes tiles p, p + programs, ... of BLOCKS blocks each."""
+    """Persistent: program p takes tiles p, p + programs, ... of BLOCKS blocks each. Every program
+    computes the global scale; program 0 also writes it (when it was computed from an amax)."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     n_tiles = tl.cdiv(n_blocks, BLOCKS)
-    g = tl.load(global_scale_ptr)
+    g = _global_scale(scale_source_ptr, SCALE_FROM, RCP_2688_, DENOMINATOR)
+    if SCALE_FROM != _GIVEN_GLOBAL_SCALE:
+        if pid == 0:
+            tl.store(global_scale_ptr, g)
     in_window = (g >= G_MIN) & (g <= G_MAX)
     if BF16_PAIRS and in_window:
         # The next tile's words are loaded before this one's are used: loads stay in flight.
@@ -380,10 +454,15 @@ def _programs(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count * PROGRAMS_PER_SM
 
 
-def kernel_constants(bf16_pairs: bool) -> dict[str, float | int | bool]:
+def kernel_constants(bf16_pairs: bool, scale_from: int = GIVEN_GLOBAL_SCALE) -> dict[str, float | int | bool]:
     """_nvfp4_blocks_kernel's constexpr arguments (also used by scripts/triton_sass.py and
-    benchmarks/nvfp4_tiles.py); bf16_pairs: x is bf16 at an even element offset."""
+    benchmarks/nvfp4_tiles.py); bf16_pairs: x is bf16 at an even element offset; scale_from: what
+    the kernel's scale_source_ptr holds (GIVEN_GLOBAL_SCALE, FROM_AMAX_TIMES_RCP_2688,
+    FROM_AMAX_OVER_2688)."""
     return {
+        "SCALE_FROM": scale_from,
+        "RCP_2688_": RCP_2688,
+        "DENOMINATOR": NVFP4_SCALE_DENOMINATOR,
         "E2M1_MAX_": E2M1_MAX,
         "E4M3_MAX_": E4M3_MAX,
         "E4M3_MIN_": E4M3_MIN_SUBNORMAL,
@@ -395,10 +474,7 @@ def kernel_constants(bf16_pairs: bool) -> dict[str, float | int | bool]:
     }
 
 
-@triton_op("refquant::nvfp4_quantize_blocks", mutates_args=())
-def nvfp4_quantize_blocks(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed bytes (..., n/2) uint8, block scales (..., n/16) float8_e4m3fn) of a contiguous CUDA
-    x whose last dim is a multiple of 16, under an fp32 0-d global scale."""
+def _launch(x: torch.Tensor, scale_source: torch.Tensor, global_scale: torch.Tensor, scale_from: int) -> tuple[torch.Tensor, torch.Tensor]:
     n_blocks = x.numel() // NVFP4_BLOCK_SIZE
     packed = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
     block_scale = torch.empty((*x.shape[:-1], x.shape[-1] // NVFP4_BLOCK_SIZE), dtype=torch.float8_e4m3fn, device=x.device)
@@ -406,11 +482,35 @@ def nvfp4_quantize_blocks(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[
     bf16_pairs = x.dtype == torch.bfloat16 and x.storage_offset() % 2 == 0
     wrap_triton(_nvfp4_blocks_kernel)[(_programs(x.device.index or 0),)](
         x,
+        scale_source,
         global_scale,
         packed,
         block_scale,
         n_blocks,
-        **kernel_constants(bf16_pairs),
+        **kernel_constants(bf16_pairs, scale_from),
         num_warps=NUM_WARPS,
     )
     return packed, block_scale
+
+
+@triton_op("refquant::nvfp4_quantize_blocks", mutates_args=())
+def nvfp4_quantize_blocks(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """refquant.numerics.nvfp4.nvfp4_quantize_blocks: (packed bytes (..., n/2) uint8, block scales
+    (..., n/16) float8_e4m3fn) of a contiguous CUDA x whose last dim is a multiple of 16, under an
+    fp32 0-d global scale."""
+    return _launch(x, global_scale, global_scale, GIVEN_GLOBAL_SCALE)
+
+
+@triton_op("refquant::nvfp4_quantize_from_amax", mutates_args=())
+def nvfp4_quantize_from_amax(x: torch.Tensor, amax: torch.Tensor, ieee_division: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same under an fp32 0-d global amax, with the global scale computed in the kernel
+    (refquant.numerics.nvfp4.global_scale_from_amax: amax / 2688 (IEEE) when ieee_division, the
+    "modelopt-cpu" flavor, else amax * fp32(1/2688)): (packed bytes, block scales, global scale of
+    shape (1,)), one launch.
+
+    The global scale has shape (1,), not (): inductor makes a 0-d torch.empty a kernel of its own
+    (its lowering of empty_strided gives a 0-d buffer one element to compute), a second launch."""
+    global_scale = torch.empty(1, dtype=torch.float32, device=x.device)
+    scale_from = FROM_AMAX_OVER_2688 if ieee_division else FROM_AMAX_TIMES_RCP_2688
+    packed, block_scale = _launch(x, amax, global_scale, scale_from)
+    return packed, block_scale, global_scale
