@@ -102,7 +102,6 @@ def main() -> None:
 # A tile's programs must all fit an SM at once (registers: scripts/triton_sass.py), else the last
 # ones run as a second wave.
 REAL_TILES = [(128, 4, 6), (128, 4, 7), (128, 4, 8), (128, 4, 9), (256, 8, 4), (256, 8, 5), (512, 8, 2), (128, 4, 0)]
-REAL_BYTES_PER_ELEMENT = 2 + 0.5 + 1 / 16
 
 
 def real_quant_tiles(x: torch.Tensor, amax: torch.Tensor, copy_ms: float, device_ms) -> dict:
@@ -110,6 +109,7 @@ def real_quant_tiles(x: torch.Tensor, amax: torch.Tensor, copy_ms: float, device
     copy (the bytes it must move over its time), and whether its bytes equal the module default's.
     Launched as refquant.compiled.nvfp4_quantize(x, amax, flavor="modelopt-cuda") launches it."""
     import refquant.compiled.nvfp4_triton as real
+    from gpu_report import COPY_BYTES_PER_ELEMENT, REAL_QUANT_BYTES_PER_ELEMENT
 
     packed_expected, scales_expected, global_scale = real.nvfp4_quantize_from_amax(x, amax, False)
     n_blocks = x.numel() // 16
@@ -128,7 +128,7 @@ def real_quant_tiles(x: torch.Tensor, amax: torch.Tensor, copy_ms: float, device
 
         launch()
         same = torch.equal(packed, packed_expected) and torch.equal(scales.view(torch.uint8), scales_expected.view(torch.uint8))
-        ratio = REAL_BYTES_PER_ELEMENT / 4 * copy_ms / device_ms(launch)
+        ratio = REAL_QUANT_BYTES_PER_ELEMENT / COPY_BYTES_PER_ELEMENT * copy_ms / device_ms(launch)
         rows[f"{blocks}x{warps}x{per_sm or 'tiles'}"] = {"ratio": ratio, "same_bytes": same}
     return rows
 

@@ -258,9 +258,15 @@ def _max_u16x2(a, b):
 
 
 @triton.jit
+def _permute(a, b, selector: tl.constexpr):
+    """prmt.b32: byte i of the result is byte selector[i] of (b:a) (a's bytes 0-3, b's 4-7)."""
+    return tl.inline_asm_elementwise(f"prmt.b32 $0, $1, $2, {selector};", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _high_half_twice(bits):
-    """The top 16 bits of a word in both of its halves (prmt)."""
-    return tl.inline_asm_elementwise("prmt.b32 $0, $1, $1, 0x3232;", "=r,r", [bits], dtype=tl.int32, is_pure=True, pack=1)
+    """The top 16 bits of a word in both of its halves."""
+    return _permute(bits, bits, 0x3232)
 
 
 @triton.jit
@@ -320,12 +326,6 @@ def _bf16_pair_codes(magnitude, pairs, t1, t2, t3, t4, t5, t6, t7, negated_t0):
 def _abs_bf16x2(pairs):
     """|x| of both halves (abs.bf16x2: the FMA pipe; -0.0 -> 0.0, NaN stays NaN)."""
     return tl.inline_asm_elementwise("abs.bf16x2 $0, $1;", "=r,r", [pairs], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _permute(a, b, selector: tl.constexpr):
-    """prmt.b32: byte i of the result is byte selector[i] of (b:a) (a's bytes 0-3, b's 4-7)."""
-    return tl.inline_asm_elementwise(f"prmt.b32 $0, $1, $2, {selector};", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
