@@ -409,3 +409,26 @@ def test_block_packing_matches_pairwise_packing():
     codes[0, 0] = 15  # the top nibble carries the int64 word's sign bit
     codes[0, 1] = torch.arange(16)
     assert torch.equal(pack_e2m1_blocks(codes), pack_e2m1(codes.flatten(-2)))
+
+
+@cuda
+@pytest.mark.parametrize("rows", [48, 47, 3], ids=["192 blocks", "188 blocks", "12 blocks"])
+def test_nvfp4_real_kernel_on_fp32_gives_the_same_bits_launch_after_launch(rows):
+    """NVFP4 real quant's kernel on fp32 x (its any-dtype path), launched eagerly and through
+    refquant.compiled, 20 times each, both flavors, values well past the amax (block scales at
+    448): the reference's bits every time. On the H200 (runs P and R in docs/compiled.md) an eager
+    launch of this path on a 48 x 64 fp32 tensor under the modelopt-cpu flavor gave 758-759 wrong
+    bytes of 1536, a different count from one launch of the same compiled kernel to the next."""
+    from refquant.compiled.nvfp4_triton import nvfp4_quantize_from_amax
+
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(2)) * 7
+    amax = torch.tensor(5.5)
+    for flavor in ("modelopt-cpu", "modelopt-cuda"):
+        want = rq.nvfp4_quantize(x, amax, flavor=flavor)
+        for launch in range(20):
+            packed, block_scale, global_scale = nvfp4_quantize_from_amax(x.cuda(), amax.cuda(), flavor == "modelopt-cpu")
+            got = rc.nvfp4_quantize(x.cuda(), amax.cuda(), flavor=flavor)
+            label = f"{flavor}, launch {launch}"
+            assert_bitexact(packed.cpu(), want.packed, f"{label}: the eager kernel's packed bytes")
+            assert_bitexact(block_scale.cpu(), want.block_scale, f"{label}: the eager kernel's block scales")
+            assert_bitexact(got.packed.cpu(), want.packed, f"{label}: rc.nvfp4_quantize's packed bytes")

@@ -27,6 +27,8 @@ given amax is one launch.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -40,6 +42,7 @@ from ..numerics.formats import (
     NVFP4_GLOBAL_SCALE_FLOOR,
     RCP_2688,
 )
+from .triton_launch import DirectLaunch
 
 # Blocks a program and warps: one block a thread, 128 threads. On the H200 (kernel time, ratio to a
 # copy; benchmarks/nvfp4_tiles.py): 0.98 at 8192 x 16384 bf16 and 0.90-0.97 on the 6.7B shape's
@@ -110,7 +113,7 @@ def _nvfp4_fake_kernel(
     BLOCKS: tl.constexpr,
 ):
     # The tensor's values, as refquant.numerics.nvfp4.nvfp4_fake_quant computes them.
-    global_scale = tl.load(amax_ptr) * RCP_2688_
+    global_scale = tl.load(amax_ptr).to(tl.float32) * RCP_2688_  # any float amax: its .float(), exactly
     g = tl.where(global_scale > 0.0, global_scale, G_FLOOR)
     rcp_6g = _approx_reciprocal(g * E2M1_MAX_, table_ptr)
 
@@ -148,20 +151,38 @@ def kernel_constants() -> dict[str, float | int]:
     }
 
 
+def _programs(x: torch.Tensor) -> int:
+    return triton.cdiv(x.numel() // NVFP4_BLOCK_SIZE, BLOCKS_PER_PROGRAM)
+
+
 @triton_op("refquant::nvfp4_fake_quant_blocks", mutates_args=())
 def nvfp4_fake_quant_blocks(x: torch.Tensor, amax: torch.Tensor, reciprocals: torch.Tensor) -> torch.Tensor:
     """refquant.numerics.nvfp4.nvfp4_fake_quant of a contiguous CUDA x whose last dim is a multiple
     of 16, under an fp32 0-d global amax, with the device's reciprocal table
     (refquant.numerics.gpu_division.reciprocal_table)."""
     y = torch.empty_like(x)
-    n_blocks = x.numel() // NVFP4_BLOCK_SIZE
-    wrap_triton(_nvfp4_fake_kernel)[(triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)](
+    wrap_triton(_nvfp4_fake_kernel)[(_programs(x),)](
         x,
         amax,
         reciprocals,
         y,
-        n_blocks,
+        x.numel() // NVFP4_BLOCK_SIZE,
         **kernel_constants(),
         num_warps=NUM_WARPS,
     )
+    return y
+
+
+@functools.cache
+def _direct_launch() -> DirectLaunch:
+    return DirectLaunch(_nvfp4_fake_kernel, kernel_constants(), NUM_WARPS)
+
+
+def nvfp4_fake_quant_blocks_now(x: torch.Tensor, amax: torch.Tensor, reciprocals: torch.Tensor) -> torch.Tensor:
+    """nvfp4_fake_quant_blocks launched eagerly by DirectLaunch, past the dispatcher and any graph
+    (for calls outside torch.compile: refquant.compiled.BoundNVFP4Kernel). The amax may be any
+    float dtype of one element on x's device (the kernel reads it as fp32, as the reference's
+    .float())."""
+    y = torch.empty_like(x)
+    _direct_launch()(_programs(x), x, amax, reciprocals, y, x.numel() // NVFP4_BLOCK_SIZE)
     return y

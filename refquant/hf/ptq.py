@@ -61,7 +61,10 @@ class QuantLinearMixin:
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         input = self.input_quantizer(input)
         weight = self.weight_quantizer(self.weight)
-        return self.output_quantizer(F.linear(input, weight, self.bias))
+        output = F.linear(input, weight, self.bias)
+        # A disabled quantizer returns its input: not calling it (recipes leave the output
+        # quantizer off) saves a module call a layer, host time in a host-bound forward.
+        return self.output_quantizer(output) if self.output_quantizer.is_enabled else output
 
 
 class QuantEmbeddingMixin:

@@ -1,0 +1,83 @@
+"""Our Triton kernels launched eagerly with little host work: Triton's own launcher, called with a
+kernel compiled before.
+
+Why: a bound NVFP4 fake quantizer's call (refquant.compiled.BoundNVFP4Kernel) is one kernel of
+ours. Going through the compiled graph around it costs dynamo's guards, inductor's wrapper and its
+launcher chain, about 25-35 us a call on the H200 machines' hosts; Triton's `kernel[grid](...)`
+costs more (about 38 us: binding and specializing every argument, constexprs included, and
+checking the kernel's globals on each call; run M in docs/compiled.md). A host-bound PTQ forward
+pays that ~100 times.
+
+How (`DirectLaunch`): Triton compiles a kernel once per specialization of its arguments (their
+dtypes; whether each pointer is 16-byte aligned; whether each integer is 1, a multiple of 16, and
+fits in 32 bits; the device; the constexprs and compile options). A DirectLaunch has fixed
+constexprs and options and keys what it compiled by the same properties of the other arguments.
+A key's first launch goes through `kernel[grid](...)`, which compiles or finds the kernel and
+returns it; later launches call that kernel's launcher directly, as Triton does, with every
+argument in signature order. tests/test_triton_launch.py checks on CUDA that a key's kernel is
+the one Triton itself picks for the same arguments. Launch hooks (a profiler such as proton)
+send every launch through `kernel[grid](...)`, which calls them. Kernels are compiled without
+FMA contraction (enable_fp_fusion=False): every rounding is the one written in the kernel.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from triton import knobs
+
+_INT32 = range(-(2**31), 2**31)
+
+
+def _specialization(arg: Any) -> tuple:
+    """What Triton specializes a kernel on for one runtime argument."""
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.data_ptr() % 16 == 0)
+    if isinstance(arg, int) and not isinstance(arg, bool):
+        return (arg == 1, arg % 16 == 0, arg in _INT32)
+    raise TypeError(f"DirectLaunch takes tensors and ints as runtime arguments, got {type(arg).__name__}.")
+
+
+class DirectLaunch:
+    """kernel[(programs,)](*args, **constants, num_warps=num_warps) with the host work of Triton's
+    launcher alone once a kernel for the arguments' specialization exists (see the module
+    docstring). Runtime arguments come first in the kernel's signature, constexprs after; the
+    tensors live on one CUDA device, the first argument's."""
+
+    def __init__(self, kernel, constants: dict[str, Any], num_warps: int):
+        self.kernel = kernel
+        self.constants = constants
+        self.num_warps = num_warps
+        names = list(inspect.signature(kernel.fn).parameters)
+        self._runtime_count = len(names) - len(constants)
+        if sorted(names[self._runtime_count :]) != sorted(constants):
+            raise ValueError(f"{kernel.fn.__name__}: the constexprs must be its last parameters, got {sorted(constants)}.")
+        self._constant_values = tuple(constants[name] for name in names[self._runtime_count :])
+        self._compiled: dict[tuple, Any] = {}
+
+    def __call__(self, programs: int, *args) -> None:
+        if len(args) != self._runtime_count:
+            raise TypeError(f"{self.kernel.fn.__name__} takes {self._runtime_count} runtime arguments, got {len(args)}.")
+        device = args[0].device.index
+        with torch.cuda._DeviceGuard(device):  # Triton launches on the current device
+            key = (device, *map(_specialization, args))
+            compiled = self._compiled.get(key)
+            if compiled is None or _launch_hooks_set():
+                self._compiled[key] = self.kernel[(programs,)](
+                    *args, **self.constants, num_warps=self.num_warps, enable_fp_fusion=False
+                )
+                return
+            stream = torch._C._cuda_getCurrentRawStream(device)
+            compiled.run(programs, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                         *args, *self._constant_values)
+
+
+def _launch_hooks_set() -> bool:
+    """Whether a launch hook is installed: Triton 3.6 keeps them in chains (empty: none), older
+    versions as one callable or None."""
+    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False

@@ -1,0 +1,158 @@
+"""refquant.compiled.triton_launch: our Triton kernels launched eagerly through Triton's launcher,
+and the call that uses it (a bound NVFP4 fake quantizer, refquant.compiled.BoundNVFP4Kernel).
+
+What must hold (CUDA): a DirectLaunch runs, for any arguments, the kernel Triton itself would pick
+for them (a specialization it keyed wrongly would run a kernel compiled for other alignments or
+sizes); the bound launch gives the reference's bits for every input it takes, and anything it
+does not take goes the ordinary way.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import cuda, nvfp4_kernel_inputs
+
+import refquant as rq
+import refquant.compiled as rc
+from refquant.compiled import functions
+from refquant.testing import assert_bitexact
+
+pytestmark = cuda
+
+
+def _launch_args(kind: str, x: torch.Tensor, amax: torch.Tensor) -> tuple:
+    """(programs, runtime arguments) of the real ("real") or fake ("fake") kernel for x."""
+    blocks = x.numel() // 16
+    if kind == "fake":
+        from refquant.numerics.gpu_division import reciprocal_table
+
+        return 4, (x, amax, reciprocal_table(x.device), torch.empty_like(x), blocks)
+    packed = torch.empty(x.numel() // 2, dtype=torch.uint8, device=x.device)
+    block_scale = torch.empty(blocks, dtype=torch.float8_e4m3fn, device=x.device)
+    global_scale = torch.empty(1, dtype=torch.float32, device=x.device)
+    return 4, (x, amax, global_scale, packed, block_scale, blocks)
+
+
+@pytest.mark.parametrize("kind", ["fake", "real"])
+def test_a_direct_launch_runs_the_kernel_triton_picks_for_the_same_arguments(kind):
+    """Pointers at 16-byte boundaries and off them, block counts of 1, multiples of 16 and others,
+    three x dtypes (and for the fake kernel, which reads any float amax, two amax dtypes): the kernel a DirectLaunch keeps for the arguments' key is
+    the very object Triton's JIT returns for them, and both launches write the same bits."""
+    from refquant.compiled.nvfp4_triton import FROM_AMAX_TIMES_RCP_2688, NUM_WARPS, _nvfp4_blocks_kernel, kernel_constants
+    from refquant.compiled.nvfp4_fake_triton import NUM_WARPS as FAKE_WARPS
+    from refquant.compiled.nvfp4_fake_triton import _nvfp4_fake_kernel
+    from refquant.compiled.nvfp4_fake_triton import kernel_constants as fake_constants
+    from refquant.compiled.triton_launch import DirectLaunch, _specialization
+
+    if kind == "fake":
+        kernel, constants, warps = _nvfp4_fake_kernel, fake_constants(), FAKE_WARPS
+    else:
+        kernel, constants, warps = _nvfp4_blocks_kernel, kernel_constants(False, FROM_AMAX_TIMES_RCP_2688), NUM_WARPS
+    launch = DirectLaunch(kernel, constants, warps)
+    gen = torch.Generator().manual_seed(1)
+    storage = torch.randn(64 * 16 + 8, generator=gen).cuda()
+    seen = set()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        data = storage.to(dtype)
+        for offset in (0, 4, 1):  # 16-byte aligned: every dtype at 0, fp32 only at 4, none at 1
+            for blocks in (1, 16, 17, 64):
+                x = data[offset : offset + blocks * 16]
+                for amax_dtype in (torch.float32, torch.bfloat16) if kind == "fake" else (torch.float32,):
+                    amax = x.float().abs().amax().to(amax_dtype).reshape(())
+                    programs, args = _launch_args(kind, x, amax)
+                    key = (x.device.index, *map(_specialization, args))
+                    launch(programs, *args)  # the key's first launch: through Triton's JIT
+                    launch(programs, *args)  # then Triton's launcher alone
+                    direct_out = [a.clone() for a in args if isinstance(a, torch.Tensor)]
+                    picked = kernel[(programs,)](*args, **constants, num_warps=warps, enable_fp_fusion=False)
+                    label = f"{dtype}, offset {offset}, {blocks} blocks, amax {amax_dtype}"
+                    assert launch._compiled[key] is picked, f"{label}: not the kernel Triton picks"
+                    for got, want in zip(direct_out, (a for a in args if isinstance(a, torch.Tensor))):
+                        assert_bitexact(got, want, label)
+                    seen.add(key)
+    assert len(seen) >= 15, "the cases did not reach distinct specializations"
+
+
+def _amaxes(x: torch.Tensor) -> list:
+    finite = x.float()[torch.isfinite(x.float())]
+    return [0.0, 1e-30, 3.0, float(finite.abs().max()), 3.0e38]
+
+
+def test_a_bound_nvfp4_quantizer_launches_its_kernel_and_gives_the_reference_bits(monkeypatch):
+    """bind_fake_quant("nvfp4", x, amax) on CUDA binds the kernel's launch (BoundNVFP4Kernel) for
+    bf16 and fp16: every bf16 pattern, fp16 input, under every kind of amax, given as fp32 and as
+    bf16, gives the CPU reference's bits. fp32 binds the graph instead (BoundNVFP4Kernel says why)."""
+    for name, x in nvfp4_kernel_inputs().items():
+        x = x.cuda()
+        if x.dtype == torch.float32:
+            assert not isinstance(rc.bind_fake_quant("nvfp4", x, 1.0), functions.BoundNVFP4Kernel), f"{name}: fp32 was bound"
+            continue
+        if not x.is_contiguous():  # a view the kernel cannot read in place: the ordinary call's
+            assert rc.bind_fake_quant("nvfp4", x, 1.0)(x) is None, f"{name}: a non-contiguous x was taken"
+            continue
+        for amax in _amaxes(x):
+            for amax_dtype in (torch.float32, torch.bfloat16):
+                given = torch.tensor(amax, dtype=amax_dtype, device="cuda")
+                bound = rc.bind_fake_quant("nvfp4", x, given)
+                assert isinstance(bound, functions.BoundNVFP4Kernel), f"{name}: the launch was not bound"
+                out = bound(x)
+                assert out is not None, f"{name}: the bound launch did not take its own x"
+                assert_bitexact(out.cpu(), rq.nvfp4_fake_quant(x.cpu(), given.cpu()), f"{name}, amax {amax} {amax_dtype}")
+
+
+def test_a_bound_nvfp4_launch_refuses_what_its_kernel_does_not_take():
+    x = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
+    bound = rc.bind_fake_quant("nvfp4", x, torch.tensor(3.0, device="cuda"))
+    assert bound(torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)) is not None
+    refused = {
+        "another dtype": x.half(),
+        "a transposed view": torch.randn(64, 64, device="cuda", dtype=torch.bfloat16).t(),
+        "the CPU": x.cpu(),
+        "a last dim not a multiple of 16": torch.randn(8, 40, device="cuda", dtype=torch.bfloat16),
+        "an empty tensor": x[:0],
+        "a 0-d tensor": x[0, 0],
+        "autograd": x.clone().requires_grad_(True),
+        "fp32": x.float(),
+    }
+    for what, y in refused.items():
+        assert bound(y) is None, what
+
+
+def test_a_quantizers_nvfp4_forward_on_cuda_takes_the_bound_launch(monkeypatch):
+    """After its first call, a calibrated NVFP4 quantizer's calls are launches of the kernel (no
+    graph, no public function), for any leading shape, and equal the CPU reference; one that needs
+    a copy (a transposed view) gets the ordinary call, right too."""
+    from refquant.quant.quantizer import QuantizerConfig, TensorQuantizer
+
+    quantizer = TensorQuantizer(QuantizerConfig(format="nvfp4"), backend="compiled", flavor="modelopt-cuda")
+    quantizer.set_amax(torch.tensor(3.0, dtype=torch.bfloat16, device="cuda"))
+    x = torch.randn(3, 7, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        quantizer(x)
+        assert isinstance(quantizer._bound[0], functions.BoundNVFP4Kernel)
+        monkeypatch.setattr(rc, "nvfp4_fake_quant", lambda *a, **k: pytest.fail("the public function ran"))
+        for shape in ((3, 7, 64), (5, 64), (2, 2, 9, 64)):
+            y = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+            assert_bitexact(quantizer(y).cpu(), rq.nvfp4_fake_quant(y.cpu(), quantizer.amax.cpu()), f"{shape}")
+        monkeypatch.undo()
+        y = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16).t()
+        assert_bitexact(quantizer(y).cpu(), rq.nvfp4_fake_quant(y.cpu(), quantizer.amax.cpu()), "a transposed view")
+
+
+def test_inside_a_users_torch_compile_nvfp4_quantize_is_traced():
+    """Under a user's torch.compile, refquant.compiled's own compiled copy is not made (dynamo
+    cannot trace making it): the function is inlined and the kernel's triton_op traced into their
+    graph, with the reference's bits."""
+    x = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)
+    amax = torch.tensor(3.0, device="cuda")
+
+    @torch.compile(fullgraph=True)
+    def users(x, amax):
+        quantized = rc.nvfp4_quantize(x * 2, amax)
+        return quantized.packed, quantized.block_scale
+
+    packed, block_scale = users(x, amax)
+    want = rq.nvfp4_quantize((x * 2).cpu(), amax.cpu())
+    assert_bitexact(packed.cpu(), want.packed, "packed")
+    assert_bitexact(block_scale.cpu(), want.block_scale, "block scales")
