@@ -37,8 +37,11 @@ def _launch_args(kind: str, x: torch.Tensor, amax: torch.Tensor) -> tuple:
 @pytest.mark.parametrize("kind", ["fake", "real"])
 def test_a_direct_launch_runs_the_kernel_triton_picks_for_the_same_arguments(kind):
     """Pointers at 16-byte boundaries and off them, block counts of 1, multiples of 16 and others,
-    three x dtypes (and for the fake kernel, which reads any float amax, two amax dtypes): the kernel a DirectLaunch keeps for the arguments' key is
-    the very object Triton's JIT returns for them, and both launches write the same bits."""
+    x dtypes and (for the fake kernel, which reads any float amax) amax dtypes: the kernel a
+    DirectLaunch keeps for the arguments' key is the very object Triton's JIT returns for them,
+    and both launches write the same bits. The real kernel is not run on fp32 here: its fp32 path
+    is the one whose codes changed from launch to launch (test_compiled_parity.py,
+    test_nvfp4_real_kernel_on_fp32_gives_the_same_bits_launch_after_launch)."""
     from refquant.compiled.nvfp4_triton import FROM_AMAX_TIMES_RCP_2688, NUM_WARPS, _nvfp4_blocks_kernel, kernel_constants
     from refquant.compiled.nvfp4_fake_triton import NUM_WARPS as FAKE_WARPS
     from refquant.compiled.nvfp4_fake_triton import _nvfp4_fake_kernel
@@ -53,7 +56,7 @@ def test_a_direct_launch_runs_the_kernel_triton_picks_for_the_same_arguments(kin
     gen = torch.Generator().manual_seed(1)
     storage = torch.randn(64 * 16 + 8, generator=gen).cuda()
     seen = set()
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16) if kind == "fake" else (torch.bfloat16, torch.float16):
         data = storage.to(dtype)
         for offset in (0, 4, 1):  # 16-byte aligned: every dtype at 0, fp32 only at 4, none at 1
             for blocks in (1, 16, 17, 64):
@@ -71,7 +74,7 @@ def test_a_direct_launch_runs_the_kernel_triton_picks_for_the_same_arguments(kin
                     for got, want in zip(direct_out, (a for a in args if isinstance(a, torch.Tensor))):
                         assert_bitexact(got, want, label)
                     seen.add(key)
-    assert len(seen) >= 15, "the cases did not reach distinct specializations"
+    assert len(seen) >= 12, "the cases did not reach distinct specializations"
 
 
 def _amaxes(x: torch.Tensor) -> list:
@@ -79,7 +82,7 @@ def _amaxes(x: torch.Tensor) -> list:
     return [0.0, 1e-30, 3.0, float(finite.abs().max()), 3.0e38]
 
 
-def test_a_bound_nvfp4_quantizer_launches_its_kernel_and_gives_the_reference_bits(monkeypatch):
+def test_a_bound_nvfp4_quantizer_launches_its_kernel_and_gives_the_reference_bits():
     """bind_fake_quant("nvfp4", x, amax) on CUDA binds the kernel's launch (BoundNVFP4Kernel) for
     bf16 and fp16: every bf16 pattern, fp16 input, under every kind of amax, given as fp32 and as
     bf16, gives the CPU reference's bits. fp32 binds the graph instead (BoundNVFP4Kernel says why)."""
