@@ -431,4 +431,5 @@ def test_nvfp4_real_kernel_on_fp32_gives_the_same_bits_launch_after_launch(rows)
             label = f"{flavor}, launch {launch}"
             assert_bitexact(packed.cpu(), want.packed, f"{label}: the eager kernel's packed bytes")
             assert_bitexact(block_scale.cpu(), want.block_scale, f"{label}: the eager kernel's block scales")
+            assert_bitexact(global_scale.cpu().reshape(()), want.global_scale, f"{label}: the eager kernel's global scale")
             assert_bitexact(got.packed.cpu(), want.packed, f"{label}: rc.nvfp4_quantize's packed bytes")

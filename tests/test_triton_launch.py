@@ -1,5 +1,5 @@
 """refquant.compiled.triton_launch: our Triton kernels launched eagerly through Triton's launcher,
-and the call that uses it (a bound NVFP4 fake quantizer, refquant.compiled.BoundNVFP4Kernel).
+and the call that uses it (a bound NVFP4 fake quantizer, refquant.compiled.functions.BoundNVFP4Kernel).
 
 What must hold (CUDA): a DirectLaunch runs, for any arguments, the kernel Triton itself would pick
 for them (a specialization it keyed wrongly would run a kernel compiled for other alignments or

@@ -1,7 +1,7 @@
 """Our Triton kernels launched eagerly with little host work: Triton's own launcher, called with a
 kernel compiled before.
 
-Why: a bound NVFP4 fake quantizer's call (refquant.compiled.BoundNVFP4Kernel) is one kernel of
+Why: a bound NVFP4 fake quantizer's call (refquant.compiled.functions.BoundNVFP4Kernel) is one kernel of
 ours. Going through the compiled graph around it costs dynamo's guards, inductor's wrapper and its
 launcher chain, about 25-35 us a call on the H200 machines' hosts; Triton's `kernel[grid](...)`
 costs more (about 38 us: binding and specializing every argument, constexprs included, and
@@ -18,6 +18,9 @@ argument in signature order. tests/test_triton_launch.py checks on CUDA that a k
 the one Triton itself picks for the same arguments. Launch hooks (a profiler such as proton)
 send every launch through `kernel[grid](...)`, which calls them. Kernels are compiled without
 FMA contraction (enable_fp_fusion=False): every rounding is the one written in the kernel.
+What this relies on beyond Triton's public API is what inductor's own launchers use: a compiled
+kernel's `run`, `function` and `packed_metadata` (Triton 3.6), and torch's current raw stream
+and device guard; the CUDA tests exercise it on every supported pair of versions.
 """
 
 from __future__ import annotations
