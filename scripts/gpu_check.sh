@@ -24,4 +24,6 @@ timeout 300 python3 -m pytest -q -p no:cacheprovider -k cuda \
   tests/test_gpu_division.py tests/test_nvfp4_kernel_vectors.py 2>&1 | tee "$OUT/vectors_cuda.log" | tail -4
 # ~150 graphs to compile: spread over 8 pytest-xdist workers (the device image has xdist).
 timeout 420 python3 -m pytest -q -p no:cacheprovider -n 8 -k cuda --tb=short -rf tests/test_compiled_parity.py tests/test_direct_call.py tests/test_nvfp4_fake_kernel.py 2>&1 | tee "$OUT/compiled_cuda.log" | tail -12
+# every test here is CUDA-only (its names do not say so, so no -k filter)
+timeout 200 python3 -m pytest -q -p no:cacheprovider -n 8 --tb=short -rf tests/test_triton_launch.py 2>&1 | tee "$OUT/triton_launch_cuda.log" | tail -6
 timeout 200 python3 -m pytest -q -p no:cacheprovider -m benchmark -k "not cpu" -rA tests/test_benchmarks_speedup.py 2>&1 | tee "$OUT/speedup_cuda.log" | tail -6
