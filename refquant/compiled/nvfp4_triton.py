@@ -226,25 +226,48 @@ def _block_scale(block_amax, g, E2M1_MAX_: tl.constexpr, E4M3_MAX_: tl.constexpr
 def _any_dtype_tile(x_ptr, tile, g, packed_ptr, block_scale_ptr, n_blocks, E2M1_MAX_: tl.constexpr, E4M3_MAX_: tl.constexpr,
                     E4M3_MIN_: tl.constexpr, THRESHOLDS: tl.constexpr, BLOCKS: tl.constexpr):
     """One tile of BLOCKS blocks, any float dtype, in fp32: the codes by fp32 thresholds
-    (THRESHOLDS: g in the window) or by the division."""
+    (THRESHOLDS: g in the window) or by the division.
+
+    One thread owns a block, as in the bf16 path: the block is read as four (BLOCKS, 4) quarters,
+    so its max, its codes and its packed bytes stay in that thread's registers. (With a block
+    as one (BLOCKS, 16) row, Triton spread it over four threads: shuffles for the max and shared
+    memory to pack the bytes, and on the H200 that version's fp32 codes changed from one launch
+    to the next; docs/compiled.md, "Fourth round".)"""
     block = tile * BLOCKS + tl.arange(0, BLOCKS)
     in_range = (block < n_blocks)[:, None]
-    column = tl.arange(0, _BLOCK)
-    x = tl.load(x_ptr + block[:, None].to(tl.int64) * _BLOCK + column[None, :], mask=in_range, other=0.0)
-    x = x.to(tl.float32)
+    start = x_ptr + block[:, None].to(tl.int64) * _BLOCK + tl.arange(0, 4)[None, :]
+    q0 = tl.load(start, mask=in_range, other=0.0).to(tl.float32)
+    q1 = tl.load(start + 4, mask=in_range, other=0.0).to(tl.float32)
+    q2 = tl.load(start + 8, mask=in_range, other=0.0).to(tl.float32)
+    q3 = tl.load(start + 12, mask=in_range, other=0.0).to(tl.float32)
     # Block max |x| as an integer max of the magnitude bits: NaN propagates, as torch.amax.
-    block_amax = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1).to(tl.float32, bitcast=True)
+    m01 = tl.maximum(q0.to(tl.int32, bitcast=True) & 0x7FFFFFFF, q1.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+    m23 = tl.maximum(q2.to(tl.int32, bitcast=True) & 0x7FFFFFFF, q3.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+    block_amax = tl.max(tl.maximum(m01, m23), axis=1).to(tl.float32, bitcast=True)
     block_scale = _block_scale(block_amax, g, E2M1_MAX_, E4M3_MAX_, E4M3_MIN_)
     divisor = (block_scale.to(tl.float32) * g)[:, None]
     if THRESHOLDS:
-        code = _codes_by_thresholds(x, divisor)
+        s0 = _quarter_nibbles(_codes_by_thresholds(q0, divisor))
+        s1 = _quarter_nibbles(_codes_by_thresholds(q1, divisor))
+        s2 = _quarter_nibbles(_codes_by_thresholds(q2, divisor))
+        s3 = _quarter_nibbles(_codes_by_thresholds(q3, divisor))
     else:
-        code = _codes_by_division(x, divisor)
-    low, high = tl.split(tl.reshape(code, [BLOCKS, _BLOCK // 2, 2]))
-    byte = (low | (high << 4)).to(tl.uint8)
-    pair = tl.arange(0, _BLOCK // 2)
-    tl.store(packed_ptr + block[:, None].to(tl.int64) * (_BLOCK // 2) + pair[None, :], byte, mask=in_range)
+        s0 = _quarter_nibbles(_codes_by_division(q0, divisor))
+        s1 = _quarter_nibbles(_codes_by_division(q1, divisor))
+        s2 = _quarter_nibbles(_codes_by_division(q2, divisor))
+        s3 = _quarter_nibbles(_codes_by_division(q3, divisor))
+    words = tl.join(s0 | (s1 << 16), s2 | (s3 << 16))  # (BLOCKS, 2): a block's 8 bytes, little-endian
+    out = packed_ptr.to(tl.pointer_type(tl.int32)) + block[:, None].to(tl.int64) * 2 + tl.arange(0, 2)[None, :]
+    tl.store(out, words, mask=in_range)
     tl.store(block_scale_ptr + block, block_scale, mask=block < n_blocks)
+
+
+@triton.jit
+def _quarter_nibbles(codes):
+    """A quarter block's four codes (BLOCKS, 4) -> their two packed bytes in the low 16 bits
+    (element 2j in byte j's low nibble, 2j + 1 in its high one)."""
+    c0, c1, c2, c3 = _four_columns(codes)
+    return c0 | (c1 << 4) | (c2 << 8) | (c3 << 12)
 
 
 # --- bf16: two elements a 32-bit register, compared as bf16x2 -------------------------------------
