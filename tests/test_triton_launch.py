@@ -1,5 +1,5 @@
 """refquant.compiled.triton_launch: our Triton kernels launched eagerly through Triton's launcher,
-and the call that uses it (a bound NVFP4 fake quantizer, refquant.compiled.functions.BoundNVFP4Kernel).
+and the call that uses it (a bound NVFP4 fake quantizer, refquant.compiled.functions.BoundKernelLaunch).
 
 What must hold (CUDA): a DirectLaunch runs, for any arguments, the kernel Triton itself would pick
 for them (a specialization it keyed wrongly would run a kernel compiled for other alignments or
@@ -83,13 +83,13 @@ def _amaxes(x: torch.Tensor) -> list:
 
 
 def test_a_bound_nvfp4_quantizer_launches_its_kernel_and_gives_the_reference_bits():
-    """bind_fake_quant("nvfp4", x, amax) on CUDA binds the kernel's launch (BoundNVFP4Kernel) for
+    """bind_fake_quant("nvfp4", x, amax) on CUDA binds the kernel's launch (BoundKernelLaunch) for
     bf16 and fp16: every bf16 pattern, fp16 input, under every kind of amax, given as fp32 and as
-    bf16, gives the CPU reference's bits. fp32 binds the graph instead (BoundNVFP4Kernel says why)."""
+    bf16, gives the CPU reference's bits. fp32 binds the graph instead (BoundKernelLaunch says why)."""
     for name, x in nvfp4_kernel_inputs().items():
         x = x.cuda()
         if x.dtype == torch.float32:
-            assert not isinstance(rc.bind_fake_quant("nvfp4", x, 1.0), functions.BoundNVFP4Kernel), f"{name}: fp32 was bound"
+            assert not isinstance(rc.bind_fake_quant("nvfp4", x, 1.0), functions.BoundKernelLaunch), f"{name}: fp32 was bound"
             continue
         if not x.is_contiguous():  # a view the kernel cannot read in place: the ordinary call's
             assert rc.bind_fake_quant("nvfp4", x, 1.0)(x) is None, f"{name}: a non-contiguous x was taken"
@@ -98,7 +98,7 @@ def test_a_bound_nvfp4_quantizer_launches_its_kernel_and_gives_the_reference_bit
             for amax_dtype in (torch.float32, torch.bfloat16):
                 given = torch.tensor(amax, dtype=amax_dtype, device="cuda")
                 bound = rc.bind_fake_quant("nvfp4", x, given)
-                assert isinstance(bound, functions.BoundNVFP4Kernel), f"{name}: the launch was not bound"
+                assert isinstance(bound, functions.BoundKernelLaunch), f"{name}: the launch was not bound"
                 out = bound(x)
                 assert out is not None, f"{name}: the bound launch did not take its own x"
                 assert_bitexact(out.cpu(), rq.nvfp4_fake_quant(x.cpu(), given.cpu()), f"{name}, amax {amax} {amax_dtype}")
@@ -133,7 +133,7 @@ def test_a_quantizers_nvfp4_forward_on_cuda_takes_the_bound_launch(monkeypatch):
     x = torch.randn(3, 7, 64, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         quantizer(x)
-        assert isinstance(quantizer._bound[0], functions.BoundNVFP4Kernel)
+        assert isinstance(quantizer._bound[0], functions.BoundKernelLaunch)
         monkeypatch.setattr(rc, "nvfp4_fake_quant", lambda *a, **k: pytest.fail("the public function ran"))
         for shape in ((3, 7, 64), (5, 64), (2, 2, 9, 64)):
             y = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)

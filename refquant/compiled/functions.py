@@ -317,27 +317,25 @@ class BoundFakeQuant:
         return None if out is None else _as_shape_of(out, x)
 
 
-class BoundNVFP4Kernel:
-    """nvfp4_fake_quant(x, amax) for one fixed amax on CUDA, where the whole call is one launch of
-    the Triton kernel of nvfp4_fake_triton.py: the launch itself, past the graph around it (its
-    guards, inductor's wrapper and launcher chain; refquant.compiled.triton_launch). It takes
-    tensors of the dtype and device it was bound for, contiguous, last dim a multiple of 16, not
-    empty, and outside autograd (no requires_grad under grad mode); for any other it returns None
-    and the caller makes the ordinary call. The same kernel, so the same bits as that call.
-    Made by bind_fake_quant, for bf16 and fp16 only (checked on the H200 against the reference,
-    tests/test_triton_launch.py): fp32 keeps the graph until the eager launch is checked for it
-    too. NVFP4 real quant's kernel, launched eagerly on fp32 x, gave wrong codes that changed from
-    one launch to the next (docs/compiled.md, "Fourth round")."""
+class BoundKernelLaunch:
+    """A fake quantization for one fixed amax on CUDA whose whole call is one launch of a Triton
+    kernel of ours (NVFP4: nvfp4_fake_triton.py; FP8 under scales computed once:
+    fp8_fake_triton.py): the launch itself, past the graph around it (its guards, inductor's
+    wrapper and launcher chain; refquant.compiled.triton_launch). It takes tensors of the dtype
+    and device it was bound for, contiguous, last dim a multiple of `block`, not empty, and
+    outside autograd (no requires_grad under grad mode); for any other it returns None and the
+    caller makes the ordinary call. Made by bind_fake_quant, for bf16 and fp16 only (checked on
+    the H200 against the reference): fp32 keeps the graph until the eager launch is checked for
+    it too. NVFP4 real quant's kernel, launched eagerly on fp32 x, gave wrong codes that changed
+    from one launch to the next (docs/compiled.md, "Fourth round")."""
 
     DTYPES = (torch.bfloat16, torch.float16)
-    __slots__ = ("_launch", "_amax", "_table", "_dtype", "_device")
+    __slots__ = ("_launch", "_args", "_block", "_dtype", "_device")
 
-    def __init__(self, x: torch.Tensor, amax: torch.Tensor):
-        from .nvfp4_fake_triton import nvfp4_fake_quant_blocks_now
-
-        self._launch = nvfp4_fake_quant_blocks_now
-        self._amax = amax
-        self._table = reciprocal_table(x.device)
+    def __init__(self, x: torch.Tensor, launch: Callable, args: tuple, block: int = 1):
+        self._launch = launch
+        self._args = args
+        self._block = block
         self._dtype = x.dtype
         self._device = x.device
 
@@ -346,14 +344,30 @@ class BoundNVFP4Kernel:
             x.dtype != self._dtype
             or x.device != self._device
             or x.ndim == 0
-            or x.shape[-1] % NVFP4_BLOCK_SIZE
+            or x.shape[-1] % self._block
             or x.numel() == 0
             or not x.is_contiguous()
             or (x.requires_grad and torch.is_grad_enabled())
             or torch.compiler.is_compiling()
         ):
             return None
-        return self._launch(x, self._amax, self._table)
+        return self._launch(x, *self._args)
+
+
+def _bound_kernel_launch(format: str, x: torch.Tensor, amax: torch.Tensor, flavor: Flavor) -> BoundKernelLaunch | None:
+    """The BoundKernelLaunch for x and this 0-d amax, or None where x does not take one."""
+    if not x.is_cuda or x.dtype not in BoundKernelLaunch.DTYPES:
+        return None
+    if format == "fp8":
+        from .fp8_fake_triton import fp8_fake_quant_with_scales_now
+
+        scale, inv_scale = reference_fp8.fp8_fake_quant_scales(amax, flavor)
+        return BoundKernelLaunch(x, fp8_fake_quant_with_scales_now, (scale.reshape(()), inv_scale.reshape(())))
+    if not _takes_triton_block_step(x):
+        return None
+    from .nvfp4_fake_triton import nvfp4_fake_quant_blocks_now
+
+    return BoundKernelLaunch(x, nvfp4_fake_quant_blocks_now, (amax, reciprocal_table(x.device)), NVFP4_BLOCK_SIZE)
 
 
 def bind_fake_quant(format: str, x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> BoundFakeQuant | None:
@@ -361,9 +375,9 @@ def bind_fake_quant(format: str, x: torch.Tensor, amax: AmaxLike = None, *, flav
     x; a float or a 0-d tensor), bound for tensors like x: a BoundFakeQuant, or None where there
     is nothing to bind (a per-channel amax, a degenerate x, a graph that cannot be called
     directly). The amax is checked here, once: bind again when it changes. FP8 with an amax binds
-    its scales and the element step's graph, compiling it here if no graph takes x yet; NVFP4 with
-    an amax on CUDA binds the launch of its Triton kernel (BoundNVFP4Kernel); the other cases bind
-    the graph of an ordinary call with x, which must have run already."""
+    its scales and the element step's graph, compiling it here if no graph takes x yet; with an
+    amax, a bf16 or fp16 x on CUDA binds the launch of a Triton kernel (BoundKernelLaunch); the
+    other cases bind the graph of an ordinary call with x, which must have run already."""
     if _is_degenerate(x) or format not in ("fp8", "nvfp4"):
         return None
     check_flavor(flavor)
@@ -371,8 +385,9 @@ def bind_fake_quant(format: str, x: torch.Tensor, amax: AmaxLike = None, *, flav
         amax = as_amax_tensor(amax, x)
         if amax.ndim != 0:
             return None
-    if format == "nvfp4" and amax is not None and _takes_triton_block_step(x) and x.dtype in BoundNVFP4Kernel.DTYPES:
-        return BoundNVFP4Kernel(x, amax)
+    launch = None if amax is None else _bound_kernel_launch(format, x, amax, flavor)
+    if launch is not None:
+        return launch
     rows = _rows(x)
     if format == "fp8" and amax is not None:
         scale, inv_scale = reference_fp8.fp8_fake_quant_scales(amax, flavor)

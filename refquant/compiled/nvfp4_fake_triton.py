@@ -180,7 +180,7 @@ def _direct_launch() -> DirectLaunch:
 
 def nvfp4_fake_quant_blocks_now(x: torch.Tensor, amax: torch.Tensor, reciprocals: torch.Tensor) -> torch.Tensor:
     """nvfp4_fake_quant_blocks launched eagerly by DirectLaunch, past the dispatcher and any graph
-    (for calls outside torch.compile: refquant.compiled.functions.BoundNVFP4Kernel). The amax may be any
+    (for calls outside torch.compile: refquant.compiled.functions.BoundKernelLaunch). The amax may be any
     float dtype of one element on x's device (the kernel reads it as fp32, as the reference's
     .float())."""
     y = torch.empty_like(x)

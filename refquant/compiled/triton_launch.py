@@ -1,7 +1,7 @@
 """Our Triton kernels launched eagerly with little host work: Triton's own launcher, called with a
 kernel compiled before.
 
-Why: a bound NVFP4 fake quantizer's call (refquant.compiled.functions.BoundNVFP4Kernel) is one kernel of
+Why: a bound NVFP4 fake quantizer's call (refquant.compiled.functions.BoundKernelLaunch) is one kernel of
 ours. Going through the compiled graph around it costs dynamo's guards, inductor's wrapper and its
 launcher chain, about 25-35 us a call on the H200 machines' hosts; Triton's `kernel[grid](...)`
 costs more (about 38 us: binding and specializing every argument, constexprs included, and

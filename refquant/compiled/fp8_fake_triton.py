@@ -1,0 +1,70 @@
+"""FP8 fake quantization's element step as one Triton kernel (CUDA only), for a bound quantizer.
+
+Why a kernel of our own, when inductor's kernel for the reference's element step already runs at
+0.98 of a device copy: host time. A calibrated FP8 quantizer's call is this one kernel, and
+through its compiled graph a call costs dynamo's guards, inductor's wrapper and its launcher
+chain; in a host-bound 0.6B forward on the H200 machines that was about 62 us a call against
+about 30 for a bound NVFP4 quantizer launching its own kernel (docs/compiled.md, "Fourth round").
+This kernel is launched the same way (refquant.compiled.triton_launch.DirectLaunch).
+
+It is refquant.numerics.fp8.fp8_fake_quant_with_scales step for step: v = fl(fp32(x) * scale),
+clamped to +-448 (NaN stays NaN: both comparisons are false for it), rounded to E4M3 (nearest,
+ties to even: cvt.rn.satfinite), times the inverse scale in fp32, rounded to x's dtype. The two
+products are PTX mul.rn.f32, so no compiler may fuse them with anything. The scales are the
+reference's (fp8_fake_quant_scales, computed once per binding), read from device memory.
+tests/test_fp8_fake_kernel.py holds it to the reference bit for bit on CUDA: every bf16 and fp16
+pattern and fp32 values across the range, under every amax regime, both flavors.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..numerics.formats import E4M3_MAX
+from .triton_launch import DirectLaunch
+
+# Elements a program and warps: 8 bf16 (16 bytes) a thread for each of 4 warps, 4 such rows.
+ELEMENTS_PER_PROGRAM = 4096
+NUM_WARPS = 4
+
+
+@triton.jit
+def _mul_rn(a, b):
+    """fl(a * b), round to nearest: PTX mul.rn.f32 is never contracted into an FMA."""
+    return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _fp8_fake_kernel(x_ptr, scale_ptr, inv_scale_ptr, y_ptr, n, E4M3_MAX_: tl.constexpr, ELEMENTS: tl.constexpr):
+    scale = tl.load(scale_ptr)
+    inv_scale = tl.load(inv_scale_ptr)
+    offsets = tl.program_id(0).to(tl.int64) * ELEMENTS + tl.arange(0, ELEMENTS)
+    in_range = offsets < n
+    x = tl.load(x_ptr + offsets, mask=in_range, other=0.0)
+    v = _mul_rn(x.to(tl.float32), scale)
+    v = tl.where(v < -E4M3_MAX_, -E4M3_MAX_, v)
+    v = tl.where(v > E4M3_MAX_, E4M3_MAX_, v)
+    on_grid = v.to(tl.float8e4nv).to(tl.float32)
+    y = _mul_rn(on_grid, inv_scale)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=in_range)
+
+
+def kernel_constants() -> dict[str, float | int]:
+    return {"E4M3_MAX_": E4M3_MAX, "ELEMENTS": ELEMENTS_PER_PROGRAM}
+
+
+@functools.cache
+def _direct_launch() -> DirectLaunch:
+    return DirectLaunch(_fp8_fake_kernel, kernel_constants(), NUM_WARPS)
+
+
+def fp8_fake_quant_with_scales_now(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
+    """refquant.numerics.fp8.fp8_fake_quant_with_scales of a contiguous CUDA x under fp32 0-d scales
+    on x's device, launched eagerly by DirectLaunch (outside torch.compile)."""
+    y = torch.empty_like(x)
+    _direct_launch()(triton.cdiv(x.numel(), ELEMENTS_PER_PROGRAM), x, scale, inv_scale, y, x.numel())
+    return y

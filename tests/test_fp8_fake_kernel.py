@@ -1,0 +1,61 @@
+"""refquant/compiled/fp8_fake_triton.py, the Triton kernel of FP8 fake quant's element step, launched
+by a bound quantizer (refquant.compiled.functions.BoundKernelLaunch) on CUDA.
+
+What must hold: the reference's bits (refquant.fp8_fake_quant on the CPU) for every bf16 and
+fp16 pattern and fp32 values across the range, under every amax regime (ordinary, at and below
+the 2**-24 floor, 448, huge) and both flavors; a calibrated FP8 quantizer's later calls are
+launches of it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import cuda
+
+import refquant as rq
+import refquant.compiled as rc
+from refquant.compiled import functions
+from refquant.testing import assert_bitexact
+
+pytestmark = cuda
+
+AMAXES = (3.0, 2.0**-24, 1e-30, 448.0, 0.37, 3.0e38)
+
+
+def _every_pattern(dtype: torch.dtype) -> torch.Tensor:
+    return torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype).reshape(-1, 64)
+
+
+@pytest.mark.parametrize("flavor", ["modelopt-cpu", "modelopt-cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_bound_fp8_launch_gives_the_reference_bits_on_every_pattern(dtype, flavor):
+    x = _every_pattern(dtype)
+    for amax in AMAXES:
+        bound = rc.bind_fake_quant("fp8", x.cuda(), amax, flavor=flavor)
+        assert isinstance(bound, functions.BoundKernelLaunch), "the kernel's launch was not bound"
+        for view in (x, x[:7], x.reshape(4, -1, 64)):
+            out = bound(view.cuda())
+            assert out is not None and out.shape == view.shape
+            assert_bitexact(out.cpu(), rq.fp8_fake_quant(view, amax, flavor=flavor), f"{dtype}, {flavor}, amax {amax}, {tuple(view.shape)}")
+
+
+def test_fp32_binds_the_graph_not_the_launch():
+    x = torch.randn(4, 64, device="cuda")
+    assert not isinstance(rc.bind_fake_quant("fp8", x, 3.0), functions.BoundKernelLaunch)
+
+
+def test_a_calibrated_fp8_quantizers_later_calls_are_launches_of_the_kernel(monkeypatch):
+    from refquant.quant.quantizer import QuantizerConfig, TensorQuantizer
+
+    quantizer = TensorQuantizer(QuantizerConfig(format="fp8"), backend="compiled", flavor="modelopt-cuda")
+    quantizer.set_amax(torch.tensor(5.0, dtype=torch.bfloat16, device="cuda"))
+    x = torch.randn(3, 7, 64, device="cuda", dtype=torch.bfloat16) * 3
+    with torch.no_grad():
+        quantizer(x)
+        assert isinstance(quantizer._bound[0], functions.BoundKernelLaunch)
+        monkeypatch.setattr(rc, "fp8_fake_quant", lambda *a, **k: pytest.fail("the public function ran"))
+        for shape in ((3, 7, 64), (5, 64), (2, 2, 9, 40)):
+            y = torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 3
+            want = rq.fp8_fake_quant(y.cpu(), quantizer.amax.cpu(), flavor="modelopt-cuda")
+            assert_bitexact(quantizer(y).cpu(), want, f"{shape}")
