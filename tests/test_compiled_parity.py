@@ -413,7 +413,7 @@ def test_block_packing_matches_pairwise_packing():
 
 @cuda
 @pytest.mark.parametrize("rows", [48, 47, 3], ids=["192 blocks", "188 blocks", "12 blocks"])
-def test_nvfp4_real_kernel_on_fp32_gives_the_same_bits_launch_after_launch(rows):
+def test_nvfp4_real_kernel_on_cuda_fp32_gives_the_same_bits_launch_after_launch(rows):
     """NVFP4 real quant's kernel on fp32 x (its any-dtype path), launched eagerly and through
     refquant.compiled, 20 times each, both flavors, values well past the amax (block scales at
     448): the reference's bits every time. On the H200 (runs P and R in docs/compiled.md) an eager

@@ -41,7 +41,7 @@ def test_a_direct_launch_runs_the_kernel_triton_picks_for_the_same_arguments(kin
     DirectLaunch keeps for the arguments' key is the very object Triton's JIT returns for them,
     and both launches write the same bits. The real kernel is not run on fp32 here: its fp32 path
     is the one whose codes changed from launch to launch (test_compiled_parity.py,
-    test_nvfp4_real_kernel_on_fp32_gives_the_same_bits_launch_after_launch)."""
+    test_nvfp4_real_kernel_on_cuda_fp32_gives_the_same_bits_launch_after_launch)."""
     from refquant.compiled.nvfp4_triton import FROM_AMAX_TIMES_RCP_2688, NUM_WARPS, _nvfp4_blocks_kernel, kernel_constants
     from refquant.compiled.nvfp4_fake_triton import NUM_WARPS as FAKE_WARPS
     from refquant.compiled.nvfp4_fake_triton import _nvfp4_fake_kernel
