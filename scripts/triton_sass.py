@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--sass", help="also write the full SASS here")
     parser.add_argument("--blocks", type=int, help="blocks a program (default: the module's)")
     parser.add_argument("--warps", type=int, help="warps a program (default: the module's)")
+    parser.add_argument("--unaligned-x", action="store_true", help="x not 16-byte aligned (a view at an offset): Triton may then lay a block over several threads")
+    parser.add_argument("--ttgir", help="also write the TTGIR (the layouts Triton chose) here")
     args = parser.parse_args()
 
     import triton
@@ -42,7 +44,7 @@ def main() -> None:
         signature = {"x_ptr": "*" + args.dtype, "scale_source_ptr": "*fp32", "global_scale_ptr": "*fp32", "packed_ptr": "*u8",
                      "block_scale_ptr": "*fp8e4nv", "n_blocks": "i32"}
         # as nvfp4_quantize(x, amax, flavor="modelopt-cuda") launches it
-        constants = kernels.kernel_constants(bf16_pairs=args.dtype == "bf16", scale_from=kernels.FROM_AMAX_TIMES_RCP_2688)
+        constants = kernels.kernel_constants(bf16_pairs=args.dtype == "bf16" and not args.unaligned_x, scale_from=kernels.FROM_AMAX_TIMES_RCP_2688)
     else:
         import refquant.compiled.nvfp4_fake_triton as kernels
 
@@ -53,7 +55,8 @@ def main() -> None:
         constants["BLOCKS"] = args.blocks
     num_warps = args.warps or num_warps
     signature.update({name: "constexpr" for name in constants})
-    aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind.startswith("*") or kind == "i32"}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
+               if (kind.startswith("*") or kind == "i32") and not (args.unaligned_x and name == "x_ptr")}
     source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
@@ -73,6 +76,8 @@ def main() -> None:
     print(", ".join(f"{name} {n}" for name, n in counts.most_common(20)))
     if args.sass:
         Path(args.sass).write_text(sass)
+    if args.ttgir:
+        Path(args.ttgir).write_text(kernel.asm["ttgir"])
 
 
 if __name__ == "__main__":

@@ -352,7 +352,8 @@ def test_triton_block_step_on_cuda_matches_the_division_next_to_every_threshold(
     (either sign), in blocks of every E4M3 scale, under global scales inside the threshold path's
     window (its edges included) and outside it (the division path), against the CPU reference's
     nvfp4_quantize_blocks under the same global scale. Also a bf16 tensor at an odd element
-    offset, which cannot be read as words of two bf16 and takes the fp32 path."""
+    offset, which cannot be read as words of two bf16, and one 8 bytes off 16-byte alignment: both
+    take the fp32 path."""
     from refquant.compiled.nvfp4_triton import nvfp4_quantize_blocks as triton_blocks
     from refquant.numerics.nvfp4 import nvfp4_quantize_blocks as reference_blocks
 
@@ -374,9 +375,8 @@ def test_triton_block_step_on_cuda_matches_the_division_next_to_every_threshold(
         expected = reference_blocks(x, global_scale)
         views = {"contiguous": x.cuda()}
         if dtype == torch.bfloat16:
-            storage = torch.zeros(x.numel() + 1, dtype=dtype, device="cuda")
-            storage[1:] = x.flatten().cuda()
-            views["odd element offset"] = storage[1:].view(x.shape)
+            views["odd element offset"] = _at_element_offset(x, 1)
+            views["8 bytes off alignment"] = _at_element_offset(x, 4)
         for name, view in views.items():
             actual = triton_blocks(view, global_scale.cuda())
             assert_bitexact(actual[1].cpu(), expected[1], f"block scales, {name}, global scale {g}")
@@ -411,25 +411,41 @@ def test_block_packing_matches_pairwise_packing():
     assert torch.equal(pack_e2m1_blocks(codes), pack_e2m1(codes.flatten(-2)))
 
 
+def _at_element_offset(x: torch.Tensor, offset: int) -> torch.Tensor:
+    """x copied to CUDA as a contiguous view that starts `offset` elements into its storage."""
+    storage = torch.zeros(x.numel() + offset, dtype=x.dtype, device="cuda")
+    storage[offset:] = x.flatten().cuda()
+    return storage[offset:].view(x.shape)
+
+
 @cuda
+@pytest.mark.parametrize(
+    "dtype, offset",
+    [(torch.float32, 0), (torch.float32, 1), (torch.float16, 0), (torch.float16, 3), (torch.bfloat16, 4), (torch.bfloat16, 1), (torch.bfloat16, 0)],
+    ids=["fp32", "fp32 at 4 bytes", "fp16", "fp16 at 6 bytes", "bf16 at 8 bytes", "bf16 at 2 bytes", "bf16"],
+)
 @pytest.mark.parametrize("rows", [48, 47, 3], ids=["192 blocks", "188 blocks", "12 blocks"])
-def test_nvfp4_real_kernel_on_cuda_fp32_gives_the_same_bits_launch_after_launch(rows):
-    """NVFP4 real quant's kernel on fp32 x (its any-dtype path), launched eagerly and through
-    refquant.compiled, 20 times each, both flavors, values well past the amax (block scales at
-    448): the reference's bits every time. On the H200 (runs P and R in docs/compiled.md) an eager
-    launch of this path on a 48 x 64 fp32 tensor under the modelopt-cpu flavor gave 758-759 wrong
-    bytes of 1536, a different count from one launch of the same compiled kernel to the next."""
+def test_nvfp4_real_kernel_on_cuda_gives_the_same_bits_launch_after_launch(rows, dtype, offset):
+    """NVFP4 real quant's kernel launched eagerly and through refquant.compiled, 20 times each,
+    both flavors, values well past the amax (block scales at 448), x at the start of its storage
+    and off 16-byte alignment: the reference's bits every time. On the H200 (docs/compiled.md,
+    "Fourth round" and "Fifth round") launches of compiles whose 2-D tiles Triton spread over
+    several threads (fp32 x in (BLOCKS, 16) tiles; then (BLOCKS, 4) tiles of an x 8 bytes off
+    alignment) gave hundreds of wrong bytes of 1536, a different count from one launch of the
+    same compiled kernel to the next."""
     from refquant.compiled.nvfp4_triton import nvfp4_quantize_from_amax
 
-    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(2)) * 7
+    x = (torch.randn(rows, 64, generator=torch.Generator().manual_seed(2)) * 7).to(dtype)
     amax = torch.tensor(5.5)
     for flavor in ("modelopt-cpu", "modelopt-cuda"):
         want = rq.nvfp4_quantize(x, amax, flavor=flavor)
         for launch in range(20):
-            packed, block_scale, global_scale = nvfp4_quantize_from_amax(x.cuda(), amax.cuda(), flavor == "modelopt-cpu")
-            got = rc.nvfp4_quantize(x.cuda(), amax.cuda(), flavor=flavor)
+            on_device = _at_element_offset(x, offset)
+            packed, block_scale, global_scale = nvfp4_quantize_from_amax(on_device, amax.cuda(), flavor == "modelopt-cpu")
+            got = rc.nvfp4_quantize(on_device, amax.cuda(), flavor=flavor)
             label = f"{flavor}, launch {launch}"
             assert_bitexact(packed.cpu(), want.packed, f"{label}: the eager kernel's packed bytes")
             assert_bitexact(block_scale.cpu(), want.block_scale, f"{label}: the eager kernel's block scales")
             assert_bitexact(global_scale.cpu().reshape(()), want.global_scale, f"{label}: the eager kernel's global scale")
             assert_bitexact(got.packed.cpu(), want.packed, f"{label}: rc.nvfp4_quantize's packed bytes")
+            assert_bitexact(got.block_scale.cpu(), want.block_scale, f"{label}: rc.nvfp4_quantize's block scales")

@@ -324,10 +324,11 @@ class BoundKernelLaunch:
     wrapper and launcher chain; refquant.compiled.triton_launch). It takes tensors of the dtype
     and device it was bound for, contiguous, last dim a multiple of `block`, not empty, and
     outside autograd (no requires_grad under grad mode); for any other it returns None and the
-    caller makes the ordinary call. Made by bind_fake_quant, for bf16 and fp16 only (checked on
-    the H200 against the reference): fp32 keeps the graph until the eager launch is checked for
-    it too. NVFP4 real quant's kernel, launched eagerly on fp32 x, gave wrong codes that changed
-    from one launch to the next (docs/compiled.md, "Fourth round")."""
+    caller makes the ordinary call. Made by bind_fake_quant, for bf16 and fp16 only (what was
+    checked on the H200 against the reference, every pattern): fp32 keeps the graph. (The NVFP4
+    fake kernel's fp32 tiles span two threads, a shuffle for the block max; such cross-thread
+    layouts are where NVFP4 real quant's kernel gave launch-to-launch different codes until the
+    fifth round: docs/compiled.md.)"""
 
     DTYPES = (torch.bfloat16, torch.float16)
     __slots__ = ("_launch", "_args", "_block", "_dtype", "_device")

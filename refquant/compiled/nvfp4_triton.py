@@ -36,9 +36,10 @@ scale (zero, inf, NaN, a tiny given amax) takes the division path, which is the 
 arithmetic step for step.
 
 Three paths, one kernel (the global scale is read on the device, so the choice is made there):
-- bf16 (the common case): x is read as words of two bf16, and the thresholds are rounded onto
-  bf16 (for bf16 |x|, |x| >= t iff |x| >= RU_bf16(t), |x| > t iff |x| > RD_bf16(t)), so each
-  instruction handles two elements. The code is a ladder (_PAIR_CODES_PTX): seven bf16x2
+- bf16 (the common case; x 16-byte aligned, as a tensor at the start of its storage is): x is
+  read as words of two bf16, and the thresholds are rounded onto bf16 (for bf16 |x|,
+  |x| >= t iff |x| >= RU_bf16(t), |x| > t iff |x| > RD_bf16(t)), so each instruction handles
+  two elements. The code is a ladder (_PAIR_CODES_PTX): seven bf16x2
   comparisons with the thresholds and one of x with -t0 for the sign bit (x < -t0 is x < 0 and
   |x| > t0, false for NaN and -0.0), each summed into a bf16 count by an FMA, then two PRMT and
   one LEA.HI a pair of words for the bytes. On the H200 the binary search this replaced was
@@ -48,8 +49,11 @@ Three paths, one kernel (the global scale is read on the device, so the choice i
   of which 32 HSET2 and 124 integer and logic; scripts/triton_sass.py). One thread owns a whole
   block (no shuffles). The grid is persistent, and each program loads its next tile before
   working on this one;
-- fp16 and fp32: the thresholds in fp32, one element at a time (0.21 ms and 0.26 ms at
-  8192 x 16384 on an H100: the bf16 path's packing is left for those dtypes);
+- fp16, fp32 and bf16 not 16-byte aligned: the thresholds in fp32, one element at a time, each
+  element of a block its own one-dimensional load, so that whatever x's alignment one thread
+  owns a block (_any_dtype_tile says why). On the H200 at 8192 x 16384: fp16 0.175 ms, fp32
+  0.273 ms (0.94 of its copy), bf16 8 bytes off alignment 0.223 ms, against 0.095 ms for the
+  bf16 path (do_bench, docs/compiled.md "Fifth round");
 - a global scale outside the window: the division.
 The block scale is the reference's nvfp4_real_block_scale (one IEEE division a block). The block
 max is an integer max of the magnitude bits (NaN patterns sort above inf), so NaN propagates as
@@ -228,46 +232,61 @@ def _any_dtype_tile(x_ptr, tile, g, packed_ptr, block_scale_ptr, n_blocks, E2M1_
     """One tile of BLOCKS blocks, any float dtype, in fp32: the codes by fp32 thresholds
     (THRESHOLDS: g in the window) or by the division.
 
-    One thread owns a block, as in the bf16 path: the block is read as four (BLOCKS, 4) quarters,
-    so its max, its codes and its packed bytes stay in that thread's registers. (With a block
-    as one (BLOCKS, 16) row, Triton spread it over four threads: shuffles for the max and shared
-    memory to pack the bytes, and on the H200 that version's fp32 codes changed from one launch
-    to the next; docs/compiled.md, "Fourth round".)"""
+    Every tensor here is one-dimensional, (BLOCKS,): element j of every block is its own load.
+    Then one thread owns a block whatever x's alignment, and the block's max, codes and packed
+    bytes never leave its registers. With 2-D tiles Triton chooses the layout from x's alignment:
+    a (BLOCKS, 16) or (BLOCKS, 4) tile of an x not 16-byte aligned is spread over four threads
+    (shuffles and shared memory), and on the H200 such compiles gave codes that changed from one
+    launch of the same kernel to the next (docs/compiled.md, "Fifth round")."""
     block = tile * BLOCKS + tl.arange(0, BLOCKS)
-    in_range = (block < n_blocks)[:, None]
-    start = x_ptr + block[:, None].to(tl.int64) * _BLOCK + tl.arange(0, 4)[None, :]
-    q0 = tl.load(start, mask=in_range, other=0.0).to(tl.float32)
-    q1 = tl.load(start + 4, mask=in_range, other=0.0).to(tl.float32)
-    q2 = tl.load(start + 8, mask=in_range, other=0.0).to(tl.float32)
-    q3 = tl.load(start + 12, mask=in_range, other=0.0).to(tl.float32)
+    in_range = block < n_blocks
+    start = x_ptr + block.to(tl.int64) * _BLOCK
+    x0, x1, x2, x3 = _load_four(start, in_range)
+    x4, x5, x6, x7 = _load_four(start + 4, in_range)
+    x8, x9, x10, x11 = _load_four(start + 8, in_range)
+    x12, x13, x14, x15 = _load_four(start + 12, in_range)
     # Block max |x| as an integer max of the magnitude bits: NaN propagates, as torch.amax.
-    m01 = tl.maximum(q0.to(tl.int32, bitcast=True) & 0x7FFFFFFF, q1.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
-    m23 = tl.maximum(q2.to(tl.int32, bitcast=True) & 0x7FFFFFFF, q3.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
-    block_amax = tl.max(tl.maximum(m01, m23), axis=1).to(tl.float32, bitcast=True)
-    block_scale = _block_scale(block_amax, g, E2M1_MAX_, E4M3_MAX_, E4M3_MIN_)
-    divisor = (block_scale.to(tl.float32) * g)[:, None]
-    if THRESHOLDS:
-        s0 = _quarter_nibbles(_codes_by_thresholds(q0, divisor))
-        s1 = _quarter_nibbles(_codes_by_thresholds(q1, divisor))
-        s2 = _quarter_nibbles(_codes_by_thresholds(q2, divisor))
-        s3 = _quarter_nibbles(_codes_by_thresholds(q3, divisor))
-    else:
-        s0 = _quarter_nibbles(_codes_by_division(q0, divisor))
-        s1 = _quarter_nibbles(_codes_by_division(q1, divisor))
-        s2 = _quarter_nibbles(_codes_by_division(q2, divisor))
-        s3 = _quarter_nibbles(_codes_by_division(q3, divisor))
-    words = tl.join(s0 | (s1 << 16), s2 | (s3 << 16))  # (BLOCKS, 2): a block's 8 bytes, little-endian
-    out = packed_ptr.to(tl.pointer_type(tl.int32)) + block[:, None].to(tl.int64) * 2 + tl.arange(0, 2)[None, :]
-    tl.store(out, words, mask=in_range)
-    tl.store(block_scale_ptr + block, block_scale, mask=block < n_blocks)
+    bits = tl.maximum(tl.maximum(_magnitude_bits_max(x0, x1, x2, x3), _magnitude_bits_max(x4, x5, x6, x7)),
+                      tl.maximum(_magnitude_bits_max(x8, x9, x10, x11), _magnitude_bits_max(x12, x13, x14, x15)))
+    block_scale = _block_scale(bits.to(tl.float32, bitcast=True), g, E2M1_MAX_, E4M3_MAX_, E4M3_MIN_)
+    divisor = block_scale.to(tl.float32) * g
+    low = _four_codes(x0, x1, x2, x3, divisor, THRESHOLDS) | (_four_codes(x4, x5, x6, x7, divisor, THRESHOLDS) << 16)
+    high = _four_codes(x8, x9, x10, x11, divisor, THRESHOLDS) | (_four_codes(x12, x13, x14, x15, divisor, THRESHOLDS) << 16)
+    out = packed_ptr.to(tl.pointer_type(tl.int32)) + block.to(tl.int64) * 2  # a block's 8 bytes: two words
+    tl.store(out, low, mask=in_range)
+    tl.store(out + 1, high, mask=in_range)
+    tl.store(block_scale_ptr + block, block_scale, mask=in_range)
 
 
 @triton.jit
-def _quarter_nibbles(codes):
-    """A quarter block's four codes (BLOCKS, 4) -> their two packed bytes in the low 16 bits
-    (element 2j in byte j's low nibble, 2j + 1 in its high one)."""
-    c0, c1, c2, c3 = _four_columns(codes)
-    return c0 | (c1 << 4) | (c2 << 8) | (c3 << 12)
+def _load_four(ptr, in_range):
+    """Elements ptr[0..3] of each block, in fp32 (four (BLOCKS,) tensors)."""
+    return (tl.load(ptr, mask=in_range, other=0.0).to(tl.float32), tl.load(ptr + 1, mask=in_range, other=0.0).to(tl.float32),
+            tl.load(ptr + 2, mask=in_range, other=0.0).to(tl.float32), tl.load(ptr + 3, mask=in_range, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _magnitude_bits_max(a, b, c, d):
+    """The largest magnitude's bits of four fp32 (integer order is float order for |x|; NaN tops)."""
+    return tl.maximum(tl.maximum(a.to(tl.int32, bitcast=True) & 0x7FFFFFFF, b.to(tl.int32, bitcast=True) & 0x7FFFFFFF),
+                      tl.maximum(c.to(tl.int32, bitcast=True) & 0x7FFFFFFF, d.to(tl.int32, bitcast=True) & 0x7FFFFFFF))
+
+
+@triton.jit
+def _element_codes(x, divisor, THRESHOLDS: tl.constexpr):
+    if THRESHOLDS:
+        code = _codes_by_thresholds(x, divisor)
+    else:
+        code = _codes_by_division(x, divisor)
+    return code
+
+
+@triton.jit
+def _four_codes(a, b, c, d, divisor, THRESHOLDS: tl.constexpr):
+    """Four consecutive elements' codes packed into the low 16 bits: two bytes, the earlier
+    element of each pair in the low nibble."""
+    return (_element_codes(a, divisor, THRESHOLDS) | (_element_codes(b, divisor, THRESHOLDS) << 4)
+            | (_element_codes(c, divisor, THRESHOLDS) << 8) | (_element_codes(d, divisor, THRESHOLDS) << 12))
 
 
 # --- bf16: two elements a 32-bit register, compared as bf16x2 -------------------------------------
@@ -479,7 +498,7 @@ def _programs(device_index: int) -> int:
 
 def kernel_constants(bf16_pairs: bool, scale_from: int = GIVEN_GLOBAL_SCALE) -> dict[str, float | int | bool]:
     """_nvfp4_blocks_kernel's constexpr arguments (also used by scripts/triton_sass.py and
-    benchmarks/nvfp4_tiles.py); bf16_pairs: x is bf16 at an even element offset; scale_from: what
+    benchmarks/nvfp4_tiles.py); bf16_pairs: x is bf16 and 16-byte aligned; scale_from: what
     the kernel's scale_source_ptr holds (GIVEN_GLOBAL_SCALE, FROM_AMAX_TIMES_RCP_2688,
     FROM_AMAX_OVER_2688)."""
     return {
@@ -497,12 +516,20 @@ def kernel_constants(bf16_pairs: bool, scale_from: int = GIVEN_GLOBAL_SCALE) -> 
     }
 
 
+def _starts_16_byte_aligned(x: torch.Tensor) -> bool:
+    """Whether x's first element is 16-byte aligned (PyTorch's allocators align a storage's start).
+    The bf16 path reads (BLOCKS, 4) tiles of words, and only for a 16-byte aligned x does Triton
+    give each thread a whole row of such a tile; for any other x it spreads a row over threads
+    (scripts/triton_sass.py --unaligned-x), the layouts whose results changed from launch to
+    launch on the H200, so that x takes the any-dtype path, one-dimensional."""
+    return x.storage_offset() * x.element_size() % 16 == 0
+
+
 def _launch(x: torch.Tensor, scale_source: torch.Tensor, global_scale: torch.Tensor, scale_from: int) -> tuple[torch.Tensor, torch.Tensor]:
     n_blocks = x.numel() // NVFP4_BLOCK_SIZE
     packed = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
     block_scale = torch.empty((*x.shape[:-1], x.shape[-1] // NVFP4_BLOCK_SIZE), dtype=torch.float8_e4m3fn, device=x.device)
-    # Words of two bf16 need x 4-byte aligned: an even element offset (the allocator aligns storage).
-    bf16_pairs = x.dtype == torch.bfloat16 and x.storage_offset() % 2 == 0
+    bf16_pairs = x.dtype == torch.bfloat16 and _starts_16_byte_aligned(x)
     wrap_triton(_nvfp4_blocks_kernel)[(_programs(x.device.index or 0),)](
         x,
         scale_source,

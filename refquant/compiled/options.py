@@ -46,11 +46,16 @@ def inductor_options(realize_opcount_threshold: int = REALIZE_OPCOUNT_THRESHOLD)
     - emulate_precision_casts: keep each written `.to(bfloat16 / float16)` rounding inside a fused
       kernel (inductor otherwise elides a downcast followed by an upcast: FP8QTensor's two
       roundings of x / scale collapse into one), and turn off Triton's mul+add -> fma contraction.
+    - compile_threads 1 (speed, not bits): inductor compiles our small graphs in this process.
+      With more, its first compile starts a pool of worker processes (one a CPU core, each
+      importing torch), and on the H200 machines the first quantized model of a process then ran
+      its forward 1.5x slower (0.6B: 20.1 ms against 13.0 for the same recipe later in the
+      process), the host sharing its cores with the starting workers.
     - realize_opcount_threshold (speed, not bits): a pointwise value used more than once, or
       broadcast, whose computation has more ops than this is computed once into a buffer instead
       of being recomputed by each consumer. Inductor's default is 30; see the two values above.
     """
-    options: dict[str, bool | int] = {division_rounding_option(): True, "emulate_precision_casts": True}
+    options: dict[str, bool | int] = {division_rounding_option(): True, "emulate_precision_casts": True, "compile_threads": 1}
     if hasattr(inductor_config, "realize_opcount_threshold"):
         options["realize_opcount_threshold"] = realize_opcount_threshold
     return options
