@@ -2,7 +2,7 @@
 by a bound quantizer (refquant.compiled.functions.BoundKernelLaunch) on CUDA.
 
 What must hold: the reference's bits (refquant.fp8_fake_quant on the CPU) for every bf16 and
-fp16 pattern and fp32 values across the range, under every amax regime (ordinary, at and below
+fp16 pattern, under every amax regime (ordinary, at and below
 the 2**-24 floor, 448, huge) and both flavors; a calibrated FP8 quantizer's later calls are
 launches of it.
 """

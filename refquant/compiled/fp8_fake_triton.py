@@ -13,7 +13,8 @@ ties to even: cvt.rn.satfinite), times the inverse scale in fp32, rounded to x's
 products are PTX mul.rn.f32, so no compiler may fuse them with anything. The scales are the
 reference's (fp8_fake_quant_scales, computed once per binding), read from device memory.
 tests/test_fp8_fake_kernel.py holds it to the reference bit for bit on CUDA: every bf16 and fp16
-pattern and fp32 values across the range, under every amax regime, both flavors.
+pattern, under every amax regime, both flavors (a bound quantizer launches it for bf16 and fp16
+only; fp32 keeps inductor's kernel).
 """
 
 from __future__ import annotations

@@ -274,6 +274,7 @@ def _magnitude_bits_max(a, b, c, d):
 
 @triton.jit
 def _element_codes(x, divisor, THRESHOLDS: tl.constexpr):
+    """x's E2M1 codes under the per-block divisor: by the thresholds (g in the window) or the division."""
     if THRESHOLDS:
         code = _codes_by_thresholds(x, divisor)
     else:
