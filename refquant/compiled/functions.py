@@ -326,9 +326,9 @@ class BoundKernelLaunch:
     outside autograd (no requires_grad under grad mode); for any other it returns None and the
     caller makes the ordinary call. Made by bind_fake_quant, for bf16 and fp16 only (what was
     checked on the H200 against the reference, every pattern): fp32 keeps the graph. (The NVFP4
-    fake kernel's fp32 tiles span two threads, a shuffle for the block max; such cross-thread
-    layouts are where NVFP4 real quant's kernel gave launch-to-launch different codes until the
-    fifth round: docs/compiled.md.)"""
+    fake kernel's fp32 rows span two threads, with shuffles and shared memory: the layouts under
+    which NVFP4 real quant's kernel gave launch-to-launch different codes until the fifth round;
+    docs/compiled.md.)"""
 
     DTYPES = (torch.bfloat16, torch.float16)
     __slots__ = ("_launch", "_args", "_block", "_dtype", "_device")
