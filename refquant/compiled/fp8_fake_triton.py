@@ -26,17 +26,12 @@ import triton
 import triton.language as tl
 
 from ..numerics.formats import E4M3_MAX
+from .nvfp4_fake_triton import _mul_rn  # fl(a * b) as PTX mul.rn.f32, never contracted into an FMA
 from .triton_launch import DirectLaunch
 
 # Elements a program and warps: 8 bf16 (16 bytes) a thread for each of 4 warps, 4 such rows.
 ELEMENTS_PER_PROGRAM = 4096
 NUM_WARPS = 4
-
-
-@triton.jit
-def _mul_rn(a, b):
-    """fl(a * b), round to nearest: PTX mul.rn.f32 is never contracted into an FMA."""
-    return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
