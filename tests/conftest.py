@@ -81,6 +81,14 @@ def nvfp4_kernel_inputs() -> dict[str, torch.Tensor]:
     }
 
 
+def cuda_at_element_offset(x: torch.Tensor, offset: int) -> torch.Tensor:
+    """x copied to CUDA as a contiguous view that starts `offset` elements into its storage (a
+    pointer off 16-byte alignment, for the Triton kernels' layouts)."""
+    storage = torch.zeros(x.numel() + offset, dtype=x.dtype, device="cuda")
+    storage[offset:] = x.flatten().cuda()
+    return storage[offset:].view(x.shape)
+
+
 def tiny_llama():
     """A seeded 2-layer Llama (hidden 64, GQA 4/2 heads of 16, vocab 128), bf16, eval: small enough
     for the accelerate, sharding and multi-process tests to build many times."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._inductor.config as inductor_config
-from conftest import cuda, nvfp4_kernel_inputs, vector_cases
+from conftest import cuda, cuda_at_element_offset, nvfp4_kernel_inputs, vector_cases
 
 import refquant as rq
 import refquant.compiled as rc
@@ -375,8 +375,8 @@ def test_triton_block_step_on_cuda_matches_the_division_next_to_every_threshold(
         expected = reference_blocks(x, global_scale)
         views = {"contiguous": x.cuda()}
         if dtype == torch.bfloat16:
-            views["odd element offset"] = _at_element_offset(x, 1)
-            views["8 bytes off alignment"] = _at_element_offset(x, 4)
+            views["odd element offset"] = cuda_at_element_offset(x, 1)
+            views["8 bytes off alignment"] = cuda_at_element_offset(x, 4)
         for name, view in views.items():
             actual = triton_blocks(view, global_scale.cuda())
             assert_bitexact(actual[1].cpu(), expected[1], f"block scales, {name}, global scale {g}")
@@ -411,13 +411,6 @@ def test_block_packing_matches_pairwise_packing():
     assert torch.equal(pack_e2m1_blocks(codes), pack_e2m1(codes.flatten(-2)))
 
 
-def _at_element_offset(x: torch.Tensor, offset: int) -> torch.Tensor:
-    """x copied to CUDA as a contiguous view that starts `offset` elements into its storage."""
-    storage = torch.zeros(x.numel() + offset, dtype=x.dtype, device="cuda")
-    storage[offset:] = x.flatten().cuda()
-    return storage[offset:].view(x.shape)
-
-
 @cuda
 @pytest.mark.parametrize(
     "dtype, offset",
@@ -440,7 +433,7 @@ def test_nvfp4_real_kernel_on_cuda_gives_the_same_bits_launch_after_launch(rows,
     for flavor in ("modelopt-cpu", "modelopt-cuda"):
         want = rq.nvfp4_quantize(x, amax, flavor=flavor)
         for launch in range(20):
-            on_device = _at_element_offset(x, offset)
+            on_device = cuda_at_element_offset(x, offset)
             packed, block_scale, global_scale = nvfp4_quantize_from_amax(on_device, amax.cuda(), flavor == "modelopt-cpu")
             got = rc.nvfp4_quantize(on_device, amax.cuda(), flavor=flavor)
             label = f"{flavor}, launch {launch}"

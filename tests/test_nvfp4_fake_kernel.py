@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cuda, nvfp4_kernel_inputs
+from conftest import cuda, cuda_at_element_offset, nvfp4_kernel_inputs
 
 import refquant as rq
 import refquant.compiled as rc
@@ -160,3 +160,30 @@ def test_triton_fake_block_step_on_cuda_under_inf_and_nan_global_amax():
                 xd = x.to(dtype)
                 actual = triton_blocks(xd.cuda(), global_amax.cuda(), reciprocal_table("cuda"))
                 assert_bitexact(actual.cpu(), nvfp4_fake_quant_blocks(xd, global_amax), f"{name}, {dtype}, global amax {amax}")
+
+
+@cuda
+@pytest.mark.parametrize(
+    "dtype, offset",
+    [(torch.float32, 0), (torch.float32, 1), (torch.float32, 2), (torch.bfloat16, 0), (torch.bfloat16, 1), (torch.bfloat16, 4), (torch.float16, 3)],
+    ids=["fp32", "fp32 at 4 bytes", "fp32 at 8 bytes", "bf16", "bf16 at 2 bytes", "bf16 at 8 bytes", "fp16 at 6 bytes"],
+)
+@pytest.mark.parametrize("rows", [48, 47, 3], ids=["192 blocks", "188 blocks", "12 blocks"])
+def test_the_fake_kernel_gives_the_same_bits_launch_after_launch(rows, dtype, offset):
+    """The kernel launched 20 times through refquant.compiled and 20 times eagerly
+    (nvfp4_fake_quant_blocks_now), x at the start of its storage and off 16-byte alignment, a
+    global amax under the data's (block scales at 448) and the data's own: the reference's bits
+    every time. NVFP4 real quant's kernel gave launch-to-launch different codes under layouts that
+    spread a block over threads (docs/compiled.md, "Fifth round"); fp32 rows of 8 were such a
+    layout in this kernel too, before its fp32 path became one-dimensional."""
+    from refquant.compiled.nvfp4_fake_triton import nvfp4_fake_quant_blocks_now
+    from refquant.numerics.gpu_division import reciprocal_table
+
+    x = (torch.randn(rows, 64, generator=torch.Generator().manual_seed(4)) * 7).to(dtype)
+    for amax in (torch.tensor(5.5), x.float().abs().amax()):
+        want = rq.nvfp4_fake_quant(x, amax)
+        for launch in range(20):
+            on_device = cuda_at_element_offset(x, offset)
+            eager = nvfp4_fake_quant_blocks_now(on_device, amax.cuda(), reciprocal_table(on_device.device))
+            assert_bitexact(eager.cpu(), want, f"amax {float(amax)}, launch {launch}: the eager launch")
+            assert_bitexact(rc.nvfp4_fake_quant(on_device, amax.cuda()).cpu(), want, f"amax {float(amax)}, launch {launch}: rc.nvfp4_fake_quant")

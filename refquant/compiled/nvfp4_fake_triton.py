@@ -6,8 +6,9 @@ The card moves memory 1.4x faster than an H100 with the same SMs, so a kernel th
 copy's time there is now limited by its instructions. This one does the same arithmetic in
 fewer of them, at 0.98 of a copy there (128 blocks on 4 warps; benchmarks/nvfp4_tiles.py):
 
-- one thread holds a block of 16 whole (two rows of 8: two 16-byte loads in bf16), so the block
-  max is register max operations in x's dtype, not a cross-thread reduction; Triton's tl.max skips NaN and gives NaN only when the
+- one thread holds a block of 16 whole (bf16 and fp16: two rows of 8, two 16-byte loads; fp32:
+  sixteen one-dimensional loads, since Triton spreads a 32-byte row over two threads), so the
+  block max is register max operations in x's dtype, not a cross-thread reduction; Triton's tl.max skips NaN and gives NaN only when the
   whole block is NaN, which is what the reference's nan_ignoring_block_max does (it describes
   modelopt's kernel, which uses tl.max too);
 - the per-block values (the scale S and R(S), the reciprocal from
@@ -90,12 +91,46 @@ def _e2m1_round(u):
 
 
 @triton.jit
-def _fake_quant_half_blocks(x, scale, rcp_scale, Y_DTYPE: tl.constexpr):
-    """Eight elements of each block (a thread's row): |x| / S rounded onto E2M1, times S, with the
-    sign of x (`0 - p`: a negative that rounds to zero gives +0.0, and NaN gives -6 S)."""
+def _fake_quant(x, scale, rcp_scale, Y_DTYPE: tl.constexpr):
+    """Elements of blocks, with their blocks' scale S and R(S) broadcast to x's shape: |x| / S
+    rounded onto E2M1, times S, with the sign of x (`0 - p`: a negative that rounds to zero gives
+    +0.0, and NaN gives -6 S)."""
     x = x.to(tl.float32)
-    p = _e2m1_round(_mul_rn(tl.abs(x), rcp_scale[:, None])) * scale[:, None]
+    p = _e2m1_round(_mul_rn(tl.abs(x), rcp_scale)) * scale
     return tl.where(x >= 0.0, p, 0.0 - p).to(Y_DTYPE)
+
+
+@triton.jit
+def _block_scale(block_max, g, rcp_6g, table_ptr, S_FLOOR: tl.constexpr, E4M3_MAX_: tl.constexpr):
+    """The block scale S (nvfp4_fake_block_scale: t = m / fl(6 g'), at most 448, to E4M3, times g';
+    the floor's blocks get 1.0) and R(S), from the block max m in fp32."""
+    ideal = block_max * rcp_6g
+    clamped = tl.where(ideal < E4M3_MAX_, ideal, E4M3_MAX_)
+    scale = clamped.to(tl.float8e4nv).to(tl.float32) * g
+    scale = tl.where(scale >= S_FLOOR, scale, 1.0)
+    return scale, _approx_reciprocal(scale, table_ptr)
+
+
+@triton.jit
+def _load_four(ptr, in_range):
+    """Elements ptr[0..3] of each block, in x's dtype (four (BLOCKS,) tensors)."""
+    return (tl.load(ptr, mask=in_range, other=0.0), tl.load(ptr + 1, mask=in_range, other=0.0),
+            tl.load(ptr + 2, mask=in_range, other=0.0), tl.load(ptr + 3, mask=in_range, other=0.0))
+
+
+@triton.jit
+def _abs_max_four(a, b, c, d):
+    """max(|a|, |b|, |c|, |d|), skipping NaN as tl.max does (the same maximum operation)."""
+    return tl.maximum(tl.maximum(tl.abs(a), tl.abs(b)), tl.maximum(tl.abs(c), tl.abs(d)))
+
+
+@triton.jit
+def _store_four(ptr, a, b, c, d, scale, rcp_scale, in_range):
+    y_dtype = ptr.dtype.element_ty
+    tl.store(ptr, _fake_quant(a, scale, rcp_scale, y_dtype), mask=in_range)
+    tl.store(ptr + 1, _fake_quant(b, scale, rcp_scale, y_dtype), mask=in_range)
+    tl.store(ptr + 2, _fake_quant(c, scale, rcp_scale, y_dtype), mask=in_range)
+    tl.store(ptr + 3, _fake_quant(d, scale, rcp_scale, y_dtype), mask=in_range)
 
 
 @triton.jit
@@ -116,27 +151,40 @@ def _nvfp4_fake_kernel(
     global_scale = tl.load(amax_ptr).to(tl.float32) * RCP_2688_  # any float amax: its .float(), exactly
     g = tl.where(global_scale > 0.0, global_scale, G_FLOOR)
     rcp_6g = _approx_reciprocal(g * E2M1_MAX_, table_ptr)
-
-    # Each block as two rows of 8 (16 bytes in bf16): Triton then gives a whole block to one
-    # thread, and every per-block value below lives in that thread's registers.
     block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
-    first = block[:, None].to(tl.int64) * _BLOCK + tl.arange(0, _BLOCK // 2)[None, :]
-    in_range = (block < n_blocks)[:, None]
-    low = tl.load(x_ptr + first, mask=in_range, other=0.0)
-    high = tl.load(x_ptr + first + _BLOCK // 2, mask=in_range, other=0.0)
 
-    # The block scale (nvfp4_fake_block_scale): t = m / fl(6 g'), at most 448, to E4M3, times g'.
-    # The max is taken in x's dtype (exact, and the same order): tl.max skips NaN.
-    block_max = tl.maximum(tl.max(tl.abs(low), axis=1), tl.max(tl.abs(high), axis=1)).to(tl.float32)
-    ideal = block_max * rcp_6g
-    clamped = tl.where(ideal < E4M3_MAX_, ideal, E4M3_MAX_)
-    scale = clamped.to(tl.float8e4nv).to(tl.float32) * g
-    scale = tl.where(scale >= S_FLOOR, scale, 1.0)
-    rcp_scale = _approx_reciprocal(scale, table_ptr)
-
-    y_dtype = y_ptr.dtype.element_ty
-    tl.store(y_ptr + first, _fake_quant_half_blocks(low, scale, rcp_scale, y_dtype), mask=in_range)
-    tl.store(y_ptr + first + _BLOCK // 2, _fake_quant_half_blocks(high, scale, rcp_scale, y_dtype), mask=in_range)
+    # One thread owns a block, so every per-block value lives in its registers. The block max is
+    # taken in x's dtype (exact, and the same order), skipping NaN (tl.max and tl.maximum).
+    if x_ptr.dtype.element_ty.primitive_bitwidth == 16:
+        # Two rows of 8: 16 bytes each, one vector load a row, and Triton gives a row to one
+        # thread at any alignment (scripts/triton_sass.py --kernel fake --unaligned-x).
+        first = block[:, None].to(tl.int64) * _BLOCK + tl.arange(0, _BLOCK // 2)[None, :]
+        in_range = (block < n_blocks)[:, None]
+        low = tl.load(x_ptr + first, mask=in_range, other=0.0)
+        high = tl.load(x_ptr + first + _BLOCK // 2, mask=in_range, other=0.0)
+        block_max = tl.maximum(tl.max(tl.abs(low), axis=1), tl.max(tl.abs(high), axis=1)).to(tl.float32)
+        scale, rcp_scale = _block_scale(block_max, g, rcp_6g, table_ptr, S_FLOOR, E4M3_MAX_)
+        y_dtype = y_ptr.dtype.element_ty
+        tl.store(y_ptr + first, _fake_quant(low, scale[:, None], rcp_scale[:, None], y_dtype), mask=in_range)
+        tl.store(y_ptr + first + _BLOCK // 2, _fake_quant(high, scale[:, None], rcp_scale[:, None], y_dtype), mask=in_range)
+    else:
+        # fp32: a row of 8 is 32 bytes, which Triton spreads over two threads (shuffles and shared
+        # memory, the layouts under which NVFP4 real quant's kernel gave launch-to-launch
+        # different codes: docs/compiled.md, "Fifth round"). So each element of a block is its own
+        # one-dimensional load, and there is no layout to choose.
+        in_range = block < n_blocks
+        start = block.to(tl.int64) * _BLOCK
+        x0, x1, x2, x3 = _load_four(x_ptr + start, in_range)
+        x4, x5, x6, x7 = _load_four(x_ptr + start + 4, in_range)
+        x8, x9, x10, x11 = _load_four(x_ptr + start + 8, in_range)
+        x12, x13, x14, x15 = _load_four(x_ptr + start + 12, in_range)
+        block_max = tl.maximum(tl.maximum(_abs_max_four(x0, x1, x2, x3), _abs_max_four(x4, x5, x6, x7)),
+                               tl.maximum(_abs_max_four(x8, x9, x10, x11), _abs_max_four(x12, x13, x14, x15))).to(tl.float32)
+        scale, rcp_scale = _block_scale(block_max, g, rcp_6g, table_ptr, S_FLOOR, E4M3_MAX_)
+        _store_four(y_ptr + start, x0, x1, x2, x3, scale, rcp_scale, in_range)
+        _store_four(y_ptr + start + 4, x4, x5, x6, x7, scale, rcp_scale, in_range)
+        _store_four(y_ptr + start + 8, x8, x9, x10, x11, scale, rcp_scale, in_range)
+        _store_four(y_ptr + start + 12, x12, x13, x14, x15, scale, rcp_scale, in_range)
 
 
 def kernel_constants() -> dict[str, float | int]:
