@@ -325,10 +325,9 @@ class BoundKernelLaunch:
     and device it was bound for, contiguous, last dim a multiple of `block`, not empty, and
     outside autograd (no requires_grad under grad mode); for any other it returns None and the
     caller makes the ordinary call. Made by bind_fake_quant, for bf16 and fp16 only (what was
-    checked on the H200 against the reference, every pattern): fp32 keeps the graph. (The NVFP4
-    fake kernel's fp32 rows span two threads, with shuffles and shared memory: the layouts under
-    which NVFP4 real quant's kernel gave launch-to-launch different codes until the fifth round;
-    docs/compiled.md.)"""
+    checked on the H200 against the reference, every pattern): fp32 keeps the graph (the
+    fake kernel's fp32 path, one-dimensional since its rows of 8 were spread over two threads, is
+    not yet checked through this launch; docs/compiled.md, "Fifth round")."""
 
     DTYPES = (torch.bfloat16, torch.float16)
     __slots__ = ("_launch", "_args", "_block", "_dtype", "_device")
