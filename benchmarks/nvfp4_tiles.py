@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import refquant  # noqa: E402
 import refquant.numerics.formats  # noqa: E402
 from refquant.compiled import functions  # noqa: E402
-from refquant.numerics.gpu_division import reciprocal_table  # noqa: E402
 from refquant.testing import bits_of  # noqa: E402
 
 SHAPES = {
@@ -63,7 +62,6 @@ def main() -> None:
     except Exception:  # noqa: BLE001 - modelopt is optional here
         modelopt_fake = None
 
-    table = reciprocal_table("cuda")
     constants = kernels.kernel_constants()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
     for name in args.shapes.split(","):
@@ -84,7 +82,7 @@ def main() -> None:
         for blocks, warps in TILES:
             def launch(blocks=blocks, warps=warps):
                 kernels._nvfp4_fake_kernel[(triton.cdiv(n_blocks, blocks),)](
-                    x, amax, table, y, n_blocks, **{**constants, "BLOCKS": blocks}, num_warps=warps
+                    x, amax, y, n_blocks, **{**constants, "BLOCKS": blocks}, num_warps=warps
                 )
 
             launch()

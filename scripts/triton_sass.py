@@ -49,7 +49,7 @@ def main() -> None:
         import refquant.compiled.nvfp4_fake_triton as kernels
 
         fn, num_warps = kernels._nvfp4_fake_kernel, kernels.NUM_WARPS
-        signature = {"x_ptr": "*" + args.dtype, "amax_ptr": "*fp32", "table_ptr": "*i32", "y_ptr": "*" + args.dtype, "n_blocks": "i32"}
+        signature = {"x_ptr": "*" + args.dtype, "amax_ptr": "*fp32", "y_ptr": "*" + args.dtype, "n_blocks": "i32"}
         constants = kernels.kernel_constants()
     if args.blocks:
         constants["BLOCKS"] = args.blocks

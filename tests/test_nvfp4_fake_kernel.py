@@ -96,7 +96,6 @@ def test_triton_fake_block_step_on_cuda_next_to_every_decision_point(dtype):
     within 3 values of `dtype` of b * S (either side) for every E2M1 decision point b, where |x| / S rounds one way
     or the other: blocks of every E4M3 scale, under global amaxes from tiny to huge; either sign."""
     from refquant.compiled.nvfp4_fake_triton import nvfp4_fake_quant_blocks as triton_blocks
-    from refquant.numerics.gpu_division import reciprocal_table
 
     gen = torch.Generator().manual_seed(5)
     codes = torch.arange(1, 127, dtype=torch.uint8).view(E4M3_DTYPE).float()
@@ -120,17 +119,16 @@ def test_triton_fake_block_step_on_cuda_next_to_every_decision_point(dtype):
         # Values of dtype already (fp16 at the huge amax: inf, and NaN patterns next to it).
         x = (blocks * signs).reshape(len(codes), 64).to(dtype)
         expected = nvfp4_fake_quant_blocks(x, global_amax)
-        actual = triton_blocks(x.cuda(), global_amax.cuda(), reciprocal_table("cuda"))
+        actual = triton_blocks(x.cuda(), global_amax.cuda())
         assert_bitexact(actual.cpu(), expected, f"{dtype}, global amax {amax}")
 
 
 @cuda
 def test_triton_fake_block_step_on_cuda_under_every_block_scale():
     """Every E4M3 block scale under one global scale: each block's max is the one that gives it,
-    and its elements take every E2M1 value; R(S) is read from the table for each (the kernel's
-    one gather)."""
+    and its elements take every E2M1 value; R(S) is the GPU's reciprocal of each (the kernel's
+    rcp.approx.ftz.f32)."""
     from refquant.compiled.nvfp4_fake_triton import nvfp4_fake_quant_blocks as triton_blocks
-    from refquant.numerics.gpu_division import reciprocal_table
 
     global_amax = torch.tensor(1234.5)
     g = global_amax * 0.000372023809523809
@@ -139,7 +137,7 @@ def test_triton_fake_block_step_on_cuda_under_every_block_scale():
     grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.3, 0.8, 1.3, 1.8, 2.6, 3.6, 5.1])
     x = torch.cat([(scale * 6)[:, None], grid[None, :] / rcp[:, None]], dim=1)
     expected = nvfp4_fake_quant_blocks(x, global_amax)
-    actual = triton_blocks(x.cuda(), global_amax.cuda(), reciprocal_table("cuda"))
+    actual = triton_blocks(x.cuda(), global_amax.cuda())
     assert_bitexact(actual.cpu(), expected, "every E4M3 block scale")
 
 
@@ -149,7 +147,6 @@ def test_triton_fake_block_step_on_cuda_under_inf_and_nan_global_amax():
     NaN gives one): an infinite global scale, a NaN one that becomes the 1e-12 floor, and the
     largest finite amaxes, on blocks with and without NaN and inf."""
     from refquant.compiled.nvfp4_fake_triton import nvfp4_fake_quant_blocks as triton_blocks
-    from refquant.numerics.gpu_division import reciprocal_table
 
     gen = torch.Generator().manual_seed(9)
     inputs = {"NaN and inf blocks": _nan_and_inf_blocks(), "random": torch.randn(16, 64, generator=gen) * 100}
@@ -158,7 +155,7 @@ def test_triton_fake_block_step_on_cuda_under_inf_and_nan_global_amax():
             global_amax = torch.tensor(amax, dtype=torch.float32)
             for dtype in (torch.float32, torch.bfloat16):
                 xd = x.to(dtype)
-                actual = triton_blocks(xd.cuda(), global_amax.cuda(), reciprocal_table("cuda"))
+                actual = triton_blocks(xd.cuda(), global_amax.cuda())
                 assert_bitexact(actual.cpu(), nvfp4_fake_quant_blocks(xd, global_amax), f"{name}, {dtype}, global amax {amax}")
 
 
@@ -177,13 +174,45 @@ def test_the_fake_kernel_gives_the_same_bits_launch_after_launch(rows, dtype, of
     spread a block over threads (docs/compiled.md, "Fifth round"); fp32 rows of 8 were such a
     layout in this kernel too, before its fp32 path became one-dimensional."""
     from refquant.compiled.nvfp4_fake_triton import nvfp4_fake_quant_blocks_now
-    from refquant.numerics.gpu_division import reciprocal_table
 
     x = (torch.randn(rows, 64, generator=torch.Generator().manual_seed(4)) * 7).to(dtype)
     for amax in (torch.tensor(5.5), x.float().abs().amax()):
         want = rq.nvfp4_fake_quant(x, amax)
         for launch in range(20):
             on_device = cuda_at_element_offset(x, offset)
-            eager = nvfp4_fake_quant_blocks_now(on_device, amax.cuda(), reciprocal_table(on_device.device))
+            eager = nvfp4_fake_quant_blocks_now(on_device, amax.cuda())
             assert_bitexact(eager.cpu(), want, f"amax {float(amax)}, launch {launch}: the eager launch")
             assert_bitexact(rc.nvfp4_fake_quant(on_device, amax.cuda()).cpu(), want, f"amax {float(amax)}, launch {launch}: rc.nvfp4_fake_quant")
+
+
+@cuda
+def test_the_kernels_reciprocal_is_the_reference_table_for_every_mantissa():
+    """The kernel takes R(b) from the GPU's rcp.approx.ftz.f32 (the instruction inside Triton's
+    `/`, which modelopt's kernel divides with); the reference takes it from the shipped table,
+    measured on an H200. For every mantissa, at exponents from the smallest divisor the kernel
+    makes (fl(6 g') >= 6e-12 > 2**-38; S >= 1e-5 > 2**-17) to the largest (2**125), either sign,
+    and +-inf and NaN: the same bits. On a GPU whose reciprocal differs, this test says so first."""
+    from refquant.compiled.nvfp4_fake_triton import kernel_reciprocal
+
+    mantissas = torch.arange(2**23, dtype=torch.int32, device="cuda")
+    for exponent in (-38, -17, -1, 0, 1, 60, 119, 125):
+        for sign in (0, -(2**31)):
+            b = (mantissas | ((exponent + 127) << 23) | sign).view(torch.float32)
+            assert_bitexact(kernel_reciprocal(b), approx_reciprocal_fp32(b), f"every mantissa at 2**{exponent}, sign bit {sign != 0}")
+    special = torch.tensor([float("inf"), float("-inf"), float("nan")], device="cuda")
+    assert_bitexact(kernel_reciprocal(special), approx_reciprocal_fp32(special), "inf, -inf, NaN")
+
+
+@cuda
+def test_the_fake_kernel_puts_no_reciprocal_table_on_the_device(monkeypatch):
+    """The kernel's reciprocal is the instruction, so rc.nvfp4_fake_quant and a bound NVFP4
+    quantizer on CUDA (last dim a multiple of 16) leave the 32 MiB table on the CPU: PTQ's peak
+    memory is held to modelopt's."""
+    from refquant.numerics import gpu_division
+
+    monkeypatch.setattr(gpu_division, "_TABLES", {d: t for d, t in gpu_division._TABLES.items() if d.type == "cpu"})
+    x = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+    rc.nvfp4_fake_quant(x, 3.0)
+    rc.nvfp4_fake_quant(x)
+    rc.bind_fake_quant("nvfp4", x, 3.0)(x)
+    assert [d for d in gpu_division._TABLES if d.type != "cpu"] == []

@@ -25,9 +25,7 @@ def _launch_args(kind: str, x: torch.Tensor, amax: torch.Tensor) -> tuple:
     """(programs, runtime arguments) of the real ("real") or fake ("fake") kernel for x."""
     blocks = x.numel() // 16
     if kind == "fake":
-        from refquant.numerics.gpu_division import reciprocal_table
-
-        return 4, (x, amax, reciprocal_table(x.device), torch.empty_like(x), blocks)
+        return 4, (x, amax, torch.empty_like(x), blocks)
     packed = torch.empty(x.numel() // 2, dtype=torch.uint8, device=x.device)
     block_scale = torch.empty(blocks, dtype=torch.float8_e4m3fn, device=x.device)
     global_scale = torch.empty(1, dtype=torch.float32, device=x.device)

@@ -253,7 +253,8 @@ def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor =
     check_float_input(x)
     if amax is not None:
         amax = as_amax_tensor(amax, x)
-    reciprocal_table(x.device)  # decoded here, eagerly: the graph reads it as a constant
+    if not _takes_triton_block_step(x):
+        reciprocal_table(x.device)  # decoded here, eagerly: inductor's graph reads it as a constant
     out = _run(_compiled_nvfp4_fake_quant_for(x), reference_nvfp4.nvfp4_fake_quant, _rows(x), amax)
     return _as_shape_of(out, x)
 
@@ -277,7 +278,7 @@ def _nvfp4_fake_quant_triton_blocks(x: torch.Tensor, amax: AmaxLike = None) -> t
     empty. The global amax is the reference's own code."""
     from .nvfp4_fake_triton import nvfp4_fake_quant_blocks
 
-    return nvfp4_fake_quant_blocks(x.contiguous(), reference_nvfp4._global_amax(x, amax), reciprocal_table(x.device))
+    return nvfp4_fake_quant_blocks(x.contiguous(), reference_nvfp4._global_amax(x, amax))
 
 
 @functools.cache
@@ -367,7 +368,7 @@ def _bound_kernel_launch(format: str, x: torch.Tensor, amax: torch.Tensor, flavo
         return None
     from .nvfp4_fake_triton import nvfp4_fake_quant_blocks_now
 
-    return BoundKernelLaunch(x, nvfp4_fake_quant_blocks_now, (amax, reciprocal_table(x.device)), NVFP4_BLOCK_SIZE)
+    return BoundKernelLaunch(x, nvfp4_fake_quant_blocks_now, (amax,), NVFP4_BLOCK_SIZE)
 
 
 def bind_fake_quant(format: str, x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> BoundFakeQuant | None:
@@ -398,7 +399,7 @@ def bind_fake_quant(format: str, x: torch.Tensor, amax: AmaxLike = None, *, flav
     elif format == "fp8":
         args, kwargs = (rows, amax), {"axis": None, "flavor": flavor}
         entry = _compiled_fp8_fake_quant.for_call(args, kwargs)
-    else:  # its reciprocal table exists: the graph was compiled by an earlier call
+    else:  # the graph was compiled by an earlier call (with the reciprocal table, where it reads one)
         args, kwargs = (rows, amax), {}
         entry = _compiled_nvfp4_fake_quant_for(x).for_call(args, kwargs)
     frame = entry.frame_of(*args, **kwargs)

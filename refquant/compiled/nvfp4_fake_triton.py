@@ -11,8 +11,8 @@ fewer of them, at 0.98 of a copy there (128 blocks on 4 warps; benchmarks/nvfp4_
   block max is register max operations in x's dtype, not a cross-thread reduction; Triton's tl.max skips NaN and gives NaN only when the
   whole block is NaN, which is what the reference's nan_ignoring_block_max does (it describes
   modelopt's kernel, which uses tl.max too);
-- the per-block values (the scale S and R(S), the reciprocal from
-  refquant.numerics.gpu_division's table) are computed once a block; an element costs a multiply,
+- the per-block values (the scale S and R(S), the GPU's reciprocal that
+  refquant.numerics.gpu_division's table measures) are computed once a block; an element costs a multiply,
   the E2M1 rounding, a multiply and the sign;
 - the products that feed an addition are written as PTX mul.rn.f32: Triton would otherwise be
   free to fuse them into an FMA, which rounds once where the reference rounds twice.
@@ -62,16 +62,30 @@ def _mul_rn(a, b):
 
 
 @triton.jit
-def _approx_reciprocal(b, table_ptr):
-    """refquant.numerics.gpu_division.approx_reciprocal_fp32: R(b) for fp32 b, from the table of
-    r(1.m) (int32 bits, one a mantissa): the exponent subtracted from r(1.m)'s bits, b's sign kept;
-    +-inf -> +-0 and NaN -> NaN."""
-    bits = b.to(tl.int32, bitcast=True)
-    r_one = tl.load(table_ptr + (bits & 0x7FFFFF))
-    r_bits = (r_one - (bits & 0x7F800000) + 0x3F800000) | (bits & -2147483648)
-    r = r_bits.to(tl.float32, bitcast=True)
-    r = tl.where(b != b, b, r)
-    return tl.where(tl.abs(b) == float("inf"), tl.where(b > 0, 0.0, -0.0), r)
+def _approx_reciprocal(b):
+    """R(b) for fp32 b: the GPU's own reciprocal, PTX rcp.approx.ftz.f32, the instruction inside
+    div.full.f32 (Triton's fp32 `/`, modelopt's kernel's division). It is what the table of
+    refquant.numerics.gpu_division measures: r(1.m) for every mantissa, the exponent only shifting
+    it, results under 2**-126 flushed, +-inf -> +-0, NaN -> NaN. So for every divisor this kernel
+    makes (fl(6 g') and S: +inf, or a normal number whose reciprocal is normal) it equals
+    approx_reciprocal_fp32, the reference's form, with no 32 MiB table on the device
+    (tests/test_nvfp4_fake_kernel.py compares the two for every mantissa on the GPU at hand)."""
+    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [b], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _reciprocal_kernel(b_ptr, r_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_range = i < n
+    tl.store(r_ptr + i, _approx_reciprocal(tl.load(b_ptr + i, mask=in_range, other=1.0)), mask=in_range)
+
+
+def kernel_reciprocal(b: torch.Tensor) -> torch.Tensor:
+    """The fake kernel's R(b) of every element of a contiguous fp32 CUDA tensor (for the tests that
+    hold it to the reference's table)."""
+    r = torch.empty_like(b)
+    _reciprocal_kernel[(triton.cdiv(b.numel(), 1024),)](b, r, b.numel(), BLOCK=1024)
+    return r
 
 
 @triton.jit
@@ -101,14 +115,14 @@ def _fake_quant(x, scale, rcp_scale, Y_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _block_scale(block_max, g, rcp_6g, table_ptr, S_FLOOR: tl.constexpr, E4M3_MAX_: tl.constexpr):
+def _block_scale(block_max, g, rcp_6g, S_FLOOR: tl.constexpr, E4M3_MAX_: tl.constexpr):
     """The block scale S (nvfp4_fake_block_scale: t = m / fl(6 g'), at most 448, to E4M3, times g';
     the floor's blocks get 1.0) and R(S), from the block max m in fp32."""
     ideal = block_max * rcp_6g
     clamped = tl.where(ideal < E4M3_MAX_, ideal, E4M3_MAX_)
     scale = clamped.to(tl.float8e4nv).to(tl.float32) * g
     scale = tl.where(scale >= S_FLOOR, scale, 1.0)
-    return scale, _approx_reciprocal(scale, table_ptr)
+    return scale, _approx_reciprocal(scale)
 
 
 @triton.jit
@@ -137,7 +151,6 @@ def _store_four(ptr, a, b, c, d, scale, rcp_scale, in_range):
 def _nvfp4_fake_kernel(
     x_ptr,
     amax_ptr,
-    table_ptr,
     y_ptr,
     n_blocks,
     RCP_2688_: tl.constexpr,
@@ -150,7 +163,7 @@ def _nvfp4_fake_kernel(
     # The tensor's values, as refquant.numerics.nvfp4.nvfp4_fake_quant computes them.
     global_scale = tl.load(amax_ptr).to(tl.float32) * RCP_2688_  # any float amax: its .float(), exactly
     g = tl.where(global_scale > 0.0, global_scale, G_FLOOR)
-    rcp_6g = _approx_reciprocal(g * E2M1_MAX_, table_ptr)
+    rcp_6g = _approx_reciprocal(g * E2M1_MAX_)
     block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
 
     # One thread owns a block, so every per-block value lives in its registers. The block max is
@@ -163,7 +176,7 @@ def _nvfp4_fake_kernel(
         low = tl.load(x_ptr + first, mask=in_range, other=0.0)
         high = tl.load(x_ptr + first + _BLOCK // 2, mask=in_range, other=0.0)
         block_max = tl.maximum(tl.max(tl.abs(low), axis=1), tl.max(tl.abs(high), axis=1)).to(tl.float32)
-        scale, rcp_scale = _block_scale(block_max, g, rcp_6g, table_ptr, S_FLOOR, E4M3_MAX_)
+        scale, rcp_scale = _block_scale(block_max, g, rcp_6g, S_FLOOR, E4M3_MAX_)
         y_dtype = y_ptr.dtype.element_ty
         tl.store(y_ptr + first, _fake_quant(low, scale[:, None], rcp_scale[:, None], y_dtype), mask=in_range)
         tl.store(y_ptr + first + _BLOCK // 2, _fake_quant(high, scale[:, None], rcp_scale[:, None], y_dtype), mask=in_range)
@@ -180,7 +193,7 @@ def _nvfp4_fake_kernel(
         x12, x13, x14, x15 = _load_four(x_ptr + start + 12, in_range)
         block_max = tl.maximum(tl.maximum(_abs_max_four(x0, x1, x2, x3), _abs_max_four(x4, x5, x6, x7)),
                                tl.maximum(_abs_max_four(x8, x9, x10, x11), _abs_max_four(x12, x13, x14, x15))).to(tl.float32)
-        scale, rcp_scale = _block_scale(block_max, g, rcp_6g, table_ptr, S_FLOOR, E4M3_MAX_)
+        scale, rcp_scale = _block_scale(block_max, g, rcp_6g, S_FLOOR, E4M3_MAX_)
         _store_four(y_ptr + start, x0, x1, x2, x3, scale, rcp_scale, in_range)
         _store_four(y_ptr + start + 4, x4, x5, x6, x7, scale, rcp_scale, in_range)
         _store_four(y_ptr + start + 8, x8, x9, x10, x11, scale, rcp_scale, in_range)
@@ -204,15 +217,13 @@ def _programs(x: torch.Tensor) -> int:
 
 
 @triton_op("refquant::nvfp4_fake_quant_blocks", mutates_args=())
-def nvfp4_fake_quant_blocks(x: torch.Tensor, amax: torch.Tensor, reciprocals: torch.Tensor) -> torch.Tensor:
+def nvfp4_fake_quant_blocks(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     """refquant.numerics.nvfp4.nvfp4_fake_quant of a contiguous CUDA x whose last dim is a multiple
-    of 16, under an fp32 0-d global amax, with the device's reciprocal table
-    (refquant.numerics.gpu_division.reciprocal_table)."""
+    of 16, under an fp32 0-d global amax."""
     y = torch.empty_like(x)
     wrap_triton(_nvfp4_fake_kernel)[(_programs(x),)](
         x,
         amax,
-        reciprocals,
         y,
         x.numel() // NVFP4_BLOCK_SIZE,
         **kernel_constants(),
@@ -226,11 +237,11 @@ def _direct_launch() -> DirectLaunch:
     return DirectLaunch(_nvfp4_fake_kernel, kernel_constants(), NUM_WARPS)
 
 
-def nvfp4_fake_quant_blocks_now(x: torch.Tensor, amax: torch.Tensor, reciprocals: torch.Tensor) -> torch.Tensor:
+def nvfp4_fake_quant_blocks_now(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     """nvfp4_fake_quant_blocks launched eagerly by DirectLaunch, past the dispatcher and any graph
     (for calls outside torch.compile: refquant.compiled.functions.BoundKernelLaunch). The amax may be any
     float dtype of one element on x's device (the kernel reads it as fp32, as the reference's
     .float())."""
     y = torch.empty_like(x)
-    _direct_launch()(_programs(x), x, amax, reciprocals, y, x.numel() // NVFP4_BLOCK_SIZE)
+    _direct_launch()(_programs(x), x, amax, y, x.numel() // NVFP4_BLOCK_SIZE)
     return y
