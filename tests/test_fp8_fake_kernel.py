@@ -40,6 +40,18 @@ def test_a_bound_fp8_launch_gives_the_reference_bits_on_every_pattern(dtype, fla
             assert_bitexact(out.cpu(), rq.fp8_fake_quant(view, amax, flavor=flavor), f"{dtype}, {flavor}, amax {amax}, {tuple(view.shape)}")
 
 
+def test_a_bound_fp8_launch_keeps_nothing_on_the_device():
+    """PTQ's peak memory is held to modelopt's, whose FP8 quantizers keep nothing but their amax:
+    binding reads the scales back once and passes them to every launch as fp32 arguments."""
+    x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    amax = torch.tensor(3.0, device="cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    bound = [rc.bind_fake_quant("fp8", x, amax, flavor=flavor) for flavor in ("modelopt-cpu", "modelopt-cuda") for _ in range(8)]
+    assert all(isinstance(b, functions.BoundKernelLaunch) for b in bound)
+    assert torch.cuda.memory_allocated() == before
+
+
 def test_fp32_binds_the_graph_not_the_launch():
     x = torch.randn(4, 64, device="cuda")
     assert not isinstance(rc.bind_fake_quant("fp8", x, 3.0), functions.BoundKernelLaunch)

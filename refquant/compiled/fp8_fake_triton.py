@@ -11,7 +11,9 @@ It is refquant.numerics.fp8.fp8_fake_quant_with_scales step for step: v = fl(fp3
 clamped to +-448 (NaN stays NaN: both comparisons are false for it), rounded to E4M3 (nearest,
 ties to even: cvt.rn.satfinite), times the inverse scale in fp32, rounded to x's dtype. The two
 products are PTX mul.rn.f32, so no compiler may fuse them with anything. The scales are the
-reference's (fp8_fake_quant_scales, computed once per binding), read from device memory.
+reference's (fp8_fake_quant_scales, computed once per binding) and reach the kernel as fp32
+arguments of the launch: a bound quantizer keeps no tensor of its own on the device (modelopt's
+keeps none either, and PTQ's peak memory is held to modelopt's).
 tests/test_fp8_fake_kernel.py holds it to the reference bit for bit on CUDA: every bf16 and fp16
 pattern, under every amax regime, both flavors (a bound quantizer launches it for bf16 and fp16
 only; fp32 keeps inductor's kernel).
@@ -35,9 +37,7 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _fp8_fake_kernel(x_ptr, scale_ptr, inv_scale_ptr, y_ptr, n, E4M3_MAX_: tl.constexpr, ELEMENTS: tl.constexpr):
-    scale = tl.load(scale_ptr)
-    inv_scale = tl.load(inv_scale_ptr)
+def _fp8_fake_kernel(x_ptr, scale, inv_scale, y_ptr, n, E4M3_MAX_: tl.constexpr, ELEMENTS: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * ELEMENTS + tl.arange(0, ELEMENTS)
     in_range = offsets < n
     x = tl.load(x_ptr + offsets, mask=in_range, other=0.0)
@@ -58,9 +58,10 @@ def _direct_launch() -> DirectLaunch:
     return DirectLaunch(_fp8_fake_kernel, kernel_constants(), NUM_WARPS)
 
 
-def fp8_fake_quant_with_scales_now(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
-    """refquant.numerics.fp8.fp8_fake_quant_with_scales of a contiguous CUDA x under fp32 0-d scales
-    on x's device, launched eagerly by DirectLaunch (outside torch.compile)."""
+def fp8_fake_quant_with_scales_now(x: torch.Tensor, scale: float, inv_scale: float) -> torch.Tensor:
+    """refquant.numerics.fp8.fp8_fake_quant_with_scales of a contiguous CUDA x under fp32 scales
+    given as Python floats (each exactly an fp32 value: the launch passes it as one), launched
+    eagerly by DirectLaunch (outside torch.compile)."""
     y = torch.empty_like(x)
     _direct_launch()(triton.cdiv(x.numel(), ELEMENTS_PER_PROGRAM), x, scale, inv_scale, y, x.numel())
     return y

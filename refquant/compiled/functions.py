@@ -362,8 +362,9 @@ def _bound_kernel_launch(format: str, x: torch.Tensor, amax: torch.Tensor, flavo
     if format == "fp8":
         from .fp8_fake_triton import fp8_fake_quant_with_scales_now
 
-        scale, inv_scale = reference_fp8.fp8_fake_quant_scales(amax, flavor)
-        return BoundKernelLaunch(x, fp8_fake_quant_with_scales_now, (scale.reshape(()), inv_scale.reshape(())))
+        # read back once per binding (one sync), and passed to every launch as fp32 arguments
+        scale, inv_scale = torch.stack(reference_fp8.fp8_fake_quant_scales(amax.reshape(()), flavor)).tolist()
+        return BoundKernelLaunch(x, fp8_fake_quant_with_scales_now, (scale, inv_scale))
     if not _takes_triton_block_step(x):
         return None
     from .nvfp4_fake_triton import nvfp4_fake_quant_blocks_now

@@ -40,7 +40,9 @@ def _specialization(arg: Any) -> tuple:
         return (arg.dtype, arg.data_ptr() % 16 == 0)
     if isinstance(arg, int) and not isinstance(arg, bool):
         return (arg == 1, arg % 16 == 0, arg in _INT32)
-    raise TypeError(f"DirectLaunch takes tensors and ints as runtime arguments, got {type(arg).__name__}.")
+    if isinstance(arg, float):
+        return (float,)  # an fp32 argument; Triton does not specialize on a float's value
+    raise TypeError(f"DirectLaunch takes tensors, ints and floats as runtime arguments, got {type(arg).__name__}.")
 
 
 class DirectLaunch:
