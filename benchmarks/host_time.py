@@ -84,19 +84,19 @@ def steps_of(name: str, x: torch.Tensor, amax: torch.Tensor, flavor: str) -> dic
     return steps, entry.direct_graphs
 
 
-def profile_forward(recipe: str, shape: str, device: torch.device) -> dict:
-    """cProfile of one quantized forward (after warm-up); prints the top functions."""
+# Functions whose call counts in a steady forward say whether quantizers took their bound call:
+# a quantizer whose bound call is refused makes the ordinary call (_run) and binds again (_bind).
+WATCHED = ("_bind", "bind_fake_quant", "_run", "call_direct", "fp8_fake_quant", "nvfp4_fake_quant")
+
+
+def forward_profile(model, batch: torch.Tensor, top: int = 30) -> dict:
+    """cProfile of one forward of `model` (after three unprofiled ones): host ms under the
+    profiler, compiled calls that went through dynamo, calls of the WATCHED functions, and the
+    `top` functions by their own time."""
     import cProfile
     import io
     import pstats
 
-    import refquant as rq
-    from ptq_gpu import batches_for, build_model
-
-    model = build_model(shape, 0, device)
-    batch = batches_for(shape, 1, 4, 1024, 0)[0].to(device)
-    flavor = "modelopt-cuda" if device.type == "cuda" else "modelopt-cpu"
-    rq.quantize_model(model, rq.load_recipe(recipe), [batch], backend="compiled", flavor=flavor, progress=False)
     entries = lambda: [e for c in functions.compiled_functions() for e in c._compiled.values()]  # noqa: E731
     with torch.no_grad():
         for _ in range(3):
@@ -108,14 +108,31 @@ def profile_forward(recipe: str, shape: str, device: torch.device) -> dict:
         model(input_ids=batch)
         profiler.disable()
         host_ms = (time.perf_counter() - began) * 1e3
-    through_dynamo = sum(e.calls_through_dynamo for e in entries()) - before
     text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
-    print(f"profile of one {shape} forward, {recipe}: {host_ms:.1f} ms on the host under cProfile; "
-          f"{through_dynamo} compiled calls went through dynamo")
-    print(text.getvalue())
-    return {"recipe": recipe, "shape": shape, "host_ms_profiled": host_ms, "calls_through_dynamo": through_dynamo,
-            "top": text.getvalue()}
+    stats = pstats.Stats(profiler, stream=text)
+    watched = {name: 0 for name in WATCHED}
+    for (_, _, name), (_, calls, *_rest) in stats.stats.items():
+        if name in watched:
+            watched[name] += calls
+    stats.sort_stats("tottime").print_stats(top)
+    return {"host_ms_profiled": host_ms, "calls_through_dynamo": sum(e.calls_through_dynamo for e in entries()) - before,
+            "watched_calls": watched, "top": text.getvalue()}
+
+
+def profile_forward(recipe: str, shape: str, device: torch.device) -> dict:
+    """forward_profile of a fresh quantized model; prints the top functions."""
+    import refquant as rq
+    from ptq_gpu import batches_for, build_model
+
+    model = build_model(shape, 0, device)
+    batch = batches_for(shape, 1, 4, 1024, 0)[0].to(device)
+    flavor = "modelopt-cuda" if device.type == "cuda" else "modelopt-cpu"
+    rq.quantize_model(model, rq.load_recipe(recipe), [batch], backend="compiled", flavor=flavor, progress=False)
+    profile = forward_profile(model, batch)
+    print(f"profile of one {shape} forward, {recipe}: {profile['host_ms_profiled']:.1f} ms on the host under cProfile; "
+          f"{profile['calls_through_dynamo']} compiled calls went through dynamo; calls {profile['watched_calls']}")
+    print(profile["top"])
+    return {"recipe": recipe, "shape": shape, **profile}
 
 
 def main(argv: list[str] | None = None) -> int:

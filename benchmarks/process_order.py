@@ -2,13 +2,16 @@
 
     python3 benchmarks/process_order.py [--out DIR] [--shape small] [--repeats 20]
         [--sequence plain fp8_default-fp8_kv nvfp4_default-fp8_kv fp8_default-fp8_kv plain nvfp4_default-fp8_kv]
+        [--profile]
 
 For each entry of --sequence ("plain", or a recipe quantized with the compiled backend on 8
 calibration batches), a fresh ptq_gpu.py model of --shape: the median forward (ptq_gpu's
 timed_forward_ms), then the same with Python's garbage collector frozen and turned off. Why: on
 the H200 machines the first quantized model of a process ran its forward 1.5x slower than the
 same recipe later in the process (docs/compiled.md, "Fifth round"), and ptq_gpu.py times its
-first recipe first. Writes DIR/process_order.json.
+first recipe first. With --profile, each row also holds host_time.py's forward_profile of the
+model (cProfile of one forward: where a slow model's host time goes, against a fast one's).
+Writes DIR/process_order.json.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import refquant as rq  # noqa: E402
+from host_time import forward_profile  # noqa: E402
 from ptq_gpu import batches_for, build_model, timed_forward_ms  # noqa: E402
 
 DEFAULT_SEQUENCE = ["plain", "fp8_default-fp8_kv", "nvfp4_default-fp8_kv", "fp8_default-fp8_kv", "plain", "nvfp4_default-fp8_kv"]
@@ -51,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--sequence", nargs="*", default=DEFAULT_SEQUENCE)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", action="store_true", help="also cProfile one forward of each model")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     flavor = "modelopt-cuda" if device.type == "cuda" else "modelopt-cpu"
@@ -62,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         if recipe != "plain":
             rq.quantize_model(model, rq.load_recipe(recipe), calibration, backend="compiled", flavor=flavor, progress=False)
         rows.append(measure(f"{step} {recipe}", model, batch, device, args.repeats))
-        print(json.dumps(rows[-1]), flush=True)
+        if args.profile:
+            rows[-1]["profile"] = forward_profile(model, batch)
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "profile"}), flush=True)
         del model
         gc.collect()
         if device.type == "cuda":
