@@ -44,7 +44,8 @@ def measure(label: str, model, batch: torch.Tensor, device: torch.device, repeat
         gc_off = timed_forward_ms(model, batch, device, repeats)
     finally:
         gc.enable()
-    return {"label": label, "ms": timing["median_ms"], "host_ms": timing.get("host_ms"), "gc_frozen_ms": frozen["median_ms"],
+    return {"label": label, "ms": timing["median_ms"], "host_ms": timing.get("host_ms"), "host_each_ms": timing.get("host_each_ms"),
+            "gc_frozen_ms": frozen["median_ms"],
             "gc_off_ms": gc_off["median_ms"], "gc_objects": len(gc.get_objects())}
 
 

@@ -5,7 +5,8 @@ a user would: calibration over the same batches, a forward of an evaluation batc
 Measured per variant (plain bf16, modelopt, refquant compiled, refquant reference):
 
     calibration s    wall time of rq.quantize_model / mtq.quantize (the forward loop included)
-    forward ms       median of timed forwards of the evaluation batch (CUDA events, after warm-up)
+    forward ms       median of timed forwards of the evaluation batch (CUDA events, after warm-up);
+                     the JSON keeps every forward's time and host time, in order
     export s         rq.export_checkpoint / modelopt's export_hf_checkpoint
     peak GiB         torch.cuda.max_memory_allocated over calibration + forward + export; the
                      pristine weights wait on the CPU, so the GPU holds the working model only
@@ -104,9 +105,10 @@ def timed_forward_ms(model, batch: torch.Tensor, device: torch.device, repeats: 
                 times.append(elapsed)
                 if device.type == "cuda":
                     host.append(issued)
-    timing = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
+    timing = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "each_ms": times}
     if host:
         timing["host_ms"] = statistics.median(host)
+        timing["host_each_ms"] = host  # in order: a host that slows down or speeds up shows here
     return timing
 
 
