@@ -45,6 +45,7 @@ def measure(label: str, model, batch: torch.Tensor, device: torch.device, repeat
     finally:
         gc.enable()
     return {"label": label, "ms": timing["median_ms"], "host_ms": timing.get("host_ms"), "host_each_ms": timing.get("host_each_ms"),
+            "host_cpu_each_ms": timing.get("host_cpu_each_ms"), "machine_steal_share": timing.get("machine_steal_share"),
             "gc_frozen_ms": frozen["median_ms"],
             "gc_off_ms": gc_off["median_ms"], "gc_objects": len(gc.get_objects())}
 

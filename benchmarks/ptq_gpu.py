@@ -79,21 +79,37 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def machine_cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) jiffies of all CPUs since boot (Linux /proc/stat), or None: steal is time a
+    hypervisor gave this machine's virtual CPUs to others."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])  # guest time is inside user time already
+
+
 def timed_forward_ms(model, batch: torch.Tensor, device: torch.device, repeats: int) -> dict:
     """Median and spread of `repeats` forwards after two warm-ups (CUDA events on a GPU), and on
     a GPU the median host time: from the call until the forward returns, before waiting for the
-    GPU. A host time near the forward's time means the host sets the pace (host-bound)."""
+    GPU. A host time near the forward's time means the host sets the pace (host-bound). Also, in
+    order, each forward's time, host time and CPU time of this thread while it issued (host time
+    well above it: the thread waited or was not running), and the machine's share of stolen CPU
+    time over the timed forwards."""
     batch = batch.to(device)
-    times, host = [], []
+    times, host, host_cpu = [], [], []
+    ticks_before = None
     with torch.no_grad():
         for step in range(repeats + 2):
             synchronize(device)
+            if step == 2:
+                ticks_before = machine_cpu_ticks()
             if device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                began = time.perf_counter()
+                began, began_cpu = time.perf_counter(), time.thread_time()
                 model(input_ids=batch)
-                issued = (time.perf_counter() - began) * 1e3
+                issued, issued_cpu = (time.perf_counter() - began) * 1e3, (time.thread_time() - began_cpu) * 1e3
                 end.record()
                 end.synchronize()
                 elapsed = start.elapsed_time(end)
@@ -105,10 +121,15 @@ def timed_forward_ms(model, batch: torch.Tensor, device: torch.device, repeats: 
                 times.append(elapsed)
                 if device.type == "cuda":
                     host.append(issued)
+                    host_cpu.append(issued_cpu)
     timing = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "each_ms": times}
     if host:
         timing["host_ms"] = statistics.median(host)
         timing["host_each_ms"] = host  # in order: a host that slows down or speeds up shows here
+        timing["host_cpu_each_ms"] = host_cpu
+    ticks_after = machine_cpu_ticks()
+    if ticks_before and ticks_after and ticks_after[1] > ticks_before[1]:
+        timing["machine_steal_share"] = (ticks_after[0] - ticks_before[0]) / (ticks_after[1] - ticks_before[1])
     return timing
 
 
