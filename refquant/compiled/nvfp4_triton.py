@@ -83,6 +83,7 @@ from ..numerics.formats import (
     NVFP4_SCALE_DENOMINATOR,
     RCP_2688,
 )
+from .nvfp4_fake_triton import _load_four  # elements ptr[0..3] of each block, in x's dtype
 
 # A tile of 128 blocks on 4 warps (one block a thread), 8 persistent programs an SM. The bf16
 # path needs 56 registers a thread (scripts/triton_sass.py), so up to 9 such programs fit an SM at
@@ -241,10 +242,10 @@ def _any_dtype_tile(x_ptr, tile, g, packed_ptr, block_scale_ptr, n_blocks, E2M1_
     block = tile * BLOCKS + tl.arange(0, BLOCKS)
     in_range = block < n_blocks
     start = x_ptr + block.to(tl.int64) * _BLOCK
-    x0, x1, x2, x3 = _load_four(start, in_range)
-    x4, x5, x6, x7 = _load_four(start + 4, in_range)
-    x8, x9, x10, x11 = _load_four(start + 8, in_range)
-    x12, x13, x14, x15 = _load_four(start + 12, in_range)
+    x0, x1, x2, x3 = _load_four_fp32(start, in_range)
+    x4, x5, x6, x7 = _load_four_fp32(start + 4, in_range)
+    x8, x9, x10, x11 = _load_four_fp32(start + 8, in_range)
+    x12, x13, x14, x15 = _load_four_fp32(start + 12, in_range)
     # Block max |x| as an integer max of the magnitude bits: NaN propagates, as torch.amax.
     bits = tl.maximum(tl.maximum(_magnitude_bits_max(x0, x1, x2, x3), _magnitude_bits_max(x4, x5, x6, x7)),
                       tl.maximum(_magnitude_bits_max(x8, x9, x10, x11), _magnitude_bits_max(x12, x13, x14, x15)))
@@ -259,10 +260,10 @@ def _any_dtype_tile(x_ptr, tile, g, packed_ptr, block_scale_ptr, n_blocks, E2M1_
 
 
 @triton.jit
-def _load_four(ptr, in_range):
+def _load_four_fp32(ptr, in_range):
     """Elements ptr[0..3] of each block, in fp32 (four (BLOCKS,) tensors)."""
-    return (tl.load(ptr, mask=in_range, other=0.0).to(tl.float32), tl.load(ptr + 1, mask=in_range, other=0.0).to(tl.float32),
-            tl.load(ptr + 2, mask=in_range, other=0.0).to(tl.float32), tl.load(ptr + 3, mask=in_range, other=0.0).to(tl.float32))
+    a, b, c, d = _load_four(ptr, in_range)
+    return a.to(tl.float32), b.to(tl.float32), c.to(tl.float32), d.to(tl.float32)
 
 
 @triton.jit
