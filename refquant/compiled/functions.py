@@ -253,9 +253,10 @@ def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor =
     check_float_input(x)
     if amax is not None:
         amax = as_amax_tensor(amax, x)
-    if not _takes_triton_block_step(x):
+    compiled = _compiled_nvfp4_fake_quant_for(x)
+    if compiled is _compiled_nvfp4_fake_quant:
         reciprocal_table(x.device)  # decoded here, eagerly: inductor's graph reads it as a constant
-    out = _run(_compiled_nvfp4_fake_quant_for(x), reference_nvfp4.nvfp4_fake_quant, _rows(x), amax)
+    out = _run(compiled, reference_nvfp4.nvfp4_fake_quant, _rows(x), amax)
     return _as_shape_of(out, x)
 
 
@@ -363,7 +364,7 @@ def _bound_kernel_launch(format: str, x: torch.Tensor, amax: torch.Tensor, flavo
         from .fp8_fake_triton import fp8_fake_quant_with_scales_now
 
         # read back once per binding (one sync), and passed to every launch as fp32 arguments
-        scale, inv_scale = torch.stack(reference_fp8.fp8_fake_quant_scales(amax.reshape(()), flavor)).tolist()
+        scale, inv_scale = torch.stack(reference_fp8.fp8_fake_quant_scales(amax, flavor)).tolist()
         return BoundKernelLaunch(x, fp8_fake_quant_with_scales_now, (scale, inv_scale))
     if not _takes_triton_block_step(x):
         return None
