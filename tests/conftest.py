@@ -64,11 +64,17 @@ def find_case(name: str, case_name: str) -> dict:
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def every_16_bit_pattern(dtype: torch.dtype) -> torch.Tensor:
+    """All 65,536 values of a 16-bit dtype (bf16, fp16): element i has the bit pattern i, the
+    order the vector files use."""
+    return torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
 def nvfp4_kernel_inputs() -> dict[str, torch.Tensor]:
     """CPU tensors for holding an NVFP4 Triton kernel to the reference (last dims multiples of 16
     except one view): every bf16 pattern in blocks, shuffled, exact ties on the E2M1 decision
     points, fp16, fp32, a transposed and a row-sliced view."""
-    patterns = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    patterns = every_16_bit_pattern(torch.bfloat16)
     gen = torch.Generator().manual_seed(3)
     return {
         "every bf16 pattern": patterns.reshape(-1, 16),

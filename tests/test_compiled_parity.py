@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._inductor.config as inductor_config
-from conftest import cuda, cuda_at_element_offset, nvfp4_kernel_inputs, vector_cases
+from conftest import cuda, cuda_at_element_offset, every_16_bit_pattern, nvfp4_kernel_inputs, vector_cases
 
 import refquant as rq
 import refquant.compiled as rc
@@ -321,7 +321,7 @@ def test_threshold_method_reproduces_the_division_on_every_bf16_pattern():
     from refquant.numerics.formats import E2M1_TIE_ROUNDS_UP
     from refquant.numerics.nvfp4 import e2m1_magnitude_index
 
-    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    x = every_16_bit_pattern(torch.bfloat16).float()
     a = x.abs()
     scales = torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     for g in (2.0**-90, 1 / 2688, 0.37, 1.0, 3.3895e38 / 2688, 2.0**100):

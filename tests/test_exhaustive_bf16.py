@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import pytest
 import torch
-from conftest import find_case, vector_cases
+from conftest import every_16_bit_pattern, find_case, vector_cases
 
 import refquant as rq
 from refquant.numerics.formats import E2M1_MAGNITUDES, E4M3_MAX
@@ -33,11 +33,6 @@ FP32_1E_3 = 0.0010000000474974513  # fp32(1e-3), as the vectors store it
 # above it, non-power-of-two values whose two scale rules differ, and large ones.
 AMAX_VALUES = (0.0, 2.0**-24, 2.0**-20, 9.5367431640625e-07, FP32_1E_3, 0.7, 1.0, 3.140625, 448.0, 12345.678, 3.0e30)
 FLAVORS = ("modelopt-cpu", "modelopt-cuda")
-
-
-def all_patterns(dtype: torch.dtype) -> torch.Tensor:
-    """Element i has the 16-bit pattern i (as the vector files order them)."""
-    return torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype)
 
 
 # --- an independent E4M3 --------------------------------------------------------------------------
@@ -101,7 +96,7 @@ def test_e4m3_cast_rounds_every_midpoint_to_even_and_neighbours_to_nearest():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_e4m3_cast_equals_independent_rounding_on_every_16bit_pattern(dtype):
-    v = all_patterns(dtype).float()
+    v = every_16_bit_pattern(dtype).float()
     assert_bitexact(saturating_e4m3(v).float(), oracle_e4m3(v), f"E4M3 of every {dtype} pattern")
 
 
@@ -126,7 +121,7 @@ def _vector_y(amax: float, flavor: str) -> torch.Tensor | None:
 @pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("amax", AMAX_VALUES, ids=[repr(a) for a in AMAX_VALUES])
 def test_fp8_fake_quant_over_all_bf16_patterns(amax, flavor):
-    x = all_patterns(torch.bfloat16)
+    x = every_16_bit_pattern(torch.bfloat16)
     y = rq.fp8_fake_quant(x, amax, flavor=flavor)
     s, inv = spec_scales(amax, flavor)
 
@@ -185,7 +180,7 @@ def test_nvfp4_fake_quant_equals_real_dequantize_on_the_bf16_sweep(name):
 
 def test_nvfp4_sweep_covers_every_finite_bf16_pattern():
     case = vector_cases("nvfp4_fake_sweep.pt")[0]
-    everything = all_patterns(torch.bfloat16)
+    everything = every_16_bit_pattern(torch.bfloat16)
     finite_bits = bits_of(everything[torch.isfinite(everything)]).int() & 0xFFFF  # patterns are unsigned
     assert torch.equal(case["patterns"], finite_bits)
     assert torch.equal(bits_of(case["x"][:, 0]).int() & 0xFFFF, finite_bits)
@@ -204,7 +199,7 @@ def oracle_e2m1_magnitude(u: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_e2m1_rounding_equals_independent_nearest_even_on_every_16bit_pattern(dtype):
-    u = all_patterns(dtype).float()
+    u = every_16_bit_pattern(dtype).float()
     u = u[torch.isfinite(u)].abs()
     index = e2m1_magnitude_index(u).long()
     assert torch.equal(torch.tensor(E2M1_MAGNITUDES)[index], oracle_e2m1_magnitude(u))

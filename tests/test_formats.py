@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import every_16_bit_pattern
 
 import refquant as rq
 from refquant import formats
@@ -58,7 +59,7 @@ def test_rcp_448_is_what_a_cuda_tensor_divided_by_448_multiplies_by():
 
 def _fp32_sweep() -> torch.Tensor:
     """Every bf16 pattern as fp32, plus 4M random fp32 bit patterns (normal and subnormal)."""
-    bf16 = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    bf16 = every_16_bit_pattern(torch.bfloat16).float()
     gen = torch.Generator().manual_seed(0)
     bits = torch.randint(0, 2**31 - 1, (4_000_000,), generator=gen, dtype=torch.int64).to(torch.int32)
     return torch.cat([bf16, bits.view(torch.float32)])

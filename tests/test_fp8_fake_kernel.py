@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cuda
+from conftest import cuda, every_16_bit_pattern
 
 import refquant as rq
 import refquant.compiled as rc
@@ -23,14 +23,10 @@ pytestmark = cuda
 AMAXES = (3.0, 2.0**-24, 1e-30, 448.0, 0.37, 3.0e38)
 
 
-def _every_pattern(dtype: torch.dtype) -> torch.Tensor:
-    return torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype).reshape(-1, 64)
-
-
 @pytest.mark.parametrize("flavor", ["modelopt-cpu", "modelopt-cuda"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_a_bound_fp8_launch_gives_the_reference_bits_on_every_pattern(dtype, flavor):
-    x = _every_pattern(dtype)
+    x = every_16_bit_pattern(dtype).reshape(-1, 64)
     for amax in AMAXES:
         bound = rc.bind_fake_quant("fp8", x.cuda(), amax, flavor=flavor)
         assert isinstance(bound, functions.BoundKernelLaunch), "the kernel's launch was not bound"
