@@ -86,7 +86,8 @@ def steps_of(name: str, x: torch.Tensor, amax: torch.Tensor, flavor: str) -> dic
 
 # Functions whose call counts in a steady forward say whether quantizers took their bound call:
 # a quantizer whose bound call is refused makes the ordinary call (_run) and binds again (_bind).
-WATCHED = ("_bind", "bind_fake_quant", "_run", "call_direct", "fp8_fake_quant", "nvfp4_fake_quant")
+WATCHED = ("_bind", "bind_fake_quant", "_run", "call_direct", "fp8_fake_quant", "nvfp4_fake_quant",
+           "fp8_fake_quant_with_scales_now", "nvfp4_fake_quant_blocks_now")
 
 
 def forward_profile(model, batch: torch.Tensor, top: int = 30) -> dict:

@@ -4,8 +4,9 @@
         [--sequence plain fp8_default-fp8_kv nvfp4_default-fp8_kv fp8_default-fp8_kv plain nvfp4_default-fp8_kv]
         [--profile]
 
-For each entry of --sequence ("plain", or a recipe quantized with the compiled backend on 8
-calibration batches), a fresh ptq_gpu.py model of --shape: the median forward (ptq_gpu's
+For each entry of --sequence ("plain"; a recipe, quantized with the compiled backend on 8
+calibration batches; or "modelopt:<recipe>", quantized by modelopt on the same batches, as
+ptq_gpu.py runs it before refquant's), a fresh ptq_gpu.py model of --shape: the median forward (ptq_gpu's
 timed_forward_ms), then the same with Python's garbage collector frozen and turned off. Why: on
 the H200 machines the first quantized model of a process ran its forward 1.5x slower than the
 same recipe later in the process (docs/compiled.md, "Fifth round"), and ptq_gpu.py times its
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import refquant as rq  # noqa: E402
 from host_time import forward_profile  # noqa: E402
-from ptq_gpu import batches_for, build_model, timed_forward_ms  # noqa: E402
+from ptq_gpu import batches_for, build_model, modelopt_available, timed_forward_ms  # noqa: E402
 
 DEFAULT_SEQUENCE = ["plain", "fp8_default-fp8_kv", "nvfp4_default-fp8_kv", "fp8_default-fp8_kv", "plain", "nvfp4_default-fp8_kv"]
 
@@ -50,6 +51,22 @@ def measure(label: str, model, batch: torch.Tensor, device: torch.device, repeat
             "gc_off_ms": gc_off["median_ms"], "gc_objects": len(gc.get_objects())}
 
 
+def quantize_with_modelopt(model, recipe: str, calibration: list[torch.Tensor]) -> None:
+    """mtq.quantize with ptq_gpu.py's forward loop: does a modelopt model earlier in the process
+    change the forward time of refquant's later ones?"""
+    if not modelopt_available():
+        raise SystemExit(f"modelopt:{recipe} in --sequence, but modelopt does not import here.")
+    import modelopt.torch.quantization as mtq
+    from compare_modelopt import modelopt_quant_cfg
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for batch in calibration:
+                m(input_ids=batch)
+
+    mtq.quantize(model, modelopt_quant_cfg(recipe), forward_loop)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None)
@@ -66,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for step, recipe in enumerate(args.sequence):
         model = build_model(args.shape, 0, device)
-        if recipe != "plain":
+        if recipe.startswith("modelopt:"):
+            quantize_with_modelopt(model, recipe.split(":", 1)[1], calibration)
+        elif recipe != "plain":
             rq.quantize_model(model, rq.load_recipe(recipe), calibration, backend="compiled", flavor=flavor, progress=False)
         rows.append(measure(f"{step} {recipe}", model, batch, device, args.repeats))
         if args.profile:
