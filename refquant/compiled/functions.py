@@ -332,19 +332,19 @@ class BoundKernelLaunch:
     not yet checked through this launch; docs/compiled.md, "Fifth round")."""
 
     DTYPES = (torch.bfloat16, torch.float16)
-    __slots__ = ("_launch", "_args", "_block", "_dtype", "_device")
+    __slots__ = ("_launch", "_args", "_block", "_dtype", "_device_index")
 
     def __init__(self, x: torch.Tensor, launch: Callable, args: tuple, block: int = 1):
         self._launch = launch
         self._args = args
         self._block = block
         self._dtype = x.dtype
-        self._device = x.device
+        self._device_index = x.get_device()  # an int: cheaper to read and compare than x.device
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         if (
-            x.dtype != self._dtype
-            or x.device != self._device
+            x.dtype is not self._dtype
+            or x.get_device() != self._device_index
             or x.ndim == 0
             or x.shape[-1] % self._block
             or x.numel() == 0
