@@ -77,11 +77,11 @@ class DirectLaunch:
         # tensors are usually on the current device already (not always: a model split over GPUs).
         if torch._C._cuda_getDevice() != device:
             with torch.cuda._DeviceGuard(device):
-                self._run(compiled, programs, device, args)
+                self._launch_compiled(compiled, programs, device, args)
         else:
-            self._run(compiled, programs, device, args)
+            self._launch_compiled(compiled, programs, device, args)
 
-    def _run(self, compiled, programs: int, device: int, args: tuple) -> None:
+    def _launch_compiled(self, compiled, programs: int, device: int, args: tuple) -> None:
         stream = torch._C._cuda_getCurrentRawStream(device)
         compiled.run(programs, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
                      *args, *self._constant_values)
