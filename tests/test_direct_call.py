@@ -22,7 +22,7 @@ from refquant.compiled import functions
 from refquant.compiled.options import CompiledPerSignature
 from refquant.quant.quantizer import QuantizerConfig, SharedInputResult, TensorQuantizer
 from refquant.testing import assert_bitexact
-from conftest import cuda
+from conftest import cuda, cuda_at_element_offset
 
 
 def _halved(x: torch.Tensor, amax: torch.Tensor, flavor: str = "a") -> torch.Tensor:
@@ -130,21 +130,46 @@ def test_a_tuple_of_tensors_is_called_directly_and_a_tuple_with_a_number_is_not(
 
 @cuda
 def test_nvfp4_quantize_on_cuda_is_called_directly():
+    """With the amax taken from x, rc.nvfp4_quantize runs its graph (the reduction fused), called
+    directly after the first call; with an amax given it is one launch of the kernel (below)."""
     x = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
-    amax = x.abs().amax().float()
-    rc.nvfp4_quantize(x, amax)
+    rc.nvfp4_quantize(x)
     # this signature's compiled function (other tests in the process make others: other dtypes,
     # last dims, views off 16-byte alignment, which compile graphs of their own)
-    entry = _entry(functions._nvfp4_quantize_with_triton_blocks(), x, amax, flavor="modelopt-cpu")
+    entry = _entry(functions._nvfp4_quantize_with_triton_blocks(), x, None, flavor="modelopt-cpu")
     assert entry.direct_graphs == 1
     before = entry.calls_through_dynamo
     for rows in (64, 3, 200):
         y = torch.randn(rows, 128, device="cuda", dtype=torch.bfloat16)
-        got, want = rc.nvfp4_quantize(y, amax), rq.nvfp4_quantize(y.cpu(), amax.cpu())
+        got, want = rc.nvfp4_quantize(y), rq.nvfp4_quantize(y.cpu())
         assert_bitexact(got.packed.cpu(), want.packed, f"{rows} rows, packed")
         assert_bitexact(got.block_scale.cpu(), want.block_scale, f"{rows} rows, block scales")
         assert_bitexact(got.global_scale.cpu(), want.global_scale, f"{rows} rows, global scale")
     assert entry.calls_through_dynamo == before, "a call went through dynamo"
+
+
+@cuda
+def test_nvfp4_quantize_on_cuda_with_an_amax_is_one_launch_of_the_kernel(monkeypatch):
+    """With an amax given, rc.nvfp4_quantize launches the kernel itself (DirectLaunch), no graph:
+    the reference's bits for bf16 (16-byte aligned: the words path; a view 8 bytes off it), fp16,
+    fp32, a non-contiguous view, 3-D x, an amax in bf16 and as a float, both flavors."""
+    monkeypatch.setattr(functions, "_nvfp4_quantize_with_triton_blocks", lambda: pytest.fail("the graph ran"))
+    base = torch.randn(48, 80, generator=torch.Generator().manual_seed(6)) * 3
+    bf16 = base[:, :64].to(torch.bfloat16).contiguous()
+    cases = {  # name: (x on the CPU, x on CUDA)
+        "bf16": (bf16, bf16.cuda()),
+        "bf16, 8 bytes off alignment": (bf16, cuda_at_element_offset(bf16, 4)),
+        "fp16": (base[:, :64].half(), base[:, :64].half().cuda()),
+        "fp32": (base[:, :64].contiguous(), base[:, :64].cuda()),
+        "bf16, transposed view": (bf16[:, :48].t(), bf16.cuda()[:, :48].t()),
+        "bf16, 3-D": (bf16.reshape(4, 12, 64), bf16.cuda().reshape(4, 12, 64)),
+    }
+    for name, (x, on_device) in cases.items():
+        for amax in (torch.tensor(2.5), torch.tensor(7.0, dtype=torch.bfloat16), 1.5):
+            given = amax.cuda() if isinstance(amax, torch.Tensor) else amax
+            for flavor in ("modelopt-cpu", "modelopt-cuda"):
+                want = rq.nvfp4_quantize(x, amax, flavor=flavor)
+                assert_bitexact(rc.nvfp4_quantize(on_device, given, flavor=flavor), want, f"{name}, amax {amax}, {flavor}")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])

@@ -44,7 +44,7 @@ def test_a_direct_launch_runs_the_kernel_triton_picks_for_the_same_arguments(kin
     from refquant.compiled.nvfp4_fake_triton import NUM_WARPS as FAKE_WARPS
     from refquant.compiled.nvfp4_fake_triton import _nvfp4_fake_kernel
     from refquant.compiled.nvfp4_fake_triton import kernel_constants as fake_constants
-    from refquant.compiled.triton_launch import DirectLaunch, _specialization
+    from refquant.compiled.triton_launch import DirectLaunch
 
     if kind == "fake":
         kernel, constants, warps = _nvfp4_fake_kernel, fake_constants(), FAKE_WARPS
@@ -62,7 +62,7 @@ def test_a_direct_launch_runs_the_kernel_triton_picks_for_the_same_arguments(kin
                 for amax_dtype in (torch.float32, torch.bfloat16) if kind == "fake" else (torch.float32,):
                     amax = x.float().abs().amax().to(amax_dtype).reshape(())
                     programs, args = _launch_args(kind, x, amax)
-                    key = (x.device.index, *map(_specialization, args))
+                    key = launch.key_of(args)
                     launch(programs, *args)  # the key's first launch: through Triton's JIT
                     launch(programs, *args)  # then Triton's launcher alone
                     direct_out = [a.clone() for a in args if isinstance(a, torch.Tensor)]

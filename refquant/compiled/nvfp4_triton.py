@@ -84,6 +84,7 @@ from ..numerics.formats import (
     RCP_2688,
 )
 from .nvfp4_fake_triton import _load_four  # elements ptr[0..3] of each block, in x's dtype
+from .triton_launch import DirectLaunch
 
 # A tile of 128 blocks on 4 warps (one block a thread), 8 persistent programs an SM. The bf16
 # path needs 56 registers a thread (scripts/triton_sass.py), so up to 9 such programs fit an SM at
@@ -493,8 +494,9 @@ def _nvfp4_blocks_kernel(
 
 
 @functools.cache
+@functools.cache
 def _programs(device_index: int) -> int:
-    """Persistent grid: PROGRAMS_PER_SM programs on each SM of the device."""
+    """Persistent grid: PROGRAMS_PER_SM programs on each SM of the device (asked once a device)."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count * PROGRAMS_PER_SM
 
 
@@ -527,19 +529,27 @@ def _starts_16_byte_aligned(x: torch.Tensor) -> bool:
     return x.storage_offset() * x.element_size() % 16 == 0
 
 
-def _launch(x: torch.Tensor, scale_source: torch.Tensor, global_scale: torch.Tensor, scale_from: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n_blocks = x.numel() // NVFP4_BLOCK_SIZE
+def _outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (packed bytes, block scales) for x."""
     packed = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
     block_scale = torch.empty((*x.shape[:-1], x.shape[-1] // NVFP4_BLOCK_SIZE), dtype=torch.float8_e4m3fn, device=x.device)
-    bf16_pairs = x.dtype == torch.bfloat16 and _starts_16_byte_aligned(x)
+    return packed, block_scale
+
+
+def _takes_bf16_pairs(x: torch.Tensor) -> bool:
+    return x.dtype == torch.bfloat16 and _starts_16_byte_aligned(x)
+
+
+def _launch(x: torch.Tensor, scale_source: torch.Tensor, global_scale: torch.Tensor, scale_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+    packed, block_scale = _outputs(x)
     wrap_triton(_nvfp4_blocks_kernel)[(_programs(x.device.index or 0),)](
         x,
         scale_source,
         global_scale,
         packed,
         block_scale,
-        n_blocks,
-        **kernel_constants(bf16_pairs, scale_from),
+        x.numel() // NVFP4_BLOCK_SIZE,
+        **kernel_constants(_takes_bf16_pairs(x), scale_from),
         num_warps=NUM_WARPS,
     )
     return packed, block_scale
@@ -565,4 +575,21 @@ def nvfp4_quantize_from_amax(x: torch.Tensor, amax: torch.Tensor, ieee_division:
     global_scale = torch.empty(1, dtype=torch.float32, device=x.device)
     scale_from = FROM_AMAX_OVER_2688 if ieee_division else FROM_AMAX_TIMES_RCP_2688
     packed, block_scale = _launch(x, amax, global_scale, scale_from)
+    return packed, block_scale, global_scale
+
+
+@functools.cache
+def _direct_launch(bf16_pairs: bool, scale_from: int) -> DirectLaunch:
+    return DirectLaunch(_nvfp4_blocks_kernel, kernel_constants(bf16_pairs, scale_from), NUM_WARPS)
+
+
+def nvfp4_quantize_from_amax_now(x: torch.Tensor, amax: torch.Tensor, ieee_division: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """nvfp4_quantize_from_amax launched eagerly by DirectLaunch, past the dispatcher and any graph
+    (for calls outside torch.compile: refquant.compiled.nvfp4_quantize with a given amax). Same
+    arguments, same results; the amax an fp32 0-d tensor on x's device."""
+    global_scale = torch.empty(1, dtype=torch.float32, device=x.device)
+    scale_from = FROM_AMAX_OVER_2688 if ieee_division else FROM_AMAX_TIMES_RCP_2688
+    packed, block_scale = _outputs(x)
+    launch = _direct_launch(_takes_bf16_pairs(x), scale_from)
+    launch(_programs(x.device.index or 0), x, amax, global_scale, packed, block_scale, x.numel() // NVFP4_BLOCK_SIZE)
     return packed, block_scale, global_scale

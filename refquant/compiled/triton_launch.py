@@ -34,10 +34,9 @@ from triton import knobs
 _INT32 = range(-(2**31), 2**31)
 
 
-def _specialization(arg: Any) -> tuple:
-    """What Triton specializes a kernel on for one runtime argument."""
-    if isinstance(arg, torch.Tensor):
-        return (arg.dtype, arg.data_ptr() % 16 == 0)
+def _scalar_specialization(arg: Any) -> tuple:
+    """What Triton specializes a kernel on for one int or float argument (a tensor's, its dtype and
+    whether its pointer is 16-byte aligned, is in DirectLaunch.key_of)."""
     if isinstance(arg, int) and not isinstance(arg, bool):
         return (arg == 1, arg % 16 == 0, arg in _INT32)
     if isinstance(arg, float):
@@ -65,18 +64,35 @@ class DirectLaunch:
     def __call__(self, programs: int, *args) -> None:
         if len(args) != self._runtime_count:
             raise TypeError(f"{self.kernel.fn.__name__} takes {self._runtime_count} runtime arguments, got {len(args)}.")
-        device = args[0].device.index
-        with torch.cuda._DeviceGuard(device):  # Triton launches on the current device
-            key = (device, *map(_specialization, args))
-            compiled = self._compiled.get(key)
-            if compiled is None or _launch_hooks_set():
+        key = self.key_of(args)
+        device = key[0]
+        compiled = self._compiled.get(key)
+        if compiled is None or _launch_hooks_set():
+            with torch.cuda._DeviceGuard(device):  # Triton launches on the current device
                 self._compiled[key] = self.kernel[(programs,)](
                     *args, **self.constants, num_warps=self.num_warps, enable_fp_fusion=False
                 )
-                return
-            stream = torch._C._cuda_getCurrentRawStream(device)
-            compiled.run(programs, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                         *args, *self._constant_values)
+            return
+        # Entering and leaving the device guard is host time on every launch, and a forward's
+        # tensors are usually on the current device already (not always: a model split over GPUs).
+        if torch._C._cuda_getDevice() != device:
+            with torch.cuda._DeviceGuard(device):
+                self._launch_compiled(compiled, programs, device, args)
+        else:
+            self._launch_compiled(compiled, programs, device, args)
+
+    def _launch_compiled(self, compiled, programs: int, device: int, args: tuple) -> None:
+        stream = torch._C._cuda_getCurrentRawStream(device)
+        compiled.run(programs, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *args, *self._constant_values)
+
+    @staticmethod
+    def key_of(args: tuple) -> tuple:
+        """What a compiled kernel is kept under: the first argument's device, then what Triton
+        specializes on for each argument (tensors inline: a call per argument is host time on
+        every launch)."""
+        return (args[0].get_device(),
+                *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else _scalar_specialization(a) for a in args])
 
 
 def _launch_hooks_set() -> bool:

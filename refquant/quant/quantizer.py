@@ -106,6 +106,12 @@ class _MaxCalibrator:
         )
 
 
+def _is_parameter(x: torch.Tensor) -> bool:
+    """isinstance(x, nn.Parameter), answered without Parameter's Python __instancecheck__ for the
+    plain tensors a forward's activations are (host time on every quantizer call)."""
+    return type(x) is not torch.Tensor and isinstance(x, nn.Parameter)
+
+
 class SharedInputResult:
     """The last fake-quant result among a model's quantizers, for the next one given the same tensor.
 
@@ -133,7 +139,7 @@ class SharedInputResult:
         return None
 
     def put(self, x: torch.Tensor, settings: tuple, result: torch.Tensor) -> None:
-        if isinstance(x, nn.Parameter):
+        if _is_parameter(x):
             return
         self._entry = (weakref.ref(x, self._forget), x._version, settings, result, result._version)
 
@@ -255,7 +261,7 @@ class TensorQuantizer(nn.Module):
             return x
         shared = self.shared_input_result
         settings = None
-        if shared is not None and not isinstance(x, nn.Parameter) and not (x.requires_grad and torch.is_grad_enabled()):
+        if shared is not None and not _is_parameter(x) and not (x.requires_grad and torch.is_grad_enabled()):
             settings = self._settings()
             if settings is not None:
                 result = shared.get(x, settings)
