@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -41,23 +42,29 @@ from ptq_gpu import batches_for, build_model  # noqa: E402
 MIB = 2**20
 
 
-def eager_forward_ms(model, batch: torch.Tensor, repeats: int) -> dict:
-    """Median forward time (CUDA events) and host time of model(input_ids=batch, use_cache=False)."""
+def timed_ms(run: Callable[[], object], repeats: int) -> dict:
+    """Median time (CUDA events) and median host time (until run() returns) of `repeats` calls
+    of run() after two warm-ups, each call alone on a synchronized device."""
     times, host = [], []
-    with torch.no_grad():
-        for step in range(repeats + 2):
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            began = time.perf_counter()
-            model(input_ids=batch, use_cache=False)
-            issued = (time.perf_counter() - began) * 1e3
-            end.record()
-            end.synchronize()
-            if step >= 2:
-                times.append(start.elapsed_time(end))
-                host.append(issued)
+    for step in range(repeats + 2):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        began = time.perf_counter()
+        run()
+        issued = (time.perf_counter() - began) * 1e3
+        end.record()
+        end.synchronize()
+        if step >= 2:
+            times.append(start.elapsed_time(end))
+            host.append(issued)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "host_ms": statistics.median(host)}
+
+
+def eager_forward_ms(model, batch: torch.Tensor, repeats: int) -> dict:
+    """timed_ms of model(input_ids=batch, use_cache=False)."""
+    with torch.no_grad():
+        return timed_ms(lambda: model(input_ids=batch, use_cache=False), repeats)
 
 
 def graph_forward(model, batch: torch.Tensor, repeats: int) -> dict:
@@ -82,23 +89,15 @@ def graph_forward(model, batch: torch.Tensor, repeats: int) -> dict:
     torch.cuda.synchronize()
     result["allocated_after_capture_mib"] = torch.cuda.memory_allocated() / MIB
     result["peak_over_warmup_and_capture_mib"] = torch.cuda.max_memory_allocated() / MIB
-    times, host = [], []
-    for step in range(repeats + 2):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        began = time.perf_counter()
-        static_input.copy_(batch)
+
+    def replay() -> None:
+        static_input.copy_(batch)  # as a user of the graph gives it a new input
         graph.replay()
-        issued = (time.perf_counter() - began) * 1e3
-        end.record()
-        end.synchronize()
-        if step >= 2:
-            times.append(start.elapsed_time(end))
-            host.append(issued)
-    result |= {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "host_ms": statistics.median(host)}
+
+    result |= timed_ms(replay, repeats)
     result["_logits"] = captured.clone()
-    del captured, graph
+    del captured
+    graph.reset()  # the graph and its pool go (replay() still names the object)
     torch.cuda.synchronize()
     result["allocated_after_release_mib"] = torch.cuda.memory_allocated() / MIB
     return result
