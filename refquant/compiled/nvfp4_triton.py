@@ -494,7 +494,6 @@ def _nvfp4_blocks_kernel(
 
 
 @functools.cache
-@functools.cache
 def _programs(device_index: int) -> int:
     """Persistent grid: PROGRAMS_PER_SM programs on each SM of the device (asked once a device)."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count * PROGRAMS_PER_SM
