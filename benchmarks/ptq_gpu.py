@@ -10,6 +10,11 @@ Measured per variant (plain bf16, modelopt, refquant compiled, refquant referenc
     export s         rq.export_checkpoint / modelopt's export_hf_checkpoint
     peak GiB         torch.cuda.max_memory_allocated over calibration + forward + export; the
                      pristine weights wait on the CPU, so the GPU holds the working model only
+    paired x plain   after the peak is read, a plain copy of the model joins it on the device and
+                     the two run turn about (plain, quantized, plain, ...): the median of each
+                     pair's ratio. On a host whose speed changes from one moment to the next (the
+                     H200 machines'), the forward column's ratio to the plain row compares two
+                     moments; a pair shares one (docs/compiled.md, "Seventh round")
     vs modelopt      every quantizer's amax, the evaluation logits and every exported tensor,
                      bit for bit (refquant compiled and reference against modelopt's run)
 
@@ -188,9 +193,43 @@ def run_variant(variant: str, recipe: str, pristine, shape: str, args, batches, 
         result["export_s"] = time.perf_counter() - began
         result["export_dir"] = str(out)
     result["peak_gib"] = peak_gib(device)
+    if variant != "plain" and args.paired:
+        plain = copy.deepcopy(pristine).to(device)
+        result["paired"] = paired_forward_ratio(model, plain, eval_batch, device, args.repeats)
+        del plain
     del model
     reset_peak(device)
     return result | {"_logits": logits, "_amax": amax}
+
+
+def paired_forward_ratio(model, plain, batch: torch.Tensor, device: torch.device, pairs: int) -> dict:
+    """`pairs` pairs of forwards, plain first then `model`, each timed alone (CUDA events on a GPU)
+    after one untimed pair: every forward's time in order, and the median of model / plain over
+    the pairs."""
+    batch = batch.to(device)
+
+    def one_forward_ms(m) -> float:
+        synchronize(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            m(input_ids=batch)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        began = time.perf_counter()
+        m(input_ids=batch)
+        return (time.perf_counter() - began) * 1e3
+
+    plain_ms, model_ms = [], []
+    with torch.no_grad():
+        for step in range(pairs + 1):
+            p, q = one_forward_ms(plain), one_forward_ms(model)
+            if step:
+                plain_ms.append(p)
+                model_ms.append(q)
+    ratios = [q / p for p, q in zip(plain_ms, model_ms)]
+    return {"ratio_median": statistics.median(ratios), "plain_each_ms": plain_ms, "each_ms": model_ms}
 
 
 def amax_table(model) -> dict:
@@ -276,16 +315,17 @@ def _row(shape: str, parameters: int, result: dict, plain: dict) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| shape | recipe | variant | calibration s (x plain) | forward ms (x plain) [min-max] | host ms | export s | peak GiB | vs modelopt: amax, logits, export |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| shape | recipe | variant | calibration s (x plain) | forward ms (x plain) [min-max] | paired x plain | host ms | export s | peak GiB | vs modelopt: amax, logits, export |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['recipe']} | {r['variant']} | ERROR {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['shape']} | {r['recipe']} | {r['variant']} | ERROR {r['error'][:80]} | | | | | | |")
             continue
         f = r["forward"]
         cal = f"{r['calibration_s']:.2f} ({r.get('calibration_over_plain', 1):.2f})"
         fwd = f"{f['median_ms']:.1f} ({r.get('forward_over_plain', 1):.2f}) [{f['min_ms']:.1f}-{f['max_ms']:.1f}]"
+        paired = f"{r['paired']['ratio_median']:.2f}" if "paired" in r else "-"
         host = f"{f['host_ms']:.1f}" if "host_ms" in f else "-"
         exp = f"{r['export_s']:.1f}" if "export_s" in r else "-"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
@@ -295,7 +335,7 @@ def format_table(rows: list[dict]) -> str:
             vs = (f"{v['amax_same']}/{v['amax_compared']} same, "
                   + ("logits same" if v["logits_differing"] == 0 else f"logits {v['logits_differing']}/{v['logits']} differ")
                   + ("" if "export_ok" not in v else (", export same" if v["export_ok"] else ", export DIFF")))
-        lines.append(f"| {r['shape']} | {r['recipe']} | {r['variant']} | {cal} | {fwd} | {host} | {exp} | {peak} | {vs} |")
+        lines.append(f"| {r['shape']} | {r['recipe']} | {r['variant']} | {cal} | {fwd} | {paired} | {host} | {exp} | {peak} | {vs} |")
     return "\n".join(lines)
 
 
@@ -312,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-export", action="store_true")
+    parser.add_argument("--no-paired", dest="paired", action="store_false",
+                        help="skip the paired plain / quantized forwards (they need room for a second model)")
     parser.add_argument("--workdir", default=None, help="where the exports go (deleted after comparing)")
     args = parser.parse_args(argv)
     shapes = [s for s in args.shapes.split(",") if s]
