@@ -11,6 +11,19 @@ time of many back-to-back calls is their host time. Measured per call (median of
     guard check           dynamo's guards of the graph, evaluated on the arguments
     graph only            inductor's compiled function, inputs ready
 
+On CUDA (bf16 and fp16), a calibrated quantizer's call is one launch of a Triton kernel of ours
+(BoundKernelLaunch, DirectLaunch); its steps, outermost first:
+
+    quantizer, shared     a quantizer with a SharedInputResult, given one of two tensors in turn
+                          (every call misses, as the first of q/k/v's input quantizers does)
+    quantizer.forward     the same without nn.Module.__call__
+    bound call            the BoundKernelLaunch alone (its checks, then the launch function)
+    launch function       empty_like for the output, the grid, DirectLaunch
+    DirectLaunch          the launch with the output made already (its key, Triton's launcher)
+    key                   DirectLaunch.key_of: what the compiled kernel is looked up by
+    Triton launcher       the compiled kernel's run(): Triton's Python launcher and its C launch
+    empty_like            the output's allocation alone
+
     python3 benchmarks/host_time.py [--out DIR] [--device cuda] [--rows 64] [--cols 2048]
                                     [--profile-recipe R [--shape small]]
 
@@ -82,6 +95,59 @@ def steps_of(name: str, x: torch.Tensor, amax: torch.Tensor, flavor: str) -> dic
         steps["guard check"] = lambda: graph.guards.check(frame)
         steps["graph only"] = lambda: graph.compiled(*values)
     return steps, entry.direct_graphs
+
+
+def bound_launch_steps(fmt: str, x: torch.Tensor, amax: torch.Tensor, flavor: str) -> dict:
+    """The call of a calibrated quantizer whose bound call is a kernel launch, cut into the steps
+    the module docstring lists, each a zero-argument callable; {} where x does not bind one."""
+    from refquant.quant.quantizer import SharedInputResult
+
+    quantizer = TensorQuantizer(QuantizerConfig(format=fmt), backend="compiled", flavor=flavor)
+    quantizer.set_amax(amax)
+    quantizer(x)
+    bound = quantizer._bound[0] if quantizer._bound else None
+    if not isinstance(bound, functions.BoundKernelLaunch):
+        return {}
+    shared = TensorQuantizer(QuantizerConfig(format=fmt), backend="compiled", flavor=flavor)
+    shared.set_amax(amax)
+    shared.shared_input_result = SharedInputResult()
+    pair, turn = [x, x.clone()], [0]
+
+    def shared_call():
+        turn[0] ^= 1
+        return shared(pair[turn[0]])
+
+    launch_function, args = bound._launch, bound._args
+    out = launch_function(x, *args)
+    if fmt == "fp8":
+        from refquant.compiled import fp8_fake_triton as kernels
+
+        n = x.numel()
+        launch, launch_args = kernels._direct_launch(), (x, *args, out, n)
+        programs = -(-n // kernels.ELEMENTS_PER_PROGRAM)
+    else:
+        from refquant.compiled import nvfp4_fake_triton as kernels
+
+        launch, launch_args = kernels._direct_launch(), (x, *args, out, x.numel() // 16)
+        programs = kernels._programs(x)
+    compiled = launch._compiled[launch.key_of(launch_args)]
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+
+    def run_compiled():
+        compiled.run(programs, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *launch_args, *launch._constant_values)
+
+    return {
+        "quantizer": lambda: quantizer(x),
+        "quantizer, shared": shared_call,
+        "quantizer.forward": lambda: quantizer.forward(x),
+        "bound call": lambda: bound(x),
+        "launch function": lambda: launch_function(x, *args),
+        "DirectLaunch": lambda: launch(programs, *launch_args),
+        "key": lambda: launch.key_of(launch_args),
+        "Triton launcher": run_compiled,
+        "empty_like": lambda: torch.empty_like(x),
+    }
 
 
 # Functions whose call counts in a steady forward say whether quantizers took their bound call:
@@ -166,6 +232,19 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in results["functions"].items():
         cells = [f"{row[c]:.1f}" if c in row else "-" for c in columns]
         print(f"| {name} | {row['direct graphs']} | " + " | ".join(cells) + " |")
+    launch_columns = ["quantizer", "quantizer, shared", "quantizer.forward", "bound call", "launch function",
+                      "DirectLaunch", "key", "Triton launcher", "empty_like"]
+    for fmt in ("fp8", "nvfp4"):
+        steps = bound_launch_steps(fmt, x, amax, flavor) if device.type == "cuda" else {}
+        if steps:
+            results[f"{fmt} bound launch"] = {step: per_call_us(call, device) for step, call in steps.items()}
+    if any(f"{fmt} bound launch" in results for fmt in ("fp8", "nvfp4")):
+        print("\nA calibrated quantizer's call as one kernel launch, step by step (host us per call):")
+        print("| format | " + " | ".join(launch_columns) + " |")
+        print("| --- |" + " --- |" * len(launch_columns))
+        for fmt in ("fp8", "nvfp4"):
+            row = results.get(f"{fmt} bound launch", {})
+            print(f"| {fmt} | " + " | ".join(f"{row[c]:.1f}" if c in row else "-" for c in launch_columns) + " |")
     if args.profile_recipe:
         results["profile"] = profile_forward(args.profile_recipe, args.shape, device)
     if args.out:
