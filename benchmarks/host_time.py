@@ -122,14 +122,12 @@ def bound_launch_steps(fmt: str, x: torch.Tensor, amax: torch.Tensor, flavor: st
     if fmt == "fp8":
         from refquant.compiled import fp8_fake_triton as kernels
 
-        n = x.numel()
-        launch, launch_args = kernels._direct_launch(), (x, *args, out, n)
-        programs = -(-n // kernels.ELEMENTS_PER_PROGRAM)
+        launch_args = (x, *args, out, x.numel())
     else:
         from refquant.compiled import nvfp4_fake_triton as kernels
 
-        launch, launch_args = kernels._direct_launch(), (x, *args, out, x.numel() // 16)
-        programs = kernels._programs(x)
+        launch_args = (x, *args, out, x.numel() // 16)
+    launch, programs = kernels._direct_launch(), kernels._programs(x)
     compiled = launch._compiled[launch.key_of(launch_args)]
     stream = torch.cuda.current_stream(x.device).cuda_stream
 

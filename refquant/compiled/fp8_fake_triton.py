@@ -53,6 +53,12 @@ def kernel_constants() -> dict[str, float | int]:
     return {"E4M3_MAX_": E4M3_MAX, "ELEMENTS": ELEMENTS_PER_PROGRAM}
 
 
+def _programs(x: torch.Tensor) -> int:
+    """The launch's grid for x: ceil(x.numel() / ELEMENTS_PER_PROGRAM), in Python (triton.cdiv is
+    a constexpr_function, microseconds of host time a call)."""
+    return -(-x.numel() // ELEMENTS_PER_PROGRAM)
+
+
 @functools.cache
 def _direct_launch() -> DirectLaunch:
     return DirectLaunch(_fp8_fake_kernel, kernel_constants(), NUM_WARPS)
@@ -63,7 +69,5 @@ def fp8_fake_quant_with_scales_now(x: torch.Tensor, scale: float, inv_scale: flo
     given as Python floats (each exactly an fp32 value: the launch passes it as one), launched
     eagerly by DirectLaunch (outside torch.compile)."""
     y = torch.empty_like(x)
-    n = x.numel()
-    programs = -(-n // ELEMENTS_PER_PROGRAM)  # ceil; triton.cdiv is a constexpr_function, microseconds a call
-    _direct_launch()(programs, x, scale, inv_scale, y, n)
+    _direct_launch()(_programs(x), x, scale, inv_scale, y, x.numel())
     return y

@@ -420,7 +420,10 @@ def nvfp4_quantize(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "
     check_float_input(x)
     if amax is not None:
         amax = as_amax_tensor(amax, x)
-    if _takes_triton_block_step(x) and amax is not None and not torch.compiler.is_compiling():
+    if not _takes_triton_block_step(x):
+        quantized = _run(_compiled_nvfp4_quantize, reference_nvfp4.nvfp4_quantize, _rows(x), amax, flavor=flavor)
+        packed, block_scale, global_scale = quantized.packed, quantized.block_scale, quantized.global_scale
+    elif amax is not None and not torch.compiler.is_compiling():
         # one launch of our kernel, past the graph around it (its guards, inductor's wrapper and
         # launcher chain; refquant.compiled.triton_launch): the export's calls, and do_bench's
         from .nvfp4_triton import nvfp4_quantize_from_amax_now
@@ -428,14 +431,11 @@ def nvfp4_quantize(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "
         global_amax = reference_nvfp4._global_amax(x, amax)
         packed, block_scale, global_scale = nvfp4_quantize_from_amax_now(_rows(x).contiguous(), global_amax, flavor == "modelopt-cpu")
         global_scale = global_scale.reshape(())
-    elif _takes_triton_block_step(x):
-        # amax from x: the graph fuses its reduction. A tuple of tensors, which the graph returns
-        # as they are: called directly (direct_call)
+    else:
+        # the amax from x (the graph fuses its reduction), or inside a user's torch.compile. A
+        # tuple of tensors, which the graph returns as they are: called directly (direct_call)
         compiled = _nvfp4_quantize_with_triton_blocks()
         packed, block_scale, global_scale = _run(compiled, reference_nvfp4.nvfp4_quantize, _rows(x), amax, flavor=flavor)
-    else:
-        quantized = _run(_compiled_nvfp4_quantize, reference_nvfp4.nvfp4_quantize, _rows(x), amax, flavor=flavor)
-        packed, block_scale, global_scale = quantized.packed, quantized.block_scale, quantized.global_scale
     lead = x.shape[:-1]
     return NVFP4Tensor(
         packed=packed.reshape(*lead, -1),
