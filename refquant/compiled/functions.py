@@ -341,8 +341,8 @@ class BoundKernelLaunch:
         self._dtype = x.dtype
         self._device_index = x.get_device()  # an int: cheaper to read and compare than x.device
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        if (
+    def takes(self, x: torch.Tensor) -> bool:
+        return not (
             x.dtype is not self._dtype
             or x.get_device() != self._device_index
             or x.ndim == 0
@@ -351,9 +351,10 @@ class BoundKernelLaunch:
             or not x.is_contiguous()
             or (x.requires_grad and torch.is_grad_enabled())
             or torch.compiler.is_compiling()
-        ):
-            return None
-        return self._launch(x, *self._args)
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        return self._launch(x, *self._args) if self.takes(x) else None
 
 
 def _bound_kernel_launch(format: str, x: torch.Tensor, amax: torch.Tensor, flavor: Flavor) -> BoundKernelLaunch | None:
@@ -389,7 +390,11 @@ def bind_fake_quant(format: str, x: torch.Tensor, amax: AmaxLike = None, *, flav
         if amax.ndim != 0:
             return None
     launch = None if amax is None else _bound_kernel_launch(format, x, amax, flavor)
-    if launch is not None:
+    # Only a launch that takes x itself: a binding that refuses the tensor it was made for sends
+    # every call back to the ordinary call, which binds again (an FP8 binding reads its scales
+    # back, a device sync a call). K and V reach the attention as transposed views when the
+    # model runs without a KV cache; they bind the graph below, which takes any strides.
+    if launch is not None and launch.takes(x):
         return launch
     rows = _rows(x)
     if format == "fp8" and amax is not None:
