@@ -425,6 +425,29 @@ def test_a_bound_fp8_call_runs_the_element_step_under_scales_computed_once(flavo
             assert_bitexact(out, rq.fp8_fake_quant(x, amax, flavor=flavor), f"amax {amax}, {tuple(x.shape)}")
 
 
+def test_a_launch_takes_a_permutation_of_a_contiguous_tensor_with_the_last_dim_innermost():
+    """What BoundKernelLaunch reads in place besides contiguous tensors (functions._rows_in_memory):
+    the layouts whose elements fill one stretch of memory as rows of the last dim."""
+    base = torch.empty(2, 8, 4, 32)
+    takes = {
+        "contiguous": base,
+        "K and V without a KV cache": base.transpose(1, 2),
+        "the leading dims permuted": base.permute(2, 0, 1, 3),
+        "a size-1 dim with any stride": torch.empty(4, 1, 32).as_strided((4, 1, 32), (32, 7, 1)),
+    }
+    refuses = {
+        "the last dim not innermost": base.transpose(2, 3),
+        "a slice of each row": base[..., :16],
+        "every other row": base[:, ::2],
+        "an expanded dim (stride 0)": torch.empty(1, 32).expand(4, 32),
+        "overlapping rows": torch.empty(80).as_strided((4, 32), (16, 1)),
+    }
+    for what, x in takes.items():
+        assert functions._rows_in_memory(x), what
+    for what, x in refuses.items():
+        assert not functions._rows_in_memory(x), what
+
+
 def test_bind_fake_quant_binds_nothing_it_cannot_call_directly():
     x = torch.randn(4, 64)
     rc.fp8_fake_quant(x, torch.ones(1, 64), flavor="modelopt-cpu")
