@@ -33,13 +33,15 @@ def _entry(per_signature: CompiledPerSignature, *args, **kwargs):
     return per_signature.for_call(args, kwargs)
 
 
-def _quantized_tiny_llama(recipe: str, seed: int, backend: str = "compiled"):
-    """conftest's tiny Llama, quantized with `recipe` on one batch of ids; (model, ids)."""
+def _quantized_tiny_llama(recipe: str, seed: int, backend: str = "compiled", device: str = "cpu"):
+    """conftest's tiny Llama on `device`, quantized with `recipe` on one batch of ids (the modelopt
+    flavor of that device); (model, ids)."""
     from conftest import tiny_llama
 
-    model = tiny_llama()
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(seed))
-    rq.quantize_model(model, rq.load_recipe(recipe), [ids], backend=backend, progress=False)
+    model = tiny_llama().to(device)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(seed)).to(device)
+    flavor = "modelopt-cuda" if device == "cuda" else "modelopt-cpu"
+    rq.quantize_model(model, rq.load_recipe(recipe), [ids], backend=backend, flavor=flavor, progress=False)
     return model, ids
 
 
@@ -423,6 +425,29 @@ def test_a_bound_fp8_call_runs_the_element_step_under_scales_computed_once(flavo
             assert_bitexact(out, rq.fp8_fake_quant(x, amax, flavor=flavor), f"amax {amax}, {tuple(x.shape)}")
 
 
+def test_a_launch_takes_a_permutation_of_a_contiguous_tensor_with_the_last_dim_innermost():
+    """What BoundKernelLaunch reads in place besides contiguous tensors (functions._rows_in_memory):
+    the layouts whose elements fill one stretch of memory as rows of the last dim."""
+    base = torch.empty(2, 8, 4, 32)
+    takes = {
+        "contiguous": base,
+        "K and V without a KV cache": base.transpose(1, 2),
+        "the leading dims permuted": base.permute(2, 0, 1, 3),
+        "a size-1 dim with any stride": torch.empty(4, 1, 32).as_strided((4, 1, 32), (32, 7, 1)),
+    }
+    refuses = {
+        "the last dim not innermost": base.transpose(2, 3),
+        "a slice of each row": base[..., :16],
+        "every other row": base[:, ::2],
+        "an expanded dim (stride 0)": torch.empty(1, 32).expand(4, 32),
+        "overlapping rows": torch.empty(80).as_strided((4, 32), (16, 1)),
+    }
+    for what, x in takes.items():
+        assert functions._rows_in_memory(x), what
+    for what, x in refuses.items():
+        assert not functions._rows_in_memory(x), what
+
+
 def test_bind_fake_quant_binds_nothing_it_cannot_call_directly():
     x = torch.randn(4, 64)
     rc.fp8_fake_quant(x, torch.ones(1, 64), flavor="modelopt-cpu")
@@ -454,18 +479,22 @@ def test_a_quantized_model_with_bound_calls_deep_copies_and_its_quantizers_pickl
         assert_bitexact(loaded(weight), quantizer(weight), "a quantizer pickled after its bound call")
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv_cache", "no_kv_cache"])
 @pytest.mark.parametrize("recipe", ["fp8_default-fp8_kv", "nvfp4_default-fp8_cast_kv", "nvfp4_default-fp8_kv"])
-def test_a_steady_quantized_forward_makes_no_dynamo_call_and_no_new_binding(monkeypatch, recipe):
+def test_a_steady_quantized_forward_makes_no_dynamo_call_and_no_new_binding(monkeypatch, recipe, use_cache, device):
     """The fast path holds for a whole model: after a warm-up forward, every quantizer call is a
     bound call or a shared result (a regression here, such as the weights' Parameter type failing
-    the guards, would only show as lost speed)."""
-    model, ids = _quantized_tiny_llama(recipe, 3)
+    the guards, would only show as lost speed). Without a KV cache the attention gets K and V as
+    transposed views; on CUDA those once bound a kernel launch that refused them, and bound again
+    on every call (run AH, docs/compiled.md "Seventh round")."""
+    model, ids = _quantized_tiny_llama(recipe, 3, device=device)
     entries = lambda: [e for c in functions.compiled_functions() for e in c._compiled.values()]  # noqa: E731
     with torch.no_grad():
-        model(input_ids=ids)
+        model(input_ids=ids, use_cache=use_cache)
         through_dynamo = sum(e.calls_through_dynamo for e in entries())
         monkeypatch.setattr(TensorQuantizer, "_bind", lambda *a, **k: pytest.fail("a quantizer bound again"))
         _public_functions_refuse(monkeypatch)
         for length in (12, 7):
-            model(input_ids=ids[:, :length])
+            model(input_ids=ids[:, :length], use_cache=use_cache)
     assert sum(e.calls_through_dynamo for e in entries()) == through_dynamo

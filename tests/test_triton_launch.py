@@ -89,8 +89,9 @@ def test_a_bound_nvfp4_quantizer_launches_its_kernel_and_gives_the_reference_bit
         if x.dtype == torch.float32:
             assert not isinstance(rc.bind_fake_quant("nvfp4", x, 1.0), functions.BoundKernelLaunch), f"{name}: fp32 was bound"
             continue
-        if not x.is_contiguous():  # a view the kernel cannot read in place: the ordinary call's
-            assert rc.bind_fake_quant("nvfp4", x, 1.0)(x) is None, f"{name}: a non-contiguous x was taken"
+        if not functions._rows_in_memory(x):  # a view the kernel cannot read in place: no launch is bound
+            bound = rc.bind_fake_quant("nvfp4", x, 1.0)
+            assert not isinstance(bound, functions.BoundKernelLaunch), f"{name}: a launch was bound for a view it cannot read"
             continue
         for amax in _amaxes(x):
             for amax_dtype in (torch.float32, torch.bfloat16):
@@ -157,3 +158,25 @@ def test_inside_a_users_torch_compile_nvfp4_quantize_is_traced():
     want = rq.nvfp4_quantize((x * 2).cpu(), amax.cpu())
     assert_bitexact(packed.cpu(), want.packed, "packed")
     assert_bitexact(block_scale.cpu(), want.block_scale, "block scales")
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_a_bound_launch_takes_k_and_v_as_the_attention_gets_them_without_a_kv_cache(fmt):
+    """Without a KV cache, K and V are [batch, heads, seq, head_dim] views of [batch, seq, heads,
+    head_dim] memory: the launch reads them in place, and its output keeps their strides and has
+    the reference's bits (bf16 and fp16, 16-byte aligned and 8 bytes off)."""
+    gen = torch.Generator().manual_seed(7)
+    amax = torch.tensor(3.0, device="cuda")
+    for dtype in (torch.bfloat16, torch.float16):
+        for offset in (0, 4):
+            memory = (torch.randn(2 * 8 * 4 * 32 + offset, generator=gen) * 2).to(dtype).cuda()
+            x = memory[offset:].view(2, 8, 4, 32).transpose(1, 2)
+            bound = rc.bind_fake_quant(fmt, x, amax, flavor="modelopt-cuda")
+            assert isinstance(bound, functions.BoundKernelLaunch), f"{dtype}, offset {offset}: no launch bound"
+            out = bound(x)
+            assert out is not None and out.stride() == x.stride(), f"{dtype}, offset {offset}"
+            if fmt == "fp8":
+                want = rq.fp8_fake_quant(x.cpu(), amax.cpu(), flavor="modelopt-cuda")
+            else:
+                want = rq.nvfp4_fake_quant(x.cpu(), amax.cpu())
+            assert_bitexact(out.cpu(), want, f"{fmt}, {dtype}, offset {offset}")

@@ -324,9 +324,10 @@ class BoundKernelLaunch:
     kernel of ours (NVFP4: nvfp4_fake_triton.py; FP8 under scales computed once:
     fp8_fake_triton.py): the launch itself, past the graph around it (its guards, inductor's
     wrapper and launcher chain; refquant.compiled.triton_launch). It takes tensors of the dtype
-    and device it was bound for, contiguous, last dim a multiple of `block`, not empty, and
-    outside autograd (no requires_grad under grad mode); for any other it returns None and the
-    caller makes the ordinary call. Made by bind_fake_quant, for bf16 and fp16 only (what was
+    and device it was bound for, laid out as rows in memory (_rows_in_memory: contiguous, or a
+    permutation of it with the last dim innermost, as K and V reach the attention without a KV
+    cache), last dim a multiple of `block`, not empty, and outside autograd (no requires_grad
+    under grad mode); for any other it returns None and the caller makes the ordinary call. Made by bind_fake_quant, for bf16 and fp16 only (what was
     checked on the H200 against the reference, every pattern): fp32 keeps the graph (the
     fake kernel's fp32 path, one-dimensional since its rows of 8 were spread over two threads, is
     not yet checked through this launch; docs/compiled.md, "Fifth round")."""
@@ -341,19 +342,38 @@ class BoundKernelLaunch:
         self._dtype = x.dtype
         self._device_index = x.get_device()  # an int: cheaper to read and compare than x.device
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        if (
+    def takes(self, x: torch.Tensor) -> bool:
+        return not (
             x.dtype is not self._dtype
             or x.get_device() != self._device_index
             or x.ndim == 0
             or x.shape[-1] % self._block
             or x.numel() == 0
-            or not x.is_contiguous()
+            or not (x.is_contiguous() or _rows_in_memory(x))
             or (x.requires_grad and torch.is_grad_enabled())
             or torch.compiler.is_compiling()
-        ):
-            return None
-        return self._launch(x, *self._args)
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        return self._launch(x, *self._args) if self.takes(x) else None
+
+
+def _rows_in_memory(x: torch.Tensor) -> bool:
+    """Whether x's elements fill one stretch of memory, no gaps and no overlaps (a permutation of
+    a contiguous tensor's dims), with the last dim innermost (stride 1). Then a kernel may read x,
+    and write an output of the same strides (torch.empty_like keeps them), as consecutive rows of
+    the last dim in memory order: FP8 is element by element, and NVFP4's blocks of 16 lie within
+    a row. Dims of size 1 have no say (their stride is never used)."""
+    if x.stride(-1) != 1 and x.shape[-1] != 1:
+        return False
+    expected = 1
+    for size, stride in sorted(zip(x.shape, x.stride()), key=lambda dim: dim[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _bound_kernel_launch(format: str, x: torch.Tensor, amax: torch.Tensor, flavor: Flavor) -> BoundKernelLaunch | None:
@@ -389,7 +409,11 @@ def bind_fake_quant(format: str, x: torch.Tensor, amax: AmaxLike = None, *, flav
         if amax.ndim != 0:
             return None
     launch = None if amax is None else _bound_kernel_launch(format, x, amax, flavor)
-    if launch is not None:
+    # Only a launch that takes x itself: a binding that refuses the tensor it was made for sends
+    # every call back to the ordinary call, which binds again (an FP8 binding reads its scales
+    # back, a device sync a call). K and V reach the attention as transposed views when the
+    # model runs without a KV cache; they bind the graph below, which takes any strides.
+    if launch is not None and launch.takes(x):
         return launch
     rows = _rows(x)
     if format == "fp8" and amax is not None:
