@@ -17,12 +17,15 @@ On CUDA (bf16 and fp16), a calibrated quantizer's call is one launch of a Triton
     quantizer, shared     a quantizer with a SharedInputResult, given one of two tensors in turn
                           (every call misses, as the first of q/k/v's input quantizers does)
     quantizer.forward     the same without nn.Module.__call__
-    bound call            the BoundKernelLaunch alone (its checks, then the launch function)
-    launch function       empty_like for the output, the grid, DirectLaunch
-    DirectLaunch          the launch with the output made already (its key, Triton's launcher)
-    key                   DirectLaunch.key_of: what the compiled kernel is looked up by
+    bound call            the BoundKernelLaunch alone: its checks of x, empty_like for the output,
+                          the look-up of the compiled kernel, launch_compiled
+    bound checks          BoundKernelLaunch.takes(x) alone
+    launch_compiled       DirectLaunch.launch_compiled: the device check, the stream, Triton's launcher
     Triton launcher       the compiled kernel's run(): Triton's Python launcher and its C launch
     empty_like            the output's allocation alone
+    DirectLaunch.launch   a launch through DirectLaunch's own look-up (what a bound call's first
+                          launch of a count costs, and every launch of the *_now functions)
+    key                   DirectLaunch.key_of: what that look-up keys by
 
     python3 benchmarks/host_time.py [--out DIR] [--device cuda] [--rows 64] [--cols 2048]
                                     [--profile-recipe R [--shape small]]
@@ -117,18 +120,17 @@ def bound_launch_steps(fmt: str, x: torch.Tensor, amax: torch.Tensor, flavor: st
         turn[0] ^= 1
         return shared(pair[turn[0]])
 
-    launch_function, args = bound._launch, bound._args
-    out = launch_function(x, *args)
+    out = bound(x)
     if fmt == "fp8":
         from refquant.compiled import fp8_fake_triton as kernels
-
-        launch_args = (x, *args, out, x.numel())
     else:
         from refquant.compiled import nvfp4_fake_triton as kernels
-
-        launch_args = (x, *args, out, x.numel() // 16)
-    launch, programs = kernels._direct_launch(), kernels._programs(x)
+    kernel = kernels.fake_quant_kernel()
+    count = x.numel() // kernel.unit
+    launch_args = (x, *bound._params, out, count)
+    launch, programs = kernel.launch, kernels._programs(x)
     compiled = launch._compiled[launch.key_of(launch_args)]
+    device = x.get_device()
     stream = torch.cuda.current_stream(x.device).cuda_stream
 
     def run_compiled():
@@ -140,8 +142,9 @@ def bound_launch_steps(fmt: str, x: torch.Tensor, amax: torch.Tensor, flavor: st
         "quantizer, shared": shared_call,
         "quantizer.forward": lambda: quantizer.forward(x),
         "bound call": lambda: bound(x),
-        "launch function": lambda: launch_function(x, *args),
-        "DirectLaunch": lambda: launch(programs, *launch_args),
+        "bound checks": lambda: bound.takes(x),
+        "launch_compiled": lambda: launch.launch_compiled(compiled, programs, device, launch_args),
+        "DirectLaunch.launch": lambda: launch.launch(programs, launch_args),
         "key": lambda: launch.key_of(launch_args),
         "Triton launcher": run_compiled,
         "empty_like": lambda: torch.empty_like(x),
@@ -230,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in results["functions"].items():
         cells = [f"{row[c]:.1f}" if c in row else "-" for c in columns]
         print(f"| {name} | {row['direct graphs']} | " + " | ".join(cells) + " |")
-    launch_columns = ["quantizer", "quantizer, shared", "quantizer.forward", "bound call", "launch function",
-                      "DirectLaunch", "key", "Triton launcher", "empty_like"]
+    launch_columns = ["quantizer", "quantizer, shared", "quantizer.forward", "bound call", "bound checks",
+                      "launch_compiled", "Triton launcher", "empty_like", "DirectLaunch.launch", "key"]
     for fmt in ("fp8", "nvfp4"):
         steps = bound_launch_steps(fmt, x, amax, flavor) if device.type == "cuda" else {}
         if steps:

@@ -180,3 +180,60 @@ def test_a_bound_launch_takes_k_and_v_as_the_attention_gets_them_without_a_kv_ca
             else:
                 want = rq.nvfp4_fake_quant(x.cpu(), amax.cpu())
             assert_bitexact(out.cpu(), want, f"{fmt}, {dtype}, offset {offset}")
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_a_bound_launch_looks_up_the_kernel_triton_picks_as_counts_and_alignments_change(fmt):
+    """A bound call looks its compiled kernel up by the count and x's and y's alignment alone
+    (BoundKernelLaunch). Over x's of changing sizes (counts of 1, multiples of 16, others) and
+    alignments, in turn and again, each call must run the kernel DirectLaunch keys for its
+    arguments (the one Triton picks, test above) and give the reference's bits; past the look-ups
+    it keeps, it forgets and finds them again. With a launch hook set, every launch goes through
+    Triton, which calls the hook."""
+    from triton import knobs
+
+    from refquant.compiled import fp8_fake_triton, nvfp4_fake_triton
+
+    unit = 16 if fmt == "nvfp4" else 1
+    kernel = (nvfp4_fake_triton if fmt == "nvfp4" else fp8_fake_triton).fake_quant_kernel()
+    storage = torch.randn(64 * 1024 + 8, generator=torch.Generator().manual_seed(5)).bfloat16().cuda() * 3
+    amax = torch.tensor(2.5, device="cuda")
+    bound = rc.bind_fake_quant(fmt, storage[: 16 * unit].view(-1, unit), amax, flavor="modelopt-cuda")
+    assert isinstance(bound, functions.BoundKernelLaunch)
+    reference = rq.nvfp4_fake_quant if fmt == "nvfp4" else lambda x, a: rq.fp8_fake_quant(x, a, flavor="modelopt-cuda")
+
+    def check(rows: int, offset: int, label: str) -> None:
+        x = storage[offset : offset + rows * unit].view(rows, unit)
+        y = bound(x)
+        assert y is not None, f"{label}: not taken"
+        count = x.numel() // unit
+        looked_up = (count, x.data_ptr() % 16 == 0, y.data_ptr() % 16 == 0)
+        args = (x, *bound._params, y, count)
+        assert bound._kernels[looked_up] is kernel.launch._compiled[kernel.launch.key_of(args)], f"{label}: another kernel"
+        assert_bitexact(y.cpu(), reference(x.cpu(), amax.cpu()), label)
+
+    cases = [(rows, offset) for rows in (1, 16, 17, 4096) for offset in (0, 8)]
+    for rows, offset in cases + cases[::-1]:
+        check(rows, offset, f"{rows} rows, {offset} elements in")
+    for rows in range(1, 2 * functions.BoundKernelLaunch._KERNELS_KEPT + 2):
+        check(rows, 0, f"{rows} rows in a growing run")
+    assert len(bound._kernels) <= functions.BoundKernelLaunch._KERNELS_KEPT
+
+    entered = []
+
+    def hook(metadata) -> None:
+        entered.append(metadata)
+
+    chain = knobs.runtime.launch_enter_hook  # Triton 3.6: a chain of hooks; older: one callable or None
+    if hasattr(chain, "add"):
+        chain.add(hook)
+    else:
+        knobs.runtime.launch_enter_hook = hook
+    try:
+        check(16, 0, "under a launch hook")
+    finally:
+        if hasattr(chain, "add"):
+            chain.remove(hook)
+        else:
+            knobs.runtime.launch_enter_hook = chain
+    assert entered, "the launch hook was not called"

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ..numerics.formats import E4M3_MAX
 from .nvfp4_fake_triton import _mul_rn  # fl(a * b) as PTX mul.rn.f32, never contracted into an FMA
-from .triton_launch import DirectLaunch
+from .triton_launch import DirectLaunch, FakeQuantKernel
 
 # Elements a program and warps: 8 bf16 (16 bytes) a thread for each of 4 warps, 4 such rows.
 ELEMENTS_PER_PROGRAM = 4096
@@ -62,6 +62,12 @@ def _programs(x: torch.Tensor) -> int:
 @functools.cache
 def _direct_launch() -> DirectLaunch:
     return DirectLaunch(_fp8_fake_kernel, kernel_constants(), NUM_WARPS)
+
+
+@functools.cache
+def fake_quant_kernel() -> FakeQuantKernel:
+    """The kernel as a bound launch calls it: params (scale, inv_scale), a count per element."""
+    return FakeQuantKernel(_direct_launch(), unit=1, per_program=ELEMENTS_PER_PROGRAM)
 
 
 def fp8_fake_quant_with_scales_now(x: torch.Tensor, scale: float, inv_scale: float) -> torch.Tensor:

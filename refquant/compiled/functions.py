@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch._dynamo.exc import FailOnRecompileLimitHit, Unsupported
@@ -35,6 +35,8 @@ from .options import (
     recompile_limit_patch,
 )
 
+if TYPE_CHECKING:  # Triton is imported where a kernel of ours is launched, never at refquant's import
+    from .triton_launch import FakeQuantKernel
 
 
 def _marked(args: tuple) -> tuple:
@@ -326,28 +328,41 @@ class BoundKernelLaunch:
     wrapper and launcher chain; refquant.compiled.triton_launch). It takes tensors of the dtype
     and device it was bound for, laid out as rows in memory (_rows_in_memory: contiguous, or a
     permutation of it with the last dim innermost, as K and V reach the attention without a KV
-    cache), last dim a multiple of `block`, not empty, and outside autograd (no requires_grad
-    under grad mode); for any other it returns None and the caller makes the ordinary call. Made by bind_fake_quant, for bf16 and fp16 only (what was
-    checked on the H200 against the reference, every pattern): fp32 keeps the graph (the
-    fake kernel's fp32 path, one-dimensional since its rows of 8 were spread over two threads, is
-    not yet checked through this launch; docs/compiled.md, "Fifth round")."""
+    cache), last dim a multiple of the kernel's unit, not empty, and outside autograd (no
+    requires_grad under grad mode); for any other it returns None and the caller makes the
+    ordinary call. Made by bind_fake_quant, for bf16 and fp16 only (what was checked on the H200
+    against the reference, every pattern): fp32 keeps the graph (the fake kernel's fp32 path,
+    one-dimensional since its rows of 8 were spread over two threads, is not yet checked through
+    this launch; docs/compiled.md, "Fifth round").
+
+    A PTQ forward makes ~100 of these calls and the host sets its pace, so a call does only what
+    changes from call to call: the checks of x, the output's allocation, and a look-up of the
+    compiled kernel by what Triton specializes on that can still change (the count, and whether
+    x and y are 16-byte aligned; dtypes, device and params were fixed when bound). A look-up
+    that misses (and any launch while a launch hook is set) goes through DirectLaunch.launch."""
 
     DTYPES = (torch.bfloat16, torch.float16)
-    __slots__ = ("_launch", "_args", "_block", "_dtype", "_device_index")
+    _KERNELS_KEPT = 32  # look-ups kept: K and V of a KV cache growing token by token change count every call
+    __slots__ = ("_launch", "_params", "_unit", "_per_program", "_dtype", "_device_index", "_kernels", "_hooks_set")
 
-    def __init__(self, x: torch.Tensor, launch: Callable, args: tuple, block: int = 1):
-        self._launch = launch
-        self._args = args
-        self._block = block
+    def __init__(self, x: torch.Tensor, kernel: FakeQuantKernel, params: tuple):
+        from .triton_launch import launch_hooks_set
+
+        self._hooks_set = launch_hooks_set
+        self._launch = kernel.launch
+        self._params = params
+        self._unit = kernel.unit
+        self._per_program = kernel.per_program
         self._dtype = x.dtype
         self._device_index = x.get_device()  # an int: cheaper to read and compare than x.device
+        self._kernels: dict[tuple, object] = {}
 
     def takes(self, x: torch.Tensor) -> bool:
         return not (
             x.dtype is not self._dtype
             or x.get_device() != self._device_index
             or x.ndim == 0
-            or x.shape[-1] % self._block
+            or x.shape[-1] % self._unit
             or x.numel() == 0
             or not (x.is_contiguous() or _rows_in_memory(x))
             or (x.requires_grad and torch.is_grad_enabled())
@@ -355,7 +370,21 @@ class BoundKernelLaunch:
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        return self._launch(x, *self._args) if self.takes(x) else None
+        if not self.takes(x):
+            return None
+        y = torch.empty_like(x)  # x's strides: the kernel writes y in x's memory order
+        count = x.numel() // self._unit
+        programs = -(-count // self._per_program)
+        args = (x, *self._params, y, count)
+        looked_up = (count, x.data_ptr() % 16 == 0, y.data_ptr() % 16 == 0)
+        compiled = self._kernels.get(looked_up)
+        if compiled is None or self._hooks_set():
+            if len(self._kernels) >= self._KERNELS_KEPT:
+                self._kernels.clear()
+            self._kernels[looked_up] = self._launch.launch(programs, args)
+        else:
+            self._launch.launch_compiled(compiled, programs, self._device_index, args)
+        return y
 
 
 def _rows_in_memory(x: torch.Tensor) -> bool:
@@ -381,16 +410,16 @@ def _bound_kernel_launch(format: str, x: torch.Tensor, amax: torch.Tensor, flavo
     if not x.is_cuda or x.dtype not in BoundKernelLaunch.DTYPES:
         return None
     if format == "fp8":
-        from .fp8_fake_triton import fp8_fake_quant_with_scales_now
+        from . import fp8_fake_triton
 
         # read back once per binding (one sync), and passed to every launch as fp32 arguments
         scale, inv_scale = torch.stack(reference_fp8.fp8_fake_quant_scales(amax, flavor)).tolist()
-        return BoundKernelLaunch(x, fp8_fake_quant_with_scales_now, (scale, inv_scale))
+        return BoundKernelLaunch(x, fp8_fake_triton.fake_quant_kernel(), (scale, inv_scale))
     if not _takes_triton_block_step(x):
         return None
-    from .nvfp4_fake_triton import nvfp4_fake_quant_blocks_now
+    from . import nvfp4_fake_triton
 
-    return BoundKernelLaunch(x, nvfp4_fake_quant_blocks_now, (amax,), NVFP4_BLOCK_SIZE)
+    return BoundKernelLaunch(x, nvfp4_fake_triton.fake_quant_kernel(), (amax,))
 
 
 def bind_fake_quant(format: str, x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> BoundFakeQuant | None:

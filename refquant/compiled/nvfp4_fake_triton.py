@@ -43,7 +43,7 @@ from ..numerics.formats import (
     NVFP4_GLOBAL_SCALE_FLOOR,
     RCP_2688,
 )
-from .triton_launch import DirectLaunch
+from .triton_launch import DirectLaunch, FakeQuantKernel
 
 # Blocks a program and warps: one block a thread, 128 threads. On the H200 (kernel time, ratio to a
 # copy; benchmarks/nvfp4_tiles.py): 0.98 at 8192 x 16384 bf16 and 0.90-0.97 on the 6.7B shape's
@@ -236,6 +236,12 @@ def nvfp4_fake_quant_blocks(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor
 @functools.cache
 def _direct_launch() -> DirectLaunch:
     return DirectLaunch(_nvfp4_fake_kernel, kernel_constants(), NUM_WARPS)
+
+
+@functools.cache
+def fake_quant_kernel() -> FakeQuantKernel:
+    """The kernel as a bound launch calls it: params (amax,), a count per block of 16."""
+    return FakeQuantKernel(_direct_launch(), unit=NVFP4_BLOCK_SIZE, per_program=BLOCKS_PER_PROGRAM)
 
 
 def nvfp4_fake_quant_blocks_now(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:

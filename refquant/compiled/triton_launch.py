@@ -26,6 +26,7 @@ and device guard; the CUDA tests exercise it on every supported pair of versions
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,26 +63,38 @@ class DirectLaunch:
         self._compiled: dict[tuple, Any] = {}
 
     def __call__(self, programs: int, *args) -> None:
+        self.launch(programs, args)
+
+    def launch(self, programs: int, args: tuple) -> Any:
+        """Launches the kernel on `args` (runtime arguments in signature order) over `programs`
+        programs; returns the compiled kernel it launched, which a caller may keep and hand to
+        launch_compiled for later arguments of the same specialization (key_of)."""
         if len(args) != self._runtime_count:
             raise TypeError(f"{self.kernel.fn.__name__} takes {self._runtime_count} runtime arguments, got {len(args)}.")
         key = self.key_of(args)
         device = key[0]
         compiled = self._compiled.get(key)
-        if compiled is None or _launch_hooks_set():
+        if compiled is None or launch_hooks_set():
             with torch.cuda._DeviceGuard(device):  # Triton launches on the current device
-                self._compiled[key] = self.kernel[(programs,)](
+                compiled = self._compiled[key] = self.kernel[(programs,)](
                     *args, **self.constants, num_warps=self.num_warps, enable_fp_fusion=False
                 )
-            return
+            return compiled
+        self.launch_compiled(compiled, programs, device, args)
+        return compiled
+
+    def launch_compiled(self, compiled: Any, programs: int, device: int, args: tuple) -> None:
+        """Triton's launcher alone: `compiled` must be what launch returned for arguments of the
+        same specialization as `args`, on CUDA device `device`, and no launch hook set."""
         # Entering and leaving the device guard is host time on every launch, and a forward's
         # tensors are usually on the current device already (not always: a model split over GPUs).
         if torch._C._cuda_getDevice() != device:
             with torch.cuda._DeviceGuard(device):
-                self._launch_compiled(compiled, programs, device, args)
+                self._run(compiled, programs, device, args)
         else:
-            self._launch_compiled(compiled, programs, device, args)
+            self._run(compiled, programs, device, args)
 
-    def _launch_compiled(self, compiled, programs: int, device: int, args: tuple) -> None:
+    def _run(self, compiled, programs: int, device: int, args: tuple) -> None:
         stream = torch._C._cuda_getCurrentRawStream(device)
         compiled.run(programs, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
                      *args, *self._constant_values)
@@ -95,10 +108,21 @@ class DirectLaunch:
                 *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else _scalar_specialization(a) for a in args])
 
 
-def _launch_hooks_set() -> bool:
+def launch_hooks_set() -> bool:
     """Whether a launch hook is installed: Triton 3.6 keeps them in chains (empty: none), older
     versions as one callable or None."""
     for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
         if hook is not None and getattr(hook, "calls", True):
             return True
     return False
+
+
+@dataclass(frozen=True)
+class FakeQuantKernel:
+    """How a fake-quant kernel of ours is launched on x: kernel(x, *params, y, count) over
+    ceil(count / per_program) programs, y = empty_like(x), count = x.numel() // unit (what
+    refquant.compiled.functions.BoundKernelLaunch calls on every bound call)."""
+
+    launch: DirectLaunch
+    unit: int  # the elements one count stands for (NVFP4: a block of 16); x's last dim is a multiple of it
+    per_program: int  # the counts one program handles
