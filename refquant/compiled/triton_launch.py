@@ -1,8 +1,8 @@
 """Our Triton kernels launched eagerly with little host work: Triton's own launcher, called with a
 kernel compiled before.
 
-Why: a bound NVFP4 fake quantizer's call (refquant.compiled.functions.BoundKernelLaunch) is one kernel of
-ours. Going through the compiled graph around it costs dynamo's guards, inductor's wrapper and its
+Why: a bound FP8 or NVFP4 fake quantizer's call (refquant.compiled.functions.BoundKernelLaunch) is
+one kernel of ours. Going through the compiled graph around it costs dynamo's guards, inductor's wrapper and its
 launcher chain, about 25-35 us a call on the H200 machines' hosts; Triton's `kernel[grid](...)`
 costs more (about 38 us: binding and specializing every argument, constexprs included, and
 checking the kernel's globals on each call; run M in docs/compiled.md). A host-bound PTQ forward
@@ -15,7 +15,9 @@ constexprs and options and keys what it compiled by the same properties of the o
 A key's first launch goes through `kernel[grid](...)`, which compiles or finds the kernel and
 returns it; later launches call that kernel's launcher directly, as Triton does, with every
 argument in signature order. tests/test_triton_launch.py checks on CUDA that a key's kernel is
-the one Triton itself picks for the same arguments. Launch hooks (a profiler such as proton)
+the one Triton itself picks for the same arguments. A caller that knows which arguments can
+change (a bound quantizer: only the count and the alignments) may keep the kernel `launch`
+returned and call `launch_compiled` with it, past the key. Launch hooks (a profiler such as proton)
 send every launch through `kernel[grid](...)`, which calls them. Kernels are compiled without
 FMA contraction (enable_fp_fusion=False): every rounding is the one written in the kernel.
 What this relies on beyond Triton's public API is what inductor's own launchers use: a compiled
