@@ -128,7 +128,7 @@ def bound_launch_steps(fmt: str, x: torch.Tensor, amax: torch.Tensor, flavor: st
     kernel = kernels.fake_quant_kernel()
     count = x.numel() // kernel.unit
     launch_args = (x, *bound._params, out, count)
-    launch, programs = kernel.launch, kernels._programs(x)
+    launch, programs = kernel.launch, -(-count // kernel.per_program)
     compiled = launch._compiled[launch.key_of(launch_args)]
     device = x.get_device()
     stream = torch.cuda.current_stream(x.device).cuda_stream
@@ -153,8 +153,10 @@ def bound_launch_steps(fmt: str, x: torch.Tensor, amax: torch.Tensor, flavor: st
 
 # Functions whose call counts in a steady forward say whether quantizers took their bound call:
 # a quantizer whose bound call is refused makes the ordinary call (_run) and binds again (_bind).
+# A bound launch calls DirectLaunch.launch_compiled; DirectLaunch.launch is a first launch (or one
+# under a launch hook).
 WATCHED = ("_bind", "bind_fake_quant", "_run", "call_direct", "fp8_fake_quant", "nvfp4_fake_quant",
-           "fp8_fake_quant_with_scales_now", "nvfp4_fake_quant_blocks_now")
+           "launch", "launch_compiled")
 
 
 def forward_profile(model, batch: torch.Tensor, top: int = 30) -> dict:

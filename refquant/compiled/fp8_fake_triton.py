@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
 import triton
 import triton.language as tl
 
@@ -53,12 +52,6 @@ def kernel_constants() -> dict[str, float | int]:
     return {"E4M3_MAX_": E4M3_MAX, "ELEMENTS": ELEMENTS_PER_PROGRAM}
 
 
-def _programs(x: torch.Tensor) -> int:
-    """The launch's grid for x: ceil(x.numel() / ELEMENTS_PER_PROGRAM), in Python (triton.cdiv is
-    a constexpr_function, microseconds of host time a call)."""
-    return -(-x.numel() // ELEMENTS_PER_PROGRAM)
-
-
 @functools.cache
 def _direct_launch() -> DirectLaunch:
     return DirectLaunch(_fp8_fake_kernel, kernel_constants(), NUM_WARPS)
@@ -68,12 +61,3 @@ def _direct_launch() -> DirectLaunch:
 def fake_quant_kernel() -> FakeQuantKernel:
     """The kernel as a bound launch calls it: params (scale, inv_scale), a count per element."""
     return FakeQuantKernel(_direct_launch(), unit=1, per_program=ELEMENTS_PER_PROGRAM)
-
-
-def fp8_fake_quant_with_scales_now(x: torch.Tensor, scale: float, inv_scale: float) -> torch.Tensor:
-    """refquant.numerics.fp8.fp8_fake_quant_with_scales of a contiguous CUDA x under fp32 scales
-    given as Python floats (each exactly an fp32 value: the launch passes it as one), launched
-    eagerly by DirectLaunch (outside torch.compile)."""
-    y = torch.empty_like(x)
-    _direct_launch()(_programs(x), x, scale, inv_scale, y, x.numel())
-    return y

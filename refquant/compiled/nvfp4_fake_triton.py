@@ -249,6 +249,4 @@ def nvfp4_fake_quant_blocks_now(x: torch.Tensor, amax: torch.Tensor) -> torch.Te
     (for calls outside torch.compile: refquant.compiled.functions.BoundKernelLaunch). The amax may be any
     float dtype of one element on x's device (the kernel reads it as fp32, as the reference's
     .float())."""
-    y = torch.empty_like(x)
-    _direct_launch()(_programs(x), x, amax, y, x.numel() // NVFP4_BLOCK_SIZE)
-    return y
+    return fake_quant_kernel()(x, (amax,))

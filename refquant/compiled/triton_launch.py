@@ -2,8 +2,8 @@
 kernel compiled before.
 
 Why: a bound FP8 or NVFP4 fake quantizer's call (refquant.compiled.functions.BoundKernelLaunch) is
-one kernel of ours. Going through the compiled graph around it costs dynamo's guards, inductor's wrapper and its
-launcher chain, about 25-35 us a call on the H200 machines' hosts; Triton's `kernel[grid](...)`
+one kernel of ours. Going through the compiled graph around it costs dynamo's guards, inductor's
+wrapper and its launcher chain, about 25-35 us a call on the H200 machines' hosts; Triton's `kernel[grid](...)`
 costs more (about 38 us: binding and specializing every argument, constexprs included, and
 checking the kernel's globals on each call; run M in docs/compiled.md). A host-bound PTQ forward
 pays that ~100 times.
@@ -17,8 +17,8 @@ returns it; later launches call that kernel's launcher directly, as Triton does,
 argument in signature order. tests/test_triton_launch.py checks on CUDA that a key's kernel is
 the one Triton itself picks for the same arguments. A caller that knows which arguments can
 change (a bound quantizer: only the count and the alignments) may keep the kernel `launch`
-returned and call `launch_compiled` with it, past the key. Launch hooks (a profiler such as proton)
-send every launch through `kernel[grid](...)`, which calls them. Kernels are compiled without
+returned and call `launch_compiled` with it, past the key. Launch hooks (a profiler such as
+proton) send every launch through `kernel[grid](...)`, which calls them. Kernels are compiled without
 FMA contraction (enable_fp_fusion=False): every rounding is the one written in the kernel.
 What this relies on beyond Triton's public API is what inductor's own launchers use: a compiled
 kernel's `run`, `function` and `packed_metadata` (Triton 3.6), and torch's current raw stream
@@ -92,11 +92,11 @@ class DirectLaunch:
         # tensors are usually on the current device already (not always: a model split over GPUs).
         if torch._C._cuda_getDevice() != device:
             with torch.cuda._DeviceGuard(device):
-                self._run(compiled, programs, device, args)
+                self._call_launcher(compiled, programs, device, args)
         else:
-            self._run(compiled, programs, device, args)
+            self._call_launcher(compiled, programs, device, args)
 
-    def _run(self, compiled, programs: int, device: int, args: tuple) -> None:
+    def _call_launcher(self, compiled, programs: int, device: int, args: tuple) -> None:
         stream = torch._C._cuda_getCurrentRawStream(device)
         compiled.run(programs, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
                      *args, *self._constant_values)
@@ -128,3 +128,10 @@ class FakeQuantKernel:
     launch: DirectLaunch
     unit: int  # the elements one count stands for (NVFP4: a block of 16); x's last dim is a multiple of it
     per_program: int  # the counts one program handles
+
+    def __call__(self, x: torch.Tensor, params: tuple) -> torch.Tensor:
+        """y for x, one launch through DirectLaunch's own look-up (calls that are not bound)."""
+        y = torch.empty_like(x)
+        count = x.numel() // self.unit
+        self.launch.launch(-(-count // self.per_program), (x, *params, y, count))
+        return y
