@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import refquant as rq  # noqa: E402
 from host_time import forward_profile  # noqa: E402
+import ptq_gpu  # noqa: E402
 from ptq_gpu import batches_for, build_model, modelopt_available, timed_forward_ms  # noqa: E402
 
 DEFAULT_SEQUENCE = ["plain", "fp8_default-fp8_kv", "nvfp4_default-fp8_kv", "fp8_default-fp8_kv", "plain", "nvfp4_default-fp8_kv"]
@@ -51,20 +52,12 @@ def measure(label: str, model, batch: torch.Tensor, device: torch.device, repeat
             "gc_off_ms": gc_off["median_ms"], "gc_objects": len(gc.get_objects())}
 
 
-def quantize_with_modelopt(model, recipe: str, calibration: list[torch.Tensor]) -> None:
-    """mtq.quantize with ptq_gpu.py's forward loop: does a modelopt model earlier in the process
-    change the forward time of refquant's later ones?"""
+def quantize_with_modelopt(model, recipe: str, calibration: list[torch.Tensor], device: torch.device) -> None:
+    """ptq_gpu.py's modelopt quantization: does a modelopt model earlier in the process change the
+    forward time of refquant's later ones?"""
     if not modelopt_available():
         raise SystemExit(f"modelopt:{recipe} in --sequence, but modelopt does not import here.")
-    import modelopt.torch.quantization as mtq
-    from compare_modelopt import modelopt_quant_cfg
-
-    def forward_loop(m):
-        with torch.no_grad():
-            for batch in calibration:
-                m(input_ids=batch)
-
-    mtq.quantize(model, modelopt_quant_cfg(recipe), forward_loop)
+    ptq_gpu.quantize_with_modelopt(model, recipe, calibration, device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     for step, recipe in enumerate(args.sequence):
         model = build_model(args.shape, 0, device)
         if recipe.startswith("modelopt:"):
-            quantize_with_modelopt(model, recipe.split(":", 1)[1], calibration)
+            quantize_with_modelopt(model, recipe.split(":", 1)[1], calibration, device)
         elif recipe != "plain":
             rq.quantize_model(model, rq.load_recipe(recipe), calibration, backend="compiled", flavor=flavor, progress=False)
         rows.append(measure(f"{step} {recipe}", model, batch, device, args.repeats))

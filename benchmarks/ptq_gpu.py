@@ -162,14 +162,7 @@ def run_variant(variant: str, recipe: str, pristine, shape: str, args, batches, 
             for batch in batches:
                 model(input_ids=batch.to(device))
     elif variant == "modelopt":
-        import modelopt.torch.quantization as mtq
-        from compare_modelopt import modelopt_quant_cfg
-
-        def forward_loop(m):
-            for batch in batches:
-                m(input_ids=batch.to(device))
-
-        mtq.quantize(model, modelopt_quant_cfg(recipe), forward_loop)
+        quantize_with_modelopt(model, recipe, batches, device)
     else:
         flavor = "modelopt-cuda" if device.type == "cuda" else "modelopt-cpu"
         rq.quantize_model(model, rq.load_recipe(recipe), batches, backend=variant, flavor=flavor, progress=False)
@@ -207,6 +200,19 @@ def run_variant(variant: str, recipe: str, pristine, shape: str, args, batches, 
     del model
     reset_peak(device)
     return result | {"_logits": logits, "_amax": amax}
+
+
+def quantize_with_modelopt(model, recipe: str, batches: list[torch.Tensor], device: torch.device) -> None:
+    """mtq.quantize of `model` under `recipe`'s modelopt config, calibrated on `batches` (the
+    batches refquant's calibration gets), as a modelopt user's forward loop would."""
+    import modelopt.torch.quantization as mtq
+    from compare_modelopt import modelopt_quant_cfg
+
+    def forward_loop(m):
+        for batch in batches:
+            m(input_ids=batch.to(device))
+
+    mtq.quantize(model, modelopt_quant_cfg(recipe), forward_loop)
 
 
 def paired_forward_ratio(model, plain, batch: torch.Tensor, device: torch.device, pairs: int) -> dict:
