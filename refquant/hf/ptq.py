@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Optional
@@ -586,13 +587,15 @@ def quantize_model(
     last_rule: dict[str, int] = {}
     unmatched: list[str] = []
     if recipe is not None:
-        from ..quant.recipe import apply_recipe
+        from ..quant.recipe import apply_recipe, check_application
 
         application = apply_recipe(model, recipe)
         for index in sorted(application.matches):
             for name in application.matches[index]:
                 last_rule[name] = index
         unmatched = [_rule_text(i, rule) for i, rule in enumerate(recipe.quant_cfg) if not application.matches.get(i)]
+        for notice in check_application(application, model):
+            warnings.warn(notice, stacklevel=2)
     quantizers = named_quantizers(model)
     if not any(q.is_enabled for _, q in quantizers):
         raise ValueError(
