@@ -549,6 +549,27 @@ def _quality(original: torch.Tensor, quantized: torch.Tensor, batch: Any) -> Qua
 
 
 # --- the flow ---------------------------------------------------------------------------------
+def _refuse_quantized_tied_weights(model: nn.Module, recipe: Any, last_rule: dict[str, int]) -> None:
+    """Before calibrating: a weight quantizer enabled on a tied weight (lm_head under
+    tie_word_embeddings) would give a checkpoint that loses it (refquant.hf.export.plan); name the
+    rule that enabled it."""
+    from .export.plan import quantized_tied_weights, tied_weight_problem
+
+    for layer, partner in quantized_tied_weights(model).items():
+        index = last_rule.get(f"{layer}.weight_quantizer")
+        if index is None:
+            cause = "Switch it off"
+        else:
+            rule = recipe.quant_cfg[index]
+            cause = (f"Recipe {recipe.name} enables it in quant_cfg[{index}] ({rule.origin or 'rule'}: "
+                     f"quantizer_name={rule.quantizer_name!r}): drop that rule")
+        raise ValueError(
+            f"{tied_weight_problem(layer, partner)}. {cause}, or end the recipe with "
+            f"{{ quantizer_name = \"*{layer.rpartition('.')[2]}*\", enable = false }} as the shipped recipes do "
+            f"(default_disabled_quantizers keeps lm_head unquantized). Nothing was calibrated."
+        )
+
+
 def quantize_model(
     model: nn.Module,
     recipe: Any,
@@ -603,6 +624,7 @@ def quantize_model(
             f"{getattr(recipe, 'name', None) or '(none)'} enables none of its {len(quantizers)} "
             "quantizers. Check the recipe's quantizer_name patterns against the model's module names."
         )
+    _refuse_quantized_tied_weights(model, recipe, last_rule)
 
     batches = tokens = 0
     if algorithm == "max":
