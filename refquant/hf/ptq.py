@@ -42,7 +42,7 @@ from torch import nn
 from ..numerics.checks import Flavor
 from .attention import check_attention_hookable, is_attention_module, quant_attention_class
 from .dispatch import check_forward_rebindable, execution_device, loaded_weights, rebind_forward, require_loaded
-from ..quant.distributed import rank_and_world, synchronize_calibration
+from ..quant.distributed import rank_and_world, stop_together, synchronize_calibration
 from ..quant.quantizer import QuantizerConfig, SharedInputResult, TensorQuantizer, all_quantizers_off, named_quantizers
 from ..quant.metrics import QuantizerError, collect_quantizer_errors
 
@@ -599,32 +599,33 @@ def quantize_model(
             f"recipe {recipe.name!r} asks for algorithm {algorithm!r}; refquant calibrates with 'max' "
             "(or none). Set algorithm = \"max\" in the recipe."
         )
-    insert_quantizers(model, backend=backend, flavor=flavor)
-    original_logits = None
-    if eval_batch is not None:
-        # all quantizers off: a QuantLinear computes exactly what its nn.Linear did
-        with all_quantizers_off(model):
-            original_logits = _eval_logits(model, eval_batch)
-    last_rule: dict[str, int] = {}
-    unmatched: list[str] = []
-    if recipe is not None:
-        from ..quant.recipe import apply_recipe, check_application
+    with stop_together("before calibration"):  # a rank failing here stops the others at once
+        insert_quantizers(model, backend=backend, flavor=flavor)
+        original_logits = None
+        if eval_batch is not None:
+            # all quantizers off: a QuantLinear computes exactly what its nn.Linear did
+            with all_quantizers_off(model):
+                original_logits = _eval_logits(model, eval_batch)
+        last_rule: dict[str, int] = {}
+        unmatched: list[str] = []
+        if recipe is not None:
+            from ..quant.recipe import apply_recipe, check_application
 
-        application = apply_recipe(model, recipe)
-        for index in sorted(application.matches):
-            for name in application.matches[index]:
-                last_rule[name] = index
-        unmatched = [_rule_text(i, rule) for i, rule in enumerate(recipe.quant_cfg) if not application.matches.get(i)]
-        for notice in check_application(application, model):
-            warnings.warn(notice, stacklevel=2)
-    quantizers = named_quantizers(model)
-    if not any(q.is_enabled for _, q in quantizers):
-        raise ValueError(
-            f"no quantizable layers in {type(model).__name__}: recipe "
-            f"{getattr(recipe, 'name', None) or '(none)'} enables none of its {len(quantizers)} "
-            "quantizers. Check the recipe's quantizer_name patterns against the model's module names."
-        )
-    _refuse_quantized_tied_weights(model, recipe, last_rule)
+            application = apply_recipe(model, recipe)
+            for index in sorted(application.matches):
+                for name in application.matches[index]:
+                    last_rule[name] = index
+            unmatched = [_rule_text(i, rule) for i, rule in enumerate(recipe.quant_cfg) if not application.matches.get(i)]
+            for notice in check_application(application, model):
+                warnings.warn(notice, stacklevel=2)
+        quantizers = named_quantizers(model)
+        if not any(q.is_enabled for _, q in quantizers):
+            raise ValueError(
+                f"no quantizable layers in {type(model).__name__}: recipe "
+                f"{getattr(recipe, 'name', None) or '(none)'} enables none of its {len(quantizers)} "
+                "quantizers. Check the recipe's quantizer_name patterns against the model's module names."
+            )
+        _refuse_quantized_tied_weights(model, recipe, last_rule)
 
     batches = tokens = 0
     if algorithm == "max":
