@@ -232,8 +232,9 @@ def run_split(args) -> int:
             rq.quantize_model(split, rq.load_recipe(recipe), calib, progress=False)
             result["amax_off_device"] = amax_devices_wrong(split)[:8]
             result["logits"] = compare_logits(single_logits, logits(split, eval_batch, one))
-            rq.export_checkpoint(split, out / "split" / recipe)
+            # the quantizers first: an export refuses a model whose calibration missed quantizers
             result["quantizers"] = compare_quantizers(single_state, quantizer_state(split))
+            rq.export_checkpoint(split, out / "split" / recipe)
             del split
             result["seconds_split"] = round(time.perf_counter() - begun, 1)
             result["checkpoint"] = compare_checkpoints(out / "single" / recipe, out / "split" / recipe)

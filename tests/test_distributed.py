@@ -10,6 +10,7 @@ ends every rank with an error that says what, instead of a hang or a silent diff
 from __future__ import annotations
 
 import math
+import os
 import re
 import socket
 from datetime import timedelta
@@ -199,3 +200,93 @@ def test_what_goes_wrong_on_one_rank_stops_every_rank_with_a_clear_error(ranks, 
     results, _ = ranks
     assert re.search(rank_0, results[0]["errors"][scenario]), results[0]["errors"][scenario]
     assert re.search(rank_1, results[1]["errors"][scenario]), results[1]["errors"][scenario]
+
+
+# --- a rank that fails outside calibration's own exchange ------------------------------------------
+EARLY_TIMEOUT = timedelta(seconds=60)  # what a rank waiting for a failed one would hit; the exchange takes far less
+
+
+def _cli_on_rank(rank: int, argv: list[str]) -> tuple[int, str, float]:
+    import contextlib
+    import io
+    import time
+
+    from refquant.cli import main
+
+    err = io.StringIO()
+    started = time.perf_counter()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except Exception as error:  # noqa: BLE001 - an unexpected error leaves main as a traceback would
+            print(f"{type(error).__name__}: {error}", file=err)
+            code = 1
+    return code, err.getvalue(), time.perf_counter() - started
+
+
+def _raising_on_rank_1(function, error: Exception):
+    def call(*args, **kwargs):
+        if dist.get_rank() == 1:
+            raise error
+        return function(*args, **kwargs)
+
+    return call
+
+
+def _early_failure_rank(rank: int, port: int, folder: Path) -> None:
+    import time
+
+    from refquant.cli import quantize as quantize_cli
+    from refquant.hf import sensitivity
+
+    torch.set_num_threads(THREADS)
+    for name, value in (("WORLD_SIZE", str(WORLD)), ("RANK", str(rank)), ("LOCAL_RANK", str(rank))):
+        os.environ[name] = value
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=EARLY_TIMEOUT)
+    results: dict = {}
+    argv = ["quantize", "--no-progress", "--calib-batches", "2", "--seq-len", "16"]
+    try:
+        load_model, measure = quantize_cli.load_model, sensitivity.measure_sensitivity
+        quantize_cli.load_model = _raising_on_rank_1(load_model, ValueError("rank 1 cannot read its model (injected)"))
+        results["loading the model"] = _cli_on_rank(rank, [*argv, "--out", str(folder / "a")])
+        quantize_cli.load_model = load_model
+        sensitivity.measure_sensitivity = _raising_on_rank_1(measure, RuntimeError("rank 1 ran out of memory (injected)"))
+        results["the sensitivity run"] = _cli_on_rank(rank, [*argv, "--sensitivity", "--out", str(folder / "b")])
+        sensitivity.measure_sensitivity = measure
+
+        started = time.perf_counter()
+        eval_batch = "not a batch" if rank == 1 else calibration_batches()[0]
+        error = _error(lambda: rq.quantize_model(build_builtin_model(), rq.load_recipe(RECIPES[0]), calibration_batches()[rank::WORLD],
+                                                 eval_batch=eval_batch, progress=False))
+        results["the evaluation forward"] = (error, time.perf_counter() - started)
+    finally:
+        torch.save(results, folder / f"early{rank}.pt")
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def early_failures(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("early")
+    mp.spawn(_early_failure_rank, args=(_free_port(), folder), nprocs=WORLD, join=True)
+    return [torch.load(folder / f"early{r}.pt", weights_only=False) for r in range(WORLD)], folder
+
+
+@pytest.mark.parametrize("stage, injected", [("loading the model", "rank 1 cannot read its model"),
+                                             ("the sensitivity run", "rank 1 ran out of memory")])
+def test_a_rank_failing_outside_calibration_stops_the_cli_on_every_rank_within_seconds(early_failures, stage, injected):
+    results, folder = early_failures
+    code, err, seconds = results[0][stage]
+    assert code == 2 and f"rank 1 of 2 failed" in err and injected in err and "rank 0 stops with it" in err, err
+    assert "Traceback" not in err
+    assert seconds < EARLY_TIMEOUT.total_seconds() / 2  # the exchange, not the process group's timeout
+    code, err, _ = results[1][stage]
+    assert code != 0 and injected in err
+    assert not any(path.name in ("a", "b") for path in folder.iterdir())  # nothing written
+
+
+def test_a_rank_failing_in_the_evaluation_forward_stops_every_rank_before_calibration(early_failures):
+    results, _ = early_failures
+    error, seconds = results[0]["the evaluation forward"]
+    assert re.search(r"ValueError: rank 1 of 2 failed before calibration \(ValueError: a calibration / evaluation batch", error), error
+    assert seconds < EARLY_TIMEOUT.total_seconds() / 2
+    assert results[1]["the evaluation forward"][0].startswith("ValueError: a calibration / evaluation batch must be")

@@ -4,6 +4,7 @@ must give a clear message, a non-zero exit, and no output at all."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from torch import nn
 
 from refquant.cli import quantize as ptq_cli
 from refquant.cli import main
+from conftest import REPO
 
 transformers = pytest.importorskip("transformers")
 
@@ -97,6 +99,8 @@ def test_existing_output_folder_is_refused_and_left_untouched(in_tmp, capsys):
     (["--recipe", "nvfp4_default-fp8_cats_kv"], "'nvfp4_default-fp8_cats_kv' is neither a shipped recipe"),
     (["--model", "no-such-folder"], "--model no-such-folder: no such folder"),
     (["--calib-text", "missing.txt"], "--calib-text missing.txt: no such file"),
+    (["--device", "banana"], "--device banana: not a torch device. Pass cpu, cuda or cuda:N"),
+    (["--device", "cuda:99"], "--device cuda:99: "),
 ])
 def test_bad_input_gives_a_clear_message_and_no_output(in_tmp, capsys, args, message):
     assert_failed_without_output(main(["quantize", "--out", "ckpt", "--report-json", "r.json", *args]), capsys, in_tmp, message)
@@ -120,3 +124,33 @@ def test_failing_export_leaves_neither_checkpoint_nor_report(in_tmp, capsys, mon
     code = main(["quantize", "--model", str(model_dir), "--out", "ckpt", "--report-json", "r.json",
                  "--seq-len", "32", "--calib-batches", "1", "--no-progress"])
     assert_failed_without_output(code, capsys, in_tmp, "disk full (injected)", keep=["tiny-llama"])
+
+
+def test_a_truncated_safetensors_file_in_the_model_folder_is_named_and_nothing_written(in_tmp, capsys):
+    model_dir = tiny_llama_folder(in_tmp / "tiny-llama")
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    code = main(["quantize", "--model", str(model_dir), "--out", "ckpt", "--no-progress"])
+    assert_failed_without_output(code, capsys, in_tmp, f"--model {model_dir}: {weights}: truncated", keep=["tiny-llama"])
+
+
+def test_a_write_that_fails_for_want_of_space_exits_1_with_one_line_naming_the_file(in_tmp):
+    """A real failed write: the process may write files of at most 64 KB (RLIMIT_FSIZE, as a nearly
+    full disk), so safetensors' write of the checkpoint fails inside its Rust writer."""
+    model_dir = tiny_llama_folder(in_tmp / "tiny-llama")
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (64000, 64000))\n"
+        "from refquant.cli import main\n"
+        f"sys.exit(main(['quantize', '--model', {str(model_dir)!r}, '--out', 'ckpt', '--seq-len', '16', "
+        "'--calib-batches', '1', '--no-progress']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=in_tmp, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("refquant quantize: error: [Errno 27] writing the checkpoint ckpt failed: ")
+    assert ".shard-0" in lines[0] and "File too large" in lines[0] and "Nothing was written" in lines[0]
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["tiny-llama"]

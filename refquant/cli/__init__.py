@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"refquant {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the run failed writing or reading (a full disk, no permission), not its input
+        print(f"refquant {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         # The reader went away (`... | head`): not our error. Point stdout at /dev/null so the
         # interpreter's final flush does not raise again.

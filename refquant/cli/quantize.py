@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..hf import models
+from ..quant.distributed import stop_together
 
 DEFAULT_RECIPE = "nvfp4_default-fp8_cast_kv"
 DEFAULT_OUT = "out/refquant-ckpt"
@@ -77,6 +78,23 @@ def start_distributed(device: str) -> tuple[int, int, str]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def check_device(device: str) -> None:
+    """--device must name a torch device that exists here: a tensor can be made on it."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a torch device. Pass cpu, cuda or cuda:N (a GPU's index).") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu.")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices (cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}).")
+    try:
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError) as error:
+        raise ValueError(f"--device {device}: torch cannot use it here ({error}). Pass cpu or cuda.") from None
+
+
 def load_model(model_dir: str | None, device: str, device_map: str | None = None):
     """(model, tokenize, description). None: the built-in model with the byte tokenizer.
     device_map: transformers' from_pretrained(device_map=...) through accelerate, instead of device."""
@@ -92,12 +110,20 @@ def load_model(model_dir: str | None, device: str, device_map: str | None = None
         raise FileNotFoundError(
             f"--model {model_dir}: the folder has no config.json, so it is not a Hugging Face model folder."
         )
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..hf.export.validate import check_safetensors_file
+
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            check_safetensors_file(weights)  # a truncated file, named, before transformers reads it
+        except ValueError as error:
+            raise ValueError(f"--model {model_dir}: {error}") from None
     placement = {"device_map": device_map} if device_map is not None else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype="auto", **placement)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
         raise ValueError(f"--model {model_dir}: transformers could not load it as a causal LM: {error}") from error
     model = (model if device_map is not None else model.to(device)).eval()
     try:
@@ -152,7 +178,47 @@ def run(args) -> int:
 
 
 def _run(args, rank: int, world: int) -> int:
-    """The main job on this rank: every rank calibrates batches[rank::world]; rank 0 reports and writes."""
+    """The main job on this rank: every rank calibrates batches[rank::world]; rank 0 reports and writes.
+    Under torchrun a rank that fails before calibration, or between calibration and the export,
+    stops the others at once (stop_together) instead of leaving them in the next collective."""
+    from ..hf.ptq import quantize_model
+
+    with stop_together("before calibration"):
+        out_dir, recipe, model, calib_batches, eval_batch, description = _prepare(args, rank, world)
+    from ..hf.export import export_checkpoint
+
+    report = quantize_model(
+        model, recipe, calib_batches[rank::world], backend=args.backend, flavor=args.flavor,
+        eval_batch=eval_batch, progress=not args.no_progress,
+    )
+    with stop_together("after calibration, before the export"):
+        if args.sensitivity is not None:
+            from ..hf.sensitivity import measure_sensitivity
+
+            # every rank (the same calibrated model, the same batch), so all reach the export together
+            report.sensitivity = measure_sensitivity(
+                model, eval_batch, granularity=args.sensitivity, progress=not args.no_progress and rank == 0
+            )
+        if rank == 0:
+            print(report.to_table(show_disabled=args.show_disabled, sort_by=None if args.sort == "module" else args.sort))
+    export_checkpoint(model, out_dir, max_shard_size=args.max_shard_size)  # every rank calls it; rank 0 writes
+    if rank != 0:
+        return 0
+    print(f"\ncheckpoint written to {out_dir}")
+    if args.report_json is not None:
+        _write_atomically(Path(args.report_json), report.to_json(indent=2))
+        print(f"report written to {args.report_json}")
+    if args.plot is not None:
+        from ..hf.plots import plot_report
+
+        for path in plot_report(report, args.plot, model_name=description):
+            print(f"plot written to {path}")
+    return 0
+
+
+def _prepare(args, rank: int, world: int):
+    """Every check of the arguments (before any work), then the recipe, the model and the batches:
+    (out_dir, recipe, model, calib_batches, eval_batch, description)."""
     out_dir = Path(args.out)
     if out_dir.exists():
         raise FileExistsError(
@@ -164,14 +230,12 @@ def _run(args, rank: int, world: int) -> int:
         raise FileNotFoundError(f"--calib-text {args.calib_text}: no such file.")
     if args.plot is not None:
         _check_plot_folder(args.plot)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device is available here; use --device cpu.")
+    check_device(args.device)
     check_device_map(args, world)
     try:
-        from ..hf.export import export_checkpoint, parse_shard_size
+        from ..hf.export import parse_shard_size
     except ImportError as error:
         raise ValueError(f"cannot write a checkpoint: refquant.hf.export is not available ({error}).") from error
-    from ..hf.ptq import quantize_model
 
     try:
         parse_shard_size(args.max_shard_size)
@@ -192,33 +256,7 @@ def _run(args, rank: int, world: int) -> int:
     if rank == 0:
         ranks = f"; {world} ranks (data parallel: each calibrates 1 batch in {world})" if world > 1 else ""
         print(f"model: {description}; recipe: {recipe.name}; calibration text: {where}{ranks}", file=sys.stderr)
-
-    report = quantize_model(
-        model, recipe, calib_batches[rank::world], backend=args.backend, flavor=args.flavor,
-        eval_batch=eval_batch, progress=not args.no_progress,
-    )
-    if args.sensitivity is not None:
-        from ..hf.sensitivity import measure_sensitivity
-
-        # every rank (the same calibrated model, the same batch), so all reach the export together
-        report.sensitivity = measure_sensitivity(
-            model, eval_batch, granularity=args.sensitivity, progress=not args.no_progress and rank == 0
-        )
-    if rank == 0:
-        print(report.to_table(show_disabled=args.show_disabled, sort_by=None if args.sort == "module" else args.sort))
-    export_checkpoint(model, out_dir, max_shard_size=args.max_shard_size)  # every rank calls it; rank 0 writes
-    if rank != 0:
-        return 0
-    print(f"\ncheckpoint written to {out_dir}")
-    if args.report_json is not None:
-        _write_atomically(Path(args.report_json), report.to_json(indent=2))
-        print(f"report written to {args.report_json}")
-    if args.plot is not None:
-        from ..hf.plots import plot_report
-
-        for path in plot_report(report, args.plot, model_name=description):
-            print(f"plot written to {path}")
-    return 0
+    return out_dir, recipe, model, calib_batches, eval_batch, description
 
 
 def _check_plot_folder(folder: str) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Optional
@@ -41,7 +42,7 @@ from torch import nn
 from ..numerics.checks import Flavor
 from .attention import check_attention_hookable, is_attention_module, quant_attention_class
 from .dispatch import check_forward_rebindable, execution_device, loaded_weights, rebind_forward, require_loaded
-from ..quant.distributed import rank_and_world, synchronize_calibration
+from ..quant.distributed import rank_and_world, stop_together, synchronize_calibration
 from ..quant.quantizer import QuantizerConfig, SharedInputResult, TensorQuantizer, all_quantizers_off, named_quantizers
 from ..quant.metrics import QuantizerError, collect_quantizer_errors
 
@@ -548,6 +549,27 @@ def _quality(original: torch.Tensor, quantized: torch.Tensor, batch: Any) -> Qua
 
 
 # --- the flow ---------------------------------------------------------------------------------
+def _refuse_quantized_tied_weights(model: nn.Module, recipe: Any, last_rule: dict[str, int]) -> None:
+    """Before calibrating: a weight quantizer enabled on a tied weight (lm_head under
+    tie_word_embeddings) would give a checkpoint that loses it (refquant.hf.export.plan); name the
+    rule that enabled it."""
+    from .export.plan import quantized_tied_weights, tied_weight_problem
+
+    for layer, partner in quantized_tied_weights(model).items():
+        index = last_rule.get(f"{layer}.weight_quantizer")
+        if index is None:
+            cause = "Switch it off"
+        else:
+            rule = recipe.quant_cfg[index]
+            cause = (f"Recipe {recipe.name} enables it in quant_cfg[{index}] ({rule.origin or 'rule'}: "
+                     f"quantizer_name={rule.quantizer_name!r}): drop that rule")
+        raise ValueError(
+            f"{tied_weight_problem(layer, partner)}. {cause}, or end the recipe with "
+            f"{{ quantizer_name = \"*{layer.rpartition('.')[2]}*\", enable = false }} as the shipped recipes do "
+            f"(default_disabled_quantizers keeps lm_head unquantized). Nothing was calibrated."
+        )
+
+
 def quantize_model(
     model: nn.Module,
     recipe: Any,
@@ -577,29 +599,33 @@ def quantize_model(
             f"recipe {recipe.name!r} asks for algorithm {algorithm!r}; refquant calibrates with 'max' "
             "(or none). Set algorithm = \"max\" in the recipe."
         )
-    insert_quantizers(model, backend=backend, flavor=flavor)
-    original_logits = None
-    if eval_batch is not None:
-        # all quantizers off: a QuantLinear computes exactly what its nn.Linear did
-        with all_quantizers_off(model):
-            original_logits = _eval_logits(model, eval_batch)
-    last_rule: dict[str, int] = {}
-    unmatched: list[str] = []
-    if recipe is not None:
-        from ..quant.recipe import apply_recipe
+    with stop_together("before calibration"):  # a rank failing here stops the others at once
+        insert_quantizers(model, backend=backend, flavor=flavor)
+        original_logits = None
+        if eval_batch is not None:
+            # all quantizers off: a QuantLinear computes exactly what its nn.Linear did
+            with all_quantizers_off(model):
+                original_logits = _eval_logits(model, eval_batch)
+        last_rule: dict[str, int] = {}
+        unmatched: list[str] = []
+        if recipe is not None:
+            from ..quant.recipe import apply_recipe, check_application
 
-        application = apply_recipe(model, recipe)
-        for index in sorted(application.matches):
-            for name in application.matches[index]:
-                last_rule[name] = index
-        unmatched = [_rule_text(i, rule) for i, rule in enumerate(recipe.quant_cfg) if not application.matches.get(i)]
-    quantizers = named_quantizers(model)
-    if not any(q.is_enabled for _, q in quantizers):
-        raise ValueError(
-            f"no quantizable layers in {type(model).__name__}: recipe "
-            f"{getattr(recipe, 'name', None) or '(none)'} enables none of its {len(quantizers)} "
-            "quantizers. Check the recipe's quantizer_name patterns against the model's module names."
-        )
+            application = apply_recipe(model, recipe)
+            for index in sorted(application.matches):
+                for name in application.matches[index]:
+                    last_rule[name] = index
+            unmatched = [_rule_text(i, rule) for i, rule in enumerate(recipe.quant_cfg) if not application.matches.get(i)]
+            for notice in check_application(application, model):
+                warnings.warn(notice, stacklevel=2)
+        quantizers = named_quantizers(model)
+        if not any(q.is_enabled for _, q in quantizers):
+            raise ValueError(
+                f"no quantizable layers in {type(model).__name__}: recipe "
+                f"{getattr(recipe, 'name', None) or '(none)'} enables none of its {len(quantizers)} "
+                "quantizers. Check the recipe's quantizer_name patterns against the model's module names."
+            )
+        _refuse_quantized_tied_weights(model, recipe, last_rule)
 
     batches = tokens = 0
     if algorithm == "max":

@@ -14,6 +14,9 @@ After the forward loop, while the quantizers still collect (before finish_calibr
      weight amax negated, so the same reduction yields the smallest too, and a weight that differs
      between ranks is refused instead of silently maxed.
 Constant-amax and disabled quantizers collect nothing and are left alone. Nothing runs per batch.
+
+Before calibration, stop_together gives the ranks one more exchange: a rank that failed on its
+way there (loading its model, an evaluation forward) stops the others at once.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Callable, Collection, Optional
+from contextlib import contextmanager
+from typing import Callable, Collection, Iterator, Optional
 
 import torch
 
@@ -176,3 +180,44 @@ def synchronize_calibration(
         target = local.device if local is not None else fallback_device(name)
         quantizer._calibrator.amax = reduced.to(dtype).reshape(shape).to(target)
     return sum(s["batches"] for s in summaries), sum(s["tokens"] for s in summaries)
+
+
+@contextmanager
+def stop_together(stage: str) -> Iterator[None]:
+    """Run the block on every rank, then let the ranks learn whether it raised anywhere.
+
+    Under torch.distributed (initialized, world size > 1) one all_gather_object follows the block:
+    a rank whose block raised tells the others, then raises its own error again; the others raise
+    a ValueError naming that rank, its error and `stage` ("before calibration"). So a rank that
+    fails before the next collective stops every rank at once, instead of leaving them waiting in
+    that collective until the process group's timeout. Every rank must enter the block (the
+    exchange is a collective). Without torch.distributed it only runs the block.
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        yield
+        return
+    try:
+        yield
+    except Exception as error:
+        try:
+            _exchange_failures(stage, error)
+        except Exception:  # noqa: BLE001 - this rank's own error is the one to raise
+            pass
+        raise
+    _exchange_failures(stage, None)
+
+
+def _exchange_failures(stage: str, error: Optional[BaseException]) -> None:
+    import torch.distributed as dist
+
+    rank, world = rank_and_world()
+    failures: list[Optional[str]] = [None] * world
+    dist.all_gather_object(failures, None if error is None else f"{type(error).__name__}: {error}")
+    failed = [(r, message) for r, message in enumerate(failures) if message is not None]
+    if failed and error is None:
+        failed_rank, message = failed[0]
+        raise ValueError(
+            f"rank {failed_rank} of {world} failed {stage} ({message}); rank {rank} stops with it. Fix that "
+            "rank's error; every rank must get this far for any to go on."
+        )

@@ -15,6 +15,7 @@ and the fix.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import fnmatch
 import json
@@ -228,10 +229,13 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
     """Load, resolve and validate a recipe: a shipped name (see shipped_recipes) or a TOML path.
 
     Returns a Recipe whose quant_cfg holds every rule in application order, imports spliced in.
-    Raises ValueError naming the file, the key and the fix for any mistake.
+    Each file is read and resolved once however often it is imported; imports may nest
+    MAX_IMPORT_DEPTH files deep. Raises ValueError naming the file, the key and the fix for any
+    mistake.
     """
     path = find_recipe(name_or_path)
-    document = _read_toml(path)
+    resolver = _Resolver()
+    document = resolver.read(path)
     if "cfg" in document:
         raise _fail(path, "cfg", "this file is a numerics unit (a cfg table), not a recipe",
                     "Import it from a rule's cfg (cfg = { import = \"...\" }), or load a recipe.")
@@ -241,7 +245,7 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
         hint = f"Did you mean {close[0]!r}? " if close else ""
         raise _fail(path, "algorithm", f"unknown algorithm {spec.algorithm!r}",
                     f"{hint}Use \"max\" (max calibration) or \"none\" (no calibration).")
-    rules = _resolve_rules(path, spec, stack=(path,))
+    rules = resolver.rules(path, spec, stack=(path,))
     if not rules:
         raise _fail(path, "quant_cfg", "the recipe resolves to no rules at all", "Add rules or imports.")
     return Recipe(
@@ -253,109 +257,130 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
     )
 
 
-def _resolve_rules(path: Path, spec: _RecipeFileSpec, stack: tuple[Path, ...]) -> list[QuantRule]:
-    if spec.quant_cfg is None:
-        raise _fail(path, "quant_cfg", "missing", "Add [[quant_cfg]] rules (or import units) to the file.")
-    if not spec.quant_cfg:
-        raise _fail(path, "quant_cfg", "the rule list is empty", "Add at least one rule or import.")
-    rules: list[QuantRule] = []
-    for index, item in enumerate(spec.quant_cfg):
-        key = f"quant_cfg[{index}]"
-        rule_spec = _check_table(item, _RuleSpec, path, key)
-        if rule_spec.import_ is not None:
-            others = sorted(set(item) - {"import"})
-            if others:
-                raise _fail(path, key, f"an import item takes no other keys, found {', '.join(others)}",
-                            "Put the import in its own item and the rule in another.")
-            rules += _import_rules(rule_spec.import_, path, key, stack)
-        else:
-            rules.append(_build_rule(rule_spec, path, key, stack))
-    return rules
+# How many files an import chain may hold (the recipe included): far beyond any real recipe, and
+# far below Python's recursion limit, so a runaway chain is an error that shows it.
+MAX_IMPORT_DEPTH = 32
 
 
-def _build_rule(spec: _RuleSpec, path: Path, key: str, stack: tuple[Path, ...]) -> QuantRule:
-    origin = f"{_origin_name(path)} {key}"
-    if spec.quantizer_name is None:
-        raise _fail(path, key, "rule has no quantizer_name",
-                    "Add quantizer_name = \"<glob>\", e.g. \"*weight_quantizer\".")
-    if spec.parent_class is not None:
-        parent_class_of(spec.parent_class, where=f"{_show_path(path)}: {key}.parent_class")
-    cfg_table = spec.cfg
-    if cfg_table == {} and spec.enable is False:
-        cfg_table = None  # modelopt: an empty cfg on a disabling rule is no cfg at all
-    if cfg_table is None:
-        if spec.enable is None:
-            raise _fail(path, key, "rule has neither cfg nor enable",
-                        "Add cfg = { import = \"numerics/fp8\" } to configure it, or enable = false to switch it off.")
-        return QuantRule(spec.quantizer_name, spec.parent_class, None, spec.enable, origin)
-    enable = True if spec.enable is None else spec.enable
-    cfg = _resolve_cfg(cfg_table, path, f"{key}.cfg", stack, enable)
-    return QuantRule(spec.quantizer_name, spec.parent_class, cfg, enable, origin)
+class _Resolver:
+    """Resolves one recipe's imports. Each file is parsed once and each unit resolved once (a
+    unit's rules do not depend on who imports it), so a unit imported from many places costs one
+    read; `stack` is the chain of files being resolved, for cycles and the depth limit."""
 
+    def __init__(self) -> None:
+        self.documents: dict[Path, dict] = {}
+        self.unit_rules: dict[Path, list[QuantRule]] = {}
+        self.cfg_tables: dict[Path, dict] = {}
 
-def _resolve_cfg(table: dict, path: Path, key: str, stack: tuple[Path, ...], enable: bool) -> QuantizerConfig:
-    merged = _merged_cfg_table(table, path, key, stack)
-    spec = _check_table(merged, _CfgSpec, path, key)
-    if spec.format is None:
-        raise _fail(path, key, "cfg has no format",
-                    'Add format = "fp8" or "nvfp4", or import a numerics unit: { import = "numerics/fp8" }.')
-    if spec.format not in RECIPE_FORMATS:
-        close = difflib.get_close_matches(spec.format, RECIPE_FORMATS, n=1)
-        hint = f"Did you mean {close[0]!r}? " if close else ""
-        raise _fail(path, f"{key}.format", f"unknown format {spec.format!r}",
-                    f"{hint}Use one of {', '.join(RECIPE_FORMATS)}; to switch a quantizer off use enable = false.")
-    if spec.axis is not None and not (isinstance(spec.axis, int) or all(
-            isinstance(a, int) and not isinstance(a, bool) for a in spec.axis)):
-        raise _fail(path, f"{key}.axis", f"expected an int or a list of ints, got {spec.axis!r}", "e.g. axis = 0.")
-    if spec.format == "nvfp4" and spec.axis is not None:
-        raise _fail(path, f"{key}.axis", "NVFP4 takes no per-channel axis (one global amax, per-block scales "
-                    "along the last dim)", "Remove axis, or use format = \"fp8\" for per-channel scales.")
-    try:
-        return QuantizerConfig(
-            format=spec.format, enable=enable, axis=spec.axis,
-            use_constant_amax=bool(spec.use_constant_amax),
-        )
-    except ValueError as error:
-        raise _fail(path, key, str(error).rstrip("."), "Fix the cfg table.") from None
+    def read(self, path: Path, imported_from: str = "") -> dict:
+        if path not in self.documents:
+            self.documents[path] = _read_toml(path, imported_from)
+        return self.documents[path]
 
+    def rules(self, path: Path, spec: _RecipeFileSpec, stack: tuple[Path, ...]) -> list[QuantRule]:
+        if spec.quant_cfg is None:
+            raise _fail(path, "quant_cfg", "missing", "Add [[quant_cfg]] rules (or import units) to the file.")
+        if not spec.quant_cfg:
+            raise _fail(path, "quant_cfg", "the rule list is empty", "Add at least one rule or import.")
+        rules: list[QuantRule] = []
+        for index, item in enumerate(spec.quant_cfg):
+            key = f"quant_cfg[{index}]"
+            rule_spec = _check_table(item, _RuleSpec, path, key)
+            if rule_spec.import_ is not None:
+                others = sorted(set(item) - {"import"})
+                if others:
+                    raise _fail(path, key, f"an import item takes no other keys, found {', '.join(others)}",
+                                "Put the import in its own item and the rule in another.")
+                rules += self.import_rules(rule_spec.import_, path, key, stack)
+            else:
+                rules.append(self.build_rule(rule_spec, path, key, stack))
+        return rules
 
-def _merged_cfg_table(table: dict, path: Path, key: str, stack: tuple[Path, ...]) -> dict:
-    """Numerics units named by `import`, merged left to right, then the inline keys (they win)."""
-    if not isinstance(table, dict) or "import" not in table:
-        return table
-    names = table["import"]
-    if isinstance(names, str):
-        names = [names]
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise _fail(path, f"{key}.import", f"expected a unit name or a list of names, got {names!r}",
-                    "e.g. import = \"numerics/fp8\".")
-    merged: dict = {}
-    for name in names:
+    def build_rule(self, spec: _RuleSpec, path: Path, key: str, stack: tuple[Path, ...]) -> QuantRule:
+        origin = f"{_origin_name(path)} {key}"
+        if spec.quantizer_name is None:
+            raise _fail(path, key, "rule has no quantizer_name",
+                        "Add quantizer_name = \"<glob>\", e.g. \"*weight_quantizer\".")
+        if spec.parent_class is not None:
+            parent_class_of(spec.parent_class, where=f"{_show_path(path)}: {key}.parent_class")
+        cfg_table = spec.cfg
+        if cfg_table == {} and spec.enable is False:
+            cfg_table = None  # modelopt: an empty cfg on a disabling rule is no cfg at all
+        if cfg_table is None:
+            if spec.enable is None:
+                raise _fail(path, key, "rule has neither cfg nor enable",
+                            "Add cfg = { import = \"numerics/fp8\" } to configure it, or enable = false to switch it off.")
+            return QuantRule(spec.quantizer_name, spec.parent_class, None, spec.enable, origin)
+        enable = True if spec.enable is None else spec.enable
+        cfg = self.resolve_cfg(cfg_table, path, f"{key}.cfg", stack, enable)
+        return QuantRule(spec.quantizer_name, spec.parent_class, cfg, enable, origin)
+
+    def resolve_cfg(self, table: dict, path: Path, key: str, stack: tuple[Path, ...], enable: bool) -> QuantizerConfig:
+        merged = self.merged_cfg_table(table, path, key, stack)
+        spec = _check_table(merged, _CfgSpec, path, key)
+        if spec.format is None:
+            raise _fail(path, key, "cfg has no format",
+                        'Add format = "fp8" or "nvfp4", or import a numerics unit: { import = "numerics/fp8" }.')
+        if spec.format not in RECIPE_FORMATS:
+            close = difflib.get_close_matches(spec.format, RECIPE_FORMATS, n=1)
+            hint = f"Did you mean {close[0]!r}? " if close else ""
+            raise _fail(path, f"{key}.format", f"unknown format {spec.format!r}",
+                        f"{hint}Use one of {', '.join(RECIPE_FORMATS)}; to switch a quantizer off use enable = false.")
+        if spec.axis is not None and not (isinstance(spec.axis, int) or all(
+                isinstance(a, int) and not isinstance(a, bool) for a in spec.axis)):
+            raise _fail(path, f"{key}.axis", f"expected an int or a list of ints, got {spec.axis!r}", "e.g. axis = 0.")
+        if spec.format == "nvfp4" and spec.axis is not None:
+            raise _fail(path, f"{key}.axis", "NVFP4 takes no per-channel axis (one global amax, per-block scales "
+                        "along the last dim)", "Remove axis, or use format = \"fp8\" for per-channel scales.")
+        try:
+            return QuantizerConfig(
+                format=spec.format, enable=enable, axis=spec.axis,
+                use_constant_amax=bool(spec.use_constant_amax),
+            )
+        except ValueError as error:
+            raise _fail(path, key, str(error).rstrip("."), "Fix the cfg table.") from None
+
+    def merged_cfg_table(self, table: dict, path: Path, key: str, stack: tuple[Path, ...]) -> dict:
+        """Numerics units named by `import`, merged left to right, then the inline keys (they win)."""
+        if not isinstance(table, dict) or "import" not in table:
+            return table
+        names = table["import"]
+        if isinstance(names, str):
+            names = [names]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise _fail(path, f"{key}.import", f"expected a unit name or a list of names, got {names!r}",
+                        "e.g. import = \"numerics/fp8\".")
+        merged: dict = {}
+        for name in names:
+            unit_path = _find_import(name, path, f"{key}.import", stack)
+            if unit_path not in self.cfg_tables:
+                document = self.read(unit_path, f" (imported by {_show_path(path)} {key})")
+                if "quant_cfg" in document or "cfg" not in document:
+                    raise _fail(path, f"{key}.import", f"{name!r} ({_show_path(unit_path)}) is a rules unit, not a cfg",
+                                f"Import it as a list item {{ import = \"{name}\" }}, or import a numerics unit here.")
+                unit = _check_table(document, _CfgUnitSpec, unit_path, "")
+                self.cfg_tables[unit_path] = self.merged_cfg_table(unit.cfg, unit_path, "cfg", stack + (unit_path,))
+            merged |= self.cfg_tables[unit_path]
+        return merged | {k: v for k, v in table.items() if k != "import"}
+
+    def import_rules(self, name: str, path: Path, key: str, stack: tuple[Path, ...]) -> list[QuantRule]:
         unit_path = _find_import(name, path, f"{key}.import", stack)
-        document = _read_toml(unit_path, f" (imported by {_show_path(path)} {key})")
-        if "quant_cfg" in document or "cfg" not in document:
-            raise _fail(path, f"{key}.import", f"{name!r} ({_show_path(unit_path)}) is a rules unit, not a cfg",
-                        f"Import it as a list item {{ import = \"{name}\" }}, or import a numerics unit here.")
-        unit = _check_table(document, _CfgUnitSpec, unit_path, "")
-        merged |= _merged_cfg_table(unit.cfg, unit_path, "cfg", stack + (unit_path,))
-    return merged | {k: v for k, v in table.items() if k != "import"}
-
-
-def _import_rules(name: str, path: Path, key: str, stack: tuple[Path, ...]) -> list[QuantRule]:
-    unit_path = _find_import(name, path, f"{key}.import", stack)
-    document = _read_toml(unit_path, f" (imported by {_show_path(path)} {key})")
-    if "cfg" in document:
-        raise _fail(path, f"{key}.import", f"{name!r} ({_show_path(unit_path)}) is a numerics unit (a cfg)",
-                    f"Use it inside a rule: cfg = {{ import = \"{name}\" }}.")
-    if "algorithm" in document:
-        raise _fail(path, f"{key}.import", f"{name!r} ({_show_path(unit_path)}) is a recipe (it sets algorithm)",
-                    "Import units, not recipes; or drop algorithm from that file.")
-    spec = _check_table(document, _RecipeFileSpec, unit_path, "")
-    return _resolve_rules(unit_path, spec, stack + (unit_path,))
+        if unit_path not in self.unit_rules:
+            document = self.read(unit_path, f" (imported by {_show_path(path)} {key})")
+            if "cfg" in document:
+                raise _fail(path, f"{key}.import", f"{name!r} ({_show_path(unit_path)}) is a numerics unit (a cfg)",
+                            f"Use it inside a rule: cfg = {{ import = \"{name}\" }}.")
+            if "algorithm" in document:
+                raise _fail(path, f"{key}.import", f"{name!r} ({_show_path(unit_path)}) is a recipe (it sets algorithm)",
+                            "Import units, not recipes; or drop algorithm from that file.")
+            spec = _check_table(document, _RecipeFileSpec, unit_path, "")
+            self.unit_rules[unit_path] = self.rules(unit_path, spec, stack + (unit_path,))
+        return [copy.copy(rule) for rule in self.unit_rules[unit_path]]  # each splice its own rule objects
 
 
 def _find_import(name: str, importer: Path, key: str, stack: tuple[Path, ...]) -> Path:
-    """NAME.toml next to the importing file, else in recipes_toml/units/; cycles are errors."""
+    """NAME.toml next to the importing file, else in recipes_toml/units/; cycles and chains longer
+    than MAX_IMPORT_DEPTH are errors."""
     candidates = [importer.parent / f"{name}.toml", UNITS_DIR / f"{name}.toml"]
     for candidate in candidates:
         if candidate.is_file():
@@ -363,6 +388,11 @@ def _find_import(name: str, importer: Path, key: str, stack: tuple[Path, ...]) -
             if found in stack:
                 chain = " -> ".join(_show_path(p) for p in stack + (found,))
                 raise _fail(importer, key, f"import cycle: {chain}", "Remove one of these imports.")
+            if len(stack) >= MAX_IMPORT_DEPTH:
+                shown = [*map(_show_path, stack[:3]), "...", *map(_show_path, (*stack[-2:], found))]
+                chain = " -> ".join(shown)
+                raise _fail(importer, key, f"imports nest deeper than {MAX_IMPORT_DEPTH} files ({chain})",
+                            "Import the units you need from fewer levels (a unit may import several units).")
             return found
     known = sorted(str(p.relative_to(UNITS_DIR).with_suffix("")) for p in UNITS_DIR.rglob("*.toml"))
     close = difflib.get_close_matches(name, known, n=1)
@@ -441,6 +471,98 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> RecipeApplication:
     return RecipeApplication(recipe, matches, unmatched)
 
 
+def check_application(application: RecipeApplication, model: nn.Module) -> list[str]:
+    """Refuse what a recipe typo does to a model; return a notice for each other suspect rule.
+
+    Rules that switch quantizers off and match nothing are normal (default_disabled_quantizers
+    names the routers, vision towers, ... of other families) and pass. Raises ValueError, naming
+    each such rule and the fix, when after apply_recipe(model, recipe)
+      - a rule that enables or configures quantizers matched none, and changing one word of its
+        pattern by one edit (a letter added, dropped, changed, or two swapped) into a word of the
+        model's quantizer names makes it match some: "did you mean ...";
+      - a rule that switches quantizers off matched none, and such an edit makes it match
+        quantizers that are now enabled;
+      - a rule that enables or configures matched none, and no weight quantizer is enabled: the
+        recipe asks for quantization and would quantize no weight.
+    Returns one line for each other enabling rule that matched nothing (a rule for another family).
+    """
+    quantizers = named_quantizers(model)
+    parents = {name: model.get_submodule(name.rpartition(".")[0]) for name, _ in quantizers}
+    words = {word for name, _ in quantizers for word in _WORD.findall(name)}
+    components = {part for name, _ in quantizers for part in name.split(".")}
+    recipe = application.recipe
+    errors, notices = [], []
+    unmatched_enabling = False
+    for index, rule in enumerate(recipe.quant_cfg):
+        if application.matches.get(index):
+            continue
+        enables = rule.cfg is not None or bool(rule.enable)
+        unmatched_enabling |= enables
+        targets = [(name, quantizer) for name, quantizer in quantizers if enables or quantizer.is_enabled]
+        suggestion = _one_edit_fix(rule, targets, parents, words, components)
+        where = f"quant_cfg[{index}] ({rule.origin or 'rule'}: quantizer_name={rule.quantizer_name!r})"
+        if suggestion is not None:
+            pattern, matched = suggestion
+            effect = "would match" if enables else "would switch off"
+            errors.append(f"{where} matched no quantizer. Did you mean {pattern!r}? ({effect} {len(matched)}, "
+                          f"e.g. {matched[0]})")
+        elif enables:
+            notices.append(f"recipe {recipe.name} {where} enables quantizers but matched none in {type(model).__name__}.")
+    weights_enabled = any(name.endswith("weight_quantizer") and q.is_enabled for name, q in quantizers)
+    if unmatched_enabling and not weights_enabled:
+        errors += [notice.removeprefix(f"recipe {recipe.name} ") for notice in notices]
+        errors.append(f"so the recipe quantizes no weight of {type(model).__name__}")
+        notices = []
+    if errors:
+        example = next((name for name, _ in quantizers if name.endswith("weight_quantizer")), quantizers[0][0])
+        raise ValueError(
+            f"recipe {recipe.name} does not fit {type(model).__name__}: " + "; ".join(errors) + ". Fix the "
+            f"pattern (quantizer names look like {example!r}), or delete the rule."
+        )
+    return notices
+
+
+_WORD = re.compile(r"[A-Za-z0-9]+")
+_GLOB_BRACKETS = re.compile(r"\[[^\]]*\]")
+_LITERAL_RUN = re.compile(r"[^.*?\[\]]+")
+
+
+def _one_edit_fix(rule: QuantRule, targets, parents, words: set[str], components: set[str]):
+    """(pattern, names it matches) for the first one-edit change of a word (or a literal run
+    between dots and wildcards) of the rule's pattern into a word (or a dotted component) of the
+    quantizer names after which the rule matches some of `targets`; None when there is none."""
+    pattern = rule.quantizer_name
+    brackets = [match.span() for match in _GLOB_BRACKETS.finditer(pattern)]
+    outside = lambda span: not any(start < span[1] and span[0] < end for start, end in brackets)  # noqa: E731
+    edits = []
+    for expression, vocabulary in ((_WORD, words), (_LITERAL_RUN, components)):
+        for match in expression.finditer(pattern):
+            if outside(match.span()):
+                edits += [(match.span(), word) for word in sorted(vocabulary) if _one_edit_apart(match.group(), word)]
+    parent_class = parent_class_of(rule.parent_class) if rule.parent_class else None
+    for (start, end), word in edits:
+        candidate = replace(rule, quantizer_name=pattern[:start] + word + pattern[end:])
+        matched = [name for name, _ in targets if rule_matches(candidate, name, parents[name], parent_class)]
+        if matched:
+            return candidate.quantizer_name, matched
+    return None
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """True when b is a with one character inserted, deleted or changed, or two neighbours swapped."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        differ = [i for i in range(len(a)) if a[i] != b[i]]
+        if len(differ) == 1:
+            return True
+        i, j = differ[0], differ[-1]
+        return len(differ) == 2 and j == i + 1 and a[i] == b[j] and a[j] == b[i]
+    shorter, longer = sorted((a, b), key=len)
+    i = next((k for k in range(len(shorter)) if shorter[k] != longer[k]), len(shorter))
+    return shorter[i:] == longer[i + 1:]
+
+
 def effective_config(recipe: Recipe, quantizer_name: str, parent: nn.Module | None = None) -> QuantizerConfig | None:
     """The config a quantizer of this name ends with (None: never given a format), without a model."""
     state: QuantizerConfig | None = None
@@ -515,8 +637,9 @@ def select_recipe(
 
 def _unit_rules(name: str) -> list[QuantRule]:
     path = (UNITS_DIR / f"{name}.toml").resolve()
-    spec = _check_table(_read_toml(path), _RecipeFileSpec, path, "")
-    return _resolve_rules(path, spec, stack=(path,))
+    resolver = _Resolver()
+    spec = _check_table(resolver.read(path), _RecipeFileSpec, path, "")
+    return resolver.rules(path, spec, stack=(path,))
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,10 +667,12 @@ def recipe_table(recipe: Recipe) -> str:
 
 
 def recipe_to_toml(recipe: Recipe) -> str:
-    """The resolved recipe as a self-contained TOML file (no imports); load_recipe reads it back."""
+    """The resolved recipe as a self-contained TOML file (no imports); load_recipe reads it back to
+    an equal Recipe (name and source aside). Raises ValueError for text TOML cannot hold (a lone
+    surrogate, which no UTF-8 file can)."""
     algorithm = next(k for k, v in ALGORITHMS.items() if v == recipe.algorithm)
     out = [
-        f"# Resolved from {recipe.source} (refquant recipes show --toml): every rule inline, in order.",
+        f"# Resolved from {_toml_str(recipe.source)} (refquant recipes show --toml): every rule inline, in order.",
         f"description = {_toml_str(recipe.description)}",
         f"algorithm = {_toml_str(algorithm)}",
     ]
@@ -566,6 +691,26 @@ def recipe_to_toml(recipe: Recipe) -> str:
     return "\n".join(out) + "\n"
 
 
-def _toml_str(text: str) -> str:
-    return json.dumps(text)  # a JSON string literal is a valid TOML basic string
+# TOML basic strings (toml.io v1.0.0, "String"): a backslash, a quote and the control characters
+# U+0000-U+001F and U+007F must be escaped; every other character is written as it is (UTF-8).
+# JSON's escapes would write a character beyond U+FFFF as a surrogate pair, which TOML refuses.
+_TOML_SHORT_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 
+
+def _toml_str(text: str) -> str:
+    """`text` as a TOML basic string literal."""
+    out = []
+    for char in text:
+        code = ord(char)
+        if char in _TOML_SHORT_ESCAPES:
+            out.append(_TOML_SHORT_ESCAPES[char])
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\u{code:04X}")
+        elif 0xD800 <= code <= 0xDFFF:
+            raise ValueError(
+                f"{text!r} holds a lone surrogate (U+{code:04X}), which no TOML (UTF-8) file can hold. "
+                "Replace it with the character it was meant to be."
+            )
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'

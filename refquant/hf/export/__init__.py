@@ -37,6 +37,7 @@ round trip, in place, and is what `load_checkpoint` gives back bit for bit (docs
   state.py     refquant_quantizers.json: the exact quantizer state
   write.py     export_checkpoint: tensors streamed into shards, files written atomically, rank 0 only
   load.py      compress_weights and load_checkpoint
+  validate.py  what load_checkpoint checks before it trusts a folder (files, JSON, tensors, agreement)
 """
 
 from .configs import layer_quant_config, quantization_config, summarise_excluded

@@ -3,7 +3,6 @@ from a checkpoint written by export_checkpoint)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -13,9 +12,14 @@ from torch import nn
 
 from ...quant.quantizer import QuantizerConfig, child_quantizer, named_quantizers
 from ..dispatch import has_offloaded_weights
-from .plan import CompressedWeightQuantizer, ExportPlan, plan_export
+from .configs import LAYER_QUANT_ALGO
+from .plan import CompressedWeightQuantizer, ExportPlan, plan_export, uncalibrated_scale_quantizers
 from .state import STATE_FILE, STATE_FORMAT, STATE_VERSION, _restore_buffer_dtypes, decode_amax
 from .tensors import dequantize_linear_weight
+from .validate import (
+    _float_dtype, check_configs_agree, check_layer_formats, check_state_document, check_tensor, check_weight_map,
+    checkpoint_error, expected_kv_scales, expected_layer_tensors, read_json, read_safetensors,
+)
 
 
 def _apply_plan(model: nn.Module, plan: ExportPlan) -> list[str]:
@@ -61,26 +65,26 @@ def compress_weights(model: nn.Module) -> list[str]:
     return _apply_plan(model, plan_export(model))
 
 
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ValueError(f"{path} is missing: {what}")
-    return json.loads(path.read_text())
-
-
 def read_checkpoint_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint's safetensors files: model.safetensors, or the shards that
-    model.safetensors.index.json lists (its weight_map must name each tensor's file exactly)."""
-    from safetensors.torch import load_file
+    model.safetensors.index.json lists (its weight_map must name each tensor's file exactly, files
+    inside the folder). Raises ValueError naming the file for a damaged or truncated one."""
+    return _read_tensor_files(Path(folder))[0]
 
-    folder = Path(folder)
+
+def _read_tensor_files(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """(tensors, the file each came from)."""
     index_path = folder / "model.safetensors.index.json"
-    weight_map = json.loads(index_path.read_text())["weight_map"] if index_path.is_file() else None
+    weight_map = None
+    if index_path.is_file():
+        weight_map = check_weight_map(index_path, read_json(index_path, "the index of a sharded checkpoint."))
     files = sorted(set(weight_map.values())) if weight_map is not None else ["model.safetensors"]
     tensors: dict[str, torch.Tensor] = {}
+    file_of: dict[str, Path] = {}
     for filename in files:
         if not (folder / filename).is_file():
             raise ValueError(f"{folder / filename} is missing; the checkpoint is incomplete.")
-        shard = load_file(str(folder / filename))
+        shard = read_safetensors(folder / filename)
         if weight_map is not None:
             listed = {key for key, name in weight_map.items() if name == filename}
             if set(shard) != listed:
@@ -90,22 +94,32 @@ def read_checkpoint_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor
                     "it, or in it but not listed. The checkpoint is damaged; export it again."
                 )
         tensors.update(shard)
-    return tensors
+        file_of.update(dict.fromkeys(shard, folder / filename))
+    return tensors, file_of
 
 
-def _model_from_config(folder: Path, attn_implementation: Optional[str]) -> nn.Module:
+def _model_from_config(folder: Path, attn_implementation: Optional[str], attn_source: str) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    document = _read_json(folder / "config.json", "a Hugging Face checkpoint has a config.json.")
+    path = folder / "config.json"
+    document = read_json(path, "a Hugging Face checkpoint has a config.json.")
     document.pop("quantization_config", None)  # refquant rebuilds the quantizers itself
     model_type = document.pop("model_type", None)
-    if model_type is None:
-        raise ValueError(f"{folder / 'config.json'} has no model_type; it is not a transformers config.")
-    config = AutoConfig.for_model(model_type, **document)
-    dtype = getattr(torch, document.get("dtype") or "float32")
+    if not isinstance(model_type, str):
+        raise ValueError(f"{path}: model_type: missing or not a string; it is not a transformers config.")
+    dtype = _float_dtype(path, "dtype", document.get("dtype") or "float32")
+    try:
+        config = AutoConfig.for_model(model_type, **document)
+    except Exception as error:  # noqa: BLE001 - whatever transformers raises for a bad config, name the file
+        raise ValueError(f"{path}: transformers cannot build a config from it ({type(error).__name__}: {error}). "
+                         "The checkpoint is damaged; export it again.") from None
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    with torch.random.fork_rng(devices=[]):  # the random init is overwritten; keep the caller's RNG
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    try:
+        with torch.random.fork_rng(devices=[]):  # the random init is overwritten; keep the caller's RNG
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    except Exception as error:  # noqa: BLE001
+        cause = f"{path}" if not attn_implementation else f"{path} with attn_implementation={attn_implementation!r} ({attn_source})"
+        raise ValueError(f"{cause}: transformers cannot build a causal LM from it ({type(error).__name__}: {error}).") from None
     return model.eval()
 
 
@@ -118,26 +132,35 @@ def load_checkpoint(out_dir: str | os.PathLike, *, attn_implementation: Optional
     their stored tensors, with CompressedWeightQuantizers. Its outputs equal those of
     rq.compress_weights(model) on the exported model, bit for bit, with the same attention
     implementation (the exported one unless `attn_implementation` is given).
-    Raises ValueError for a folder that is not such a checkpoint, or whose tensors and quantizer
-    state do not match the model its config builds.
+    Before it trusts the folder it checks what a deployment reads (refquant.hf.export.validate):
+    the JSON documents' keys and types, every tensor a quantized layer and the K/V cache need
+    (present, dtype, shape, finite), the configs against the tensors and the quantizer state, and
+    that the files are complete and inside the folder. Raises ValueError naming the file and the
+    key or tensor for a folder that is not such a checkpoint or is damaged.
     """
     from ..ptq import insert_quantizers
 
     folder = Path(out_dir)
     if not folder.is_dir():
         raise ValueError(f"checkpoint folder {str(folder)!r} does not exist.")
-    state = _read_json(
-        folder / STATE_FILE,
+    state_path = folder / STATE_FILE
+    state = read_json(
+        state_path,
         "load_checkpoint reads checkpoints written by rq.export_checkpoint, which keep refquant's "
         "exact quantizer state there (a modelopt checkpoint's scales cannot give back the amaxes).",
     )
     if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
         raise ValueError(
-            f"{folder / STATE_FILE} is format {state.get('format')!r} version {state.get('version')!r}; "
+            f"{state_path} is format {state.get('format')!r} version {state.get('version')!r}; "
             f"this refquant reads {STATE_FORMAT!r} version {STATE_VERSION}."
         )
-    model = _model_from_config(folder, attn_implementation or state.get("attn_implementation"))
-    _restore_buffer_dtypes(model, state.get("buffer_dtypes", {}))
+    check_state_document(state_path, state)
+    attn_source = "the attn_implementation argument" if attn_implementation else f"{state_path}: attn_implementation"
+    model = _model_from_config(folder, attn_implementation or state.get("attn_implementation"), attn_source)
+    try:
+        _restore_buffer_dtypes(model, state["buffer_dtypes"])
+    except AttributeError as error:
+        raise ValueError(f"{state_path}: buffer_dtypes: {error}; the model config.json builds has no such buffer.") from None
     insert_quantizers(model, backend=state["backend"], flavor=state["flavor"])
 
     quantizers = dict(named_quantizers(model))
@@ -145,18 +168,30 @@ def load_checkpoint(out_dir: str | os.PathLike, *, attn_implementation: Optional
     if set(stored) != set(quantizers):
         missing, extra = sorted(set(quantizers) - set(stored)), sorted(set(stored) - set(quantizers))
         raise ValueError(
-            f"{folder / STATE_FILE} does not match the model config.json builds: quantizers missing "
+            f"{state_path} does not match the model config.json builds: quantizers missing "
             f"from the file {missing[:3]}, in the file but not in the model {extra[:3]}."
         )
     for name, entry in stored.items():
-        quantizer = quantizers[name]
-        quantizer.set_config(QuantizerConfig.from_dict(entry["config"]))
-        amax = decode_amax(entry["amax"])
-        if amax is not None:
-            quantizer.set_amax(amax)
-
-    tensors = read_checkpoint_tensors(folder)
+        try:
+            quantizer = quantizers[name]
+            quantizer.set_config(QuantizerConfig.from_dict(entry["config"]))
+            amax = decode_amax(entry.get("amax"))
+            if amax is not None:
+                quantizer.set_amax(amax)
+        except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:
+            raise ValueError(f"{state_path}: quantizers.{name}: {error}. The checkpoint is damaged; export it again.") from None
     layers: dict[str, str] = state["layers"]
+    check_layer_formats(state_path, layers, model)
+    uncalibrated = uncalibrated_scale_quantizers(model, layers)
+    if uncalibrated:
+        raise ValueError(
+            f"{state_path}: quantizers.{uncalibrated[0]} (and {len(uncalibrated) - 1} more): enabled without a "
+            "calibrated amax, so the checkpoint has none of the scales it promises for them: it was exported from "
+            "a model whose calibration did not finish. Quantize (to the end) and export again."
+        )
+
+    tensors, file_of = _read_tensor_files(folder)
+    where = lambda key: file_of.get(key, folder / "model.safetensors")  # noqa: E731
     modules = dict(model.named_modules())
     quantizer_prefixes = tuple(f"{name}." for name in quantizers)
     used: set[str] = set()
@@ -168,6 +203,7 @@ def load_checkpoint(out_dir: str | os.PathLike, *, attn_implementation: Optional
         if layer in layers and suffix == "weight":
             continue
         if key in tensors:
+            check_tensor(where(key), key, tensors[key], None, tuple(value.shape))
             plain[key] = tensors[key]
             used.add(key)
     missing_keys = [k for k in model.load_state_dict(plain, strict=False).missing_keys if not k.startswith(quantizer_prefixes)]
@@ -176,17 +212,29 @@ def load_checkpoint(out_dir: str | os.PathLike, *, attn_implementation: Optional
     if missing_keys:
         raise ValueError(f"the checkpoint in {folder} lacks tensors the model needs: {missing_keys[:5]}.")
 
+    for key in expected_kv_scales(model):
+        if key not in tensors:
+            raise checkpoint_error(where(key), key, "missing: the quantizer state has a calibrated K/V amax for it")
+        check_tensor(where(key), key, tensors[key], torch.float32, (), scale=True)
+        used.add(key)
     for name, fmt in layers.items():
         module = modules[name]
-        keys = {suffix: f"{name}.{suffix}" for suffix in ("weight", "weight_scale", "weight_scale_2", "input_scale")}
-        layer_tensors = {suffix: tensors[key] for suffix, key in keys.items() if key in tensors}
-        used.update(key for key in keys.values() if key in tensors)
+        expected = expected_layer_tensors(fmt, module)
+        layer_tensors = {}
+        for suffix, (dtype, shape) in expected.items():
+            key = f"{name}.{suffix}"
+            if key not in tensors:
+                raise checkpoint_error(where(key), key, f"missing: a {LAYER_QUANT_ALGO[fmt]} layer's checkpoint holds it")
+            check_tensor(where(key), key, tensors[key], dtype, shape, scale=suffix != "weight")
+            layer_tensors[suffix] = tensors[key]
+            used.add(key)
         weight = dequantize_linear_weight(fmt, layer_tensors, module.weight.shape, module.weight.dtype)
+        check_tensor(where(f"{name}.weight"), f"{name}.weight (dequantized with its scales)", weight, None, tuple(weight.shape))
         with torch.no_grad():
             module.weight.copy_(weight)
         module.weight_quantizer = CompressedWeightQuantizer(module.weight_quantizer, fmt, layer_tensors)
-    used.update(key for key in tensors if key.endswith((".k_scale", ".v_scale")))
     unknown = sorted(set(tensors) - used)
     if unknown:
         raise ValueError(f"the checkpoint in {folder} holds tensors the model has no place for: {unknown[:5]}.")
+    check_configs_agree(folder, plan_export(model), tensors, file_of)
     return model

@@ -222,6 +222,92 @@ def _linear_tensors(
     return compute
 
 
+def tied_weight_partners(model: nn.Module) -> dict[str, str]:
+    """layer -> the other layer it shares its weight with (both directions): the ties transformers
+    declares (`all_tied_weights_keys`, lm_head -> embed_tokens under tie_word_embeddings) and any
+    weight Parameter that two distinct modules hold."""
+    partners: dict[str, str] = {}
+    for alias, canonical in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        alias_layer, _, alias_attr = alias.rpartition(".")
+        canonical_layer, _, canonical_attr = canonical.rpartition(".")
+        if alias_attr == canonical_attr == "weight" and alias_layer != canonical_layer:
+            partners[alias_layer], partners[canonical_layer] = canonical_layer, alias_layer
+    holders: dict[int, tuple[str, nn.Module]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight")
+        if weight is None:
+            continue
+        first_name, first_module = holders.setdefault(id(weight), (name, module))
+        if first_module is not module and name not in partners:
+            partners[name] = first_name
+            partners.setdefault(first_name, name)
+    return partners
+
+
+def quantized_tied_weights(model: nn.Module) -> dict[str, str]:
+    """layer -> tie partner, for each layer whose weight quantizer is enabled although its weight is
+    tied to another layer's (tied_weight_partners)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    found = {}
+    for layer, partner in tied_weight_partners(model).items():
+        quantizer = child_quantizer(modules[layer], "weight_quantizer") if layer in modules else None
+        if quantizer is not None and quantizer.is_enabled:
+            found[layer] = partner
+    return found
+
+
+def tied_weight_problem(layer: str, partner: str) -> str:
+    """Why a quantized tied weight cannot be exported, in words (the start of an error message)."""
+    return (
+        f"{layer} shares its weight with {partner} (tied, e.g. tie_word_embeddings=True), and its weight "
+        "quantizer is enabled. refquant does not export a quantized tied weight: the checkpoint holds a tied "
+        "weight once, for both layers (modelopt 0.47 writes the quantized copy next to the plain one and "
+        "keeps the tie in config.json; runtimes that honour the tie, rq.load_checkpoint included, then use "
+        "one copy for both layers, so what was calibrated is not what runs)"
+    )
+
+
+def _check_tied_weights(model: nn.Module) -> None:
+    found = quantized_tied_weights(model)
+    if found:
+        layer, partner = next(iter(found.items()))
+        raise ValueError(
+            f"{tied_weight_problem(layer, partner)}. Switch {layer}.weight_quantizer off (a recipe rule "
+            f"{{ quantizer_name = \"*{layer.rpartition('.')[2]}*\", enable = false }} at the end; the shipped "
+            "recipes keep lm_head unquantized) and quantize again."
+        )
+
+
+def uncalibrated_scale_quantizers(model: nn.Module, layers) -> list[str]:
+    """Quantizers whose scale the checkpoint's config promises but which hold no amax: the input
+    quantizer of each quantized layer in `layers` (a static input_scale) and K/V (k_scale, v_scale),
+    each enabled, not constant, without a calibrated amax. Calibration did not finish, or its data
+    never reached them; a checkpoint would lack the scale and a runtime use a default (or fail)."""
+    modules = dict(model.named_modules())
+    missing = []
+    for name in layers:
+        input_q = child_quantizer(modules[name], "input_quantizer")
+        if input_q is not None and input_q.is_enabled and input_q.amax is None:
+            missing.append(f"{name}.input_quantizer")
+    for name, module in modules.items():
+        for attr in KV_QUANTIZERS:
+            quantizer = child_quantizer(module, attr)
+            if quantizer is not None and quantizer.is_enabled and quantizer.amax is None:
+                missing.append(f"{name}.{attr}" if name else attr)
+    return missing
+
+
+def _check_scales_calibrated(model: nn.Module, linears: dict[str, "LinearExport"]) -> None:
+    missing = uncalibrated_scale_quantizers(model, linears)
+    if missing:
+        raise ValueError(
+            f"{missing[0]} (and {len(missing) - 1} more) is enabled but holds no calibrated amax, so the "
+            "checkpoint would lack the scale its config promises: calibration did not finish (or its data "
+            "never reached these layers). Run rq.quantize_model(model, recipe, calib_batches) to the end, "
+            "with at least one batch, before exporting."
+        )
+
+
 def plan_export(model: nn.Module) -> ExportPlan:
     """Compute every tensor and config entry the checkpoint of `model` holds; the model is unchanged."""
     quantizers = dict(named_quantizers(model))
@@ -233,6 +319,7 @@ def plan_export(model: nn.Module) -> ExportPlan:
     for name, quantizer in quantizers.items():
         if quantizer.is_calibrating:
             raise ValueError(f"{name} is still calibrating; finish calibration before exporting.")
+    _check_tied_weights(model)
     flavor = _uniform(quantizers, "flavor")
     backend = _uniform(quantizers, "backend")
     formats = _quantizable_layers(model)
@@ -277,6 +364,7 @@ def plan_export(model: nn.Module) -> ExportPlan:
         else:
             compute = _linear_tensors(name, module, formats[name], weight_amax[name], input_amax[name], flavor)
         linears[name] = LinearExport(name, formats[name], weight_amax[name], input_amax[name], compute)
+    _check_scales_calibrated(model, linears)
 
     kv_scales = {}
     for name, module in modules.items():

@@ -8,7 +8,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import uuid
+import warnings
 from contextlib import nullcontext
 from itertools import groupby
 from pathlib import Path
@@ -118,9 +120,15 @@ class _ShardWriter:
         self.pending_bytes += size
 
     def _write(self, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
-        save_file(tensors, str(self.folder / f".shard-{len(self.shards)}"), metadata={"format": "pt"})
+        path = self.folder / f".shard-{len(self.shards)}"
+        try:
+            save_file(tensors, str(path), metadata={"format": "pt"})
+        except SafetensorError as error:  # safetensors reports a failed write (a full disk) as its own error
+            code = re.search(r"os error (\d+)", str(error))
+            raise OSError(int(code.group(1)) if code else None, str(error), str(path)) from error
         self.shards.append(list(tensors))
 
     def finish(self) -> None:
@@ -145,7 +153,10 @@ def _write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path
 
 
 def _write_json(path: Path, document: dict) -> None:
-    path.write_text(json.dumps(document, indent=4) + "\n")
+    try:
+        path.write_text(json.dumps(document, indent=4) + "\n")
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
 
 
 def _write_configs(model: nn.Module, plan: ExportPlan, folder: Path) -> None:
@@ -227,7 +238,8 @@ def _export(model: nn.Module, out_dir: Path, max_bytes: int) -> Path:
     state_document = _state_document(model, plan)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    remove_stale_partial_folders(out_dir.parent)
+    staging = out_dir.parent / f".{out_dir.name}{PARTIAL_MARK}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
         _write_configs(model, plan, staging)
@@ -235,7 +247,59 @@ def _export(model: nn.Module, out_dir: Path, max_bytes: int) -> Path:
         _write_json(staging / STATE_FILE, state_document)
         _check_out_dir(out_dir)  # someone may have created it meanwhile
         os.rename(staging, out_dir)  # atomic on one filesystem: the folder appears complete or not at all
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise _write_failure(out_dir, staging, error) from error
         raise
     return out_dir
+
+
+def _write_failure(out_dir: Path, staging: Path, error: OSError) -> OSError:
+    """The OSError of a failed write (a full disk, no permission), saying which checkpoint and file,
+    that nothing was left behind, and what to do."""
+    where = f" ({error.filename or f'in {staging}'})"
+    reason = error.strerror or str(error)
+    return OSError(
+        error.errno,
+        f"writing the checkpoint {out_dir} failed: {reason}{where}. Nothing was written (the partial folder was "
+        "removed). Free space or fix the permissions on that filesystem, or write to another folder.",
+    )
+
+
+# A checkpoint is written into ".<name>.partial-<host>-<pid>-<random>" beside it, renamed when complete.
+PARTIAL_MARK = ".partial-"
+
+
+def remove_stale_partial_folders(parent: Path) -> list[Path]:
+    """Remove the partial folders that killed exports (SIGKILL, power loss: no cleanup ran) left in
+    `parent`: those whose writer, named in the folder name, was a process of this host that no longer
+    runs. A folder of a live process, of another host (a shared filesystem) or without a writer in
+    its name is left alone and reported. Warns about each; returns the folders removed."""
+    removed = []
+    host = socket.gethostname()
+    for folder in sorted(parent.glob(f".*{PARTIAL_MARK}*")):
+        if not folder.is_dir():
+            continue
+        writer_host, _, rest = folder.name.rpartition(PARTIAL_MARK)[2].rpartition("-")[0].rpartition("-")
+        pid = int(rest) if rest.isdigit() else None
+        if writer_host == host and pid is not None and not _process_runs(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+            warnings.warn(f"removed {folder}: a partial checkpoint left by an export that was killed (process {pid} "
+                          "no longer runs).", stacklevel=3)
+        elif writer_host != host or pid is None:
+            warnings.warn(f"{folder} looks like a partial checkpoint of a killed export, but refquant cannot tell "
+                          "whether its writer still runs (another host, or no process id in its name). Remove it "
+                          "if no export is writing there.", stacklevel=3)
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
