@@ -8,9 +8,9 @@ off (`enable`). Rules apply in order, so a later match wins.
 
 Files compose as modelopt's recipes do: a list item `{ import = "NAME" }` splices the rules of a
 unit, and `cfg = { import = "NAME", key = value }` merges a numerics unit with inline keys that
-win. A name is looked up as NAME.toml next to the importing file, then in recipes_toml/units/.
-docs/recipes.md describes the format; every mistake raises a ValueError naming the file, the key
-and the fix.
+win. A name is looked up as NAME.toml next to the importing file, then among the shipped units
+(refquant/recipes/units/). docs/recipes.md describes the format; every mistake raises a
+ValueError naming the file, the key and the fix.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 from typing import ClassVar, Optional, Union
 
@@ -35,7 +36,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes_toml"
+# The shipped recipes and units are package data (refquant/recipes/), found through
+# importlib.resources so that an installed wheel finds them as a checkout does. Imports are
+# resolved by file path, so refquant must be installed as files (not imported from a zip).
+RECIPES_DIR = Path(os.fspath(resources.files("refquant") / "recipes"))
 UNITS_DIR = RECIPES_DIR / "units"
 
 RECIPE_FORMATS = ("fp8", "nvfp4")  # what a recipe's cfg may name; "off" is `enable = false`
@@ -203,7 +207,7 @@ def _read_toml(path: Path, imported_from: str = "") -> dict:
 
 
 def shipped_recipes() -> dict[str, Path]:
-    """Name -> file of every recipe in recipes_toml/ (units excluded), sorted by name."""
+    """Name -> file of every shipped recipe (refquant/recipes/, units excluded), sorted by name."""
     return {path.stem: path for path in sorted(RECIPES_DIR.glob("*.toml"))}
 
 
@@ -355,7 +359,7 @@ def _import_rules(name: str, path: Path, key: str, stack: tuple[Path, ...]) -> l
 
 
 def _find_import(name: str, importer: Path, key: str, stack: tuple[Path, ...]) -> Path:
-    """NAME.toml next to the importing file, else in recipes_toml/units/; cycles are errors."""
+    """NAME.toml next to the importing file, else among the shipped units; cycles are errors."""
     candidates = [importer.parent / f"{name}.toml", UNITS_DIR / f"{name}.toml"]
     for candidate in candidates:
         if candidate.is_file():
