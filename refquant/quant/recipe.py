@@ -9,8 +9,9 @@ off (`enable`). Rules apply in order, so a later match wins.
 Files compose as modelopt's recipes do: a list item `{ import = "NAME" }` splices the rules of a
 unit, and `cfg = { import = "NAME", key = value }` merges a numerics unit with inline keys that
 win. A name is looked up as NAME.toml next to the importing file, then among the shipped units
-(refquant/recipes/units/). docs/recipes.md describes the format; every mistake raises a
-ValueError naming the file, the key and the fix.
+(refquant/recipes/units/), then among the shipped recipes; importing a recipe splices its rules
+and nothing else. docs/recipes.md describes the format; every mistake raises a ValueError naming
+the file, the key and the fix.
 """
 
 from __future__ import annotations
@@ -351,16 +352,16 @@ def _import_rules(name: str, path: Path, key: str, stack: tuple[Path, ...]) -> l
     if "cfg" in document:
         raise _fail(path, f"{key}.import", f"{name!r} ({_show_path(unit_path)}) is a numerics unit (a cfg)",
                     f"Use it inside a rule: cfg = {{ import = \"{name}\" }}.")
-    if "algorithm" in document:
-        raise _fail(path, f"{key}.import", f"{name!r} ({_show_path(unit_path)}) is a recipe (it sets algorithm)",
-                    "Import units, not recipes; or drop algorithm from that file.")
+    # An imported recipe gives its rules only: the loaded file's own algorithm and description
+    # stand (docs/recipes.md, "Importing a recipe").
     spec = _check_table(document, _RecipeFileSpec, unit_path, "")
     return _resolve_rules(unit_path, spec, stack + (unit_path,))
 
 
 def _find_import(name: str, importer: Path, key: str, stack: tuple[Path, ...]) -> Path:
-    """NAME.toml next to the importing file, else among the shipped units; cycles are errors."""
-    candidates = [importer.parent / f"{name}.toml", UNITS_DIR / f"{name}.toml"]
+    """NAME.toml next to the importing file, else among the shipped units, else among the shipped
+    recipes; cycles are errors."""
+    candidates = [importer.parent / f"{name}.toml", UNITS_DIR / f"{name}.toml", RECIPES_DIR / f"{name}.toml"]
     for candidate in candidates:
         if candidate.is_file():
             found = candidate.resolve()
@@ -369,10 +370,10 @@ def _find_import(name: str, importer: Path, key: str, stack: tuple[Path, ...]) -
                 raise _fail(importer, key, f"import cycle: {chain}", "Remove one of these imports.")
             return found
     known = sorted(str(p.relative_to(UNITS_DIR).with_suffix("")) for p in UNITS_DIR.rglob("*.toml"))
-    close = difflib.get_close_matches(name, known, n=1)
+    close = difflib.get_close_matches(name, known + list(shipped_recipes()), n=1)
     hint = f"Did you mean {close[0]!r}? " if close else ""
     raise _fail(importer, key, f"cannot find unit {name!r} (looked for {', '.join(map(_show_path, candidates))})",
-                f"{hint}Shipped units: {', '.join(known)}.")
+                f"{hint}Shipped units: {', '.join(known)}; shipped recipes: {', '.join(shipped_recipes())}.")
 
 
 def _origin_name(path: Path) -> str:
