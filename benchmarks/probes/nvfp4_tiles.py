@@ -1,6 +1,6 @@
 """Tile sizes of refquant.compiled's NVFP4 Triton kernels on one GPU.
 
-    python benchmarks/nvfp4_tiles.py --out DIR [--real] [--shapes main,...]
+    python benchmarks/probes/nvfp4_tiles.py --out DIR [--real] [--shapes main,...]
 
 For each shape (the issue's 8192 x 16384 bf16 and the PTQ shapes' activations and weights) and each
 (blocks a program, warps) pair: the kernel's device time (torch.profiler, kernels only), its ratio
@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: refquant, scripts/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: ptq_gpu, gpu_report
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other probes
 
 import refquant  # noqa: E402
 import refquant.numerics.formats  # noqa: E402

@@ -1,7 +1,7 @@
 """Would a CUDA graph of the quantized forward take the host out of the 0.6B forward, and what would
 it cost in memory? A probe for issue 13 (a report, no asserts; CUDA only).
 
-    python3 benchmarks/cuda_graph_probe.py --out DIR [--shape small] [--repeats 20]
+    python3 benchmarks/probes/cuda_graph_probe.py --out DIR [--shape small] [--repeats 20]
         [--recipes fp8_default-fp8_kv nvfp4_default-fp8_cast_kv]
 
 Why: on the H200 machines the 0.6B forward is host-bound, and the host's speed changes by up to
@@ -33,8 +33,9 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: refquant, scripts/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: ptq_gpu, gpu_report
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other probes
 
 import refquant as rq  # noqa: E402
 from ptq_gpu import batches_for, build_model  # noqa: E402

@@ -1,6 +1,6 @@
 """Forward time of quantized models made one after another in one process (a report, no asserts).
 
-    python3 benchmarks/process_order.py [--out DIR] [--shape small] [--repeats 20]
+    python3 benchmarks/probes/process_order.py [--out DIR] [--shape small] [--repeats 20]
         [--sequence plain fp8_default-fp8_kv nvfp4_default-fp8_kv fp8_default-fp8_kv plain nvfp4_default-fp8_kv]
         [--profile]
 
@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: refquant, scripts/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: ptq_gpu, gpu_report
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other probes
 
 import refquant as rq  # noqa: E402
 from host_time import forward_profile  # noqa: E402

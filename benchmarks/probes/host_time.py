@@ -27,7 +27,7 @@ On CUDA (bf16 and fp16), a calibrated quantizer's call is one launch of a Triton
                           launch of a count costs, and every launch of the *_now functions)
     key                   DirectLaunch.key_of: what that look-up keys by
 
-    python3 benchmarks/host_time.py [--out DIR] [--device cuda] [--rows 64] [--cols 2048]
+    python3 benchmarks/probes/host_time.py [--out DIR] [--device cuda] [--rows 64] [--cols 2048]
                                     [--profile-recipe R [--shape small]]
 
 Prints a table and writes DIR/host_time.json. With --profile-recipe, also quantizes ptq_gpu.py's
@@ -47,8 +47,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: refquant, scripts/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: ptq_gpu, gpu_report
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other probes
 
 import refquant.compiled as rc  # noqa: E402
 from refquant.compiled import functions  # noqa: E402

@@ -4,7 +4,7 @@ A sync stalls the host until the GPU has drained its queue, so the host's per-ca
 guards, Python) can no longer hide behind the GPU's: on a model of hundreds of quantizer calls
 this, not the kernels, decides the forward's time (issue 13).
 
-    python3 benchmarks/sync_probe.py [--shape small] [--recipe fp8_default-fp8_kv] [--backend compiled]
+    python3 benchmarks/probes/sync_probe.py [--shape small] [--recipe fp8_default-fp8_kv] [--backend compiled]
 
 Builds a Llama-shaped model (benchmarks/ptq_gpu.py's shapes), quantizes it, then runs one forward
 under torch.cuda.set_sync_debug_mode("warn") and prints each distinct place (the innermost
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: refquant, scripts/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: ptq_gpu, gpu_report
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other probes
 
 import refquant as rq  # noqa: E402
 from ptq_gpu import batches_for, build_model, timed_forward_ms  # noqa: E402
