@@ -19,6 +19,25 @@ from refquant.quant.recipe import shipped_recipes
 # What the build needs from the checkout; the package data travels inside refquant/.
 BUILD_INPUTS = ("pyproject.toml", "README.md", "LICENSE", "refquant")
 
+# Run in the venv: the wheel's own requirements (extras aside) that the environment does not meet.
+UNMET_REQUIREMENTS = """
+from importlib.metadata import PackageNotFoundError, requires, version
+from packaging.requirements import Requirement
+unmet = []
+for text in requires("refquant"):
+    requirement = Requirement(text)
+    if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+        continue
+    try:
+        found = version(requirement.name)
+    except PackageNotFoundError:
+        unmet.append(text)
+        continue
+    if not requirement.specifier.contains(found, prereleases=True):
+        unmet.append(f"{text} (found {found})")
+print(unmet)
+"""
+
 
 def run(command: list[str], cwd: Path, env: dict | None = None, timeout: int = 300) -> str:
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -52,7 +71,7 @@ def test_wheel_installed_in_a_fresh_venv_runs_the_main_job_and_lists_the_recipes
     assert [s.name for s in sdists] == [f"refquant-{__version__}.tar.gz"]
 
     # torch, transformers and the rest come from this interpreter's site-packages; refquant must
-    # come from the wheel, and its own requirements must be met without an index.
+    # come from the wheel (forced: the checkout's own install of the same version is visible).
     venv_dir = tmp_path / "venv"
     venv.EnvBuilder(system_site_packages=True, with_pip=False, symlinks=True).create(venv_dir)
     python = venv_dir / "bin" / "python"
@@ -61,11 +80,13 @@ def test_wheel_installed_in_a_fresh_venv_runs_the_main_job_and_lists_the_recipes
     workdir.mkdir()
     env = user_environment(venv_dir)
     # pip >= 22.3 installs into another interpreter's environment with --python (no pip in the venv)
-    run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-index", "--quiet",
-         "--disable-pip-version-check", str(wheels[0])], cwd=workdir, env=env)
+    run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-index", "--no-deps", "--force-reinstall",
+         "--quiet", "--disable-pip-version-check", str(wheels[0])], cwd=workdir, env=env)
+    unmet = run([str(python), "-c", UNMET_REQUIREMENTS], cwd=workdir, env=env).strip()
+    assert unmet == "[]", f"the wheel's requirements not met here: {unmet}"
 
-    where = run([str(python), "-c", "import refquant, sys; print(refquant.__file__); print(refquant.__version__); "
-                 "print(any(p and REPO in p for p in sys.path))".replace("REPO", repr(str(REPO)))],
+    where = run([str(python), "-c", "import refquant, sys; "
+                 "print(refquant.__file__, refquant.__version__, any(sys.argv[1] in p for p in sys.path))", str(REPO)],
                 cwd=workdir, env=env).split()
     assert Path(where[0]).resolve().is_relative_to(venv_dir.resolve()), where[0]
     assert where[1] == __version__
