@@ -38,7 +38,7 @@ import refquant.compiled as compiled  # noqa: E402
 from refquant.compiled.options import division_rounding_option  # noqa: E402
 from refquant.testing import bits_of  # noqa: E402
 
-SHAPES = {"main": (8192, 16384), "small": (1024, 2048), "skinny": (32, 65536)}
+SHAPES = {"main": (8192, 16384), "small": (1024, 2048), "skinny": (32, 65536), "tiny": (64, 256)}  # tiny: a CPU check
 REAL_QUANT_BYTES_PER_ELEMENT = 2 + 0.5 + 1 / 16
 COPY_BYTES_PER_ELEMENT = 4
 

@@ -149,8 +149,11 @@ def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def run_variant(variant: str, recipe: str, pristine, shape: str, args, batches, eval_batch, workdir: Path) -> dict:
-    """One variant of one recipe on a fresh copy of the model; returns timings and what to compare."""
+def run_variant(variant: str, recipe: str, pristine, shape: str, args, batches, eval_batch, workdir: Path,
+                on_calibrated=None) -> dict:
+    """One variant of one recipe on a fresh copy of the model; returns timings and what to compare.
+    on_calibrated(model, eval_batch, device), when given, is called once the model is calibrated,
+    before anything else runs on it (the pytest-benchmark suite times its forwards there)."""
     device = torch.device(args.device)
     model = copy.deepcopy(pristine).to(device)
     reset_peak(device)
@@ -168,6 +171,8 @@ def run_variant(variant: str, recipe: str, pristine, shape: str, args, batches, 
         rq.quantize_model(model, rq.load_recipe(recipe), batches, backend=variant, flavor=flavor, progress=False)
     synchronize(device)
     result["calibration_s"] = time.perf_counter() - began
+    if on_calibrated is not None:
+        on_calibrated(model, eval_batch, device)
     result["forward"] = timed_forward_ms(model, eval_batch, device, args.repeats)
     logits = logits_of(model, eval_batch)
     amax = amax_table(model) if variant != "plain" and args.compare else None
@@ -283,17 +288,22 @@ def modelopt_available() -> bool:
     return True
 
 
-def run_shape(shape: str, args, modelopt_ok: bool, rows: list[dict]) -> None:
+def prepare_shape(shape: str, args):
+    """(pristine model on the CPU, calibration batches, evaluation batch, parameter count) of a shape."""
     device = torch.device(args.device)
     pristine = build_model(shape, args.seed, device).to("cpu")  # the GPU holds one model at a time
     reset_peak(device)
     batches = batches_for(shape, args.batches, args.batch_size, args.seq, args.seed + 1)
     eval_batch = batches_for(shape, 1, args.batch_size, args.seq, args.seed + 2)[0]
-    parameters = sum(t.numel() for t in pristine.parameters())
+    return pristine, batches, eval_batch, sum(t.numel() for t in pristine.parameters())
+
+
+def run_shape(shape: str, args, modelopt_ok: bool, rows: list[dict]) -> None:
+    pristine, batches, eval_batch, parameters = prepare_shape(shape, args)
     recipes = args.recipes
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         plain = run_variant("plain", "-", pristine, shape, args, batches, eval_batch, Path(tmp))
-        rows.append(_row(shape, parameters, plain, plain))
+        rows.append(table_row(shape, parameters, plain, plain))
         for recipe in recipes:
             results = {}
             for variant in args.variants:
@@ -309,14 +319,16 @@ def run_shape(shape: str, args, modelopt_ok: bool, rows: list[dict]) -> None:
             for variant, result in results.items():
                 if variant != "modelopt" and "modelopt" in results and "error" not in result and "error" not in results["modelopt"]:
                     result["vs_modelopt"] = compare_to_modelopt(result, results["modelopt"])
-                rows.append(_row(shape, parameters, result, plain))
+                rows.append(table_row(shape, parameters, result, plain))
             for result in results.values():
                 if "export_dir" in result:
                     shutil.rmtree(result["export_dir"], ignore_errors=True)
             print(format_table(rows[-len(results):]), flush=True)
 
 
-def _row(shape: str, parameters: int, result: dict, plain: dict) -> dict:
+def table_row(shape: str, parameters: int, result: dict, plain: dict) -> dict:
+    """run_variant's result as a row of the table (and the JSON): what it compares left out, the
+    shape, the model's parameter count, and the calibration and forward as ratios to plain's."""
     row = {k: v for k, v in result.items() if not k.startswith("_")}
     row["shape"] = shape
     row["parameters"] = parameters
@@ -352,7 +364,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for ptq_gpu.json")
     parser.add_argument("--shapes", default="small,large", help=f"comma-separated, of {', '.join(SHAPES)}")
@@ -368,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-paired", dest="paired", action="store_false",
                         help="skip the paired plain / quantized forwards (they need room for a second model)")
     parser.add_argument("--workdir", default=None, help="where the exports go (deleted after comparing)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     shapes = [s for s in args.shapes.split(",") if s]
     unknown = [s for s in shapes if s not in SHAPES]

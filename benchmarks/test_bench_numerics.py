@@ -46,7 +46,7 @@ def test_numerics(benchmark, name, backend, device):
 @pytest.mark.parametrize("path", ["quantizer, compiled", "quantizer, reference", "compiled function", "through dynamo"])
 def test_host_time_of_a_small_quantizer_call(benchmark, fmt, path):
     """Host time of one fake-quant call on a small tensor, where the kernel is negligible and the
-    host's work is the cost (the PTQ forward's case; benchmarks/host_time.py cuts it into steps)."""
+    host's work is the cost (the PTQ forward's case; benchmarks/probes/host_time.py cuts it into steps)."""
     from refquant.compiled import functions
     from refquant.quant.quantizer import QuantizerConfig, TensorQuantizer
 

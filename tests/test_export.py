@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -341,3 +343,22 @@ def test_an_input_amax_calibration_never_raised_exports_as_the_format_maxbound()
         model.get_submodule(name).input_quantizer.set_amax(torch.tensor(0.0, dtype=torch.bfloat16))
         scale = _export_tensors(model)[f"{name}.input_scale"]
         assert_same_bits(scale, torch.as_tensor(expected, dtype=torch.float32).reshape(()), recipe)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("max_shard_size", ["10GB", "20KB"])
+def test_checkpoint_files_and_folder_get_the_mode_the_users_umask_gives_new_files(umask, max_shard_size, tmp_path):
+    model = quantized("nvfp4_default-fp8_cast_kv")
+    previous = os.umask(umask)
+    try:
+        out = rq.export_checkpoint(model, tmp_path / "ckpt", max_shard_size=max_shard_size)
+        (tmp_path / "written_by_the_user").write_text("")  # what any file the user writes gets
+    finally:
+        os.umask(previous)
+    user_file_mode = stat.S_IMODE((tmp_path / "written_by_the_user").stat().st_mode)
+    assert user_file_mode == 0o666 & ~umask
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in out.iterdir()}
+    shards = [name for name in modes if name.endswith(".safetensors")]
+    assert len(shards) == 1 if max_shard_size == "10GB" else len(shards) > 1 and "model.safetensors.index.json" in modes
+    assert modes == dict.fromkeys(modes, user_file_mode)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask

@@ -34,6 +34,18 @@ def tiny_llama_folder(path, seed: int = 0):
     return path
 
 
+
+def config_only_folder(path, family: str, vocab_size: int = 320):
+    """A saved tiny 1-layer model of `family` (model_type), as save_pretrained writes it: config and
+    weights, no tokenizer files."""
+    config = transformers.AutoConfig.for_model(
+        family, vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(path)
+    return path
+
 def test_help_names_every_option():
     result = subprocess.run([sys.executable, "-m", "refquant", "quantize", "--help"], capture_output=True, text=True, check=True)
     for option in ("--model", "--calib-text", "--recipe", "--qformat", "--kv-cache-qformat", "--device", "--backend",
@@ -154,3 +166,26 @@ def test_a_write_that_fails_for_want_of_space_exits_1_with_one_line_naming_the_f
     assert lines[0].startswith("refquant quantize: error: [Errno 27] writing the checkpoint ckpt failed: ")
     assert ".shard-0" in lines[0] and "File too large" in lines[0] and "Nothing was written" in lines[0]
     assert sorted(p.name for p in in_tmp.iterdir()) == ["tiny-llama"]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def test_folder_for_which_transformers_builds_an_empty_tokenizer_falls_back_to_the_byte_tokenizer(family, in_tmp, capsys):
+    model_dir = config_only_folder(in_tmp / family, family)
+    # what this test is about: no error from transformers, a tokenizer that finds no tokens in text
+    assert len(transformers.AutoTokenizer.from_pretrained(model_dir)("Some text to split")["input_ids"]) <= 1
+    code = main(["quantize", "--model", str(model_dir), "--out", "ckpt", "--seq-len", "32", "--calib-batches", "1",
+                 "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "has no usable tokenizer" in captured.err and "using the built-in byte-level tokenizer" in captured.err
+    assert (in_tmp / "ckpt" / "model.safetensors").is_file()
+
+
+def test_no_usable_tokenizer_and_a_vocabulary_too_small_for_bytes_is_a_clear_error_and_no_output(in_tmp, capsys):
+    model_dir = config_only_folder(in_tmp / "qwen3", "qwen3", vocab_size=128)
+    code = main(["quantize", "--model", str(model_dir), "--out", "ckpt", "--seq-len", "32", "--calib-batches", "1",
+                 "--no-progress"])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert "has no usable tokenizer" in error and "vocabulary of 128 ids is too small for the built-in byte tokenizer (259)" in error
+    assert "Add its tokenizer files" in error and not (in_tmp / "ckpt").exists()

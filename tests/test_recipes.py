@@ -397,6 +397,69 @@ def test_algorithm_none_means_no_calibration(tmp_path):
     assert load_recipe(path).algorithm is None
 
 
+
+# --- a recipe importing a recipe (docs/recipes.md, "Importing a recipe") ----------------------
+
+FIRST_MLP_OFF = '{ quantizer_name = "model.layers.0.mlp.*", enable = false }'
+
+
+def recipe_importing(tmp_path: Path, shipped: str, *, before: str = "", after: str = FIRST_MLP_OFF, head: str = "") -> Path:
+    rules = [r for r in (before, f'{{ import = "{shipped}" }}', after) if r]
+    return write(tmp_path, "mine.toml", head + "quant_cfg = [\n    " + ",\n    ".join(rules) + ",\n]\n")
+
+
+def test_a_recipe_importing_a_shipped_recipe_gets_its_rules_then_its_own(tmp_path):
+    path = recipe_importing(tmp_path, "nvfp4_default-fp8_cast_kv", head='description = "mine"\n')
+    shipped = load_recipe("nvfp4_default-fp8_cast_kv")
+    recipe = load_recipe(path)
+    assert (recipe.name, recipe.description, recipe.algorithm) == ("mine", "mine", "max")
+    assert recipe.quant_cfg == shipped.quant_cfg + [QuantRule("model.layers.0.mlp.*", enable=False)]
+    assert [rule.origin for rule in recipe.quant_cfg[:-1]] == [rule.origin for rule in shipped.quant_cfg]
+    assert effective_config(recipe, "model.layers.0.mlp.down_proj.weight_quantizer").enable is False
+    assert effective_config(recipe, "model.layers.1.mlp.down_proj.weight_quantizer") == QuantizerConfig("nvfp4")
+
+
+def test_a_rule_before_an_imported_recipe_is_undone_by_it(tmp_path):
+    recipe = load_recipe(recipe_importing(tmp_path, "nvfp4_default-fp8_cast_kv", before=FIRST_MLP_OFF, after=""))
+    assert effective_config(recipe, "model.layers.0.mlp.down_proj.weight_quantizer") == QuantizerConfig("nvfp4")
+
+
+def test_the_importing_files_algorithm_and_description_stand_not_the_imported_recipes(tmp_path):
+    write(tmp_path, "uncalibrated.toml",
+          'description = "theirs"\nalgorithm = "none"\nquant_cfg = [{ import = "fp8_default-fp8_kv" }]\n')
+    recipe = load_recipe(recipe_importing(tmp_path, "uncalibrated"))
+    assert (recipe.description, recipe.algorithm) == ("", "max")
+    recipe = load_recipe(recipe_importing(tmp_path, "fp8_default-fp8_kv", head='algorithm = "none"\n'))
+    assert recipe.algorithm is None and recipe.quant_cfg[:-1] == load_recipe("fp8_default-fp8_kv").quant_cfg
+
+
+def test_a_misspelt_recipe_import_suggests_the_shipped_recipe(tmp_path):
+    path = recipe_importing(tmp_path, "nvfp4_default-fp8_cast")
+    with pytest.raises(ValueError, match=r"cannot find unit 'nvfp4_default-fp8_cast'.*Did you mean 'nvfp4_default-fp8_cast_kv'\?"):
+        load_recipe(path)
+
+
+def test_a_recipe_importing_a_shipped_recipe_quantizes_and_exports_the_overridden_layer_in_bf16(tmp_path):
+    from safetensors.torch import load_file
+
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    recipe = load_recipe(recipe_importing(tmp_path, "nvfp4_default-fp8_cast_kv"))
+    batches = [torch.randint(3, 128, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    rq.quantize_model(model, recipe, batches, progress=False)
+    first, second = (model.model.layers[i].mlp for i in (0, 1))
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        assert not getattr(first, name).weight_quantizer.is_enabled and not getattr(first, name).input_quantizer.is_enabled
+        assert getattr(second, name).weight_quantizer.is_enabled and getattr(second, name).input_quantizer.is_enabled
+    rq.export_checkpoint(model, tmp_path / "ckpt")
+    tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert tensors["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
+    assert "model.layers.0.mlp.down_proj.weight_scale" not in tensors
+    assert tensors["model.layers.1.mlp.down_proj.weight"].dtype == torch.uint8  # packed NVFP4
+    assert "model.layers.1.mlp.down_proj.weight_scale" in tensors
+
+
 # --- bad input: each names the file, the key and the fix ------------------------------------
 
 RULE = '[[quant_cfg]]\nquantizer_name = "*weight_quantizer"\n'

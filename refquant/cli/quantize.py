@@ -29,6 +29,8 @@ from ..quant.distributed import stop_together
 DEFAULT_RECIPE = "nvfp4_default-fp8_cast_kv"
 DEFAULT_OUT = "out/refquant-ckpt"
 KV_CACHE_QFORMATS = ("fp8", "fp8_cast", "nvfp4", "nvfp4_cast", "none")
+# A folder's tokenizer must split this into several ordinary tokens to count as usable.
+TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog."
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' from_pretrained strategies
 # Ranks wait in a collective while rank 0 writes a big checkpoint: longer than NCCL's 10-minute default.
 DISTRIBUTED_TIMEOUT = timedelta(hours=2)
@@ -111,7 +113,7 @@ def load_model(model_dir: str | None, device: str, device_map: str | None = None
             f"--model {model_dir}: the folder has no config.json, so it is not a Hugging Face model folder."
         )
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from ..hf.export.validate import check_safetensors_file
 
@@ -126,18 +128,35 @@ def load_model(model_dir: str | None, device: str, device_map: str | None = None
     except (OSError, ValueError, KeyError, SafetensorError) as error:
         raise ValueError(f"--model {model_dir}: transformers could not load it as a causal LM: {error}") from error
     model = (model if device_map is not None else model.to(device)).eval()
+    return model, folder_tokenize(path, model_dir, model.get_input_embeddings().num_embeddings), str(path)
+
+
+def folder_tokenize(path: Path, model_dir: str, vocab_size: int):
+    """text -> int64 ids: the folder's own tokenizer when it has a usable one, else the built-in
+    byte tokenizer (a notice says so) when the model's vocabulary has room for its ids.
+
+    A usable tokenizer encodes TOKENIZER_PROBE to at least two distinct non-special ids: from a
+    folder without tokenizer files transformers may build an empty tokenizer from config.json
+    (Qwen3, Gemma) instead of raising, and every text then has 0 or 1 tokens."""
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        tokenize = lambda text: torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int64)  # noqa: E731
     except (OSError, ValueError, KeyError, TypeError):
-        if model.config.vocab_size < models.BYTE_VOCAB:
-            raise ValueError(
-                f"--model {model_dir} has no tokenizer files and a vocabulary of {model.config.vocab_size} "
-                f"ids, too small for the built-in byte tokenizer ({models.BYTE_VOCAB}). Add its tokenizer files."
-            ) from None
-        print(f"note: {model_dir} has no tokenizer; using the built-in byte-level tokenizer.", file=sys.stderr)
-        tokenize = models.byte_tokenize
-    return model, tokenize, str(path)
+        problem = "has no tokenizer files"
+    else:
+        ids = tokenizer(TOKENIZER_PROBE)["input_ids"]
+        if len(set(ids) - set(tokenizer.all_special_ids)) >= 2:
+            return lambda text: torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int64)
+        problem = (f"has no usable tokenizer (transformers built one that encodes the {len(TOKENIZER_PROBE)}-character "
+                   f"sentence {TOKENIZER_PROBE!r} to {len(ids)} token(s): are its tokenizer files missing?)")
+    if vocab_size < models.BYTE_VOCAB:
+        raise ValueError(
+            f"--model {model_dir} {problem}, and its vocabulary of {vocab_size} ids is too small for the built-in "
+            f"byte tokenizer ({models.BYTE_VOCAB}). Add its tokenizer files (tokenizer.json, tokenizer_config.json)."
+        )
+    print(f"note: {model_dir} {problem}; using the built-in byte-level tokenizer.", file=sys.stderr)
+    return models.byte_tokenize
 
 
 def check_device_map(args, world: int) -> None:

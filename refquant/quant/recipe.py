@@ -8,9 +8,10 @@ off (`enable`). Rules apply in order, so a later match wins.
 
 Files compose as modelopt's recipes do: a list item `{ import = "NAME" }` splices the rules of a
 unit, and `cfg = { import = "NAME", key = value }` merges a numerics unit with inline keys that
-win. A name is looked up as NAME.toml next to the importing file, then in recipes_toml/units/.
-docs/recipes.md describes the format; every mistake raises a ValueError naming the file, the key
-and the fix.
+win. A name is looked up as NAME.toml next to the importing file, then among the shipped units
+(refquant/recipes/units/), then among the shipped recipes; importing a recipe splices its rules
+and nothing else. docs/recipes.md describes the format; every mistake raises a ValueError naming
+the file, the key and the fix.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 from typing import ClassVar, Optional, Union
 
@@ -36,7 +38,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes_toml"
+# The shipped recipes and units are package data (refquant/recipes/), found through
+# importlib.resources so that an installed wheel finds them as a checkout does. Imports are
+# resolved by file path, so refquant must be installed as files (not imported from a zip).
+RECIPES_DIR = Path(os.fspath(resources.files("refquant") / "recipes"))
 UNITS_DIR = RECIPES_DIR / "units"
 
 RECIPE_FORMATS = ("fp8", "nvfp4")  # what a recipe's cfg may name; "off" is `enable = false`
@@ -204,7 +209,7 @@ def _read_toml(path: Path, imported_from: str = "") -> dict:
 
 
 def shipped_recipes() -> dict[str, Path]:
-    """Name -> file of every recipe in recipes_toml/ (units excluded), sorted by name."""
+    """Name -> file of every shipped recipe (refquant/recipes/, units excluded), sorted by name."""
     return {path.stem: path for path in sorted(RECIPES_DIR.glob("*.toml"))}
 
 
@@ -370,18 +375,17 @@ class _Resolver:
             if "cfg" in document:
                 raise _fail(path, f"{key}.import", f"{name!r} ({_show_path(unit_path)}) is a numerics unit (a cfg)",
                             f"Use it inside a rule: cfg = {{ import = \"{name}\" }}.")
-            if "algorithm" in document:
-                raise _fail(path, f"{key}.import", f"{name!r} ({_show_path(unit_path)}) is a recipe (it sets algorithm)",
-                            "Import units, not recipes; or drop algorithm from that file.")
+            # An imported recipe gives its rules only: the loaded file's own algorithm and
+            # description stand (docs/recipes.md, "Importing a recipe").
             spec = _check_table(document, _RecipeFileSpec, unit_path, "")
             self.unit_rules[unit_path] = self.rules(unit_path, spec, stack + (unit_path,))
         return [copy.copy(rule) for rule in self.unit_rules[unit_path]]  # each splice its own rule objects
 
 
 def _find_import(name: str, importer: Path, key: str, stack: tuple[Path, ...]) -> Path:
-    """NAME.toml next to the importing file, else in recipes_toml/units/; cycles and chains longer
-    than MAX_IMPORT_DEPTH are errors."""
-    candidates = [importer.parent / f"{name}.toml", UNITS_DIR / f"{name}.toml"]
+    """NAME.toml next to the importing file, else among the shipped units, else among the shipped
+    recipes; cycles and chains longer than MAX_IMPORT_DEPTH are errors."""
+    candidates = [importer.parent / f"{name}.toml", UNITS_DIR / f"{name}.toml", RECIPES_DIR / f"{name}.toml"]
     for candidate in candidates:
         if candidate.is_file():
             found = candidate.resolve()
@@ -395,10 +399,10 @@ def _find_import(name: str, importer: Path, key: str, stack: tuple[Path, ...]) -
                             "Import the units you need from fewer levels (a unit may import several units).")
             return found
     known = sorted(str(p.relative_to(UNITS_DIR).with_suffix("")) for p in UNITS_DIR.rglob("*.toml"))
-    close = difflib.get_close_matches(name, known, n=1)
+    close = difflib.get_close_matches(name, known + list(shipped_recipes()), n=1)
     hint = f"Did you mean {close[0]!r}? " if close else ""
     raise _fail(importer, key, f"cannot find unit {name!r} (looked for {', '.join(map(_show_path, candidates))})",
-                f"{hint}Shipped units: {', '.join(known)}.")
+                f"{hint}Shipped units: {', '.join(known)}; shipped recipes: {', '.join(shipped_recipes())}.")
 
 
 def _origin_name(path: Path) -> str:

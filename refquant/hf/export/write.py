@@ -179,6 +179,17 @@ def _write_configs(model: nn.Module, plan: ExportPlan, folder: Path) -> None:
     _write_json(folder / "hf_quant_config.json", plan.hf_quant_config)
 
 
+def _give_user_permissions(folder: Path) -> None:
+    """The folder and every file in it get the mode a folder or file the user creates gets
+    (0755 / 0644 under umask 022): safetensors writes its files 0600, which a serving process
+    run by another user could not read."""
+    umask = os.umask(0o022)  # os.umask sets and returns; set it straight back
+    os.umask(umask)
+    for path in folder.iterdir():
+        os.chmod(path, 0o666 & ~umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
 def _check_out_dir(out_dir: Path) -> None:
     if out_dir.exists():
         raise ValueError(
@@ -245,6 +256,7 @@ def _export(model: nn.Module, out_dir: Path, max_bytes: int) -> Path:
         _write_configs(model, plan, staging)
         _write_safetensors(checkpoint_tensors(model, plan), staging, max_bytes)
         _write_json(staging / STATE_FILE, state_document)
+        _give_user_permissions(staging)
         _check_out_dir(out_dir)  # someone may have created it meanwhile
         os.rename(staging, out_dir)  # atomic on one filesystem: the folder appears complete or not at all
     except BaseException as error:
