@@ -40,6 +40,7 @@ from torch import nn
 
 from ..numerics.checks import Flavor
 from .attention import check_attention_hookable, is_attention_module, quant_attention_class
+from .experts import check_experts_forward, find_experts, force_eager_experts, is_quant_experts, quant_experts_class
 from .dispatch import check_forward_rebindable, execution_device, loaded_weights, rebind_forward, require_loaded
 from ..quant.distributed import rank_and_world, synchronize_calibration
 from ..quant.quantizer import QuantizerConfig, SharedInputResult, TensorQuantizer, all_quantizers_off, named_quantizers
@@ -135,7 +136,10 @@ def insert_quantizers(model: nn.Module, *, backend: str = "reference", flavor: F
     for name, module in attentions:
         check_attention_hookable(name or type(model).__name__, module)  # all checked before any change
     embeddings = [(name, m) for name, m in named if isinstance(m, nn.Embedding)]
-    for name, module in linears + embeddings + attentions:
+    experts = [(name, m, layout) for name, m, layout in find_experts(model) if not _is_quantized(m)]
+    for name, module, _ in experts:
+        check_experts_forward(name, module)
+    for name, module in linears + embeddings + attentions + [(name, m) for name, m, _ in experts]:
         check_forward_rebindable(name, module)
 
     for _, module in linears:
@@ -155,6 +159,7 @@ def insert_quantizers(model: nn.Module, *, backend: str = "reference", flavor: F
         module.__class__ = quant_attention_class(type(module))
         rebind_forward(module)
         module._setup_bmm_quantizers(backend, flavor)
+    _insert_expert_quantizers(model, experts, backend, flavor)
 
     quantizers = named_quantizers(model)
     shared = SharedInputResult()  # q/k/v (and gate/up) input quantizers share one tensor
@@ -162,6 +167,16 @@ def insert_quantizers(model: nn.Module, *, backend: str = "reference", flavor: F
         quantizer.name, quantizer.backend, quantizer.flavor = name, backend, flavor
         quantizer.shared_input_result = shared
     return [name for name, _ in quantizers]
+
+
+def _insert_expert_quantizers(model: nn.Module, experts: list, backend: str, flavor: str) -> None:
+    """modelopt's fused-experts wrappers on every experts module (refquant.hf.experts), and its
+    eager experts implementation forced on the config."""
+    for _, module, layout in experts:
+        module.__class__ = quant_experts_class(type(module), layout)
+        rebind_forward(module)
+        module._setup_expert_quantizers(backend, flavor)
+    force_eager_experts(model)
 
 
 # --- calibration ------------------------------------------------------------------------------
@@ -186,7 +201,8 @@ def _batch_tokens(batch: Any) -> int:
 
 
 def _is_weight_quantizer(name: str) -> bool:
-    return name.endswith("weight_quantizer")
+    """A weight quantizer: `...weight_quantizer`, or an expert's `...weight_quantizers.3`."""
+    return name.endswith("weight_quantizer") or re.search(r"weight_quantizers\.\d+$", name) is not None
 
 
 def _calibrate_weights(model: nn.Module) -> None:
@@ -197,6 +213,17 @@ def _calibrate_weights(model: nn.Module) -> None:
         if isinstance(module, (QuantLinearMixin, QuantEmbeddingMixin)) and module.weight_quantizer.is_enabled:
             with loaded_weights(module):
                 module.weight_quantizer(require_loaded(f"{name}.weight", module.weight))
+        elif is_quant_experts(module):
+            _calibrate_expert_weights(name, module)
+
+
+def _calibrate_expert_weights(name: str, module: nn.Module) -> None:
+    """modelopt's iter_weights_for_calibration of the fused experts: each expert's slice through
+    its own weight quantizer (gpt-oss: each whole weight, transposed, through the projection's)."""
+    with loaded_weights(module):
+        for weight, quantizer in module.weights_for_calibration():
+            if quantizer.is_enabled:
+                quantizer(require_loaded(f"{name} expert weights", weight))
 
 
 def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: bool = True) -> tuple[int, int]:
@@ -216,6 +243,9 @@ def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: b
     quantizers = named_quantizers(model)
     for _, quantizer in quantizers:
         quantizer.start_calibration()
+    for module in model.modules():
+        if is_quant_experts(module):
+            module.reset_token_counts()
     rank, world = rank_and_world()
     batches = tokens = 0
     failure: Optional[Exception] = None

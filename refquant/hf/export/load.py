@@ -14,6 +14,8 @@ from torch import nn
 from ...quant.quantizer import QuantizerConfig, child_quantizer, named_quantizers
 from ..dispatch import has_offloaded_weights
 from .plan import CompressedWeightQuantizer, ExportPlan, plan_export
+from .experts import checkpoint_experts_tensors, compress_experts, plan_experts
+from .names import checkpoint_names
 from .state import STATE_FILE, STATE_FORMAT, STATE_VERSION, _restore_buffer_dtypes, decode_amax
 from .tensors import dequantize_linear_weight
 
@@ -30,6 +32,15 @@ def _apply_plan(model: nn.Module, plan: ExportPlan) -> list[str]:
             "where a change would be lost at its next forward. Load the model without offload "
             "(enough max_memory), or export it (rq.export_checkpoint) and rq.load_checkpoint it."
         )
+    offloaded = [name for name in plan.experts if has_offloaded_weights(modules[name])]
+    if offloaded:
+        raise ValueError(
+            f"compress_weights replaces each quantized weight in place, but the experts {offloaded[0]} keep "
+            "their weights offloaded by accelerate (on the meta device). Load the model without offload, "
+            "or export it (rq.export_checkpoint) and rq.load_checkpoint it."
+        )
+    for name, experts in plan.experts.items():
+        compress_experts(modules[name], experts, experts.tensors())
     for name, linear in plan.linears.items():
         module = modules[name]
         weight_q = module.weight_quantizer
@@ -45,7 +56,7 @@ def _apply_plan(model: nn.Module, plan: ExportPlan) -> list[str]:
         with torch.no_grad():
             module.weight.copy_(weight.to(module.weight.device))
         module.weight_quantizer = CompressedWeightQuantizer(weight_q, linear.layer_format, tensors)
-    return list(plan.linears)
+    return list(plan.linears) + list(plan.experts)
 
 
 def compress_weights(model: nn.Module) -> list[str]:
@@ -158,27 +169,33 @@ def load_checkpoint(out_dir: str | os.PathLike, *, attn_implementation: Optional
     tensors = read_checkpoint_tensors(folder)
     layers: dict[str, str] = state["layers"]
     modules = dict(model.named_modules())
+    experts = plan_experts(model, state["flavor"])
+    names = checkpoint_names(model, {f"{name}.{p}" for name, e in experts.items() if e.layout.kind == "fused" for p in e.parameters})
+    experts_parameters = {f"{name}.{p}" for name, e in experts.items() for p in e.parameters}
     quantizer_prefixes = tuple(f"{name}." for name in quantizers)
     used: set[str] = set()
     plain: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
-        if key.startswith(quantizer_prefixes):
+        if key.startswith(quantizer_prefixes) or key in experts_parameters:
             continue
         layer, _, suffix = key.rpartition(".")
         if layer in layers and suffix == "weight":
             continue
-        if key in tensors:
-            plain[key] = tensors[key]
-            used.add(key)
+        if names.tensor(key) in tensors:
+            plain[key] = tensors[names.tensor(key)]
+            used.add(names.tensor(key))
     missing_keys = [k for k in model.load_state_dict(plain, strict=False).missing_keys if not k.startswith(quantizer_prefixes)]
     tied = getattr(model, "all_tied_weights_keys", None) or {}
-    missing_keys = [k for k in missing_keys if k not in tied and not (k.rpartition(".")[0] in layers and k.endswith(".weight"))]
+    missing_keys = [k for k in missing_keys if k not in tied and k not in experts_parameters
+                    and not (k.rpartition(".")[0] in layers and k.endswith(".weight"))]
     if missing_keys:
         raise ValueError(f"the checkpoint in {folder} lacks tensors the model needs: {missing_keys[:5]}.")
 
+    for name, export in experts.items():
+        compress_experts(modules[name], export, checkpoint_experts_tensors(export, tensors, names.tensor, used))
     for name, fmt in layers.items():
         module = modules[name]
-        keys = {suffix: f"{name}.{suffix}" for suffix in ("weight", "weight_scale", "weight_scale_2", "input_scale")}
+        keys = {suffix: names.tensor(f"{name}.{suffix}") for suffix in ("weight", "weight_scale", "weight_scale_2", "input_scale")}
         layer_tensors = {suffix: tensors[key] for suffix, key in keys.items() if key in tensors}
         used.update(key for key in keys.values() if key in tensors)
         weight = dequantize_linear_weight(fmt, layer_tensors, module.weight.shape, module.weight.dtype)
