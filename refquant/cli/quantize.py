@@ -103,6 +103,10 @@ def load_model(model_dir: str | None, device: str, device_map: str | None = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         tokenize = lambda text: torch.tensor(tokenizer(text)["input_ids"], dtype=torch.int64)  # noqa: E731
+        # A folder without tokenizer files can give an empty tokenizer (transformers builds one
+        # from the model type with no vocabulary): it turns any text into no ids at all.
+        if tokenize(models.CALIBRATION_TEXT[:200]).numel() == 0:
+            raise ValueError("the tokenizer turns text into no ids")
     except (OSError, ValueError, KeyError, TypeError):
         if model.config.vocab_size < models.BYTE_VOCAB:
             raise ValueError(

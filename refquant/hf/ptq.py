@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Optional
@@ -39,6 +40,7 @@ from dataclasses_json import DataClassJsonMixin
 from torch import nn
 
 from ..numerics.checks import Flavor
+from .coverage import WeightCoverage, coverage_warning, weight_coverage
 from .attention import check_attention_hookable, is_attention_module, quant_attention_class
 from .experts import check_experts_forward, find_experts, force_eager_experts, is_quant_experts, quant_experts_class
 from .dispatch import check_forward_rebindable, execution_device, loaded_weights, rebind_forward, require_loaded
@@ -394,6 +396,9 @@ class PTQReport(DataClassJsonMixin):
     seconds: float = 0.0
     world_size: int = 1  # torch.distributed ranks that calibrated, each on its share of the batches
     sensitivity: Optional[SensitivityReport] = None
+    coverage: Optional[WeightCoverage] = None  # linear and expert weight parameters quantized
+    experts_without_tokens: list[str] = field(default_factory=list)  # "model.layers.1.mlp.experts.3"
+    warnings: list[str] = field(default_factory=list)
 
     def row(self, name: str) -> QuantizerRow:
         for row in self.quantizers:
@@ -453,6 +458,7 @@ class PTQReport(DataClassJsonMixin):
                 if rows:
                     lines.append(f"  {kind}: " + ", ".join(f"{r.name} {_sqnr_text(r.error)} dB" for r in rows[:3]))
         lines.append("\ntotals: " + ", ".join(f"{key} {value}" for key, value in self.totals.items()))
+        lines += self._experts_and_coverage_lines()
         if self.unmatched_rules:
             lines.append(f"recipe rules that matched no quantizer ({len(self.unmatched_rules)}):")
             lines += [f"  {text}" for text in self.unmatched_rules]
@@ -470,6 +476,19 @@ class PTQReport(DataClassJsonMixin):
         if self.sensitivity is not None:
             lines += ["", self.sensitivity_table()]
         return "\n".join(lines)
+
+    def _experts_and_coverage_lines(self) -> list[str]:
+        lines = []
+        if self.coverage is not None:
+            lines.append(self.coverage.text())
+        if self.experts_without_tokens:
+            lines.append(
+                f"experts no calibration token reached ({len(self.experts_without_tokens)}; their weight scales come "
+                "from the weights, their input scales from the layer's shared input quantizer, as modelopt's): "
+                + ", ".join(self.experts_without_tokens)
+            )
+        lines += [f"warning: {text}" for text in self.warnings]
+        return lines
 
     def sensitivity_table(self) -> str:
         """The sensitivity ranking (worst first) and the suggested recipe rules, as text."""
@@ -538,6 +557,30 @@ def _totals(rows: list[QuantizerRow]) -> dict[str, int]:
     totals["quantized_linears"] = sum(1 for r in enabled if r.name.endswith(".weight_quantizer"))
     totals["quantized_kv"] = sum(1 for r in enabled if r.name.endswith(("k_bmm_quantizer", "v_bmm_quantizer")))
     return totals
+
+
+def _coverage_totals(coverage: WeightCoverage) -> dict[str, int]:
+    return {
+        "linear_weight_params": coverage.linear_params,
+        "linear_weight_params_quantized": coverage.linear_quantized,
+        "expert_weight_params": coverage.expert_params,
+        "expert_weight_params_quantized": coverage.expert_quantized,
+    }
+
+
+def _experts_without_tokens(model: nn.Module) -> list[str]:
+    """Each expert no calibration token reached, named as the checkpoint's expert modules are."""
+    return [f"{name}.{index}" for name, module in model.named_modules() if is_quant_experts(module)
+            for index in module.experts_without_tokens()]
+
+
+def _asks_for_weights(recipe: Any, application: Any, quantizers: list) -> bool:
+    """Whether a rule of the recipe gives some weight quantizer of the model a format, enabled."""
+    weight_names = {name for name, _ in quantizers if _is_weight_quantizer(name)}
+    return any(
+        rule.cfg is not None and rule.enable is not False and weight_names.intersection(application.matches.get(index, ()))
+        for index, rule in enumerate(recipe.quant_cfg)
+    )
 
 
 # --- quality ----------------------------------------------------------------------------------
@@ -615,6 +658,7 @@ def quantize_model(
             original_logits = _eval_logits(model, eval_batch)
     last_rule: dict[str, int] = {}
     unmatched: list[str] = []
+    application = None
     if recipe is not None:
         from ..quant.recipe import apply_recipe
 
@@ -645,6 +689,13 @@ def quantize_model(
     rows = [_quantizer_row(name, q, last_rule.get(name)) for name, q in quantizers]
     for row in rows:
         row.error = errors.get(row.name)
+    coverage = weight_coverage(model)
+    report_warnings = []
+    if application is not None and _asks_for_weights(recipe, application, quantizers):
+        text = coverage_warning(coverage, recipe.name)
+        if text is not None:
+            warnings.warn(text, stacklevel=2)
+            report_warnings.append(text)
     return PTQReport(
         model=type(model).__name__,
         recipe=getattr(recipe, "name", None),
@@ -654,9 +705,12 @@ def quantize_model(
         calib_batches=batches,
         calib_tokens=tokens,
         quantizers=rows,
-        totals=_totals(rows),
+        totals={**_totals(rows), **_coverage_totals(coverage)},
         unmatched_rules=unmatched,
         quality=quality,
         seconds=round(time.perf_counter() - started, 3),
         world_size=rank_and_world()[1],
+        coverage=coverage,
+        experts_without_tokens=_experts_without_tokens(model) if algorithm == "max" else [],
+        warnings=report_warnings,
     )
