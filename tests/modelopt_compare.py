@@ -129,9 +129,11 @@ class Comparison:
 def quantize_with_modelopt(model, recipe: str, batches: list[torch.Tensor]) -> None:
     import modelopt.torch.quantization as mtq
 
+    device = next(model.parameters()).device
+
     def forward_loop(m):
         for batch in batches:
-            m(input_ids=batch)
+            m(input_ids=batch.to(device))
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -156,24 +158,27 @@ def compare_with_modelopt(
     batches: Optional[list[torch.Tensor]] = None,
     eval_batch: Optional[torch.Tensor] = None,
     backend: str = "reference",
+    device: str = "cpu",
 ) -> Comparison:
     """Quantize and export the same seeded model with modelopt and with refquant; compare.
 
     build: makes the model (default: build_model(family)); it is called twice and must give the
-    same weights each time. Logits are compared for FP8 recipes (and NVFP4 ones on a GPU).
+    same weights each time. Logits are compared for FP8 recipes, and for NVFP4 ones on a GPU
+    (device "cuda": both models there, refquant with flavor "modelopt-cuda").
     """
     import refquant as rq
 
     build = build or (lambda: build_model(family))
     if batches is None or eval_batch is None:
         batches, eval_batch = default_batches()
-    theirs = build()
+    flavor = "modelopt-cuda" if torch.device(device).type == "cuda" else "modelopt-cpu"
+    theirs = build().to(device)
     quantize_with_modelopt(theirs, recipe, batches)
-    ours = build()
-    rq.quantize_model(ours, rq.load_recipe(recipe), batches, backend=backend, progress=False)
+    ours = build().to(device)
+    rq.quantize_model(ours, rq.load_recipe(recipe), batches, backend=backend, flavor=flavor, progress=False)
 
     logits = None
-    if "nvfp4" not in recipe or torch.cuda.is_available():
+    if "nvfp4" not in recipe or torch.device(device).type == "cuda":
         logits = compare_logits(logits_of(ours, eval_batch), logits_of(theirs, eval_batch))
     quantizers = compare_quantizers(ours, theirs)
 
@@ -181,3 +186,36 @@ def compare_with_modelopt(
     rq.export_checkpoint(ours, ours_dir)
     export_with_modelopt(theirs, theirs_dir)
     return Comparison(family, recipe, quantizers, logits, compare_exports(ours_dir, theirs_dir))
+
+
+def main(argv=None) -> int:
+    """Every family of MOE_FAMILIES x every shipped recipe against modelopt; prints the table.
+
+        python3 tests/modelopt_compare.py                 # CPU: NVFP4 logits not compared
+        python3 tests/modelopt_compare.py --device cuda   # GPU: every recipe's logits too
+    """
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    parser.add_argument("--families", nargs="*", default=list(MOE_FAMILIES), choices=list(MOE_FAMILIES))
+    parser.add_argument("--recipes", nargs="*", default=list(FP8_RECIPES + NVFP4_RECIPES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="reference", choices=("reference", "compiled"))
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    print(f"refquant vs modelopt, device {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}, "
+          f"backend {args.backend}")
+    print("| family | recipe | amax equal | logits | exported tensors equal | configs |\n| --- | --- | --- | --- | --- | --- |")
+    failed = 0
+    with tempfile.TemporaryDirectory() as workdir:
+        for family in args.families:
+            for recipe in args.recipes:
+                result = compare_with_modelopt(family, recipe, Path(workdir), backend=args.backend, device=args.device)
+                print(result.row() if result.ok else result.summary(), flush=True)
+                failed += not result.ok
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -402,3 +402,17 @@ def check_experts_forward(name: str, module: nn.Module) -> None:
             f"{'_QuantFusedExperts' if layout.kind == 'fused' else '_QuantGptOssExperts'} places the experts' "
             "quantizers. This experts layout is not supported."
         )
+
+
+def synchronize_token_counts(model: nn.Module) -> None:
+    """Under torch.distributed: every rank's experts get the calibration token counts of all ranks
+    together (each rank saw its share of the batches), so the report lists the experts no rank's
+    token reached."""
+    import torch.distributed as dist
+
+    experts = [module for module in model.modules() if is_quant_experts(module)]
+    local = [list(module.calibration_tokens) for module in experts]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    for index, module in enumerate(experts):
+        module.calibration_tokens = [sum(counts) for counts in zip(*(rank[index] for rank in gathered))]

@@ -42,7 +42,10 @@ from torch import nn
 from ..numerics.checks import Flavor
 from .coverage import WeightCoverage, coverage_warning, weight_coverage
 from .attention import check_attention_hookable, is_attention_module, quant_attention_class
-from .experts import check_experts_forward, find_experts, force_eager_experts, is_quant_experts, quant_experts_class
+from .experts import (
+    check_experts_forward, find_experts, force_eager_experts, is_quant_experts, quant_experts_class,
+    synchronize_token_counts,
+)
 from .dispatch import check_forward_rebindable, execution_device, loaded_weights, rebind_forward, require_loaded
 from ..quant.distributed import rank_and_world, synchronize_calibration
 from ..quant.quantizer import QuantizerConfig, SharedInputResult, TensorQuantizer, all_quantizers_off, named_quantizers
@@ -273,6 +276,8 @@ def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: b
             weight_quantizers={name for name, _ in quantizers if _is_weight_quantizer(name)},
             fallback_device=lambda name: execution_device(model.get_submodule(name.rpartition(".")[0])),
         )
+    if world > 1:
+        synchronize_token_counts(model)
     needs_data = [
         name for name, q in quantizers
         if q.is_calibrating and not _is_weight_quantizer(name)
