@@ -219,6 +219,16 @@ def test_one_call_over_all_experts_on_cuda_equals_each_experts_own_quantizer(fmt
         assert torch.equal(stacked[index].view(torch.int16), quantizer(weight[index]).view(torch.int16)), f"expert {index}"
 
 
+def test_nvfp4_takes_one_amax_per_slice_only_when_asked():
+    weight, amax = expert_weights()
+    per_slice = amax.reshape(-1, 1, 1)
+    with pytest.raises(ValueError, match=r"one global amax per tensor, got shape \(5, 1, 1\).*per_slice_amax=True"):
+        rq.nvfp4_fake_quant(weight, per_slice)
+    with pytest.raises(ValueError, match=r"one global amax per tensor, got shape \(5, 32, 2\)"):
+        rq.nvfp4_fake_quant(weight, weight.abs().amax(dim=-1, keepdim=True).repeat(1, 1, 2), per_slice_amax=True)
+    assert rq.nvfp4_fake_quant(weight, per_slice, per_slice_amax=True).shape == weight.shape
+
+
 def test_one_call_over_all_experts_declines_where_it_would_not_be_exact():
     weight, amax = expert_weights()
     quantizers = nn.ModuleList(TensorQuantizer(QuantizerConfig(format="fp8")) for _ in amax)
@@ -318,6 +328,7 @@ def test_recipe_that_leaves_most_weights_unquantized_warns(tmp_path):
     with pytest.warns(UserWarning, match=r"asks for quantized weights, but only 26\.4% .*model\.layers\.\*\.mlp\.experts"):
         report = rq.quantize_model(model, rq.load_recipe(recipe), batches, progress=False)
     assert report.totals["expert_weight_params_quantized"] == 0
+    assert report.experts_without_tokens == []  # experts off: nothing was counted, nothing to report
     assert "warning: recipe no_experts asks for quantized weights" in report.to_table()
 
 

@@ -190,23 +190,37 @@ class QuantExpertsMixin:
             )
 
     def reset_token_counts(self) -> None:
-        self.calibration_tokens = [0] * self.num_experts
+        """Forget the counts: none until a forward counts with a quantizer calibrating."""
+        self.calibration_tokens = None
+
+    def _token_counts(self) -> list[int]:
+        """The counts this calibration adds to (started at zero by its first counting forward)."""
+        if self.calibration_tokens is None:
+            self.calibration_tokens = [0] * self.num_experts
+        return self.calibration_tokens
 
     def experts_without_tokens(self) -> list[int]:
-        """The experts that no calibration token reached (empty before any calibration)."""
+        """The experts that no calibration token reached; empty when no calibrating forward
+        counted (no calibration yet, or the experts' quantizers all off)."""
         counts = getattr(self, "calibration_tokens", None) or []
         return [index for index, count in enumerate(counts) if count == 0]
 
 
-def _slice_index(parameter: torch.Tensor, weight: torch.Tensor) -> Optional[int]:
-    """Which slice of the 3-D `parameter` the view `weight` is, from where it lies in the
-    parameter's storage (modelopt's _get_expert_idx_from_first_proj); None when it is not a view
-    of that storage."""
-    if weight.device != parameter.device or weight.untyped_storage().data_ptr() != parameter.untyped_storage().data_ptr():
+def _storage_of(parameter: torch.Tensor) -> tuple[int, torch.device, int, int, int]:
+    """(storage address, device, storage offset, stride along dim 0, slices) of a 3-D parameter."""
+    return (parameter.untyped_storage().data_ptr(), parameter.device, parameter.storage_offset(),
+            parameter.stride(0), parameter.shape[0])
+
+
+def _slice_index(storage: tuple[int, torch.device, int, int, int], weight: torch.Tensor) -> Optional[int]:
+    """Which slice of a 3-D parameter (its _storage_of) the view `weight` is, from where it lies in
+    the parameter's storage (modelopt's _get_expert_idx_from_first_proj); None when it is not a
+    view of that storage."""
+    address, device, offset, stride, slices = storage
+    if weight.device != device or weight.untyped_storage().data_ptr() != address:
         return None
-    stride = parameter.stride(0)
-    index = (weight.storage_offset() - parameter.storage_offset()) // stride if stride else 0
-    return index if 0 <= index < parameter.shape[0] else None
+    index = (weight.storage_offset() - offset) // stride if stride else 0
+    return index if 0 <= index < slices else None
 
 
 @contextmanager
@@ -235,7 +249,7 @@ class QuantFusedExpertsMixin(QuantExpertsMixin):
             projection: SliceQuantizers(getattr(self, f"{projection}_weight_quantizers"))
             for projection in self._refquant_layout.projections
         }
-        self.calibration_tokens: list[int] = []
+        self.calibration_tokens: Optional[list[int]] = None
 
     def projection_quantizers(self, projection: str) -> tuple[TensorQuantizer, nn.ModuleList]:
         """(shared input quantizer, per-expert weight quantizers) of "gate_up_proj"/"up_proj" or "down_proj"."""
@@ -255,11 +269,8 @@ class QuantFusedExpertsMixin(QuantExpertsMixin):
         self._check_experts_implementation()
         first, _ = self._refquant_layout.projections
         parameters = {projection: getattr(self, projection) for projection in self._refquant_layout.projections}
-        calibrating = self._calibrating()
-        counts = self.calibration_tokens if calibrating else None
-        if counts is not None and len(counts) != self.num_experts:
-            self.reset_token_counts()
-            counts = self.calibration_tokens
+        storages = {projection: _storage_of(parameter) for projection, parameter in parameters.items()}
+        counts = self._token_counts() if self._calibrating() else None
         # Each projection's per-expert weights fake-quantized at once, where that is exact.
         quantized = {projection: self._refquant_slice_quantizers[projection](parameters[projection])
                      for projection in parameters}
@@ -273,8 +284,8 @@ class QuantFusedExpertsMixin(QuantExpertsMixin):
 
         def quantized_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
             nonlocal calls
-            for projection, parameter in parameters.items():
-                index = _slice_index(parameter, weight)
+            for projection, storage in storages.items():
+                index = _slice_index(storage, weight)
                 if index is not None:
                     break
             else:
@@ -311,7 +322,7 @@ class QuantTransposedExpertsMixin(QuantExpertsMixin):
         for name in ("gate_up_proj_input_quantizer", "gate_up_proj_weight_quantizer",
                      "down_proj_input_quantizer", "down_proj_weight_quantizer"):
             self.add_module(name, TensorQuantizer(backend=backend, flavor=flavor))
-        self.calibration_tokens: list[int] = []
+        self.calibration_tokens: Optional[list[int]] = None
 
     def projection_quantizers(self, projection: str) -> tuple[TensorQuantizer, TensorQuantizer]:
         return getattr(self, f"{projection}_input_quantizer"), getattr(self, f"{projection}_weight_quantizer")
@@ -334,11 +345,10 @@ class QuantTransposedExpertsMixin(QuantExpertsMixin):
             return super().forward(hidden_states, router_indices, routing_weights)
         self._check_experts_implementation()
         if self._calibrating() and router_indices is not None:
-            if len(self.calibration_tokens) != self.num_experts:
-                self.reset_token_counts()
             hits = torch.bincount(router_indices.reshape(-1), minlength=self.num_experts).tolist()
-            self.calibration_tokens = [a + b for a, b in zip(self.calibration_tokens, hits[: self.num_experts])]
+            self.calibration_tokens = [a + b for a, b in zip(self._token_counts(), hits[: self.num_experts])]
         parameters = {projection: getattr(self, projection) for projection in self._refquant_layout.projections}
+        storages = {projection: _storage_of(parameter) for projection, parameter in parameters.items()}
         weights = {projection: self._transposed_weight(projection) for projection in parameters}
         hidden_states = self.gate_up_proj_input_quantizer(hidden_states)
         calls = 0
@@ -346,8 +356,8 @@ class QuantTransposedExpertsMixin(QuantExpertsMixin):
 
         def quantized_matmul(left: torch.Tensor, right: torch.Tensor):
             nonlocal calls
-            for projection, parameter in parameters.items():
-                index = _slice_index(parameter, right) if isinstance(right, torch.Tensor) else None
+            for projection, storage in storages.items():
+                index = _slice_index(storage, right) if isinstance(right, torch.Tensor) else None
                 if index is not None:
                     break
             else:
@@ -411,8 +421,9 @@ def synchronize_token_counts(model: nn.Module) -> None:
     import torch.distributed as dist
 
     experts = [module for module in model.modules() if is_quant_experts(module)]
-    local = [list(module.calibration_tokens) for module in experts]
+    local = [module.calibration_tokens for module in experts]
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
     for index, module in enumerate(experts):
-        module.calibration_tokens = [sum(counts) for counts in zip(*(rank[index] for rank in gathered))]
+        counted = [rank[index] for rank in gathered if rank[index] is not None]
+        module.calibration_tokens = [sum(counts) for counts in zip(*counted)] if counted else None

@@ -93,10 +93,11 @@ def _global_amax(x: torch.Tensor, amax: AmaxLike, *, per_slice: bool = False) ->
         return amax.reshape(()).float()
     if per_slice and is_per_slice_amax(amax, x):
         return amax.float()
-    slices = " or a keep-dims tensor with a last dim of 1 (one global amax per slice)" if per_slice else ""
+    slices = (" or a keep-dims tensor with a last dim of 1 (one global amax per slice)" if per_slice else
+              " (or, with per_slice_amax=True, one global amax per slice of x)")
     raise ValueError(
         f"NVFP4 takes one global amax per tensor, got shape {tuple(amax.shape)} for x of shape "
-        f"{tuple(x.shape)}; per-block scales are computed from the data. Pass a float, a 0-d tensor{slices}."
+        f"{tuple(x.shape)}; per-block scales are computed from the data. Pass a float or a 0-d tensor{slices}."
     )
 
 
@@ -170,13 +171,16 @@ def nan_ignoring_block_max(magnitude: torch.Tensor) -> torch.Tensor:
     return torch.where(block_max < 0, float("nan"), block_max)
 
 
-def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> torch.Tensor:
+def nvfp4_fake_quant(
+    x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu", per_slice_amax: bool = False
+) -> torch.Tensor:
     """NVFP4 fake quantization, modelopt's Triton kernel bit for bit; same shape and dtype out.
 
-    amax: the global amax (float or 0-d tensor); None takes max|x| of the whole tensor; or one
-    global amax per slice (is_per_slice_amax: keep-dims, last dim 1, e.g. (E, 1, 1) for an
-    (E, N, K) stack of expert weights), which gives each slice, bit for bit, what a call on that
-    slice alone with its own amax gives: every step below is per element or per block.
+    amax: the global amax (float or 0-d tensor); None takes max|x| of the whole tensor. With
+    per_slice_amax=True it may also hold one global amax per slice (is_per_slice_amax: keep-dims,
+    last dim 1, e.g. (E, 1, 1) for an (E, N, K) stack of expert weights), which gives each slice,
+    bit for bit, what a call on that slice alone with its own amax gives: every step below is per
+    element or per block.
     One path for both flavors (docs/contract.md §3): global scale = amax * fp32(1/2688); block
     scales as nvfp4_fake_block_scale; each element is |x| / S by the kernel's approximate division
     (div.full.f32, refquant.numerics.gpu_division) rounded to E2M1; output fl(q * S) with the sign of x,
@@ -190,7 +194,7 @@ def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor =
     _check_nonempty_last_dim(x)
     if x.numel() == 0:
         return x.clone()
-    return nvfp4_fake_quant_blocks(x, _global_amax(x, amax, per_slice=True))
+    return nvfp4_fake_quant_blocks(x, _global_amax(x, amax, per_slice=per_slice_amax))
 
 
 def nvfp4_fake_quant_blocks(x: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:

@@ -474,7 +474,7 @@ class SliceQuantizers:
         impl = numerics(first.backend)
         if first.config.format == "fp8":
             return impl.fp8_fake_quant(x, amax, flavor=first.flavor)
-        return impl.nvfp4_fake_quant(x, amax)
+        return impl.nvfp4_fake_quant(x, amax, per_slice_amax=True)
 
     def _stacked_amax(self, quantizers: list[TensorQuantizer], x: torch.Tensor) -> Optional[torch.Tensor]:
         buffers = [q._buffers["_amax"] for q in quantizers]
