@@ -34,7 +34,7 @@ from compare_modelopt import (  # noqa: E402  (scripts/compare_modelopt.py)
     compare_quantizers,
     logits_of,
     modelopt_quant_cfg,
-    same_bits,
+    same_bits,  # for the tests, with the rest
 )
 
 VOCAB = 300
