@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -126,6 +127,21 @@ class Comparison:
         return "\n".join(parts + self.notes)
 
 
+@contextmanager
+def attention_registry_kept():
+    """modelopt's quantized attention puts its sdpa (or other non-eager) function back into
+    transformers' ALL_ATTENTION_FUNCTIONS as a local entry after each forward; later code (and
+    refquant's tests) expect the registry as it was, so it is restored afterwards."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    saved = dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
+    try:
+        yield
+    finally:
+        ALL_ATTENTION_FUNCTIONS._local_mapping.clear()
+        ALL_ATTENTION_FUNCTIONS._local_mapping.update(saved)
+
+
 def quantize_with_modelopt(model, recipe: str, batches: list[torch.Tensor]) -> None:
     import modelopt.torch.quantization as mtq
 
@@ -135,7 +151,7 @@ def quantize_with_modelopt(model, recipe: str, batches: list[torch.Tensor]) -> N
         for batch in batches:
             m(input_ids=batch.to(device))
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), attention_registry_kept():
         warnings.simplefilter("ignore")
         mtq.quantize(model, modelopt_quant_cfg(recipe), forward_loop)
 
@@ -144,7 +160,7 @@ def export_with_modelopt(model, out_dir: Path) -> None:
     from modelopt.torch.export import export_hf_checkpoint
 
     model.config.architectures = [type(model).__name__]  # modelopt's export reads it
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), attention_registry_kept():
         warnings.simplefilter("ignore")
         export_hf_checkpoint(model, export_dir=out_dir)  # changes the model (packed weights)
 
@@ -179,7 +195,8 @@ def compare_with_modelopt(
 
     logits = None
     if "nvfp4" not in recipe or torch.device(device).type == "cuda":
-        logits = compare_logits(logits_of(ours, eval_batch), logits_of(theirs, eval_batch))
+        with attention_registry_kept():
+            logits = compare_logits(logits_of(ours, eval_batch), logits_of(theirs, eval_batch))
     quantizers = compare_quantizers(ours, theirs)
 
     ours_dir, theirs_dir = Path(workdir) / f"{family}-{recipe}-refquant", Path(workdir) / f"{family}-{recipe}-modelopt"

@@ -301,6 +301,34 @@ def test_mixtral_checkpoint_uses_the_hub_names():
     assert "model.layers.1.block_sparse_moe.gate" in plan.hf_quant_config["quantization"]["exclude_modules"]
 
 
+def test_renames_that_cannot_be_reversed_keep_the_in_memory_names_as_modelopt(tmp_path):
+    """gpt-oss keeps its experts 3-D; under an experts converter (here Qwen3-MoE's, as if
+    from_pretrained had applied it) modelopt cannot rename them per expert and keeps every
+    in-memory name, with a warning; so does refquant."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    def build():
+        model = mc.build_model("gpt_oss")
+        model._weight_conversions = get_model_conversion_mapping(mc.build_model("qwen3_moe"), add_legacy=False)
+        return model
+
+    with pytest.warns(UserWarning, match=r"cannot be reversed \(experts not expanded \(model.layers.0.mlp.experts.gate_up_proj"):
+        result = mc.compare_with_modelopt("gpt_oss", "fp8_default-fp8_kv", tmp_path, build=build)
+    assert result.ok, result.summary()
+
+
+def test_dense_fused_weights_modelopt_would_split_back_raise():
+    from transformers.core_model_loading import Concatenate, WeightConverter
+
+    from refquant.hf.export.names import checkpoint_names
+
+    model = mc.build_model("qwen3_moe")
+    model._weight_conversions = [WeightConverter(source_patterns=["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+                                                 target_patterns="mlp.gate_up_proj.weight", operations=[Concatenate(dim=0)])]
+    with pytest.raises(ValueError, match=r"splits the quantized tensor back; refquant does not implement that split"):
+        checkpoint_names(model)
+
+
 # --- weight coverage in the report ------------------------------------------------------------
 def test_report_counts_linear_and_expert_weight_parameters():
     batches, _ = mc.default_batches()
