@@ -247,14 +247,21 @@ class NVFP4Tensor(reference_nvfp4.NVFP4Tensor):
         return out.reshape(self.shape)
 
 
-def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> torch.Tensor:
+def nvfp4_fake_quant(
+    x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu", per_slice_amax: bool = False
+) -> torch.Tensor:
     """refquant.nvfp4_fake_quant through torch.compile: same arguments, same bits."""
     if _is_degenerate(x):
-        return reference_nvfp4.nvfp4_fake_quant(x, amax, flavor=flavor)
+        return reference_nvfp4.nvfp4_fake_quant(x, amax, flavor=flavor, per_slice_amax=per_slice_amax)
     check_flavor(flavor)
     check_float_input(x)
     if amax is not None:
         amax = as_amax_tensor(amax, x)
+    if per_slice_amax and not _is_per_tensor(amax) and amax.numel() != 1:
+        # one global amax per slice (a stack of expert weights): the compiled reference takes
+        # x in its own shape; the Triton block step takes one global amax
+        return _run(_compiled_nvfp4_fake_quant, reference_nvfp4.nvfp4_fake_quant, _own(x), _own(amax),
+                    per_slice_amax=True)
     compiled = _compiled_nvfp4_fake_quant_for(x)
     if compiled is _compiled_nvfp4_fake_quant:
         reciprocal_table(x.device)  # decoded here, eagerly: inductor's graph reads it as a constant

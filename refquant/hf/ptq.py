@@ -40,7 +40,12 @@ from dataclasses_json import DataClassJsonMixin
 from torch import nn
 
 from ..numerics.checks import Flavor
+from .coverage import WeightCoverage, coverage_warning, weight_coverage
 from .attention import check_attention_hookable, is_attention_module, quant_attention_class
+from .experts import (
+    check_experts_forward, find_experts, force_eager_experts, is_quant_experts, quant_experts_class,
+    synchronize_token_counts,
+)
 from .dispatch import check_forward_rebindable, execution_device, loaded_weights, rebind_forward, require_loaded
 from ..quant.distributed import rank_and_world, stop_together, synchronize_calibration
 from ..quant.quantizer import QuantizerConfig, SharedInputResult, TensorQuantizer, all_quantizers_off, named_quantizers
@@ -136,7 +141,10 @@ def insert_quantizers(model: nn.Module, *, backend: str = "reference", flavor: F
     for name, module in attentions:
         check_attention_hookable(name or type(model).__name__, module)  # all checked before any change
     embeddings = [(name, m) for name, m in named if isinstance(m, nn.Embedding)]
-    for name, module in linears + embeddings + attentions:
+    experts = [(name, m, layout) for name, m, layout in find_experts(model) if not _is_quantized(m)]
+    for name, module, _ in experts:
+        check_experts_forward(name, module)
+    for name, module in linears + embeddings + attentions + [(name, m) for name, m, _ in experts]:
         check_forward_rebindable(name, module)
 
     for _, module in linears:
@@ -156,6 +164,7 @@ def insert_quantizers(model: nn.Module, *, backend: str = "reference", flavor: F
         module.__class__ = quant_attention_class(type(module))
         rebind_forward(module)
         module._setup_bmm_quantizers(backend, flavor)
+    _insert_expert_quantizers(model, experts, backend, flavor)
 
     quantizers = named_quantizers(model)
     shared = SharedInputResult()  # q/k/v (and gate/up) input quantizers share one tensor
@@ -163,6 +172,16 @@ def insert_quantizers(model: nn.Module, *, backend: str = "reference", flavor: F
         quantizer.name, quantizer.backend, quantizer.flavor = name, backend, flavor
         quantizer.shared_input_result = shared
     return [name for name, _ in quantizers]
+
+
+def _insert_expert_quantizers(model: nn.Module, experts: list, backend: str, flavor: str) -> None:
+    """modelopt's fused-experts wrappers on every experts module (refquant.hf.experts), and its
+    eager experts implementation forced on the config."""
+    for _, module, layout in experts:
+        module.__class__ = quant_experts_class(type(module), layout)
+        rebind_forward(module)
+        module._setup_expert_quantizers(backend, flavor)
+    force_eager_experts(model)
 
 
 # --- calibration ------------------------------------------------------------------------------
@@ -187,7 +206,8 @@ def _batch_tokens(batch: Any) -> int:
 
 
 def _is_weight_quantizer(name: str) -> bool:
-    return name.endswith("weight_quantizer")
+    """A weight quantizer: `...weight_quantizer`, or an expert's `...weight_quantizers.3`."""
+    return name.endswith("weight_quantizer") or re.search(r"weight_quantizers\.\d+$", name) is not None
 
 
 def _calibrate_weights(model: nn.Module) -> None:
@@ -198,6 +218,17 @@ def _calibrate_weights(model: nn.Module) -> None:
         if isinstance(module, (QuantLinearMixin, QuantEmbeddingMixin)) and module.weight_quantizer.is_enabled:
             with loaded_weights(module):
                 module.weight_quantizer(require_loaded(f"{name}.weight", module.weight))
+        elif is_quant_experts(module):
+            _calibrate_expert_weights(name, module)
+
+
+def _calibrate_expert_weights(name: str, module: nn.Module) -> None:
+    """modelopt's iter_weights_for_calibration of the fused experts: each expert's slice through
+    its own weight quantizer (gpt-oss: each whole weight, transposed, through the projection's)."""
+    with loaded_weights(module):
+        for weight, quantizer in module.weights_for_calibration():
+            if quantizer.is_enabled:
+                quantizer(require_loaded(f"{name} expert weights", weight))
 
 
 def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: bool = True) -> tuple[int, int]:
@@ -217,6 +248,9 @@ def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: b
     quantizers = named_quantizers(model)
     for _, quantizer in quantizers:
         quantizer.start_calibration()
+    for module in model.modules():
+        if is_quant_experts(module):
+            module.reset_token_counts()
     rank, world = rank_and_world()
     batches = tokens = 0
     failure: Optional[Exception] = None
@@ -242,6 +276,8 @@ def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: b
             weight_quantizers={name for name, _ in quantizers if _is_weight_quantizer(name)},
             fallback_device=lambda name: execution_device(model.get_submodule(name.rpartition(".")[0])),
         )
+    if world > 1:
+        synchronize_token_counts(model)
     needs_data = [
         name for name, q in quantizers
         if q.is_calibrating and not _is_weight_quantizer(name)
@@ -365,6 +401,9 @@ class PTQReport(DataClassJsonMixin):
     seconds: float = 0.0
     world_size: int = 1  # torch.distributed ranks that calibrated, each on its share of the batches
     sensitivity: Optional[SensitivityReport] = None
+    coverage: Optional[WeightCoverage] = None  # linear and expert weight parameters quantized
+    experts_without_tokens: list[str] = field(default_factory=list)  # "model.layers.1.mlp.experts.3"
+    warnings: list[str] = field(default_factory=list)
 
     def row(self, name: str) -> QuantizerRow:
         for row in self.quantizers:
@@ -424,6 +463,7 @@ class PTQReport(DataClassJsonMixin):
                 if rows:
                     lines.append(f"  {kind}: " + ", ".join(f"{r.name} {_sqnr_text(r.error)} dB" for r in rows[:3]))
         lines.append("\ntotals: " + ", ".join(f"{key} {value}" for key, value in self.totals.items()))
+        lines += self._experts_and_coverage_lines()
         if self.unmatched_rules:
             lines.append(f"recipe rules that matched no quantizer ({len(self.unmatched_rules)}):")
             lines += [f"  {text}" for text in self.unmatched_rules]
@@ -441,6 +481,19 @@ class PTQReport(DataClassJsonMixin):
         if self.sensitivity is not None:
             lines += ["", self.sensitivity_table()]
         return "\n".join(lines)
+
+    def _experts_and_coverage_lines(self) -> list[str]:
+        lines = []
+        if self.coverage is not None:
+            lines.append(self.coverage.text())
+        if self.experts_without_tokens:
+            lines.append(
+                f"experts no calibration token reached ({len(self.experts_without_tokens)}; their weight scales come "
+                "from the weights, their input scales from the layer's shared input quantizer, as modelopt's): "
+                + ", ".join(self.experts_without_tokens)
+            )
+        lines += [f"warning: {text}" for text in self.warnings]
+        return lines
 
     def sensitivity_table(self) -> str:
         """The sensitivity ranking (worst first) and the suggested recipe rules, as text."""
@@ -509,6 +562,30 @@ def _totals(rows: list[QuantizerRow]) -> dict[str, int]:
     totals["quantized_linears"] = sum(1 for r in enabled if r.name.endswith(".weight_quantizer"))
     totals["quantized_kv"] = sum(1 for r in enabled if r.name.endswith(("k_bmm_quantizer", "v_bmm_quantizer")))
     return totals
+
+
+def _coverage_totals(coverage: WeightCoverage) -> dict[str, int]:
+    return {
+        "linear_weight_params": coverage.linear_params,
+        "linear_weight_params_quantized": coverage.linear_quantized,
+        "expert_weight_params": coverage.expert_params,
+        "expert_weight_params_quantized": coverage.expert_quantized,
+    }
+
+
+def _experts_without_tokens(model: nn.Module) -> list[str]:
+    """Each expert no calibration token reached, named as the checkpoint's expert modules are."""
+    return [f"{name}.{index}" for name, module in model.named_modules() if is_quant_experts(module)
+            for index in module.experts_without_tokens()]
+
+
+def _asks_for_weights(recipe: Any, application: Any, quantizers: list) -> bool:
+    """Whether a rule of the recipe gives some weight quantizer of the model a format, enabled."""
+    weight_names = {name for name, _ in quantizers if _is_weight_quantizer(name)}
+    return any(
+        rule.cfg is not None and rule.enable is not False and weight_names.intersection(application.matches.get(index, ()))
+        for index, rule in enumerate(recipe.quant_cfg)
+    )
 
 
 # --- quality ----------------------------------------------------------------------------------
@@ -608,6 +685,7 @@ def quantize_model(
                 original_logits = _eval_logits(model, eval_batch)
         last_rule: dict[str, int] = {}
         unmatched: list[str] = []
+        application = None
         if recipe is not None:
             from ..quant.recipe import apply_recipe, check_application
 
@@ -641,6 +719,13 @@ def quantize_model(
     rows = [_quantizer_row(name, q, last_rule.get(name)) for name, q in quantizers]
     for row in rows:
         row.error = errors.get(row.name)
+    coverage = weight_coverage(model)
+    report_warnings = []
+    if application is not None and _asks_for_weights(recipe, application, quantizers):
+        text = coverage_warning(coverage, recipe.name)
+        if text is not None:
+            warnings.warn(text, stacklevel=2)
+            report_warnings.append(text)
     return PTQReport(
         model=type(model).__name__,
         recipe=getattr(recipe, "name", None),
@@ -650,9 +735,12 @@ def quantize_model(
         calib_batches=batches,
         calib_tokens=tokens,
         quantizers=rows,
-        totals=_totals(rows),
+        totals={**_totals(rows), **_coverage_totals(coverage)},
         unmatched_rules=unmatched,
         quality=quality,
         seconds=round(time.perf_counter() - started, 3),
         world_size=rank_and_world()[1],
+        coverage=coverage,
+        experts_without_tokens=_experts_without_tokens(model) if algorithm == "max" else [],
+        warnings=report_warnings,
     )

@@ -82,17 +82,33 @@ def to_blocks(x: torch.Tensor, block_size: int = NVFP4_BLOCK_SIZE) -> torch.Tens
     return pad_to_blocks(x, block_size).unflatten(-1, (-1, block_size))
 
 
-def _global_amax(x: torch.Tensor, amax: AmaxLike) -> torch.Tensor:
-    """fp32 0-d global amax: the given one, or max|x| taken in x's dtype (NaN propagates)."""
+def _global_amax(x: torch.Tensor, amax: AmaxLike, *, per_slice: bool = False) -> torch.Tensor:
+    """fp32 global amax: the given one, or max|x| taken in x's dtype (NaN propagates). 0-d, or
+    with `per_slice` (fake quant) also keep-dims with a last dim of 1: one global amax per slice,
+    e.g. (E, 1, 1) for the E experts of an (E, N, K) weight (see is_per_slice_amax)."""
     if amax is None:
         return max_abs(x).float()
     amax = as_amax_tensor(amax, x)
-    if amax.numel() != 1:
-        raise ValueError(
-            f"NVFP4 takes one global amax per tensor, got shape {tuple(amax.shape)}; per-block "
-            "scales are computed from the data. Pass a float or a 0-d tensor."
-        )
-    return amax.reshape(()).float()
+    if amax.numel() == 1:
+        return amax.reshape(()).float()
+    if per_slice and is_per_slice_amax(amax, x):
+        return amax.float()
+    slices = (" or a keep-dims tensor with a last dim of 1 (one global amax per slice)" if per_slice else
+              " (or, with per_slice_amax=True, one global amax per slice of x)")
+    raise ValueError(
+        f"NVFP4 takes one global amax per tensor, got shape {tuple(amax.shape)} for x of shape "
+        f"{tuple(x.shape)}; per-block scales are computed from the data. Pass a float or a 0-d tensor{slices}."
+    )
+
+
+def is_per_slice_amax(amax: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether `amax` gives NVFP4 fake quant one global amax per slice of x: x's ndim, size 1 on
+    the last dim (a block of 16 never spans two slices), each other dim 1 or x's size."""
+    return (
+        amax.ndim == x.ndim
+        and amax.shape[-1] == 1
+        and all(a in (1, s) for a, s in zip(amax.shape, x.shape))
+    )
 
 
 def global_scale_from_amax(amax: torch.Tensor, flavor: Flavor) -> torch.Tensor:
@@ -155,10 +171,16 @@ def nan_ignoring_block_max(magnitude: torch.Tensor) -> torch.Tensor:
     return torch.where(block_max < 0, float("nan"), block_max)
 
 
-def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> torch.Tensor:
+def nvfp4_fake_quant(
+    x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu", per_slice_amax: bool = False
+) -> torch.Tensor:
     """NVFP4 fake quantization, modelopt's Triton kernel bit for bit; same shape and dtype out.
 
-    amax: the global amax (float or 0-d tensor); None takes max|x| of the whole tensor.
+    amax: the global amax (float or 0-d tensor); None takes max|x| of the whole tensor. With
+    per_slice_amax=True it may also hold one global amax per slice (is_per_slice_amax: keep-dims,
+    last dim 1, e.g. (E, 1, 1) for an (E, N, K) stack of expert weights), which gives each slice,
+    bit for bit, what a call on that slice alone with its own amax gives: every step below is per
+    element or per block.
     One path for both flavors (docs/contract.md §3): global scale = amax * fp32(1/2688); block
     scales as nvfp4_fake_block_scale; each element is |x| / S by the kernel's approximate division
     (div.full.f32, refquant.numerics.gpu_division) rounded to E2M1; output fl(q * S) with the sign of x,
@@ -172,16 +194,20 @@ def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor =
     _check_nonempty_last_dim(x)
     if x.numel() == 0:
         return x.clone()
-    return nvfp4_fake_quant_blocks(x, _global_amax(x, amax))
+    return nvfp4_fake_quant_blocks(x, _global_amax(x, amax, per_slice=per_slice_amax))
 
 
 def nvfp4_fake_quant_blocks(x: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
-    """nvfp4_fake_quant's work under a given fp32 0-d global amax (x non-empty, at least 1-d).
+    """nvfp4_fake_quant's work under a given fp32 global amax (x non-empty, at least 1-d): 0-d, or
+    one per slice (keep-dims, last dim 1).
 
-    (refquant.compiled runs this step as a Triton kernel on CUDA, refquant.compiled.nvfp4_fake_triton.)
+    (refquant.compiled runs this step as a Triton kernel on CUDA for a 0-d amax,
+    refquant.compiled.nvfp4_fake_triton.)
     """
     # modelopt's Triton wrapper divides a CUDA tensor: the "modelopt-cuda" rule on every device.
     global_scale = global_scale_from_amax(global_amax, "modelopt-cuda")
+    if global_scale.ndim:
+        global_scale = global_scale.unsqueeze(-1)  # (..., 1) -> (..., 1, 1): over (..., blocks, 16)
     blocks = to_blocks(x.float())
     magnitude = blocks.abs()
     scale = nvfp4_fake_block_scale(nan_ignoring_block_max(magnitude), global_scale)

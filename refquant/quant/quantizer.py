@@ -409,3 +409,82 @@ def all_quantizers_off(model: nn.Module) -> Iterator[None]:
     finally:
         for quantizer, config in saved:
             quantizer.config = config
+
+
+# --- quantizers over the slices of one stacked tensor (MoE experts) --------------------------
+def quantizes_with_fixed_amax(quantizer: TensorQuantizer) -> bool:
+    """Whether `quantizer` fake-quantizes now (on, not calibrating) with one amax that does not
+    depend on its input: the constant 448, or a stored per-tensor amax. Then quantizing rows of a
+    tensor one subset at a time gives the bits of quantizing the whole tensor once (FP8 works
+    element by element, NVFP4 block by block along the last dim)."""
+    if not quantizer.is_enabled or not quantizer._quantizing or quantizer.is_calibrating:
+        return False
+    if quantizer.config.use_constant_amax:
+        return True
+    amax = quantizer._buffers.get("_amax")
+    return amax is not None and amax.numel() == 1
+
+
+def _plain_quantizer(quantizer: nn.Module) -> bool:
+    """A TensorQuantizer whose call is its own forward, with no hook that wants to see each call
+    (refquant.quant.metrics measures through forward hooks)."""
+    return (
+        isinstance(quantizer, TensorQuantizer)
+        and type(quantizer).forward is TensorQuantizer.forward
+        and not (quantizer._forward_hooks or quantizer._forward_pre_hooks)
+        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+    )
+
+
+class SliceQuantizers:
+    """quantizers[i] applied to x[i] for every slice of a stacked tensor x (dim 0), in one call of
+    the numerics with one amax per slice, where that gives the bits of the separate calls.
+
+    modelopt gives each expert of a fused MoE layer its own weight quantizer and calls it on that
+    expert's slice of the 3-D weight. When every quantizer of the list is a plain TensorQuantizer
+    with the same config, flavor and backend and a fixed per-tensor amax
+    (quantizes_with_fixed_amax), one call with the amaxes stacked to (E, 1, ..., 1) gives each
+    slice exactly what its own call gives (refquant.numerics: FP8 with a keep-dims amax, NVFP4
+    with one global amax per slice; tests/test_experts.py checks it bit for bit). Otherwise
+    (calibrating, a quantizer off or dynamic, a hook on one, mixed configs) __call__ returns None
+    and the caller makes the per-slice calls. The stacked amax is kept until a quantizer's amax
+    buffer changes.
+    """
+
+    def __init__(self, quantizers: nn.ModuleList):
+        self.quantizers = quantizers
+        self._stacked: Optional[tuple] = None  # (the amax buffers, their versions, stacked amax)
+
+    def __call__(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        quantizers = list(self.quantizers)
+        if len(quantizers) != x.shape[0] or not quantizers:
+            return None
+        first = quantizers[0]
+        for quantizer in quantizers:
+            if not (_plain_quantizer(quantizer) and quantizes_with_fixed_amax(quantizer)):
+                return None
+            if (quantizer.config, quantizer.flavor, quantizer.backend) != (first.config, first.flavor, first.backend):
+                return None
+        if first.config.use_constant_amax:
+            amax: Any = E4M3_MAX
+        else:
+            amax = self._stacked_amax(quantizers, x)
+            if amax is None:
+                return None
+        impl = numerics(first.backend)
+        if first.config.format == "fp8":
+            return impl.fp8_fake_quant(x, amax, flavor=first.flavor)
+        return impl.nvfp4_fake_quant(x, amax, per_slice_amax=True)
+
+    def _stacked_amax(self, quantizers: list[TensorQuantizer], x: torch.Tensor) -> Optional[torch.Tensor]:
+        buffers = [q._buffers["_amax"] for q in quantizers]
+        versions = [b._version for b in buffers]
+        cached = self._stacked
+        if (cached is not None and cached[2].device == x.device and cached[1] == versions
+                and all(a is b for a, b in zip(cached[0], buffers))):
+            return cached[2]
+        if len({b.dtype for b in buffers}) != 1:
+            return None  # torch.stack would promote; the separate calls each keep their dtype
+        stacked = torch.stack([b.reshape(()).to(x.device) for b in buffers]).reshape(-1, *([1] * (x.ndim - 1)))
+        self._stacked = (buffers, versions, stacked)
+        return stacked

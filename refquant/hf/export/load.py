@@ -13,6 +13,8 @@ from torch import nn
 from ...quant.quantizer import QuantizerConfig, child_quantizer, named_quantizers
 from ..dispatch import has_offloaded_weights
 from .configs import LAYER_QUANT_ALGO
+from .experts import checkpoint_experts_tensors, compress_experts, plan_experts
+from .names import checkpoint_names
 from .plan import CompressedWeightQuantizer, ExportPlan, plan_export, uncalibrated_scale_quantizers
 from .state import STATE_FILE, STATE_FORMAT, STATE_VERSION, _restore_buffer_dtypes, decode_amax
 from .tensors import dequantize_linear_weight
@@ -34,6 +36,15 @@ def _apply_plan(model: nn.Module, plan: ExportPlan) -> list[str]:
             "where a change would be lost at its next forward. Load the model without offload "
             "(enough max_memory), or export it (rq.export_checkpoint) and rq.load_checkpoint it."
         )
+    offloaded = [name for name in plan.experts if has_offloaded_weights(modules[name])]
+    if offloaded:
+        raise ValueError(
+            f"compress_weights replaces each quantized weight in place, but the experts {offloaded[0]} keep "
+            "their weights offloaded by accelerate (on the meta device). Load the model without offload, "
+            "or export it (rq.export_checkpoint) and rq.load_checkpoint it."
+        )
+    for name, experts in plan.experts.items():
+        compress_experts(modules[name], experts, experts.tensors())
     for name, linear in plan.linears.items():
         module = modules[name]
         weight_q = module.weight_quantizer
@@ -49,7 +60,7 @@ def _apply_plan(model: nn.Module, plan: ExportPlan) -> list[str]:
         with torch.no_grad():
             module.weight.copy_(weight.to(module.weight.device))
         module.weight_quantizer = CompressedWeightQuantizer(weight_q, linear.layer_format, tensors)
-    return list(plan.linears)
+    return list(plan.linears) + list(plan.experts)
 
 
 def compress_weights(model: nn.Module) -> list[str]:
@@ -193,22 +204,27 @@ def load_checkpoint(out_dir: str | os.PathLike, *, attn_implementation: Optional
     tensors, file_of = _read_tensor_files(folder)
     where = lambda key: file_of.get(key, folder / "model.safetensors")  # noqa: E731
     modules = dict(model.named_modules())
+    experts = plan_experts(model, state["flavor"])
+    names = checkpoint_names(model, {f"{name}.{p}" for name, e in experts.items() if e.layout.kind == "fused" for p in e.parameters})
+    experts_parameters = {f"{name}.{p}" for name, e in experts.items() for p in e.parameters}
     quantizer_prefixes = tuple(f"{name}." for name in quantizers)
     used: set[str] = set()
     plain: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
-        if key.startswith(quantizer_prefixes):
+        if key.startswith(quantizer_prefixes) or key in experts_parameters:
             continue
         layer, _, suffix = key.rpartition(".")
         if layer in layers and suffix == "weight":
             continue
-        if key in tensors:
-            check_tensor(where(key), key, tensors[key], None, tuple(value.shape))
-            plain[key] = tensors[key]
-            used.add(key)
+        stored_key = names.tensor(key)
+        if stored_key in tensors:
+            check_tensor(where(stored_key), stored_key, tensors[stored_key], None, tuple(value.shape))
+            plain[key] = tensors[stored_key]
+            used.add(stored_key)
     missing_keys = [k for k in model.load_state_dict(plain, strict=False).missing_keys if not k.startswith(quantizer_prefixes)]
     tied = getattr(model, "all_tied_weights_keys", None) or {}
-    missing_keys = [k for k in missing_keys if k not in tied and not (k.rpartition(".")[0] in layers and k.endswith(".weight"))]
+    missing_keys = [k for k in missing_keys if k not in tied and k not in experts_parameters
+                    and not (k.rpartition(".")[0] in layers and k.endswith(".weight"))]
     if missing_keys:
         raise ValueError(f"the checkpoint in {folder} lacks tensors the model needs: {missing_keys[:5]}.")
 
@@ -217,12 +233,14 @@ def load_checkpoint(out_dir: str | os.PathLike, *, attn_implementation: Optional
             raise checkpoint_error(where(key), key, "missing: the quantizer state has a calibrated K/V amax for it")
         check_tensor(where(key), key, tensors[key], torch.float32, (), scale=True)
         used.add(key)
+    for name, export in experts.items():
+        compress_experts(modules[name], export, checkpoint_experts_tensors(export, tensors, names.tensor, used))
     for name, fmt in layers.items():
         module = modules[name]
         expected = expected_layer_tensors(fmt, module)
         layer_tensors = {}
         for suffix, (dtype, shape) in expected.items():
-            key = f"{name}.{suffix}"
+            key = names.tensor(f"{name}.{suffix}")
             if key not in tensors:
                 raise checkpoint_error(where(key), key, f"missing: a {LAYER_QUANT_ALGO[fmt]} layer's checkpoint holds it")
             check_tensor(where(key), key, tensors[key], dtype, shape, scale=suffix != "weight")

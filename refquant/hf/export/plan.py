@@ -4,7 +4,7 @@ the fusion groups of shared-input layers, the K/V scales and hf_quant_config (Ex
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -52,6 +52,8 @@ class ExportPlan:
     flavor: str
     backend: str
     quantizers: dict[str, TensorQuantizer] = field(repr=False, default_factory=dict)
+    experts: dict = field(default_factory=dict)  # module name -> refquant.hf.export.experts.ExpertsExport
+    names: Any = None  # refquant.hf.export.names.CheckpointNames: in-memory -> checkpoint key
 
 
 class CompressedWeightQuantizer(TensorQuantizer):
@@ -378,8 +380,14 @@ def plan_export(model: nn.Module) -> ExportPlan:
         "producer": {"name": "modelopt", "version": MODELOPT_FORMAT_VERSION},
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
     }
-    hf_quant_config["quantization"].update(layer_quant_config(formats))
+    from .experts import config_layers, plan_experts
+    from .names import checkpoint_names, renamed_quant_config
+
+    experts = plan_experts(model, flavor)
+    hf_quant_config["quantization"].update(layer_quant_config(config_layers(model, formats, experts)))
     kv_algo = _kv_cache_algo(model)
     if kv_algo is not None:
         hf_quant_config["quantization"]["kv_cache_quant_algo"] = kv_algo
-    return ExportPlan(linears, kv_scales, fused_groups, hf_quant_config, flavor, backend, quantizers)
+    names = checkpoint_names(model, {f"{name}.{p}" for name, e in experts.items() if e.layout.kind == "fused" for p in e.parameters})
+    hf_quant_config = renamed_quant_config(hf_quant_config, names)
+    return ExportPlan(linears, kv_scales, fused_groups, hf_quant_config, flavor, backend, quantizers, experts, names)

@@ -11,7 +11,7 @@ from torch import nn
 from ...numerics.formats import E2M1_MAX, E4M3_MAX
 from ...numerics.fp8 import FP8Tensor, _divide_by_448, fp8_quantize
 from ...numerics.nvfp4 import NVFP4Tensor, global_scale_from_amax, nvfp4_quantize
-from ...quant.quantizer import child_quantizer
+from ...quant.quantizer import TensorQuantizer, child_quantizer
 
 
 def _export_amax(amax: torch.Tensor, maxbound: float, clamp: bool) -> torch.Tensor:
@@ -44,19 +44,31 @@ def export_linear_tensors(
         weight_scale = _fp8_scale(weight_amax, flavor).reshape(())
         tensors["weight"] = fp8_quantize(weight, scale=weight_scale, flavor=flavor).data
         tensors["weight_scale"] = weight_scale
-        # modelopt writes an FP8 input scale whenever the input quantizer holds a calibrated amax.
-        if input_q is not None and input_q.is_calibrated:
-            tensors["input_scale"] = _fp8_scale(_export_amax(input_q.amax, E4M3_MAX, clamp=True), flavor).reshape(())
-        return tensors
-    quantized = nvfp4_quantize(weight, amax=weight_amax.reshape(()), flavor=flavor)
-    tensors["weight"] = quantized.packed
-    tensors["weight_scale"] = quantized.block_scale
-    tensors["weight_scale_2"] = quantized.global_scale.reshape(())
-    if fmt == "nvfp4" and input_amax is not None:
-        # NVFP4 activations: amax / (6 * 448), from the fused amax
-        sanitized = _export_amax(input_amax, E2M1_MAX, clamp=False)
-        tensors["input_scale"] = global_scale_from_amax(sanitized.float(), flavor).reshape(())
+    else:
+        quantized = nvfp4_quantize(weight, amax=weight_amax.reshape(()), flavor=flavor)
+        tensors["weight"] = quantized.packed
+        tensors["weight_scale"] = quantized.block_scale
+        tensors["weight_scale_2"] = quantized.global_scale.reshape(())
+    input_scale = export_input_scale(fmt, input_q, input_amax, flavor)
+    if input_scale is not None:
+        tensors["input_scale"] = input_scale
     return tensors
+
+
+def export_input_scale(
+    fmt: str, input_q: Optional[TensorQuantizer], input_amax: Optional[torch.Tensor], flavor: str
+) -> Optional[torch.Tensor]:
+    """A quantized linear's fp32 0-d input_scale, or None where modelopt writes none. FP8: amax /
+    448 whenever the input quantizer holds a calibrated amax; NVFP4: amax / (6 * 448) from the
+    (fused) input amax; W4A16: none."""
+    if fmt == "fp8":
+        if input_q is not None and input_q.is_calibrated:
+            return _fp8_scale(_export_amax(input_q.amax, E4M3_MAX, clamp=True), flavor).reshape(())
+        return None
+    if fmt == "nvfp4" and input_amax is not None:
+        sanitized = _export_amax(input_amax, E2M1_MAX, clamp=False)
+        return global_scale_from_amax(sanitized.float(), flavor).reshape(())
+    return None
 
 
 def dequantize_linear_weight(fmt: str, tensors: dict[str, torch.Tensor], shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:

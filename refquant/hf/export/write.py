@@ -69,8 +69,19 @@ def checkpoint_tensors(model: nn.Module, plan: ExportPlan) -> Iterator[tuple[str
     present = set(keys)
     dropped = {alias for alias, canonical in tied.items() if alias in present and canonical in present}
     modules = dict(model.named_modules(remove_duplicate=False))
+    rename = plan.names.tensor if plan.names is not None else (lambda key: key)
+    written: set[str] = set()
+
+    def checkpoint_key(key: str) -> str:
+        renamed = rename(key)
+        if renamed in written:
+            raise ValueError(f"two checkpoint tensors would be named {renamed!r} (one from {key!r}).")
+        written.add(renamed)
+        return renamed
+
     for layer, layer_keys in groupby(keys, key=lambda key: key.rpartition(".")[0]):
         module = modules.get(layer)
+        experts = plan.experts.get(layer)
         with loaded_weights(module) if module is not None else nullcontext():
             for key in layer_keys:
                 if key in dropped:
@@ -78,14 +89,19 @@ def checkpoint_tensors(model: nn.Module, plan: ExportPlan) -> Iterator[tuple[str
                 suffix = key.rpartition(".")[2]
                 if layer in plan.linears and suffix == "weight":
                     for tensor_suffix, tensor in plan.linears[layer].tensors().items():
-                        yield f"{layer}.{tensor_suffix}", _on_cpu(tensor)
+                        yield checkpoint_key(f"{layer}.{tensor_suffix}"), _on_cpu(tensor)
+                    continue
+                if experts is not None and suffix in experts.parameters:
+                    if suffix == experts.parameters[0]:  # all of the module's experts at once
+                        for relative, tensor in experts.tensors().items():
+                            yield checkpoint_key(f"{layer}.{relative}"), _on_cpu(tensor)
                     continue
                 value = state[key]
                 if value.is_meta and module is not None:  # offloaded: now loaded on the module
                     value = getattr(module, suffix, value)
-                yield key, _on_cpu(require_loaded(key, value))
+                yield checkpoint_key(key), _on_cpu(require_loaded(key, value))
     for key, value in plan.kv_scales.items():
-        yield key, _on_cpu(value)
+        yield checkpoint_key(key), _on_cpu(value)
 
 
 def checkpoint_state_dict(model: nn.Module, plan: ExportPlan) -> dict[str, torch.Tensor]:

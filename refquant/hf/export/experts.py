@@ -1,0 +1,330 @@
+"""The checkpoint tensors of quantized MoE experts, as modelopt 0.47's export writes them
+(modelopt/torch/export/moe_utils.py `_export_fused_experts`, hf_export_handlers.py
+`_export_bmm_experts`, unified_export_hf.py `_export_quantized_weight`), and the experts a
+compressed model holds.
+
+Fused experts (Qwen2/3-MoE, Mixtral, OLMoE, DeepSeek-V3, ...): every expert is written as its own
+linears, `{experts}.{i}.gate_proj`, `.up_proj`, `.down_proj` (non-gated: `.up_proj`, `.down_proj`),
+each exported as a linear of its format is (refquant.hf.export.tensors.export_linear_tensors):
+  weight amax  the expert's weight quantizer's; gate and up both take the one of their fused
+               gate_up slice (one weight_scale / weight_scale_2 for the pair, as engines fuse them).
+               An expert weight quantizer without an amax, or with an amax of 0, takes the max |w|
+               of its slice in fp32 (for gate/up: of the fused slice), as modelopt's fallback.
+  input scale  the projection's shared input quantizer's, the same for every expert; none when it
+               was never calibrated (no calibration token reached any expert of the layer).
+They are written also when the experts are not quantized (bf16 slices, as modelopt splits them).
+An expert no calibration token reached still gets every scale: its weight amax comes from the
+weight-only calibration pass, its input scale from the shared input quantizer.
+
+gpt-oss (transposed): the 3-D weights keep their names; each is quantized whole with the
+projection's one amax, transposed to (E, out, in) so NVFP4's blocks run along `in`, and written
+transposed back ((E, in/2, out) packed bytes, (E, in/16, out) block scales); scales are
+`{proj}_weight_scale`, `{proj}_weight_scale_2`, `{proj}_input_scale`. FP8 divides the 3-D weight
+by its scale as modelopt's `weight / scale.unsqueeze(-1)`, whose fp32 quotient is rounded once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ...numerics.fp8 import fp8_quantize
+from ...numerics.nvfp4 import nvfp4_quantize
+from ...quant.quantizer import TensorQuantizer
+from ..dispatch import loaded_weights, require_loaded
+from ..experts import ExpertsLayout, is_quant_experts
+from .plan import CompressedWeightQuantizer, layer_format
+from .tensors import _fp8_scale, dequantize_linear_weight, export_input_scale, export_linear_tensors
+
+
+@dataclass
+class ProjectionExport:
+    """One exported linear of an expert (fused), or one exported 3-D weight (gpt-oss)."""
+
+    key: str  # "3.gate_proj" (fused: module-relative prefix of its tensors) or "gate_up_proj"
+    layer_format: Optional[str]  # None: written unquantized
+    weight_amax: Optional[torch.Tensor]
+    input_amax: Optional[torch.Tensor]
+
+
+@dataclass
+class ExpertsExport:
+    """One experts module as the checkpoint holds it.
+
+    parameters: the module's 3-D parameters whose checkpoint tensors these are.
+    tensors(): module-relative checkpoint key -> tensor, computed at each call (not kept).
+    """
+
+    name: str
+    layout: ExpertsLayout
+    layer_format: Optional[str]
+    parameters: tuple[str, ...]
+    projections: list[ProjectionExport] = field(repr=False)
+    compute: Callable[[], dict[str, torch.Tensor]] = field(repr=False)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.compute()
+
+
+def _view(weight: Optional[torch.Tensor], weight_quantizer: TensorQuantizer, input_quantizer: TensorQuantizer):
+    """What export_linear_tensors and layer_format read of a linear: its weight and quantizers
+    (modelopt's export wraps each expert projection in such a module too)."""
+    return SimpleNamespace(weight=weight, weight_quantizer=weight_quantizer, input_quantizer=input_quantizer)
+
+
+def experts_format(name: str, module: nn.Module) -> Optional[str]:
+    """modelopt's get_quantization_format of an experts module: its projections' format (the
+    representative quantizer of each is expert 0's); ValueError when they differ."""
+    formats = {}
+    for projection in module._refquant_layout.projections:
+        input_q, weight_q = module.projection_quantizers(projection)
+        representative = weight_q[0] if isinstance(weight_q, nn.ModuleList) else weight_q
+        formats[projection] = layer_format(f"{name}.{projection}", _view(None, representative, input_q))
+    distinct = {fmt for fmt in formats.values() if fmt is not None}
+    if len(distinct) > 1 or (distinct and None in formats.values()):
+        raise ValueError(
+            f"{name}: its projections are quantized differently ({formats}); modelopt's checkpoint "
+            "gives an experts module one format. Quantize gate_up_proj and down_proj alike."
+        )
+    return distinct.pop() if distinct else None
+
+
+def _weight_amax_or_fallback(quantizer: TensorQuantizer, weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """The amax the export uses for an expert's weight: the quantizer's, or where it has none or
+    0, max |w| of `weight` in fp32 (modelopt's fallback for an uncalibrated expert)."""
+    if not quantizer.is_enabled:
+        return None
+    amax = quantizer.amax
+    if amax is None or bool((amax == 0).all()):
+        return weight.detach().abs().amax().to(torch.float32)
+    return amax
+
+
+def _input_amax(quantizer: TensorQuantizer) -> Optional[torch.Tensor]:
+    return quantizer.amax if quantizer.is_enabled else None
+
+
+def _fused_parts(module: nn.Module, index: int) -> list[tuple[str, str, slice]]:
+    """(part name, projection, rows of that projection's slice) of expert `index`, in modelopt's order."""
+    layout = module._refquant_layout
+    if not layout.gated:
+        return [("up_proj", layout.first_proj, slice(None)), ("down_proj", "down_proj", slice(None))]
+    rows = getattr(module, layout.first_proj).shape[1] // 2
+    intermediate = getattr(module, "intermediate_dim", None) or getattr(module, "intermediate_size", None) or rows
+    return [("gate_proj", layout.first_proj, slice(0, intermediate)),
+            ("up_proj", layout.first_proj, slice(intermediate, None)),
+            ("down_proj", "down_proj", slice(None))]
+
+
+def _plan_fused(name: str, module: nn.Module, fmt: Optional[str], flavor: str) -> ExpertsExport:
+    layout = module._refquant_layout
+    projections: list[ProjectionExport] = []
+    jobs = []  # (key, rows, weight quantizer, input quantizer, projection format, weight amax, input amax, compressed)
+    for index in range(module.num_experts):
+        first_fallback = None
+        for part, projection, rows in _fused_parts(module, index):
+            input_q, weight_qs = module.projection_quantizers(projection)
+            weight_q = weight_qs[index]
+            weight = getattr(module, projection)[index]
+            part_format = layer_format(f"{name}.{index}.{part}", _view(None, weight_q, input_q))
+            weight_amax = input_amax = None
+            if part_format is not None:
+                if projection == layout.first_proj and layout.gated:
+                    # gate and up share the fused slice's amax (and its fallback)
+                    first_fallback = first_fallback if first_fallback is not None else _weight_amax_or_fallback(weight_q, weight)
+                    weight_amax = first_fallback
+                else:
+                    weight_amax = _weight_amax_or_fallback(weight_q, weight)
+                input_amax = _input_amax(input_q)
+            key = f"{index}.{part}"
+            projections.append(ProjectionExport(key, part_format, weight_amax, input_amax))
+            jobs.append((key, projection, index, rows, weight_q, input_q, part_format, weight_amax, input_amax))
+
+    def compute() -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        with loaded_weights(module):
+            for key, projection, index, rows, weight_q, input_q, part_format, weight_amax, input_amax in jobs:
+                part = key.partition(".")[2]
+                if isinstance(weight_q, CompressedWeightQuantizer):
+                    out.update({f"{index}.{k}": v for k, v in weight_q.exported.items() if k.startswith(part + ".")})
+                    continue
+                weight = require_loaded(f"{name}.{projection}", getattr(module, projection))[index][rows].detach()
+                if part_format is None:
+                    out[f"{key}.weight"] = weight
+                    continue
+                tensors = export_linear_tensors(f"{name}.{key}", _view(weight, weight_q, input_q), part_format,
+                                                weight_amax, input_amax, flavor)
+                out.update({f"{key}.{suffix}": tensor for suffix, tensor in tensors.items()})
+        return out
+
+    return ExpertsExport(name, layout, fmt, layout.projections, projections, compute)
+
+
+def _plan_transposed(name: str, module: nn.Module, fmt: Optional[str], flavor: str) -> ExpertsExport:
+    layout = module._refquant_layout
+    projections = []
+    for projection in layout.projections:
+        input_q, weight_q = module.projection_quantizers(projection)
+        if fmt is None:
+            projections.append(ProjectionExport(projection, None, None, None))
+            continue
+        if weight_q.amax is None and not isinstance(weight_q, CompressedWeightQuantizer):
+            raise ValueError(
+                f"{name}.{projection}_weight_quantizer is enabled but has no amax: a checkpoint needs "
+                "calibrated scales. Run rq.quantize_model(model, recipe, calib_batches) before exporting."
+            )
+        projections.append(ProjectionExport(projection, fmt, weight_q.amax, _input_amax(input_q)))
+
+    def compute() -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        with loaded_weights(module):
+            for export in projections:
+                input_q, weight_q = module.projection_quantizers(export.key)
+                weight = require_loaded(f"{name}.{export.key}", getattr(module, export.key)).detach()
+                if export.layer_format is None:
+                    out[export.key] = weight
+                elif isinstance(weight_q, CompressedWeightQuantizer):
+                    out.update(weight_q.exported)
+                else:
+                    out.update(_transposed_tensors(export, weight, input_q, flavor))
+        return out
+
+    return ExpertsExport(name, layout, fmt, layout.projections, projections, compute)
+
+
+def _transposed_tensors(export: ProjectionExport, weight: torch.Tensor, input_q: TensorQuantizer, flavor: str) -> dict:
+    """A gpt-oss projection's tensors: its (E, in, out) weight quantized with one amax."""
+    key = export.key
+    tensors: dict[str, torch.Tensor] = {}
+    if export.layer_format == "fp8":
+        scale = _fp8_scale(export.weight_amax, flavor).reshape(())
+        # modelopt divides the 3-D weight by scale.unsqueeze(-1): a dimensioned fp32 divisor, so
+        # the quotient stays fp32 (one rounding), unlike a 2-D weight's bf16 quotient
+        tensors[key] = fp8_quantize(weight, scale=scale.reshape(1), flavor=flavor).data
+        tensors[f"{key}_weight_scale"] = scale
+    else:
+        quantized = nvfp4_quantize(weight.transpose(-1, -2), amax=export.weight_amax.reshape(()), flavor=flavor)
+        tensors[key] = quantized.packed.transpose(-1, -2)
+        tensors[f"{key}_weight_scale"] = quantized.block_scale.transpose(-1, -2)
+        tensors[f"{key}_weight_scale_2"] = quantized.global_scale.reshape(())
+    input_scale = export_input_scale(export.layer_format, input_q, export.input_amax, flavor)
+    if input_scale is not None:
+        tensors[f"{key}_input_scale"] = input_scale
+    return tensors
+
+
+def plan_experts(model: nn.Module, flavor: str) -> dict[str, ExpertsExport]:
+    """Every quantized-experts module of `model` (refquant.hf.experts), planned for export."""
+    plans = {}
+    for name, module in model.named_modules():
+        if not is_quant_experts(module):
+            continue
+        fmt = experts_format(name, module)
+        plan = _plan_transposed if module._refquant_layout.kind == "transposed" else _plan_fused
+        plans[name] = plan(name, module, fmt, flavor)
+    return plans
+
+
+# --- compressed experts (compress_weights, load_checkpoint) ------------------------------------
+def dequantized_experts(export: ExpertsExport, tensors: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """Each 3-D parameter of the experts module as the checkpoint `tensors` (module-relative keys)
+    hold it: quantized projections dequantized (refquant.hf.export.tensors.dequantize_linear_weight)."""
+    weights = {p: getattr(module, p).detach().clone() for p in export.parameters}
+    for projection in export.projections:
+        if export.layout.kind == "transposed":
+            if projection.layer_format is None:
+                weights[projection.key] = tensors[projection.key].to(weights[projection.key].dtype)
+                continue
+            stored = {"weight": tensors[projection.key], "weight_scale": tensors[f"{projection.key}_weight_scale"]}
+            if projection.layer_format != "fp8":
+                stored = {"weight": stored["weight"].transpose(-1, -2), "weight_scale": stored["weight_scale"].transpose(-1, -2),
+                          "weight_scale_2": tensors[f"{projection.key}_weight_scale_2"]}
+            target = weights[projection.key]
+            shape = target.shape if projection.layer_format == "fp8" else target.transpose(-1, -2).shape
+            value = dequantize_linear_weight(projection.layer_format, stored, shape, target.dtype)
+            weights[projection.key] = value if projection.layer_format == "fp8" else value.transpose(-1, -2)
+            continue
+        index, _, part = projection.key.partition(".")
+        parameter, rows = next((p, r) for name, p, r in _fused_parts(module, int(index)) if name == part)
+        target = weights[parameter][int(index)][rows]
+        stored = {suffix: tensors[f"{projection.key}.{suffix}"] for suffix in ("weight", "weight_scale", "weight_scale_2", "input_scale")
+                  if f"{projection.key}.{suffix}" in tensors}
+        if projection.layer_format is None:
+            target.copy_(stored["weight"])
+        else:
+            target.copy_(dequantize_linear_weight(projection.layer_format, stored, target.shape, target.dtype))
+    return weights
+
+
+def compress_experts(module: nn.Module, export: ExpertsExport, tensors: dict[str, torch.Tensor]) -> None:
+    """Give the experts module, in place, what its checkpoint `tensors` hold: each 3-D parameter
+    the dequantized weights, each weight quantizer of a quantized projection a
+    CompressedWeightQuantizer holding its own tensors (module-relative keys as exported)."""
+    weights = dequantized_experts(export, tensors, module)
+    with torch.no_grad():
+        for parameter, value in weights.items():
+            getattr(module, parameter).copy_(value.to(getattr(module, parameter).device))
+    for projection in export.layout.projections:
+        _, quantizers = module.projection_quantizers(projection)
+        if export.layout.kind == "transposed":
+            if export.layer_format is not None and not isinstance(quantizers, CompressedWeightQuantizer):
+                own = {k: v for k, v in tensors.items() if k == projection or k.startswith(f"{projection}_")}
+                setattr(module, f"{projection}_weight_quantizer", CompressedWeightQuantizer(quantizers, export.layer_format, own))
+            continue
+        for index, quantizer in enumerate(quantizers):
+            if not quantizer.is_enabled or isinstance(quantizer, CompressedWeightQuantizer):
+                continue
+            parts = [part for part, p, _ in _fused_parts(module, index) if p == projection]
+            own = {k.partition(".")[2]: v for k, v in tensors.items()
+                   if k.partition(".")[0] == str(index) and k.partition(".")[2].partition(".")[0] in parts}
+            fmt = next(p.layer_format for p in export.projections if p.key == f"{index}.{parts[0]}")
+            quantizers[index] = CompressedWeightQuantizer(quantizer, fmt, own)
+
+
+def checkpoint_experts_tensors(export: ExpertsExport, tensors: dict[str, torch.Tensor], rename: Callable[[str], str],
+                               used: set[str]) -> dict[str, torch.Tensor]:
+    """The module-relative tensors of one experts module read from a checkpoint's `tensors` (keys
+    as written: in-memory names through `rename`); the keys read are added to `used`."""
+    module_tensors = {}
+    for projection in export.projections:
+        if export.layout.kind == "transposed":
+            wanted = [projection.key] + [f"{projection.key}_{s}" for s in ("weight_scale", "weight_scale_2", "input_scale")]
+        else:
+            wanted = [f"{projection.key}.{s}" for s in ("weight", "weight_scale", "weight_scale_2", "input_scale")]
+        for relative in wanted:
+            key = rename(f"{export.name}.{relative}")
+            if key in tensors:
+                module_tensors[relative] = tensors[key]
+                used.add(key)
+    return module_tensors
+
+
+# --- the layers hf_quant_config lists ----------------------------------------------------------
+ROUTER_ATTRIBUTES = ("gate", "router", "shared_expert_gate")
+
+
+def config_layers(model: nn.Module, formats: dict[str, Optional[str]], experts: dict[str, ExpertsExport]) -> dict[str, Optional[str]]:
+    """The layers modelopt's get_quant_config lists, in module order, with their formats (None:
+    unquantized, into exclude_modules): the linears and embeddings of `formats`, each experts
+    module, then every MoE router left in original precision (modelopt's
+    _get_unquantized_moe_router_names: a `gate` / `router` / `shared_expert_gate` child with a
+    `weight` of a module that has `experts`; transformers 5's routers are no nn.Linear and get no
+    quantizer, yet their bf16 weight is in the checkpoint)."""
+    layers: dict[str, Optional[str]] = {}
+    for name, _ in model.named_modules():
+        if name in formats:
+            layers[name] = formats[name]
+        elif name in experts:
+            layers[name] = experts[name].layer_format
+    for name, module in model.named_modules():
+        if not hasattr(module, "experts"):
+            continue
+        for attribute in ROUTER_ATTRIBUTES:
+            router = getattr(module, attribute, None)
+            if isinstance(router, nn.Module) and isinstance(getattr(router, "weight", None), torch.Tensor):
+                layers.setdefault(f"{name}.{attribute}" if name else attribute, None)
+    return layers

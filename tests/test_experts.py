@@ -1,0 +1,387 @@
+"""MoE experts quantized as modelopt 0.47 quantizes them (refquant.hf.experts,
+docs/modelopt_behaviour.md §11): against modelopt itself in the same process, family by family
+(tests/modelopt_compare.py), an expert no calibration token reaches, experts implementations
+that would bypass the quantizers, the one-call fake quant of all experts' weights and the
+quantization of the hidden states before routing (bit for bit what the per-expert calls give),
+the checkpoint round trip, weight coverage in the report, and the CLI on a local MoE folder."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import refquant as rq
+from refquant.hf import experts as experts_module
+from refquant.hf.export import read_checkpoint_tensors
+from refquant.quant.quantizer import QuantizerConfig, SliceQuantizers, TensorQuantizer
+
+pytest.importorskip("transformers")
+modelopt = pytest.importorskip("modelopt.torch.quantization")
+
+import modelopt_compare as mc  # noqa: E402  (tests/modelopt_compare.py)
+
+REPO = Path(__file__).resolve().parent.parent
+# Every recipe for one family of each experts layout (fused with a router `gate`, gpt-oss's
+# transposed experts, DeepSeek-V3's MLA attention with shared experts); FP8 and one NVFP4 recipe
+# for the others. `python3 tests/modelopt_compare.py` runs every family with every recipe.
+ALL_RECIPES = mc.FP8_RECIPES + mc.NVFP4_RECIPES
+MATRIX = [(family, recipe) for family in ("qwen3_moe", "gpt_oss", "deepseek_v3") for recipe in ALL_RECIPES]
+MATRIX += [(family, recipe) for family in ("qwen2_moe", "mixtral", "olmoe", "granitemoe", "ernie4_5_moe")
+           for recipe in mc.FP8_RECIPES + ("nvfp4_default-fp8_kv",)]
+
+
+@pytest.mark.parametrize("family,recipe", MATRIX)
+def test_moe_family_quantizers_logits_and_checkpoint_equal_modelopts(family, recipe, tmp_path):
+    result = mc.compare_with_modelopt(family, recipe, tmp_path)
+    assert result.ok, result.summary()
+    assert result.quantizers["enabled"] > 0 and result.export["tensors"] > 0
+
+
+def quantizer_names(model) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, TensorQuantizer)]
+
+
+def test_fused_experts_get_modelopts_quantizer_names():
+    model = mc.build_model("qwen3_moe")
+    rq.insert_quantizers(model)
+    experts = "model.layers.0.mlp.experts"
+    names = [name for name in quantizer_names(model) if name.startswith(experts + ".")]
+    assert names == (
+        [f"{experts}.gate_up_proj_input_quantizer"]
+        + [f"{experts}.gate_up_proj_weight_quantizers.{i}" for i in range(4)]
+        + [f"{experts}.down_proj_input_quantizer"]
+        + [f"{experts}.down_proj_weight_quantizers.{i}" for i in range(4)]
+    )
+    gpt_oss = mc.build_model("gpt_oss")
+    rq.insert_quantizers(gpt_oss)
+    experts_names = {n for n in quantizer_names(gpt_oss) if n.startswith("model.layers.0.mlp.experts.")}
+    assert experts_names == {f"model.layers.0.mlp.experts.{p}_{kind}_quantizer"
+                             for p in ("gate_up_proj", "down_proj") for kind in ("input", "weight")}
+
+
+# --- an expert no calibration token reaches ---------------------------------------------------
+def never_route_to_expert_3(family: str):
+    """The family's seeded model, with expert 3 of every MoE layer out of the routers' reach
+    (a -1e4 selection bias: DeepSeek-V3's e_score_correction_bias, gpt-oss's router bias)."""
+    model = mc.build_model(family)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if family == "deepseek_v3" and hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.e_score_correction_bias[3] = -1e4
+            elif family == "gpt_oss":
+                layer.mlp.router.bias[3] = -1e4
+    return model
+
+
+@pytest.mark.parametrize("family,moe_layers", [("deepseek_v3", (1,)), ("gpt_oss", (0, 1))])
+def test_expert_without_calibration_tokens_is_reported_and_exported_as_modelopt_does(family, moe_layers, tmp_path):
+    batches, _ = mc.default_batches()
+    model = never_route_to_expert_3(family)
+    report = rq.quantize_model(model, rq.load_recipe("nvfp4_default-fp8_kv"), batches, progress=False)
+    assert report.experts_without_tokens == [f"model.layers.{i}.mlp.experts.3" for i in moe_layers]
+    assert "experts no calibration token reached (%d" % len(moe_layers) in report.to_table()
+    for recipe in ("fp8_default-fp8_kv", "nvfp4_default-fp8_kv"):
+        result = mc.compare_with_modelopt(family, recipe, tmp_path, build=lambda: never_route_to_expert_3(family))
+        assert result.ok, result.summary()
+    if family == "deepseek_v3":  # the expert still has every scale, its input scale the layer's
+        tensors = read_checkpoint_tensors(tmp_path / f"{family}-nvfp4_default-fp8_kv-refquant")
+        prefix = "model.layers.1.mlp.experts"
+        for part in ("gate_proj", "up_proj", "down_proj"):
+            assert {f"{prefix}.3.{part}.{s}" for s in ("weight", "weight_scale", "weight_scale_2", "input_scale")} <= set(tensors)
+            assert torch.equal(tensors[f"{prefix}.3.{part}.input_scale"], tensors[f"{prefix}.0.{part}.input_scale"])
+
+
+# --- experts implementations that would bypass the quantizers --------------------------------
+def test_insert_quantizers_forces_the_eager_experts_implementation_as_modelopt():
+    model = mc.build_model("qwen3_moe")
+    assert model.config._experts_implementation == "grouped_mm"  # transformers' default
+    rq.insert_quantizers(model)
+    assert model.config._experts_implementation == "eager"
+
+
+def test_experts_implementation_changed_after_quantization_raises():
+    batches, eval_batch = mc.default_batches()
+    model = mc.build_model("qwen3_moe")
+    rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
+    model.config._experts_implementation = "grouped_mm"
+    with pytest.raises(ValueError, match=r"experts_implementation='grouped_mm'.*set_experts_implementation\('eager'\)"):
+        model(input_ids=eval_batch)
+
+
+class BatchedExperts(nn.Module):
+    """transformers' fused experts layout (num_experts, 3-D gate_up_proj / down_proj) whose forward
+    multiplies all experts at once with torch.bmm, as the grouped / batched implementations do;
+    `per_expert=True` takes the F.linear path instead."""
+
+    def __init__(self, experts: int = 4, hidden: int = 16, intermediate: int = 8):
+        super().__init__()
+        self.num_experts = experts
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.randn(experts, hidden, intermediate))
+
+    def forward(self, hidden_states, per_expert: bool = False):
+        if per_expert:
+            return sum(F.linear(F.linear(hidden_states, self.gate_up_proj[i]).chunk(2, -1)[0], self.down_proj[i])
+                       for i in range(self.num_experts))
+        gate_up = torch.bmm(hidden_states.expand(self.num_experts, -1, -1), self.gate_up_proj.transpose(1, 2))
+        return torch.bmm(gate_up.chunk(2, -1)[0], self.down_proj.transpose(1, 2)).sum(0)
+
+
+class WithExperts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.experts = BatchedExperts()
+
+
+def test_experts_forward_that_bypasses_the_quantizers_raises():
+    torch.manual_seed(0)
+    model = WithExperts()
+    rq.insert_quantizers(model)
+    for quantizer in model.experts.expert_quantizers():
+        quantizer.set_config(QuantizerConfig(format="fp8"))
+    tokens = torch.randn(5, 16)
+    assert model.experts(tokens, per_expert=True).shape == (5, 16)  # through F.linear: quantized
+    with pytest.raises(ValueError, match=r"without the per-expert F.linear calls its quantizers sit on"):
+        model.experts(tokens)
+
+
+def test_experts_forward_without_per_expert_calls_is_refused_at_insertion():
+    class EinsumExperts(BatchedExperts):
+        def forward(self, hidden_states):
+            return torch.einsum("th,eih->ti", hidden_states, self.gate_up_proj)
+
+    model = WithExperts()
+    model.experts = EinsumExperts()
+    with pytest.raises(ValueError, match=r"does not call F.linear per expert"):
+        rq.insert_quantizers(model)
+
+
+def test_experts_modelopt_wraps_otherwise_are_a_clear_error():
+    Llama4TextExperts = type("Llama4TextExperts", (BatchedExperts,), {"__module__": "transformers.models.llama4.modeling_llama4"})
+    model = WithExperts()
+    model.experts = Llama4TextExperts()
+    with pytest.raises(ValueError, match=r"quantize experts \(Llama4TextExperts\).*Llama 4"):
+        rq.insert_quantizers(model)
+
+
+# --- all experts' weights in one call, the hidden states before routing ------------------------
+def expert_weights(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """An (E, N, K) bf16 weight whose experts span scales, with per-expert amaxes: its own max,
+    half of it (clipping), a zero expert, a tiny one (FP8's amax floor)."""
+    generator = torch.Generator().manual_seed(seed)
+    scales = torch.tensor([1e-2, 1.0, 30.0, 1e-8, 3.0]).view(-1, 1, 1)
+    weight = (torch.randn(5, 32, 48, generator=generator) * scales).bfloat16()
+    weight[3] = 0
+    amax = weight.abs().amax(dim=(1, 2)).clone()
+    amax[1] = amax[1] / 2
+    amax[3] = 0
+    amax[4] = 1e-9
+    return weight, amax
+
+
+@pytest.mark.parametrize("fmt,flavor,backend", [
+    ("fp8", "modelopt-cpu", "reference"), ("fp8", "modelopt-cuda", "reference"), ("nvfp4", "modelopt-cpu", "reference"),
+    ("nvfp4", "modelopt-cpu", "compiled"),  # the compiled reference with one global amax per expert
+])
+def test_one_call_over_all_experts_equals_each_experts_own_quantizer_bit_for_bit(fmt, flavor, backend):
+    weight, amax = expert_weights()
+    quantizers = nn.ModuleList(TensorQuantizer(QuantizerConfig(format=fmt), backend=backend, flavor=flavor) for _ in amax)
+    for quantizer, value in zip(quantizers, amax):
+        quantizer.set_amax(value.reshape(()))
+    stacked = SliceQuantizers(quantizers)(weight)
+    assert stacked is not None
+    for index, quantizer in enumerate(quantizers):
+        expected = quantizer(weight[index])
+        assert torch.equal(stacked[index].view(torch.int16), expected.view(torch.int16)), f"expert {index}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("backend", ["reference", "compiled"])
+def test_one_call_over_all_experts_on_cuda_equals_each_experts_own_quantizer(fmt, backend):
+    weight, amax = (t.cuda() for t in expert_weights())
+    quantizers = nn.ModuleList(TensorQuantizer(QuantizerConfig(format=fmt), backend=backend, flavor="modelopt-cuda")
+                               for _ in amax)
+    for quantizer, value in zip(quantizers, amax):
+        quantizer.set_amax(value.reshape(()))
+    stacked = SliceQuantizers(quantizers)(weight)
+    for index, quantizer in enumerate(quantizers):
+        assert torch.equal(stacked[index].view(torch.int16), quantizer(weight[index]).view(torch.int16)), f"expert {index}"
+
+
+def test_nvfp4_takes_one_amax_per_slice_only_when_asked():
+    weight, amax = expert_weights()
+    per_slice = amax.reshape(-1, 1, 1)
+    with pytest.raises(ValueError, match=r"one global amax per tensor, got shape \(5, 1, 1\).*per_slice_amax=True"):
+        rq.nvfp4_fake_quant(weight, per_slice)
+    with pytest.raises(ValueError, match=r"one global amax per tensor, got shape \(5, 32, 2\)"):
+        rq.nvfp4_fake_quant(weight, weight.abs().amax(dim=-1, keepdim=True).repeat(1, 1, 2), per_slice_amax=True)
+    assert rq.nvfp4_fake_quant(weight, per_slice, per_slice_amax=True).shape == weight.shape
+
+
+def test_one_call_over_all_experts_declines_where_it_would_not_be_exact():
+    weight, amax = expert_weights()
+    quantizers = nn.ModuleList(TensorQuantizer(QuantizerConfig(format="fp8")) for _ in amax)
+    assert SliceQuantizers(quantizers)(weight) is None  # no amax yet: each call's own data
+    for quantizer, value in zip(quantizers, amax):
+        quantizer.set_amax(value.reshape(()))
+    call = SliceQuantizers(quantizers)
+    assert call(weight) is not None
+    quantizers[2].start_calibration()
+    assert call(weight) is None  # calibrating: each expert collects its own amax
+    quantizers[2].finish_calibration()
+    quantizers[1].set_config(QuantizerConfig(format="nvfp4"))
+    assert call(weight) is None  # mixed formats
+    quantizers[1].set_config(QuantizerConfig(format="fp8"))
+    handle = quantizers[0].register_forward_hook(lambda *args: None)
+    assert call(weight) is None  # a hook (the report's error meter) sees every expert's call
+    handle.remove()
+    quantizers[4].set_enabled(False)
+    assert call(weight) is None
+
+
+@pytest.mark.parametrize("family,recipe", [("qwen3_moe", "nvfp4_default-fp8_kv"), ("mixtral", "fp8_default-fp8_kv")])
+def test_experts_forward_gives_the_per_expert_calls_bits(family, recipe, monkeypatch):
+    """The quantized forward (hidden states quantized once before routing, all experts' weights in
+    one call) against modelopt's order of work: every expert's input and weight through its
+    quantizer at its own F.linear call."""
+    batches, eval_batch = mc.default_batches()
+    model = mc.build_model(family)
+    rq.quantize_model(model, rq.load_recipe(recipe), batches, progress=False)
+    fast = mc.logits_of(model, eval_batch)
+    monkeypatch.setattr(experts_module, "quantizes_with_fixed_amax", lambda quantizer: False)
+    monkeypatch.setattr(SliceQuantizers, "__call__", lambda self, x: None)
+    per_expert = mc.logits_of(model, eval_batch)
+    assert torch.equal(fast, per_expert)
+
+
+def test_compiled_backend_quantizes_moe_as_modelopt(tmp_path):
+    result = mc.compare_with_modelopt("qwen3_moe", "fp8_default-fp8_kv", tmp_path, backend="compiled")
+    assert result.ok, result.summary()
+
+
+# --- the checkpoint round trip ----------------------------------------------------------------
+@pytest.mark.parametrize("family,recipe", [("qwen3_moe", "nvfp4_default-fp8_kv"), ("mixtral", "fp8_default-fp8_kv"),
+                                           ("gpt_oss", "nvfp4_default-fp8_kv"), ("gpt_oss", "fp8_default-fp8_kv")])
+def test_load_checkpoint_of_moe_equals_compress_weights(family, recipe, tmp_path):
+    batches, eval_batch = mc.default_batches()
+    model = mc.build_model(family)
+    rq.quantize_model(model, rq.load_recipe(recipe), batches, progress=False)
+    rq.export_checkpoint(model, tmp_path / "ckpt")
+    compressed = copy.deepcopy(model)
+    rq.compress_weights(compressed)
+    reloaded = rq.load_checkpoint(tmp_path / "ckpt")
+    assert torch.equal(mc.logits_of(reloaded, eval_batch), mc.logits_of(compressed, eval_batch))
+    rq.export_checkpoint(compressed, tmp_path / "again")  # a compressed model exports the same bytes
+    first, again = read_checkpoint_tensors(tmp_path / "ckpt"), read_checkpoint_tensors(tmp_path / "again")
+    assert set(first) == set(again) and all(mc.same_bits(first[k], again[k]) for k in first)
+
+
+def test_mixtral_checkpoint_uses_the_hub_names():
+    model = mc.build_model("mixtral")
+    batches, _ = mc.default_batches()
+    rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
+    from refquant.hf.export import plan_export
+    from refquant.hf.export.write import checkpoint_state_dict
+
+    plan = plan_export(model)
+    keys = set(checkpoint_state_dict(model, plan))
+    assert {f"model.layers.0.block_sparse_moe.experts.2.{w}.weight" for w in ("w1", "w2", "w3")} <= keys
+    assert not any(".mlp." in key for key in keys)
+    assert "model.layers.1.block_sparse_moe.gate" in plan.hf_quant_config["quantization"]["exclude_modules"]
+
+
+def test_renames_that_cannot_be_reversed_keep_the_in_memory_names_as_modelopt(tmp_path):
+    """gpt-oss keeps its experts 3-D; under an experts converter (here Qwen3-MoE's, as if
+    from_pretrained had applied it) modelopt cannot rename them per expert and keeps every
+    in-memory name, with a warning; so does refquant."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    def build():
+        model = mc.build_model("gpt_oss")
+        model._weight_conversions = get_model_conversion_mapping(mc.build_model("qwen3_moe"), add_legacy=False)
+        return model
+
+    with pytest.warns(UserWarning, match=r"cannot be reversed \(experts not expanded \(model.layers.0.mlp.experts.gate_up_proj"):
+        result = mc.compare_with_modelopt("gpt_oss", "fp8_default-fp8_kv", tmp_path, build=build)
+    assert result.ok, result.summary()
+
+
+def test_dense_fused_weights_modelopt_would_split_back_raise():
+    from transformers.core_model_loading import Concatenate, WeightConverter
+
+    from refquant.hf.export.names import checkpoint_names
+
+    model = mc.build_model("qwen3_moe")
+    model._weight_conversions = [WeightConverter(source_patterns=["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+                                                 target_patterns="mlp.gate_up_proj.weight", operations=[Concatenate(dim=0)])]
+    with pytest.raises(ValueError, match=r"splits the quantized tensor back; refquant does not implement that split"):
+        checkpoint_names(model)
+
+
+# --- weight coverage in the report ------------------------------------------------------------
+def test_report_counts_linear_and_expert_weight_parameters():
+    batches, _ = mc.default_batches()
+    model = mc.build_model("qwen3_moe")
+    report = rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
+    experts = 2 * 4 * (2 * 32 * 64 + 64 * 32)  # layers x experts x (gate_up + down)
+    attention = 2 * (64 * 64 + 2 * 32 * 64 + 64 * 64)  # q (4 x 16), k and v (2 x 16), o
+    lm_head = mc.VOCAB * 64
+    totals = report.totals
+    assert (totals["expert_weight_params"], totals["expert_weight_params_quantized"]) == (experts, experts)
+    assert (totals["linear_weight_params"], totals["linear_weight_params_quantized"]) == (attention + lm_head, attention)
+    assert f"100.0% of expert weight parameters ({experts:,} of {experts:,})" in report.to_table()
+    assert report.warnings == []
+
+
+def test_recipe_that_leaves_most_weights_unquantized_warns(tmp_path):
+    recipe = tmp_path / "no_experts.toml"
+    recipe.write_text(
+        'description = "FP8, experts left out"\nalgorithm = "max"\n'
+        'quant_cfg = [{ import = "base_disable_all" }, { import = "w8a8_fp8_fp8" }, '
+        '{ import = "default_disabled_quantizers" }, { quantizer_name = "*experts*", enable = false }]\n'
+    )
+    batches, _ = mc.default_batches()
+    model = mc.build_model("qwen3_moe")
+    with pytest.warns(UserWarning, match=r"asks for quantized weights, but only 26\.4% .*model\.layers\.\*\.mlp\.experts"):
+        report = rq.quantize_model(model, rq.load_recipe(recipe), batches, progress=False)
+    assert report.totals["expert_weight_params_quantized"] == 0
+    assert report.experts_without_tokens == []  # experts off: nothing was counted, nothing to report
+    assert "warning: recipe no_experts asks for quantized weights" in report.to_table()
+
+
+# --- the command line on a local MoE folder ---------------------------------------------------
+def test_cli_quantize_of_a_local_qwen3_moe_folder_writes_modelopts_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from refquant.hf import models
+
+    folder = tmp_path / "qwen3-moe"
+    mc.build_model("qwen3_moe").save_pretrained(folder)  # no tokenizer files: the byte tokenizer
+    out = tmp_path / "refquant-ckpt"
+    command = [sys.executable, "-m", "refquant", "quantize", "--model", str(folder), "--recipe", "fp8_default-fp8_kv",
+               "--out", str(out), "--calib-batches", "2", "--seq-len", "16", "--no-progress"]
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "using the built-in byte-level tokenizer" in completed.stderr
+
+    calib, _ = models.token_batches(models.byte_tokenize(models.CALIBRATION_TEXT), num_batches=2, seq_len=16)
+    theirs = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype="auto").eval()
+    mc.quantize_with_modelopt(theirs, "fp8_default-fp8_kv", calib)
+    mc.export_with_modelopt(theirs, tmp_path / "modelopt-ckpt")
+    comparison = mc.compare_exports(out, tmp_path / "modelopt-ckpt")
+    assert comparison["ok"], comparison
+    assert comparison["tensors"] == len(read_checkpoint_tensors(out))
+    assert json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"] == [
+        "lm_head", "model.embed_tokens", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
