@@ -21,9 +21,9 @@ def pytest_addoption(parser) -> None:
     group.addoption("--kernel-shapes", default="main" if ON_CUDA else "tiny",
                     help="comma-separated gpu_report.py shapes for the kernel table (main, small, skinny, tiny); "
                     "default main on a GPU, tiny on a CPU")
-    group.addoption("--ptq-shapes", default="small" if ON_CUDA else "tiny",
-                    help="comma-separated ptq_gpu.py shapes for the PTQ table (tiny, small, large); "
-                    "default small on a GPU, tiny on a CPU")
+    group.addoption("--ptq-shapes", default="small" if ON_CUDA else "tiny,tiny_moe",
+                    help="comma-separated ptq_gpu.py shapes for the PTQ table (tiny, tiny_moe, small, large, moe); "
+                    "default small on a GPU, tiny and tiny_moe on a CPU")
     group.addoption("--ptq-recipes", default=None,
                     help="comma-separated recipes for the PTQ table; default ptq_gpu.py's three on a GPU, "
                     "fp8_default-fp8_kv and nvfp4_default-fp8_cast_kv on a CPU")

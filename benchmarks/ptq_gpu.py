@@ -46,31 +46,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import refquant as rq  # noqa: E402
 from compare_modelopt import logits_of  # noqa: E402
 
-# Llama-shaped configs: "small" is issue 13's 0.6B shape, "large" Llama-2-7B's (6.7B).
+# Llama-shaped configs: "small" (0.6B) and "large" (Llama-2-7B's 6.7B); "moe" is Qwen3-MoE-shaped
+# (Qwen3-30B-A3B's layer with 64 experts of 768, top-8, 8 layers: 2.7B parameters).
 SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=320),
     "small": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=8, vocab_size=32000),
     "large": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "tiny_moe": dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_experts=8,
+                     num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=320),
+    "moe": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=64,
+                num_experts_per_tok=8, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=32000),
 }
 DEFAULT_RECIPES = ("fp8_default-fp8_kv", "nvfp4_default-fp8_cast_kv", "nvfp4_default-fp8_kv")
 VARIANTS = ("plain", "modelopt", "compiled", "reference")
 
 
 def build_model(shape: str, seed: int, device: torch.device):
-    """LlamaForCausalLM of SHAPES[shape], transformers' own init under `seed`, bf16, eval, on device."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The causal LM of SHAPES[shape] (Llama unless it names a model_type), transformers' own init
+    under `seed`, bf16, eval, on device. MoE experts run eagerly (an F.linear per expert), the
+    implementation modelopt and refquant quantize, so the plain row is the same computation."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = LlamaConfig(max_position_embeddings=4096, attn_implementation="sdpa", tie_word_embeddings=False, **SHAPES[shape])
-    config.architectures = ["LlamaForCausalLM"]  # modelopt's export reads it
+    settings = dict(SHAPES[shape])
+    model_type = settings.pop("model_type", "llama")
+    config = AutoConfig.for_model(model_type, max_position_embeddings=4096, tie_word_embeddings=False, **settings)
+    config._attn_implementation = "sdpa"
+    config.architectures = [f"{type(config).__name__.removesuffix('Config')}ForCausalLM"]  # modelopt's export reads it
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         default = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)  # init straight in bf16: no fp32 copy of a 6.7B model
         try:
             with device:
-                model = LlamaForCausalLM(config)
+                model = AutoModelForCausalLM.from_config(config)
         finally:
             torch.set_default_dtype(default)
+    if hasattr(model, "set_experts_implementation") and getattr(model.config, "_experts_implementation", None) is not None:
+        model.set_experts_implementation("eager")
     return model.eval()
 
 

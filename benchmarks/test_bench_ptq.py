@@ -1,12 +1,12 @@
-"""The PTQ table as a pytest-benchmark suite: benchmarks/ptq_gpu.py's runs of a Llama-shaped model
-(seeded bf16 weights) per shape and recipe, by variant: plain bf16, modelopt when it imports,
+"""The PTQ table as a pytest-benchmark suite: benchmarks/ptq_gpu.py's runs of a Llama-shaped or
+Qwen3-MoE-shaped model (seeded bf16 weights) per shape and recipe, by variant: plain bf16, modelopt when it imports,
 refquant's reference and compiled backends. One benchmark group per shape.
 
 pytest-benchmark times the calibrated model's forward of the evaluation batch (synchronized on a
 GPU). extra_info holds ptq_gpu.py's row for the run: calibration and export seconds, peak GPU
 memory, the forward's own timing with its ratio to plain's and the paired ratio, and for refquant's
 rows `vs_modelopt`, every amax, the logits and every exported tensor compared with modelopt's bit
-for bit. On a CPU it runs the tiny shape with few, short batches; modelopt's NVFP4 fake quant runs
+for bit. On a CPU it runs the tiny shapes with few, short batches; modelopt's NVFP4 fake quant runs
 on CUDA only, so its NVFP4 rows skip there.
 """
 
