@@ -67,6 +67,8 @@ FP8_DIALECTS: dict[str, Dialect] = {
     d.name: d
     for d in (
         Dialect("modelopt", "fp8", modelopt.fp8_steps, "modelopt 0.47, TensorQuantizer (CPU)", "vectors"),
+        Dialect("modelopt-cuda", "fp8", modelopt.fp8_cuda_steps, "modelopt 0.47, TensorQuantizer (CUDA extension)",
+                "vectors"),
         Dialect("modelopt-qtensor", "fp8", modelopt.fp8_real_steps, "modelopt 0.47, FP8QTensor (CPU)", "vectors"),
         Dialect("torchao", "fp8", torchao.fp8_steps,
                 "torchao 0.18.0, quantization/quant_primitives.py (Float8Tensor, torch kernel)", "vectors"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..numerics.checks import AmaxLike
+from ..numerics.checks import AmaxLike, Flavor, as_amax_tensor, max_abs
 from ..numerics.fp8 import fp8_fake_quant, fp8_fake_quant_scales, fp8_quantize, saturating_e4m3
 from ..numerics.gpu_division import approx_reciprocal_fp32
 from ..numerics.nvfp4 import (
@@ -60,14 +60,21 @@ def nvfp4_qtensor_steps(x: torch.Tensor, global_amax: AmaxLike = None) -> NVFP4S
                       tensor.block_scale, quotient, codes, tensor.dequantize())
 
 
-def fp8_steps(x: torch.Tensor, amax: AmaxLike = None) -> FP8Steps:
-    """modelopt's FP8 fake quant (flavor "modelopt-cpu"), per tensor: data = E4M3(x * fl(448 * rcp(amax))),
-    `dequantized` = refquant.numerics.fp8_fake_quant; `scale` the inverse scale rcp(that)."""
-    dequantized = fp8_fake_quant(x, amax)
-    amax_tensor = _global_amax(x, amax)
-    scale, inverse = fp8_fake_quant_scales(amax_tensor)
+def fp8_steps(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> FP8Steps:
+    """modelopt's FP8 fake quant, per tensor or (a keep-dims amax) per channel: data =
+    E4M3(x * scale) with scale per `flavor` (refquant.numerics.fp8.fp8_fake_quant_scales);
+    `dequantized` = refquant.numerics.fp8_fake_quant; `scale` the inverse scale rcp(scale)."""
+    dequantized = fp8_fake_quant(x, amax, flavor=flavor)
+    amax_tensor = max_abs(x) if amax is None else as_amax_tensor(amax, x)
+    scale, inverse = fp8_fake_quant_scales(amax_tensor, flavor)
     quotient = x.float() * scale
-    return FP8Steps("modelopt", inverse, quotient, saturating_e4m3(quotient), dequantized)
+    return FP8Steps("modelopt" if flavor == "modelopt-cpu" else "modelopt-cuda", inverse, quotient,
+                    saturating_e4m3(quotient), dequantized)
+
+
+def fp8_cuda_steps(x: torch.Tensor, amax: AmaxLike = None) -> FP8Steps:
+    """fp8_steps under the "modelopt-cuda" flavor (modelopt's CUDA extension: 448 / amax, one division)."""
+    return fp8_steps(x, amax, flavor="modelopt-cuda")
 
 
 def fp8_real_steps(x: torch.Tensor, amax: AmaxLike = None) -> FP8Steps:
@@ -77,4 +84,4 @@ def fp8_real_steps(x: torch.Tensor, amax: AmaxLike = None) -> FP8Steps:
     return FP8Steps("modelopt-qtensor", tensor.scale, quotient, tensor.data, tensor.dequantize())
 
 
-__all__ = ["fp8_real_steps", "fp8_steps", "nvfp4_kernel_steps", "nvfp4_qtensor_steps"]
+__all__ = ["fp8_cuda_steps", "fp8_real_steps", "fp8_steps", "nvfp4_kernel_steps", "nvfp4_qtensor_steps"]
