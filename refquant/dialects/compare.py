@@ -73,13 +73,10 @@ def nvfp4_step_of_difference(x_blocks: torch.Tensor, a: NVFP4Steps, b: NVFP4Step
 
 
 def nvfp4_differences(x: torch.Tensor, a: NVFP4Steps, b: NVFP4Steps) -> tuple[torch.Tensor, torch.Tensor]:
-    """(differ, step): where the dequantized outputs of a and b differ in bits (NaN == NaN) or their
-    codes or block scales do, in block layout (..., nblocks, 16), and the step (nvfp4_step_of_difference)."""
-    x_blocks = torch.nn.functional.pad(x.float(), (0, (-x.shape[-1]) % 16)).unflatten(-1, (-1, 16))
-    out_a = _blocked(a.dequantized)
-    out_b = _blocked(b.dequantized)
-    differ = bits_differ(out_a, out_b) | (a.codes != b.codes) | bits_differ(a.block_scale, b.block_scale).unsqueeze(-1)
-    differ &= ~(torch.isnan(x_blocks) & torch.isnan(out_a.float()) & torch.isnan(out_b.float()))
+    """(differ, step) in block layout (..., nblocks, 16): where the dequantized outputs of a and b
+    differ in bits (NaN == NaN), and the step where their computations part (nvfp4_step_of_difference)."""
+    x_blocks = _blocked(x.float())
+    differ = bits_differ(_blocked(a.dequantized), _blocked(b.dequantized))
     return differ, nvfp4_step_of_difference(x_blocks, a, b, differ)
 
 
