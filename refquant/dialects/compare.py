@@ -51,6 +51,15 @@ def on_decision_point(quotient: torch.Tensor) -> torch.Tensor:
     return (quotient.abs().unsqueeze(-1) == points).any(dim=-1)
 
 
+def first_rule(rules: list, differ: torch.Tensor) -> torch.Tensor:
+    """int64, differ's shape: the index of the first rule (a bool tensor) that holds, where differ
+    holds; -1 elsewhere."""
+    step = torch.full(differ.shape, -1, dtype=torch.int64, device=differ.device)
+    for index in reversed(range(len(rules))):
+        step = torch.where(rules[index], index, step)
+    return torch.where(differ, step, -1)
+
+
 def nvfp4_step_of_difference(x_blocks: torch.Tensor, a: NVFP4Steps, b: NVFP4Steps, differ: torch.Tensor) -> torch.Tensor:
     """int64 (..., nblocks, 16): for each element where `differ` holds, the index into STEPS of the
     step where the computations `a` and `b` of it part; -1 elsewhere."""
@@ -66,10 +75,7 @@ def nvfp4_step_of_difference(x_blocks: torch.Tensor, a: NVFP4Steps, b: NVFP4Step
         code_differs,
         torch.ones_like(differ),
     ]
-    step = torch.full(differ.shape, -1, dtype=torch.int64, device=differ.device)
-    for index in reversed(range(len(rules))):
-        step = torch.where(rules[index], index, step)
-    return torch.where(differ, step, -1)
+    return first_rule(rules, differ)
 
 
 def nvfp4_differences(x: torch.Tensor, a: NVFP4Steps, b: NVFP4Steps) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,10 +144,7 @@ def observed_nvfp4_steps(x: torch.Tensor, observed: ObservedNVFP4, best: NVFP4St
         code_differs,
         torch.ones_like(differ),
     ]
-    step = torch.full(differ.shape, -1, dtype=torch.int64, device=differ.device)
-    for index in reversed(range(len(rules))):
-        step = torch.where(rules[index], index, step)
-    return torch.where(differ, step, -1)
+    return first_rule(rules, differ)
 
 
 def fp8_step_of_difference(x: torch.Tensor, a: FP8Steps, b: FP8Steps, differ: torch.Tensor) -> torch.Tensor:
@@ -156,10 +159,7 @@ def fp8_step_of_difference(x: torch.Tensor, a: FP8Steps, b: FP8Steps, differ: to
         data_differs,
         torch.ones_like(differ),
     ]
-    step = torch.full(differ.shape, -1, dtype=torch.int64, device=differ.device)
-    for index in reversed(range(len(rules))):
-        step = torch.where(rules[index], index, step)
-    return torch.where(differ, step, -1)
+    return first_rule(rules, differ)
 
 
 def fp8_differences(x: torch.Tensor, a: FP8Steps, b: FP8Steps) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,8 +20,17 @@ import torch
 from ..numerics.checks import AmaxLike, check_float_input
 from ..numerics.formats import E2M1_MAX, E4M3_MAX, NVFP4_SCALE_DENOMINATOR
 from ..numerics.nvfp4 import _global_amax
-from .common import FP8Steps, NVFP4Steps, blocks_of, clamp_e2m1, e2m1_codes_nearest_even, e2m1_values, e4m3_round
-from .common import require_block_multiple
+from .common import (
+    FP8Steps,
+    NVFP4Steps,
+    amax_per_tensor_or_row,
+    blocks_of,
+    clamp_e2m1,
+    e2m1_codes_nearest_even,
+    e2m1_values,
+    e4m3_round,
+    require_block_multiple,
+)
 
 STACK = "compressed-tensors 0.19"
 # _get_dtype_eps: a zero E4M3 block scale is replaced by 0.125; an FP8 scale in x's dtype by its eps.
@@ -111,12 +120,7 @@ def fp8_steps(x: torch.Tensor, amax: AmaxLike = None, *, per_channel: bool = Fal
     cast to E4M3; fake quant: fl(value * scale) in x's dtype.
     """
     check_float_input(x)
-    if per_channel:
-        if amax is not None:
-            raise ValueError("per_channel takes its scales from the data; drop amax.")
-        amax_in_dtype = x.abs().amax(dim=-1, keepdim=True)
-    else:
-        amax_in_dtype = _global_amax(x, amax).to(x.dtype)
+    amax_in_dtype = amax_per_tensor_or_row(x, amax, per_channel)
     scale = amax_in_dtype / torch.tensor(E4M3_MAX, dtype=x.dtype)
     scale = torch.where(scale == 0, torch.finfo(x.dtype).eps, scale)
     quotient = x / scale

@@ -21,6 +21,7 @@ from ..numerics.formats import E2M1_MAX, E4M3_MAX, NVFP4_SCALE_DENOMINATOR
 from ..numerics.nvfp4 import _global_amax
 from .common import (
     FP8Steps,
+    amax_per_tensor_or_row,
     NVFP4Steps,
     blocks_of,
     clamp_e2m1,
@@ -98,12 +99,7 @@ def fp8_steps(x: torch.Tensor, amax: AmaxLike = None, *, per_row: bool = False) 
     zero scale gives NaN, as in torchao); dequantize: fl(fp32(data) * scale) rounded to x's dtype.
     """
     check_float_input(x)
-    if per_row:
-        if amax is not None:
-            raise ValueError("per_row takes its scales from the data; drop amax.")
-        amax_in_dtype = x.abs().amax(dim=-1, keepdim=True)
-    else:
-        amax_in_dtype = _global_amax(x, amax).to(x.dtype)
+    amax_in_dtype = amax_per_tensor_or_row(x, amax, per_row)
     scale = divide_by_constant(amax_in_dtype.float(), E4M3_MAX).to(x.dtype).float()
     quotient = x.float() / scale
     data = e4m3_round(quotient)
