@@ -1,16 +1,21 @@
-"""Dialects: NVFP4 and FP8 as each stack computes them, bit for bit, as pure functions of tensors.
+"""Dialects: NVFP4, FP8 and the OCP MX formats as each stack computes them, bit for bit, as pure
+functions of tensors.
 
 Every stack orders its float operations, reciprocals and edge cases its own way, so their bits
 differ; each module here follows one stack's source, step by step, and returns an NVFP4Steps /
-FP8Steps record (refquant.dialects.common) of what it computed: global and block scales, the
+FP8Steps / MXSteps record (refquant.dialects.common, .mx) of what it computed: the scales, the
 quotient it rounds, the codes, and its dequantized (fake-quant) values.
 
-  modelopt.py            modelopt 0.47: refquant.numerics itself (kernel fake quant; NVFP4QTensor)
-  torchao.py             torchao 0.18, prototype/mx_formats NVFP4 and Float8Tensor (PyTorch paths)
+  modelopt.py            modelopt 0.47: refquant.numerics itself (kernel fake quant; NVFP4QTensor),
+                         and MXFP4QTensor / MXFP8QTensor
+  torchao.py             torchao 0.18, prototype/mx_formats NVFP4, MX (every scaling mode) and
+                         Float8Tensor (PyTorch paths)
+  microxcaling.py        microxcaling, the OCP MX spec's reference code (MXFP8, MXFP4)
   compressed_tensors.py  compressed-tensors 0.19 / 0.20 with llm-compressor 0.14's observers
   transformer_engine.py  TransformerEngine 2.20's PyTorch reference (NVFP4, FP8 current scaling)
   trtllm.py              TensorRT-LLM's routine as FlashInfer 0.7.2 ships it (fast math), from source
   vllm_emulation.py      vLLM's NVFP4 emulation (CPU path), from source
+  mx.py                  the MX element formats, E8M0 scale bytes and the MXSteps record
   layouts.py             the swizzled 128x4 scale layout, to and from linear
   compare.py             which dialect an output agrees with, and where the others part from it
 
@@ -20,16 +25,19 @@ docs/dialects.md has the table of how each was verified and where they differ.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from functools import partial
+from typing import Callable
 
-from . import compressed_tensors, modelopt, torchao, transformer_engine, trtllm, vllm_emulation
+from . import compressed_tensors, microxcaling, modelopt, torchao, transformer_engine, trtllm, vllm_emulation
 from .common import FP8Steps, NVFP4Steps
 from .layouts import from_swizzled, to_swizzled
+from .mx import MX_FORMATS, MXSteps
 
 
 @dataclass(frozen=True)
 class Dialect:
-    """One stack's NVFP4 or FP8 quantization: `steps(x, amax)` returns its NVFP4Steps / FP8Steps.
+    """One stack's NVFP4, FP8 or MX quantization: `steps(x, amax)` returns its NVFP4Steps /
+    FP8Steps, `steps(x)` its MXSteps (MX scales come from the data alone).
 
     source:   the stack, its version and the file the module follows.
     verified: how refquant knows it computes the stack's bits ("vectors" when tests/vectors holds
@@ -37,7 +45,7 @@ class Dialect:
     """
 
     name: str
-    format: str  # "nvfp4" or "fp8"
+    format: str  # "nvfp4", "fp8", or an MX format: "mxfp8_e4m3", "mxfp8_e5m2", "mxfp4"
     steps: Callable
     source: str
     verified: str
@@ -80,12 +88,40 @@ FP8_DIALECTS: dict[str, Dialect] = {
 }
 
 
+MICROXCALING_SOURCE = "microxcaling (github microsoft/microxcaling 7bc41952), mx/mx_ops.py, mx/elemwise_ops.py"
+TORCHAO_MX_SOURCE = "torchao 0.18.0, prototype/mx_formats/mx_tensor.py to_mx, ScaleCalculationMode."
+
+
+def _mx_dialects(mx_format: str) -> dict[str, Dialect]:
+    element = MX_FORMATS[mx_format]
+    dialects = [Dialect("microxcaling", mx_format, partial(microxcaling.mx_steps, element=element), MICROXCALING_SOURCE,
+                        "vectors")]
+    dialects += [Dialect(f"torchao-{mode}", mx_format, partial(torchao.mx_steps, element=element, scaling_mode=mode),
+                         TORCHAO_MX_SOURCE + mode.upper(), "vectors") for mode in torchao.SCALING_MODES]
+    if element == "e2m1":
+        dialects.append(Dialect("modelopt-qtensor", mx_format, modelopt.mxfp4_qtensor_steps,
+                                "modelopt 0.47, MXFP4QTensor", "vectors"))
+    if element == "e4m3":
+        dialects.append(Dialect("modelopt-qtensor", mx_format, modelopt.mxfp8_qtensor_steps,
+                                "modelopt 0.47, MXFP8QTensor", "vectors"))
+    return {d.name: d for d in dialects}
+
+
+MX_DIALECTS: dict[str, dict[str, Dialect]] = {mx_format: _mx_dialects(mx_format) for mx_format in MX_FORMATS}
+
+
 def nvfp4_dialect(name: str) -> Dialect:
     return _lookup(NVFP4_DIALECTS, name, "NVFP4")
 
 
 def fp8_dialect(name: str) -> Dialect:
     return _lookup(FP8_DIALECTS, name, "FP8")
+
+
+def mx_dialect(name: str, mx_format: str) -> Dialect:
+    if mx_format not in MX_DIALECTS:
+        raise ValueError(f"{mx_format!r} is not an MX format; the MX formats are {', '.join(MX_DIALECTS)}.")
+    return _lookup(MX_DIALECTS[mx_format], name, mx_format)
 
 
 def _lookup(table: dict[str, Dialect], name: str, what: str) -> Dialect:
@@ -104,15 +140,26 @@ def fp8_steps(x, dialect: str, amax=None) -> FP8Steps:
     return fp8_dialect(dialect).steps(x, amax)
 
 
+def mx_steps(x, dialect: str, mx_format: str) -> MXSteps:
+    """`mx_format` ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp4") of x as `dialect` computes it
+    (MX_DIALECTS[mx_format]), step by step, in blocks of 32 along the last dim."""
+    return mx_dialect(dialect, mx_format).steps(x)
+
+
 __all__ = [
     "Dialect",
     "FP8Steps",
     "FP8_DIALECTS",
+    "MXSteps",
+    "MX_DIALECTS",
+    "MX_FORMATS",
     "NVFP4Steps",
     "NVFP4_DIALECTS",
     "fp8_dialect",
     "fp8_steps",
     "from_swizzled",
+    "mx_dialect",
+    "mx_steps",
     "nvfp4_dialect",
     "nvfp4_steps",
     "to_swizzled",

@@ -7,8 +7,11 @@ Sources (torchao 0.18.0, the wheel's files):
   `_f32_to_floatx_unpacked`; scale swizzling torchao/prototype/mx_formats/utils.py `to_blocked`.
 - FP8: torchao/quantization/quant_primitives.py `_choose_scale_float8`, `_quantize_affine_float8`,
   `_dequantize_affine_float8` (Float8Tensor.from_hp with the "torch" kernel choice).
-The MSLK Triton kernels (use_triton_kernel=True, KernelPreference.MSLK) are other code and are not
-modelled here.
+- MX: torchao/prototype/mx_formats/mx_tensor.py `to_mx` (MXTensor.to_mx with the "torch" cast,
+  KernelPreference.EMULATED: eager PyTorch), `_to_mx_rceil` (its eager fallback), `get_fp_scale`,
+  `to_dtype` (MXTensor.dequantize); config.py `ScaleCalculationMode`; kernels.py `pack_uint4`.
+The MSLK Triton kernels (use_triton_kernel=True, KernelPreference.MSLK), the Triton MXFP8 casts and
+RCEIL's PTX instruction under torch.compile are other code and are not modelled here.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 
 from ..numerics.checks import AmaxLike, check_float_input
 from ..numerics.fp8 import divide_by_constant
-from ..numerics.formats import E2M1_MAX, E4M3_MAX, NVFP4_SCALE_DENOMINATOR
+from ..numerics.formats import E2M1_MAX, E4M3_MAX, E8M0_BIAS, E8M0_NAN, NVFP4_SCALE_DENOMINATOR
 from ..numerics.nvfp4 import _global_amax
 from .common import (
     FP8Steps,
@@ -29,7 +32,9 @@ from .common import (
     e2m1_values,
     e4m3_round,
     require_block_multiple,
+    SMALLEST_NORMAL_FP32,
 )
+from .mx import MXSteps, e8m0_values, mx_blocks, mx_element
 
 STACK = "torchao 0.18"
 # torch.finfo(torch.float8_e4m3fn).tiny: torchao clamps block scales below at the smallest normal E4M3.
@@ -104,3 +109,80 @@ def fp8_steps(x: torch.Tensor, amax: AmaxLike = None, *, per_row: bool = False) 
     quotient = x.float() / scale
     data = e4m3_round(quotient)
     return FP8Steps("torchao", scale, quotient, data, (data.float() * scale).to(x.dtype))
+
+
+# ScaleCalculationMode's values; FLOOR is to_mx's default (the OCP spec's rule).
+SCALING_MODES = ("floor", "ceil", "even", "rceil")
+# An E8M0 byte torchao's RCEIL gives an infinite amax (0xFE, 2**127).
+E8M0_FOR_INF = 0xFE
+
+
+def mx_scale_from_exponent_bits(block_amax: torch.Tensor, element: str, scaling_mode: str) -> torch.Tensor:
+    """to_mx's FLOOR, CEIL and EVEN scales: uint8 E8M0 bytes from the fp32 bits of max|block|.
+
+    FLOOR: the exponent field of amax, less 127 (so a subnormal amax counts as 2**-127), less the
+    element's emax. CEIL: one more where amax's mantissa field is not zero. EVEN: amax's mantissa
+    first rounded to the element's mantissa bits (half up, by adding half an element ulp to the
+    bits), then FLOOR. Clamped to [-127, 128] and biased; NaN amax -> 0xFF.
+    """
+    fmt = mx_element(element)
+    bits = block_amax.view(torch.int32)
+    if scaling_mode == "even":
+        half_ulp = 1 << (23 - fmt.mantissa_bits - 1)
+        bits = (bits + half_ulp) & 0x7F800000
+    exponent = ((bits >> 23) & 0xFF) - E8M0_BIAS - fmt.emax
+    if scaling_mode == "ceil":
+        exponent = exponent + ((bits & 0x7FFFFF) > 0).to(torch.int32)
+    scale = (exponent.clamp(-E8M0_BIAS, E8M0_BIAS + 1) + E8M0_BIAS).to(torch.uint8)
+    return torch.where(torch.isnan(block_amax), E8M0_NAN, scale)
+
+
+def mx_steps(x: torch.Tensor, element: str = "e4m3", scaling_mode: str = "floor") -> MXSteps:
+    """torchao's MXTensor.to_mx(x, elem_dtype, 32, scaling_mode) ("torch" cast, eager), then
+    MXTensor.dequantize().
+
+    x: bf16 or fp32 (to_mx asserts it), last dim a multiple of 32. element: "e4m3", "e5m2" or
+    "e2m1" (float4_e2m1fn_x2). scaling_mode: "floor" (default), "ceil", "even" or "rceil".
+
+    Order (to_mx): amax = max|block| in x's dtype, then x and amax to fp32;
+      floor / ceil / even: b = mx_scale_from_exponent_bits(amax); s = fp32 with exponent field b
+        (b = 0 gives 0.0, clamped to 2**-126: a byte-0 block is divided by 2**-126 but decodes
+        as 2**-127); q = x / s (IEEE); FP8 clamps q to +-max;
+      rceil (_to_mx_rceil, eager): d = amax / max (IEEE); b = clamp(ceil(log2(d)), -127, 127)
+        + 127 (torch.log2), NaN -> 0xFF, inf -> 0xFE; r = 2**(127 - b), but 1.0 for b = 0, d for
+        NaN, 2**-127 for 0xFE; q = clamp(x * r, +-max);
+      FP8: the cast of q (nearest even); E2M1: _f32_to_floatx_unpacked(q) (nearest even,
+      saturating, sign bit kept), packed two a byte.
+    dequantize (to_dtype): fp32(element) in x's dtype times 2**(b - 127) in x's dtype (NaN for 0xFF).
+    """
+    check_float_input(x)
+    if x.dtype == torch.float16:
+        raise ValueError(f"{STACK} MX takes bfloat16 or float32 (to_mx asserts it); x is float16.")
+    fmt = mx_element(element)
+    if scaling_mode not in SCALING_MODES:
+        raise ValueError(f"{STACK} scaling_mode={scaling_mode!r}; ScaleCalculationMode is one of "
+                         f"{', '.join(SCALING_MODES)}.")
+    blocks = mx_blocks(x, STACK, pads=False)
+    block_amax = blocks.abs().amax(dim=-1, keepdim=True).float()
+    data = blocks.float()
+    if scaling_mode == "rceil":
+        descale = block_amax / fmt.max
+        exponent = torch.clamp(torch.ceil(torch.log2(descale)), min=-E8M0_BIAS, max=E8M0_BIAS) + E8M0_BIAS
+        scale = torch.where(torch.isnan(descale), E8M0_NAN,
+                            torch.where(torch.isinf(descale), E8M0_FOR_INF, exponent.to(torch.uint8)))
+        reciprocal = torch.where(scale == E8M0_NAN, descale, torch.where(
+            scale == E8M0_FOR_INF, 2.0**-127, torch.where(scale == 0, 1.0, torch.exp2(E8M0_BIAS - scale.float()))))
+        quotient = data * reciprocal
+    else:
+        scale = mx_scale_from_exponent_bits(block_amax, element, scaling_mode)
+        divisor = (scale.to(torch.int32) << 23).view(torch.float32).clamp(min=SMALLEST_NORMAL_FP32)
+        quotient = data / divisor
+    if fmt.dtype is None:
+        clamped = quotient if scaling_mode != "rceil" else torch.clamp(quotient, min=-fmt.max, max=fmt.max)
+        codes = e2m1_codes(clamped)
+    else:
+        codes = torch.clamp(quotient, min=-fmt.max, max=fmt.max).to(fmt.dtype).view(torch.uint8)
+    decode_scale = e8m0_values(scale).to(x.dtype)
+    dequantized = (fmt.decode(codes).to(x.dtype) * decode_scale).flatten(-2)
+    return MXSteps(f"torchao-{scaling_mode}", element, block_amax, scale.squeeze(-1), quotient, codes, dequantized,
+                   x.shape[-1])
