@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import find_case, vector_cases
+from conftest import find_case, vector_cases, vector_input
 
-from refquant.dialects import FP8_DIALECTS, NVFP4_DIALECTS, fp8_steps, nvfp4_steps
+from refquant.dialects import FP8_DIALECTS, MX_DIALECTS, NVFP4_DIALECTS, fp8_steps, mx_steps, nvfp4_steps
+from refquant.dialects.mx import MX_FORMATS, mx_element
 from refquant.testing import which_dialect
 
 EVERY_FINITE_BF16 = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
@@ -94,22 +95,47 @@ def test_which_dialect_names_modelopt_qtensor_for_fp8_real_data():
 
 
 STACK_FILES = {"dialect_torchao.pt": "torchao", "dialect_compressed_tensors.pt": "compressed-tensors",
-               "dialect_transformer_engine.pt": "transformer-engine"}
+               "dialect_transformer_engine.pt": "transformer-engine", "dialect_microxcaling.pt": "microxcaling",
+               "dialect_modelopt.pt": "modelopt-qtensor"}
+MX_FORMAT_OF = {element: mx_format for mx_format, element in MX_FORMATS.items()}
+
+
+def mx_dialect_of(file: str, case: dict) -> str | None:
+    """The MX dialect a stack's case was computed as; None for options no dialect stands for
+    (microxcaling's "even" rounding and column blocks are function options, not dialects)."""
+    if file == "dialect_torchao.pt":
+        return f"torchao-{case['scaling_mode']}"
+    if file == "dialect_microxcaling.pt":
+        return "microxcaling" if case["rounding"] == "nearest" and case["axis"] == -1 else None
+    return "modelopt-qtensor"
 
 
 @pytest.mark.parametrize("file", list(STACK_FILES))
 def test_which_dialect_names_the_stack_for_its_vectors(file):
+    named = 0
     for case in vector_cases(file):
+        x = vector_input(case) if case["format"] != "layout" else None
         if case["format"] == "nvfp4" and case.get("tile_rows", 1) == 1:
-            report = which_dialect(case["packed"], case["x"], global_amax=case["global_amax"],
+            report = which_dialect(case["packed"], x, global_amax=case["global_amax"],
                                    block_scale=case["block_scale"].view(torch.float8_e4m3fn))
             assert_named(report, STACK_FILES[file])
             if "dequantized" in case:
-                assert_named(which_dialect(case["dequantized"], case["x"], global_amax=case["global_amax"]),
-                             STACK_FILES[file])
+                assert_named(which_dialect(case["dequantized"], x, global_amax=case["global_amax"]), STACK_FILES[file])
+            named += 1
         elif case["format"] == "fp8" and not (case.get("per_row") or case.get("per_channel")):
-            report = which_dialect(case["data"].view(torch.float8_e4m3fn), case["x"], format="fp8")
+            report = which_dialect(case["data"].view(torch.float8_e4m3fn), x, format="fp8")
             assert_named(report, STACK_FILES[file])
+            named += 1
+        elif case["format"] == "mx" and mx_dialect_of(file, case) is not None:
+            mx_format, expected = MX_FORMAT_OF[case["element"]], mx_dialect_of(file, case)
+            if "stored" in case:
+                element = mx_element(case["element"])
+                stored = case["stored"] if element.dtype is None else case["stored"].view(element.dtype)
+                assert_named(which_dialect(stored, x, block_scale=case["scale"], format=mx_format), expected)
+            if "dequantized" in case:
+                assert_named(which_dialect(case["dequantized"], x, format=mx_format), expected)
+            named += 1
+    assert named > 0
 
 
 @pytest.mark.parametrize("dialect", list(NVFP4_DIALECTS))
@@ -126,6 +152,44 @@ def test_which_dialect_names_each_fp8_dialect_for_its_own_output(dialect):
     x = EVERY_FINITE_BF16
     report = which_dialect(fp8_steps(x, dialect).dequantized, x, format="fp8")
     assert_named(report, dialect)
+
+
+MX_PAIRS = [(mx_format, name) for mx_format, table in MX_DIALECTS.items() for name in table]
+
+
+@pytest.mark.parametrize("mx_format, dialect", MX_PAIRS, ids=[f"{f}-{d}" for f, d in MX_PAIRS])
+def test_which_dialect_names_each_mx_dialect_alone_for_its_own_output_on_every_bf16_pattern(mx_format, dialect):
+    x = EVERY_FINITE_BF16.reshape(-1, 32)
+    steps = mx_steps(x, dialect, mx_format)
+    for report in (which_dialect(steps.dequantized, x, format=mx_format),
+                   which_dialect(steps.stored, x, block_scale=steps.scale_e8m0)):
+        assert report.format == mx_format and report.tied == [dialect], str(report)
+        assert report.ranking[1].differing > 0
+
+
+def test_which_dialect_explains_where_the_best_mx_dialect_parts_from_the_output():
+    x = EVERY_FINITE_BF16.reshape(-1, 32)
+    output = mx_steps(x, "microxcaling", "mxfp4")
+    others = ["torchao-ceil", "modelopt-qtensor"]
+    from_values = which_dialect(output.dequantized, x, format="mxfp4", dialects=others)
+    from_codes = which_dialect(output.stored, x, block_scale=output.scale, format="mxfp4", dialects=others)
+    for report in (from_values, from_codes):
+        assert report.ranking[0].differing > 0
+        assert sum(report.differing_by_step.values()) == report.ranking[0].differing
+        assert "element tie" in report.differing_by_step, report.differing_by_step
+        assert "E8M0 scale 0x" in str(report)
+    # Codes come with their scale bytes, so a block scaled otherwise is seen as such; fake-quant
+    # values only show it where they fall off the best dialect's grid.
+    assert "shared exponent" in from_codes.differing_by_step
+
+
+def test_which_dialect_rejects_mx_elements_without_scales_and_an_mx_global_amax():
+    x = EVERY_FINITE_BF16[:64].reshape(-1, 32)
+    steps = mx_steps(x, "torchao-floor", "mxfp8_e5m2")
+    with pytest.raises(ValueError, match="E8M0 scales"):
+        which_dialect(steps.stored, x)
+    with pytest.raises(ValueError, match="drop global_amax"):
+        which_dialect(steps.dequantized, x, format="mxfp8_e5m2", global_amax=1.0)
 
 
 def test_which_dialect_explains_where_the_best_parts_from_the_output():
@@ -160,3 +224,10 @@ def test_cli_which_names_the_dialect_from_pt_and_safetensors_files(tmp_path, cap
     assert "best: compressed-tensors" in capsys.readouterr().out
     assert main(["which", "--x", f"{tmp_path}/run.pt", "--output", f"{tmp_path}/run.pt:y"]) == 2
     assert "name one as" in capsys.readouterr().err
+    mx = mx_steps(x.reshape(-1, 32), "modelopt-qtensor", "mxfp8_e4m3")
+    torch.save({"x": x.reshape(-1, 32), "y": mx.dequantized, "data": mx.stored, "scale": mx.scale}, tmp_path / "mx.pt")
+    assert main(["which", "--x", f"{tmp_path}/mx.pt:x", "--output", f"{tmp_path}/mx.pt:y", "--format", "mxfp8_e4m3"]) == 0
+    assert "best: modelopt-qtensor" in capsys.readouterr().out
+    assert main(["which", "--x", f"{tmp_path}/mx.pt:x", "--output", f"{tmp_path}/mx.pt:data",
+                 "--block-scale", f"{tmp_path}/mx.pt:scale", "--format", "mxfp8_e4m3"]) == 0
+    assert "best: modelopt-qtensor" in capsys.readouterr().out
