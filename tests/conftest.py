@@ -54,6 +54,29 @@ def vector_cases(name: str) -> list[dict]:
     return load_vectors(name)["cases"]
 
 
+@lru_cache(maxsize=None)
+def recipe_input(recipe: str, shape: tuple[int, ...], sha256: str) -> torch.Tensor:
+    """An input a vector file names instead of storing (scripts/make_dialect_vectors.py
+    recipe_input): "bf16_every_finite_pattern", the 65,280 finite bf16 patterns in bit order, or
+    "bf16_every_pattern", all 65,536; reshaped to `shape`. Fails unless its bytes hash to `sha256`."""
+    patterns = every_16_bit_pattern(torch.bfloat16)
+    recipes = {"bf16_every_finite_pattern": lambda: patterns[torch.isfinite(patterns)],
+               "bf16_every_pattern": lambda: patterns}
+    if recipe not in recipes:
+        pytest.fail(f"unknown input recipe {recipe!r}; the recipes are {', '.join(recipes)}")
+    x = recipes[recipe]().reshape(shape)
+    if hashlib.sha256(x.view(torch.int16).numpy().tobytes()).hexdigest() != sha256:
+        pytest.fail(f"input recipe {recipe!r} does not give the bytes its vector file hashed ({sha256})")
+    return x
+
+
+def vector_input(case: dict) -> torch.Tensor:
+    """A case's input x: stored, or rebuilt from its recipe (recipe_input)."""
+    if "x" in case:
+        return case["x"]
+    return recipe_input(case["x_recipe"], tuple(case["x_shape"]), case["x_sha256"])
+
+
 def find_case(name: str, case_name: str) -> dict:
     for case in vector_cases(name):
         if case["name"] == case_name:

@@ -7,6 +7,7 @@ cannot drift from the code. To refresh the worked block after a deliberate chang
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,29 @@ def test_e4m3_limits_are_those_of_float8_e4m3fn():
     assert info.max == formats.E4M3_MAX
     smallest = torch.tensor([0x01], dtype=torch.uint8).view(torch.float8_e4m3fn).float().item()
     assert smallest == formats.E4M3_MIN_SUBNORMAL
+
+
+@pytest.mark.parametrize("dtype, largest, emax", [
+    (formats.E4M3_DTYPE, formats.E4M3_MAX, formats.E4M3_EMAX),
+    (formats.E5M2_DTYPE, formats.E5M2_MAX, formats.E5M2_EMAX),
+])
+def test_fp8_element_limits_and_largest_power_of_two_are_those_of_torchs_dtypes(dtype, largest, emax):
+    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float()
+    finite = values[torch.isfinite(values)]
+    assert finite.max().item() == largest == torch.finfo(dtype).max
+    assert 2.0**emax <= largest < 2.0 ** (emax + 1)
+
+
+def test_e2m1_largest_power_of_two_is_the_largest_power_of_two_among_its_magnitudes():
+    powers = [m for m in formats.E2M1_MAGNITUDES if m > 0 and math.log2(m).is_integer()]
+    assert max(powers) == 2.0**formats.E2M1_EMAX
+
+
+def test_e8m0_bytes_are_powers_of_two_with_bias_127_and_0xff_is_nan():
+    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(formats.E8M0_DTYPE).float()
+    expected = [2.0 ** (b - formats.E8M0_BIAS) for b in range(255)]
+    assert values[:255].tolist() == expected
+    assert math.isnan(values[formats.E8M0_NAN].item())
 
 
 # --- E2M1 code table (docs/modelopt_behaviour.md §4.4) --------------------------------------------

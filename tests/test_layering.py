@@ -1,5 +1,5 @@
 """The packages are layers and imports point down them (README "Layout"): numerics at the bottom,
-compiled beside it (wrapping it), quant above them, hf above that, the command line on top.
+compiled and dialects beside it (each importing it), quant above them, hf above that, the command line on top.
 
 Read from the source with ast, so a lazy import inside a function counts as much as one at the top,
 and so does importlib.import_module("refquant.x") with a literal name.
@@ -19,10 +19,11 @@ ALLOWED = {
     "_version": set(),
     "numerics": {"numerics"},
     "compiled": {"numerics", "compiled"},
-    "testing": {"numerics", "testing"},
+    "dialects": {"numerics", "dialects"},
+    "testing": {"numerics", "dialects", "testing"},
     "quant": {"numerics", "compiled", "quant"},
-    "hf": {"numerics", "quant", "hf"},
-    "cli": {"numerics", "compiled", "testing", "quant", "hf", "cli"},
+    "hf": {"numerics", "dialects", "quant", "hf"},
+    "cli": {"numerics", "compiled", "dialects", "testing", "quant", "hf", "cli"},
 }
 
 

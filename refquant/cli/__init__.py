@@ -9,7 +9,7 @@ import os
 import sys
 
 # Modules that define `register(subparsers)`; each sets `func` on its parser.
-COMMAND_MODULES = ("refquant.cli.demo", "refquant.cli.recipes", "refquant.cli.quantize")
+COMMAND_MODULES = ("refquant.cli.demo", "refquant.cli.recipes", "refquant.cli.quantize", "refquant.cli.which")
 
 
 def build_parser() -> argparse.ArgumentParser:

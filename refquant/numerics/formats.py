@@ -1,4 +1,5 @@
-"""Named limits and code tables of the two formats: FP8 E4M3 (float8_e4m3fn) and E2M1 (FP4).
+"""Named limits and code tables of the element and scale formats: FP8 E4M3 (float8_e4m3fn), FP8 E5M2
+(float8_e5m2), E2M1 (FP4) and E8M0 (the MX formats' power-of-two scale).
 
 Everything numeric that more than one module needs lives here, once. docs/modelopt_behaviour.md §0
 gives the fp32 bit patterns of the derived constants; the tests check them.
@@ -12,6 +13,12 @@ import torch
 E4M3_MAX = 448.0  # largest finite magnitude; also the constant KV-cache amax ("cast" modes)
 E4M3_MIN_SUBNORMAL = 2.0**-9  # smallest positive value; NVFP4QTensor clamps block scales here
 E4M3_DTYPE = torch.float8_e4m3fn
+E4M3_EMAX = 8  # exponent of the largest power of two below E4M3_MAX (256)
+
+# --- FP8 E5M2 (float8_e5m2): 1 sign, 5 exponent bits (bias 15), 2 mantissa bits, inf and NaN. ---
+E5M2_MAX = 57344.0  # largest finite magnitude, 1.75 * 2**15
+E5M2_DTYPE = torch.float8_e5m2
+E5M2_EMAX = 15
 
 # --- E2M1 (FP4): 1 sign bit, 2 exponent bits, 1 mantissa bit. ---
 E2M1_MAX = 6.0
@@ -23,6 +30,17 @@ E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_DECISION_POINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 E2M1_TIE_ROUNDS_UP = (False, True, False, True, False, True, False)
 E2M1_SIGN_BIT = 0b1000
+E2M1_EMAX = 2  # 4, the largest power of two of E2M1
+
+# --- E8M0 (float8_e8m0fnu): 8 exponent bits, bias 127, no sign, no mantissa: byte b is 2**(b - 127)
+# for b in 0..254 (2**-127 .. 2**127) and 0xFF is NaN (OCP MX spec v1.0, section 5.4.1). ---
+E8M0_BIAS = 127
+E8M0_NAN = 0xFF
+E8M0_DTYPE = torch.float8_e8m0fnu
+
+# --- MX (OCP microscaling): E4M3, E5M2 or E2M1 elements in blocks of 32 along one dim, one E8M0
+# scale per block. ---
+MX_BLOCK_SIZE = 32
 
 # --- NVFP4: E2M1 values in blocks of 16 along the last dim, an E4M3 scale per block, and an fp32
 # per-tensor ("global") scale = global_amax / (6 * 448). ---
