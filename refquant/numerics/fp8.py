@@ -157,7 +157,9 @@ def fp8_quantize(
     Exactly one source for the scale:
     - `scale`: used as given (FP8QTensor.quantize(x, scales=scale)); a float becomes fp32.
     - `amax`: scale = amax / 448 in amax's dtype (the TensorQuantizer real-quant path,
-      `self.amax / 448.0`); a float amax is fp32.
+      `self.amax / 448.0`); a float amax is fp32. Where that scale is 0 (amax 0, a quantizer
+      calibration never reached) it is 1.0, the scale of the maxbound 448, as modelopt's export
+      gives a zero amax (docs/contract.md §5); modelopt's real-quant path divides by 0 there.
     - neither: amax = max|x| in x's dtype (per-tensor, per `axis`, or per block of `block_size`
       along the last dim) and scale = amax / 448 in x's dtype.
     "modelopt-cpu" divides by 448 exactly; "modelopt-cuda" multiplies by fp32(1/448), and rounds
@@ -188,7 +190,7 @@ def fp8_quantize(
     elif amax is not None:
         amax = as_amax_tensor(amax, x)
         check_channel_amax(amax, x)
-        scale = _divide_by_448(amax, flavor)
+        scale = _scale_of_given_amax(amax, flavor)
     elif block_size is not None:
         x_blocked = _pad_last_dim(x, block_size)
         blocks = x_blocked.unflatten(-1, (-1, block_size))
@@ -221,6 +223,16 @@ def _quotient_dtype(x: torch.Tensor, divisor: torch.Tensor) -> torch.dtype:
     if x.ndim == 0 and divisor.ndim > 0:
         return divisor.dtype
     return torch.promote_types(x.dtype, divisor.dtype)
+
+
+def _scale_of_given_amax(amax: torch.Tensor, flavor: Flavor) -> torch.Tensor:
+    """amax / 448 in amax's dtype, and 1.0 (448 / 448) where that is 0: amax 0, or an amax too
+    small for its dtype to hold amax / 448 (fp16 below about 448 * 2**-25). modelopt's export maps
+    a zero amax to the maxbound 448 so that a checkpoint's scale stays positive
+    (TensorQuantizer.export_amax, refquant.hf.export's _export_amax); a zero scale would turn
+    every nonzero element into x / 0, saturated bytes that dequantize to 0."""
+    scale = _divide_by_448(amax, flavor)
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
 def _divide_by_448(amax: torch.Tensor, flavor: Flavor) -> torch.Tensor:
