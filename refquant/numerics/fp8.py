@@ -22,6 +22,7 @@ from .checks import (
     reduce_amax,
 )
 from .formats import E4M3_DTYPE, E4M3_MAX, FP8_AMAX_FLOOR, RCP_448
+from .straight_through import straight_through
 
 
 def saturating_e4m3(v: torch.Tensor) -> torch.Tensor:
@@ -86,13 +87,15 @@ def fp8_fake_quant(
 
     Order of operations (docs/modelopt_behaviour.md §1.3): v = fl(fp32(x) * scale), clamp to +-448,
     round to E4M3, widen, multiply by the inverse scale in fp32, round to x's dtype.
+    Gradient: modelopt's straight-through one, the upstream gradient unchanged for x and none for
+    amax (refquant.numerics.straight_through).
     """
     check_flavor(flavor)
     check_float_input(x)
     if x.numel() == 0:
         return x.clone()
     if amax is None:
-        amax = reduce_amax(x, axis)  # NaN or inf in x makes every output NaN, as in modelopt
+        amax = reduce_amax(x.detach(), axis)  # NaN or inf in x makes every output NaN, as in modelopt
     else:
         if axis is not None:
             raise ValueError("pass either amax or axis (axis is for an amax taken from the data), not both.")
@@ -101,13 +104,14 @@ def fp8_fake_quant(
     scale, inv_scale = fp8_fake_quant_scales(amax, flavor)
     if amax.numel() == 1:
         scale, inv_scale = scale.reshape(()), inv_scale.reshape(())
-    return fp8_fake_quant_with_scales(x, scale, inv_scale)
+    return straight_through(fp8_fake_quant_with_scales, x, scale, inv_scale)
 
 
 def fp8_fake_quant_with_scales(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
     """fp8_fake_quant's element step under the scales fp8_fake_quant_scales gave (fp32, 0-d or
     broadcasting over x): x * scale onto the E4M3 grid, times the inverse scale, in x's dtype.
-    (refquant.compiled's bound quantizer call computes the scales once and calls this.)"""
+    A pure function of the values, without fp8_fake_quant's gradient. (refquant.compiled's bound
+    quantizer call, made only outside autograd, computes the scales once and calls this.)"""
     on_grid = saturating_e4m3(x.float() * scale).float()
     return (on_grid * inv_scale).to(x.dtype)
 

@@ -21,6 +21,7 @@ import torch
 from .checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input, max_abs
 from .fp8 import divide_by_constant
 from .gpu_division import approx_reciprocal_fp32
+from .straight_through import straight_through
 from .formats import (
     E4M3_DTYPE,
     E4M3_MAX,
@@ -166,17 +167,20 @@ def nvfp4_fake_quant(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor =
     not a multiple of 16 is zero-padded for the block max and the padding dropped.
     `flavor` is accepted for a uniform call signature and checked, but changes nothing: modelopt
     has this one fake-quant path on every device.
+    Gradient: modelopt's straight-through one, the upstream gradient unchanged for x and none for
+    amax (refquant.numerics.straight_through).
     """
     check_flavor(flavor)
     check_float_input(x)
     _check_nonempty_last_dim(x)
     if x.numel() == 0:
         return x.clone()
-    return nvfp4_fake_quant_blocks(x, _global_amax(x, amax))
+    return straight_through(nvfp4_fake_quant_blocks, x, _global_amax(x.detach(), amax))
 
 
 def nvfp4_fake_quant_blocks(x: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
-    """nvfp4_fake_quant's work under a given fp32 0-d global amax (x non-empty, at least 1-d).
+    """nvfp4_fake_quant's work under a given fp32 0-d global amax (x non-empty, at least 1-d); a
+    pure function of the values, without nvfp4_fake_quant's gradient.
 
     (refquant.compiled runs this step as a Triton kernel on CUDA, refquant.compiled.nvfp4_fake_triton.)
     """
