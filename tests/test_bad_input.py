@@ -37,6 +37,18 @@ BAD_CALLS = [
     ("nvfp4_fake_negative_amax", lambda: rq.nvfp4_fake_quant(X, -3.0), ["amax", "-3.0", "amax=None"]),
     ("nvfp4_quantize_negative_amax", lambda: rq.nvfp4_quantize(X, torch.tensor(-1.0)), ["amax", "-1.0"]),
     ("nvfp4_quantize_nan_amax", lambda: rq.nvfp4_quantize(X, float("nan")), ["amax", "nan"]),
+    ("fp8_fake_inf_amax_tensor", lambda: rq.fp8_fake_quant(X, torch.tensor(float("inf"))), ["amax", "inf", "finite"]),
+    ("nvfp4_fake_nan_amax_tensor", lambda: rq.nvfp4_fake_quant(X, torch.tensor(float("nan"))), ["amax", "nan", "finite"]),
+    # --- an amax or scale that fp32 cannot hold (the numerics compute in fp32: 1e300 became inf) ---
+    ("fp8_fake_amax_beyond_fp32", lambda: rq.fp8_fake_quant(X, 1e300), ["amax", "1e+300", "fp32", "3.4028234"]),
+    ("fp8_fake_float64_amax_beyond_fp32", lambda: rq.fp8_fake_quant(X, torch.tensor(1e300, dtype=torch.float64)), ["amax", "1e+300", "fp32"]),
+    ("fp8_fake_float64_amax_just_beyond_fp32", lambda: rq.fp8_fake_quant(X, torch.tensor(3.5e38, dtype=torch.float64)), ["amax", "3.5e+38", "fp32"]),
+    ("nvfp4_fake_float64_amax_beyond_fp32", lambda: rq.nvfp4_fake_quant(X, torch.tensor(1e300, dtype=torch.float64)), ["amax", "fp32"]),
+    ("nvfp4_quantize_amax_beyond_fp32", lambda: rq.nvfp4_quantize(X, 1e39), ["amax", "1e+39", "fp32"]),
+    ("fp8_quantize_amax_beyond_fp32", lambda: rq.fp8_quantize(X, amax=torch.tensor(-1e300, dtype=torch.float64).abs()), ["amax", "fp32"]),
+    ("fp8_quantize_scale_beyond_fp32", lambda: rq.fp8_quantize(X, scale=1e40), ["scale", "fp32"]),
+    ("fp8_quantize_scale_zero_in_fp32", lambda: rq.fp8_quantize(X, scale=torch.tensor(1e-300, dtype=torch.float64)), ["scale", "> 0", "fp32"]),
+    ("fp8_quantize_scale_number_zero_in_fp32", lambda: rq.fp8_quantize(X, scale=1e-60), ["scale", "> 0", "fp32"]),
     # --- amax that is neither per-tensor nor a keep-dims per-channel shape ---
     ("fp8_fake_amax_without_keepdim", lambda: rq.fp8_fake_quant(X, torch.ones(4)), ["(4,)", "(4, 32)", "keepdim=True", "(4, 1)"]),
     ("fp8_fake_amax_wrong_channel_count", lambda: rq.fp8_fake_quant(X, torch.ones(32, 1)), ["(32, 1)", "(4, 32)", "Reshape it"]),

@@ -26,6 +26,7 @@ from ..numerics import nvfp4 as reference_nvfp4
 from ..numerics.checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input
 from ..numerics.formats import NVFP4_BLOCK_SIZE
 from ..numerics.gpu_division import reciprocal_table
+from ..numerics.straight_through import straight_through
 
 from .options import (
     FP8_REALIZE_OPCOUNT_THRESHOLD,
@@ -285,10 +286,11 @@ def _compiled_nvfp4_fake_quant_for(x: torch.Tensor) -> CompiledPerSignature:
 def _nvfp4_fake_quant_triton_blocks(x: torch.Tensor, amax: AmaxLike = None) -> torch.Tensor:
     """refquant.nvfp4_fake_quant with its block step (refquant.numerics.nvfp4.nvfp4_fake_quant_blocks)
     run by the Triton kernel of nvfp4_fake_triton.py: CUDA, last dim a multiple of 16, x not
-    empty. The global amax is the reference's own code."""
+    empty. The global amax and the gradient (straight through) are the reference's own code."""
     from .nvfp4_fake_triton import nvfp4_fake_quant_blocks
 
-    return nvfp4_fake_quant_blocks(x.contiguous(), reference_nvfp4._global_amax(x, amax))
+    global_amax = reference_nvfp4._global_amax(x.detach(), amax)
+    return straight_through(nvfp4_fake_quant_blocks, x.contiguous(), global_amax)
 
 
 @functools.cache
@@ -310,7 +312,8 @@ class BoundFakeQuant:
     a call launches only the element kernel. A call only reshapes x and calls the graph directly
     behind its guards (refquant.compiled.direct_call), which check everything else about x (dtype,
     device, sizes, strides, grad); it returns None when they do not pass, and the caller then
-    makes the ordinary call. Made by bind_fake_quant.
+    makes the ordinary call. Made by bind_fake_quant, for calls outside autograd: an x that
+    requires grad under grad mode is refused too (the graph's own guards would refuse it as well).
     """
 
     __slots__ = ("_entry", "_frame")
@@ -320,7 +323,7 @@ class BoundFakeQuant:
         self._frame = frame
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        if x.ndim == 0:
+        if x.ndim == 0 or (x.requires_grad and torch.is_grad_enabled()):
             return None
         frame = dict(self._frame)  # a dict per call: a quantizer may run in several threads
         frame["x"] = _rows(x)       # (nn.DataParallel's replicas share it)

@@ -4,6 +4,7 @@
   fp8.py       FP8 E4M3 fake and real quantization
   nvfp4.py     NVFP4 fake and real quantization
   checks.py    input validation and amax handling shared by both
+  straight_through.py  fake quant's gradient: modelopt's straight-through estimator
 
 The bottom layer: it imports nothing else of refquant. This package is also the "reference"
 backend of a quantizer (refquant.quant.backends), beside refquant.compiled.

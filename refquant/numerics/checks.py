@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import struct
 import weakref
 from typing import Literal, Union
 
 import torch
 
-from .formats import SUPPORTED_FLOAT_DTYPES
+from .formats import FP32_MAX, SUPPORTED_FLOAT_DTYPES
 
 Flavor = Literal["modelopt-cpu", "modelopt-cuda"]
 FLAVORS: tuple[str, ...] = ("modelopt-cpu", "modelopt-cuda")
@@ -42,14 +43,19 @@ def as_amax_tensor(amax: AmaxLike, x: torch.Tensor, what: str = "amax", *, posit
     """Turn a user amax (float, int or tensor) into a tensor on x's device; fp32 for numbers.
 
     A tensor keeps its dtype (modelopt converts with .float() where it computes, and we do the
-    same at the point of use). Values are checked: a negative, NaN or infinite amax is a bug
-    upstream, and modelopt would silently turn it into garbage. `positive` also rejects 0 (for a
-    divisor such as a given FP8 scale).
+    same at the point of use). Values are checked: a negative, NaN or infinite amax, or one that
+    fp32 cannot hold (the numerics compute in fp32, where 1e300 is inf), is a bug upstream, and
+    modelopt would silently turn it into garbage. `positive` also rejects 0, and a value that is
+    0 in fp32 (for a divisor such as a given FP8 scale).
+
+    A CPU tensor is checked on every call (reading it costs no sync), so a write that moves no
+    version counter (`amax.data.copy_(...)`) is seen too. A tensor on a GPU is checked once per
+    object and version (_already_checked): a check there is a device sync.
     """
     if isinstance(amax, bool) or not isinstance(amax, (torch.Tensor, float, int)):
         raise ValueError(f"{what} must be a float or a tensor, got {type(amax).__name__}.")
     if not isinstance(amax, torch.Tensor):
-        if not (math.isfinite(amax) and (amax > 0 if positive else amax >= 0)):  # on the host: no sync
+        if not is_valid_amax_value(amax, positive):  # on the host: no sync
             _raise_bad_amax(what, [amax], positive)
         # A fill on x's device, not torch.tensor(value, device=...): that copies from host memory,
         # and a copy from pageable memory waits for the device (a sync per call on CUDA).
@@ -57,27 +63,64 @@ def as_amax_tensor(amax: AmaxLike, x: torch.Tensor, what: str = "amax", *, posit
     if not amax.is_floating_point():
         raise ValueError(f"{what} has dtype {amax.dtype}; pass a floating-point amax.")
     amax = amax.to(x.device)
-    if not _is_tracing() and (positive or not _already_checked(amax)):
-        bad = ~torch.isfinite(amax) | ((amax <= 0) if positive else (amax < 0))
-        if bool(bad.any()):  # reads back to the host: a device sync, hence _already_checked
-            _raise_bad_amax(what, amax.flatten()[bad.flatten()][:4].tolist(), positive)
-        if not positive:
+    cached = not positive and amax.device.type != "cpu"
+    if not _is_tracing() and not (cached and _already_checked(amax)):
+        bad = bad_amax_values(amax, positive)
+        if bad:
+            _raise_bad_amax(what, bad, positive)
+        if cached:
             _remember_checked(amax)
     return amax
+
+
+def fp32_value(value: float) -> float:
+    """A Python number rounded to fp32 as torch rounds it (to nearest even; inf beyond fp32's range)."""
+    try:
+        return struct.unpack("f", struct.pack("f", float(value)))[0]
+    except OverflowError:  # finite, but rounds past fp32's largest value (or an int past float's)
+        return math.inf if value > 0 else -math.inf
+
+
+def is_valid_amax_value(value: float, positive: bool = False) -> bool:
+    """Whether a number is a valid amax (finite in fp32, >= 0) or, with `positive`, a valid
+    divisor (finite and > 0 in fp32)."""
+    if not positive and 0 <= value <= FP32_MAX:  # the common case, without the rounding
+        return True
+    rounded = fp32_value(value)
+    return math.isfinite(rounded) and (rounded > 0 if positive else value >= 0)
+
+
+def bad_amax_values(amax: torch.Tensor, positive: bool = False) -> list:
+    """The values of an amax tensor that is_valid_amax_value refuses (up to four), read back to the
+    host: `.item()` for one element; for more, its smallest and largest value (one reduction and
+    one read, a device sync on a GPU), which decide it (NaN makes both NaN, and the rounding to
+    fp32 keeps the order), and only when they fail, the offending values."""
+    if amax.numel() == 1:
+        value = amax.item()
+        return [] if is_valid_amax_value(value, positive) else [value]
+    if all(is_valid_amax_value(value, positive) for value in torch.stack(torch.aminmax(amax)).tolist()):
+        return []
+    values = amax.float()  # the numerics' own conversion: 1e300 in float64 is inf here
+    bad = ~torch.isfinite(values) | ((values <= 0) if positive else (amax < 0))
+    if not bool(bad.any()):
+        return []
+    return amax.flatten()[bad.flatten()][:4].tolist()
 
 
 def _raise_bad_amax(what: str, bad_values: list, positive: bool = False) -> None:
     meaning = "it is the largest |value| to represent" if what == "amax" else "x is divided by it"
     bound = "> 0" if positive else ">= 0"
     raise ValueError(
-        f"{what} must be finite and {bound} ({meaning}); got "
-        f"{bad_values}. Recalibrate, or pass {what}=None to take it from the data."
+        f"{what} must be finite and {bound} in fp32 ({meaning}; fp32 holds magnitudes up to "
+        f"{FP32_MAX}); got {bad_values}. Recalibrate, or pass {what}=None to take it from the data."
     )
 
 
-# Tensors whose values passed the amax check, by id, with the version counter they had then: a
-# quantizer's calibrated amax is checked once, not synced on every forward. An in-place change
-# moves the version (so it is checked again); the weak reference tells a recycled id apart.
+# Tensors on a GPU whose values passed the amax check, by id, with the version counter they had
+# then: a quantizer's calibrated amax is checked once, not synced on every call. An in-place change
+# moves the version (so it is checked again), except a write through `.data`, which moves none
+# (the quantizer reads its own amax on every call, refquant.quant.quantizer); the weak reference
+# tells a recycled id apart.
 _CHECKED: dict[int, tuple[weakref.ref, int]] = {}
 _CHECKED_MAX_ENTRIES = 4096
 

@@ -62,6 +62,8 @@ NVFP4_BLOCK_SCALE_FLOOR = 1e-5
 FP8_AMAX_FLOOR = 2.0**-24
 
 SUPPORTED_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The largest finite fp32: an amax or scale beyond it is inf where the numerics compute (fp32).
+FP32_MAX = torch.finfo(torch.float32).max
 
 
 def e2m1_code_table(device: torch.device | str | None = None) -> torch.Tensor:

@@ -22,6 +22,7 @@ from .checks import (
     reduce_amax,
 )
 from .formats import E4M3_DTYPE, E4M3_MAX, FP8_AMAX_FLOOR, RCP_448
+from .straight_through import straight_through
 
 
 def saturating_e4m3(v: torch.Tensor) -> torch.Tensor:
@@ -86,13 +87,15 @@ def fp8_fake_quant(
 
     Order of operations (docs/modelopt_behaviour.md §1.3): v = fl(fp32(x) * scale), clamp to +-448,
     round to E4M3, widen, multiply by the inverse scale in fp32, round to x's dtype.
+    Gradient: modelopt's straight-through one, the upstream gradient unchanged for x and none for
+    amax (refquant.numerics.straight_through).
     """
     check_flavor(flavor)
     check_float_input(x)
     if x.numel() == 0:
         return x.clone()
     if amax is None:
-        amax = reduce_amax(x, axis)  # NaN or inf in x makes every output NaN, as in modelopt
+        amax = reduce_amax(x.detach(), axis)  # NaN or inf in x makes every output NaN, as in modelopt
     else:
         if axis is not None:
             raise ValueError("pass either amax or axis (axis is for an amax taken from the data), not both.")
@@ -101,13 +104,14 @@ def fp8_fake_quant(
     scale, inv_scale = fp8_fake_quant_scales(amax, flavor)
     if amax.numel() == 1:
         scale, inv_scale = scale.reshape(()), inv_scale.reshape(())
-    return fp8_fake_quant_with_scales(x, scale, inv_scale)
+    return straight_through(fp8_fake_quant_with_scales, x, scale, inv_scale)
 
 
 def fp8_fake_quant_with_scales(x: torch.Tensor, scale: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
     """fp8_fake_quant's element step under the scales fp8_fake_quant_scales gave (fp32, 0-d or
     broadcasting over x): x * scale onto the E4M3 grid, times the inverse scale, in x's dtype.
-    (refquant.compiled's bound quantizer call computes the scales once and calls this.)"""
+    A pure function of the values, without fp8_fake_quant's gradient. (refquant.compiled's bound
+    quantizer call, made only outside autograd, computes the scales once and calls this.)"""
     on_grid = saturating_e4m3(x.float() * scale).float()
     return (on_grid * inv_scale).to(x.dtype)
 
@@ -157,7 +161,9 @@ def fp8_quantize(
     Exactly one source for the scale:
     - `scale`: used as given (FP8QTensor.quantize(x, scales=scale)); a float becomes fp32.
     - `amax`: scale = amax / 448 in amax's dtype (the TensorQuantizer real-quant path,
-      `self.amax / 448.0`); a float amax is fp32.
+      `self.amax / 448.0`); a float amax is fp32. Where that scale is 0 (amax 0, a quantizer
+      calibration never reached) it is 1.0, the scale of the maxbound 448, as modelopt's export
+      gives a zero amax (docs/contract.md §5); modelopt's real-quant path divides by 0 there.
     - neither: amax = max|x| in x's dtype (per-tensor, per `axis`, or per block of `block_size`
       along the last dim) and scale = amax / 448 in x's dtype.
     "modelopt-cpu" divides by 448 exactly; "modelopt-cuda" multiplies by fp32(1/448), and rounds
@@ -188,7 +194,7 @@ def fp8_quantize(
     elif amax is not None:
         amax = as_amax_tensor(amax, x)
         check_channel_amax(amax, x)
-        scale = _divide_by_448(amax, flavor)
+        scale = _scale_of_given_amax(amax, flavor)
     elif block_size is not None:
         x_blocked = _pad_last_dim(x, block_size)
         blocks = x_blocked.unflatten(-1, (-1, block_size))
@@ -221,6 +227,16 @@ def _quotient_dtype(x: torch.Tensor, divisor: torch.Tensor) -> torch.dtype:
     if x.ndim == 0 and divisor.ndim > 0:
         return divisor.dtype
     return torch.promote_types(x.dtype, divisor.dtype)
+
+
+def _scale_of_given_amax(amax: torch.Tensor, flavor: Flavor) -> torch.Tensor:
+    """amax / 448 in amax's dtype, and 1.0 (448 / 448) where that is 0: amax 0, or an amax too
+    small for its dtype to hold amax / 448 (fp16 below about 448 * 2**-25). modelopt's export maps
+    a zero amax to the maxbound 448 so that a checkpoint's scale stays positive
+    (TensorQuantizer.export_amax, refquant.hf.export's _export_amax); a zero scale would turn
+    every nonzero element into x / 0, saturated bytes that dequantize to 0."""
+    scale = _divide_by_448(amax, flavor)
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
 def _divide_by_448(amax: torch.Tensor, flavor: Flavor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 from .checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input, max_abs
 from .fp8 import divide_by_constant
 from .gpu_division import approx_reciprocal_fp32
+from .straight_through import straight_through
 from .formats import (
     E4M3_DTYPE,
     E4M3_MAX,
@@ -188,18 +189,21 @@ def nvfp4_fake_quant(
     not a multiple of 16 is zero-padded for the block max and the padding dropped.
     `flavor` is accepted for a uniform call signature and checked, but changes nothing: modelopt
     has this one fake-quant path on every device.
+    Gradient: modelopt's straight-through one, the upstream gradient unchanged for x and none for
+    amax (refquant.numerics.straight_through).
     """
     check_flavor(flavor)
     check_float_input(x)
     _check_nonempty_last_dim(x)
     if x.numel() == 0:
         return x.clone()
-    return nvfp4_fake_quant_blocks(x, _global_amax(x, amax, per_slice=per_slice_amax))
+    return straight_through(nvfp4_fake_quant_blocks, x, _global_amax(x.detach(), amax, per_slice=per_slice_amax))
 
 
 def nvfp4_fake_quant_blocks(x: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
     """nvfp4_fake_quant's work under a given fp32 global amax (x non-empty, at least 1-d): 0-d, or
-    one per slice (keep-dims, last dim 1).
+    one per slice (keep-dims, last dim 1); a pure function of the values, without
+    nvfp4_fake_quant's gradient.
 
     (refquant.compiled runs this step as a Triton kernel on CUDA for a 0-d amax,
     refquant.compiled.nvfp4_fake_triton.)
@@ -325,8 +329,52 @@ def nvfp4_quantize(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "
     if x.numel() == 0:
         raise ValueError(f"x of shape {tuple(x.shape)} is empty: there is nothing to quantize.")
     global_scale = global_scale_from_amax(_global_amax(x, amax), flavor)
-    packed, block_scale = nvfp4_quantize_blocks(x, global_scale)
+    packed, block_scale = nvfp4_quantize_blocks_in_pieces(x, global_scale)
     return NVFP4Tensor(packed=packed, block_scale=block_scale, global_scale=global_scale, shape=x.shape, dtype=x.dtype)
+
+
+# nvfp4_quantize_blocks makes about 35 bytes of temporaries per element (fp32 blocks and quotients,
+# the E2M1 rounding, an int64 word per block for the packing): 17x a bf16 input over a whole
+# tensor. Eagerly, a large tensor goes through it in pieces, at most QUANTIZE_PIECES of them and
+# each at least PIECE_MIN_ELEMENTS long (at most ~35 MiB of temporaries): a 4096 x 4096 bf16
+# tensor allocates at most 1.4x its size (44 MiB, against 553 MiB whole), and runs faster on a CPU
+# (the pieces stay in cache). Under torch.compile the whole tensor is one graph, whose fused
+# kernels keep no such temporaries.
+QUANTIZE_PIECES = 16
+PIECE_MIN_ELEMENTS = 1 << 20
+
+
+def nvfp4_quantize_blocks_in_pieces(
+    x: torch.Tensor, global_scale: torch.Tensor, piece_elements: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """nvfp4_quantize_blocks(x, global_scale), bit for bit (blocks are independent), computed on
+    pieces of about `piece_elements` elements (default: the larger of 1/QUANTIZE_PIECES of x and
+    PIECE_MIN_ELEMENTS): runs of whole rows of x's last dim, or, for rows longer than a piece,
+    runs of whole blocks of one row. The outputs are written into tensors allocated once."""
+    if piece_elements is None:
+        piece_elements = max(PIECE_MIN_ELEMENTS, -(-x.numel() // QUANTIZE_PIECES))
+    if torch.compiler.is_compiling() or x.numel() <= piece_elements:
+        return nvfp4_quantize_blocks(x, global_scale)
+    row_length = x.shape[-1]
+    rows = x.reshape(-1, row_length)
+    blocks_per_row = -(-row_length // NVFP4_BLOCK_SIZE)
+    packed = torch.empty(rows.shape[0], blocks_per_row * NVFP4_BLOCK_SIZE // 2, dtype=torch.uint8, device=x.device)
+    block_scale = torch.empty(rows.shape[0], blocks_per_row, dtype=E4M3_DTYPE, device=x.device)
+    rows_per_piece = piece_elements // row_length
+    if rows_per_piece >= 1:
+        for first in range(0, rows.shape[0], rows_per_piece):
+            piece = slice(first, first + rows_per_piece)
+            packed[piece], block_scale[piece] = nvfp4_quantize_blocks(rows[piece], global_scale)
+    else:
+        blocks_per_piece = max(1, piece_elements // NVFP4_BLOCK_SIZE)
+        for row in range(rows.shape[0]):
+            for first_block in range(0, blocks_per_row, blocks_per_piece):
+                blocks = slice(first_block, first_block + blocks_per_piece)
+                columns = rows[row, first_block * NVFP4_BLOCK_SIZE : (first_block + blocks_per_piece) * NVFP4_BLOCK_SIZE]
+                bytes_ = slice(blocks.start * NVFP4_BLOCK_SIZE // 2, blocks.stop * NVFP4_BLOCK_SIZE // 2)
+                packed[row, bytes_], block_scale[row, blocks] = nvfp4_quantize_blocks(columns, global_scale)
+    lead = x.shape[:-1]
+    return packed.reshape(*lead, -1), block_scale.reshape(*lead, -1)
 
 
 def nvfp4_quantize_blocks(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch
 from dataclasses_json import DataClassJsonMixin
 from torch import nn
 
-from ..numerics.checks import FLAVORS, Flavor, reduce_amax
+from ..numerics.checks import FLAVORS, Flavor, bad_amax_values, is_valid_amax_value, reduce_amax
 from .backends import BACKENDS, numerics
 from ..numerics.formats import E4M3_MAX
 
@@ -106,6 +106,17 @@ class _MaxCalibrator:
         )
 
 
+# _amax_value_now's answer where a call is neither bound nor shared (a per-channel amax, or one
+# that cannot be read now); never equal to a bound call's value.
+_NOT_SHARED = object()
+_READ_NOW = object()  # _fake_quant's default: the amax value is read by the call itself
+
+
+def _records_gradient(x: torch.Tensor) -> bool:
+    """Whether a call on x records a gradient (autograd then needs the numerics' own path)."""
+    return x.requires_grad and torch.is_grad_enabled()
+
+
 def _is_parameter(x: torch.Tensor) -> bool:
     """isinstance(x, nn.Parameter), answered without Parameter's Python __instancecheck__ for the
     plain tensors a forward's activations are (host time on every quantizer call)."""
@@ -159,8 +170,11 @@ class TensorQuantizer(nn.Module):
     """Fake-quantizes the tensors that pass through it, per its QuantizerConfig.
 
     amax (property): the amax it uses (448.0 for a constant-amax quantizer; the calibrated one; or
-    None, meaning "taken from each call's data"). `backend` picks the reference or compiled
-    numerics, `flavor` which modelopt run FP8 reproduces (docs/contract.md §2).
+    None, meaning "taken from each call's data"); read from its buffer on every call, so a write
+    in place is used by the next call and checked there (docs/contract.md §9). `backend` picks
+    the reference or compiled numerics, `flavor` which modelopt run FP8 reproduces
+    (docs/contract.md §2). Its gradient is modelopt's straight-through one: the upstream gradient
+    unchanged for the input, none for the amax (docs/contract.md §8).
     """
 
     def __init__(
@@ -184,8 +198,7 @@ class TensorQuantizer(nn.Module):
         self._calibrator: _MaxCalibrator | None = None
         # set by refquant.hf.ptq.insert_quantizers: one per model, see SharedInputResult
         self.shared_input_result: Optional[SharedInputResult] = None
-        self._amax_value: Optional[tuple] = None  # (buffer, its _version, its value): see _settings
-        self._bound: Optional[tuple] = None  # (bound call, what it was bound for): see _fake_quant
+        self._bound: Optional[tuple] = None  # (bound call, what it was bound for): see _call_bound
         if config is not None:
             self.set_config(config)
 
@@ -259,23 +272,63 @@ class TensorQuantizer(nn.Module):
             self._calibrator.collect(x, self.name)
         if not self._quantizing:
             return x
+        amax_value = self._amax_value_now()
         shared = self.shared_input_result
         settings = None
-        if shared is not None and not _is_parameter(x) and not (x.requires_grad and torch.is_grad_enabled()):
-            settings = self._settings()
-            if settings is not None:
-                result = shared.get(x, settings)
-                if result is not None:
-                    return result
-        result = self._fake_quant(x)
+        if shared is not None and amax_value is not _NOT_SHARED and not _is_parameter(x) and not _records_gradient(x):
+            settings = (self.config, self.flavor, self.backend, amax_value)
+            result = shared.get(x, settings)
+            if result is not None:
+                return result
+        result = self._fake_quant(x, amax_value)
         if settings is not None:
             shared.put(x, settings, result)
         return result
 
-    def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._call_bound(x)
-        if out is not None:
-            return out
+    def _amax_value_now(self) -> Any:
+        """This call's amax as the host sees it, read from the buffer on every call: None (taken
+        from x), 448.0 (constant), (dtype, value) for a one-element stored amax, or _NOT_SHARED
+        (a per-channel amax, or one not read now) where no call is bound or shared.
+
+        Read on every call because an in-place write may move no version counter: modelopt's own
+        amax setter writes `_amax.data.copy_(value)`, and `.data` is an alias with a counter of
+        its own. So the reference, the compiled backend's bound calls (which hold values computed
+        from the amax) and SharedInputResult all see the value the buffer holds now, and a NaN,
+        infinite or negative value raises here, however it was written. The cost: a one-element
+        amax is one `.item()` (on the CPU about 0.2 us; on a GPU a device sync per call),
+        a per-channel amax a reduction and one read. Not read under torch.compile's tracing or a
+        CUDA graph capture, where a read is not possible: the traced or captured code reads the
+        buffer's memory when it runs, without the check."""
+        if self.config.use_constant_amax:
+            return E4M3_MAX
+        amax = self._buffers.get("_amax")
+        if amax is None:
+            return None
+        if torch.compiler.is_compiling() or (amax.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return _NOT_SHARED
+        if amax.numel() == 1:
+            value = amax.item()
+            bad = [] if is_valid_amax_value(value) else [value]
+        else:
+            bad = bad_amax_values(amax)
+        if bad:
+            raise ValueError(
+                f"{self.name or 'a quantizer'}: its stored amax holds {bad} ({amax.dtype}, shape "
+                f"{tuple(amax.shape)}); an amax must be finite and >= 0 in fp32 (it is the largest "
+                "|value| to represent). Recalibrate, or store a valid one with set_amax()."
+            )
+        return (amax.dtype, value) if amax.numel() == 1 else _NOT_SHARED
+
+    def _fake_quant(self, x: torch.Tensor, amax_value: Any = _READ_NOW) -> torch.Tensor:
+        if amax_value is _READ_NOW:
+            amax_value = self._amax_value_now()
+        # A call that records a gradient takes the numerics' autograd path, never a bound call
+        # (a bound graph or kernel launch is made for calls outside autograd).
+        bindable = amax_value is not _NOT_SHARED and not _records_gradient(x)
+        if bindable:
+            out = self._call_bound(x, amax_value)
+            if out is not None:
+                return out
         impl = numerics(self.backend)
         amax = self.amax_for(x)
         if self.config.format == "fp8":
@@ -287,9 +340,8 @@ class TensorQuantizer(nn.Module):
                 # modelopt reduces a non-scalar NVFP4 amax with a plain max (docs/modelopt_behaviour.md §3.2)
                 amax = amax.amax()
             out = impl.nvfp4_fake_quant(x, amax)
-        # only a per-tensor call binds (bind_fake_quant's rule): a per-channel one would try anew every call
-        per_tensor = axis is None and (not isinstance(amax, torch.Tensor) or amax.ndim == 0)
-        self._bind(impl, x, amax, per_tensor)
+        if bindable and axis is None:  # per channel (an amax from x per `axis`) binds nothing
+            self._bind(impl, x, amax, amax_value)
         return out
 
     def __getstate__(self) -> dict:
@@ -303,50 +355,29 @@ class TensorQuantizer(nn.Module):
     # A forward after calibration calls the same fake quantization with the same amax on tensors
     # of the same kind, over and over; refquant.compiled.bind_fake_quant does that call's
     # argument handling once. The bound call is used while the quantizer's config, flavor,
-    # backend and amax buffer (object and version) are those it was bound for, and while its
-    # graph's guards accept x; otherwise the ordinary call runs, and binds again.
+    # backend, amax buffer (object) and amax value (read on every call, _amax_value_now) are
+    # those it was bound for, and while its graph's guards accept x; otherwise the ordinary call
+    # runs, and binds again.
 
-    def _call_bound(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _call_bound(self, x: torch.Tensor, amax_value: Any) -> torch.Tensor | None:
         bound = self._bound
         if bound is None or torch.compiler.is_compiling():
             return None  # under someone's torch.compile: dynamo traces the ordinary call, not this
-        call, config, flavor, backend, buffer, version = bound
-        amax = self._buffers.get("_amax")
-        if config is not self.config or flavor != self.flavor or backend != self.backend or amax is not buffer:
+        call, config, flavor, backend, buffer, value = bound
+        if config is not self.config or flavor != self.flavor or backend != self.backend:
             return None
-        if amax is not None and amax._version != version:
+        if self._buffers.get("_amax") is not buffer or amax_value != value:
             return None
         return call(x)
 
-    def _bind(self, impl, x: torch.Tensor, amax, per_tensor: bool) -> None:
+    def _bind(self, impl, x: torch.Tensor, amax, amax_value: Any) -> None:
         binder = getattr(impl, "bind_fake_quant", None)
         self._bound = None
-        if binder is None or not per_tensor or torch.compiler.is_compiling():
+        if binder is None or torch.compiler.is_compiling():
             return
         call = binder(self.config.format, x, amax, flavor=self.flavor)
         if call is not None:
-            buffer = self._buffers.get("_amax")
-            version = None if buffer is None else buffer._version
-            self._bound = (call, self.config, self.flavor, self.backend, buffer, version)
-
-    def _settings(self) -> Optional[tuple[Any, ...]]:
-        """What decides this quantizer's output for a given input, comparable across quantizers
-        (SharedInputResult); None for a per-channel amax (not shared). A stored amax enters by
-        value, read back once per change of the buffer (a device sync then, none per call)."""
-        if self.config.use_constant_amax:
-            amax_value: Any = E4M3_MAX
-        else:
-            amax = self._buffers.get("_amax")
-            if amax is None:
-                amax_value = None  # taken from x: equal inputs, equal amax
-            elif amax.numel() != 1:
-                return None
-            else:
-                cached = self._amax_value
-                if cached is None or cached[0] is not amax or cached[1] != amax._version:
-                    cached = self._amax_value = (amax, amax._version, (amax.dtype, float(amax)))
-                amax_value = cached[2]
-        return (self.config, self.flavor, self.backend, amax_value)
+            self._bound = (call, self.config, self.flavor, self.backend, self._buffers.get("_amax"), amax_value)
 
     def amax_for(self, x: torch.Tensor) -> torch.Tensor | float | None:
         """The amax this quantizer applies to x: the stored one on x's device, None (taken from x),
