@@ -3,8 +3,10 @@
 modelopt's own amax setter writes `self._amax.data.copy_(value)`, which moves no version counter
 (a tensor's `.data` is an alias with a counter of its own) and keeps the data pointer. Whatever
 the write, the next call of a quantizer uses the value now in its buffer, in the reference and
-in the compiled backend (whose bound calls hold scales computed from the amax), and a NaN,
-infinite or negative value written so raises as one stored by set_amax does.
+in the compiled backend (whose bound calls hold the buffer itself, never values computed from
+it). On the CPU a NaN, infinite or negative value written so raises at the next call as one
+stored by set_amax does; on a GPU, where reading it back would be a device sync a call, it is
+checked when the buffer's version moves and by the export (docs/contract.md §9).
 """
 
 from __future__ import annotations
@@ -152,6 +154,10 @@ def test_a_cpu_amax_tensor_written_through_data_is_checked_again_by_the_function
 @pytest.mark.parametrize("write", ["q.amax.data.copy_", "q._amax.copy_", "an alias from .data"])
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
 def test_on_cuda_a_bound_launch_uses_an_amax_written_in_place(fmt, write):
+    """On a GPU a call does not read the amax back (a device sync): the bound launch reads the
+    buffer itself, so any write is used by the next call with the reference's bits. A NaN written
+    so is checked where the buffer's version moves (a plain copy_: the next call raises) and by
+    the export; through `.data` the next call computes with it (NaN outputs) without a sync."""
     from refquant.compiled import functions
 
     quantizer = _quantizer(fmt, "compiled", "cuda", torch.bfloat16)
@@ -160,6 +166,22 @@ def test_on_cuda_a_bound_launch_uses_an_amax_written_in_place(fmt, write):
     assert isinstance(quantizer._bound[0], functions.BoundKernelLaunch)
     WRITES[write](quantizer, torch.tensor(0.75))
     assert_bitexact(_calls(quantizer, x, 1).cpu(), _reference(fmt, x, 0.75, "modelopt-cuda"), f"after {write}")
+    assert isinstance(quantizer._bound[0], functions.BoundKernelLaunch)
     WRITES[write](quantizer, torch.tensor(float("nan")))
-    with pytest.raises(ValueError, match="nan"):
-        _calls(quantizer, x, 1)
+    if write == "q._amax.copy_":
+        with pytest.raises(ValueError, match="nan"):
+            _calls(quantizer, x, 1)
+    else:
+        assert bool(_calls(quantizer, x, 1).isnan().all())
+
+
+def test_the_export_refuses_an_amax_written_as_nan_in_place():
+    from refquant.hf.export import plan_export
+    from refquant.hf.models import build_builtin_model
+
+    model = build_builtin_model()
+    rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), [torch.randint(3, 259, (1, 16))], progress=False)
+    quantizer = model.model.layers[0].self_attn.q_proj.input_quantizer
+    quantizer.amax.data.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.input_quantizer holds the amax \[nan\]"):
+        plan_export(model)

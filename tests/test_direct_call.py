@@ -406,23 +406,25 @@ def test_a_tensor_the_bound_graph_does_not_take_gets_the_ordinary_call():
 
 @pytest.mark.parametrize("flavor", ["modelopt-cpu", "modelopt-cuda"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-def test_a_bound_fp8_call_runs_the_element_step_under_scales_computed_once(flavor, dtype):
-    """FP8 with a given amax binds its scales (fp8_fake_quant_scales, once) and a graph of the element
-    step alone; every amax regime (ordinary, below the 2**-24 floor, 448, huge) gives the
-    reference's bits."""
+def test_a_bound_fp8_call_reads_its_amax_tensor_at_every_call(flavor, dtype):
+    """FP8 with an amax tensor binds the graph of fp8_fake_quant itself, which forms the scales from
+    the amax at every call: every amax regime (ordinary, below the 2**-24 floor, 448, huge) gives
+    the reference's bits, and so does a value written into the same tensor later through `.data`
+    (which moves no version counter)."""
     from refquant.compiled import functions
 
-    element_step = functions._compiled_fp8_fake_quant_with_scales
     gen = torch.Generator().manual_seed(4)
     inputs = [(torch.randn(rows, 64, generator=gen) * 40).to(dtype) for rows in (5, 2, 17)]
-    for amax in (3.0, 1e-30, 448.0, 3.0e38):
-        bound = rc.bind_fake_quant("fp8", inputs[0], amax, flavor=flavor)
-        assert bound is not None, "nothing was bound"
-        assert any(bound._entry is entry for entry in element_step._compiled.values()), "not the element step's graph"
+    amax = torch.tensor(3.0)
+    bound = rc.bind_fake_quant("fp8", inputs[0], amax, flavor=flavor)
+    assert bound is not None, "nothing was bound"
+    assert any(bound._entry is entry for entry in functions._compiled_fp8_fake_quant._compiled.values()), "not fp8_fake_quant's graph"
+    for value in (3.0, 1e-30, 448.0, 3.0e38):
+        amax.data.copy_(torch.tensor(value))
         for x in inputs:
             out = bound(x)
             assert out is not None, f"{tuple(x.shape)}: the bound graph did not take it"
-            assert_bitexact(out, rq.fp8_fake_quant(x, amax, flavor=flavor), f"amax {amax}, {tuple(x.shape)}")
+            assert_bitexact(out, rq.fp8_fake_quant(x, value, flavor=flavor), f"amax {value}, {tuple(x.shape)}")
 
 
 def test_a_launch_takes_a_permutation_of_a_contiguous_tensor_with_the_last_dim_innermost():

@@ -38,14 +38,34 @@ def test_a_bound_fp8_launch_gives_the_reference_bits_on_every_pattern(dtype, fla
 
 def test_a_bound_fp8_launch_keeps_nothing_on_the_device():
     """PTQ's peak memory is held to modelopt's, whose FP8 quantizers keep nothing but their amax:
-    binding reads the scales back once and passes them to every launch as fp32 arguments."""
+    a binding keeps the amax tensor it was given, and a constant amax (448, the cast KV modes) is
+    one tensor per device that every binding of it shares."""
     x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
     amax = torch.tensor(3.0, device="cuda")
+    rc.bind_fake_quant("fp8", x, 448.0)  # the shared constant, made once
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    bound = [rc.bind_fake_quant("fp8", x, amax, flavor=flavor) for flavor in ("modelopt-cpu", "modelopt-cuda") for _ in range(8)]
+    bound = [rc.bind_fake_quant("fp8", x, a, flavor=flavor) for flavor in ("modelopt-cpu", "modelopt-cuda")
+             for a in (amax, 448.0) for _ in range(8)]
     assert all(isinstance(b, functions.BoundKernelLaunch) for b in bound)
     assert torch.cuda.memory_allocated() == before
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_a_bound_launch_reads_its_amax_where_it_lives(fmt):
+    """A write into the amax tensor in place, through `.data` (no version counter moves), is used
+    by the next launch, bit for bit as the reference computes with the new value."""
+    x = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16) * 3
+    amax = torch.tensor(3.0, device="cuda", dtype=torch.bfloat16)
+    bound = rc.bind_fake_quant(fmt, x, amax, flavor="modelopt-cuda")
+    assert isinstance(bound, functions.BoundKernelLaunch)
+    for value in (3.0, 0.5, 448.0, 1e-30):
+        amax.data.copy_(torch.tensor(value, dtype=torch.bfloat16))
+        if fmt == "fp8":
+            want = rq.fp8_fake_quant(x.cpu(), amax.cpu(), flavor="modelopt-cuda")
+        else:
+            want = rq.nvfp4_fake_quant(x.cpu(), amax.cpu())
+        assert_bitexact(bound(x).cpu(), want, f"{fmt}, amax written to {value}")
 
 
 def test_fp32_binds_the_graph_not_the_launch():

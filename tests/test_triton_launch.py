@@ -195,7 +195,7 @@ def test_a_bound_launch_looks_up_the_kernel_triton_picks_as_counts_and_alignment
     from refquant.compiled import fp8_fake_triton, nvfp4_fake_triton
 
     unit = 16 if fmt == "nvfp4" else 1
-    kernel = (nvfp4_fake_triton if fmt == "nvfp4" else fp8_fake_triton).fake_quant_kernel()
+    kernel = nvfp4_fake_triton.fake_quant_kernel() if fmt == "nvfp4" else fp8_fake_triton.fake_quant_kernel("modelopt-cuda")
     storage = torch.randn(64 * 1024 + 8, generator=torch.Generator().manual_seed(5)).bfloat16().cuda() * 3
     amax = torch.tensor(2.5, device="cuda")
     bound = rc.bind_fake_quant(fmt, storage[: 16 * unit].view(-1, unit), amax, flavor="modelopt-cuda")

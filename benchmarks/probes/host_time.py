@@ -123,10 +123,13 @@ def bound_launch_steps(fmt: str, x: torch.Tensor, amax: torch.Tensor, flavor: st
 
     out = bound(x)
     if fmt == "fp8":
-        from refquant.compiled import fp8_fake_triton as kernels
+        from refquant.compiled import fp8_fake_triton
+
+        kernel = fp8_fake_triton.fake_quant_kernel(flavor)
     else:
-        from refquant.compiled import nvfp4_fake_triton as kernels
-    kernel = kernels.fake_quant_kernel()
+        from refquant.compiled import nvfp4_fake_triton
+
+        kernel = nvfp4_fake_triton.fake_quant_kernel()
     count = x.numel() // kernel.unit
     launch_args = (x, *bound._params, out, count)
     launch, programs = kernel.launch, -(-count // kernel.per_program)

@@ -7,13 +7,14 @@ chain; in a host-bound 0.6B forward on the H200 machines that was about 62 us a 
 about 30 for a bound NVFP4 quantizer launching its own kernel (docs/compiled.md, "Fourth round").
 This kernel is launched the same way (refquant.compiled.triton_launch.DirectLaunch).
 
-It is refquant.numerics.fp8.fp8_fake_quant_with_scales step for step: v = fl(fp32(x) * scale),
-clamped to +-448 (NaN stays NaN: both comparisons are false for it), rounded to E4M3 (nearest,
-ties to even: cvt.rn.satfinite), times the inverse scale in fp32, rounded to x's dtype. The two
-products are PTX mul.rn.f32, so no compiler may fuse them with anything. The scales are the
-reference's (fp8_fake_quant_scales, computed once per binding) and reach the kernel as fp32
-arguments of the launch: a bound quantizer keeps no tensor of its own on the device (modelopt's
-keeps none either, and PTQ's peak memory is held to modelopt's).
+It is refquant.numerics.fp8.fp8_fake_quant step for step. Each program reads the amax from the
+device (the quantizer's own buffer, so a write to it in place, `.data` included, is used by the
+next launch as by the reference) and forms the scales as fp8_fake_quant_scales does: fp32(amax),
+1.0 at or below 2**-24, then 448 * (1 / amax) (modelopt-cpu: two roundings) or 448 / amax
+(modelopt-cuda: one), and the inverse 1 / scale, every division div.rn (IEEE) and every product
+mul.rn. Then v = fl(fp32(x) * scale), clamped to +-448 (NaN stays NaN: both comparisons are false
+for it), rounded to E4M3 (nearest, ties to even: cvt.rn.satfinite), times the inverse scale in
+fp32, rounded to x's dtype. A NaN or infinite amax gives what the reference computes from it.
 tests/test_fp8_fake_kernel.py holds it to the reference bit for bit on CUDA: every bf16 and fp16
 pattern, under every amax regime, both flavors (a bound quantizer launches it for bf16 and fp16
 only; fp32 keeps inductor's kernel).
@@ -26,7 +27,7 @@ import functools
 import triton
 import triton.language as tl
 
-from ..numerics.formats import E4M3_MAX
+from ..numerics.formats import E4M3_MAX, FP8_AMAX_FLOOR
 from .nvfp4_fake_triton import _mul_rn  # fl(a * b) as PTX mul.rn.f32, never contracted into an FMA
 from .triton_launch import DirectLaunch, FakeQuantKernel
 
@@ -36,7 +37,15 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _fp8_fake_kernel(x_ptr, scale, inv_scale, y_ptr, n, E4M3_MAX_: tl.constexpr, ELEMENTS: tl.constexpr):
+def _fp8_fake_kernel(x_ptr, amax_ptr, y_ptr, n, E4M3_MAX_: tl.constexpr, AMAX_FLOOR: tl.constexpr,
+                     RECIPROCAL_THEN_MULTIPLY: tl.constexpr, ELEMENTS: tl.constexpr):
+    amax = tl.load(amax_ptr).to(tl.float32)
+    amax = tl.where(amax <= AMAX_FLOOR, 1.0, amax)
+    if RECIPROCAL_THEN_MULTIPLY:  # modelopt-cpu: Python's `448.0 / tensor` is a reciprocal, then a product
+        scale = tl.div_rn(1.0, amax) * E4M3_MAX_
+    else:  # modelopt-cuda: one correctly rounded division
+        scale = tl.div_rn(E4M3_MAX_, amax)
+    inv_scale = tl.div_rn(1.0, scale)
     offsets = tl.program_id(0).to(tl.int64) * ELEMENTS + tl.arange(0, ELEMENTS)
     in_range = offsets < n
     x = tl.load(x_ptr + offsets, mask=in_range, other=0.0)
@@ -48,16 +57,17 @@ def _fp8_fake_kernel(x_ptr, scale, inv_scale, y_ptr, n, E4M3_MAX_: tl.constexpr,
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=in_range)
 
 
-def kernel_constants() -> dict[str, float | int]:
-    return {"E4M3_MAX_": E4M3_MAX, "ELEMENTS": ELEMENTS_PER_PROGRAM}
+def kernel_constants(flavor: str) -> dict[str, float | int | bool]:
+    return {"E4M3_MAX_": E4M3_MAX, "AMAX_FLOOR": FP8_AMAX_FLOOR,
+            "RECIPROCAL_THEN_MULTIPLY": flavor == "modelopt-cpu", "ELEMENTS": ELEMENTS_PER_PROGRAM}
 
 
 @functools.cache
-def _direct_launch() -> DirectLaunch:
-    return DirectLaunch(_fp8_fake_kernel, kernel_constants(), NUM_WARPS)
+def _direct_launch(flavor: str) -> DirectLaunch:
+    return DirectLaunch(_fp8_fake_kernel, kernel_constants(flavor), NUM_WARPS)
 
 
 @functools.cache
-def fake_quant_kernel() -> FakeQuantKernel:
-    """The kernel as a bound launch calls it: params (scale, inv_scale), a count per element."""
-    return FakeQuantKernel(_direct_launch(), unit=1, per_program=ELEMENTS_PER_PROGRAM)
+def fake_quant_kernel(flavor: str) -> FakeQuantKernel:
+    """The kernel of one flavor as a bound launch calls it: params (amax,), a count per element."""
+    return FakeQuantKernel(_direct_launch(flavor), unit=1, per_program=ELEMENTS_PER_PROGRAM)

@@ -57,7 +57,6 @@ def _compiled(fn: Callable, realize_opcount_threshold: int = REALIZE_OPCOUNT_THR
 
 
 _compiled_fp8_fake_quant = _compiled(reference_fp8.fp8_fake_quant, FP8_REALIZE_OPCOUNT_THRESHOLD)
-_compiled_fp8_fake_quant_with_scales = _compiled(reference_fp8.fp8_fake_quant_with_scales, FP8_REALIZE_OPCOUNT_THRESHOLD)
 _compiled_fp8_quantize = _compiled(reference_fp8.fp8_quantize, FP8_REALIZE_OPCOUNT_THRESHOLD)
 _compiled_fp8_dequantize = _compiled(reference_fp8.FP8Tensor.dequantize, FP8_REALIZE_OPCOUNT_THRESHOLD)
 _compiled_nvfp4_fake_quant = _compiled(reference_nvfp4.nvfp4_fake_quant)
@@ -305,11 +304,10 @@ def _nvfp4_fake_quant_with_triton_blocks() -> CompiledPerSignature:
 
 
 class BoundFakeQuant:
-    """fp8_fake_quant(x, amax, flavor=...) or nvfp4_fake_quant(x, amax) for one fixed per-tensor
-    amax, with the per-call work of the functions above done once: the amax checked and placed
-    on the device, the call signature resolved, the graph's other arguments bound. For FP8 with a
-    given amax that includes the scales (fp8_fake_quant_scales, run eagerly by the reference), so
-    a call launches only the element kernel. A call only reshapes x and calls the graph directly
+    """fp8_fake_quant(x, amax, flavor=...) or nvfp4_fake_quant(x, amax) for one per-tensor amax
+    tensor (read by the graph at every call), with the per-call work of the functions above done
+    once: the amax checked and placed on the device, the call signature resolved, the graph's
+    other arguments bound. A call only reshapes x and calls the graph directly
     behind its guards (refquant.compiled.direct_call), which check everything else about x (dtype,
     device, sizes, strides, grad); it returns None when they do not pass, and the caller then
     makes the ordinary call. Made by bind_fake_quant, for calls outside autograd: an x that
@@ -416,15 +414,14 @@ def _rows_in_memory(x: torch.Tensor) -> bool:
 
 
 def _bound_kernel_launch(format: str, x: torch.Tensor, amax: torch.Tensor, flavor: Flavor) -> BoundKernelLaunch | None:
-    """The BoundKernelLaunch for x and this 0-d amax, or None where x does not take one."""
+    """The BoundKernelLaunch for x and this 0-d amax, or None where x does not take one. Either
+    kernel reads the amax from the device at every launch (no value of it is kept on the host)."""
     if not x.is_cuda or x.dtype not in BoundKernelLaunch.DTYPES:
         return None
     if format == "fp8":
         from . import fp8_fake_triton
 
-        # read back once per binding (one sync), and passed to every launch as fp32 arguments
-        scale, inv_scale = torch.stack(reference_fp8.fp8_fake_quant_scales(amax, flavor)).tolist()
-        return BoundKernelLaunch(x, fp8_fake_triton.fake_quant_kernel(), (scale, inv_scale))
+        return BoundKernelLaunch(x, fp8_fake_triton.fake_quant_kernel(flavor), (amax,))
     if not _takes_triton_block_step(x):
         return None
     from . import nvfp4_fake_triton
@@ -432,41 +429,49 @@ def _bound_kernel_launch(format: str, x: torch.Tensor, amax: torch.Tensor, flavo
     return BoundKernelLaunch(x, nvfp4_fake_triton.fake_quant_kernel(), (amax,))
 
 
+@functools.lru_cache(maxsize=64)
+def _constant_amax(value: float, device: torch.device) -> torch.Tensor:
+    """One fp32 0-d tensor per constant amax (448 for the cast KV modes) and device, shared by
+    every binding of it: what as_amax_tensor makes of the number, made once."""
+    return torch.full((), value, dtype=torch.float32, device=device)
+
+
 def bind_fake_quant(format: str, x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> BoundFakeQuant | None:
     """The fake quantization of `format` ("fp8" or "nvfp4") with this amax (None: taken from each
     x; a float or a 0-d tensor), bound for tensors like x: a BoundFakeQuant, or None where there
     is nothing to bind (a per-channel amax, a degenerate x, a graph that cannot be called
-    directly). The amax is checked here, once: bind again when it changes. FP8 with an amax binds
-    its scales and the element step's graph, compiling it here if no graph takes x yet; with an
+    directly). A tensor amax is bound as the tensor itself, never as values computed from it:
+    every call reads it where it lives, so a write to it in place (`.data` included) is used by
+    the next call, as by the reference. Its value is checked here, once per binding. With an
     amax, a bf16 or fp16 x on CUDA binds the launch of a Triton kernel (BoundKernelLaunch); the
     other cases bind the graph of an ordinary call with x, which must have run already."""
     if _is_degenerate(x) or format not in ("fp8", "nvfp4"):
         return None
     check_flavor(flavor)
     if amax is not None:
+        constant = not isinstance(amax, torch.Tensor)
         amax = as_amax_tensor(amax, x)
         if amax.ndim != 0:
             return None
+        if constant:
+            amax = _constant_amax(float(amax), amax.device)
     launch = None if amax is None else _bound_kernel_launch(format, x, amax, flavor)
     # Only a launch that takes x itself: a binding that refuses the tensor it was made for sends
-    # every call back to the ordinary call, which binds again (an FP8 binding reads its scales
-    # back, a device sync a call). K and V reach the attention as transposed views when the
-    # model runs without a KV cache; they bind the graph below, which takes any strides.
+    # every call back to the ordinary call, which binds again. K and V reach the attention as
+    # transposed views when the model runs without a KV cache; they bind the graph below, which
+    # takes any strides.
     if launch is not None and launch.takes(x):
         return launch
-    rows = _rows(x)
-    if format == "fp8" and amax is not None:
-        scale, inv_scale = reference_fp8.fp8_fake_quant_scales(amax, flavor)
-        args, kwargs = (rows, scale.reshape(()), inv_scale.reshape(())), {}
-        entry = _compiled_fp8_fake_quant_with_scales.for_call(args, kwargs)
-        if not entry.fits(entry.frame_of(*args)):  # no graph for tensors like x yet: this call makes one
-            _run(_compiled_fp8_fake_quant_with_scales, reference_fp8.fp8_fake_quant_with_scales, *args)
-    elif format == "fp8":
-        args, kwargs = (rows, amax), {"axis": None, "flavor": flavor}
-        entry = _compiled_fp8_fake_quant.for_call(args, kwargs)
-    else:  # the graph was compiled by an earlier call (with the reciprocal table, where it reads one)
-        args, kwargs = (rows, amax), {}
-        entry = _compiled_nvfp4_fake_quant_for(x).for_call(args, kwargs)
+    args = (_rows(x), amax)
+    if format == "fp8":
+        compiled, reference, kwargs = _compiled_fp8_fake_quant, reference_fp8.fp8_fake_quant, {"axis": None, "flavor": flavor}
+    else:
+        compiled, reference, kwargs = _compiled_nvfp4_fake_quant_for(x), reference_nvfp4.nvfp4_fake_quant, {}
+        if compiled is _compiled_nvfp4_fake_quant:
+            reciprocal_table(x.device)  # decoded eagerly: the graph reads it as a constant
+    entry = compiled.for_call(args, kwargs)
+    if not entry.fits(entry.frame_of(*args, **kwargs)):  # no graph for tensors like x yet: this call makes one
+        _run(compiled, reference, *args, **kwargs)
     frame = entry.frame_of(*args, **kwargs)
     if not entry.direct_graphs or frame is None or "x" not in frame:
         return None

@@ -112,6 +112,16 @@ _NOT_SHARED = object()
 _READ_NOW = object()  # _fake_quant's default: the amax value is read by the call itself
 
 
+@dataclass(frozen=True)
+class _DeviceAmax:
+    """_amax_value_now's answer for a one-element amax on a GPU: the value read when the buffer
+    last changed version. Bound calls stay valid under it (they read the buffer at every call);
+    SharedInputResult never shares under it (a write through `.data` would go unseen there)."""
+
+    dtype: torch.dtype
+    value: float
+
+
 def _records_gradient(x: torch.Tensor) -> bool:
     """Whether a call on x records a gradient (autograd then needs the numerics' own path)."""
     return x.requires_grad and torch.is_grad_enabled()
@@ -199,6 +209,7 @@ class TensorQuantizer(nn.Module):
         # set by refquant.hf.ptq.insert_quantizers: one per model, see SharedInputResult
         self.shared_input_result: Optional[SharedInputResult] = None
         self._bound: Optional[tuple] = None  # (bound call, what it was bound for): see _call_bound
+        self._device_amax_read: Optional[tuple] = None  # (buffer, its version, _DeviceAmax): see _amax_value_now
         if config is not None:
             self.set_config(config)
 
@@ -275,7 +286,8 @@ class TensorQuantizer(nn.Module):
         amax_value = self._amax_value_now()
         shared = self.shared_input_result
         settings = None
-        if shared is not None and amax_value is not _NOT_SHARED and not _is_parameter(x) and not _records_gradient(x):
+        if (shared is not None and amax_value is not _NOT_SHARED and not isinstance(amax_value, _DeviceAmax)
+                and not _is_parameter(x) and not _records_gradient(x)):
             settings = (self.config, self.flavor, self.backend, amax_value)
             result = shared.get(x, settings)
             if result is not None:
@@ -286,19 +298,23 @@ class TensorQuantizer(nn.Module):
         return result
 
     def _amax_value_now(self) -> Any:
-        """This call's amax as the host sees it, read from the buffer on every call: None (taken
-        from x), 448.0 (constant), (dtype, value) for a one-element stored amax, or _NOT_SHARED
+        """This call's amax as the host sees it: None (taken from x), 448.0 (constant), (dtype,
+        value) for a one-element amax on the CPU, a _DeviceAmax for one on a GPU, or _NOT_SHARED
         (a per-channel amax, or one not read now) where no call is bound or shared.
 
-        Read on every call because an in-place write may move no version counter: modelopt's own
-        amax setter writes `_amax.data.copy_(value)`, and `.data` is an alias with a counter of
-        its own. So the reference, the compiled backend's bound calls (which hold values computed
-        from the amax) and SharedInputResult all see the value the buffer holds now, and a NaN,
-        infinite or negative value raises here, however it was written. The cost: a one-element
-        amax is one `.item()` (on the CPU about 0.2 us; on a GPU a device sync per call),
-        a per-channel amax a reduction and one read. Not read under torch.compile's tracing or a
-        CUDA graph capture, where a read is not possible: the traced or captured code reads the
-        buffer's memory when it runs, without the check."""
+        An in-place write may move no version counter: modelopt's own amax setter writes
+        `_amax.data.copy_(value)`, and `.data` is an alias with a counter of its own. Every path
+        therefore computes with the amax the buffer holds when the call runs, in both backends:
+        the numerics take the buffer itself, and a bound call (refquant.compiled.bind_fake_quant)
+        holds the buffer, never values computed from it. What this method adds is the check
+        (NaN, infinite or negative raises, naming the quantizer) and the value that bound calls
+        and SharedInputResult are keyed by. On the CPU it reads the buffer at every call (about
+        0.2 us), so any write is checked at the next call. On a GPU a read is a device sync, so
+        it reads once per change of the buffer's version (set_amax, calibration, `copy_`); a
+        write through `.data` is then used by the next call without being checked there (a NaN
+        gives NaN outputs, as the reference computes them, and the export refuses it), and
+        SharedInputResult does not share such an amax. Not read under torch.compile's tracing or
+        a CUDA graph capture, where a read is not possible."""
         if self.config.use_constant_amax:
             return E4M3_MAX
         amax = self._buffers.get("_amax")
@@ -306,6 +322,16 @@ class TensorQuantizer(nn.Module):
             return None
         if torch.compiler.is_compiling() or (amax.is_cuda and torch.cuda.is_current_stream_capturing()):
             return _NOT_SHARED
+        if amax.device.type != "cpu":
+            read = getattr(self, "_device_amax_read", None)
+            if read is None or read[0] is not amax or read[1] != amax._version:
+                read = self._device_amax_read = (amax, amax._version, self._checked_amax_value(amax, _DeviceAmax))
+            return read[2]
+        return self._checked_amax_value(amax, lambda dtype, value: (dtype, value))
+
+    def _checked_amax_value(self, amax: torch.Tensor, token) -> Any:
+        """token(dtype, value) of a one-element amax, _NOT_SHARED for a per-channel one; raises
+        ValueError when it holds NaN, an infinity or a negative value."""
         if amax.numel() == 1:
             value = amax.item()
             bad = [] if is_valid_amax_value(value) else [value]
@@ -317,7 +343,7 @@ class TensorQuantizer(nn.Module):
                 f"{tuple(amax.shape)}); an amax must be finite and >= 0 in fp32 (it is the largest "
                 "|value| to represent). Recalibrate, or store a valid one with set_amax()."
             )
-        return (amax.dtype, value) if amax.numel() == 1 else _NOT_SHARED
+        return token(amax.dtype, value) if amax.numel() == 1 else _NOT_SHARED
 
     def _fake_quant(self, x: torch.Tensor, amax_value: Any = _READ_NOW) -> torch.Tensor:
         if amax_value is _READ_NOW:
@@ -349,6 +375,7 @@ class TensorQuantizer(nn.Module):
         managers, which cannot be copied) is left out and made again on the next call."""
         state = self.__dict__.copy()
         state["_bound"] = None
+        state["_device_amax_read"] = None
         return state
 
     # --- the compiled backend's fast path ---------------------------------------------------
@@ -478,13 +505,11 @@ class SliceQuantizers:
     slice exactly what its own call gives (refquant.numerics: FP8 with a keep-dims amax, NVFP4
     with one global amax per slice; tests/test_experts.py checks it bit for bit). Otherwise
     (calibrating, a quantizer off or dynamic, a hook on one, mixed configs) __call__ returns None
-    and the caller makes the per-slice calls. The stacked amax is kept until a quantizer's amax
-    buffer changes.
+    and the caller makes the per-slice calls.
     """
 
     def __init__(self, quantizers: nn.ModuleList):
         self.quantizers = quantizers
-        self._stacked: Optional[tuple] = None  # (the amax buffers, their versions, stacked amax)
 
     def __call__(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         quantizers = list(self.quantizers)
@@ -508,14 +533,11 @@ class SliceQuantizers:
         return impl.nvfp4_fake_quant(x, amax, per_slice_amax=True)
 
     def _stacked_amax(self, quantizers: list[TensorQuantizer], x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The amaxes stacked to (E, 1, ..., 1), made at every call from the buffers as they are
+        now (each quantizer's check first), so a write in place, `.data` included, is used."""
         buffers = [q._buffers["_amax"] for q in quantizers]
-        versions = [b._version for b in buffers]
-        cached = self._stacked
-        if (cached is not None and cached[2].device == x.device and cached[1] == versions
-                and all(a is b for a, b in zip(cached[0], buffers))):
-            return cached[2]
         if len({b.dtype for b in buffers}) != 1:
             return None  # torch.stack would promote; the separate calls each keep their dtype
-        stacked = torch.stack([b.reshape(()).to(x.device) for b in buffers]).reshape(-1, *([1] * (x.ndim - 1)))
-        self._stacked = (buffers, versions, stacked)
-        return stacked
+        for quantizer in quantizers:
+            quantizer._amax_value_now()
+        return torch.stack([b.reshape(()).to(x.device) for b in buffers]).reshape(-1, *([1] * (x.ndim - 1)))

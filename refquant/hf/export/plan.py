@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ...numerics.checks import bad_amax_values
 from ...quant.quantizer import TensorQuantizer, all_quantizers_off, child_quantizer, named_quantizers
 from ..dispatch import execution_device, loaded_weights, require_loaded
 from .configs import MODELOPT_FORMAT_VERSION, layer_quant_config
@@ -321,6 +322,13 @@ def plan_export(model: nn.Module) -> ExportPlan:
     for name, quantizer in quantizers.items():
         if quantizer.is_calibrating:
             raise ValueError(f"{name} is still calibrating; finish calibration before exporting.")
+        bad = bad_amax_values(quantizer.amax) if quantizer.is_enabled and quantizer.is_calibrated else []
+        if bad:  # written in place on a GPU, where calls do not read it back (refquant.quant.quantizer)
+            raise ValueError(
+                f"{name} holds the amax {bad} ({quantizer.amax.dtype}); an amax must be finite and >= 0, "
+                "and modelopt's export would write it as a default scale. Recalibrate, or store a valid "
+                "one with set_amax()."
+            )
     _check_tied_weights(model)
     flavor = _uniform(quantizers, "flavor")
     backend = _uniform(quantizers, "backend")
