@@ -120,6 +120,8 @@ FAMILIES: dict[str, Family] = {
     "opt": Family("OPTForCausalLM", "OPTConfig", dict(
         vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=128, word_embed_proj_dim=64)),
+    # transformers' Conv1D (weight [in, out]), which modelopt turns into an nn.Linear; nn.LayerNorm
+    "gpt2": Family("GPT2LMHeadModel", "GPT2Config", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)),
     # MLA, every layer dense (first_k_dense_replace = num_hidden_layers): no experts. MLA expands
     # the latent into one K and V per query head, so num_key_value_heads must equal
     # num_attention_heads (with fewer, the attention repeats the expanded heads again and fails)
@@ -131,10 +133,6 @@ FAMILIES: dict[str, Family] = {
 
 # Families refquant refuses, with the words its error must contain.
 UNSUPPORTED_FAMILIES: dict[str, tuple[Family, tuple[str, ...]]] = {
-    "gpt2": (
-        Family("GPT2LMHeadModel", "GPT2Config", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)),
-        ("GPT2LMHeadModel", "Conv1D", "not supported"),
-    ),
     # modelopt rewrites FalconAttention's source (its attention does not go through transformers'
     # attention interface)
     "falcon": (

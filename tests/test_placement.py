@@ -68,6 +68,20 @@ def test_layernorm_quantizers_wrap_its_forward():
     assert torch.equal(norm(x), expected)
 
 
+def test_gpt2_conv1d_becomes_a_linear_with_its_weight_transposed_in_place():
+    """modelopt's _QuantConv1D.convert: weight [in, out] -> [out, in], then its nn.Linear."""
+    model = mc.build_model("gpt2")
+    conv1d = model.transformer.h[0].attn.c_attn
+    weight, bias = conv1d.weight.detach().clone(), conv1d.bias.detach().clone()
+    names = insert_quantizers(model)
+    assert conv1d is model.transformer.h[0].attn.c_attn and isinstance(conv1d, nn.Linear)
+    assert conv1d.weight.shape == (weight.shape[1], weight.shape[0]) and conv1d.weight.is_contiguous()
+    assert torch.equal(conv1d.weight, weight.t()) and torch.equal(conv1d.bias, bias)
+    assert (conv1d.in_features, conv1d.out_features) == tuple(weight.shape)
+    assert {f"transformer.h.0.attn.c_attn.{q}" for q in ("input_quantizer", "weight_quantizer", "output_quantizer")} <= set(names)
+    assert insert_quantizers(model) == names and conv1d.weight.shape == (weight.shape[1], weight.shape[0])
+
+
 class ScaledLinear(nn.Linear):
     def forward(self, input):
         return super().forward(input) * 2

@@ -12,10 +12,13 @@ a subclass that overrides `forward` is left alone. So `nn.Embedding` gets quanti
   "input"        the norms, activations and poolings modelopt registers with `QuantInputBase`:
                  an input quantizer on the first argument and an output quantizer on the output.
                  A recipe's `*input_quantizer` rule turns on a LayerNorm's (GPT-2, Phi-2, ...).
+  "conv1d"       transformers' Conv1D (GPT-2): modelopt transposes its weight in place to
+                 [out, in] and turns the module into its quantized nn.Linear (plugins/huggingface.py,
+                 `_QuantConv1D.convert`); so does refquant, and from then on it is a QuantLinear.
   "unsupported"  types modelopt quantizes with rules refquant does not implement (convolutions,
-                 GPT-2's Conv1D, Falcon's FalconLinear): they get modelopt's quantizer names, and
-                 a recipe that leaves one on raises (refquant.hf.ptq.UnsupportedQuantizer). An
-                 RNN (modelopt's QuantRNN) makes insert_quantizers raise.
+                 Falcon's FalconLinear): they get modelopt's quantizer names, and a recipe that
+                 leaves one on raises (refquant.hf.ptq.UnsupportedQuantizer). An RNN (modelopt's
+                 QuantRNN) makes insert_quantizers raise.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Optional
 
 from torch import nn
 
-LINEAR, EMBEDDING, INPUT, UNSUPPORTED = "linear", "embedding", "input", "unsupported"
+LINEAR, EMBEDDING, INPUT, CONV1D, UNSUPPORTED = "linear", "embedding", "input", "conv1d", "unsupported"
 
 # modelopt/torch/quantization/nn/modules/: quant_activations.py, quant_batchnorm.py,
 # quant_instancenorm.py, quant_layernorm.py, quant_pooling.py register these with QuantInputBase.
@@ -46,9 +49,9 @@ UNSUPPORTED_TORCH_TYPES: tuple[type, ...] = (
 RNN_TYPES: tuple[type, ...] = (nn.RNN, nn.LSTM, nn.GRU)
 # plugins/huggingface.py registers these transformers classes; refquant does not implement them.
 UNSUPPORTED_TRANSFORMERS_TYPES = {
-    "transformers.pytorch_utils.Conv1D": "GPT-2-style Conv1D (modelopt transposes its weight and runs it as nn.Linear)",
-    "transformers.models.falcon.modeling_falcon.FalconLinear": "Falcon's FalconLinear",
+    "transformers.models.falcon.modeling_falcon.FalconLinear": "Falcon's FalconLinear (its own forward, quantized by modelopt)",
 }
+CONV1D_TYPE = "transformers.pytorch_utils.Conv1D"
 # quantizer slots per kind, in modelopt's names
 QUANTIZER_NAMES = {
     LINEAR: ("input_quantizer", "weight_quantizer", "output_quantizer"),
@@ -65,16 +68,21 @@ def _shares_forward(cls: type, registered: type) -> bool:
     return issubclass(cls, registered) and cls.forward is registered.forward
 
 
-def _unsupported_transformers_type(cls: type) -> Optional[str]:
+def _registered_transformers_type(cls: type, qualified_names) -> Optional[type]:
+    """The class of cls.__mro__ named in `qualified_names` whose forward cls shares, if any."""
     for klass in cls.__mro__:
-        description = UNSUPPORTED_TRANSFORMERS_TYPES.get(_qualified_name(klass))
-        if description is not None and cls.forward is klass.forward:
-            return description
+        if _qualified_name(klass) in qualified_names and cls.forward is klass.forward:
+            return klass
     return None
 
 
+def _unsupported_transformers_type(cls: type) -> Optional[str]:
+    klass = _registered_transformers_type(cls, UNSUPPORTED_TRANSFORMERS_TYPES)
+    return None if klass is None else UNSUPPORTED_TRANSFORMERS_TYPES[_qualified_name(klass)]
+
+
 def placement_kind(module: nn.Module) -> Optional[str]:
-    """The kind of quantizers modelopt gives `module` ("linear", "embedding", "input",
+    """The kind of quantizers modelopt gives `module` ("linear", "embedding", "input", "conv1d",
     "unsupported"), or None: no quantizers (an unregistered type, or a registered type's subclass
     with its own forward). Attention modules are placed by refquant.hf.attention."""
     cls = type(module)
@@ -84,6 +92,8 @@ def placement_kind(module: nn.Module) -> Optional[str]:
         return EMBEDDING
     if any(_shares_forward(cls, registered) for registered in INPUT_QUANTIZED_TYPES):
         return INPUT
+    if _registered_transformers_type(cls, (CONV1D_TYPE,)) is not None:
+        return CONV1D
     if any(_shares_forward(cls, registered) for registered in UNSUPPORTED_TORCH_TYPES):
         return UNSUPPORTED
     if _unsupported_transformers_type(cls) is not None:

@@ -11,8 +11,9 @@ report. Semantics are modelopt's `mtq.quantize(model, cfg, forward_loop)`
    `p_bmm_quantizer` (refquant.hf.attention); every nn.Embedding gets `weight_quantizer`,
    `output_quantizer` and an `input_quantizer` that never turns on (its input is token ids); every
    nn.LayerNorm (and the other norms, activations and poolings modelopt registers) gets
-   `input_quantizer` and `output_quantizer`. A subclass that overrides forward gets none, as in
-   modelopt (Gemma's scaled embedding). Names are modelopt's, so recipe patterns mean the same
+   `input_quantizer` and `output_quantizer`; GPT-2's Conv1D becomes a QuantLinear, its weight
+   transposed in place to [out, in]. A subclass that overrides forward gets none, as in modelopt
+   (Gemma's scaled embedding). Names are modelopt's, so recipe patterns mean the same
    (`model.layers.0.self_attn.k_bmm_quantizer`). All start disabled.
 2. apply_recipe (refquant.quant.recipe): the recipe's rules, in order, later wins.
 3. max calibration (docs/modelopt_behaviour.md §6.1): model.eval(); every enabled quantizer stops
@@ -166,6 +167,20 @@ def _has_unsupported_slots(module: nn.Module) -> bool:
     return isinstance(getattr(module, "weight_quantizer", None), UnsupportedQuantizer)
 
 
+def _conv1d_as_linear(name: str, module: nn.Module) -> None:
+    """modelopt's _QuantConv1D.convert: transformers' Conv1D (weight [in, out], addmm) becomes an
+    nn.Linear with its weight transposed in place to [out, in], contiguous."""
+    weight = module.weight
+    if weight.device.type == "meta":
+        raise ValueError(
+            f"{name} is a transformers Conv1D whose weight is offloaded (on the meta device); quantizing it "
+            "transposes the weight in place, as modelopt does. Load the model without offload."
+        )
+    module.weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
+    module.out_features, module.in_features = module.weight.shape
+    module.__class__ = nn.Linear
+
+
 def insert_quantizers(model: nn.Module, *, backend: str = "reference", flavor: Flavor = "modelopt-cpu") -> list[str]:
     """Give `model` modelopt's quantizer submodules, in place; returns every quantizer's full name.
 
@@ -179,7 +194,7 @@ def insert_quantizers(model: nn.Module, *, backend: str = "reference", flavor: F
     """
     named = list(model.named_modules())
     kinds = {name: placement.placement_kind(m) for name, m in named}
-    if not any(kinds[name] == placement.LINEAR or isinstance(m, QuantLinearMixin) for name, m in named):
+    if not any(kinds[name] in (placement.LINEAR, placement.CONV1D) or isinstance(m, QuantLinearMixin) for name, m in named):
         raise ValueError(
             f"no quantizable layers in {type(model).__name__}: refquant quantizes nn.Linear layers "
             "(and K/V in their attention modules) and found none. Pass a transformers causal LM "
@@ -194,10 +209,15 @@ def insert_quantizers(model: nn.Module, *, backend: str = "reference", flavor: F
     attentions = [(name, m) for name, m in named if is_attention_module(m) and not _is_quantized(m)]
     for name, module in attentions:
         check_attention_hookable(name or type(model).__name__, module)  # all checked before any change
+    conv1ds = [(name, m) for name, m in named if kinds[name] == placement.CONV1D]
     converted = [(name, m) for name, m in named if kinds[name] in _MIXINS and not _is_quantized(m)]
-    for name, module in converted + attentions:
+    for name, module in conv1ds + converted + attentions:
         check_forward_rebindable(name, module)
 
+    for name, module in conv1ds:
+        _conv1d_as_linear(name, module)
+    converted += conv1ds
+    kinds.update((name, placement.LINEAR) for name, _ in conv1ds)
     for name, module in converted:
         kind = kinds[name]
         module.__class__ = _quant_class(_MIXINS[kind], type(module))
