@@ -104,6 +104,8 @@ FAMILIES: dict[str, Family] = {
     "llama": Family("LlamaForCausalLM", "LlamaConfig", dict(DENSE, head_dim=16)),
     "mistral": Family("MistralForCausalLM", "MistralConfig", dict(DENSE, head_dim=16, sliding_window=8)),
     "qwen2": Family("Qwen2ForCausalLM", "Qwen2Config", dict(DENSE)),
+    # lm_head tied to a plain nn.Embedding (both get quantizers, both are excluded)
+    "qwen2_tied": Family("Qwen2ForCausalLM", "Qwen2Config", dict(DENSE, tie_word_embeddings=True)),
     "qwen3": Family("Qwen3ForCausalLM", "Qwen3Config", dict(DENSE, head_dim=16)),
     "phi3": Family("Phi3ForCausalLM", "Phi3Config", dict(DENSE, pad_token_id=0)),
     # eager: Gemma2's attention logit softcapping
