@@ -4,8 +4,8 @@ Every family of modelopt_compare.FAMILIES (tiny seeded models: hidden 64, 2 laye
 every shipped recipe: every quantizer's name, enabled flag and amax (bits and dtype), every exported
 tensor (name, dtype, shape, bytes), hf_quant_config.json and config.json equal to modelopt's; the
 logits bit for bit for the FP8 recipes (modelopt's NVFP4 fake quant is a Triton kernel: the NVFP4
-recipes' logits are compared on a GPU, scripts/compare_families.py --device cuda). The families
-refquant refuses raise a ValueError that names them.
+recipes' logits are compared on a GPU, by the CUDA test below or scripts/compare_families.py
+--device cuda). The families refquant refuses raise a ValueError that names them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 import refquant as rq
-from conftest import require_modelopt
+from conftest import cuda, require_modelopt
 import modelopt_compare as mc
 
 FP8_RECIPES = ("fp8_default-fp8_cast_kv", "fp8_default-fp8_kv")
@@ -34,6 +34,15 @@ def test_family_quantizes_and_exports_as_modelopt(modelopt, family, recipe):
     assert result.quantizers["amax_compared"] > 0 and result.export["weight_scales"] > 0
     if recipe in FP8_RECIPES:
         assert result.logits is not None and result.logits["identical"], result.summary()
+
+
+@cuda
+@pytest.mark.parametrize("recipe", FP8_RECIPES + NVFP4_RECIPES)
+@pytest.mark.parametrize("family", sorted(mc.FAMILIES))
+def test_family_matches_modelopt_on_cuda_logits_included(modelopt, family, recipe):
+    """On a GPU (flavor modelopt-cuda) every recipe's logits are compared, NVFP4 included."""
+    result = mc.compare_family(family, recipe, device="cuda", fake_quant_ops=True)
+    assert result.ok and result.logits is not None and result.logits["identical"], result.summary()
 
 
 def test_the_comparison_finds_a_changed_amax_and_changed_logits(modelopt):
