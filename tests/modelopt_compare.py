@@ -310,6 +310,22 @@ def compare_exports(ours: Path, theirs: Path) -> dict:
     return result
 
 
+@contextlib.contextmanager
+def attention_registry_kept():
+    """Within the block modelopt may run forwards; on exit transformers' ALL_ATTENTION_FUNCTIONS is
+    as it was. modelopt's _QuantAttention.forward restores the attention function it swapped by
+    writing it back into the registry, which leaves a local entry ("sdpa") for the rest of the
+    process (refquant's own swap removes it)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    saved = dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
+    try:
+        yield
+    finally:
+        ALL_ATTENTION_FUNCTIONS._local_mapping.clear()
+        ALL_ATTENTION_FUNCTIONS._local_mapping.update(saved)
+
+
 def quantize_with_modelopt(model, recipe: str, batches: list[torch.Tensor]) -> None:
     """mtq.quantize(model, the recipe's quant_cfg, a forward loop over `batches`), in place;
     modelopt's prints and warnings are swallowed."""
@@ -412,18 +428,17 @@ def compare_family(
     rq_model = build_model(family, seed, device)
     rq.quantize_model(rq_model, rq.load_recipe(recipe), batches, flavor=flavor, progress=False)
     mo_model = build_model(family, seed, device)
-    quantize_with_modelopt(mo_model, recipe, batches)
+    with attention_registry_kept(), tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        quantize_with_modelopt(mo_model, recipe, batches)
+        logits = ops = skipped = None
+        if torch_device.type == "cpu" and "nvfp4" in recipe:
+            skipped = "modelopt's NVFP4 fake quant needs a GPU"
+        else:
+            logits = compare_logits(logits_of(rq_model, eval_batch), logits_of(mo_model, eval_batch))
+            if fake_quant_ops:
+                ops = compare_fake_quant_ops(rq_model, mo_model, eval_batch)
+        quantizers = compare_quantizers(rq_model, mo_model)
 
-    logits = ops = skipped = None
-    if torch_device.type == "cpu" and "nvfp4" in recipe:
-        skipped = "modelopt's NVFP4 fake quant needs a GPU"
-    else:
-        logits = compare_logits(logits_of(rq_model, eval_batch), logits_of(mo_model, eval_batch))
-        if fake_quant_ops:
-            ops = compare_fake_quant_ops(rq_model, mo_model, eval_batch)
-    quantizers = compare_quantizers(rq_model, mo_model)
-
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         ours, theirs = Path(tmp) / "refquant", Path(tmp) / "modelopt"
         rq.export_checkpoint(rq_model, ours)
         export_with_modelopt(mo_model, theirs)
