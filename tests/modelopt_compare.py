@@ -181,6 +181,18 @@ UNSUPPORTED_FAMILIES: dict[str, tuple[Family, tuple[str, ...]]] = {
         Family("FalconForCausalLM", "FalconConfig", dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)),
         ("FalconAttention", "cannot place K/V quantizers"),
     ),
+    # experts modelopt quantizes with wrappers of its own (Llama4TextExperts, DbrxFFN)
+    "llama4": (
+        Family("Llama4ForCausalLM", "Llama4TextConfig", dict(
+            MOE, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=64, interleave_moe_layer_step=1)),
+        ("Llama4TextExperts", "Llama 4", "would be left unquantized"),
+    ),
+    "dbrx": (
+        Family("DbrxForCausalLM", "DbrxConfig", dict(
+            vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2, max_seq_len=128,
+            attn_config=dict(kv_n_heads=2, rope_theta=10000.0), ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2))),
+        ("DbrxFFN", "DBRX", "would be left unquantized"),
+    ),
 }
 
 
