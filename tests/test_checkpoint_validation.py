@@ -113,8 +113,13 @@ TENSOR_DAMAGE = {
 
 @pytest.mark.parametrize("case", sorted(TENSOR_DAMAGE))
 def test_a_damaged_tensor_is_refused_naming_the_file_and_the_tensor(checkpoints, tmp_path, case):
-    recipe, change, fragments = TENSOR_DAMAGE[case]
-    folder = damaged(checkpoints, tmp_path, recipe)
+    assert_tensor_damage_refused(checkpoints, tmp_path, *TENSOR_DAMAGE[case])
+
+
+def assert_tensor_damage_refused(checkpoints, tmp_path, which: str, change, fragments: list[str]) -> None:
+    """A copy of checkpoints[which] with `change` made to its tensors is refused with a ValueError
+    naming its model.safetensors and holding every fragment."""
+    folder = damaged(checkpoints, tmp_path, which)
     edit_tensors(folder / "model.safetensors", change)
     assert_refused(folder, str(folder / "model.safetensors"), *fragments)
 
@@ -199,10 +204,7 @@ def test_the_undamaged_moe_checkpoints_load(moe_checkpoints):
 
 @pytest.mark.parametrize("case", sorted(EXPERT_DAMAGE))
 def test_a_damaged_expert_tensor_is_refused_naming_the_file_and_the_tensor(moe_checkpoints, tmp_path, case):
-    which, change, fragments = EXPERT_DAMAGE[case]
-    folder = damaged(moe_checkpoints, tmp_path, which)
-    edit_tensors(folder / "model.safetensors", change)
-    assert_refused(folder, str(folder / "model.safetensors"), *fragments)
+    assert_tensor_damage_refused(moe_checkpoints, tmp_path, *EXPERT_DAMAGE[case])
 
 
 # --- configs and quantizer state: (file, change, fragments) ---------------------------------------
