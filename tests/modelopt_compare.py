@@ -301,10 +301,15 @@ def compare_fake_quant_ops(rq_model, mo_model, batch) -> dict:
     ours = {n: q for n, q in rq_model.named_modules() if isinstance(q, rq.TensorQuantizer) and q.is_enabled}
     theirs = dict(mo_model.named_modules())
     captured: dict[str, torch.Tensor] = {}
-    hooks = [
-        q.register_forward_pre_hook(lambda module, args, name=name: captured.setdefault(name, args[0].detach().clone()))
-        for name, q in ours.items()
-    ]
+
+    def capture(name: str):
+        def hook(module, args) -> None:  # returns None: the quantizer's input stays as it was
+            if name not in captured:  # a quantizer called more than once (an experts' shared input): its first input
+                captured[name] = args[0].detach().clone()
+
+        return hook
+
+    hooks = [q.register_forward_pre_hook(capture(name)) for name, q in ours.items()]
     try:
         logits_of(rq_model, batch)
     finally:

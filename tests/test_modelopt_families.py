@@ -49,6 +49,17 @@ def test_family_matches_modelopt_on_cuda_logits_included(modelopt, family, recip
     assert result.ok and result.logits is not None and result.logits["identical"], result.summary()
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "gpt_oss"])
+def test_each_quantizer_gives_modelopts_bits_on_the_same_input(modelopt, family):
+    """The per-operation comparison the CUDA runs report (fake_quant_ops), here with FP8 on the
+    CPU: every enabled quantizer of both models applied to what refquant's received; the experts'
+    shared input quantizers, called once per expert, included."""
+    result = mc.compare_family(family, "fp8_default-fp8_kv", fake_quant_ops=True)
+    ops = result.fake_quant_ops
+    assert result.ok and ops["weight_elements"] > 0 and ops["activation_elements"] > 0, result.summary()
+    assert ops["weight_elements_differing"] == 0 and ops["activation_elements_differing"] == 0, ops
+
+
 def test_the_comparison_finds_a_changed_amax_and_changed_logits(modelopt):
     """The matrix's comparison is not blind: one amax made 1.5 times larger shows as an amax and
     a logits difference."""
