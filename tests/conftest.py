@@ -86,6 +86,34 @@ def find_case(name: str, case_name: str) -> dict:
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
+# Tests against modelopt itself need nvidia-modelopt 0.47 (scripts/setup.sh installs it from
+# requirements-modelopt.txt). Without it they fail, so a broken install cannot pass as skips;
+# REFQUANT_WITHOUT_MODELOPT=1 says it is left out on purpose, and then they skip.
+WITHOUT_MODELOPT = "REFQUANT_WITHOUT_MODELOPT"
+
+
+def require_modelopt() -> None:
+    """Import modelopt's quantization and export; fail (or, with REFQUANT_WITHOUT_MODELOPT=1, skip)
+    the calling test when that does not work."""
+    try:
+        import modelopt.torch.export  # noqa: F401
+        import modelopt.torch.quantization  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - any import failure means the comparison cannot run
+        message = f"modelopt does not import ({type(error).__name__}: {error})"
+        if os.environ.get(WITHOUT_MODELOPT) == "1":
+            pytest.skip(f"{message}; {WITHOUT_MODELOPT}=1")
+        pytest.fail(
+            f"{message}. Install it with `python3 -m pip install --no-deps -r requirements-modelopt.txt` "
+            f"(scripts/setup.sh does), or set {WITHOUT_MODELOPT}=1 to skip the tests against modelopt."
+        )
+
+
+
+@pytest.fixture(scope="session")
+def modelopt():
+    """For tests against modelopt itself: require_modelopt() once."""
+    require_modelopt()
+
 
 def every_16_bit_pattern(dtype: torch.dtype) -> torch.Tensor:
     """All 65,536 values of a 16-bit dtype (bf16, fp16): element i has the bit pattern i, the

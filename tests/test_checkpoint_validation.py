@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -112,10 +113,98 @@ TENSOR_DAMAGE = {
 
 @pytest.mark.parametrize("case", sorted(TENSOR_DAMAGE))
 def test_a_damaged_tensor_is_refused_naming_the_file_and_the_tensor(checkpoints, tmp_path, case):
-    recipe, change, fragments = TENSOR_DAMAGE[case]
-    folder = damaged(checkpoints, tmp_path, recipe)
+    assert_tensor_damage_refused(checkpoints, tmp_path, *TENSOR_DAMAGE[case])
+
+
+def assert_tensor_damage_refused(checkpoints, tmp_path, which: str, change, fragments: list[str]) -> None:
+    """A copy of checkpoints[which] with `change` made to its tensors is refused with a ValueError
+    naming its model.safetensors and holding every fragment."""
+    folder = damaged(checkpoints, tmp_path, which)
     edit_tensors(folder / "model.safetensors", change)
     assert_refused(folder, str(folder / "model.safetensors"), *fragments)
+
+
+# --- MoE experts: every tensor of every expert, checked as a dense layer's -------------------------
+EXPERTS = "model.layers.0.mlp.experts"  # Qwen3-MoE's fused experts, written expert by expert
+GPT_OSS = "model.layers.1.mlp.experts"  # gpt-oss's 3-D experts, written whole
+MIXTRAL = "model.layers.0.block_sparse_moe.experts"  # the hub's names: w1 (gate), w3 (up), w2 (down)
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoints(tmp_path_factory):
+    """name -> a checkpoint folder of a tiny MoE model (tests/modelopt_compare.py): Qwen3-MoE NVFP4
+    and FP8, gpt-oss NVFP4, Mixtral FP8, and Qwen3-MoE FP8 with its experts left unquantized."""
+    import modelopt_compare as mc
+
+    experts_off = rq.load_recipe("fp8_default-fp8_kv")
+    experts_off = type(experts_off)(**{**experts_off.__dict__,
+                                       "quant_cfg": [*experts_off.quant_cfg, rq.QuantRule("*experts*", enable=False)]})
+    folder = tmp_path_factory.mktemp("moe")
+    found = {}
+    calibration, _ = mc.default_batches()
+    for name, family, recipe in [("qwen3_moe-nvfp4", "qwen3_moe", rq.load_recipe("nvfp4_default-fp8_kv")),
+                                 ("qwen3_moe-fp8", "qwen3_moe", rq.load_recipe("fp8_default-fp8_kv")),
+                                 ("gpt_oss-nvfp4", "gpt_oss", rq.load_recipe("nvfp4_default-fp8_kv")),
+                                 ("mixtral-fp8", "mixtral", rq.load_recipe("fp8_default-fp8_kv")),
+                                 ("qwen3_moe-experts-off", "qwen3_moe", experts_off)]:
+        model = mc.build_model(family)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the experts-off recipe warns that most weights stay unquantized
+            rq.quantize_model(model, recipe, calibration, progress=False)
+        found[name] = rq.export_checkpoint(model, folder / name)
+    return found
+
+
+def _nan_byte(key):
+    return lambda tensors: tensors[key].view(torch.uint8).view(-1).__setitem__(0, 0x7F)  # E4M3's NaN
+
+
+EXPERT_DAMAGE = {
+    "expert weight_scale deleted": ("qwen3_moe-nvfp4", _drop(f"{EXPERTS}.2.up_proj.weight_scale"),
+                                    [f"{EXPERTS}.2.up_proj.weight_scale: missing"]),
+    "expert input_scale deleted": ("qwen3_moe-nvfp4", _drop(f"{EXPERTS}.3.down_proj.input_scale"),
+                                   [f"{EXPERTS}.3.down_proj.input_scale: missing"]),
+    "expert weight deleted": ("qwen3_moe-fp8", _drop(f"{EXPERTS}.1.gate_proj.weight"), [f"{EXPERTS}.1.gate_proj.weight: missing"]),
+    "expert weight_scale_2 NaN": ("qwen3_moe-nvfp4", _set(f"{EXPERTS}.1.gate_proj.weight_scale_2", torch.tensor(float("nan"))),
+                                  [f"{EXPERTS}.1.gate_proj.weight_scale_2", "NaN, infinite or negative"]),
+    "expert block scale NaN": ("qwen3_moe-nvfp4", _nan_byte(f"{EXPERTS}.0.down_proj.weight_scale"),
+                               [f"{EXPERTS}.0.down_proj.weight_scale", "1 of its", "NaN, infinite or negative"]),
+    "expert input_scale negative": ("qwen3_moe-fp8", _set(f"{EXPERTS}.2.down_proj.input_scale", torch.tensor(-1.0)),
+                                    [f"{EXPERTS}.2.down_proj.input_scale", "NaN, infinite or negative"]),
+    "expert packed weight reshaped": ("qwen3_moe-nvfp4", lambda t: t.__setitem__(f"{EXPERTS}.0.down_proj.weight",
+                                                                                 t[f"{EXPERTS}.0.down_proj.weight"].reshape(32, 32).clone()),
+                                      [f"{EXPERTS}.0.down_proj.weight: shape [32, 32], expected [64, 16]"]),
+    "expert FP8 weight in bf16": ("qwen3_moe-fp8", lambda t: t.__setitem__(f"{EXPERTS}.3.up_proj.weight",
+                                                                         t[f"{EXPERTS}.3.up_proj.weight"].to(torch.bfloat16)),
+                                  [f"{EXPERTS}.3.up_proj.weight: dtype bfloat16, expected float8_e4m3fn"]),
+    "expert FP8 weight with a NaN byte": ("qwen3_moe-fp8", _nan_byte(f"{EXPERTS}.0.gate_proj.weight"),
+                                          [f"{EXPERTS}.0.gate_proj.weight", "NaN or infinite"]),
+    "unquantized expert weight NaN": ("qwen3_moe-experts-off",
+                                      lambda t: t[f"{EXPERTS}.1.down_proj.weight"].__setitem__((0, 0), float("nan")),
+                                      [f"{EXPERTS}.1.down_proj.weight", "NaN or infinite"]),
+    "unquantized expert weight deleted": ("qwen3_moe-experts-off", _drop(f"{EXPERTS}.1.gate_proj.weight"),
+                                          [f"{EXPERTS}.1.gate_proj.weight: missing"]),
+    "gpt-oss weight_scale_2 deleted": ("gpt_oss-nvfp4", _drop(f"{GPT_OSS}.down_proj_weight_scale_2"),
+                                       [f"{GPT_OSS}.down_proj_weight_scale_2: missing"]),
+    "gpt-oss input_scale NaN": ("gpt_oss-nvfp4", _set(f"{GPT_OSS}.gate_up_proj_input_scale", torch.tensor(float("nan"))),
+                                [f"{GPT_OSS}.gate_up_proj_input_scale", "NaN, infinite or negative"]),
+    "gpt-oss packed weight one expert short": ("gpt_oss-nvfp4", lambda t: t.__setitem__(f"{GPT_OSS}.gate_up_proj",
+                                                                                      t[f"{GPT_OSS}.gate_up_proj"][:-1].clone()),
+                                               [f"{GPT_OSS}.gate_up_proj: shape [3, 32, 128], expected [4, 32, 128]"]),
+    "Mixtral w3 input_scale deleted": ("mixtral-fp8", _drop(f"{MIXTRAL}.1.w3.input_scale"), [f"{MIXTRAL}.1.w3.input_scale: missing"]),
+    "Mixtral w2 weight_scale infinite": ("mixtral-fp8", _set(f"{MIXTRAL}.2.w2.weight_scale", torch.tensor(float("inf"))),
+                                         [f"{MIXTRAL}.2.w2.weight_scale", "NaN, infinite or negative"]),
+}
+
+
+def test_the_undamaged_moe_checkpoints_load(moe_checkpoints):
+    for folder in moe_checkpoints.values():
+        rq.load_checkpoint(folder)
+
+
+@pytest.mark.parametrize("case", sorted(EXPERT_DAMAGE))
+def test_a_damaged_expert_tensor_is_refused_naming_the_file_and_the_tensor(moe_checkpoints, tmp_path, case):
+    assert_tensor_damage_refused(moe_checkpoints, tmp_path, *EXPERT_DAMAGE[case])
 
 
 # --- configs and quantizer state: (file, change, fragments) ---------------------------------------

@@ -1,9 +1,10 @@
 """MoE experts quantized as modelopt 0.47 quantizes them (refquant.hf.experts,
-docs/modelopt_behaviour.md §11): against modelopt itself in the same process, family by family
-(tests/modelopt_compare.py), an expert no calibration token reaches, experts implementations
-that would bypass the quantizers, the one-call fake quant of all experts' weights and the
-quantization of the hidden states before routing (bit for bit what the per-expert calls give),
-the checkpoint round trip, weight coverage in the report, and the CLI on a local MoE folder."""
+docs/modelopt_behaviour.md §11), beyond the family matrix (tests/test_modelopt_families.py, which
+holds every MoE family to modelopt under every recipe): the quantizers' names, an expert no
+calibration token reaches, experts implementations that would bypass the quantizers, the one-call
+fake quant of all experts' weights and the quantization of the hidden states before routing (bit
+for bit what the per-expert calls give), the compiled backend, the checkpoint names and round trip,
+weight coverage in the report, and the CLI on a local MoE folder."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,27 +23,11 @@ import refquant as rq
 from refquant.hf import experts as experts_module
 from refquant.hf.export import read_checkpoint_tensors
 from refquant.quant.quantizer import QuantizerConfig, SliceQuantizers, TensorQuantizer
+from conftest import REPO
 
 pytest.importorskip("transformers")
-modelopt = pytest.importorskip("modelopt.torch.quantization")
 
 import modelopt_compare as mc  # noqa: E402  (tests/modelopt_compare.py)
-
-REPO = Path(__file__).resolve().parent.parent
-# Every recipe for one family of each experts layout (fused with a router `gate`, gpt-oss's
-# transposed experts, DeepSeek-V3's MLA attention with shared experts); FP8 and one NVFP4 recipe
-# for the others. `python3 tests/modelopt_compare.py` runs every family with every recipe.
-ALL_RECIPES = mc.FP8_RECIPES + mc.NVFP4_RECIPES
-MATRIX = [(family, recipe) for family in ("qwen3_moe", "gpt_oss", "deepseek_v3") for recipe in ALL_RECIPES]
-MATRIX += [(family, recipe) for family in ("qwen2_moe", "mixtral", "olmoe", "granitemoe", "ernie4_5_moe")
-           for recipe in mc.FP8_RECIPES + ("nvfp4_default-fp8_kv",)]
-
-
-@pytest.mark.parametrize("family,recipe", MATRIX)
-def test_moe_family_quantizers_logits_and_checkpoint_equal_modelopts(family, recipe, tmp_path):
-    result = mc.compare_with_modelopt(family, recipe, tmp_path)
-    assert result.ok, result.summary()
-    assert result.quantizers["enabled"] > 0 and result.export["tensors"] > 0
 
 
 def quantizer_names(model) -> list[str]:
@@ -83,14 +67,14 @@ def never_route_to_expert_3(family: str):
 
 
 @pytest.mark.parametrize("family,moe_layers", [("deepseek_v3", (1,)), ("gpt_oss", (0, 1))])
-def test_expert_without_calibration_tokens_is_reported_and_exported_as_modelopt_does(family, moe_layers, tmp_path):
+def test_expert_without_calibration_tokens_is_reported_and_exported_as_modelopt_does(modelopt, family, moe_layers, tmp_path):
     batches, _ = mc.default_batches()
     model = never_route_to_expert_3(family)
     report = rq.quantize_model(model, rq.load_recipe("nvfp4_default-fp8_kv"), batches, progress=False)
     assert report.experts_without_tokens == [f"model.layers.{i}.mlp.experts.3" for i in moe_layers]
     assert "experts no calibration token reached (%d" % len(moe_layers) in report.to_table()
     for recipe in ("fp8_default-fp8_kv", "nvfp4_default-fp8_kv"):
-        result = mc.compare_with_modelopt(family, recipe, tmp_path, build=lambda: never_route_to_expert_3(family))
+        result = mc.compare_family(family, recipe, build=lambda: never_route_to_expert_3(family), workdir=tmp_path)
         assert result.ok, result.summary()
     if family == "deepseek_v3":  # the expert still has every scale, its input scale the layer's
         tensors = read_checkpoint_tensors(tmp_path / f"{family}-nvfp4_default-fp8_kv-refquant")
@@ -265,8 +249,8 @@ def test_experts_forward_gives_the_per_expert_calls_bits(family, recipe, monkeyp
     assert torch.equal(fast, per_expert)
 
 
-def test_compiled_backend_quantizes_moe_as_modelopt(tmp_path):
-    result = mc.compare_with_modelopt("qwen3_moe", "fp8_default-fp8_kv", tmp_path, backend="compiled")
+def test_compiled_backend_quantizes_moe_as_modelopt(modelopt):
+    result = mc.compare_family("qwen3_moe", "fp8_default-fp8_kv", backend="compiled")
     assert result.ok, result.summary()
 
 
@@ -301,7 +285,7 @@ def test_mixtral_checkpoint_uses_the_hub_names():
     assert "model.layers.1.block_sparse_moe.gate" in plan.hf_quant_config["quantization"]["exclude_modules"]
 
 
-def test_renames_that_cannot_be_reversed_keep_the_in_memory_names_as_modelopt(tmp_path):
+def test_renames_that_cannot_be_reversed_keep_the_in_memory_names_as_modelopt(modelopt):
     """gpt-oss keeps its experts 3-D; under an experts converter (here Qwen3-MoE's, as if
     from_pretrained had applied it) modelopt cannot rename them per expert and keeps every
     in-memory name, with a warning; so does refquant."""
@@ -313,7 +297,7 @@ def test_renames_that_cannot_be_reversed_keep_the_in_memory_names_as_modelopt(tm
         return model
 
     with pytest.warns(UserWarning, match=r"cannot be reversed \(experts not expanded \(model.layers.0.mlp.experts.gate_up_proj"):
-        result = mc.compare_with_modelopt("gpt_oss", "fp8_default-fp8_kv", tmp_path, build=build)
+        result = mc.compare_family("gpt_oss", "fp8_default-fp8_kv", build=build)
     assert result.ok, result.summary()
 
 
@@ -361,7 +345,7 @@ def test_recipe_that_leaves_most_weights_unquantized_warns(tmp_path):
 
 
 # --- the command line on a local MoE folder ---------------------------------------------------
-def test_cli_quantize_of_a_local_qwen3_moe_folder_writes_modelopts_checkpoint(tmp_path):
+def test_cli_quantize_of_a_local_qwen3_moe_folder_writes_modelopts_checkpoint(modelopt, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from refquant.hf import models

@@ -17,6 +17,7 @@ from torch import nn
 import refquant as rq
 from refquant.hf.ptq import max_calibrate, named_quantizers
 from refquant.quant.quantizer import QuantizerConfig
+from conftest import require_modelopt
 
 transformers = pytest.importorskip("transformers")
 
@@ -351,14 +352,14 @@ def test_enabled_p_bmm_quantizer_is_refused_at_the_forward():
         model(input_ids=token_ids(1, 4))
 
 
-# --- against modelopt itself (where it is installed; CI does not install it) -------------------
+# --- against modelopt itself (CI installs it; tests/test_modelopt_families.py has every family) --
 MODELOPT_NAMES = {"fp8_default-fp8_kv": "general/ptq/fp8_default-kv_fp8", "fp8_default-fp8_cast_kv": "general/ptq/fp8_default-kv_fp8_cast"}
 
 
 @pytest.mark.parametrize("recipe", sorted(MODELOPT_NAMES))
 def test_same_quantizers_amax_and_logits_as_modelopt_on_cpu(recipe):
     """modelopt's FP8 fake quant runs on CPU (its NVFP4 needs a GPU: scripts/compare_modelopt.py)."""
-    pytest.importorskip("modelopt.torch.quantization")
+    require_modelopt()
     import warnings
 
     import modelopt.torch.quantization as mtq

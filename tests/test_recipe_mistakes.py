@@ -28,10 +28,10 @@ transformers = pytest.importorskip("transformers")
 BATCH = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(1))
 
 
-def tiny_model(family: str = "llama"):
+def tiny_model(family: str = "llama", **overrides):
     config = transformers.AutoConfig.for_model(
-        family, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+        family, **{**dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, max_position_embeddings=64), **overrides})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -114,11 +114,14 @@ def test_a_disabling_rule_for_another_family_passes_silently(tmp_path):
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "gemma", "gemma2",
             "gemma3_text", "olmo2", "qwen3_next", "granite", "deepseek_v3", "gpt_oss", "starcoder2", "phi", "gpt2",
             "opt", "cohere", "llama4_text", "olmoe", "falcon_h1", "jamba", "qwen3_5_text")
+# Llama 4's experts are refused at insertion (modelopt's own wrapper, not implemented; the family
+# matrix checks the refusal): its rules are checked on dense layers only.
+FAMILY_OVERRIDES = {"llama4_text": dict(moe_layers=[])}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shipped_recipes_raise_no_rule_error_on_any_family(family):
-    model = tiny_model(family)
+    model = tiny_model(family, **FAMILY_OVERRIDES.get(family, {}))
     rq.insert_quantizers(model)
     for name in shipped_recipes():
         application = apply_recipe(model, load_recipe(name))

@@ -5,11 +5,15 @@ report. Semantics are modelopt's `mtq.quantize(model, cfg, forward_loop)`
     report = quantize_model(model, recipe, calib_batches, eval_batch=batch)   # in place
     print(report.to_table())
 
-1. insert_quantizers: every nn.Linear becomes a QuantLinear with `input_quantizer`,
-   `weight_quantizer`, `output_quantizer`; every attention module gets `q_bmm_quantizer`,
-   `k_bmm_quantizer`, `v_bmm_quantizer`, `p_bmm_quantizer` (refquant.hf.attention); every
-   nn.Embedding gets `weight_quantizer`, `output_quantizer` and an `input_quantizer` that never
-   turns on (its input is token ids). Names are modelopt's, so recipe patterns mean the same
+1. insert_quantizers, on the module types modelopt quantizes (refquant.hf.placement): every
+   nn.Linear becomes a QuantLinear with `input_quantizer`, `weight_quantizer`, `output_quantizer`;
+   every attention module gets `q_bmm_quantizer`, `k_bmm_quantizer`, `v_bmm_quantizer`,
+   `p_bmm_quantizer` (refquant.hf.attention); every nn.Embedding gets `weight_quantizer`,
+   `output_quantizer` and an `input_quantizer` that never turns on (its input is token ids); every
+   nn.LayerNorm (and the other norms, activations and poolings modelopt registers) gets
+   `input_quantizer` and `output_quantizer`; GPT-2's Conv1D becomes a QuantLinear, its weight
+   transposed in place to [out, in]. A subclass that overrides forward gets none, as in modelopt
+   (Gemma's scaled embedding). Names are modelopt's, so recipe patterns mean the same
    (`model.layers.0.self_attn.k_bmm_quantizer`). All start disabled.
 2. apply_recipe (refquant.quant.recipe): the recipe's rules, in order, later wins.
 3. max calibration (docs/modelopt_behaviour.md §6.1): model.eval(); every enabled quantizer stops
@@ -40,6 +44,7 @@ from dataclasses_json import DataClassJsonMixin
 from torch import nn
 
 from ..numerics.checks import Flavor
+from . import placement
 from .coverage import WeightCoverage, coverage_warning, weight_coverage
 from .attention import check_attention_hookable, is_attention_module, quant_attention_class
 from .experts import (
@@ -51,7 +56,7 @@ from ..quant.distributed import rank_and_world, stop_together, synchronize_calib
 from ..quant.quantizer import QuantizerConfig, SharedInputResult, TensorQuantizer, all_quantizers_off, named_quantizers
 from ..quant.metrics import QuantizerError, collect_quantizer_errors
 
-LINEAR_QUANTIZER_NAMES = ("input_quantizer", "weight_quantizer", "output_quantizer")
+LINEAR_QUANTIZER_NAMES = placement.QUANTIZER_NAMES[placement.LINEAR]
 CALIBRATION_ALGORITHMS = ("max", None)
 
 
@@ -98,6 +103,46 @@ class HardDisabledQuantizer(TensorQuantizer):
         super().set_enabled(False)
 
 
+class QuantInputMixin:
+    """modelopt's QuantInputBase (nn.LayerNorm and the other norms, activations and poolings it
+    registers): output_quantizer(forward(input_quantizer(x), ...)); of a tuple output only the
+    first element passes the output quantizer."""
+
+    def forward(self, input: torch.Tensor, *args, **kwargs):
+        output = super().forward(self.input_quantizer(input), *args, **kwargs)
+        if isinstance(output, tuple):
+            return (self.output_quantizer(output[0]), *output[1:])
+        return self.output_quantizer(output)
+
+
+class UnsupportedQuantizer(TensorQuantizer):
+    """A quantizer slot of a module modelopt quantizes with rules refquant does not implement
+    (refquant.hf.placement: convolutions, GPT-2's Conv1D, ...). It carries modelopt's name, so
+    recipe patterns match as in modelopt, and nothing calls it; refuse_unsupported_quantizers
+    raises when a recipe leaves one on."""
+
+    def __init__(self, reason: str, model_class: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.reason = reason
+        self.model_class = model_class
+
+
+def refuse_unsupported_quantizers(model: nn.Module) -> None:
+    """Raise ValueError naming the model class, the first enabled UnsupportedQuantizer and recipe
+    rules that would turn them all off."""
+    enabled = [(name, q) for name, q in named_quantizers(model) if isinstance(q, UnsupportedQuantizer) and q.is_enabled]
+    if not enabled:
+        return
+    name, quantizer = enabled[0]
+    leaves = sorted({n.rsplit(".", 2)[-2] for n, _ in enabled})
+    rules = " and ".join(f'quantizer_name = "*.{leaf}.*", enable = false' for leaf in leaves)
+    raise ValueError(
+        f"{quantizer.model_class}: the recipe turns on {name} ({len(enabled)} such quantizers), but refquant "
+        f"does not quantize {quantizer.reason} as modelopt does, so this model family is not supported. "
+        f"Quantize it with modelopt, or leave those layers unquantized with last recipe rules {rules}."
+    )
+
+
 class QuantLinear(QuantLinearMixin, nn.Linear):
     pass
 
@@ -107,59 +152,99 @@ class QuantEmbedding(QuantEmbeddingMixin, nn.Embedding):
 
 
 _QUANT_CLASSES: dict[type, type] = {nn.Linear: QuantLinear, nn.Embedding: QuantEmbedding}
+_MIXINS = {placement.LINEAR: QuantLinearMixin, placement.EMBEDDING: QuantEmbeddingMixin, placement.INPUT: QuantInputMixin}
 
 
 def _quant_class(mixin: type, cls: type) -> type:
-    """QuantLinear / QuantEmbedding, or for a subclass of those layers a mixin class made once."""
+    """QuantLinear / QuantEmbedding, or for another class (a subclass of those layers, a norm) a
+    mixin class made once."""
     if cls not in _QUANT_CLASSES:
         _QUANT_CLASSES[cls] = type(f"Quant{cls.__name__}", (mixin, cls), {})
     return _QUANT_CLASSES[cls]
 
 
 def _is_quantized(module: nn.Module) -> bool:
-    return isinstance(module, (QuantLinearMixin, QuantEmbeddingMixin)) or hasattr(type(module), "_refquant_original_class")
+    return isinstance(module, (QuantLinearMixin, QuantEmbeddingMixin, QuantInputMixin)) or hasattr(
+        type(module), "_refquant_original_class"
+    )
+
+
+def _has_unsupported_slots(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "weight_quantizer", None), UnsupportedQuantizer)
+
+
+def _conv1d_as_linear(name: str, module: nn.Module) -> None:
+    """modelopt's _QuantConv1D.convert: transformers' Conv1D (weight [in, out], addmm) becomes an
+    nn.Linear with its weight transposed in place to [out, in], contiguous."""
+    weight = module.weight
+    if weight.device.type == "meta":
+        raise ValueError(
+            f"{name} is a transformers Conv1D whose weight is offloaded (on the meta device); quantizing it "
+            "transposes the weight in place, as modelopt does. Load the model without offload."
+        )
+    module.weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
+    module.out_features, module.in_features = module.weight.shape
+    module.__class__ = nn.Linear
 
 
 def insert_quantizers(model: nn.Module, *, backend: str = "reference", flavor: Flavor = "modelopt-cpu") -> list[str]:
     """Give `model` modelopt's quantizer submodules, in place; returns every quantizer's full name.
 
+    Placement follows modelopt's registry of quantized module types (refquant.hf.placement).
     Idempotent: layers that already have quantizers keep them (and their amax); calling again only
     sets `backend` and `flavor` on all of them. Raises ValueError when the model has no nn.Linear,
-    when an attention module cannot be hooked (refquant.hf.attention.check_attention_hookable), or
-    when a layer's forward is replaced on the instance by something other than accelerate's hook
-    (refquant.hf.dispatch: accelerate's hooks are made to call the quantized forward).
+    when an attention module cannot be hooked (refquant.hf.attention.check_attention_hookable), when
+    the model holds an RNN (modelopt's QuantRNN is not implemented), or when a layer's forward is
+    replaced on the instance by something other than accelerate's hook (refquant.hf.dispatch:
+    accelerate's hooks are made to call the quantized forward).
     """
     named = list(model.named_modules())
-    linears = [(name, m) for name, m in named if isinstance(m, nn.Linear)]
-    if not linears:
+    kinds = {name: placement.placement_kind(m) for name, m in named}
+    if not any(kinds[name] in (placement.LINEAR, placement.CONV1D) or isinstance(m, QuantLinearMixin) for name, m in named):
         raise ValueError(
             f"no quantizable layers in {type(model).__name__}: refquant quantizes nn.Linear layers "
             "(and K/V in their attention modules) and found none. Pass a transformers causal LM "
             "such as Llama, Mistral, Qwen2 or Qwen3."
         )
+    for name, module in named:
+        if isinstance(module, placement.RNN_TYPES):
+            raise ValueError(
+                f"{type(model).__name__}: {name} is a {type(module).__name__}, which modelopt quantizes with its "
+                "QuantRNN; refquant does not, so this model family is not supported."
+            )
     attentions = [(name, m) for name, m in named if is_attention_module(m) and not _is_quantized(m)]
     for name, module in attentions:
         check_attention_hookable(name or type(model).__name__, module)  # all checked before any change
-    embeddings = [(name, m) for name, m in named if isinstance(m, nn.Embedding)]
+    conv1ds = [(name, m) for name, m in named if kinds[name] == placement.CONV1D]
+    converted = [(name, m) for name, m in named if kinds[name] in _MIXINS and not _is_quantized(m)]
     experts = [(name, m, layout) for name, m, layout in find_experts(model) if not _is_quantized(m)]
     for name, module, _ in experts:
         check_experts_forward(name, module)
-    for name, module in linears + embeddings + attentions + [(name, m) for name, m, _ in experts]:
+    for name, module in conv1ds + converted + attentions + [(name, m) for name, m, _ in experts]:
         check_forward_rebindable(name, module)
 
-    for _, module in linears:
-        if not _is_quantized(module):
-            module.__class__ = _quant_class(QuantLinearMixin, type(module))
-            rebind_forward(module)  # an accelerate hook calls the quantized forward from now on
-            for quantizer_name in LINEAR_QUANTIZER_NAMES:
-                module.add_module(quantizer_name, TensorQuantizer(backend=backend, flavor=flavor))
-    for _, module in embeddings:
-        if not _is_quantized(module):
-            module.__class__ = _quant_class(QuantEmbeddingMixin, type(module))
-            rebind_forward(module)
-            module.add_module("input_quantizer", HardDisabledQuantizer(backend=backend, flavor=flavor))
-            module.add_module("weight_quantizer", TensorQuantizer(backend=backend, flavor=flavor))
-            module.add_module("output_quantizer", TensorQuantizer(backend=backend, flavor=flavor))
+    for name, module in conv1ds:
+        _conv1d_as_linear(name, module)
+    converted += conv1ds
+    kinds.update((name, placement.LINEAR) for name, _ in conv1ds)
+    for name, module in converted:
+        kind = kinds[name]
+        module.__class__ = _quant_class(_MIXINS[kind], type(module))
+        rebind_forward(module)  # an accelerate hook calls the quantized forward from now on
+        for quantizer_name in placement.QUANTIZER_NAMES[kind]:
+            if kind == placement.EMBEDDING and quantizer_name == "input_quantizer":
+                quantizer = HardDisabledQuantizer(backend=backend, flavor=flavor)
+            else:
+                quantizer = TensorQuantizer(backend=backend, flavor=flavor)
+            module.add_module(quantizer_name, quantizer)
+    for name, module in named:
+        if kinds[name] == placement.UNSUPPORTED and not _has_unsupported_slots(module):
+            reason = placement.unsupported_reason(module)
+            for quantizer_name in placement.QUANTIZER_NAMES[placement.LINEAR]:
+                module.add_module(
+                    quantizer_name,
+                    UnsupportedQuantizer(reason, type(model).__name__, backend=backend, flavor=flavor),
+                )
     for _, module in attentions:
         module.__class__ = quant_attention_class(type(module))
         rebind_forward(module)
@@ -243,6 +328,7 @@ def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: b
     although an enabled activation quantizer needs one (it would silently fall back to a per-call
     amax, docs/modelopt_behaviour.md §10.13).
     """
+    refuse_unsupported_quantizers(model)
     was_training = model.training
     model.eval()
     quantizers = named_quantizers(model)
@@ -704,6 +790,7 @@ def quantize_model(
                 "quantizers. Check the recipe's quantizer_name patterns against the model's module names."
             )
         _refuse_quantized_tied_weights(model, recipe, last_rule)
+        refuse_unsupported_quantizers(model)
 
     batches = tokens = 0
     if algorithm == "max":

@@ -26,6 +26,7 @@ by its scale as modelopt's `weight / scale.unsqueeze(-1)`, whose fp32 quotient i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Optional
 
@@ -37,8 +38,10 @@ from ...numerics.nvfp4 import nvfp4_quantize
 from ...quant.quantizer import TensorQuantizer
 from ..dispatch import loaded_weights, require_loaded
 from ..experts import ExpertsLayout, is_quant_experts
+from .configs import LAYER_QUANT_ALGO
 from .plan import CompressedWeightQuantizer, layer_format
 from .tensors import _fp8_scale, dequantize_linear_weight, export_input_scale, export_linear_tensors
+from .validate import check_tensor, checkpoint_error, expected_layer_tensors
 
 
 @dataclass
@@ -285,21 +288,56 @@ def compress_experts(module: nn.Module, export: ExpertsExport, tensors: dict[str
             quantizers[index] = CompressedWeightQuantizer(quantizer, fmt, own)
 
 
-def checkpoint_experts_tensors(export: ExpertsExport, tensors: dict[str, torch.Tensor], rename: Callable[[str], str],
-                               used: set[str]) -> dict[str, torch.Tensor]:
-    """The module-relative tensors of one experts module read from a checkpoint's `tensors` (keys
-    as written: in-memory names through `rename`); the keys read are added to `used`."""
-    module_tensors = {}
+def expected_experts_tensors(export: ExpertsExport, module: nn.Module) -> dict[str, tuple[Optional[torch.dtype], tuple[int, ...], bool]]:
+    """module-relative key -> (dtype, shape, is a scale) of every tensor the export writes for one
+    experts module, its quantizers restored (refquant.hf.export.validate.expected_layer_tensors for
+    each expert's linear). An unquantized projection's weight has dtype None: like the model's other
+    plain tensors it is cast to the parameter's dtype on load."""
+    expected: dict[str, tuple[Optional[torch.dtype], tuple[int, ...], bool]] = {}
     for projection in export.projections:
         if export.layout.kind == "transposed":
-            wanted = [projection.key] + [f"{projection.key}_{s}" for s in ("weight_scale", "weight_scale_2", "input_scale")]
-        else:
-            wanted = [f"{projection.key}.{s}" for s in ("weight", "weight_scale", "weight_scale_2", "input_scale")]
-        for relative in wanted:
-            key = rename(f"{export.name}.{relative}")
-            if key in tensors:
-                module_tensors[relative] = tensors[key]
-                used.add(key)
+            input_q, weight_q = module.projection_quantizers(projection.key)
+            weight = getattr(module, projection.key)
+            if projection.layer_format is None:
+                expected[projection.key] = (None, tuple(weight.shape), False)
+                continue
+            # quantized as (E, out, in) and written transposed back (NVFP4); FP8 keeps (E, in, out)
+            transposed = projection.layer_format != "fp8"
+            view = _view(weight.transpose(-1, -2) if transposed else weight, weight_q, input_q)
+            for suffix, (dtype, shape) in expected_layer_tensors(projection.layer_format, view).items():
+                if transposed and len(shape) == 3:
+                    shape = (*shape[:-2], shape[-1], shape[-2])
+                key = projection.key if suffix == "weight" else f"{projection.key}_{suffix}"
+                expected[key] = (dtype, tuple(shape), suffix != "weight")
+            continue
+        index, _, part = projection.key.partition(".")
+        parameter, rows = next((p, r) for name, p, r in _fused_parts(module, int(index)) if name == part)
+        input_q, weight_qs = module.projection_quantizers(parameter)
+        weight = getattr(module, parameter)[int(index)][rows]
+        if projection.layer_format is None:
+            expected[f"{projection.key}.weight"] = (None, tuple(weight.shape), False)
+            continue
+        view = _view(weight, weight_qs[int(index)], input_q)
+        for suffix, (dtype, shape) in expected_layer_tensors(projection.layer_format, view).items():
+            expected[f"{projection.key}.{suffix}"] = (dtype, tuple(shape), suffix != "weight")
+    return expected
+
+
+def checkpoint_experts_tensors(export: ExpertsExport, module: nn.Module, tensors: dict[str, torch.Tensor],
+                               rename: Callable[[str], str], file_of: Callable[[str], Path], used: set[str]) -> dict[str, torch.Tensor]:
+    """The module-relative tensors of one experts module read from a checkpoint's `tensors` (keys
+    as written: in-memory names through `rename`), each checked as a dense layer's are: present,
+    of its dtype and shape, finite (scales not negative); ValueError naming the file (`file_of`
+    the key) and the tensor otherwise. The keys read are added to `used`."""
+    module_tensors = {}
+    for relative, (dtype, shape, scale) in expected_experts_tensors(export, module).items():
+        key = rename(f"{export.name}.{relative}")
+        if key not in tensors:
+            kind = LAYER_QUANT_ALGO[export.layer_format] if export.layer_format else "unquantized"
+            raise checkpoint_error(file_of(key), key, f"missing: the checkpoint of a {kind} experts module holds it for every expert")
+        check_tensor(file_of(key), key, tensors[key], dtype, shape, scale=scale)
+        module_tensors[relative] = tensors[key]
+        used.add(key)
     return module_tensors
 
 

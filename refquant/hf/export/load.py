@@ -234,7 +234,12 @@ def load_checkpoint(out_dir: str | os.PathLike, *, attn_implementation: Optional
         check_tensor(where(key), key, tensors[key], torch.float32, (), scale=True)
         used.add(key)
     for name, export in experts.items():
-        compress_experts(modules[name], export, checkpoint_experts_tensors(export, tensors, names.tensor, used))
+        module = modules[name]
+        compress_experts(module, export, checkpoint_experts_tensors(export, module, tensors, names.tensor, where, used))
+        for parameter in export.parameters:
+            value = getattr(module, parameter)
+            check_tensor(where(names.tensor(f"{name}.{parameter}")), f"{name}.{parameter} (dequantized with its scales)",
+                         value, None, tuple(value.shape))
     for name, fmt in layers.items():
         module = modules[name]
         expected = expected_layer_tensors(fmt, module)

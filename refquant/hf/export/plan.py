@@ -112,18 +112,18 @@ def layer_format(name: str, module: nn.Module) -> Optional[str]:
 
 
 def _quantizable_layers(model: nn.Module) -> dict[str, Optional[str]]:
-    """Every layer modelopt gives quantizers to, with its format (None: unquantized).
+    """Every layer with a weight quantizer, with its format (None: unquantized).
 
-    modelopt wraps nn.Linear and nn.Embedding; a wrapped layer that stays unquantized (lm_head and
-    the embeddings under the shipped recipes) is listed in exclude_modules.
+    modelopt's get_quant_config lists a layer only if its weight has a quantizer, enabled or not:
+    one that stays unquantized (lm_head and nn.Embedding under the shipped recipes) goes to
+    exclude_modules, and a layer modelopt gave no quantizers (Gemma's scaled embedding, whose
+    class overrides nn.Embedding's forward; refquant.hf.placement) is not listed at all.
     """
-    layers: dict[str, Optional[str]] = {}
-    for name, module in model.named_modules():
-        if child_quantizer(module, "weight_quantizer") is not None:
-            layers[name] = layer_format(name, module)
-        elif isinstance(module, (nn.Linear, nn.Embedding)):
-            layers[name] = None
-    return layers
+    return {
+        name: layer_format(name, module)
+        for name, module in model.named_modules()
+        if child_quantizer(module, "weight_quantizer") is not None
+    }
 
 
 def shared_input_groups(model: nn.Module) -> list[list[str]]:
