@@ -149,7 +149,7 @@ def load_checkpoint(out_dir: str | os.PathLike, *, attn_implementation: Optional
     that the files are complete and inside the folder. Raises ValueError naming the file and the
     key or tensor for a folder that is not such a checkpoint or is damaged.
     """
-    from ..ptq import insert_quantizers
+    from ..insert import insert_quantizers
 
     folder = Path(out_dir)
     if not folder.is_dir():
