@@ -19,7 +19,9 @@ from .numerics.fp8 import FP8Tensor, fp8_fake_quant, fp8_quantize
 from .numerics.nvfp4 import NVFP4Tensor, nvfp4_fake_quant, nvfp4_quantize
 from .quant.quantizer import QuantizerConfig, TensorQuantizer
 from .quant.recipe import QuantRule, Recipe, apply_recipe, load_recipe, select_recipe
-from .hf.ptq import PTQReport, insert_quantizers, quantize_model
+from .hf.insert import insert_quantizers
+from .hf.ptq import quantize_model
+from .hf.report import PTQReport
 from .hf.export import compress_weights, export_checkpoint, load_checkpoint
 
 __all__ = [

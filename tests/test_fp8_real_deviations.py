@@ -43,7 +43,7 @@ def test_a_zero_amax_gives_the_scale_of_the_maxbound_as_modelopts_export_does(dt
     amax / 448 = 0, and modelopt's x / 0 saturated bytes under it. modelopt's export maps a zero
     amax to the maxbound, 448, so a checkpoint's scale stays positive (refquant.hf.export's
     _export_amax does the same): fp8_quantize gives the bytes and the scale 1.0 of amax 448."""
-    from refquant.hf.export.tensors import _export_amax, _fp8_scale
+    from refquant.hf.export.tensors import _export_amax, fp8_scale
 
     x = torch.tensor([0.0, 1.5, -2.0, 500.0, -0.001]).to(dtype)
     zero = torch.tensor(0.0, dtype=dtype)
@@ -51,7 +51,7 @@ def test_a_zero_amax_gives_the_scale_of_the_maxbound_as_modelopts_export_does(dt
     maxbound = rq.fp8_quantize(x, amax=torch.tensor(448.0, dtype=dtype))
     assert_bitexact(q.data.view(torch.uint8), maxbound.data.view(torch.uint8), "bytes")
     assert_bitexact(q.scale, maxbound.scale, "scale")
-    assert float(q.scale) == 1.0 == float(_fp8_scale(_export_amax(zero, 448.0, clamp=True), "modelopt-cpu"))
+    assert float(q.scale) == 1.0 == float(fp8_scale(_export_amax(zero, 448.0, clamp=True), "modelopt-cpu"))
     assert_bitexact(rq.fp8_quantize(x, 0.0).data.view(torch.uint8), maxbound.data.view(torch.uint8), "amax given as a number")
 
 

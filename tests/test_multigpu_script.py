@@ -39,9 +39,9 @@ def test_split_check_passes_on_the_cpu_and_writes_its_json(script, tmp_path, cap
 
 def test_split_check_reports_a_difference(script, tmp_path, monkeypatch):
     """A check that cannot fail checks nothing: break the quantized forward under the hooks."""
-    from refquant.hf import ptq
+    from refquant.hf import insert
 
-    monkeypatch.setattr(ptq, "rebind_forward", lambda module: None)  # the issue-12 bug, back
+    monkeypatch.setattr(insert, "rebind_forward", lambda module: None)  # the issue-12 bug, back
     code = script.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--seq-len", "16", "--calib-batches", "2",
                         "--recipes", "fp8_default-fp8_cast_kv"])
     result = json.loads((tmp_path / "split.json").read_text())["recipes"]["fp8_default-fp8_cast_kv"]

@@ -65,11 +65,11 @@ def test_the_unit_made_sensitive_on_purpose_ranks_first(sensitive_model, granula
 
 def test_the_per_quantizer_metrics_see_the_same_layer_clip(sensitive_model):
     model, _, eval_batch = sensitive_model
-    from refquant.hf.ptq import _eval_logits
+    from refquant.hf.quality import eval_logits
     from refquant.quant.metrics import collect_quantizer_errors
 
     with collect_quantizer_errors(model) as meter:
-        _eval_logits(model, eval_batch)
+        eval_logits(model, eval_batch)
     clipped = {name: error.clipped for name, error in meter.results().items()}
     assert max(clipped, key=clipped.get) == f"{SENSITIVE}.input_quantizer" and clipped[f"{SENSITIVE}.input_quantizer"] > 0.01
 

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ..numerics.formats import E4M3_MAX, FP8_AMAX_FLOOR
-from .nvfp4_fake_triton import _mul_rn  # fl(a * b) as PTX mul.rn.f32, never contracted into an FMA
+from .nvfp4_fake_triton import mul_rn  # fl(a * b) as PTX mul.rn.f32, never contracted into an FMA
 from .triton_launch import DirectLaunch, FakeQuantKernel
 
 # Elements a program and warps: 8 bf16 (16 bytes) a thread for each of 4 warps, 4 such rows.
@@ -49,11 +49,11 @@ def _fp8_fake_kernel(x_ptr, amax_ptr, y_ptr, n, E4M3_MAX_: tl.constexpr, AMAX_FL
     offsets = tl.program_id(0).to(tl.int64) * ELEMENTS + tl.arange(0, ELEMENTS)
     in_range = offsets < n
     x = tl.load(x_ptr + offsets, mask=in_range, other=0.0)
-    v = _mul_rn(x.to(tl.float32), scale)
+    v = mul_rn(x.to(tl.float32), scale)
     v = tl.where(v < -E4M3_MAX_, -E4M3_MAX_, v)
     v = tl.where(v > E4M3_MAX_, E4M3_MAX_, v)
     on_grid = v.to(tl.float8e4nv).to(tl.float32)
-    y = _mul_rn(on_grid, inv_scale)
+    y = mul_rn(on_grid, inv_scale)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=in_range)
 
 

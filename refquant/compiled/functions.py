@@ -288,7 +288,7 @@ def _nvfp4_fake_quant_triton_blocks(x: torch.Tensor, amax: AmaxLike = None) -> t
     empty. The global amax and the gradient (straight through) are the reference's own code."""
     from .nvfp4_fake_triton import nvfp4_fake_quant_blocks
 
-    global_amax = reference_nvfp4._global_amax(x.detach(), amax)
+    global_amax = reference_nvfp4.resolve_global_amax(x.detach(), amax)
     return straight_through(nvfp4_fake_quant_blocks, x.contiguous(), global_amax)
 
 
@@ -496,7 +496,7 @@ def nvfp4_quantize(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "
         # launcher chain; refquant.compiled.triton_launch): the export's calls, and do_bench's
         from .nvfp4_triton import nvfp4_quantize_from_amax_now
 
-        global_amax = reference_nvfp4._global_amax(x, amax)
+        global_amax = reference_nvfp4.resolve_global_amax(x, amax)
         packed, block_scale, global_scale = nvfp4_quantize_from_amax_now(_rows(x).contiguous(), global_amax, flavor == "modelopt-cpu")
         global_scale = global_scale.reshape(())
     else:
@@ -521,7 +521,7 @@ def _nvfp4_quantize_triton_blocks(x: torch.Tensor, amax: AmaxLike = None, *, fla
     computes the global scale from it (global_scale_from_amax), so a given amax costs one launch."""
     from .nvfp4_triton import nvfp4_quantize_from_amax
 
-    packed, block_scale, global_scale = nvfp4_quantize_from_amax(x.contiguous(), reference_nvfp4._global_amax(x, amax), flavor == "modelopt-cpu")
+    packed, block_scale, global_scale = nvfp4_quantize_from_amax(x.contiguous(), reference_nvfp4.resolve_global_amax(x, amax), flavor == "modelopt-cpu")
     return packed, block_scale, global_scale.reshape(())
 
 

@@ -56,7 +56,7 @@ _BLOCK = tl.constexpr(NVFP4_BLOCK_SIZE)
 
 
 @triton.jit
-def _mul_rn(a, b):
+def mul_rn(a, b):
     """fl(a * b), never fused with a following addition (PTX mul.rn.f32)."""
     return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1)
 
@@ -110,7 +110,7 @@ def _fake_quant(x, scale, rcp_scale, Y_DTYPE: tl.constexpr):
     rounded onto E2M1, times S, with the sign of x (`0 - p`: a negative that rounds to zero gives
     +0.0, and NaN gives -6 S)."""
     x = x.to(tl.float32)
-    p = _e2m1_round(_mul_rn(tl.abs(x), rcp_scale)) * scale
+    p = _e2m1_round(mul_rn(tl.abs(x), rcp_scale)) * scale
     return tl.where(x >= 0.0, p, 0.0 - p).to(Y_DTYPE)
 
 
@@ -126,7 +126,7 @@ def _block_scale(block_max, g, rcp_6g, S_FLOOR: tl.constexpr, E4M3_MAX_: tl.cons
 
 
 @triton.jit
-def _load_four(ptr, in_range):
+def load_four(ptr, in_range):
     """Elements ptr[0..3] of each block, in x's dtype (four (BLOCKS,) tensors)."""
     return (tl.load(ptr, mask=in_range, other=0.0), tl.load(ptr + 1, mask=in_range, other=0.0),
             tl.load(ptr + 2, mask=in_range, other=0.0), tl.load(ptr + 3, mask=in_range, other=0.0))
@@ -187,10 +187,10 @@ def _nvfp4_fake_kernel(
         # one-dimensional load, and there is no layout to choose.
         in_range = block < n_blocks
         start = block.to(tl.int64) * _BLOCK
-        x0, x1, x2, x3 = _load_four(x_ptr + start, in_range)
-        x4, x5, x6, x7 = _load_four(x_ptr + start + 4, in_range)
-        x8, x9, x10, x11 = _load_four(x_ptr + start + 8, in_range)
-        x12, x13, x14, x15 = _load_four(x_ptr + start + 12, in_range)
+        x0, x1, x2, x3 = load_four(x_ptr + start, in_range)
+        x4, x5, x6, x7 = load_four(x_ptr + start + 4, in_range)
+        x8, x9, x10, x11 = load_four(x_ptr + start + 8, in_range)
+        x12, x13, x14, x15 = load_four(x_ptr + start + 12, in_range)
         block_max = tl.maximum(tl.maximum(_abs_max_four(x0, x1, x2, x3), _abs_max_four(x4, x5, x6, x7)),
                                tl.maximum(_abs_max_four(x8, x9, x10, x11), _abs_max_four(x12, x13, x14, x15))).to(tl.float32)
         scale, rcp_scale = _block_scale(block_max, g, rcp_6g, S_FLOOR, E4M3_MAX_)

@@ -83,7 +83,7 @@ from ..numerics.formats import (
     NVFP4_SCALE_DENOMINATOR,
     RCP_2688,
 )
-from .nvfp4_fake_triton import _load_four  # elements ptr[0..3] of each block, in x's dtype
+from .nvfp4_fake_triton import load_four  # elements ptr[0..3] of each block, in x's dtype
 from .triton_launch import DirectLaunch
 
 # A tile of 128 blocks on 4 warps (one block a thread), 8 persistent programs an SM. The bf16
@@ -263,7 +263,7 @@ def _any_dtype_tile(x_ptr, tile, g, packed_ptr, block_scale_ptr, n_blocks, E2M1_
 @triton.jit
 def _load_four_fp32(ptr, in_range):
     """Elements ptr[0..3] of each block, in fp32 (four (BLOCKS,) tensors)."""
-    a, b, c, d = _load_four(ptr, in_range)
+    a, b, c, d = load_four(ptr, in_range)
     return a.to(tl.float32), b.to(tl.float32), c.to(tl.float32), d.to(tl.float32)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from ..numerics.formats import E2M1_MAX, E2M1_SIGN_BIT, E4M3_DTYPE, E4M3_MAX, NVFP4_BLOCK_SIZE, e2m1_code_table
 from ..numerics.gpu_division import approx_reciprocal_fp32
-from ..numerics.nvfp4 import _global_amax, e2m1_magnitude_index, pack_e2m1, to_blocks, unpack_e2m1
+from ..numerics.nvfp4 import e2m1_magnitude_index, pack_e2m1, resolve_global_amax, to_blocks, unpack_e2m1
 
 __all__ = [
     "FP8Steps",
@@ -92,7 +92,7 @@ def amax_per_tensor_or_row(x: torch.Tensor, amax, per_row: bool) -> torch.Tensor
         if amax is not None:
             raise ValueError("a per-row (per-channel) scale is taken from the data; drop amax.")
         return x.abs().amax(dim=-1, keepdim=True)
-    return _global_amax(x, amax).to(x.dtype)
+    return resolve_global_amax(x, amax).to(x.dtype)
 
 
 def require_block_multiple(x: torch.Tensor, stack: str, block: int = NVFP4_BLOCK_SIZE) -> None:

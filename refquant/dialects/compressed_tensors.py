@@ -19,7 +19,7 @@ import torch
 
 from ..numerics.checks import AmaxLike, check_float_input
 from ..numerics.formats import E2M1_MAX, E4M3_MAX, NVFP4_SCALE_DENOMINATOR
-from ..numerics.nvfp4 import _global_amax
+from ..numerics.nvfp4 import resolve_global_amax
 from .common import (
     FP8Steps,
     NVFP4Steps,
@@ -98,7 +98,7 @@ def nvfp4_steps(x: torch.Tensor, global_amax: AmaxLike = None) -> NVFP4Steps:
     """
     check_float_input(x)
     require_block_multiple(x, STACK)
-    global_scale = nvfp4_global_scale(_global_amax(x, global_amax), x.dtype)
+    global_scale = nvfp4_global_scale(resolve_global_amax(x, global_amax), x.dtype)
     blocks = blocks_of(x)
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)
     block_scale = nvfp4_block_scale(block_amax, global_scale, x.dtype)

@@ -18,12 +18,12 @@ from ..numerics.checks import AmaxLike, Flavor, as_amax_tensor, check_float_inpu
 from ..numerics.fp8 import fp8_fake_quant, fp8_fake_quant_scales, fp8_quantize, saturating_e4m3
 from ..numerics.gpu_division import approx_reciprocal_fp32
 from ..numerics.nvfp4 import (
-    _global_amax,
     global_scale_from_amax,
     nan_ignoring_block_max,
     nvfp4_fake_block_scale_detail,
     nvfp4_fake_quant,
     nvfp4_quantize,
+    resolve_global_amax,
 )
 from ..numerics.formats import (
     E2M1_DECISION_POINTS,
@@ -46,7 +46,7 @@ def nvfp4_kernel_steps(x: torch.Tensor, global_amax: AmaxLike = None) -> NVFP4St
     `codes` are the E2M1 roundings of |x| / S it multiplies back (sign bit where x is not >= 0).
     """
     dequantized = nvfp4_fake_quant(x, global_amax)
-    global_scale = global_scale_from_amax(_global_amax(x, global_amax), "modelopt-cuda")
+    global_scale = global_scale_from_amax(resolve_global_amax(x, global_amax), "modelopt-cuda")
     blocks = blocks_of(x)
     magnitude = blocks.abs()
     block_amax = nan_ignoring_block_max(magnitude)

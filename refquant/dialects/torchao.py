@@ -21,7 +21,7 @@ import torch
 from ..numerics.checks import AmaxLike, check_float_input
 from ..numerics.fp8 import divide_by_constant
 from ..numerics.formats import E2M1_MAX, E4M3_MAX, E8M0_BIAS, E8M0_NAN, NVFP4_SCALE_DENOMINATOR
-from ..numerics.nvfp4 import _global_amax
+from ..numerics.nvfp4 import resolve_global_amax
 from .common import (
     FP8Steps,
     amax_per_tensor_or_row,
@@ -82,7 +82,7 @@ def nvfp4_steps(x: torch.Tensor, global_amax: AmaxLike = None) -> NVFP4Steps:
     if x.dtype == torch.float16:
         raise ValueError(f"{STACK} NVFP4 takes bfloat16 or float32 (nvfp4_quantize asserts it); x is float16.")
     require_block_multiple(x, STACK)
-    per_tensor_scale = nvfp4_global_scale(_global_amax(x, global_amax))
+    per_tensor_scale = nvfp4_global_scale(resolve_global_amax(x, global_amax))
     blocks = blocks_of(x)
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)
     block_scale = e4m3_round((block_amax / E2M1_MAX / per_tensor_scale).clamp(min=E4M3_SMALLEST_NORMAL))

@@ -17,7 +17,7 @@ import torch
 
 from ..numerics.checks import AmaxLike, check_float_input
 from ..numerics.formats import E2M1_MAX, E4M3_MAX, NVFP4_BLOCK_SIZE, NVFP4_SCALE_DENOMINATOR
-from ..numerics.nvfp4 import _global_amax
+from ..numerics.nvfp4 import resolve_global_amax
 from .common import FP8Steps, NVFP4Steps, blocks_of, clamp_e2m1, e2m1_codes_nearest_even, e2m1_values, e4m3_round
 from .common import require_block_multiple
 
@@ -76,7 +76,7 @@ def nvfp4_steps(x: torch.Tensor, global_amax: AmaxLike = None, *, tile_rows: int
     if tile_rows == NVFP4_BLOCK_SIZE and rows.shape[0] % tile_rows:
         raise ValueError(f"16x16 tiles need a row count that is a multiple of 16; x has {rows.shape[0]} rows. "
                          "Pad the rows first (TE pads with zeros).")
-    encode, decode = nvfp4_global_scales(_global_amax(x, global_amax).float())
+    encode, decode = nvfp4_global_scales(resolve_global_amax(x, global_amax).float())
     blocks = blocks_of(rows)
     block_amax = tile_amax(blocks, tile_rows)
     decode_scale = torch.minimum(block_amax * (encode * RCP_6), torch.tensor(FP32_MAX))
@@ -99,7 +99,7 @@ def fp8_steps(x: torch.Tensor, amax: AmaxLike = None) -> FP8Steps:
     dequantize: fl(fp32(data) * scale_inv) in x's dtype.
     """
     check_float_input(x)
-    amax_fp32 = _global_amax(x, amax).float()
+    amax_fp32 = resolve_global_amax(x, amax).float()
     scale = torch.full_like(amax_fp32, E4M3_MAX) / amax_fp32
     scale = torch.where(scale == float("inf"), torch.finfo(x.dtype).max, scale)
     scale = torch.where(amax_fp32 == 0, torch.ones_like(scale), scale)

@@ -22,7 +22,7 @@ import torch
 
 from ..numerics.checks import AmaxLike, check_float_input
 from ..numerics.formats import E2M1_MAX, NVFP4_SCALE_DENOMINATOR
-from ..numerics.nvfp4 import _global_amax
+from ..numerics.nvfp4 import resolve_global_amax
 from .common import NVFP4Steps, blocks_of, e2m1_codes_nearest_even, e2m1_values, e4m3_round, rcp_approx_ftz
 from .common import require_block_multiple
 
@@ -46,7 +46,7 @@ def nvfp4_steps(x: torch.Tensor, global_amax: AmaxLike = None) -> NVFP4Steps:
     """
     check_float_input(x)
     require_block_multiple(x, STACK)
-    encode = nvfp4_global_scale(_global_amax(x, global_amax).float())
+    encode = nvfp4_global_scale(resolve_global_amax(x, global_amax).float())
     blocks = blocks_of(x)
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)
     block_scale = e4m3_round(encode * (block_amax * rcp_approx_ftz(torch.tensor(E2M1_MAX))))

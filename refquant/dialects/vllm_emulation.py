@@ -13,7 +13,7 @@ import torch
 
 from ..numerics.checks import AmaxLike, check_float_input
 from ..numerics.formats import E2M1_MAX, NVFP4_SCALE_DENOMINATOR
-from ..numerics.nvfp4 import _global_amax
+from ..numerics.nvfp4 import resolve_global_amax
 from .common import NVFP4Steps, blocks_of, clamp_e2m1, e4m3_round, require_block_multiple
 from .compressed_tensors import cast_to_fp4_codes
 from .common import e2m1_values
@@ -41,7 +41,7 @@ def nvfp4_steps(x: torch.Tensor, global_amax: AmaxLike = None) -> NVFP4Steps:
     """
     check_float_input(x)
     require_block_multiple(x, STACK)
-    encode = torch.full((), NVFP4_SCALE_DENOMINATOR) / _global_amax(x, global_amax).float()
+    encode = torch.full((), NVFP4_SCALE_DENOMINATOR) / resolve_global_amax(x, global_amax).float()
     blocks = blocks_of(x)
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)
     block_scale = e4m3_round(encode * (block_amax * RCP_6))

@@ -17,7 +17,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from .ptq import PTQReport, QuantizerRow, _is_weight_quantizer
+from .placement import is_weight_quantizer
+from .report import PTQReport, QuantizerRow
 
 INSTALL_HINT = "pip install matplotlib (or pip install 'refquant[plot]')"
 DPI = 100
@@ -95,7 +96,7 @@ def _by_depth_panels(fig, report: PTQReport, value, ylabel: str, *, log: bool, w
         series: dict[str, dict[int, float]] = {}
         missing: Counter = Counter()
         for row in rows:
-            if _is_weight_quantizer(row.name) != weights:
+            if is_weight_quantizer(row.name) != weights:
                 continue
             depth, kind = _depth_and_kind(row.name)
             y = value(row)

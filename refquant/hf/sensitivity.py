@@ -25,7 +25,8 @@ from torch import nn
 
 from ..quant.quantizer import all_quantizers_off, named_quantizers
 from ..quant.recipe import QuantRule, rule_matches
-from .ptq import SensitivityReport, SensitivityRow, _eval_logits, _perplexity, _quality
+from .quality import eval_logits, perplexity, quality_report
+from .report import SensitivityReport, SensitivityRow
 
 GRANULARITIES = ("block", "layer")
 _INDEX = re.compile(r"^(.*?\.\d+)\.")  # the name up to its first numeric component: a block
@@ -126,7 +127,7 @@ def measure_sensitivity(
         raise ValueError(f"keep={keep!r} must be an int from 0 to the number of units ({len(units)}).")
     enabled = [name for members in units.values() for name in members]
     with all_quantizers_off(model):
-        original = _eval_logits(model, eval_batch)
+        original = eval_logits(model, eval_batch)
     iterator = units.items()
     if progress:
         from tqdm.auto import tqdm
@@ -135,7 +136,7 @@ def measure_sensitivity(
     rows = []
     for unit, members in iterator:
         with only_quantizers_on(model, set(members)):
-            quality = _quality(original, _eval_logits(model, eval_batch), eval_batch)
+            quality = quality_report(original, eval_logits(model, eval_batch), eval_batch)
         rows.append(SensitivityRow(
             unit=unit,
             patterns=unit_patterns(unit, members, enabled),
@@ -149,7 +150,7 @@ def measure_sensitivity(
     return SensitivityReport(
         granularity=granularity,
         rows=rows,
-        perplexity_original=_perplexity(original, eval_batch),
+        perplexity_original=perplexity(original, eval_batch),
         keep=keep,
         suggested_rules=suggest_rules(rows, keep, granularity),
         seconds=round(time.perf_counter() - started, 3),

@@ -198,9 +198,9 @@ def fp8_quantize(
     elif block_size is not None:
         x_blocked = _pad_last_dim(x, block_size)
         blocks = x_blocked.unflatten(-1, (-1, block_size))
-        scale = _divide_by_448(blocks.abs().amax(dim=-1), flavor)
+        scale = divide_by_448(blocks.abs().amax(dim=-1), flavor)
     else:
-        scale = _divide_by_448(reduce_amax(x, axis), flavor)
+        scale = divide_by_448(reduce_amax(x, axis), flavor)
 
     divisor = scale
     if block_size is not None:
@@ -235,11 +235,11 @@ def _scale_of_given_amax(amax: torch.Tensor, flavor: Flavor) -> torch.Tensor:
     a zero amax to the maxbound 448 so that a checkpoint's scale stays positive
     (TensorQuantizer.export_amax, refquant.hf.export's _export_amax); a zero scale would turn
     every nonzero element into x / 0, saturated bytes that dequantize to 0."""
-    scale = _divide_by_448(amax, flavor)
+    scale = divide_by_448(amax, flavor)
     return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
-def _divide_by_448(amax: torch.Tensor, flavor: Flavor) -> torch.Tensor:
+def divide_by_448(amax: torch.Tensor, flavor: Flavor) -> torch.Tensor:
     """amax / 448.0 in amax's dtype, computed in fp32 and rounded once, per flavor (P2)."""
     if flavor == "modelopt-cpu":
         quotient = divide_by_constant(amax.float(), E4M3_MAX)

@@ -83,7 +83,7 @@ def to_blocks(x: torch.Tensor, block_size: int = NVFP4_BLOCK_SIZE) -> torch.Tens
     return pad_to_blocks(x, block_size).unflatten(-1, (-1, block_size))
 
 
-def _global_amax(x: torch.Tensor, amax: AmaxLike, *, per_slice: bool = False) -> torch.Tensor:
+def resolve_global_amax(x: torch.Tensor, amax: AmaxLike, *, per_slice: bool = False) -> torch.Tensor:
     """fp32 global amax: the given one, or max|x| taken in x's dtype (NaN propagates). 0-d, or
     with `per_slice` (fake quant) also keep-dims with a last dim of 1: one global amax per slice,
     e.g. (E, 1, 1) for the E experts of an (E, N, K) weight (see is_per_slice_amax)."""
@@ -197,7 +197,7 @@ def nvfp4_fake_quant(
     _check_nonempty_last_dim(x)
     if x.numel() == 0:
         return x.clone()
-    return straight_through(nvfp4_fake_quant_blocks, x, _global_amax(x.detach(), amax, per_slice=per_slice_amax))
+    return straight_through(nvfp4_fake_quant_blocks, x, resolve_global_amax(x.detach(), amax, per_slice=per_slice_amax))
 
 
 def nvfp4_fake_quant_blocks(x: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
@@ -328,7 +328,7 @@ def nvfp4_quantize(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "
     _check_nonempty_last_dim(x)
     if x.numel() == 0:
         raise ValueError(f"x of shape {tuple(x.shape)} is empty: there is nothing to quantize.")
-    global_scale = global_scale_from_amax(_global_amax(x, amax), flavor)
+    global_scale = global_scale_from_amax(resolve_global_amax(x, amax), flavor)
     packed, block_scale = nvfp4_quantize_blocks_in_pieces(x, global_scale)
     return NVFP4Tensor(packed=packed, block_scale=block_scale, global_scale=global_scale, shape=x.shape, dtype=x.dtype)
 

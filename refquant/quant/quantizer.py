@@ -206,7 +206,7 @@ class TensorQuantizer(nn.Module):
         self.config = QuantizerConfig(enable=False)
         self._quantizing = True
         self._calibrator: _MaxCalibrator | None = None
-        # set by refquant.hf.ptq.insert_quantizers: one per model, see SharedInputResult
+        # set by refquant.hf.insert.insert_quantizers: one per model, see SharedInputResult
         self.shared_input_result: Optional[SharedInputResult] = None
         self._bound: Optional[tuple] = None  # (bound call, what it was bound for): see _call_bound
         self._device_amax_read: Optional[tuple] = None  # (buffer, its version, _DeviceAmax): see _amax_value_now

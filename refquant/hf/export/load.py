@@ -16,11 +16,11 @@ from .configs import LAYER_QUANT_ALGO
 from .experts import checkpoint_experts_tensors, compress_experts, plan_experts
 from .names import checkpoint_names
 from .plan import CompressedWeightQuantizer, ExportPlan, plan_export, uncalibrated_scale_quantizers
-from .state import STATE_FILE, STATE_FORMAT, STATE_VERSION, _restore_buffer_dtypes, decode_amax
+from .state import STATE_FILE, STATE_FORMAT, STATE_VERSION, decode_amax, restore_buffer_dtypes
 from .tensors import dequantize_linear_weight
 from .validate import (
-    _float_dtype, check_configs_agree, check_layer_formats, check_state_document, check_tensor, check_weight_map,
-    checkpoint_error, expected_kv_scales, expected_layer_tensors, read_json, read_safetensors,
+    check_configs_agree, check_layer_formats, check_state_document, check_tensor, check_weight_map,
+    checkpoint_error, expected_kv_scales, expected_layer_tensors, float_dtype, read_json, read_safetensors,
 )
 
 
@@ -118,7 +118,7 @@ def _model_from_config(folder: Path, attn_implementation: Optional[str], attn_so
     model_type = document.pop("model_type", None)
     if not isinstance(model_type, str):
         raise ValueError(f"{path}: model_type: missing or not a string; it is not a transformers config.")
-    dtype = _float_dtype(path, "dtype", document.get("dtype") or "float32")
+    dtype = float_dtype(path, "dtype", document.get("dtype") or "float32")
     try:
         config = AutoConfig.for_model(model_type, **document)
     except Exception as error:  # noqa: BLE001 - whatever transformers raises for a bad config, name the file
@@ -149,7 +149,7 @@ def load_checkpoint(out_dir: str | os.PathLike, *, attn_implementation: Optional
     that the files are complete and inside the folder. Raises ValueError naming the file and the
     key or tensor for a folder that is not such a checkpoint or is damaged.
     """
-    from ..ptq import insert_quantizers
+    from ..insert import insert_quantizers
 
     folder = Path(out_dir)
     if not folder.is_dir():
@@ -169,7 +169,7 @@ def load_checkpoint(out_dir: str | os.PathLike, *, attn_implementation: Optional
     attn_source = "the attn_implementation argument" if attn_implementation else f"{state_path}: attn_implementation"
     model = _model_from_config(folder, attn_implementation or state.get("attn_implementation"), attn_source)
     try:
-        _restore_buffer_dtypes(model, state["buffer_dtypes"])
+        restore_buffer_dtypes(model, state["buffer_dtypes"])
     except AttributeError as error:
         raise ValueError(f"{state_path}: buffer_dtypes: {error}; the model config.json builds has no such buffer.") from None
     insert_quantizers(model, backend=state["backend"], flavor=state["flavor"])

@@ -13,7 +13,7 @@ from ...numerics.checks import bad_amax_values
 from ...quant.quantizer import TensorQuantizer, all_quantizers_off, child_quantizer, named_quantizers
 from ..dispatch import execution_device, loaded_weights, require_loaded
 from .configs import MODELOPT_FORMAT_VERSION, layer_quant_config
-from .tensors import _fp8_scale, export_linear_tensors
+from .tensors import export_linear_tensors, fp8_scale
 
 # Formats whose shared-input layers get one input / global weight scale (modelopt fuses every
 # format except FP8 per-tensor, unified_export_hf.py `_fuse_shared_input_modules`).
@@ -382,7 +382,7 @@ def plan_export(model: nn.Module) -> ExportPlan:
             quantizer = child_quantizer(module, attr)
             if quantizer is not None and quantizer.is_enabled and quantizer.is_calibrated:
                 key = f"{name}.{suffix}" if name else suffix
-                kv_scales[key] = _fp8_scale(quantizer.amax, flavor)
+                kv_scales[key] = fp8_scale(quantizer.amax, flavor)
 
     hf_quant_config = {
         "producer": {"name": "modelopt", "version": MODELOPT_FORMAT_VERSION},

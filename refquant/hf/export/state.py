@@ -42,7 +42,9 @@ def _non_persistent_buffer_dtypes(model: nn.Module) -> dict[str, str]:
     }
 
 
-def _restore_buffer_dtypes(model: nn.Module, dtypes: dict[str, str]) -> None:
+def restore_buffer_dtypes(model: nn.Module, dtypes: dict[str, str]) -> None:
+    """Cast each non-persistent floating buffer named in `dtypes` (the state document's
+    buffer_dtypes: name -> dtype name) back to the dtype it had at export, in place."""
     for name, dtype in dtypes.items():
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
@@ -51,7 +53,7 @@ def _restore_buffer_dtypes(model: nn.Module, dtypes: dict[str, str]) -> None:
             owner._buffers[attr] = buffer.to(getattr(torch, dtype))
 
 
-def _state_document(model: nn.Module, plan: ExportPlan) -> dict:
+def state_document(model: nn.Module, plan: ExportPlan) -> dict:
     """What load_checkpoint needs to rebuild the compressed model: every quantizer's config and
     amax (after fusion, i.e. as compress_weights leaves it) and each layer's format."""
     quantizers = {}

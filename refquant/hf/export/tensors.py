@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ...numerics.formats import E2M1_MAX, E4M3_MAX
-from ...numerics.fp8 import FP8Tensor, _divide_by_448, fp8_quantize
+from ...numerics.fp8 import FP8Tensor, divide_by_448, fp8_quantize
 from ...numerics.nvfp4 import NVFP4Tensor, global_scale_from_amax, nvfp4_quantize
 from ...quant.quantizer import TensorQuantizer, child_quantizer
 
@@ -25,9 +25,9 @@ def _export_amax(amax: torch.Tensor, maxbound: float, clamp: bool) -> torch.Tens
     return amax
 
 
-def _fp8_scale(amax: torch.Tensor, flavor: str) -> torch.Tensor:
+def fp8_scale(amax: torch.Tensor, flavor: str) -> torch.Tensor:
     """fp32 amax / 448 per flavor: modelopt's `amax.float() / 448.0` (docs/modelopt_behaviour.md §2.4)."""
-    return _divide_by_448(amax.float(), flavor)
+    return divide_by_448(amax.float(), flavor)
 
 
 def export_linear_tensors(
@@ -41,7 +41,7 @@ def export_linear_tensors(
     input_q = child_quantizer(module, "input_quantizer")
     tensors: dict[str, torch.Tensor] = {}
     if fmt == "fp8":
-        weight_scale = _fp8_scale(weight_amax, flavor).reshape(())
+        weight_scale = fp8_scale(weight_amax, flavor).reshape(())
         tensors["weight"] = fp8_quantize(weight, scale=weight_scale, flavor=flavor).data
         tensors["weight_scale"] = weight_scale
     else:
@@ -63,7 +63,7 @@ def export_input_scale(
     (fused) input amax; W4A16: none."""
     if fmt == "fp8":
         if input_q is not None and input_q.is_calibrated:
-            return _fp8_scale(_export_amax(input_q.amax, E4M3_MAX, clamp=True), flavor).reshape(())
+            return fp8_scale(_export_amax(input_q.amax, E4M3_MAX, clamp=True), flavor).reshape(())
         return None
     if fmt == "nvfp4" and input_amax is not None:
         sanitized = _export_amax(input_amax, E2M1_MAX, clamp=False)

@@ -69,7 +69,9 @@ def _require(path: Path, document: dict, key: str, types: tuple, wanted: str, wh
     return value
 
 
-def _float_dtype(path: Path, key: str, name: object) -> torch.dtype:
+def float_dtype(path: Path, key: str, name: object) -> torch.dtype:
+    """The torch floating-point dtype `name` ("bfloat16") read from `key` of the file at `path`;
+    anything else raises checkpoint_error naming both."""
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise checkpoint_error(path, key, f"{name!r} is not a torch floating-point dtype")
@@ -87,7 +89,7 @@ def check_state_document(path: Path, state: dict) -> None:
     if state.get("attn_implementation") is not None:
         _require(path, state, "attn_implementation", (str,), "a string or null")
     for name, dtype in _require(path, state, "buffer_dtypes", (dict,), "an object").items():
-        _float_dtype(path, f"buffer_dtypes.{name}", dtype)
+        float_dtype(path, f"buffer_dtypes.{name}", dtype)
     for name, fmt in _require(path, state, "layers", (dict,), "an object").items():
         if fmt not in LAYER_QUANT_ALGO:
             raise checkpoint_error(path, f"layers.{name}", f"{fmt!r} is not a layer format ({', '.join(LAYER_QUANT_ALGO)})")
@@ -106,7 +108,7 @@ def check_state_document(path: Path, state: dict) -> None:
 
 
 def _check_encoded_amax(path: Path, key: str, amax: dict) -> None:
-    _float_dtype(path, f"{key}.dtype", amax.get("dtype"))
+    float_dtype(path, f"{key}.dtype", amax.get("dtype"))
     shape = _require(path, amax, "shape", (list,), "a list of sizes", f"{key}.")
     if not all(isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in shape):
         raise checkpoint_error(path, f"{key}.shape", f"expected a list of sizes, got {shape!r}")

@@ -23,7 +23,7 @@ from ...quant.distributed import rank_and_world
 from ..dispatch import loaded_weights, require_loaded
 from .configs import quantization_config
 from .plan import ExportPlan, plan_export
-from .state import STATE_FILE, _state_document
+from .state import STATE_FILE, state_document
 
 MAX_SHARD_SIZE = "10GB"  # modelopt's default
 SAFETENSORS_FILE = "model.safetensors"
@@ -262,7 +262,7 @@ def _export(model: nn.Module, out_dir: Path, max_bytes: int) -> Path:
             "checkpoints of transformers models (e.g. AutoModelForCausalLM)."
         )
     plan = plan_export(model)
-    state_document = _state_document(model, plan)
+    state = state_document(model, plan)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partial_folders(out_dir.parent)
@@ -271,7 +271,7 @@ def _export(model: nn.Module, out_dir: Path, max_bytes: int) -> Path:
     try:
         _write_configs(model, plan, staging)
         _write_safetensors(checkpoint_tensors(model, plan), staging, max_bytes)
-        _write_json(staging / STATE_FILE, state_document)
+        _write_json(staging / STATE_FILE, state)
         _give_user_permissions(staging)
         _check_out_dir(out_dir)  # someone may have created it meanwhile
         os.rename(staging, out_dir)  # atomic on one filesystem: the folder appears complete or not at all
