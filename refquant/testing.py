@@ -244,7 +244,13 @@ def which_dialect(output, x: torch.Tensor, *, global_amax=None, block_scale: tor
         if block_scale is None:
             raise ValueError("packed NVFP4 codes need their block_scale (float8_e4m3fn, one per 16 elements) too.")
         codes = _unpack_codes(output)
-        observed = ObservedNVFP4(codes=codes, block_scale=block_scale.view(torch.float8_e4m3fn).reshape(codes.shape[:-1]))
+        blocks = codes.shape[:-1]
+        if block_scale.numel() != blocks.numel():
+            raise ValueError(
+                f"block_scale has {block_scale.numel()} elements for {blocks.numel()} NVFP4 blocks of 16 (codes "
+                f"{tuple(codes.shape)}): give one E4M3 scale per block, or format= for MX elements and their E8M0 scales."
+            )
+        observed = ObservedNVFP4(codes=codes, block_scale=block_scale.view(torch.float8_e4m3fn).reshape(blocks))
     else:
         if output.shape != x.shape or output.dtype != x.dtype:
             raise ValueError(f"fake-quant output must have x's shape and dtype: output {tuple(output.shape)} "

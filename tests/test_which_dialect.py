@@ -231,3 +231,10 @@ def test_cli_which_names_the_dialect_from_pt_and_safetensors_files(tmp_path, cap
     assert main(["which", "--x", f"{tmp_path}/mx.pt:x", "--output", f"{tmp_path}/mx.pt:data",
                  "--block-scale", f"{tmp_path}/mx.pt:scale", "--format", "mxfp8_e4m3"]) == 0
     assert "best: modelopt-qtensor" in capsys.readouterr().out
+
+
+def test_a_block_scale_of_the_wrong_size_is_a_clear_error():
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    steps = nvfp4_steps(x, "torchao")
+    with pytest.raises(ValueError, match="block_scale has 64 elements for 128 NVFP4 blocks"):
+        which_dialect(steps.packed, x, block_scale=steps.block_scale[:, :2])
