@@ -17,8 +17,16 @@ Measured per variant (plain bf16, modelopt, refquant compiled, refquant referenc
                      moments; a pair shares one (docs/compiled.md, "Seventh round")
     vs modelopt      every quantizer's amax, the evaluation logits and every exported tensor,
                      bit for bit (refquant compiled and reference against modelopt's run)
+    vs compiled      the same, for compiled_fallback against compiled
+
+Variants: plain (bf16, no quantizers), modelopt, compiled, reference, and compiled_fallback: the
+compiled backend with its fast paths off (REFQUANT_FAST_LAUNCH=0: Triton's kernel[grid](...) and
+dynamo's own dispatch; refquant.compiled.private_api), to measure what they buy in the same run.
+--fast-launch off (or on) sets REFQUANT_FAST_LAUNCH for every variant instead; each row records
+which fast paths were on.
 
     python3 benchmarks/ptq_gpu.py --out DIR [--shapes small,large] [--recipes R ...]
+        [--variants plain modelopt compiled compiled_fallback] [--fast-launch auto|on|off]
 
 Writes DIR/ptq_gpu.json and prints a table last. No time is asserted: this is a report.
 modelopt is optional (its columns stay empty when it does not import).
@@ -28,8 +36,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import contextlib
 import gc
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -58,7 +68,38 @@ SHAPES = {
                 num_experts_per_tok=8, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=32000),
 }
 DEFAULT_RECIPES = ("fp8_default-fp8_kv", "nvfp4_default-fp8_cast_kv", "nvfp4_default-fp8_kv")
-VARIANTS = ("plain", "modelopt", "compiled", "reference")
+VARIANTS = ("plain", "modelopt", "compiled", "compiled_fallback", "reference")
+DEFAULT_VARIANTS = ("plain", "modelopt", "compiled", "reference")
+FAST_LAUNCH_SETTINGS = {"auto": None, "on": "1", "off": "0"}  # --fast-launch: REFQUANT_FAST_LAUNCH for the run
+
+
+@contextlib.contextmanager
+def fast_launch_setting(value: str | None):
+    """REFQUANT_FAST_LAUNCH=value within the block (None: as it was), both fast paths deciding
+    again on their next use, and again after the block."""
+    if value is None:
+        yield
+        return
+    from refquant.compiled import private_api
+
+    before = os.environ.get(private_api.SETTING)
+    os.environ[private_api.SETTING] = value
+    private_api.forget_decisions()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(private_api.SETTING, None)
+        else:
+            os.environ[private_api.SETTING] = before
+        private_api.forget_decisions()
+
+
+def fast_paths_on() -> dict:
+    """Which of refquant.compiled's fast paths were on (None: not used) after a variant ran."""
+    from refquant.compiled import private_api
+
+    return {"kernel_launch": private_api.KERNEL_LAUNCH.on, "graph_call": private_api.GRAPH_CALL.on}
 
 
 def build_model(shape: str, seed: int, device: torch.device):
@@ -166,6 +207,16 @@ def run_variant(variant: str, recipe: str, pristine, shape: str, args, batches, 
     """One variant of one recipe on a fresh copy of the model; returns timings and what to compare.
     on_calibrated(model, eval_batch, device), when given, is called once the model is calibrated,
     before anything else runs on it (the pytest-benchmark suite times its forwards there)."""
+    setting = "0" if variant == "compiled_fallback" else FAST_LAUNCH_SETTINGS[getattr(args, "fast_launch", "auto")]
+    with fast_launch_setting(setting):
+        result = _run_variant(variant, recipe, pristine, shape, args, batches, eval_batch, workdir, on_calibrated)
+        if variant in ("compiled", "compiled_fallback"):
+            result["fast_paths"] = fast_paths_on()
+    return result
+
+
+def _run_variant(variant: str, recipe: str, pristine, shape: str, args, batches, eval_batch, workdir: Path,
+                 on_calibrated=None) -> dict:
     device = torch.device(args.device)
     model = copy.deepcopy(pristine).to(device)
     reset_peak(device)
@@ -180,7 +231,8 @@ def run_variant(variant: str, recipe: str, pristine, shape: str, args, batches, 
         quantize_with_modelopt(model, recipe, batches, device)
     else:
         flavor = "modelopt-cuda" if device.type == "cuda" else "modelopt-cpu"
-        rq.quantize_model(model, rq.load_recipe(recipe), batches, backend=variant, flavor=flavor, progress=False)
+        backend = "compiled" if variant == "compiled_fallback" else variant
+        rq.quantize_model(model, rq.load_recipe(recipe), batches, backend=backend, flavor=flavor, progress=False)
     synchronize(device)
     result["calibration_s"] = time.perf_counter() - began
     if on_calibrated is not None:
@@ -269,6 +321,8 @@ def amax_table(model) -> dict:
 
 
 def compare_to_modelopt(ours: dict, theirs: dict) -> dict:
+    """Every amax, the logits and the export of one run against another's (modelopt's, or for
+    compiled_fallback the compiled run's), bit for bit."""
     from compare_modelopt import compare_exports, same_bits
 
     amax_a, amax_b = ours["_amax"], theirs["_amax"]
@@ -331,6 +385,8 @@ def run_shape(shape: str, args, modelopt_ok: bool, rows: list[dict]) -> None:
             for variant, result in results.items():
                 if variant != "modelopt" and "modelopt" in results and "error" not in result and "error" not in results["modelopt"]:
                     result["vs_modelopt"] = compare_to_modelopt(result, results["modelopt"])
+                if variant == "compiled_fallback" and "error" not in result and "error" not in results.get("compiled", {"error": ""}):
+                    result["vs_compiled"] = compare_to_modelopt(result, results["compiled"])
                 rows.append(table_row(shape, parameters, result, plain))
             for result in results.values():
                 if "export_dir" in result:
@@ -366,14 +422,16 @@ def format_table(rows: list[dict]) -> str:
         host = f"{f['host_ms']:.1f}" if "host_ms" in f else "-"
         exp = f"{r['export_s']:.1f}" if "export_s" in r else "-"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
-        vs = "-"
-        if "vs_modelopt" in r:
-            v = r["vs_modelopt"]
-            vs = (f"{v['amax_same']}/{v['amax_compared']} same, "
-                  + ("logits same" if v["logits_differing"] == 0 else f"logits {v['logits_differing']}/{v['logits']} differ")
-                  + ("" if "export_ok" not in v else (", export same" if v["export_ok"] else ", export DIFF")))
+        vs = "; ".join(f"{against}{comparison_text(r[key])}" for key, against in (("vs_modelopt", ""), ("vs_compiled", "vs compiled: "))
+                       if key in r) or "-"
         lines.append(f"| {r['shape']} | {r['recipe']} | {r['variant']} | {cal} | {fwd} | {paired} | {host} | {exp} | {peak} | {vs} |")
     return "\n".join(lines)
+
+
+def comparison_text(v: dict) -> str:
+    return (f"{v['amax_same']}/{v['amax_compared']} same, "
+            + ("logits same" if v["logits_differing"] == 0 else f"logits {v['logits_differing']}/{v['logits']} differ")
+            + ("" if "export_ok" not in v else (", export same" if v["export_ok"] else ", export DIFF")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,7 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="folder for ptq_gpu.json")
     parser.add_argument("--shapes", default="small,large", help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--recipes", nargs="*", default=list(DEFAULT_RECIPES))
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="*", default=list(DEFAULT_VARIANTS), choices=VARIANTS,
+                        help="compiled_fallback: the compiled backend with its fast paths off, beside compiled")
+    parser.add_argument("--fast-launch", choices=list(FAST_LAUNCH_SETTINGS), default="auto",
+                        help="REFQUANT_FAST_LAUNCH for every variant: off (0), on (1), or auto (as set, else on where tested)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", type=int, default=8, help="calibration batches")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -404,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown shape(s) {unknown}; use {', '.join(SHAPES)}")
     warnings.filterwarnings("ignore", module="modelopt")
     modelopt_ok = "modelopt" in args.variants and modelopt_available()
-    args.compare = modelopt_ok  # the amax tables are read only to compare with modelopt's
+    # the amax tables are read only to compare with modelopt's, or the fallback's with compiled's
+    args.compare = modelopt_ok or {"compiled", "compiled_fallback"} <= set(args.variants)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     rows: list[dict] = []
     for shape in shapes:

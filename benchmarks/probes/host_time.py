@@ -20,6 +20,7 @@ On CUDA (bf16 and fp16), a calibrated quantizer's call is one launch of a Triton
     bound call            the BoundKernelLaunch alone: its checks of x, empty_like for the output,
                           the look-up of the compiled kernel, launch_compiled
     bound checks          BoundKernelLaunch.takes(x) alone
+    arguments             FakeQuantKernel.arguments: empty_like, the arguments and the bound key
     launch_compiled       DirectLaunch.launch_compiled: the device check, the stream, Triton's launcher
     Triton launcher       the compiled kernel's run(): Triton's Python launcher and its C launch
     empty_like            the output's allocation alone
@@ -147,6 +148,7 @@ def bound_launch_steps(fmt: str, x: torch.Tensor, amax: torch.Tensor, flavor: st
         "quantizer.forward": lambda: quantizer.forward(x),
         "bound call": lambda: bound(x),
         "bound checks": lambda: bound.takes(x),
+        "arguments": lambda: kernel.arguments(x, bound._params),
         "launch_compiled": lambda: launch.launch_compiled(compiled, programs, device, launch_args),
         "DirectLaunch.launch": lambda: launch.launch(programs, launch_args),
         "key": lambda: launch.key_of(launch_args),
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{row[c]:.1f}" if c in row else "-" for c in columns]
         print(f"| {name} | {row['direct graphs']} | " + " | ".join(cells) + " |")
     launch_columns = ["quantizer", "quantizer, shared", "quantizer.forward", "bound call", "bound checks",
-                      "launch_compiled", "Triton launcher", "empty_like", "DirectLaunch.launch", "key"]
+                      "arguments", "launch_compiled", "Triton launcher", "empty_like", "DirectLaunch.launch", "key"]
     for fmt in ("fp8", "nvfp4"):
         steps = bound_launch_steps(fmt, x, amax, flavor) if device.type == "cuda" else {}
         if steps:

@@ -7,15 +7,19 @@ inductor options in refquant.compiled.options, scoped to these calls. Two except
 NVFP4 real and fake quant's per-block steps are the Triton kernels of
 refquant.compiled.nvfp4_triton and refquant.compiled.nvfp4_fake_triton (imported only then), held
 to the reference bit for bit by the CUDA tests. docs/compiled.md has the design and the
-measurements.
+measurements. The private torch and Triton APIs the fast paths use, the versions they were tested
+on and the switch that turns them off (REFQUANT_FAST_LAUNCH) are in refquant.compiled.private_api.
 """
 
 from .functions import FP8Tensor, NVFP4Tensor, bind_fake_quant, fp8_fake_quant, fp8_quantize, nvfp4_fake_quant, nvfp4_quantize
 from .options import inductor_options
+from .private_api import RefquantFastLaunchMismatch, RefquantFastLaunchWarning
 
 __all__ = [
     "FP8Tensor",
     "NVFP4Tensor",
+    "RefquantFastLaunchMismatch",
+    "RefquantFastLaunchWarning",
     "bind_fake_quant",
     "fp8_fake_quant",
     "fp8_quantize",

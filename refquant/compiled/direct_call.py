@@ -4,8 +4,8 @@ same guards dynamo would check.
 Why: in a PTQ forward every quantizer is one compiled call on a small tensor, and the host time of
 a call, not the kernel, sets the pace (an 8-layer model runs ~130 of them a forward). Going through
 dynamo costs the frame hook, the cache lookup and its Python wrappers on every call: a call of
-ours took 64 us through dynamo on the H200 machines' host against 32 us called directly, guards
-included (docs/compiled.md, "The H200, and the PTQ forward").
+ours took about twice the host time through dynamo (64 us on an H200's host) as called directly,
+guards included (32 us).
 
 How (`DirectCompiled`):
 - The function is torch.compile'd with a backend that is inductor with refquant's options, and
@@ -25,18 +25,22 @@ How (`DirectCompiled`):
   inference graph the call goes to inductor's generated `call(args)` itself, past the autograd
   wrappers (which do nothing for it), under the same check; AOTAutograd's cache is off for these
   compiles, since a hit there would hide that function (inductor's own graph cache still works).
-- Anything this relies on that the installed torch lacks (these are dynamo internals) leaves the
-  function on dynamo's path: slower, never different.
+- The dynamo and inductor internals this needs are in refquant.compiled.private_api (GRAPH_CALL):
+  where the installed torch was not tested, REFQUANT_FAST_LAUNCH=0, or any of them fails, calls
+  go through dynamo: slower, never different.
 """
 
 from __future__ import annotations
 
 import inspect
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+
+from . import private_api
+
+_GRAPH_CALL = private_api.GRAPH_CALL
 
 
 @dataclass
@@ -54,16 +58,14 @@ class _DirectGraph:
     """A graph callable without dynamo: its guards, inductor's callable, how to build its inputs."""
 
     guards: Any
+    check: Callable[[dict], bool]  # the guards' check of the function's locals
     compiled: Callable
     inputs: list[Callable[[dict], Any]]
     inference_code: Optional[Callable[[list], Any]] = None
     output_count: int = 1
     as_tuple: bool = False  # the function returns a tuple of the outputs, not the one tensor
 
-    def __post_init__(self) -> None:
-        self.check = getattr(self.guards, "root", self.guards).check  # the C++ check, one frame less
-
-    def run(self, frame: dict) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def outputs(self, frame: dict) -> torch.Tensor | tuple[torch.Tensor, ...]:
         values = [read(frame) for read in self.inputs]
         if self.inference_code is not None:
             # inductor's generated call(args): what the autograd wrappers around it end up calling
@@ -89,23 +91,26 @@ class DirectCompiled:
         self._guards_seen: list = []  # the guard managers already looked at (kept: ids get reused)
         self._frame = _frame_binder(fn)
         self.calls_through_dynamo = 0  # for tests and reports: how often the direct call did not apply
-        self.dynamo = torch.compile(fn, backend=self._backend, **compile_kwargs)
+        if _GRAPH_CALL.decide():
+            self.dynamo = torch.compile(fn, backend=self._backend, **compile_kwargs)
+        else:  # the public path: torch.compile with inductor and our options, nothing kept
+            self.dynamo = torch.compile(fn, options=options, **compile_kwargs)
 
     @property
     def direct_graphs(self) -> int:
         """How many of this function's graphs are called directly (for tests and reports)."""
-        return len(self._direct)
+        return len(self._direct) if _GRAPH_CALL.on else 0
 
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():
             # inside someone else's torch.compile: dynamo inlines this function into their graph
             # (no direct call, no marks: those are for graphs of our own)
             return self.dynamo(*args, **kwargs)
-        if self._direct and self._frame is not None:
+        if self._direct and _GRAPH_CALL.on and self._frame is not None:
             frame = self._frame(args, kwargs)
-            graph = self._fitting(frame)
-            if graph is not None:
-                return graph.run(frame)
+            outputs = self._call_fitting(frame)
+            if outputs is not None:
+                return outputs
         self.calls_through_dynamo += 1
         result = self.dynamo(*(self.prepare(args) if self.prepare is not None else args), **kwargs)
         if self._frame is not None:
@@ -119,15 +124,21 @@ class DirectCompiled:
 
     def call_direct(self, frame: dict) -> Optional[torch.Tensor | tuple[torch.Tensor, ...]]:
         """The result of the graph whose guards pass on `frame` (fn's locals), or None: no graph
-        fits, or a torch.compile is tracing us (the caller then makes an ordinary call)."""
-        if torch.compiler.is_compiling():
+        fits, a torch.compile is tracing us, or the direct graph call is off (the caller then
+        makes an ordinary call)."""
+        if torch.compiler.is_compiling() or not _GRAPH_CALL.on:
             return None
-        graph = self._fitting(frame)
-        return None if graph is None else graph.run(frame)
+        return self._call_fitting(frame)
 
     def fits(self, frame: Optional[dict]) -> bool:
         """Whether a graph is called directly for `frame` (fn's locals, from frame_of)."""
-        return frame is not None and self._fitting(frame) is not None
+        if frame is None or not _GRAPH_CALL.on:
+            return False
+        try:
+            return self._fitting(frame) is not None
+        except Exception as error:  # noqa: BLE001 - the guards' check raised: dynamo from now on
+            _GRAPH_CALL.fail(error, "checking a compiled graph's guards")
+            return False
 
     def _fitting(self, frame: dict) -> Optional[_DirectGraph]:
         for graph in self._direct:
@@ -135,76 +146,65 @@ class DirectCompiled:
                 return graph
         return None
 
+    def _call_fitting(self, frame: dict) -> Optional[torch.Tensor | tuple[torch.Tensor, ...]]:
+        """The outputs of the graph whose guards pass on `frame`, or None (none does, or the
+        direct call failed, which turns it off: the caller goes through dynamo)."""
+        try:
+            graph = self._fitting(frame)
+            return None if graph is None else graph.outputs(frame)
+        except torch.OutOfMemoryError:
+            raise  # the device's error, not the direct call's: dynamo's call would meet it too
+        except Exception as error:  # noqa: BLE001 - a private API of another form: dynamo from now on
+            _GRAPH_CALL.fail(error, "calling a compiled graph directly")
+            return None
+
     # --- the backend: inductor, keeping what it compiled ------------------------------------
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list):
-        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-
-        inner_results = []
-
-        def inner_compile(*args, **kwargs):
-            output_code = compile_fx_inner(*args, **kwargs)
-            inner_results.append((output_code, kwargs.get("is_inference", False)))
-            return output_code
-
-        # AOTAutograd's own cache would hand back a stored wrapper and skip inner_compile, leaving
-        # nothing to call directly; inductor's graph cache (inside compile_fx_inner) still applies.
-        with _no_autograd_cache():
-            compiled = compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=self.options)
+        if not _GRAPH_CALL.on:  # turned off after this function was made: nothing to keep
+            return private_api.inductor_compile(gm, example_inputs, self.options)
+        compiled, made = private_api.inductor_compile_keeping_outputs(gm, example_inputs, self.options)
         try:
-            compile_id = str(torch._guards.CompileContext.current_compile_id())
-            graph_args = [node.meta.get("grapharg") for node in gm.graph.nodes if node.op == "placeholder"]
+            compile_id = private_api.current_compile_id()
+            graph_args = private_api.graph_input_args(gm)
             output = next(node for node in gm.graph.nodes if node.op == "output")
             results = output.args[0]
             output_count = len(results) if isinstance(results, (tuple, list)) else -1
             inference_code = None
-            if len(inner_results) == 1 and inner_results[0][1]:
-                inference_code = getattr(inner_results[0][0], "current_callable", None)
+            if len(made) == 1 and made[0][1]:
+                inference_code = private_api.inference_callable(made[0][0])
             self._captured[compile_id] = _CompiledGraph(compiled, graph_args, output_count, inference_code)
-        except Exception as error:  # dynamo internals moved: stay on dynamo's path
-            _give_up(error)
+        except Exception as error:  # noqa: BLE001 - dynamo internals moved: stay on dynamo's path
+            _GRAPH_CALL.fail(error, "reading what inductor compiled")
         return compiled
 
     def _adopt_new_graphs(self, frame: dict, result: object) -> None:
         """After a dynamo call: make any graph compiled since the last look callable directly."""
-        try:
-            from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-            entries = _debug_get_cache_entry_list(self.fn.__code__)
-        except Exception as error:
-            _give_up(error)
-            self._frame = None
+        if not _GRAPH_CALL.on:
             return
-        for entry in entries:
-            guards = getattr(entry, "guard_manager", None)
-            if guards is None or any(seen is guards for seen in self._guards_seen):
-                continue
-            self._guards_seen.append(guards)
-            captured = self._captured.pop(str(getattr(entry, "compile_id", None)), None)
-            graph = _direct_graph(guards, captured, result)
-            if graph is None:
-                continue
-            same = _same_result(graph, frame, result)
-            if not same and graph.inference_code is not None:
-                graph.inference_code = None  # inductor's call alone did not do it: keep the wrappers
+        try:
+            entries = private_api.cache_entries(self.fn.__code__)
+            for guards, compile_id in entries:
+                if guards is None or any(seen is guards for seen in self._guards_seen):
+                    continue
+                self._guards_seen.append(guards)
+                graph = _direct_graph(guards, self._captured.pop(compile_id, None), result)
+                if graph is None:
+                    continue
                 same = _same_result(graph, frame, result)
-            if same:
-                self._direct.append(graph)
-
-
-def _no_autograd_cache():
-    import contextlib
-
-    import torch._functorch.config as functorch_config
-
-    if hasattr(functorch_config, "enable_autograd_cache"):
-        return functorch_config.patch(enable_autograd_cache=False)
-    return contextlib.nullcontext()
+                if not same and graph.inference_code is not None:
+                    graph.inference_code = None  # inductor's call alone did not do it: keep the wrappers
+                    same = _same_result(graph, frame, result)
+                if same:
+                    self._direct.append(graph)
+        except Exception as error:  # noqa: BLE001 - dynamo internals moved: stay on dynamo's path
+            _GRAPH_CALL.fail(error, "reading dynamo's compiled graphs")
 
 
 def _direct_graph(guards: Any, captured: Optional[_CompiledGraph], result: object) -> Optional[_DirectGraph]:
     """The graph as a direct call, if the function's result (`result`, from dynamo's call) can be
     its outputs: one tensor from one output, or a tuple of tensors from as many outputs."""
-    if captured is None or not hasattr(guards, "check"):
+    check = private_api.guard_check(guards)
+    if captured is None or check is None:
         return None
     if isinstance(result, torch.Tensor):
         as_tuple = False
@@ -214,10 +214,10 @@ def _direct_graph(guards: Any, captured: Optional[_CompiledGraph], result: objec
         return None
     if captured.output_count != (len(result) if as_tuple else 1):
         return None
-    inputs = [_input_reader(graph_arg) for graph_arg in captured.graph_args]
+    inputs = [private_api.graph_input_reader(graph_arg) for graph_arg in captured.graph_args]
     if any(read is None for read in inputs):
         return None
-    return _DirectGraph(guards, captured.compiled, inputs, captured.inference_code, captured.output_count, as_tuple)
+    return _DirectGraph(guards, check, captured.compiled, inputs, captured.inference_code, captured.output_count, as_tuple)
 
 
 def _same_result(graph: _DirectGraph, frame: dict, result: object) -> bool:
@@ -225,7 +225,7 @@ def _same_result(graph: _DirectGraph, frame: dict, result: object) -> bool:
     if not graph.check(frame):
         return False
     try:
-        direct = graph.run(frame)
+        direct = graph.outputs(frame)
     except Exception:  # noqa: BLE001 - a calling convention we got wrong: not called directly
         return False
     if graph.as_tuple:
@@ -252,33 +252,6 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _input_reader(graph_arg: Any) -> Optional[Callable[[dict], Any]]:
-    """How to get one graph input from the bound arguments (None: a source we do not rebuild)."""
-    from torch._dynamo.source import LocalSource, TensorProperty, TensorPropertySource
-
-    if graph_arg is None or getattr(graph_arg, "pass_arg_as_tensor", False):
-        return None
-    source = graph_arg.source
-    if isinstance(source, LocalSource):
-        name = source.local_name
-        return lambda frame: frame[name]
-    if isinstance(source, TensorPropertySource) and isinstance(source.base, LocalSource):
-        name, index = source.base.local_name, source.idx
-        if source.prop == TensorProperty.SIZE:
-            return lambda frame: frame[name].size(index)
-        if source.prop == TensorProperty.STRIDE:
-            return lambda frame: frame[name].stride(index)
-        if source.prop == TensorProperty.STORAGE_OFFSET:
-            return lambda frame: frame[name].storage_offset()
-        return None
-    # A tensor the function reads from a global (refquant's per-device reciprocal table): dynamo
-    # passes it as an input; it is the same object on every call, so the one seen here is kept.
-    example = getattr(graph_arg, "example", None)
-    if isinstance(example, torch.Tensor):
-        return lambda frame: example
-    return None
-
-
 def _frame_binder(fn: Callable) -> Optional[Callable[[tuple, dict], dict]]:
     """(args, kwargs) -> fn's locals at entry, which is what dynamo's guards read; None for a
     signature with *args or **kwargs (not bound here: such a function stays on dynamo's path)."""
@@ -295,17 +268,3 @@ def _frame_binder(fn: Callable) -> Optional[Callable[[tuple, dict], dict]]:
         return frame
 
     return bind
-
-
-_warned = False
-
-
-def _give_up(error: Exception) -> None:
-    global _warned
-    if not _warned:
-        _warned = True
-        warnings.warn(
-            f"refquant.compiled: calling compiled graphs directly is not possible with torch {torch.__version__} "
-            f"({type(error).__name__}: {error}); every call goes through dynamo (same bits, more host time).",
-            stacklevel=3,
-        )

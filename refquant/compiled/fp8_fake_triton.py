@@ -3,9 +3,9 @@
 Why a kernel of our own, when inductor's kernel for the reference's element step already runs at
 0.98 of a device copy: host time. A calibrated FP8 quantizer's call is this one kernel, and
 through its compiled graph a call costs dynamo's guards, inductor's wrapper and its launcher
-chain; in a host-bound 0.6B forward on the H200 machines that was about 62 us a call against
-about 30 for a bound NVFP4 quantizer launching its own kernel (docs/compiled.md, "Fourth round").
-This kernel is launched the same way (refquant.compiled.triton_launch.DirectLaunch).
+chain, about twice the host time of a bound quantizer launching its own kernel (measured on an
+H200's host in a 0.6B forward: about 62 us against 30). This kernel is launched that way
+(refquant.compiled.triton_launch).
 
 It is refquant.numerics.fp8.fp8_fake_quant step for step. Each program reads the amax from the
 device (the quantizer's own buffer, so a write to it in place, `.data` included, is used by the
@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ..numerics.formats import E4M3_MAX, FP8_AMAX_FLOOR
 from .nvfp4_fake_triton import mul_rn  # fl(a * b) as PTX mul.rn.f32, never contracted into an FMA
-from .triton_launch import DirectLaunch, FakeQuantKernel
+from .triton_launch import FakeQuantKernel
 
 # Elements a program and warps: 8 bf16 (16 bytes) a thread for each of 4 warps, 4 such rows.
 ELEMENTS_PER_PROGRAM = 4096
@@ -63,11 +63,6 @@ def kernel_constants(flavor: str) -> dict[str, float | int | bool]:
 
 
 @functools.cache
-def _direct_launch(flavor: str) -> DirectLaunch:
-    return DirectLaunch(_fp8_fake_kernel, kernel_constants(flavor), NUM_WARPS)
-
-
-@functools.cache
 def fake_quant_kernel(flavor: str) -> FakeQuantKernel:
     """The kernel of one flavor as a bound launch calls it: params (amax,), a count per element."""
-    return FakeQuantKernel(_direct_launch(flavor), unit=1, per_program=ELEMENTS_PER_PROGRAM)
+    return FakeQuantKernel.of(_fp8_fake_kernel, kernel_constants(flavor), NUM_WARPS, unit=1, per_program=ELEMENTS_PER_PROGRAM)

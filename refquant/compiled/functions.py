@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from torch._dynamo.exc import FailOnRecompileLimitHit, Unsupported
 
 from ..numerics import fp8 as reference_fp8
 from ..numerics import nvfp4 as reference_nvfp4
@@ -28,6 +27,7 @@ from ..numerics.formats import NVFP4_BLOCK_SIZE
 from ..numerics.gpu_division import reciprocal_table
 from ..numerics.straight_through import straight_through
 
+from . import private_api
 from .options import (
     FP8_REALIZE_OPCOUNT_THRESHOLD,
     LIMIT_PER_FUNCTION,
@@ -81,13 +81,13 @@ def _run(compiled: CompiledPerSignature | Callable, reference: Callable, *args, 
     try:
         try:
             return compiled(*args, **kwargs)
-        except FailOnRecompileLimitHit:
+        except private_api.RecompileLimitHit:
             if LIMIT_PER_FUNCTION:
                 raise
             # torch < 2.13 has only the global limit: raise it for this one compile, not per call.
             with recompile_limit_patch():
                 return compiled(*args, **kwargs)
-    except Unsupported as error:
+    except private_api.DynamoUnsupported as error:
         failure = error
     reference(*args, **kwargs)
     raise failure
@@ -331,46 +331,39 @@ class BoundFakeQuant:
 
 class BoundKernelLaunch:
     """A fake quantization for one fixed amax on CUDA whose whole call is one launch of a Triton
-    kernel of ours (NVFP4: nvfp4_fake_triton.py; FP8 under scales computed once:
-    fp8_fake_triton.py): the launch itself, past the graph around it (its guards, inductor's
-    wrapper and launcher chain; refquant.compiled.triton_launch). It takes tensors of the dtype
-    and device it was bound for, laid out as rows in memory (_rows_in_memory: contiguous, or a
-    permutation of it with the last dim innermost, as K and V reach the attention without a KV
-    cache), last dim a multiple of the kernel's unit, not empty, and outside autograd (no
-    requires_grad under grad mode); for any other it returns None and the caller makes the
-    ordinary call. Made by bind_fake_quant, for bf16 and fp16 only (what was checked on the H200
-    against the reference, every pattern): fp32 keeps the graph (the fake kernel's fp32 path,
-    one-dimensional since its rows of 8 were spread over two threads, is not yet checked through
-    this launch; docs/compiled.md, "Fifth round").
+    kernel of ours (nvfp4_fake_triton.py, fp8_fake_triton.py), past the graph around it (its
+    guards, inductor's wrapper and launcher chain): refquant.compiled.triton_launch, whose
+    FakeQuantKernel says how the kernel is launched. It takes tensors of the dtype and device it
+    was bound for, laid out as rows in memory (_rows_in_memory: contiguous, or a permutation of it
+    with the last dim innermost, as K and V reach the attention without a KV cache), last dim a
+    multiple of the kernel's unit, not empty, and outside autograd (no requires_grad under grad
+    mode); for any other it returns None and the caller makes the ordinary call. Made by
+    bind_fake_quant for bf16 and fp16 only (checked on a GPU against the reference, every
+    pattern): fp32 keeps the graph (the fake kernel's fp32 path is not checked through this
+    launch).
 
     A PTQ forward makes ~100 of these calls and the host sets its pace, so a call does only what
-    changes from call to call: the checks of x, the output's allocation, and a look-up of the
-    compiled kernel by what Triton specializes on that can still change (the count, and whether
-    x and y are 16-byte aligned; dtypes, device and params were fixed when bound). A look-up
-    that misses (and any launch while a launch hook is set) goes through DirectLaunch.launch."""
+    changes from call to call: the checks of x, then FakeQuantKernel.launch_bound (the output's
+    allocation and the look-up of the compiled kernel by what can still change; dtypes, device
+    and constexprs were fixed when bound). With the fast launch off, each call is Triton's own
+    kernel[grid](...)."""
 
     DTYPES = (torch.bfloat16, torch.float16)
-    _KERNELS_KEPT = 32  # look-ups kept: K and V of a KV cache growing token by token change count every call
-    __slots__ = ("_launch", "_params", "_unit", "_per_program", "_dtype", "_device_index", "_kernels", "_hooks_set")
+    __slots__ = ("_kernel", "_params", "_dtype", "_device_index", "_kernels")
 
     def __init__(self, x: torch.Tensor, kernel: FakeQuantKernel, params: tuple):
-        from .triton_launch import launch_hooks_set
-
-        self._hooks_set = launch_hooks_set
-        self._launch = kernel.launch
+        self._kernel = kernel
         self._params = params
-        self._unit = kernel.unit
-        self._per_program = kernel.per_program
         self._dtype = x.dtype
         self._device_index = x.get_device()  # an int: cheaper to read and compare than x.device
-        self._kernels: dict[tuple, object] = {}
+        self._kernels: dict[tuple, object] = {}  # FakeQuantKernel.launch_bound's look-ups
 
     def takes(self, x: torch.Tensor) -> bool:
         return not (
             x.dtype is not self._dtype
             or x.get_device() != self._device_index
             or x.ndim == 0
-            or x.shape[-1] % self._unit
+            or x.shape[-1] % self._kernel.unit
             or x.numel() == 0
             or not (x.is_contiguous() or _rows_in_memory(x))
             or (x.requires_grad and torch.is_grad_enabled())
@@ -380,19 +373,7 @@ class BoundKernelLaunch:
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self.takes(x):
             return None
-        y = torch.empty_like(x)  # x's strides: the kernel writes y in x's memory order
-        count = x.numel() // self._unit
-        programs = -(-count // self._per_program)
-        args = (x, *self._params, y, count)
-        looked_up = (count, x.data_ptr() % 16 == 0, y.data_ptr() % 16 == 0)
-        compiled = self._kernels.get(looked_up)
-        if compiled is None or self._hooks_set():
-            if len(self._kernels) >= self._KERNELS_KEPT:
-                self._kernels.clear()
-            self._kernels[looked_up] = self._launch.launch(programs, args)
-        else:
-            self._launch.launch_compiled(compiled, programs, self._device_index, args)
-        return y
+        return self._kernel.launch_bound(x, self._params, self._device_index, self._kernels)
 
 
 def _rows_in_memory(x: torch.Tensor) -> bool:
@@ -440,9 +421,9 @@ def bind_fake_quant(format: str, x: torch.Tensor, amax: AmaxLike = None, *, flav
     """The fake quantization of `format` ("fp8" or "nvfp4") with this amax (None: taken from each
     x; a float or a 0-d tensor), bound for tensors like x: a BoundFakeQuant, or None where there
     is nothing to bind (a per-channel amax, a degenerate x, a graph that cannot be called
-    directly). A tensor amax is bound as the tensor itself, never as values computed from it:
-    every call reads it where it lives, so a write to it in place (`.data` included) is used by
-    the next call, as by the reference. Its value is checked here, once per binding. With an
+    directly, the direct graph call off: refquant.compiled.private_api). A tensor amax is bound
+    as the tensor itself, never as values computed from it: every call reads it where it lives,
+    so a write to it in place (`.data` included) is used by the next call, as by the reference. Its value is checked here, once per binding. With an
     amax, a bf16 or fp16 x on CUDA binds the launch of a Triton kernel (BoundKernelLaunch); the
     other cases bind the graph of an ordinary call with x, which must have run already."""
     if _is_degenerate(x) or format not in ("fp8", "nvfp4"):
@@ -462,6 +443,8 @@ def bind_fake_quant(format: str, x: torch.Tensor, amax: AmaxLike = None, *, flav
     # takes any strides.
     if launch is not None and launch.takes(x):
         return launch
+    if not private_api.GRAPH_CALL.decide():  # each call goes through dynamo: nothing to bind
+        return None
     args = (_rows(x), amax)
     if format == "fp8":
         compiled, reference, kwargs = _compiled_fp8_fake_quant, reference_fp8.fp8_fake_quant, {"axis": None, "flavor": flavor}

@@ -43,7 +43,7 @@ from ..numerics.formats import (
     NVFP4_GLOBAL_SCALE_FLOOR,
     RCP_2688,
 )
-from .triton_launch import DirectLaunch, FakeQuantKernel
+from .triton_launch import FakeQuantKernel
 
 # Blocks a program and warps: one block a thread, 128 threads. On the H200 (kernel time, ratio to a
 # copy; benchmarks/nvfp4_tiles.py): 0.98 at 8192 x 16384 bf16 and 0.90-0.97 on the 6.7B shape's
@@ -183,8 +183,8 @@ def _nvfp4_fake_kernel(
     else:
         # fp32: a row of 8 is 32 bytes, which Triton spreads over two threads (shuffles and shared
         # memory, the layouts under which NVFP4 real quant's kernel gave launch-to-launch
-        # different codes: docs/compiled.md, "Fifth round"). So each element of a block is its own
-        # one-dimensional load, and there is no layout to choose.
+        # different codes on an H200). So each element of a block is its own one-dimensional
+        # load, and there is no layout to choose.
         in_range = block < n_blocks
         start = block.to(tl.int64) * _BLOCK
         x0, x1, x2, x3 = load_four(x_ptr + start, in_range)
@@ -234,19 +234,15 @@ def nvfp4_fake_quant_blocks(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor
 
 
 @functools.cache
-def _direct_launch() -> DirectLaunch:
-    return DirectLaunch(_nvfp4_fake_kernel, kernel_constants(), NUM_WARPS)
-
-
-@functools.cache
 def fake_quant_kernel() -> FakeQuantKernel:
     """The kernel as a bound launch calls it: params (amax,), a count per block of 16."""
-    return FakeQuantKernel(_direct_launch(), unit=NVFP4_BLOCK_SIZE, per_program=BLOCKS_PER_PROGRAM)
+    return FakeQuantKernel.of(_nvfp4_fake_kernel, kernel_constants(), NUM_WARPS, unit=NVFP4_BLOCK_SIZE,
+                              per_program=BLOCKS_PER_PROGRAM)
 
 
 def nvfp4_fake_quant_blocks_now(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """nvfp4_fake_quant_blocks launched eagerly by DirectLaunch, past the dispatcher and any graph
-    (for calls outside torch.compile: refquant.compiled.functions.BoundKernelLaunch). The amax may be any
-    float dtype of one element on x's device (the kernel reads it as fp32, as the reference's
-    .float())."""
+    """nvfp4_fake_quant_blocks launched eagerly (refquant.compiled.triton_launch), past the
+    dispatcher and any graph, as refquant.compiled.functions.BoundKernelLaunch launches it. The amax
+    may be any float dtype of one element on x's device (the kernel reads it as fp32, as the
+    reference's .float())."""
     return fake_quant_kernel()(x, (amax,))

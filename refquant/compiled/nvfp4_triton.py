@@ -1,10 +1,11 @@
 """NVFP4 real quantization's per-block step as one Triton kernel (CUDA only), for refquant.compiled.
 
-Why a kernel of our own (issue 6 allows one "only where inductor cannot get there"): through
-inductor, the reference's block step (refquant.numerics.nvfp4.nvfp4_quantize_blocks) is one
-persistent-reduction kernel at 0.270 ms for 8192 x 16384 bf16 on an H100, 0.42 of the bandwidth it
-could reach, and compute-bound: an IEEE division an element (a branchy instruction sequence with a
-slow-path call) and the E2M1 rounding of the quotient, about 50 instructions an element. A Triton
+Why a kernel of our own (the math has one source, so a kernel is written only where inductor
+cannot get there): through inductor, the reference's block step
+(refquant.numerics.nvfp4.nvfp4_quantize_blocks) is one persistent-reduction kernel at 0.270 ms
+for 8192 x 16384 bf16 on an H100, 0.42 of the bandwidth it could reach, and compute-bound: an IEEE
+division an element (a branchy instruction sequence with a slow-path call) and the E2M1 rounding
+of the quotient, about 50 instructions an element. A Triton
 kernel doing that same arithmetic ran at 0.217 ms. This one ran at 0.118 ms (0.97) there. The
 H200 moves memory 1.4x faster with the same SMs, and there the kernel was bound by its integer and
 logic instructions (0.73 of the copy's bandwidth); with the bf16 path's element step moved to the
@@ -53,7 +54,7 @@ Three paths, one kernel (the global scale is read on the device, so the choice i
   element of a block its own one-dimensional load, so that whatever x's alignment one thread
   owns a block (_any_dtype_tile says why). On the H200 at 8192 x 16384: fp16 0.175 ms, fp32
   0.273 ms (0.94 of its copy), bf16 8 bytes off alignment 0.223 ms, against 0.095 ms for the
-  bf16 path (do_bench, docs/compiled.md "Fifth round");
+  bf16 path (do_bench);
 - a global scale outside the window: the division.
 The block scale is the reference's nvfp4_real_block_scale (one IEEE division a block). The block
 max is an integer max of the magnitude bits (NaN patterns sort above inf), so NaN propagates as
@@ -90,7 +91,7 @@ from .triton_launch import DirectLaunch
 # path needs 56 registers a thread (scripts/triton_sass.py), so up to 9 such programs fit an SM at
 # once; with more, the rest wait for a second wave (0.79-0.83 at 10 and 12). On the H200 (kernel
 # time over a copy's bandwidth, 8192 x 16384 / 11008 x 4096 bf16; benchmarks/nvfp4_tiles.py
-# --real, runs G, H and L): 0.957-0.967 / 0.923-0.941 at 8 an SM, 0.961-0.970 / 0.918-0.948 at 9,
+# --real): 0.957-0.967 / 0.923-0.941 at 8 an SM, 0.961-0.970 / 0.918-0.948 at 9,
 # 0.958 / 0.918 at 7; 256 blocks on 8 warps at 4 or 5 an SM 0.914-0.923 / 0.858-0.885; 512
 # blocks on 8 warps (87 registers) 0.78-0.82; one program a tile 0.75-0.77.
 BLOCKS_PER_PROGRAM = 128
@@ -239,7 +240,7 @@ def _any_dtype_tile(x_ptr, tile, g, packed_ptr, block_scale_ptr, n_blocks, E2M1_
     bytes never leave its registers. With 2-D tiles Triton chooses the layout from x's alignment:
     a (BLOCKS, 16) or (BLOCKS, 4) tile of an x not 16-byte aligned is spread over four threads
     (shuffles and shared memory), and on the H200 such compiles gave codes that changed from one
-    launch of the same kernel to the next (docs/compiled.md, "Fifth round")."""
+    launch of the same kernel to the next."""
     block = tile * BLOCKS + tl.arange(0, BLOCKS)
     in_range = block < n_blocks
     start = x_ptr + block.to(tl.int64) * _BLOCK
@@ -579,13 +580,20 @@ def nvfp4_quantize_from_amax(x: torch.Tensor, amax: torch.Tensor, ieee_division:
 
 @functools.cache
 def _direct_launch(bf16_pairs: bool, scale_from: int) -> DirectLaunch:
-    return DirectLaunch(_nvfp4_blocks_kernel, kernel_constants(bf16_pairs, scale_from), NUM_WARPS)
+    return DirectLaunch(_nvfp4_blocks_kernel, kernel_constants(bf16_pairs, scale_from), NUM_WARPS, outputs_written(scale_from))
+
+
+def outputs_written(scale_from: int) -> tuple[str, ...]:
+    """The arguments _nvfp4_blocks_kernel writes in full: the packed bytes and block scales, and
+    the global scale where it computes it (otherwise that argument is the scale it reads)."""
+    written = ("packed_ptr", "block_scale_ptr")
+    return written if scale_from == GIVEN_GLOBAL_SCALE else ("global_scale_ptr", *written)
 
 
 def nvfp4_quantize_from_amax_now(x: torch.Tensor, amax: torch.Tensor, ieee_division: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """nvfp4_quantize_from_amax launched eagerly by DirectLaunch, past the dispatcher and any graph
-    (for calls outside torch.compile: refquant.compiled.nvfp4_quantize with a given amax). Same
-    arguments, same results; the amax an fp32 0-d tensor on x's device."""
+    """nvfp4_quantize_from_amax launched eagerly (refquant.compiled.triton_launch), past the
+    dispatcher and any graph (for calls outside torch.compile: refquant.compiled.nvfp4_quantize
+    with a given amax). Same arguments, same results; the amax an fp32 0-d tensor on x's device."""
     global_scale = torch.empty(1, dtype=torch.float32, device=x.device)
     scale_from = FROM_AMAX_OVER_2688 if ieee_division else FROM_AMAX_TIMES_RCP_2688
     packed, block_scale = _outputs(x)

@@ -11,8 +11,8 @@ import inspect
 import types
 
 import torch
-import torch._inductor.config as inductor_config
 
+from . import private_api
 from .direct_call import DirectCompiled
 
 
@@ -23,6 +23,7 @@ def division_rounding_option() -> str:
     the approximate div.full.f32 (up to 2 ulp off); with it, div_rn (IEEE). torch 2.13 files it
     under eager_numerics; older releases spell it emulate_divison_rounding (sic).
     """
+    inductor_config = private_api.inductor_config()
     if hasattr(inductor_config, "eager_numerics") and hasattr(inductor_config.eager_numerics, "division_rounding"):
         return "eager_numerics.division_rounding"
     return "emulate_divison_rounding"
@@ -48,7 +49,7 @@ def inductor_options(realize_opcount_threshold: int = REALIZE_OPCOUNT_THRESHOLD)
       roundings of x / scale collapse into one), and turn off Triton's mul+add -> fma contraction.
     - compile_threads 1 (speed, not bits): inductor compiles our small graphs in this process.
       With more, its first compile starts a pool of worker processes (one a CPU core, each
-      importing torch), and on the H200 machines the first quantized model of a process then ran
+      importing torch), and on an H200's host the first quantized model of a process then ran
       its forward 1.5x slower (0.6B: 20.1 ms against 13.0 for the same recipe later in the
       process), the host sharing its cores with the starting workers.
     - realize_opcount_threshold (speed, not bits): a pointwise value used more than once, or
@@ -56,7 +57,7 @@ def inductor_options(realize_opcount_threshold: int = REALIZE_OPCOUNT_THRESHOLD)
       of being recomputed by each consumer. Inductor's default is 30; see the two values above.
     """
     options: dict[str, bool | int] = {division_rounding_option(): True, "emulate_precision_casts": True, "compile_threads": 1}
-    if hasattr(inductor_config, "realize_opcount_threshold"):
+    if hasattr(private_api.inductor_config(), "realize_opcount_threshold"):
         options["realize_opcount_threshold"] = realize_opcount_threshold
     return options
 
@@ -83,7 +84,7 @@ def compile_reference(fn, realize_opcount_threshold: int = REALIZE_OPCOUNT_THRES
 
 def recompile_limit_patch():
     """For torch without per-function limits: the global limit raised while the block runs."""
-    return torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
+    return private_api.recompile_limit_patch(RECOMPILE_LIMIT)
 
 
 class CompiledPerSignature:

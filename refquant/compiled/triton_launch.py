@@ -1,28 +1,23 @@
-"""Our Triton kernels launched eagerly with little host work: Triton's own launcher, called with a
-kernel compiled before.
+"""Our Triton kernels launched eagerly with little host work: the launcher of the kernel Triton
+compiled for the arguments, called directly.
 
 Why: a bound FP8 or NVFP4 fake quantizer's call (refquant.compiled.functions.BoundKernelLaunch) is
-one kernel of ours. Going through the compiled graph around it costs dynamo's guards, inductor's
-wrapper and its launcher chain, about 25-35 us a call on the H200 machines' hosts; Triton's `kernel[grid](...)`
-costs more (about 38 us: binding and specializing every argument, constexprs included, and
-checking the kernel's globals on each call; run M in docs/compiled.md). A host-bound PTQ forward
-pays that ~100 times.
+one kernel of ours, and a host-bound PTQ forward makes ~100 such calls. Through the compiled graph
+around the kernel a call pays dynamo's guards, inductor's wrapper and its launcher chain; through
+Triton's `kernel[grid](...)` it pays the binding and specialization of every argument, constexprs
+included, and the check of the kernel's globals. Triton's launcher alone costs a fraction of
+either.
 
-How (`DirectLaunch`): Triton compiles a kernel once per specialization of its arguments (their
-dtypes; whether each pointer is 16-byte aligned; whether each integer is 1, a multiple of 16, and
-fits in 32 bits; the device; the constexprs and compile options). A DirectLaunch has fixed
-constexprs and options and keys what it compiled by the same properties of the other arguments.
-A key's first launch goes through `kernel[grid](...)`, which compiles or finds the kernel and
-returns it; later launches call that kernel's launcher directly, as Triton does, with every
-argument in signature order. tests/test_triton_launch.py checks on CUDA that a key's kernel is
-the one Triton itself picks for the same arguments. A caller that knows which arguments can
-change (a bound quantizer: only the count and the alignments) may keep the kernel `launch`
-returned and call `launch_compiled` with it, past the key. Launch hooks (a profiler such as
-proton) send every launch through `kernel[grid](...)`, which calls them. Kernels are compiled without
-FMA contraction (enable_fp_fusion=False): every rounding is the one written in the kernel.
-What this relies on beyond Triton's public API is what inductor's own launchers use: a compiled
-kernel's `run`, `function` and `packed_metadata` (Triton 3.6), and torch's current raw stream
-and device guard; the CUDA tests exercise it on every supported pair of versions.
+How (DirectLaunch): a key's first launch goes through `kernel[grid](...)`, which compiles or finds
+the kernel for those arguments and returns it; that kernel is kept under a key at least as fine as
+anything Triton can specialize on (refquant.compiled.private_api, (a) and (b)). Later launches of
+the key call its launcher directly, as Triton does, with every argument in signature order; the
+first such launch of each DirectLaunch in a process is checked bit for bit against
+`kernel[grid](...)` (private_api, (c)). A launch hook (a profiler such as proton) or Triton's debug
+knobs, the fast launch turned off (untested versions, REFQUANT_FAST_LAUNCH=0) or any failure of it
+send launches through `kernel[grid](...)`. Kernels are compiled without FMA contraction
+(enable_fp_fusion=False): every rounding is the one written in the kernel. The private APIs this
+calls are in refquant.compiled.private_api, and nowhere else.
 """
 
 from __future__ import annotations
@@ -32,106 +27,190 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from triton import knobs
 
-_INT32 = range(-(2**31), 2**31)
+from . import private_api
+
+# Compiled kernels kept by key, per DirectLaunch and per bound launch. A count is in the key, so a
+# KV cache growing token by token adds a key a token; past the limit the look-ups start afresh.
+KEYS_KEPT = 256
+BOUND_KEYS_KEPT = 32
+# Every alignment a pointer's specialization could depend on, up to this many bytes (private_api, (a)).
+ADDRESS_MODULUS = 256
+
+_SAME_SIZE_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _scalar_specialization(arg: Any) -> tuple:
-    """What Triton specializes a kernel on for one int or float argument (a tensor's, its dtype and
-    whether its pointer is 16-byte aligned, is in DirectLaunch.key_of)."""
-    if isinstance(arg, int) and not isinstance(arg, bool):
-        return (arg == 1, arg % 16 == 0, arg in _INT32)
-    if isinstance(arg, float):
-        return (float,)  # an fp32 argument; Triton does not specialize on a float's value
-    raise TypeError(f"DirectLaunch takes tensors, ints and floats as runtime arguments, got {type(arg).__name__}.")
+def runtime_parameters(kernel: Any, constants: dict[str, Any]) -> list[str]:
+    """The names of a Triton kernel's runtime parameters: those before its constexprs, which must
+    be its last parameters and exactly `constants`' keys."""
+    names = list(inspect.signature(kernel.fn).parameters)
+    runtime = names[: len(names) - len(constants)]
+    if sorted(names[len(runtime):]) != sorted(constants):
+        raise ValueError(f"{kernel.fn.__name__}: the constexprs must be its last parameters, got {sorted(constants)}.")
+    return runtime
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bits as an integer tensor of the same element size (same memory)."""
+    return t.view(_SAME_SIZE_INTEGER[t.element_size()])
+
+
+def _number_key(value: Any) -> tuple:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (int, value)  # the exact value: Triton specializes on properties of it (== 1, % 16, width)
+    raise TypeError(f"DirectLaunch takes tensors and ints as runtime arguments, got {type(value).__name__}.")
 
 
 class DirectLaunch:
-    """kernel[(programs,)](*args, **constants, num_warps=num_warps) with the host work of Triton's
-    launcher alone once a kernel for the arguments' specialization exists (see the module
-    docstring). Runtime arguments come first in the kernel's signature, constexprs after; the
-    tensors live on one CUDA device, the first argument's."""
+    """kernel[(programs,)](*args, **constants, num_warps=num_warps, enable_fp_fusion=False) with the
+    host work of Triton's launcher alone, once the key's kernel exists and this launch was checked
+    (see the module docstring). Runtime arguments come first in the kernel's signature, constexprs
+    after; the tensors live on one CUDA device, the first argument's. `outputs` names the
+    arguments the kernel writes in full and never reads (the first fast launch's check compares
+    them)."""
 
-    def __init__(self, kernel, constants: dict[str, Any], num_warps: int):
+    def __init__(self, kernel: Any, constants: dict[str, Any], num_warps: int, outputs: tuple[str, ...]):
         self.kernel = kernel
         self.constants = constants
         self.num_warps = num_warps
-        names = list(inspect.signature(kernel.fn).parameters)
-        self._runtime_count = len(names) - len(constants)
-        if sorted(names[self._runtime_count :]) != sorted(constants):
-            raise ValueError(f"{kernel.fn.__name__}: the constexprs must be its last parameters, got {sorted(constants)}.")
-        self._constant_values = tuple(constants[name] for name in names[self._runtime_count :])
+        self.name = kernel.fn.__name__
+        runtime = runtime_parameters(kernel, constants)
+        if not outputs or any(name not in runtime for name in outputs):
+            raise ValueError(f"{self.name}: outputs {outputs} must name runtime parameters among {runtime}.")
+        self._runtime = runtime
+        self.output_indices = tuple(runtime.index(name) for name in outputs)
+        constexprs = list(inspect.signature(kernel.fn).parameters)[len(runtime):]
+        self._constant_values = tuple(constants[name] for name in constexprs)
         self._compiled: dict[tuple, Any] = {}
+        self.checked = False  # this launch's first fast launch gave the public path's bits
 
     def __call__(self, programs: int, *args) -> None:
         self.launch(programs, args)
 
     def launch(self, programs: int, args: tuple) -> Any:
         """Launches the kernel on `args` (runtime arguments in signature order) over `programs`
-        programs; returns the compiled kernel it launched, which a caller may keep and hand to
-        launch_compiled for later arguments of the same specialization (key_of)."""
-        if len(args) != self._runtime_count:
-            raise TypeError(f"{self.kernel.fn.__name__} takes {self._runtime_count} runtime arguments, got {len(args)}.")
+        programs. Returns the compiled kernel it launched where a caller may keep it and hand it
+        to launch_compiled for later arguments of the same key (the fast launch on, and checked
+        for this kernel); else None."""
+        if len(args) != len(self._runtime):
+            raise TypeError(f"{self.name} takes {len(self._runtime)} runtime arguments ({', '.join(self._runtime)}), got {len(args)}.")
         key = self.key_of(args)
         device = key[0]
         compiled = self._compiled.get(key)
-        if compiled is None or launch_hooks_set():
-            with torch.cuda._DeviceGuard(device):  # Triton launches on the current device
-                compiled = self._compiled[key] = self.kernel[(programs,)](
-                    *args, **self.constants, num_warps=self.num_warps, enable_fp_fusion=False
-                )
-            return compiled
-        self.launch_compiled(compiled, programs, device, args)
-        return compiled
+        fast = private_api.KERNEL_LAUNCH.decide()
+        if compiled is None or not fast or private_api.kernel_launch_blocked():
+            compiled = self.launch_public(programs, device, args)
+            if fast:
+                if len(self._compiled) >= KEYS_KEPT:
+                    self._compiled.clear()
+                self._compiled[key] = compiled
+        elif not self.checked:
+            self._check_first_fast_launch(compiled, programs, device, args)
+        else:
+            self.launch_compiled(compiled, programs, device, args)
+        return compiled if self.checked and private_api.KERNEL_LAUNCH.on else None
+
+    def launch_public(self, programs: int, device: int, args: tuple) -> Any:
+        """Triton's public launch on CUDA device `device`; returns the compiled kernel it picked."""
+        with torch.cuda.device(device):  # Triton launches on the current device
+            return self.kernel[(programs,)](*args, **self.constants, num_warps=self.num_warps, enable_fp_fusion=False)
 
     def launch_compiled(self, compiled: Any, programs: int, device: int, args: tuple) -> None:
         """Triton's launcher alone: `compiled` must be what launch returned for arguments of the
-        same specialization as `args`, on CUDA device `device`, and no launch hook set."""
-        # Entering and leaving the device guard is host time on every launch, and a forward's
-        # tensors are usually on the current device already (not always: a model split over GPUs).
-        if torch._C._cuda_getDevice() != device:
-            with torch.cuda._DeviceGuard(device):
-                self._call_launcher(compiled, programs, device, args)
-        else:
-            self._call_launcher(compiled, programs, device, args)
+        same key as `args`, on CUDA device `device`, and kernel_launch_blocked() false. Should the
+        launcher raise, the fast launch is off for the process and this launch is the public one."""
+        try:
+            private_api.launch_compiled_kernel(compiled, programs, device, args + self._constant_values)
+        except Exception as error:  # noqa: BLE001 - a launcher of another form: the public path
+            private_api.KERNEL_LAUNCH.fail(error, f"launching {self.name}")
+            self.launch_public(programs, device, args)
 
-    def _call_launcher(self, compiled, programs: int, device: int, args: tuple) -> None:
-        stream = torch._C._cuda_getCurrentRawStream(device)
-        compiled.run(programs, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                     *args, *self._constant_values)
+    def _check_first_fast_launch(self, compiled: Any, programs: int, device: int, args: tuple) -> None:
+        """The calling convention, checked once: the public path on the same inputs into fresh
+        outputs, then the fast launch into `args`' outputs filled with the complement of those bits
+        (so an element it does not write differs). Equal: this launch is checked. Otherwise the
+        fast launch is off (an error-level warning) and `args`' outputs get the public bits."""
+        if private_api.stream_capturing(device):  # no read back while a CUDA graph is captured
+            self.launch_public(programs, device, args)
+            return
+        public_args = list(args)
+        for index in self.output_indices:
+            public_args[index] = torch.empty_like(args[index])
+        self.launch_public(programs, device, tuple(public_args))
+        outputs = [(self._runtime[i], args[i], public_args[i]) for i in self.output_indices]
+        for _, out, expected in outputs:
+            _bits(out).copy_(torch.bitwise_not(_bits(expected)))
+        try:
+            private_api.launch_compiled_kernel(compiled, programs, device, args + self._constant_values)
+        except Exception as error:  # noqa: BLE001 - a launcher of another form: the public path
+            private_api.KERNEL_LAUNCH.fail(error, f"launching {self.name} for the first time")
+        else:
+            differing = [name for name, out, expected in outputs if not torch.equal(_bits(out), _bits(expected))]
+            if not differing:
+                self.checked = True
+                return
+            private_api.KERNEL_LAUNCH.mismatch(f"{self.name}'s {', '.join(differing)} on its first fast launch")
+        for _, out, expected in outputs:
+            out.copy_(expected)
 
     @staticmethod
     def key_of(args: tuple) -> tuple:
-        """What a compiled kernel is kept under: the first argument's device, then what Triton
-        specializes on for each argument (tensors inline: a call per argument is host time on
-        every launch)."""
+        """What a compiled kernel is kept under (private_api, (a)): the first argument's device,
+        then each tensor's dtype and address modulo ADDRESS_MODULUS and each int's value (inline:
+        a call per argument is host time on every launch)."""
         return (args[0].get_device(),
-                *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else _scalar_specialization(a) for a in args])
-
-
-def launch_hooks_set() -> bool:
-    """Whether a launch hook is installed: Triton 3.6 keeps them in chains (empty: none), older
-    versions as one callable or None."""
-    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
-        if hook is not None and getattr(hook, "calls", True):
-            return True
-    return False
+                *[(a.dtype, a.data_ptr() % ADDRESS_MODULUS) if isinstance(a, torch.Tensor) else _number_key(a) for a in args])
 
 
 @dataclass(frozen=True)
 class FakeQuantKernel:
-    """How a fake-quant kernel of ours is launched on x: kernel(x, *params, y, count) over
-    ceil(count / per_program) programs, y = empty_like(x), count = x.numel() // unit (what
-    refquant.compiled.functions.BoundKernelLaunch calls on every bound call)."""
+    """How a fake-quant kernel of ours is laid out and launched (the one place that says so):
+    kernel(x, *params, y, count, *constexprs) over ceil(count / per_program) programs, where
+    y = torch.empty_like(x) (x's strides: the kernel writes y in x's memory order), count =
+    x.numel() // unit, and params are tensors fixed when a launch is bound (the amax)."""
 
     launch: DirectLaunch
     unit: int  # the elements one count stands for (NVFP4: a block of 16); x's last dim is a multiple of it
     per_program: int  # the counts one program handles
 
-    def __call__(self, x: torch.Tensor, params: tuple) -> torch.Tensor:
-        """y for x, one launch through DirectLaunch's own look-up (calls that are not bound)."""
+    @classmethod
+    def of(cls, kernel: Any, constants: dict[str, Any], num_warps: int, *, unit: int, per_program: int) -> FakeQuantKernel:
+        """The description of `kernel`, whose runtime parameters are laid out as the class says."""
+        output = runtime_parameters(kernel, constants)[-2]
+        return cls(DirectLaunch(kernel, constants, num_warps, outputs=(output,)), unit, per_program)
+
+    def arguments(self, x: torch.Tensor, params: tuple) -> tuple[int, tuple, tuple]:
+        """(programs, runtime arguments, key) for x, with a new y as arguments[-2]. The key is what
+        a bound launch looks its kernel up by (launch_bound): what can change between calls of a
+        binding, which fixes the dtypes, the device and the constexprs. That is the count, x's and
+        y's addresses modulo ADDRESS_MODULUS, and each param's dtype and address (a write to
+        `.data` changes both without a version counter); with what the binding fixes, it holds
+        all of DirectLaunch.key_of."""
         y = torch.empty_like(x)
         count = x.numel() // self.unit
-        self.launch.launch(-(-count // self.per_program), (x, *params, y, count))
-        return y
+        key = (count, x.data_ptr() % ADDRESS_MODULUS, y.data_ptr() % ADDRESS_MODULUS)
+        for param in params:  # a loop: a comprehension is one more frame on every call
+            key += (param.dtype, param.data_ptr() % ADDRESS_MODULUS)
+        return -(-count // self.per_program), (x, *params, y, count), key
+
+    def __call__(self, x: torch.Tensor, params: tuple) -> torch.Tensor:
+        """y for x, one launch through DirectLaunch's own look-up (calls that are not bound)."""
+        programs, args, _ = self.arguments(x, params)
+        self.launch.launch(programs, args)
+        return args[-2]
+
+    def launch_bound(self, x: torch.Tensor, params: tuple, device: int, kept: dict) -> torch.Tensor:
+        """y for x, for a launch bound to x's dtype and CUDA device `device` (BoundKernelLaunch
+        checked x against them), its kernel looked up in `kept` by the key of `arguments`. A miss,
+        and every launch while kernel_launch_blocked(), goes through DirectLaunch.launch."""
+        programs, args, key = self.arguments(x, params)
+        compiled = kept.get(key)
+        if compiled is None or private_api.kernel_launch_blocked():
+            compiled = self.launch.launch(programs, args)
+            if compiled is not None:
+                if len(kept) >= BOUND_KEYS_KEPT:
+                    kept.clear()
+                kept[key] = compiled
+        else:
+            self.launch.launch_compiled(compiled, programs, device, args)
+        return args[-2]
