@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._inductor.config as inductor_config
-from conftest import cuda, cuda_at_element_offset, every_16_bit_pattern, nvfp4_kernel_inputs, vector_cases
+from conftest import REPO, cuda, cuda_at_element_offset, every_16_bit_pattern, nvfp4_kernel_inputs, vector_cases
 
 import refquant as rq
 import refquant.compiled as rc
@@ -442,3 +442,21 @@ def test_nvfp4_real_kernel_on_cuda_gives_the_same_bits_launch_after_launch(rows,
             assert_bitexact(global_scale.cpu().reshape(()), want.global_scale, f"{label}: the eager kernel's global scale")
             assert_bitexact(got.packed.cpu(), want.packed, f"{label}: rc.nvfp4_quantize's packed bytes")
             assert_bitexact(got.block_scale.cpu(), want.block_scale, f"{label}: rc.nvfp4_quantize's block scales")
+
+
+def test_per_slice_nvfp4_decodes_the_reciprocal_table_before_the_graph_reads_it():
+    """A process whose first NVFP4 call is the per-expert (per-slice) one: the GPU-division table is
+    decoded eagerly, never inside the traced graph (dynamo cannot trace the file read)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, refquant as rq, refquant.compiled as rc\n"
+        "x = torch.randn(4, 8, 64, generator=torch.Generator().manual_seed(0)).bfloat16()\n"
+        "amax = x.abs().amax(dim=(1, 2), keepdim=True)\n"
+        "y = rc.nvfp4_fake_quant(x, amax, per_slice_amax=True)\n"
+        "want = torch.stack([rq.nvfp4_fake_quant(x[i], amax[i].reshape(())) for i in range(4)])\n"
+        "assert torch.equal(y.view(torch.int16), want.view(torch.int16))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]

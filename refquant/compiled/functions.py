@@ -260,6 +260,7 @@ def nvfp4_fake_quant(
     if per_slice_amax and not _is_per_tensor(amax) and amax.numel() != 1:
         # one global amax per slice (a stack of expert weights): the compiled reference takes
         # x in its own shape; the Triton block step takes one global amax
+        reciprocal_table(x.device)  # decoded here, eagerly: inductor's graph reads it as a constant
         return _run(_compiled_nvfp4_fake_quant, reference_nvfp4.nvfp4_fake_quant, _own(x), _own(amax),
                     per_slice_amax=True)
     compiled = _compiled_nvfp4_fake_quant_for(x)
