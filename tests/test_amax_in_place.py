@@ -171,8 +171,27 @@ def test_on_cuda_a_bound_launch_uses_an_amax_written_in_place(fmt, write):
     if write == "q._amax.copy_":
         with pytest.raises(ValueError, match="nan"):
             _calls(quantizer, x, 1)
-    else:
-        assert bool(_calls(quantizer, x, 1).isnan().all())
+    else:  # the reference's arithmetic under that amax (its functions refuse a NaN amax up front)
+        assert_bitexact(_calls(quantizer, x, 1).cpu(), _arithmetic_under(fmt, x.cpu(), torch.tensor(float("nan"))),
+                        f"{fmt}, NaN written through {write}")
+
+
+def _arithmetic_under(fmt: str, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """What fake quant computes under `amax` without the functions' check of it: FP8 gives NaN
+    everywhere for a NaN amax, NVFP4 falls back to its floor global scale."""
+    from refquant.numerics import fp8, nvfp4
+
+    if fmt == "fp8":
+        return fp8.fp8_fake_quant_with_scales(x, *fp8.fp8_fake_quant_scales(amax, "modelopt-cuda"))
+    return nvfp4.nvfp4_fake_quant_blocks(x, amax.float())
+
+
+def test_the_arithmetic_under_a_nan_amax_is_what_the_gpu_path_is_held_to():
+    x = torch.randn(4, 64).to(torch.bfloat16) * 2
+    assert bool(_arithmetic_under("fp8", x, torch.tensor(float("nan"))).isnan().all())
+    nvfp4_out = _arithmetic_under("nvfp4", x, torch.tensor(float("nan")))
+    assert not bool(nvfp4_out.isnan().any())
+    assert_bitexact(nvfp4_out, _arithmetic_under("nvfp4", x, torch.tensor(0.0)), "NaN and 0 take the floor global scale alike")
 
 
 def test_the_export_refuses_an_amax_written_as_nan_in_place():

@@ -311,8 +311,8 @@ class TensorQuantizer(nn.Module):
         and SharedInputResult are keyed by. On the CPU it reads the buffer at every call (about
         0.2 us), so any write is checked at the next call. On a GPU a read is a device sync, so
         it reads once per change of the buffer's version (set_amax, calibration, `copy_`); a
-        write through `.data` is then used by the next call without being checked there (a NaN
-        gives NaN outputs, as the reference computes them, and the export refuses it), and
+        write through `.data` is then used by the next call without being checked there (the call
+        computes what the arithmetic gives under it, and the export refuses it), and
         SharedInputResult does not share such an amax. Not read under torch.compile's tracing or
         a CUDA graph capture, where a read is not possible."""
         if self.config.use_constant_amax:
