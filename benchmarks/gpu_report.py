@@ -6,8 +6,8 @@
    CPU, on random bf16 / fp16 / fp32 tensors, odd leading shapes and a non-contiguous view;
    counted as elements whose bits differ (NaN == NaN). Then the division finding: the same
    functions compiled under inductor's default options and under each of our options alone.
-2. Timing (triton.testing.do_bench, median ms): each operation of issue 6's table, the eager
-   reference, the compiled one and modelopt's / torchao's own kernels when importable, and a
+2. Timing (triton.testing.do_bench, median ms): each operation of the kernel table (FP8 fake quant,
+   NVFP4 fake and real quant, amax given or computed), the eager reference, the compiled one and modelopt's / torchao's own kernels when importable, and a
    plain device copy of the same tensor in the same run. Ratio = copy ms / op ms (both move 4
    bytes an element); for the real quant, the bytes it must move (2 + 0.5 + 1/16 an element)
    over its time, divided by the copy's bandwidth. Two times per row: end to end (do_bench, the

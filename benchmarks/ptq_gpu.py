@@ -12,9 +12,9 @@ Measured per variant (plain bf16, modelopt, refquant compiled, refquant referenc
                      pristine weights wait on the CPU, so the GPU holds the working model only
     paired x plain   before the export, a plain copy of the model joins it on the device (its memory
                      kept out of the peak) and the two run turn about (plain, quantized, plain, ...): the median of each
-                     pair's ratio. On a host whose speed changes from one moment to the next (the
-                     H200 machines'), the forward column's ratio to the plain row compares two
-                     moments; a pair shares one (docs/compiled.md, "Seventh round")
+                     pair's ratio. On a host whose speed changes from one moment to the next, the
+                     forward column's ratio to the plain row compares two moments; a pair shares
+                     one (benchmarks/README.md, "Reading the timings")
     vs modelopt      every quantizer's amax, the evaluation logits and every exported tensor,
                      bit for bit (refquant compiled and reference against modelopt's run)
     vs compiled      the same, for compiled_fallback against compiled

@@ -1,8 +1,7 @@
-"""What reproducing the kernel's division costs the CPU reference (issue 11: at most 1.3x).
+"""What reproducing the kernel's division costs the CPU reference (its budget: at most 1.3x).
 
-`ieee_form` is nvfp4_fake_quant as it stood before the kernel's approximate division was
-reproduced (IEEE block-scale division, |x| * rcp(S)), kept here only as the baseline of this
-measurement. Both run in one process on the same tensor; read the ratio, never gate on it.
+`ieee_form` is nvfp4_fake_quant with IEEE division instead of the kernel's approximate one
+(IEEE block-scale division, |x| * rcp(S)), kept here only as the baseline of this measurement. Both run in one process on the same tensor; read the ratio, never gate on it.
 
     pytest benchmarks/test_bench_division_cost.py -p no:cacheprovider -o addopts="" --benchmark-group-by=param:shape
 """

@@ -1,4 +1,4 @@
-"""Beyond one GPU, checked on the hardware (issue 12): a model split over two GPUs by accelerate, and
+"""Beyond one GPU, checked on the hardware: a model split over two GPUs by accelerate, and
 data-parallel calibration over NCCL, each against one GPU, bit for bit and byte for byte.
 
 Split (one process, two GPUs):

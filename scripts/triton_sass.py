@@ -4,7 +4,7 @@
     python3 scripts/triton_sass.py [--kernel real|fake] [--dtype bf16|fp16|fp32] [--sass FILE]
 
 Prints the instruction count, the register count and the most common instructions: how the
-kernel's structure was read while making it (docs/compiled.md, "NVFP4 real quant"). Pointers are
+kernels' structure is read (docs/compiled.md, "Layer 2: three Triton kernels"). Pointers are
 specialized as 16-byte aligned, as a real launch of an allocator-made tensor is.
 """
 

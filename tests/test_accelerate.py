@@ -1,8 +1,8 @@
 """A model that accelerate spreads over devices quantizes exactly as the plain model (refquant.hf.dispatch).
 
 accelerate replaces `module.forward` on the modules it hooks; insert_quantizers changes their class,
-so without care the hooks would call the old forward and bypass the quantizers (issue 12: only the
-weight amaxes agreed). With one device we cannot split a model, but accelerate puts the same hooks on
+so without care the hooks would call the old forward and bypass the quantizers (only the weight
+amaxes would agree). With one device we cannot split a model, but accelerate puts the same hooks on
 the CPU: per-block hooks as dispatch_model over several GPUs attaches them, dispatch_model with a
 disk offload, cpu_offload, hooks attached after the quantizers, hooks removed again. Each must give
 the plain model's amaxes, logits and exported bytes; what cannot work must say why.

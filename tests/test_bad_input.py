@@ -1,5 +1,5 @@
-"""Bad input gets a ValueError that names the bad value and says what to do (issue 3,
-docs/contract.md).
+"""Bad input gets a ValueError that names the bad value and says what to do
+(docs/contract.md).
 
 One row per mistake: the call, and words the message must contain (what is wrong, and the fix).
 """

@@ -52,7 +52,7 @@ def test_compiled_is_faster_than_eager(name, device, shape):
     call = CALLS[name]
     eager_ms = _median_ms(lambda: call(rq, x, amax))
     compiled_ms = _median_ms(lambda: call(rc, x, amax))
-    # Measured on an H100 (docs/compiled.md): 10x (FP8), 13x and 19x (NVFP4); on 2 CPU cores less.
+    # Measured on an H100: 10x (FP8), 13x and 19x (NVFP4); on 2 CPU cores less.
     assert eager_ms / compiled_ms > (3.0 if device == "cuda" else 1.2), f"{name}: eager {eager_ms:.3f} ms, compiled {compiled_ms:.3f} ms"
 
 

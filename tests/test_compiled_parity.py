@@ -421,11 +421,10 @@ def test_block_packing_matches_pairwise_packing():
 def test_nvfp4_real_kernel_on_cuda_gives_the_same_bits_launch_after_launch(rows, dtype, offset):
     """NVFP4 real quant's kernel launched eagerly and through refquant.compiled, 20 times each,
     both flavors, values well past the amax (block scales at 448), x at the start of its storage
-    and off 16-byte alignment: the reference's bits every time. On the H200 (docs/compiled.md,
-    "Fourth round" and "Fifth round") launches of compiles whose 2-D tiles Triton spread over
-    several threads (fp32 x in (BLOCKS, 16) tiles; then (BLOCKS, 4) tiles of an x 8 bytes off
-    alignment) gave hundreds of wrong bytes of 1536, a different count from one launch of the
-    same compiled kernel to the next."""
+    and off 16-byte alignment: the reference's bits every time. On an H200, compiles whose 2-D tiles
+    Triton spread over several threads (fp32 x in (BLOCKS, 16) tiles; (BLOCKS, 4) tiles of an x 8
+    bytes off alignment) gave hundreds of wrong bytes of 1536, a different count from one launch
+    of the same compiled kernel to the next (docs/compiled.md, "Layer 2: three Triton kernels")."""
     from refquant.compiled.nvfp4_triton import nvfp4_quantize_from_amax
 
     x = (torch.randn(rows, 64, generator=torch.Generator().manual_seed(2)) * 7).to(dtype)

@@ -488,8 +488,8 @@ def test_a_steady_quantized_forward_makes_no_dynamo_call_and_no_new_binding(monk
     """The fast path holds for a whole model: after a warm-up forward, every quantizer call is a
     bound call or a shared result (a regression here, such as the weights' Parameter type failing
     the guards, would only show as lost speed). Without a KV cache the attention gets K and V as
-    transposed views; on CUDA those once bound a kernel launch that refused them, and bound again
-    on every call (run AH, docs/compiled.md "Seventh round")."""
+    transposed views; on CUDA a kernel launch that refused them would be bound and bound again
+    on every call (docs/compiled.md, "Tried and rejected")."""
     model, ids = _quantized_tiny_llama(recipe, 3, device=device)
     entries = lambda: [e for c in functions.compiled_functions() for e in c._compiled.values()]  # noqa: E731
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""scripts/multigpu_check.py, the GPU check of issue 12, run here on the CPU with the built-in model:
+"""scripts/multigpu_check.py, the check beyond one GPU, run here on the CPU with the built-in model:
 its comparison logic (quantizers, logits, checkpoint bytes, amax devices) must pass before the GPU
 run. The data-parallel mode needs torchrun; tests/test_cli_large_models.py runs torchrun."""
 

@@ -171,8 +171,8 @@ def test_the_fake_kernel_gives_the_same_bits_launch_after_launch(rows, dtype, of
     (nvfp4_fake_quant_blocks_now), x at the start of its storage and off 16-byte alignment, a
     global amax under the data's (block scales at 448) and the data's own: the reference's bits
     every time. NVFP4 real quant's kernel gave launch-to-launch different codes under layouts that
-    spread a block over threads (docs/compiled.md, "Fifth round"); fp32 rows of 8 were such a
-    layout in this kernel too, before its fp32 path became one-dimensional."""
+    spread a block over threads (docs/compiled.md, "Layer 2: three Triton kernels"); fp32 rows of
+    8 would be such a layout in this kernel, so its fp32 path is one-dimensional."""
     from refquant.compiled.nvfp4_fake_triton import nvfp4_fake_quant_blocks_now
 
     x = (torch.randn(rows, 64, generator=torch.Generator().manual_seed(4)) * 7).to(dtype)

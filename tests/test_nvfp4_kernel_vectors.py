@@ -1,4 +1,4 @@
-"""NVFP4 fake quant against modelopt's Triton kernel on data where ties are common (issue 11).
+"""NVFP4 fake quant against modelopt's Triton kernel on data where ties are common.
 
 nvfp4_fake_kernel_ties.pt was made on an H200 from modelopt 0.47's own kernel
 (scripts/make_kernel_vectors.py): bf16 / fp16 weights of the built-in seeded model under four

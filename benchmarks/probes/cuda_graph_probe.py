@@ -1,12 +1,12 @@
 """Would a CUDA graph of the quantized forward take the host out of the 0.6B forward, and what would
-it cost in memory? A probe for issue 13 (a report, no asserts; CUDA only).
+it cost in memory? A probe (a report, no asserts; CUDA only); what it found is in docs/compiled.md,
+"Tried and rejected".
 
     python3 benchmarks/probes/cuda_graph_probe.py --out DIR [--shape small] [--repeats 20]
         [--recipes fp8_default-fp8_kv nvfp4_default-fp8_cast_kv]
 
-Why: on the H200 machines the 0.6B forward is host-bound, and the host's speed changes by up to
-2x from one process (or minute) to the next, plain forwards included (docs/compiled.md, "Seventh
-round"). A replayed CUDA graph issues the whole forward with one call, so its time is the GPU's.
+Why: the 0.6B forward is host-bound, and a host's speed may change by up to 2x from one process
+(or minute) to the next, plain forwards included (benchmarks/README.md, "Reading the timings"). A replayed CUDA graph issues the whole forward with one call, so its time is the GPU's.
 For plain bf16 and each recipe (compiled backend, 8 calibration batches), on a fresh ptq_gpu.py
 model:
     eager      ptq_gpu's timed_forward_ms of model(input_ids=batch) (use_cache off, as captured)

@@ -7,10 +7,10 @@
 For each entry of --sequence ("plain"; a recipe, quantized with the compiled backend on 8
 calibration batches; or "modelopt:<recipe>", quantized by modelopt on the same batches, as
 ptq_gpu.py runs it before refquant's), a fresh ptq_gpu.py model of --shape: the median forward (ptq_gpu's
-timed_forward_ms), then the same with Python's garbage collector frozen and turned off. Why: on
-the H200 machines the first quantized model of a process ran its forward 1.5x slower than the
-same recipe later in the process (docs/compiled.md, "Fifth round"), and ptq_gpu.py times its
-first recipe first. With --profile, each row also holds host_time.py's forward_profile of the
+timed_forward_ms), then the same with Python's garbage collector frozen and turned off. Why: the
+first quantized model of a process may run its forward slower than the same recipe later in the
+process (a host's slow phase, or compile workers starting: benchmarks/README.md, "Reading the
+timings"), and ptq_gpu.py times its first recipe first. With --profile, each row also holds host_time.py's forward_profile of the
 model (cProfile of one forward: where a slow model's host time goes, against a fast one's).
 Writes DIR/process_order.json.
 """

@@ -2,7 +2,7 @@
 
 A sync stalls the host until the GPU has drained its queue, so the host's per-call work (dynamo's
 guards, Python) can no longer hide behind the GPU's: on a model of hundreds of quantizer calls
-this, not the kernels, decides the forward's time (issue 13).
+this, not the kernels, decides the forward's time.
 
     python3 benchmarks/probes/sync_probe.py [--shape small] [--recipe fp8_default-fp8_kv] [--backend compiled]
 

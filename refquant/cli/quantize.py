@@ -186,9 +186,9 @@ def run(args) -> int:
     try:
         status = _run(args, rank, world)
         if world > 1 and joined:
-            # Every rank done before any tears its connections down: rank 1 used to destroy its
-            # group while rank 0 was still writing, and gloo on rank 0 then aborted the process at
-            # exit now and then (SIGABRT, "terminate called without an active exception").
+            # Every rank done before any tears its connections down: a rank that destroys its group
+            # while rank 0 is still writing makes gloo on rank 0 abort the process at exit now and
+            # then (SIGABRT, "terminate called without an active exception").
             dist.barrier()
         return status
     finally:

@@ -4,7 +4,7 @@ Why a kernel of our own: on an H200 inductor's kernel for the reference's block 
 (refquant.numerics.nvfp4.nvfp4_fake_quant_blocks) ran at 0.73 of a device copy (8192 x 16384 bf16).
 The card moves memory 1.4x faster than an H100 with the same SMs, so a kernel that was near the
 copy's time there is now limited by its instructions. This one does the same arithmetic in
-fewer of them, at 0.98 of a copy there (128 blocks on 4 warps; benchmarks/nvfp4_tiles.py):
+fewer of them, at 0.98 of a copy there (128 blocks on 4 warps; benchmarks/probes/nvfp4_tiles.py):
 
 - one thread holds a block of 16 whole (bf16 and fp16: two rows of 8, two 16-byte loads; fp32:
   sixteen one-dimensional loads, since Triton spreads a 32-byte row over two threads), so the
@@ -46,7 +46,7 @@ from ..numerics.formats import (
 from .triton_launch import FakeQuantKernel
 
 # Blocks a program and warps: one block a thread, 128 threads. On the H200 (kernel time, ratio to a
-# copy; benchmarks/nvfp4_tiles.py): 0.98 at 8192 x 16384 bf16 and 0.90-0.97 on the 6.7B shape's
+# copy; benchmarks/probes/nvfp4_tiles.py): 0.98 at 8192 x 16384 bf16 and 0.90-0.97 on the 6.7B shape's
 # activations and weights, against 0.96 / 0.85-0.94 for 256 blocks on 8 warps and 0.65-0.92 with
 # two or more blocks a thread (256 on 4 warps, 512 on 4 or 8, 1024 on 8).
 BLOCKS_PER_PROGRAM = 128

@@ -10,7 +10,7 @@ kernel doing that same arithmetic ran at 0.217 ms. This one ran at 0.118 ms (0.9
 H200 moves memory 1.4x faster with the same SMs, and there the kernel was bound by its integer and
 logic instructions (0.73 of the copy's bandwidth); with the bf16 path's element step moved to the
 FMA pipe (the ladder below) it runs at 0.95-0.97 of the copy's bandwidth on the H200
-(scripts/triton_sass.py counts the instructions; docs/compiled.md has the measurements).
+(scripts/triton_sass.py counts the instructions; docs/compiled.md has the design).
 
 The element step here does not divide. Within a block the divisor d = fp32(block scale) * g is
 fixed, and the reference's code is a monotone function of |x| (plus the sign), so it is decided
@@ -90,7 +90,7 @@ from .triton_launch import DirectLaunch
 # A tile of 128 blocks on 4 warps (one block a thread), 8 persistent programs an SM. The bf16
 # path needs 56 registers a thread (scripts/triton_sass.py), so up to 9 such programs fit an SM at
 # once; with more, the rest wait for a second wave (0.79-0.83 at 10 and 12). On the H200 (kernel
-# time over a copy's bandwidth, 8192 x 16384 / 11008 x 4096 bf16; benchmarks/nvfp4_tiles.py
+# time over a copy's bandwidth, 8192 x 16384 / 11008 x 4096 bf16; benchmarks/probes/nvfp4_tiles.py
 # --real): 0.957-0.967 / 0.923-0.941 at 8 an SM, 0.961-0.970 / 0.918-0.948 at 9,
 # 0.958 / 0.918 at 7; 256 blocks on 8 warps at 4 or 5 an SM 0.914-0.923 / 0.858-0.885; 512
 # blocks on 8 warps (87 registers) 0.78-0.82; one program a tile 0.75-0.77.
@@ -502,7 +502,7 @@ def _programs(device_index: int) -> int:
 
 def kernel_constants(bf16_pairs: bool, scale_from: int = GIVEN_GLOBAL_SCALE) -> dict[str, float | int | bool]:
     """_nvfp4_blocks_kernel's constexpr arguments (also used by scripts/triton_sass.py and
-    benchmarks/nvfp4_tiles.py); bf16_pairs: x is bf16 and 16-byte aligned; scale_from: what
+    benchmarks/probes/nvfp4_tiles.py); bf16_pairs: x is bf16 and 16-byte aligned; scale_from: what
     the kernel's scale_source_ptr holds (GIVEN_GLOBAL_SCALE, FROM_AMAX_TIMES_RCP_2688,
     FROM_AMAX_OVER_2688)."""
     return {
