@@ -159,6 +159,18 @@ def tiny_llama():
     return model.to(torch.bfloat16).eval()
 
 
+def tiny_qwen3_moe():
+    """A seeded 2-layer Qwen3-MoE, the family matrix's (tests/modelopt_compare.py) with 16 experts
+    instead of 4, 2 a token, bf16, eval: from a few short batches some experts get no token and
+    which ones depends on the batches, as the split and data-parallel tests of the experts need."""
+    import dataclasses
+
+    import modelopt_compare as mc
+
+    family = mc.MOE_FAMILIES["qwen3_moe"]
+    return mc.seeded_model(dataclasses.replace(family, config=dict(family.config, num_experts=16)))
+
+
 def folder_files(folder) -> dict[str, bytes]:
     """{file name: bytes} of every file in a checkpoint folder, for byte-for-byte comparisons."""
     return {path.name: path.read_bytes() for path in sorted(Path(folder).iterdir())}
