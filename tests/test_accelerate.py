@@ -13,27 +13,24 @@ without tokens must be the plain model's too.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
 
 import refquant as rq
-from refquant.hf.experts import is_quant_experts
 from refquant.quant.quantizer import named_quantizers
 
 accelerate = pytest.importorskip("accelerate")
 from accelerate import cpu_offload, dispatch_model  # noqa: E402
 from accelerate.hooks import ModelHook, add_hook_to_module, attach_align_device_hook_on_blocks, remove_hook_from_module  # noqa: E402
-from conftest import tiny_llama, tiny_qwen3_moe, folder_files
-import modelopt_compare as mc  # noqa: E402  (tests/modelopt_compare.py: the families' tiny models)
+from conftest import expert_token_counts, folder_files, tiny_llama, tiny_moe, tiny_qwen3_moe
 
 RECIPES = ("fp8_default-fp8_kv", "nvfp4_default-nvfp4_kv")  # calibrated K/V: the attention hook matters
 BLOCKS = ("model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "model.rotary_emb", "lm_head")
-MODELS = {
-    "llama": tiny_llama,
-    "qwen3_moe": tiny_qwen3_moe,  # fused experts
-    "gpt_oss": lambda: mc.never_route_to_expert_3("gpt_oss"),  # transposed experts, expert 3 of each layer without tokens
-}
+MOE = ("qwen3_moe", "gpt_oss")  # fused experts; transposed ones, expert 3 of each layer without tokens
+MODELS = {"llama": tiny_llama, **{family: partial(tiny_moe, family) for family in MOE}}
 HOWS = ("blocks", "dispatch", "dispatch-disk", "cpu_offload", "hooks-after-insert", "hooks-removed")
 # for MoE: the hooks of a split over GPUs, disk and CPU offload, hooks attached after insertion
 MOE_HOWS = ("blocks", "dispatch-disk", "cpu_offload", "hooks-after-insert")
@@ -81,11 +78,6 @@ def spread(model: nn.Module, how: str, tmp_path) -> nn.Module:
     return model
 
 
-def expert_token_counts(model) -> dict[str, list[int]]:
-    """Each experts module's calibration token count per expert."""
-    return {name: module.calibration_tokens for name, module in model.named_modules() if is_quant_experts(module)}
-
-
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
     """(model, recipe) -> what the plain model quantized with that recipe gives: amaxes, logits,
@@ -105,7 +97,7 @@ def plain(tmp_path_factory):
 
 
 @pytest.mark.parametrize("model_name, how", [("llama", how) for how in HOWS]
-                         + [(moe, how) for moe in ("qwen3_moe", "gpt_oss") for how in MOE_HOWS])
+                         + [(family, how) for family in MOE for how in MOE_HOWS])
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_hooked_model_gives_the_plain_models_amax_logits_checkpoint_bytes_and_expert_counts(plain, model_name, recipe, how, tmp_path):
     amaxes, expected_logits, expected_files, token_counts, without_tokens = plain(model_name, recipe)
