@@ -1,5 +1,6 @@
-"""Beyond one GPU, checked on the hardware: a model split over two GPUs by accelerate, and
-data-parallel calibration over NCCL, each against one GPU, bit for bit and byte for byte.
+"""Beyond one GPU, checked on the hardware: a model split over two GPUs by accelerate, an MoE model
+loaded over them with --device-map auto, and data-parallel calibration over NCCL, each against one
+GPU, bit for bit and byte for byte.
 
 Split (one process, two GPUs):
     python3 scripts/multigpu_check.py --out OUT/split
@@ -10,7 +11,19 @@ Split (one process, two GPUs):
   dispatch_model). Then per recipe: one copy quantized on cuda:0, one dispatched over both GPUs,
   the same calibration batches; compared: every quantizer's enabled flag and amax (bits, dtype,
   shape), that each amax lives on its layer's execution device, the logits of an evaluation batch
-  (bits), and every file of the exported checkpoint (bytes).
+  (bits), every file of the exported checkpoint (bytes), and the report's experts without tokens.
+
+MoE split (one process, two GPUs):
+    python3 scripts/multigpu_check.py --moe --layers 8 --out OUT/moe
+  A Qwen3-MoE-shaped model (hidden 2048, 16 query / 4 KV heads of 128, 64 experts of 768, 8 a
+  token, vocab 32000, --layers deep, bf16, seeded weights) is saved to OUT/moe/model and loaded from
+  there as `python3 -m refquant quantize --model DIR` loads it: with --device cuda on cuda:0, and
+  with --device-map auto (transformers' from_pretrained(device_map="auto"): accelerate spreads it
+  over both GPUs). Quantized with --backend compiled (default here) and the CUDA flavor, each recipe
+  (default nvfp4_default-fp8_kv) is compared as in the split check; and, where modelopt imports
+  (--no-modelopt skips it), modelopt 0.47 quantizes the same folder on the same device map:
+  every quantizer's enabled flag and amax, the logits (bits) and every exported tensor against
+  refquant's split model (tests/modelopt_compare.py).
 
 Data parallel (two processes, one GPU each, NCCL):
     python3 -m torch.distributed.run --nproc-per-node 2 scripts/multigpu_check.py --dp --out OUT/dp
@@ -21,12 +34,18 @@ Data parallel (two processes, one GPU each, NCCL):
 
 The same logic runs on the CPU, for a check before the GPU run:
     python3 scripts/multigpu_check.py --device cpu --tiny --out OUT/split
+    python3 scripts/multigpu_check.py --device cpu --moe --layers 2 --hidden 64 --heads 4 --kv-heads 2 \
+        --experts 8 --experts-per-token 2 --moe-intermediate 32 --vocab 300 --out OUT/moe
     python3 -m torch.distributed.run --nproc-per-node 2 scripts/multigpu_check.py --dp --device cpu --tiny --out OUT/dp
-(--tiny: refquant's built-in 4-layer model; the split is accelerate's hooks on one device.)
+(--tiny: refquant's built-in 4-layer model; the split is accelerate's hooks on one device. --moe on
+the CPU: device_map="auto" with a max_memory that leaves the CPU room for about 90% of the model,
+so the last layers go to disk, loaded by accelerate's offload hooks; modelopt's NVFP4 logits are
+compared on a GPU only, as its CPU path is not its GPU kernel.)
 
-Writes OUT/split.json or OUT/dp.json (after every recipe, so a timeout keeps what was done), prints
-a table, exits 1 on any difference or error. NVLink multicast stays off (NCCL_NVLS_ENABLE=0,
-TORCH_SYMM_MEM_DISABLE_MULTICAST=1, set before torch is imported): the device forbids it.
+Writes OUT/split.json, OUT/moe.json or OUT/dp.json (after every recipe, so a timeout keeps what was
+done), prints a table, exits 1 on any difference or error. NVLink multicast stays off
+(NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, set before torch is imported): the device
+forbids it.
 """
 
 from __future__ import annotations
@@ -40,6 +59,7 @@ import argparse  # noqa: E402
 import copy  # noqa: E402
 import gc  # noqa: E402
 import hashlib  # noqa: E402
+import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
@@ -50,12 +70,17 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+sys.path.insert(1, str(REPO / "tests"))  # modelopt_compare: the families' models, modelopt's side of a comparison
+import modelopt_compare as mc  # noqa: E402
 import refquant as rq  # noqa: E402
 from refquant.hf.dispatch import execution_device  # noqa: E402
 from refquant.quant.quantizer import named_quantizers  # noqa: E402
 
 RECIPES = ("nvfp4_default-fp8_kv", "fp8_default-fp8_cast_kv", "nvfp4_default-nvfp4_kv")
+MOE_RECIPES = ("nvfp4_default-fp8_kv",)
+CPU_SHARE_OF_MOE = 0.9  # --moe on the CPU: max_memory for about 90% of the model, the rest on disk
 
 
 # --- the model and the data -------------------------------------------------------------------
@@ -68,7 +93,7 @@ def build_model(args) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         head_dim=args.hidden // args.heads, max_position_embeddings=4096, rms_norm_eps=1e-5,
         tie_word_embeddings=False, attn_implementation="sdpa",
@@ -77,6 +102,46 @@ def build_model(args) -> torch.nn.Module:
         torch.manual_seed(args.seed)
         model = LlamaForCausalLM(config)
     return model.to(torch.bfloat16).eval()
+
+
+def build_moe_model(args) -> torch.nn.Module:
+    """The seeded bf16 Qwen3-MoE-shaped model on the CPU, in eval mode (every layer MoE)."""
+    config = dict(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
+        moe_intermediate_size=args.moe_intermediate, num_experts=args.experts, num_experts_per_tok=args.experts_per_token,
+        norm_topk_prob=True, max_position_embeddings=4096, tie_word_embeddings=False,
+    )
+    return mc.seeded_model(mc.Family("Qwen3MoeForCausalLM", "Qwen3MoeConfig", config), args.seed)
+
+
+def load_on_one_device(folder: Path, device: torch.device) -> torch.nn.Module:
+    """The saved model as `python3 -m refquant quantize --model DIR --device DEVICE` loads it."""
+    from refquant.cli.quantize import load_model
+
+    return load_model(str(folder), str(device))[0]
+
+
+def load_split(folder: Path, args, offload: Path) -> tuple[torch.nn.Module, dict]:
+    """The saved model as `--model DIR --device-map auto` loads it (from_pretrained(device_map="auto"):
+    over the GPUs), or on the CPU with a max_memory that sends its last layers to disk, offloaded
+    into `offload`. Returns (model, device map)."""
+    if args.device == "cuda":
+        from refquant.cli.quantize import load_model
+
+        model = load_model(str(folder), "cpu", "auto")[0]
+    else:
+        model_size = sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+        model = load_on_device_map(folder, "auto", offload, max_memory={"cpu": int(model_size * CPU_SHARE_OF_MOE)})
+    return model, dict(model.hf_device_map)
+
+
+def load_on_device_map(folder: Path, device_map, offload: Path, **options) -> torch.nn.Module:
+    """from_pretrained(folder, device_map=device_map), offloaded weights into `offload`."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype="auto", device_map=device_map,
+                                                offload_folder=str(offload), **options).eval()
 
 
 def batches(args, vocab: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -119,12 +184,21 @@ def quantizer_state(model) -> dict[str, dict]:
     return state
 
 
+def quantizer_layer(model, quantizer_name: str) -> torch.nn.Module:
+    """The layer a quantizer belongs to: its parent module, or for an expert's quantizer in a
+    ModuleList (`...experts.down_proj_weight_quantizers.3`) the experts module holding the list."""
+    layer_name = quantizer_name.rpartition(".")[0]
+    while isinstance(model.get_submodule(layer_name), torch.nn.ModuleList):
+        layer_name = layer_name.rpartition(".")[0]
+    return model.get_submodule(layer_name)
+
+
 def amax_devices_wrong(model) -> list[str]:
     """Calibrated quantizers whose amax is not on their layer's execution device."""
     wrong = []
     for name, quantizer in named_quantizers(model):
         if quantizer.is_calibrated:
-            layer = model.get_submodule(name.rpartition(".")[0])
+            layer = quantizer_layer(model, name)
             if quantizer.amax.device != execution_device(layer):
                 wrong.append(f"{name}: {quantizer.amax.device} vs {execution_device(layer)}")
     return wrong
@@ -177,6 +251,10 @@ def environment(args) -> dict:
             "accelerate": accelerate.__version__, "refquant": rq.__version__, "device": args.device,
             "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE"),
             "TORCH_SYMM_MEM_DISABLE_MULTICAST": os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST")}
+    try:
+        info["modelopt"] = importlib.metadata.version("nvidia-modelopt")
+    except importlib.metadata.PackageNotFoundError:
+        info["modelopt"] = None
     if args.device == "cuda":
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         info["cuda"] = torch.version.cuda
@@ -189,6 +267,26 @@ def write_json(path: Path, document: dict) -> None:
     os.replace(temporary, path)
 
 
+def compare_experts_without_tokens(a: list[str], b: list[str]) -> dict:
+    """The report's experts without tokens of two runs: how many (in `a`), whether equal, a few."""
+    return {"count": len(a), "equal": a == b, "first": a[:8]}
+
+
+def quantize_options(args) -> dict:
+    """quantize_model's backend and flavor: --moe quantizes with its device's flavor (what modelopt
+    computes there), the Llama-shaped model with the default (modelopt-cpu)."""
+    options = {"backend": args.backend}
+    if args.moe:
+        options["flavor"] = "modelopt-cuda" if args.device == "cuda" else "modelopt-cpu"
+    return options
+
+
+def model_summary(config) -> dict:
+    keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
+    return {key: getattr(config, key) for key in keys if hasattr(config, key)}
+
+
 # --- split: one GPU against two ---------------------------------------------------------------
 def run_split(args) -> int:
     out = Path(args.out)
@@ -196,31 +294,51 @@ def run_split(args) -> int:
     if args.device == "cuda" and torch.cuda.device_count() < 2:
         raise SystemExit(f"--device cuda: the split check needs 2 GPUs, found {torch.cuda.device_count()}.")
     one = torch.device("cuda:0" if args.device == "cuda" else "cpu")
+    json_path = out / ("moe.json" if args.moe else "split.json")
     started = time.perf_counter()
-    master = build_model(args)
+    master = build_moe_model(args) if args.moe else build_model(args)
     calib, eval_batch = batches(args, master.config.vocab_size)
-    document = {"check": "split", "environment": environment(args), "model_bytes": model_bytes(master),
-                "model": {k: getattr(master.config, k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
-                                                                  "num_attention_heads", "num_key_value_heads", "vocab_size")},
-                "calibration": {"batches": len(calib), "shape": list(calib[0].shape)}, "recipes": {}}
+    document = {"check": "moe-split" if args.moe else "split", "environment": environment(args),
+                "model_bytes": model_bytes(master), "model": model_summary(master.config),
+                "quantize": quantize_options(args), "calibration": {"batches": len(calib), "shape": list(calib[0].shape)},
+                "recipes": {}}
     print(f"model built in {time.perf_counter() - started:.1f} s: {document['model_bytes'] / 2**30:.2f} GiB", flush=True)
+    if args.moe:  # loaded from a folder, as the command line loads a model
+        folder = out / "model"
+        master.save_pretrained(folder)
+        del master
 
-    single = copy.deepcopy(master).to(one)
-    split, device_map = split_over_two(copy.deepcopy(master), args)
+        def on_one_device():
+            return load_on_one_device(folder, one)
+
+        def spread(what: str):
+            return load_split(folder, args, out / "offload" / what)
+    else:
+        def on_one_device():
+            return copy.deepcopy(master).to(one)
+
+        def spread(what: str):
+            return split_over_two(copy.deepcopy(master), args)
+
+    single = on_one_device()
+    split, device_map = spread("control")
     document["device_map"] = {str(k): str(v) for k, v in device_map.items()}
+    # on GPUs the check means something only if the map uses both ("auto" could keep a small model on one)
+    document["split_uses_both_gpus"] = args.device != "cuda" or {"0", "1"} <= set(document["device_map"].values())
     document["control"] = compare_logits(logits(single, eval_batch, one), logits(split, eval_batch, one))
-    print(f"unquantized control, one device vs split: logits bit-equal {document['control']['bit_equal']}", flush=True)
+    print(f"unquantized control, one device vs split: logits bit-equal {document['control']['bit_equal']}; "
+          f"device map over {sorted(set(document['device_map'].values()))}", flush=True)
     del single, split
-    write_json(out / "split.json", document)
+    write_json(json_path, document)
 
-    failed = not document["control"]["bit_equal"]
+    failed = not (document["control"]["bit_equal"] and document["split_uses_both_gpus"])
     for recipe in args.recipes:
         result: dict = {}
         document["recipes"][recipe] = result
         try:
             begun = time.perf_counter()
-            single = copy.deepcopy(master).to(one)
-            rq.quantize_model(single, rq.load_recipe(recipe), calib, progress=False)
+            single = on_one_device()
+            single_report = rq.quantize_model(single, rq.load_recipe(recipe), calib, progress=False, **quantize_options(args))
             single_logits = logits(single, eval_batch, one)
             rq.export_checkpoint(single, out / "single" / recipe)
             single_state = quantizer_state(single)
@@ -228,19 +346,24 @@ def run_split(args) -> int:
             result["seconds_single"] = round(time.perf_counter() - begun, 1)
 
             begun = time.perf_counter()
-            split, _ = split_over_two(copy.deepcopy(master), args)
-            rq.quantize_model(split, rq.load_recipe(recipe), calib, progress=False)
+            split, device_map = spread(recipe)
+            split_report = rq.quantize_model(split, rq.load_recipe(recipe), calib, progress=False, **quantize_options(args))
             result["amax_off_device"] = amax_devices_wrong(split)[:8]
             result["logits"] = compare_logits(single_logits, logits(split, eval_batch, one))
             # the quantizers first: an export refuses a model whose calibration missed quantizers
             result["quantizers"] = compare_quantizers(single_state, quantizer_state(split))
+            result["experts_without_tokens"] = compare_experts_without_tokens(single_report.experts_without_tokens,
+                                                                              split_report.experts_without_tokens)
             rq.export_checkpoint(split, out / "split" / recipe)
-            del split
             result["seconds_split"] = round(time.perf_counter() - begun, 1)
             result["checkpoint"] = compare_checkpoints(out / "single" / recipe, out / "split" / recipe)
+            if args.moe:
+                result["modelopt"] = compare_with_modelopt(split, recipe, folder, device_map, calib, eval_batch, args, one)
+            del split
             result["ok"] = bool(
                 result["quantizers"]["same_names"] and result["quantizers"]["equal"] == result["quantizers"]["enabled"]
                 and result["logits"]["bit_equal"] and result["checkpoint"]["equal"] and not result["amax_off_device"]
+                and result["experts_without_tokens"]["equal"] and result.get("modelopt", {"ok": True})["ok"]
             )
         except Exception as error:  # noqa: BLE001 - recorded, and the next recipe still runs
             result["error"] = f"{type(error).__name__}: {error}"
@@ -248,7 +371,7 @@ def run_split(args) -> int:
             result["ok"] = False
             print(result["traceback"], file=sys.stderr, flush=True)
         failed |= not result["ok"]
-        write_json(out / "split.json", document)
+        write_json(json_path, document)
         gc.collect()  # accelerate's hooks make reference cycles: free the dispatched copy now
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -256,23 +379,65 @@ def run_split(args) -> int:
     print_split_table(document)
     document["ok"] = not failed
     document["seconds"] = round(time.perf_counter() - started, 1)
-    write_json(out / "split.json", document)
+    write_json(json_path, document)
     return 1 if failed else 0
+
+
+def compare_with_modelopt(split, recipe: str, folder: Path, device_map: dict, calib, eval_batch, args, one) -> dict:
+    """modelopt 0.47 quantizes the saved model `folder` on `device_map` (the split's) with the same
+    batches; compared with refquant's split model: every quantizer's enabled flag and amax, the
+    logits (bits; not NVFP4 on the CPU), every exported tensor (refquant's is in OUT/split/RECIPE).
+    Where modelopt does not import, or with --no-modelopt: {"skipped": why, "ok": True}."""
+    if args.no_modelopt:
+        return {"skipped": "--no-modelopt", "ok": True}
+    try:
+        import modelopt.torch.export  # noqa: F401
+        import modelopt.torch.quantization  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - any import failure means no comparison
+        return {"skipped": f"modelopt does not import ({type(error).__name__}: {error})", "ok": True}
+    out = Path(args.out)
+    begun = time.perf_counter()
+    theirs = load_on_device_map(folder, device_map, out / "offload" / f"{recipe}-modelopt")
+    mc.quantize_with_modelopt(theirs, recipe, calib)
+    result: dict = {"quantizers": mc.compare_quantizers(split, theirs)}
+    if args.device == "cpu" and "nvfp4" in recipe:
+        result["logits_skipped"] = "modelopt's NVFP4 fake quant on the CPU is not its GPU kernel"
+    else:
+        result["logits"] = mc.compare_logits(logits(split, eval_batch, one), logits(theirs, eval_batch, one))
+    mc.export_with_modelopt(theirs, out / "modelopt" / recipe)
+    result["export"] = mc.compare_exports(out / "split" / recipe, out / "modelopt" / recipe)
+    result["seconds"] = round(time.perf_counter() - begun, 1)
+    result["ok"] = bool(result["quantizers"]["ok"] and result["export"]["ok"] and result.get("logits", {"identical": True})["identical"])
+    return result
 
 
 def print_split_table(document: dict) -> None:
     gpus = document["environment"].get("gpus", ["cpu"])
     print(f"\nsplit model vs one device ({', '.join(gpus)}; device map: "
           f"{sorted(set(document['device_map'].values()))}); control logits bit-equal: {document['control']['bit_equal']}")
-    print(f"{'recipe':<26} {'amax equal':>14} {'logits':>8} {'checkpoint':>12} {'amax on layer device':>22}  ok")
+    print(f"{'recipe':<26} {'amax equal':>14} {'logits':>8} {'checkpoint':>12} {'amax on layer device':>22} "
+          f"{'experts w/o tokens':>19}  ok")
     for recipe, r in document["recipes"].items():
         if "error" in r:
             print(f"{recipe:<26} error: {r['error']}")
             continue
-        q = r["quantizers"]
+        q, e = r["quantizers"], r["experts_without_tokens"]
         print(f"{recipe:<26} {q['equal']:>6}/{q['enabled']:<7} {('equal' if r['logits']['bit_equal'] else 'DIFFER'):>8} "
               f"{(str(r['checkpoint']['files']) + ' files ' + ('equal' if r['checkpoint']['equal'] else 'DIFFER')):>12} "
-              f"{('yes' if not r['amax_off_device'] else 'NO'):>22}  {r['ok']}")
+              f"{('yes' if not r['amax_off_device'] else 'NO'):>22} "
+              f"{(str(e['count']) + (' equal' if e['equal'] else ' DIFFER')):>19}  {r['ok']}")
+    with_modelopt = {recipe: r["modelopt"] for recipe, r in document["recipes"].items() if "modelopt" in r}
+    if with_modelopt:
+        print(f"\nrefquant's split model vs modelopt's on the same device map")
+        print(f"{'recipe':<26} {'amax equal':>14} {'logits':>10} {'tensors equal':>15}  ok")
+        for recipe, m in with_modelopt.items():
+            if "skipped" in m:
+                print(f"{recipe:<26} not compared: {m['skipped']}")
+                continue
+            q, x = m["quantizers"], m["export"]
+            shown = "n/a" if "logits" not in m else "identical" if m["logits"]["identical"] else "DIFFER"
+            print(f"{recipe:<26} {q['amax_compared'] - len(q['amax_mismatch']):>6}/{q['amax_compared']:<7} {shown:>10} "
+                  f"{str(x['equal']) + '/' + str(x['tensors']):>15}  {m['ok']}")
 
 
 # --- data parallel: two ranks against one -----------------------------------------------------
@@ -303,7 +468,7 @@ def run_dp(args) -> int:
             begun = time.perf_counter()
             try:
                 model = copy.deepcopy(master).to(device)
-                rq.quantize_model(model, rq.load_recipe(recipe), calib, progress=False)
+                rq.quantize_model(model, rq.load_recipe(recipe), calib, progress=False, **quantize_options(args))
                 rq.export_checkpoint(model, out / "single" / recipe)
                 reference[recipe] = quantizer_state(model)
                 del model
@@ -322,7 +487,8 @@ def run_dp(args) -> int:
             error = None
             try:
                 model = copy.deepcopy(master).to(device)
-                report = rq.quantize_model(model, rq.load_recipe(recipe), calib[rank::world], progress=False)
+                report = rq.quantize_model(model, rq.load_recipe(recipe), calib[rank::world], progress=False,
+                                           **quantize_options(args))
                 torch.save(quantizer_state(model), out / f"rank{rank}-{recipe}.pt")
                 rq.export_checkpoint(model, out / "ranks" / recipe)  # every rank calls; rank 0 writes
                 result.update(report_batches=report.calib_batches, report_world_size=report.world_size)
@@ -369,12 +535,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dp", action="store_true", help="data-parallel check (run under torchrun, 2 processes)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tiny", action="store_true", help="refquant's built-in 4-layer model instead of the big one")
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    parser.add_argument("--moe", action="store_true",
+                        help="the Qwen3-MoE-shaped model, loaded with --device-map auto, also against modelopt")
+    parser.add_argument("--recipes", nargs="+", help=f"default: {' '.join(RECIPES)}; with --moe {' '.join(MOE_RECIPES)}")
+    parser.add_argument("--backend", choices=("reference", "compiled"), help="default: compiled with --moe, else reference")
+    parser.add_argument("--no-modelopt", action="store_true", help="--moe: leave out the comparison with modelopt")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--intermediate", type=int, default=5632, help="the dense MLP (--moe: unused, every layer is MoE)")
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--experts", type=int, default=64, help="--moe: experts per layer")
+    parser.add_argument("--experts-per-token", type=int, default=8, help="--moe: experts each token is routed to")
+    parser.add_argument("--moe-intermediate", type=int, default=768, help="--moe: each expert's intermediate size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--calib-batches", type=int, default=8, help="calibration batches (even, for 2 ranks)")
     parser.add_argument("--batch-size", type=int, default=2)
@@ -382,6 +556,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here; pass --device cpu (with --tiny) to check the logic.")
+    if args.moe and (args.dp or args.tiny):
+        raise SystemExit(f"--moe with {'--dp' if args.dp else '--tiny'}: --moe is a split check of its own model; "
+                         "pass tiny sizes (--layers, --hidden, --experts, ...) for a small one.")
+    args.recipes = args.recipes or list(MOE_RECIPES if args.moe else RECIPES)
+    args.backend = args.backend or ("compiled" if args.moe else "reference")
     return run_dp(args) if args.dp else run_split(args)
 
 

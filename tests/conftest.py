@@ -159,6 +159,38 @@ def tiny_llama():
     return model.to(torch.bfloat16).eval()
 
 
+def tiny_qwen3_moe():
+    """A seeded 2-layer Qwen3-MoE, the family matrix's (tests/modelopt_compare.py) with 16 experts
+    instead of 4, 2 a token, bf16, eval: from a few short batches some experts get no token and
+    which ones depends on the batches, as the split and data-parallel tests of the experts need."""
+    import dataclasses
+
+    import modelopt_compare as mc
+
+    family = mc.MOE_FAMILIES["qwen3_moe"]
+    return mc.seeded_model(dataclasses.replace(family, config=dict(family.config, num_experts=16)))
+
+
+def tiny_moe(family: str):
+    """The MoE models of the split and data-parallel tests: "qwen3_moe" (tiny_qwen3_moe: fused
+    experts) or "gpt_oss" (the family matrix's: transposed experts, with expert 3 of each layer out
+    of the routers' reach)."""
+    import modelopt_compare as mc
+
+    if family == "qwen3_moe":
+        return tiny_qwen3_moe()
+    if family == "gpt_oss":
+        return mc.never_route_to_expert_3("gpt_oss")
+    raise ValueError(f"tiny_moe: unknown family {family!r}; pass 'qwen3_moe' or 'gpt_oss'")
+
+
+def expert_token_counts(model) -> dict[str, list[int]]:
+    """Each experts module's calibration token count per expert (None: nothing counted)."""
+    from refquant.hf.experts import is_quant_experts
+
+    return {name: module.calibration_tokens for name, module in model.named_modules() if is_quant_experts(module)}
+
+
 def folder_files(folder) -> dict[str, bytes]:
     """{file name: bytes} of every file in a checkpoint folder, for byte-for-byte comparisons."""
     return {path.name: path.read_bytes() for path in sorted(Path(folder).iterdir())}

@@ -204,11 +204,12 @@ def _family(name: str) -> Family:
     raise ValueError(f"unknown family {name!r}; the families are {', '.join(FAMILIES)} (and, refused, {', '.join(UNSUPPORTED_FAMILIES)})")
 
 
-@lru_cache(maxsize=48)
-def _seeded_model(name: str, seed: int):
+def seeded_model(family: Family, seed: int = 0):
+    """A new model of `family` with weights drawn by transformers' own initializer under
+    torch.manual_seed(seed), in bf16 and eval mode, on the CPU (the caller's random state is left
+    as it was)."""
     import transformers
 
-    family = _family(name)
     config = getattr(transformers, family.config_class)(**family.config)
     config._attn_implementation = family.attn_implementation
     with torch.random.fork_rng(devices=[]):
@@ -219,11 +220,29 @@ def _seeded_model(name: str, seed: int):
     return model
 
 
+@lru_cache(maxsize=48)
+def _seeded_model(name: str, seed: int):
+    return seeded_model(_family(name), seed)
+
+
 def build_model(name: str, seed: int = 0, device: str = "cpu"):
     """A fresh copy of family `name`'s tiny model with weights drawn by transformers' own
     initializer under torch.manual_seed(seed), in bf16 and eval mode, on `device`. The seeded
     model is built once and copied (the caller's random state is left as it was)."""
     return copy.deepcopy(_seeded_model(name, seed)).to(device)
+
+
+def never_route_to_expert_3(family: str):
+    """The family's seeded model, with expert 3 of every MoE layer out of the routers' reach
+    (a -1e4 selection bias: DeepSeek-V3's e_score_correction_bias, gpt-oss's router bias)."""
+    model = build_model(family)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if family == "deepseek_v3" and hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.e_score_correction_bias[3] = -1e4
+            elif family == "gpt_oss":
+                layer.mlp.router.bias[3] = -1e4
+    return model
 
 
 # --- comparing ------------------------------------------------------------------------------------

@@ -5,10 +5,15 @@ so without care the hooks would call the old forward and bypass the quantizers (
 amaxes would agree). With one device we cannot split a model, but accelerate puts the same hooks on
 the CPU: per-block hooks as dispatch_model over several GPUs attaches them, dispatch_model with a
 disk offload, cpu_offload, hooks attached after the quantizers, hooks removed again. Each must give
-the plain model's amaxes, logits and exported bytes; what cannot work must say why.
+the plain model's amaxes, logits and exported bytes; what cannot work must say why. The same for
+MoE models (Qwen3-MoE's fused experts, gpt-oss's transposed ones), whose experts module holds its
+3-D weights itself and counts the tokens each expert receives: the counts and the report's experts
+without tokens must be the plain model's too.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import pytest
 import torch
@@ -20,10 +25,15 @@ from refquant.quant.quantizer import named_quantizers
 accelerate = pytest.importorskip("accelerate")
 from accelerate import cpu_offload, dispatch_model  # noqa: E402
 from accelerate.hooks import ModelHook, add_hook_to_module, attach_align_device_hook_on_blocks, remove_hook_from_module  # noqa: E402
-from conftest import tiny_llama, folder_files
+from conftest import expert_token_counts, folder_files, tiny_llama, tiny_moe, tiny_qwen3_moe
 
 RECIPES = ("fp8_default-fp8_kv", "nvfp4_default-nvfp4_kv")  # calibrated K/V: the attention hook matters
 BLOCKS = ("model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "model.rotary_emb", "lm_head")
+MOE = ("qwen3_moe", "gpt_oss")  # fused experts; transposed ones, expert 3 of each layer without tokens
+MODELS = {"llama": tiny_llama, **{family: partial(tiny_moe, family) for family in MOE}}
+HOWS = ("blocks", "dispatch", "dispatch-disk", "cpu_offload", "hooks-after-insert", "hooks-removed")
+# for MoE: the hooks of a split over GPUs, disk and CPU offload, hooks attached after insertion
+MOE_HOWS = ("blocks", "dispatch-disk", "cpu_offload", "hooks-after-insert")
 
 
 def batches(count: int = 3, seed: int = 1) -> list[torch.Tensor]:
@@ -70,22 +80,29 @@ def spread(model: nn.Module, how: str, tmp_path) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
-    """recipe -> (amaxes, logits, exported files) of the plain model."""
+    """(model, recipe) -> what the plain model quantized with that recipe gives: amaxes, logits,
+    exported files, expert token counts and the report's experts without tokens (computed once)."""
     results = {}
-    for recipe in RECIPES:
-        model = tiny_llama()
-        rq.quantize_model(model, rq.load_recipe(recipe), batches(), progress=False)
-        folder = rq.export_checkpoint(model, tmp_path_factory.mktemp("plain") / recipe)
-        results[recipe] = ({n: q.amax for n, q in named_quantizers(model) if q.is_enabled}, logits(model), folder_files(folder))
-    return results
+
+    def result(model_name: str, recipe: str) -> tuple:
+        if (model_name, recipe) not in results:
+            model = MODELS[model_name]()
+            report = rq.quantize_model(model, rq.load_recipe(recipe), batches(), progress=False)
+            folder = rq.export_checkpoint(model, tmp_path_factory.mktemp("plain") / recipe)
+            results[model_name, recipe] = ({n: q.amax for n, q in named_quantizers(model) if q.is_enabled}, logits(model),
+                                           folder_files(folder), expert_token_counts(model), report.experts_without_tokens)
+        return results[model_name, recipe]
+
+    return result
 
 
-@pytest.mark.parametrize("how", ["blocks", "dispatch", "dispatch-disk", "cpu_offload", "hooks-after-insert", "hooks-removed"])
+@pytest.mark.parametrize("model_name, how", [("llama", how) for how in HOWS]
+                         + [(family, how) for family in MOE for how in MOE_HOWS])
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_hooked_model_gives_the_plain_models_amax_logits_and_checkpoint_bytes(plain, recipe, how, tmp_path):
-    amaxes, expected_logits, expected_files = plain[recipe]
-    model = spread(tiny_llama(), how, tmp_path)
-    rq.quantize_model(model, rq.load_recipe(recipe), batches(), progress=False)
+def test_hooked_model_gives_the_plain_models_amax_logits_checkpoint_bytes_and_expert_counts(plain, model_name, recipe, how, tmp_path):
+    amaxes, expected_logits, expected_files, token_counts, without_tokens = plain(model_name, recipe)
+    model = spread(MODELS[model_name](), how, tmp_path)
+    report = rq.quantize_model(model, rq.load_recipe(recipe), batches(), progress=False)
 
     quantizers = dict(named_quantizers(model))
     assert [n for n, q in quantizers.items() if q.is_enabled] == list(amaxes)
@@ -94,8 +111,41 @@ def test_hooked_model_gives_the_plain_models_amax_logits_and_checkpoint_bytes(pl
         assert got is not None, f"{name}: no amax (its forward was bypassed)"
         assert got.dtype == amax.dtype and torch.equal(bits(got), bits(amax)), name
     assert torch.equal(bits(logits(model)), bits(expected_logits))
+    assert expert_token_counts(model) == token_counts and report.experts_without_tokens == without_tokens
+    if model_name != "llama":
+        assert len(token_counts) == 2 and all(counts is not None for counts in token_counts.values())
     folder = rq.export_checkpoint(model, tmp_path / "ckpt")
     assert folder_files(folder) == expected_files
+
+
+def test_experts_without_tokens_of_the_split_models_are_there_to_compare(plain):
+    """The lists the split models are held to are not empty where the model makes them so."""
+    assert plain("gpt_oss", RECIPES[0])[4] == ["model.layers.0.mlp.experts.3", "model.layers.1.mlp.experts.3"]
+
+
+def with_an_all_zero_expert(model):
+    """`model` with expert 2 of layer 1 all zero: its weight amax is 0, so the export takes the
+    amax from the weight (modelopt's fallback for an uncalibrated expert)."""
+    with torch.no_grad():
+        experts = model.model.layers[1].mlp.experts
+        experts.gate_up_proj[2].zero_()
+        experts.down_proj[2].zero_()
+    return model
+
+
+def test_offloaded_experts_export_an_expert_whose_amax_falls_back_to_its_weight_as_the_plain_model(tmp_path):
+    """The fallback reads the expert's weight, which sits on the meta device while its layer is
+    offloaded: it is loaded as the layer's hook loads it (NVFP4: an FP8 weight scale of 0 is refused)."""
+    recipe = rq.load_recipe("nvfp4_default-nvfp4_kv")
+    model = with_an_all_zero_expert(tiny_qwen3_moe())
+    rq.quantize_model(model, recipe, batches(), progress=False)
+    assert float(model.model.layers[1].mlp.experts.gate_up_proj_weight_quantizers[2].amax) == 0
+    expected = folder_files(rq.export_checkpoint(model, tmp_path / "plain"))
+
+    offloaded = spread(with_an_all_zero_expert(tiny_qwen3_moe()), "dispatch-disk", tmp_path)
+    rq.quantize_model(offloaded, recipe, batches(), progress=False)
+    assert offloaded.model.layers[1].mlp.experts.gate_up_proj.is_meta
+    assert folder_files(rq.export_checkpoint(offloaded, tmp_path / "offloaded")) == expected
 
 
 def test_hook_fix_reaches_the_attention_and_every_linear():

@@ -4,7 +4,9 @@ Each rank calibrates its half of the batches; after the forward loop one all_red
 every rank the amax one process gets from all the batches (refquant.quant.distributed), and rank 0
 alone writes the checkpoint. Checked against one process over all batches, bit for bit and byte for
 byte; and what goes wrong on one rank (an error, another recipe, other weights, no data at all)
-ends every rank with an error that says what, instead of a hang or a silent difference.
+ends every rank with an error that says what, instead of a hang or a silent difference. The same
+for MoE models, whose experts also count the tokens each expert receives: summed over the ranks,
+the counts and the report's experts without tokens are the single process's.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import math
 import os
 import re
 import socket
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -25,11 +29,14 @@ import refquant as rq
 from refquant.hf.models import CALIBRATION_TEXT, build_builtin_model, byte_tokenize, token_batches
 from refquant.quant.distributed import synchronize_calibration
 from refquant.quant.quantizer import QuantizerConfig, TensorQuantizer, named_quantizers
-from conftest import folder_files
+from conftest import expert_token_counts, folder_files, tiny_moe
 
 pytest.importorskip("transformers")
+import modelopt_compare as mc  # noqa: E402  (tests/modelopt_compare.py: calibration batches of the families' vocabulary)
+
 WORLD = 2
 RECIPES = ("fp8_default-fp8_kv", "nvfp4_default-nvfp4_kv")
+MOE_CASES = [(family, recipe) for family in ("qwen3_moe", "gpt_oss") for recipe in RECIPES]
 THREADS = 1  # the same in every process, so the forward computes the same bits everywhere
 
 
@@ -37,14 +44,27 @@ def calibration_batches() -> list[torch.Tensor]:
     return token_batches(byte_tokenize(CALIBRATION_TEXT), num_batches=6, seq_len=48)[0]
 
 
+def moe_calibration_batches() -> list[torch.Tensor]:
+    """4 batches of 8 tokens: few enough that each half leaves experts of tiny_qwen3_moe without a
+    token that the other half reaches."""
+    return mc.calibration_batches(1, 4, 1, 8)
+
+
 def amaxes(model) -> dict[str, torch.Tensor]:
     return {name: q.amax.clone() for name, q in named_quantizers(model) if q.is_calibrated}
 
 
-def quantized(recipe: str, batches, seed: int = 0):
-    model = build_builtin_model(seed=seed)
+def quantized(recipe: str, batches, seed: int = 0, family: str = "builtin"):
+    """(model, report): refquant's built-in model with weights from `seed`, or tiny_moe(family),
+    quantized with `recipe` on `batches`."""
+    model = build_builtin_model(seed=seed) if family == "builtin" else tiny_moe(family)
     report = rq.quantize_model(model, rq.load_recipe(recipe), batches, progress=False)
     return model, report
+
+
+def moe_result(model, report) -> dict:
+    """What the MoE tests compare: every amax, the expert token counts, the experts without tokens."""
+    return {"amax": amaxes(model), "counts": expert_token_counts(model), "without_tokens": report.experts_without_tokens}
 
 
 def _error(call) -> str:
@@ -75,10 +95,15 @@ def _nan_and_missing_data(rank: int) -> dict[str, torch.Tensor]:
     return reduced
 
 
-def _rank(rank: int, port: int, folder: Path) -> None:
+def _join_group(rank: int, port: int, timeout: timedelta = timedelta(seconds=120)) -> None:
+    """This process as rank `rank` of a gloo group of WORLD on 127.0.0.1:`port`; a hang becomes
+    an error after `timeout`, not a stuck CI."""
     torch.set_num_threads(THREADS)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=120))  # a hang becomes an error, not a stuck CI
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timeout)
+
+
+def _rank(rank: int, port: int, folder: Path) -> None:
+    _join_group(rank, port)
     results: dict = {}
     try:
         batches = calibration_batches()
@@ -99,6 +124,7 @@ def _rank(rank: int, port: int, folder: Path) -> None:
             "no batch on any rank": _error(lambda: quantized(RECIPES[0], [])),
             "rank 0 cannot write": _error(lambda: rq.export_checkpoint(model, folder / "out" / RECIPES[0])),
         }
+        results["moe"] = _moe_runs(rank, folder / "out-moe")
     finally:
         torch.save(results, folder / f"rank{rank}.pt")
         dist.destroy_process_group()
@@ -110,27 +136,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_ranks(rank_function, folder: Path, results_name: str) -> list:
+    """Run rank_function(rank, port, folder) in WORLD processes; each saves its results as
+    folder/{results_name}{rank}.pt. Returns them, rank by rank."""
+    mp.spawn(rank_function, args=(_free_port(), folder), nprocs=WORLD, join=True)
+    return [torch.load(folder / f"{results_name}{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Run the two ranks once; their results, rank by rank, and the folder they wrote into."""
     folder = tmp_path_factory.mktemp("dp")
-    mp.spawn(_rank, args=(_free_port(), folder), nprocs=WORLD, join=True)
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], folder
+    return run_ranks(_rank, folder, "rank"), folder
+
+
+@contextmanager
+def threads_of_a_rank() -> Iterator[None]:
+    """Within the block torch computes with THREADS threads, as each rank does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """One process over all the batches: recipe -> (amaxes, report, checkpoint folder)."""
     folder = tmp_path_factory.mktemp("single")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        results = {}
+    results = {}
+    with threads_of_a_rank():
         for recipe in RECIPES:
             model, report = quantized(recipe, calibration_batches())
             results[recipe] = (amaxes(model), report, rq.export_checkpoint(model, folder / recipe))
-    finally:
-        torch.set_num_threads(threads)
     return results
 
 
@@ -239,10 +278,9 @@ def _early_failure_rank(rank: int, port: int, folder: Path) -> None:
     from refquant.cli import quantize as quantize_cli
     from refquant.hf import sensitivity
 
-    torch.set_num_threads(THREADS)
     for name, value in (("WORLD_SIZE", str(WORLD)), ("RANK", str(rank)), ("LOCAL_RANK", str(rank))):
         os.environ[name] = value
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=EARLY_TIMEOUT)
+    _join_group(rank, port, EARLY_TIMEOUT)
     results: dict = {}
     argv = ["quantize", "--no-progress", "--calib-batches", "2", "--seq-len", "16"]
     try:
@@ -267,8 +305,7 @@ def _early_failure_rank(rank: int, port: int, folder: Path) -> None:
 @pytest.fixture(scope="module")
 def early_failures(tmp_path_factory):
     folder = tmp_path_factory.mktemp("early")
-    mp.spawn(_early_failure_rank, args=(_free_port(), folder), nprocs=WORLD, join=True)
-    return [torch.load(folder / f"early{r}.pt", weights_only=False) for r in range(WORLD)], folder
+    return run_ranks(_early_failure_rank, folder, "early"), folder
 
 
 @pytest.mark.parametrize("stage, injected", [("loading the model", "rank 1 cannot read its model"),
@@ -290,3 +327,71 @@ def test_a_rank_failing_in_the_evaluation_forward_stops_every_rank_before_calibr
     assert re.search(r"ValueError: rank 1 of 2 failed before calibration \(ValueError: a calibration / evaluation batch", error), error
     assert seconds < EARLY_TIMEOUT.total_seconds() / 2
     assert results[1]["the evaluation forward"][0].startswith("ValueError: a calibration / evaluation batch must be")
+
+
+# --- MoE: the experts' token counts summed over the ranks ------------------------------------------
+def _moe_runs(rank: int, out: Path) -> dict:
+    """This rank's share of the MoE cases (run by _rank in the same process group): each case's
+    results, its checkpoint written into out/{family}-{recipe}."""
+    results: dict = {}
+    batches = moe_calibration_batches()
+    for family, recipe in MOE_CASES:
+        model, report = quantized(recipe, batches[rank::WORLD], family=family)
+        results[family, recipe] = moe_result(model, report)
+        rq.export_checkpoint(model, out / f"{family}-{recipe}")
+    # rank 0 sees no batch: its experts count nothing, and still end with the others' counts
+    model, report = quantized(RECIPES[1], batches if rank == 1 else [], family="qwen3_moe")
+    results["rank 0 without data"] = moe_result(model, report)
+    return results
+
+
+@pytest.fixture(scope="module")
+def moe_single(tmp_path_factory):
+    """One process over all the MoE batches: (family, recipe) -> (results, checkpoint folder)."""
+    folder = tmp_path_factory.mktemp("single-moe")
+    results = {}
+    with threads_of_a_rank():
+        for family, recipe in MOE_CASES:
+            model, report = quantized(recipe, moe_calibration_batches(), family=family)
+            results[family, recipe] = (moe_result(model, report), rq.export_checkpoint(model, folder / f"{family}-{recipe}"))
+    return results
+
+
+def assert_same_moe_results(got: dict, expected: dict, what: str) -> None:
+    assert_same_amaxes(got["amax"], expected["amax"], what)
+    assert got["counts"] == expected["counts"], what
+    assert got["without_tokens"] == expected["without_tokens"], what
+
+
+@pytest.mark.parametrize("family, recipe", MOE_CASES)
+def test_two_ranks_on_halves_give_every_rank_the_single_process_amax_and_expert_token_counts(ranks, moe_single, family, recipe):
+    results, _ = ranks
+    expected, _ = moe_single[family, recipe]
+    assert len(expected["counts"]) == 2 and all(counts is not None for counts in expected["counts"].values())
+    for rank, result in enumerate(results):
+        assert_same_moe_results(result["moe"][family, recipe], expected, f"rank {rank}")
+
+
+@pytest.mark.parametrize("family, recipe", MOE_CASES)
+def test_rank_0_writes_the_single_process_moe_checkpoint_byte_for_byte(ranks, moe_single, family, recipe):
+    _, folder = ranks
+    assert folder_files(folder / "out-moe" / f"{family}-{recipe}") == folder_files(moe_single[family, recipe][1])
+
+
+def test_a_rank_whose_experts_saw_no_token_ends_with_the_counts_of_the_others(ranks, moe_single):
+    results, _ = ranks
+    expected, _ = moe_single["qwen3_moe", RECIPES[1]]
+    for rank, result in enumerate(results):
+        assert_same_moe_results(result["moe"]["rank 0 without data"], expected, f"rank {rank}")
+
+
+def test_each_half_of_the_moe_batches_leaves_experts_without_tokens_that_the_other_half_reaches(moe_single):
+    """What makes the MoE tests above able to fail: the experts without tokens of one rank's half
+    are not those of all the batches, so each rank's own counts would give another list."""
+    batches = moe_calibration_batches()
+    everything = set(moe_single["qwen3_moe", RECIPES[0]][0]["without_tokens"])
+    assert everything, "some expert should get no token of all the batches"
+    for rank in range(WORLD):
+        _, report = quantized(RECIPES[0], batches[rank::WORLD], family="qwen3_moe")
+        assert set(report.experts_without_tokens) > everything, f"rank {rank}'s half"
+    assert moe_single["gpt_oss", RECIPES[0]][0]["without_tokens"] == ["model.layers.0.mlp.experts.3", "model.layers.1.mlp.experts.3"]

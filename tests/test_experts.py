@@ -53,28 +53,15 @@ def test_fused_experts_get_modelopts_quantizer_names():
 
 
 # --- an expert no calibration token reaches ---------------------------------------------------
-def never_route_to_expert_3(family: str):
-    """The family's seeded model, with expert 3 of every MoE layer out of the routers' reach
-    (a -1e4 selection bias: DeepSeek-V3's e_score_correction_bias, gpt-oss's router bias)."""
-    model = mc.build_model(family)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            if family == "deepseek_v3" and hasattr(layer.mlp, "gate"):
-                layer.mlp.gate.e_score_correction_bias[3] = -1e4
-            elif family == "gpt_oss":
-                layer.mlp.router.bias[3] = -1e4
-    return model
-
-
 @pytest.mark.parametrize("family,moe_layers", [("deepseek_v3", (1,)), ("gpt_oss", (0, 1))])
 def test_expert_without_calibration_tokens_is_reported_and_exported_as_modelopt_does(modelopt, family, moe_layers, tmp_path):
     batches, _ = mc.default_batches()
-    model = never_route_to_expert_3(family)
+    model = mc.never_route_to_expert_3(family)
     report = rq.quantize_model(model, rq.load_recipe("nvfp4_default-fp8_kv"), batches, progress=False)
     assert report.experts_without_tokens == [f"model.layers.{i}.mlp.experts.3" for i in moe_layers]
     assert "experts no calibration token reached (%d" % len(moe_layers) in report.to_table()
     for recipe in ("fp8_default-fp8_kv", "nvfp4_default-fp8_kv"):
-        result = mc.compare_family(family, recipe, build=lambda: never_route_to_expert_3(family), workdir=tmp_path)
+        result = mc.compare_family(family, recipe, build=lambda: mc.never_route_to_expert_3(family), workdir=tmp_path)
         assert result.ok, result.summary()
     if family == "deepseek_v3":  # the expert still has every scale, its input scale the layer's
         tensors = read_checkpoint_tensors(tmp_path / f"{family}-nvfp4_default-fp8_kv-refquant")

@@ -25,6 +25,7 @@ by its scale as modelopt's `weight / scale.unsqueeze(-1)`, whose fp32 quotient i
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -96,15 +97,22 @@ def experts_format(name: str, module: nn.Module) -> Optional[str]:
     return distinct.pop() if distinct else None
 
 
-def _weight_amax_or_fallback(quantizer: TensorQuantizer, weight: torch.Tensor) -> Optional[torch.Tensor]:
+def _takes_weight_fallback(quantizer: TensorQuantizer) -> bool:
+    """Whether the export takes this enabled expert weight quantizer's amax from the weight
+    (modelopt's fallback for an uncalibrated expert): it has no amax, or an amax of 0."""
+    amax = quantizer.amax
+    return quantizer.is_enabled and (amax is None or bool((amax == 0).all()))
+
+
+def _weight_amax_or_fallback(quantizer: TensorQuantizer, weight: torch.Tensor, name: str) -> Optional[torch.Tensor]:
     """The amax the export uses for an expert's weight: the quantizer's, or where it has none or
-    0, max |w| of `weight` in fp32 (modelopt's fallback for an uncalibrated expert)."""
+    0, max |w| of `weight` (named `name` in errors) in fp32 (modelopt's fallback for an
+    uncalibrated expert)."""
     if not quantizer.is_enabled:
         return None
-    amax = quantizer.amax
-    if amax is None or bool((amax == 0).all()):
-        return weight.detach().abs().amax().to(torch.float32)
-    return amax
+    if _takes_weight_fallback(quantizer):
+        return require_loaded(name, weight).detach().abs().amax().to(torch.float32)
+    return quantizer.amax
 
 
 def _input_amax(quantizer: TensorQuantizer) -> Optional[torch.Tensor]:
@@ -127,25 +135,30 @@ def _plan_fused(name: str, module: nn.Module, fmt: Optional[str], flavor: str) -
     layout = module._refquant_layout
     projections: list[ProjectionExport] = []
     jobs = []  # (key, rows, weight quantizer, input quantizer, projection format, weight amax, input amax, compressed)
-    for index in range(module.num_experts):
-        first_fallback = None
-        for part, projection, rows in _fused_parts(module, index):
-            input_q, weight_qs = module.projection_quantizers(projection)
-            weight_q = weight_qs[index]
-            weight = getattr(module, projection)[index]
-            part_format = layer_format(f"{name}.{index}.{part}", _view(None, weight_q, input_q))
-            weight_amax = input_amax = None
-            if part_format is not None:
-                if projection == layout.first_proj and layout.gated:
-                    # gate and up share the fused slice's amax (and its fallback)
-                    first_fallback = first_fallback if first_fallback is not None else _weight_amax_or_fallback(weight_q, weight)
-                    weight_amax = first_fallback
-                else:
-                    weight_amax = _weight_amax_or_fallback(weight_q, weight)
-                input_amax = _input_amax(input_q)
-            key = f"{index}.{part}"
-            projections.append(ProjectionExport(key, part_format, weight_amax, input_amax))
-            jobs.append((key, projection, index, rows, weight_q, input_q, part_format, weight_amax, input_amax))
+    weight_quantizers = [q for projection in layout.projections for q in module.projection_quantizers(projection)[1]]
+    # a fallback amax reads its weight: offloaded weights are loaded as the module's hook loads them
+    reads_weights = any(_takes_weight_fallback(q) for q in weight_quantizers)
+    with loaded_weights(module) if reads_weights else nullcontext():
+        for index in range(module.num_experts):
+            first_fallback = None
+            for part, projection, rows in _fused_parts(module, index):
+                input_q, weight_qs = module.projection_quantizers(projection)
+                weight_q = weight_qs[index]
+                weight = getattr(module, projection)[index]
+                part_format = layer_format(f"{name}.{index}.{part}", _view(None, weight_q, input_q))
+                weight_amax = input_amax = None
+                if part_format is not None:
+                    if projection == layout.first_proj and layout.gated:
+                        # gate and up share the fused slice's amax (and its fallback)
+                        if first_fallback is None:
+                            first_fallback = _weight_amax_or_fallback(weight_q, weight, f"{name}.{projection}")
+                        weight_amax = first_fallback
+                    else:
+                        weight_amax = _weight_amax_or_fallback(weight_q, weight, f"{name}.{projection}")
+                    input_amax = _input_amax(input_q)
+                key = f"{index}.{part}"
+                projections.append(ProjectionExport(key, part_format, weight_amax, input_amax))
+                jobs.append((key, projection, index, rows, weight_q, input_q, part_format, weight_amax, input_amax))
 
     def compute() -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
