@@ -179,6 +179,22 @@ def test_fp8_checkpoint_values_are_amax_over_448_and_the_fp8qtensor_division():
             assert_same_bits(folder_tensors[f"model.layers.{layer}.self_attn.{kv}_proj.{kv}_scale"], scale)
 
 
+def test_an_fp8_layer_whose_weight_is_all_zeros_exports_scale_one_and_zero_bytes_and_reloads(tmp_path):
+    """modelopt's export writes weight_scale 0 and NaN bytes for it (0 / 0); refquant takes the
+    weight amax through modelopt's own export_amax rule (0 becomes 448), as for input scales."""
+    model = tiny_model("llama", False)
+    name = "model.layers.0.mlp.down_proj"
+    with torch.no_grad():
+        model.get_submodule(name).weight.zero_()
+    rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches(), progress=False)
+    tensors = _export_tensors(model)
+    assert_same_bits(tensors[f"{name}.weight_scale"], torch.tensor(1.0), name)
+    assert not bits(tensors[f"{name}.weight"]).any(), "zero bytes"
+    rq.export_checkpoint(model, tmp_path / "ckpt")
+    reloaded = rq.load_checkpoint(tmp_path / "ckpt")
+    assert not reloaded.get_submodule(name).weight.any()
+
+
 def test_nvfp4_fused_layers_share_the_group_max_amax_and_fp8_layers_do_not():
     model = quantized("nvfp4_default-fp8_kv")
     tensors = _export_tensors(model)

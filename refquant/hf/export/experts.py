@@ -41,7 +41,7 @@ from ..dispatch import loaded_weights, require_loaded
 from ..experts import ExpertsLayout, is_quant_experts
 from .configs import LAYER_QUANT_ALGO
 from .plan import CompressedWeightQuantizer, layer_format
-from .tensors import dequantize_linear_weight, export_input_scale, export_linear_tensors, fp8_scale
+from .tensors import dequantize_linear_weight, export_input_scale, export_linear_tensors, fp8_weight_scale
 from .validate import check_tensor, checkpoint_error, expected_layer_tensors
 
 
@@ -217,7 +217,7 @@ def _transposed_tensors(export: ProjectionExport, weight: torch.Tensor, input_q:
     key = export.key
     tensors: dict[str, torch.Tensor] = {}
     if export.layer_format == "fp8":
-        scale = fp8_scale(export.weight_amax, flavor).reshape(())
+        scale = fp8_weight_scale(export.weight_amax, flavor)
         # modelopt divides the 3-D weight by scale.unsqueeze(-1): a dimensioned fp32 divisor, so
         # the quotient stays fp32 (one rounding), unlike a 2-D weight's bf16 quotient
         tensors[key] = fp8_quantize(weight, scale=scale.reshape(1), flavor=flavor).data

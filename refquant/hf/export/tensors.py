@@ -30,6 +30,13 @@ def fp8_scale(amax: torch.Tensor, flavor: str) -> torch.Tensor:
     return divide_by_448(amax.float(), flavor)
 
 
+def fp8_weight_scale(weight_amax: torch.Tensor, flavor: str) -> torch.Tensor:
+    """An FP8 weight's 0-d fp32 weight_scale: modelopt's export_amax first (a zero or NaN amax, a
+    weight that is all zeros, becomes 448, so the scale is 1.0; clamped to the amax dtype's range),
+    then / 448 per flavor."""
+    return fp8_scale(_export_amax(weight_amax, E4M3_MAX, clamp=True), flavor).reshape(())
+
+
 def export_linear_tensors(
     name: str, module: nn.Module, fmt: str, weight_amax: torch.Tensor, input_amax: Optional[torch.Tensor], flavor: str
 ) -> dict[str, torch.Tensor]:
@@ -41,7 +48,7 @@ def export_linear_tensors(
     input_q = child_quantizer(module, "input_quantizer")
     tensors: dict[str, torch.Tensor] = {}
     if fmt == "fp8":
-        weight_scale = fp8_scale(weight_amax, flavor).reshape(())
+        weight_scale = fp8_weight_scale(weight_amax, flavor)
         tensors["weight"] = fp8_quantize(weight, scale=weight_scale, flavor=flavor).data
         tensors["weight_scale"] = weight_scale
     else:
