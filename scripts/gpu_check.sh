@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The CUDA checks of the tree, for a GPU machine without network (torch + Triton installed there):
-#   bash scripts/gpu_check.sh tests     every CUDA test (kernels, bound launches, gradients, the amax
-#                                       written in place, experts, the family matrix against modelopt
-#                                       with every recipe's logits); ~8 min
+#   bash scripts/gpu_check.sh tests     the CUDA tests of the numerics and the compiled backend
+#                                       (kernels, bound launches, gradients, the amax written in place);
+#                                       ~6 min on an H100 with 16 workers
+#   bash scripts/gpu_check.sh families  the family matrix against modelopt with every recipe's logits,
+#                                       and the experts' CUDA tests; ~2 min
 #   bash scripts/gpu_check.sh bench     the MoE shape and the 0.6B shape against modelopt
 #                                       (benchmarks/ptq_gpu.py), the 0.6B also with the fast launch off; ~7 min
 # Logs and JSON go to $OUT (default out/gpu_check). Before the call, on a machine with network:
@@ -21,22 +23,28 @@ python3 -c "import pulp" 2>/dev/null || export PYTHONPATH=$PYTHONPATH:$PWD/scrip
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device_$phase.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device_$phase.txt"
 # modelopt's FP8 CUDA extension builds itself on first use (~70 s): once, before parallel workers
-python3 -c "from modelopt.torch.quantization.extensions import get_cuda_ext_fp8; get_cuda_ext_fp8(raise_if_failed=True)" >/dev/null 2>&1 \
-  || echo "modelopt's FP8 extension did not build" | tee -a "$OUT/device_$phase.txt"
+build_modelopt_fp8() {
+  python3 -c "from modelopt.torch.quantization.extensions import get_cuda_ext_fp8; get_cuda_ext_fp8(raise_if_failed=True)" >/dev/null 2>&1 \
+    || echo "modelopt's FP8 extension did not build" | tee -a "$OUT/device_$phase.txt"
+}
 case "$phase" in
 tests)
-  timeout 240 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf -k "cuda or launch or bound or kernel" \
+  timeout 480 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf -k "cuda or launch or bound or kernel" \
     tests/test_fp8_fake_kernel.py tests/test_nvfp4_fake_kernel.py tests/test_triton_launch.py tests/test_amax_in_place.py \
     tests/test_gradients.py tests/test_direct_call.py tests/test_compiled_parity.py tests/test_fast_launch.py \
     tests/test_nvfp4_kernel_vectors.py 2>&1 | tee "$OUT/compiled_cuda.log" | tail -15
-  timeout 210 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf -k cuda \
+  ;;
+families)
+  build_modelopt_fp8
+  timeout 400 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf -k cuda \
     tests/test_modelopt_families.py tests/test_experts.py 2>&1 | tee "$OUT/families_cuda.log" | tail -15
   ;;
 bench)
+  build_modelopt_fp8
   timeout 300 python3 benchmarks/ptq_gpu.py --out "$OUT/moe" --shapes moe --recipes nvfp4_default-fp8_cast_kv fp8_default-fp8_kv \
     --variants plain modelopt compiled --batches 4 --repeats 5 --no-paired 2>&1 | tee "$OUT/ptq_moe.log" | tail -12
   timeout 150 python3 benchmarks/ptq_gpu.py --out "$OUT/small" --shapes small --recipes fp8_default-fp8_kv nvfp4_default-fp8_cast_kv \
     --variants plain modelopt compiled compiled_fallback --repeats 10 --no-paired 2>&1 | tee "$OUT/ptq_small.log" | tail -10
   ;;
-*) echo "unknown phase $phase: use tests or bench"; exit 2 ;;
+*) echo "unknown phase $phase: use tests, families or bench"; exit 2 ;;
 esac
