@@ -81,7 +81,7 @@ def steps_of(name: str, x: torch.Tensor, amax: torch.Tensor, flavor: str) -> dic
     if name == "fp8_fake_quant":
         compiled = functions._compiled_fp8_fake_quant
     else:
-        compiled = functions._compiled_nvfp4_fake_quant_for(x)
+        compiled = functions._nvfp4_fake_quant_graph(x)
     public = getattr(rc, name)
     kwargs = {"axis": None, "flavor": flavor} if name == "fp8_fake_quant" else {}
     public(x, amax, **({"flavor": flavor} if name == "fp8_fake_quant" else {}))

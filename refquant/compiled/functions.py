@@ -260,13 +260,9 @@ def nvfp4_fake_quant(
     if per_slice_amax and not _is_per_tensor(amax) and amax.numel() != 1:
         # one global amax per slice (a stack of expert weights): the compiled reference takes
         # x in its own shape; the Triton block step takes one global amax
-        reciprocal_table(x.device)  # decoded here, eagerly: inductor's graph reads it as a constant
-        return _run(_compiled_nvfp4_fake_quant, reference_nvfp4.nvfp4_fake_quant, _own(x), _own(amax),
+        return _run(_nvfp4_fake_quant_graph(x, per_slice=True), reference_nvfp4.nvfp4_fake_quant, _own(x), _own(amax),
                     per_slice_amax=True)
-    compiled = _compiled_nvfp4_fake_quant_for(x)
-    if compiled is _compiled_nvfp4_fake_quant:
-        reciprocal_table(x.device)  # decoded here, eagerly: inductor's graph reads it as a constant
-    out = _run(compiled, reference_nvfp4.nvfp4_fake_quant, _rows(x), amax)
+    out = _run(_nvfp4_fake_quant_graph(x), reference_nvfp4.nvfp4_fake_quant, _rows(x), amax)
     return _as_shape_of(out, x)
 
 
@@ -275,11 +271,14 @@ def _takes_triton_block_step(x: torch.Tensor) -> bool:
     return x.is_cuda and x.shape[-1] % NVFP4_BLOCK_SIZE == 0
 
 
-def _compiled_nvfp4_fake_quant_for(x: torch.Tensor) -> CompiledPerSignature:
-    """The compiled reference, or where _takes_triton_block_step the same with its block step run
-    by the Triton kernel of nvfp4_fake_triton.py."""
-    if _takes_triton_block_step(x):
+def _nvfp4_fake_quant_graph(x: torch.Tensor, per_slice: bool = False) -> CompiledPerSignature:
+    """The compiled reference, or where _takes_triton_block_step (one global amax) the same with
+    its block step run by the Triton kernel of nvfp4_fake_triton.py. The compiled reference reads
+    the GPU-division table as a constant: it is decoded here, eagerly (dynamo cannot trace the
+    file read)."""
+    if not per_slice and _takes_triton_block_step(x):
         return _nvfp4_fake_quant_with_triton_blocks()
+    reciprocal_table(x.device)
     return _compiled_nvfp4_fake_quant
 
 
@@ -424,9 +423,10 @@ def bind_fake_quant(format: str, x: torch.Tensor, amax: AmaxLike = None, *, flav
     is nothing to bind (a per-channel amax, a degenerate x, a graph that cannot be called
     directly, the direct graph call off: refquant.compiled.private_api). A tensor amax is bound
     as the tensor itself, never as values computed from it: every call reads it where it lives,
-    so a write to it in place (`.data` included) is used by the next call, as by the reference. Its value is checked here, once per binding. With an
-    amax, a bf16 or fp16 x on CUDA binds the launch of a Triton kernel (BoundKernelLaunch); the
-    other cases bind the graph of an ordinary call with x, which must have run already."""
+    so a write to it in place (`.data` included) is used by the next call, as by the reference.
+    Its value is checked here, once per binding. With an amax, a bf16 or fp16 x on CUDA binds the
+    launch of a Triton kernel (BoundKernelLaunch); the other cases bind the graph of the ordinary
+    call with x, compiling it here if no graph takes x yet."""
     if _is_degenerate(x) or format not in ("fp8", "nvfp4"):
         return None
     check_flavor(flavor)
@@ -450,9 +450,7 @@ def bind_fake_quant(format: str, x: torch.Tensor, amax: AmaxLike = None, *, flav
     if format == "fp8":
         compiled, reference, kwargs = _compiled_fp8_fake_quant, reference_fp8.fp8_fake_quant, {"axis": None, "flavor": flavor}
     else:
-        compiled, reference, kwargs = _compiled_nvfp4_fake_quant_for(x), reference_nvfp4.nvfp4_fake_quant, {}
-        if compiled is _compiled_nvfp4_fake_quant:
-            reciprocal_table(x.device)  # decoded eagerly: the graph reads it as a constant
+        compiled, reference, kwargs = _nvfp4_fake_quant_graph(x), reference_nvfp4.nvfp4_fake_quant, {}
     entry = compiled.for_call(args, kwargs)
     if not entry.fits(entry.frame_of(*args, **kwargs)):  # no graph for tensors like x yet: this call makes one
         _run(compiled, reference, *args, **kwargs)

@@ -180,8 +180,8 @@ class TensorQuantizer(nn.Module):
     """Fake-quantizes the tensors that pass through it, per its QuantizerConfig.
 
     amax (property): the amax it uses (448.0 for a constant-amax quantizer; the calibrated one; or
-    None, meaning "taken from each call's data"); read from its buffer on every call, so a write
-    in place is used by the next call and checked there (docs/contract.md §9). `backend` picks
+    None, meaning "taken from each call's data"); every call computes with the value its buffer
+    holds then, a write in place included, and checks it as docs/contract.md §9 says. `backend` picks
     the reference or compiled numerics, `flavor` which modelopt run FP8 reproduces
     (docs/contract.md §2). Its gradient is modelopt's straight-through one: the upstream gradient
     unchanged for the input, none for the amax (docs/contract.md §8).
@@ -382,9 +382,8 @@ class TensorQuantizer(nn.Module):
     # A forward after calibration calls the same fake quantization with the same amax on tensors
     # of the same kind, over and over; refquant.compiled.bind_fake_quant does that call's
     # argument handling once. The bound call is used while the quantizer's config, flavor,
-    # backend, amax buffer (object) and amax value (read on every call, _amax_value_now) are
-    # those it was bound for, and while its graph's guards accept x; otherwise the ordinary call
-    # runs, and binds again.
+    # backend, amax buffer (object) and amax value (_amax_value_now) are those it was bound for,
+    # and while its graph's guards accept x; otherwise the ordinary call runs, and binds again.
 
     def _call_bound(self, x: torch.Tensor, amax_value: Any) -> torch.Tensor | None:
         bound = self._bound
