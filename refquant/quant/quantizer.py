@@ -8,6 +8,7 @@ switched off; a quantizer whose calibrator saw nothing keeps no amax.
 
 from __future__ import annotations
 
+import re
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -451,6 +452,11 @@ def child_quantizer(module: nn.Module, name: str) -> Optional[TensorQuantizer]:
 def named_quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
     """Every TensorQuantizer in model.named_modules(), with its full dotted name, in module order."""
     return [(name, module) for name, module in model.named_modules() if isinstance(module, TensorQuantizer)]
+
+
+def is_weight_quantizer(name: str) -> bool:
+    """A weight quantizer, by its full name: `...weight_quantizer`, or an expert's `...weight_quantizers.3`."""
+    return name.endswith("weight_quantizer") or re.search(r"weight_quantizers\.\d+$", name) is not None
 
 
 @contextmanager
