@@ -38,15 +38,15 @@ calls the quantizers expert by expert, as modelopt.
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..quant.quantizer import SliceQuantizers, TensorQuantizer, quantizes_with_fixed_amax
+from .swap import quant_class, swapped
 
 EAGER = "eager"  # the experts implementation that calls F.linear per expert
 # Experts classes modelopt quantizes with wrappers of their own that refquant does not implement:
@@ -223,16 +223,6 @@ def _slice_index(storage: tuple[int, torch.device, int, int, int], weight: torch
     return index if 0 <= index < slices else None
 
 
-@contextmanager
-def _swapped(owner: object, attribute: str, replacement: Callable) -> Iterator[None]:
-    original = getattr(owner, attribute)
-    setattr(owner, attribute, replacement)
-    try:
-        yield
-    finally:
-        setattr(owner, attribute, original)
-
-
 class QuantFusedExpertsMixin(QuantExpertsMixin):
     """modelopt's _QuantFusedExperts (gated) and _QuantNonGatedFusedExperts: per-expert weight
     quantizers in nn.ModuleLists, one input quantizer per projection shared by all experts."""
@@ -307,7 +297,7 @@ class QuantFusedExpertsMixin(QuantExpertsMixin):
             weight = weight_qs[index](weight) if stacked is None else stacked[index]
             return original_linear(input, weight, bias)
 
-        with _swapped(F, "linear", quantized_linear):
+        with swapped(F, "linear", quantized_linear):
             output = super().forward(hidden_states, *args, **kwargs)
         self._bypassed(calls, hidden_states.shape[0] if hidden_states.dim() else 0)
         return output
@@ -367,22 +357,16 @@ class QuantTransposedExpertsMixin(QuantExpertsMixin):
                 left = self.down_proj_input_quantizer(left)
             return torch.matmul(left, weights[projection][index])
 
-        with _swapped(torch.Tensor, "__matmul__", quantized_matmul):
+        with swapped(torch.Tensor, "__matmul__", quantized_matmul):
             output = super().forward(hidden_states, router_indices, routing_weights)
         self._bypassed(calls, hidden_states.shape[0] if hidden_states.dim() else 0)
         return output
 
 
-_QUANT_CLASSES: dict[type, type] = {}
-
-
 def quant_experts_class(cls: type, layout: ExpertsLayout) -> type:
     """The quantized class for an experts class (QuantQwen3MoeExperts, ...), made once."""
-    if cls not in _QUANT_CLASSES:
-        mixin = QuantTransposedExpertsMixin if layout.kind == "transposed" else QuantFusedExpertsMixin
-        attributes = {"_refquant_original_class": cls, "_refquant_layout": layout}
-        _QUANT_CLASSES[cls] = type(f"Quant{cls.__name__}", (mixin, cls), attributes)
-    return _QUANT_CLASSES[cls]
+    mixin = QuantTransposedExpertsMixin if layout.kind == "transposed" else QuantFusedExpertsMixin
+    return quant_class(mixin, cls, _refquant_original_class=cls, _refquant_layout=layout)
 
 
 def find_experts(model: nn.Module) -> list[tuple[str, nn.Module, ExpertsLayout]]:
@@ -395,11 +379,11 @@ def find_experts(model: nn.Module) -> list[tuple[str, nn.Module, ExpertsLayout]]
     return found
 
 
-def check_experts_forward(name: str, module: nn.Module) -> None:
+def check_experts_forward(name: str, module: nn.Module, layout: ExpertsLayout) -> None:
     """Raise ValueError unless the experts forward is one whose calls refquant can place
-    quantizers on: its source calls F.linear (fused) or `@` (transposed)."""
+    quantizers on: its source calls F.linear (fused) or `@` (transposed); `layout` is the
+    module's (find_experts)."""
     cls = getattr(module, "_refquant_original_class", type(module))
-    layout = experts_layout(name, module)
     try:
         source = inspect.getsource(inspect.unwrap(cls.forward))
     except (OSError, TypeError):
