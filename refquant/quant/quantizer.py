@@ -489,14 +489,19 @@ def quantizes_with_fixed_amax(quantizer: TensorQuantizer) -> bool:
 
 
 def _plain_quantizer(quantizer: nn.Module) -> bool:
-    """A TensorQuantizer whose call is its own forward, with no hook that wants to see each call
-    (refquant.quant.metrics measures through forward hooks)."""
+    """A TensorQuantizer whose call is its own forward, with no hook of its own that wants to see
+    each call (refquant.quant.metrics measures through forward hooks; global hooks: _global_hooks)."""
     return (
         isinstance(quantizer, TensorQuantizer)
         and type(quantizer).forward is TensorQuantizer.forward
         and not (quantizer._forward_hooks or quantizer._forward_pre_hooks)
-        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
     )
+
+
+def _global_hooks() -> bool:
+    """Whether a global forward hook (nn.modules.module.register_module_forward_hook) wants to see
+    every module call."""
+    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
 
 
 class SliceQuantizers:
@@ -518,7 +523,7 @@ class SliceQuantizers:
 
     def __call__(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         quantizers = list(self.quantizers)
-        if len(quantizers) != x.shape[0] or not quantizers:
+        if len(quantizers) != x.shape[0] or not quantizers or _global_hooks():
             return None
         first = quantizers[0]
         for quantizer in quantizers:
