@@ -110,7 +110,6 @@ class _MaxCalibrator:
 # _amax_value_now's answer where a call is neither bound nor shared (a per-channel amax, or one
 # that cannot be read now); never equal to a bound call's value.
 _NOT_SHARED = object()
-_READ_NOW = object()  # _fake_quant's default: the amax value is read by the call itself
 
 
 @dataclass(frozen=True)
@@ -346,9 +345,8 @@ class TensorQuantizer(nn.Module):
             )
         return token(amax.dtype, value) if amax.numel() == 1 else _NOT_SHARED
 
-    def _fake_quant(self, x: torch.Tensor, amax_value: Any = _READ_NOW) -> torch.Tensor:
-        if amax_value is _READ_NOW:
-            amax_value = self._amax_value_now()
+    def _fake_quant(self, x: torch.Tensor, amax_value: Any) -> torch.Tensor:
+        """x fake-quantized; amax_value: this call's _amax_value_now()."""
         # A call that records a gradient takes the numerics' autograd path, never a bound call
         # (a bound graph or kernel launch is made for calls outside autograd).
         bindable = amax_value is not _NOT_SHARED and not _records_gradient(x)
