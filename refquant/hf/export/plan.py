@@ -1,5 +1,7 @@
 """What a model exports, computed without touching it: each quantized linear's format and tensors,
-the fusion groups of shared-input layers, the K/V scales and hf_quant_config (ExportPlan)."""
+the fusion groups of shared-input layers, the K/V scales, each MoE experts module's plan
+(refquant.hf.export.experts), the checkpoint names (refquant.hf.export.names) and hf_quant_config
+under those names (ExportPlan)."""
 
 from __future__ import annotations
 
