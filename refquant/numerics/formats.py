@@ -64,6 +64,9 @@ FP8_AMAX_FLOOR = 2.0**-24
 SUPPORTED_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The largest finite fp32: an amax or scale beyond it is inf where the numerics compute (fp32).
 FP32_MAX = torch.finfo(torch.float32).max
+# The smallest normal fp32 (torch.finfo(torch.float32).tiny): below it, the GPU's reciprocal
+# instruction flushes a divisor to zero and refquant.numerics.gpu_division normalizes one first.
+FP32_SMALLEST_NORMAL = 2.0**-126
 
 
 def e2m1_code_table(device: torch.device | str | None = None) -> torch.Tensor:
