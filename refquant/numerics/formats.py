@@ -77,5 +77,6 @@ def e2m1_code_table(device: torch.device | str | None = None) -> torch.Tensor:
 
 
 def fp32_bits(value: float) -> int:
-    """The IEEE binary32 bit pattern of `value` rounded to fp32 (for docs and tests)."""
+    """The IEEE binary32 bit pattern of `value` rounded to fp32, as an unsigned int (for docs, tests and
+    error messages)."""
     return int(torch.tensor(value, dtype=torch.float32).view(torch.int32).item()) & 0xFFFFFFFF
