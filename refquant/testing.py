@@ -18,9 +18,25 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .dialects import FP8_DIALECTS, MX_DIALECTS, NVFP4_DIALECTS
+from .dialects.compare import (
+    FP8_STEPS,
+    MX_STEPS,
+    STEPS,
+    ObservedMX,
+    ObservedNVFP4,
+    bits_differ,
+    bits_of,
+    fp8_step_of_difference,
+    observed_mx_differ,
+    observed_mx_steps,
+    observed_nvfp4_differ,
+    observed_nvfp4_steps,
+)
+from .dialects.mx import MX_FORMATS, mx_element
 from .numerics.fp8 import FP8Tensor
-from .numerics.formats import E2M1_MAGNITUDES, NVFP4_BLOCK_SIZE
-from .numerics.nvfp4 import NVFP4Tensor
+from .numerics.formats import E2M1_MAGNITUDES, MX_BLOCK_SIZE, NVFP4_BLOCK_SIZE
+from .numerics.nvfp4 import NVFP4Tensor, to_blocks, unpack_e2m1
 
 _MAX_REPORTED = 8
 
@@ -32,12 +48,6 @@ _FLOAT_LAYOUT = {
     torch.float8_e4m3fn: (4, 3),
     torch.float8_e5m2: (5, 2),
 }
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def bits_of(t: torch.Tensor) -> torch.Tensor:
-    """The raw bit patterns of t as a signed/unsigned integer tensor of the same element size."""
-    return t.contiguous().view(_INT_VIEW[t.element_size()])
 
 
 def decode_float_bits(value: float, bits: int, dtype: torch.dtype) -> str:
@@ -56,14 +66,6 @@ def decode_e2m1(code: int) -> str:
     sign = -1.0 if code & 0b1000 else 1.0
     value = sign * E2M1_MAGNITUDES[code & 0b111]
     return f"code {code:2d} (0b{code:04b}) = {value if value != 0 else 0.0}"
-
-
-def _mismatch_mask(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
-    differ = bits_of(actual) != bits_of(expected)
-    if actual.is_floating_point():
-        both_nan = torch.isnan(actual.float()) & torch.isnan(expected.float())
-        differ &= ~both_nan
-    return differ
 
 
 def _check_meta(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -95,7 +97,7 @@ def _assert_tensors(
 ) -> None:
     _check_meta(actual, expected, what)
     actual, expected = actual.detach().cpu(), expected.detach().cpu()
-    mask = _mismatch_mask(actual, expected)
+    mask = bits_differ(actual, expected)
     count = int(mask.sum())
     if count == 0:
         return
@@ -175,9 +177,13 @@ class WhichDialect:
 
     format: str
     ranking: list
-    best: str
     differing_by_step: dict = field(default_factory=dict)
     differences: list = field(default_factory=list)  # the first few, described
+
+    @property
+    def best(self) -> str:
+        """The dialect that reproduces the most elements (the first of those tied)."""
+        return self.ranking[0].dialect
 
     @property
     def tied(self) -> list:
@@ -192,7 +198,7 @@ class WhichDialect:
                 lines.append(f"  {row.dialect:20s} not computed: {row.note}")
             else:
                 lines.append(f"  {row.dialect:20s} {row.agreeing} of {row.total} ({row.differing} differ)")
-        best = next(row for row in self.ranking if row.dialect == self.best)
+        best = self.ranking[0]
         ties = f" (as good: {', '.join(self.tied[1:])})" if len(self.tied) > 1 else ""
         if best.differing == 0:
             lines.append(f"best: {self.best}{ties}, every element.")
@@ -223,9 +229,6 @@ def which_dialect(output, x: torch.Tensor, *, global_amax=None, block_scale: tor
             MX scales come from the data alone: give none.
     dialects: names to try (default: every dialect of the format).
     """
-    from .dialects import FP8_DIALECTS, MX_DIALECTS, NVFP4_DIALECTS
-    from .dialects.compare import ObservedNVFP4
-
     if isinstance(output, NVFP4Tensor):
         output, block_scale = output.packed, output.block_scale
     if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor):
@@ -276,9 +279,6 @@ def _chosen(table: dict, dialects, format: str) -> dict:
 
 
 def _which_mx(output, x, format, global_amax, scale, dialects) -> WhichDialect:
-    from .dialects.compare import MX_STEPS, ObservedMX, observed_mx_differ, observed_mx_steps
-    from .dialects.mx import MX_FORMATS, mx_element
-
     if global_amax is not None:
         raise ValueError(f"{format} takes its block scales from the data; drop global_amax={global_amax!r}.")
     element = mx_element(MX_FORMATS[format])
@@ -294,28 +294,24 @@ def _which_mx(output, x, format, global_amax, scale, dialects) -> WhichDialect:
         codes = element.unpack(output)
         if codes.shape[-1] != x.shape[-1]:
             raise ValueError(f"{format} elements hold {codes.shape[-1]} elements a row; x has {x.shape[-1]}.")
-        codes = torch.nn.functional.pad(codes, (0, (-codes.shape[-1]) % 32)).unflatten(-1, (-1, 32))
+        codes = to_blocks(codes, MX_BLOCK_SIZE)
         observed = ObservedMX(element.name, codes=codes, scale=scale.view(torch.uint8).reshape(codes.shape[:-1]))
     # Elements past x's last dim pad the last block (stacks that pad fill it with zeros); they don't count.
-    padded_length = -(-x.shape[-1] // 32) * 32
-    real = (torch.arange(padded_length, device=x.device) < x.shape[-1]).unflatten(-1, (-1, 32))
+    real = to_blocks(torch.ones(x.shape[-1], dtype=torch.bool, device=x.device), MX_BLOCK_SIZE)
     computed, skipped = _run_dialects(dialects, x, None, takes_amax=False)
     differ = {name: observed_mx_differ(observed, steps) & real for name, steps in computed.items()}
     ranking = _ranking(differ, skipped, total=x.numel())
     best = computed[ranking[0].dialect]
     step = observed_mx_steps(x, observed, best, differ[best.dialect])
-    return _block_report(format, x, ranking, computed, differ, step, MX_STEPS, 32,
+    return _block_report(format, x, ranking, computed, differ, step, MX_STEPS, MX_BLOCK_SIZE,
                          lambda index, from_output: _mx_element(observed, best, index, from_output))
 
 
 def _mx_element(observed, steps, index, from_output: bool) -> str:
-    from .dialects.mx import mx_element
-
     element = mx_element(steps.element)
     if observed.dequantized is not None:
         source = observed.dequantized if from_output else steps.dequantized
-        blocked = torch.nn.functional.pad(source, (0, (-source.shape[-1]) % 32)).unflatten(-1, (-1, 32))
-        value = blocked[index].reshape(1)
+        value = to_blocks(source, MX_BLOCK_SIZE)[index].reshape(1)
         text = decode_float_bits(float(value.float()), int(bits_of(value)[0]), source.dtype)
     else:
         code = int((observed.codes if from_output else steps.codes)[index])
@@ -329,8 +325,6 @@ def _mx_element(observed, steps, index, from_output: bool) -> str:
 
 
 def _unpack_codes(packed: torch.Tensor) -> torch.Tensor:
-    from .numerics.nvfp4 import unpack_e2m1
-
     codes = unpack_e2m1(packed)
     if codes.shape[-1] % NVFP4_BLOCK_SIZE:
         raise ValueError(f"packed NVFP4 holds 8 bytes a block of 16; the last dim {packed.shape[-1]} is not a multiple of 8.")
@@ -350,8 +344,6 @@ def _run_dialects(dialects: dict, x, global_amax, takes_amax: bool = True) -> tu
 
 
 def _which_nvfp4(observed, x, global_amax, dialects) -> WhichDialect:
-    from .dialects.compare import STEPS, observed_nvfp4_differ, observed_nvfp4_steps
-
     computed, skipped = _run_dialects(dialects, x, global_amax)
     differ = {name: observed_nvfp4_differ(observed, steps) for name, steps in computed.items()}
     ranking = _ranking(differ, skipped)
@@ -372,7 +364,6 @@ def _block_report(format, x, ranking, computed, differ, step, step_names, block,
     """WhichDialect for a blocked format: the steps where the best dialect's differing elements part
     from the output (counted), and the first few described (`describe(index, from_output)`)."""
     best = ranking[0].dialect
-    counts = {step_names[i]: int((step == i).sum()) for i in range(len(step_names)) if int((step == i).sum())}
     lines = []
     for index in differ[best].nonzero().tolist()[:_MAX_REPORTED]:
         *lead, block_index, k = index
@@ -384,15 +375,21 @@ def _block_report(format, x, ranking, computed, differ, step, step_names, block,
         lines.append(f"    {best:8s} {describe(tuple(index), False)}")
         if also:
             lines.append(f"    the output's bits here are also {', '.join(also)}'s")
-    return WhichDialect(format, ranking, best, counts, lines)
+    return WhichDialect(format, ranking, _count_by_step(step, step_names), lines)
+
+
+def _count_by_step(step: torch.Tensor, step_names: tuple) -> dict:
+    """{step name: how many elements part there} from an index tensor into step_names (-1: none),
+    steps without elements left out."""
+    counts = {name: int((step == i).sum()) for i, name in enumerate(step_names)}
+    return {name: count for name, count in counts.items() if count}
 
 
 def _nvfp4_element(observed, steps, index, from_output: bool) -> str:
     block_index = index[:-1]
     if observed.dequantized is not None:
         source = observed.dequantized if from_output else steps.dequantized
-        blocked = torch.nn.functional.pad(source, (0, (-source.shape[-1]) % NVFP4_BLOCK_SIZE)).unflatten(-1, (-1, NVFP4_BLOCK_SIZE))
-        element = blocked[index].reshape(1)
+        element = to_blocks(source, NVFP4_BLOCK_SIZE)[index].reshape(1)
         text = decode_float_bits(float(element.float()), int(bits_of(element)[0]), source.dtype)
     else:
         codes = observed.codes if from_output else steps.codes
@@ -403,26 +400,24 @@ def _nvfp4_element(observed, steps, index, from_output: bool) -> str:
 
 
 def _which_fp8(output, x, global_amax, dialects) -> WhichDialect:
-    from .dialects.compare import FP8_STEPS, bits_differ, fp8_step_of_difference
-
-    computed, skipped = _run_dialects(dialects, x, global_amax)
     is_data = output.dtype == torch.float8_e4m3fn
-    if not is_data and (output.shape != x.shape or output.dtype != x.dtype):
-        raise ValueError(f"FP8 output must be E4M3 data or fake-quant values of x's shape and dtype; got "
+    if output.shape != x.shape or not (is_data or output.dtype == x.dtype):
+        raise ValueError(f"FP8 output must be E4M3 data of x's shape or fake-quant values of x's shape and dtype; got "
                          f"{tuple(output.shape)} {output.dtype}, x {tuple(x.shape)} {x.dtype}.")
+    computed, skipped = _run_dialects(dialects, x, global_amax)
     differ = {name: bits_differ(output, steps.data if is_data else steps.dequantized) for name, steps in computed.items()}
     ranking = _ranking(differ, skipped)
     best = ranking[0].dialect
     runner_up = next((row.dialect for row in ranking[1:] if not row.note), None)
     counts, lines = {}, []
     if runner_up is not None:
+        # Every differing element gets a step (fp8_step_of_difference's last one catches all).
         step = fp8_step_of_difference(x.float(), computed[best], computed[runner_up], differ[best])
-        step = torch.where(differ[best] & (step < 0), len(FP8_STEPS) - 1, step)
-        counts = {FP8_STEPS[i]: int((step == i).sum()) for i in range(len(FP8_STEPS)) if int((step == i).sum())}
+        counts = _count_by_step(step, FP8_STEPS)
         for index in differ[best].nonzero().tolist()[:_MAX_REPORTED]:
             index = tuple(index)
             lines.append(f"  at {list(index)} ({FP8_STEPS[int(step[index])]}, against {runner_up}):")
             lines.append(f"    x        {_describe(x, index, False)}")
             lines.append(f"    output   {_describe(output, index, False)}")
             lines.append(f"    {best:8s} {_describe(computed[best].data if is_data else computed[best].dequantized, index, False)}")
-    return WhichDialect("fp8", ranking, best, counts, lines)
+    return WhichDialect("fp8", ranking, counts, lines)

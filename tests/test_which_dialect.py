@@ -202,6 +202,14 @@ def test_which_dialect_explains_where_the_best_parts_from_the_output():
     assert "differing elements part at" in text and "at [" in text
 
 
+def test_which_dialect_refuses_fp8_data_of_another_shape_than_x():
+    """E4M3 data of another shape would broadcast against each dialect's data and be counted."""
+    x = EVERY_FINITE_BF16[:4]
+    data = fp8_steps(x, "torchao").data
+    with pytest.raises(ValueError, match="E4M3 data of x's shape"):
+        which_dialect(data[:1], x, format="fp8")
+
+
 def test_which_dialect_rejects_packed_codes_without_block_scales():
     x = EVERY_FINITE_BF16[:4]
     with pytest.raises(ValueError, match="block_scale"):

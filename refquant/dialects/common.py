@@ -1,8 +1,10 @@
 """What every stack's NVFP4 and FP8 have in common: the step record each dialect fills, blocks, the
-E2M1 codes, the E4M3 cast, and the GPU's approximate reciprocal as the fast-math kernels use it.
+E2M1 codes, the encode-convention global scale, and the GPU's approximate reciprocal as the
+fast-math kernels use it.
 
 Each dialect composes these pieces in its own stack's order and says which order in its docstrings;
-the rounding itself (E2M1 nearest-even, E4M3 saturating) is refquant.numerics', once.
+the rounding itself (E2M1 nearest-even, E4M3 saturating: refquant.numerics.fp8.saturating_e4m3) is
+refquant.numerics', once.
 """
 
 from __future__ import annotations
@@ -11,24 +13,32 @@ from dataclasses import dataclass
 
 import torch
 
-from ..numerics.formats import E2M1_MAX, E2M1_SIGN_BIT, E4M3_DTYPE, E4M3_MAX, NVFP4_BLOCK_SIZE, e2m1_code_table
+from ..numerics.formats import (
+    E2M1_MAX,
+    E2M1_SIGN_BIT,
+    FP32_SMALLEST_NORMAL,
+    NVFP4_BLOCK_SIZE,
+    NVFP4_SCALE_DENOMINATOR,
+    e2m1_code_table,
+)
 from ..numerics.gpu_division import approx_reciprocal_fp32
-from ..numerics.nvfp4 import e2m1_magnitude_index, pack_e2m1, resolve_global_amax, to_blocks, unpack_e2m1
+from ..numerics.nvfp4 import e2m1_magnitude_index, pack_e2m1, resolve_global_amax, to_blocks
 
 __all__ = [
     "FP8Steps",
     "NVFP4Steps",
+    "RCP_6",
     "blocks_of",
     "e2m1_codes_nearest_even",
     "e2m1_values",
-    "e4m3_round",
-    "pack_e2m1",
+    "encode_global_scale",
     "rcp_approx_ftz",
     "require_block_multiple",
-    "unpack_e2m1",
 ]
 
-SMALLEST_NORMAL_FP32 = 2.0**-126
+# fl(1/6) (fp32 0x3E2AAAAB): what TransformerEngine's torch.reciprocal(6.0) and vLLM's 1 / 6, taken
+# by an fp32 multiply, both are.
+RCP_6 = float(torch.reciprocal(torch.tensor(E2M1_MAX)))
 
 
 @dataclass
@@ -37,7 +47,7 @@ class NVFP4Steps:
 
     Block layout: a tensor of shape (..., n) is seen as (..., n / 16, 16) blocks along the last dim.
 
-    dialect:         the dialect's name (refquant.dialects.DIALECTS).
+    dialect:         the dialect's name (refquant.dialects.NVFP4_DIALECTS).
     global_scale:    fp32 0-d, as the stack stores it; `global_scale_encodes` says which way.
     global_scale_encodes: True when the stored global scale multiplies x on the way in
                      (compressed-tensors' and TransformerEngine's 2688 / amax), False when it
@@ -95,13 +105,24 @@ def amax_per_tensor_or_row(x: torch.Tensor, amax, per_row: bool) -> torch.Tensor
     return resolve_global_amax(x, amax).to(x.dtype)
 
 
-def require_block_multiple(x: torch.Tensor, stack: str, block: int = NVFP4_BLOCK_SIZE) -> None:
-    """Stacks that do not pad refuse a last dim that is not a multiple of the block; so do we."""
+def require_block_multiple(
+    x: torch.Tensor, stack: str, format_name: str = "NVFP4", block: int = NVFP4_BLOCK_SIZE
+) -> None:
+    """Stacks that do not pad refuse a last dim that is not a multiple of the block; so do we.
+
+    format_name and block: "NVFP4" and 16, or "MX" and 32 (refquant.dialects.mx.mx_blocks)."""
     if x.ndim == 0 or x.shape[-1] % block:
         raise ValueError(
-            f"{stack} quantizes NVFP4 in blocks of {block} along the last dim and does not pad; x has "
+            f"{stack} quantizes {format_name} in blocks of {block} along the last dim and does not pad; x has "
             f"shape {tuple(x.shape)}. Pad the last dim to a multiple of {block} first."
         )
+
+
+def encode_global_scale(global_amax: torch.Tensor) -> torch.Tensor:
+    """fp32 2688 / global_amax (fp32), one IEEE division: the global scale of the stacks that store
+    the encode convention and compute it in PyTorch (TransformerEngine's S_enc before its guards,
+    TensorRT-LLM's SFScaleVal, vLLM's input global scale)."""
+    return torch.full_like(global_amax, NVFP4_SCALE_DENOMINATOR) / global_amax
 
 
 def blocks_of(x: torch.Tensor) -> torch.Tensor:
@@ -123,12 +144,6 @@ def e2m1_values(codes: torch.Tensor, negative_zero: bool = False) -> torch.Tenso
     return table[codes.long()]
 
 
-def e4m3_round(v: torch.Tensor) -> torch.Tensor:
-    """fp32 v clamped to +-448 and cast to float8_e4m3fn (nearest even; NaN stays NaN): the cast
-    every stack here makes, with the clamp written out so torch's overflow policy never matters."""
-    return v.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3_DTYPE)
-
-
 def rcp_approx_ftz(b: torch.Tensor) -> torch.Tensor:
     """fp32 `rcp.approx.ftz.f32(b)`, the CUDA kernels' reciprocal_approximate_ftz.
 
@@ -137,10 +152,10 @@ def rcp_approx_ftz(b: torch.Tensor) -> torch.Tensor:
     """
     b = b.float()
     magnitude = b.abs()
-    reciprocal = approx_reciprocal_fp32(torch.where(magnitude < SMALLEST_NORMAL_FP32, torch.ones_like(b), b))
+    reciprocal = approx_reciprocal_fp32(torch.where(magnitude < FP32_SMALLEST_NORMAL, torch.ones_like(b), b))
     reciprocal = torch.where(magnitude >= 2.0**126, 0.0 * b.sign(), reciprocal)
     signed_inf = torch.where(torch.signbit(b), float("-inf"), float("inf"))
-    return torch.where(magnitude < SMALLEST_NORMAL_FP32, signed_inf, torch.where(torch.isnan(b), b, reciprocal))
+    return torch.where(magnitude < FP32_SMALLEST_NORMAL, signed_inf, torch.where(torch.isnan(b), b, reciprocal))
 
 
 def clamp_e2m1(v: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..numerics.formats import E2M1_DECISION_POINTS
+from ..numerics.formats import MX_BLOCK_SIZE, NVFP4_BLOCK_SIZE
+from ..numerics.nvfp4 import to_blocks
 from .common import FP8Steps, NVFP4Steps
 from .mx import MXSteps, e8m0_values, mx_element
 
@@ -35,12 +36,20 @@ FP8_STEPS = ("NaN input", "scale", "sign of zero", "element rounding", "dequanti
 MX_STEPS = ("NaN input", "zero block", "shared exponent", "sign of zero", "element tie", "element rounding",
             "dequantize rounding")
 
+# The integer dtype of each element size, to view a tensor's bit patterns.
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits_of(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns of t as a signed/unsigned integer tensor of the same element size."""
+    return t.contiguous().view(_INT_VIEW[t.element_size()])
+
 
 def bits_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Elementwise: the bit patterns differ, NaN == NaN whatever its payload (as assert_bitexact)."""
-    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
-    differ = a.contiguous().view(view) != b.contiguous().view(view)
-    if a.is_floating_point() or a.dtype == torch.float8_e4m3fn:
+    """Elementwise: the bit patterns of a and b (same dtype) differ, NaN == NaN whatever its payload
+    (refquant.testing.assert_bitexact's comparison)."""
+    differ = bits_of(a) != bits_of(b)
+    if a.is_floating_point():  # the float8 dtypes too
         differ &= ~(torch.isnan(a.float()) & torch.isnan(b.float()))
     return differ
 
@@ -53,9 +62,32 @@ def decode_scale(steps: NVFP4Steps) -> torch.Tensor:
     return block / steps.global_scale if steps.global_scale_encodes else block * steps.global_scale
 
 
-def on_decision_point(quotient: torch.Tensor) -> torch.Tensor:
-    points = torch.tensor(E2M1_DECISION_POINTS, dtype=torch.float32, device=quotient.device)
-    return (quotient.abs().unsqueeze(-1) == points).any(dim=-1)
+def codes_differ(element: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise: two code tensors (uint8) of the element format differ, any two FP8 NaN codes
+    counting as equal."""
+    fmt = mx_element(element)
+    differ = a != b
+    if fmt.dtype is not None:
+        differ &= ~(torch.isnan(fmt.decode(a)) & torch.isnan(fmt.decode(b)))
+    return differ
+
+
+def is_zero_code(element: str, codes: torch.Tensor) -> torch.Tensor:
+    return (codes & (mx_element(element).sign_bit - 1)) == 0
+
+
+def on_decision_point(element: str, quotient: torch.Tensor) -> torch.Tensor:
+    """|quotient| is a midpoint between two neighbouring magnitudes of the element format (for E2M1,
+    refquant.numerics.formats.E2M1_DECISION_POINTS): a rounding there has a tie to break."""
+    return torch.isin(quotient.abs(), mx_element(element).decision_points(quotient.device))
+
+
+def magnitude_index(element: str, codes: torch.Tensor) -> torch.Tensor:
+    """Index of each code's magnitude in the element format's magnitudes() (int64); NaN codes get -1."""
+    fmt = mx_element(element)
+    values = fmt.decode(codes).abs()
+    index = torch.searchsorted(fmt.magnitudes(codes.device), values.contiguous())
+    return torch.where(torch.isnan(values), -1, index)
 
 
 def first_rule(rules: list, differ: torch.Tensor) -> torch.Tensor:
@@ -67,18 +99,22 @@ def first_rule(rules: list, differ: torch.Tensor) -> torch.Tensor:
     return torch.where(differ, step, -1)
 
 
-def nvfp4_step_of_difference(x_blocks: torch.Tensor, a: NVFP4Steps, b: NVFP4Steps, differ: torch.Tensor) -> torch.Tensor:
-    """int64 (..., nblocks, 16): for each element where `differ` holds, the index into STEPS of the
-    step where the computations `a` and `b` of it part; -1 elsewhere."""
-    zero_code_a, zero_code_b = (a.codes & 7) == 0, (b.codes & 7) == 0
-    scale_differs = bits_differ(decode_scale(a), decode_scale(b)).expand_as(differ)
-    code_differs = a.codes != b.codes
+def step_of_difference(x_blocks: torch.Tensor, a, b, differ: torch.Tensor, element: str,
+                       scale_differs: torch.Tensor) -> torch.Tensor:
+    """int64 (..., nblocks, block): for each element where `differ` holds, the index into STEPS
+    (NVFP4) or MX_STEPS (MX) of the step where two blocked computations of it part; -1 elsewhere.
+
+    a, b: NVFP4Steps or MXSteps of one element format `element` ("e2m1" for NVFP4).
+    scale_differs: bool, differ's shape: the elements whose blocks' scales differ, as the format
+    compares them (NVFP4: decode_scale's bits; MX: the E8M0 bytes).
+    """
+    code_differs = codes_differ(element, a.codes, b.codes)
     rules = [
         torch.isnan(x_blocks),
         (a.block_amax == 0).expand_as(differ) & (scale_differs | code_differs),
         scale_differs,
-        zero_code_a & zero_code_b,
-        code_differs & (on_decision_point(a.quotient) | on_decision_point(b.quotient)),
+        is_zero_code(element, a.codes) & is_zero_code(element, b.codes),
+        code_differs & (on_decision_point(element, a.quotient) | on_decision_point(element, b.quotient)),
         code_differs,
         torch.ones_like(differ),
     ]
@@ -87,31 +123,28 @@ def nvfp4_step_of_difference(x_blocks: torch.Tensor, a: NVFP4Steps, b: NVFP4Step
 
 def nvfp4_differences(x: torch.Tensor, a: NVFP4Steps, b: NVFP4Steps) -> tuple[torch.Tensor, torch.Tensor]:
     """(differ, step) in block layout (..., nblocks, 16): where the dequantized outputs of a and b
-    differ in bits (NaN == NaN), and the step where their computations part (nvfp4_step_of_difference)."""
-    x_blocks = _blocked(x.float())
-    differ = bits_differ(_blocked(a.dequantized), _blocked(b.dequantized))
-    return differ, nvfp4_step_of_difference(x_blocks, a, b, differ)
-
-
-def _blocked(t: torch.Tensor, block: int = 16) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, (-t.shape[-1]) % block)).unflatten(-1, (-1, block))
+    differ in bits (NaN == NaN), and the index into STEPS where their computations part
+    (step_of_difference)."""
+    differ = bits_differ(to_blocks(a.dequantized, NVFP4_BLOCK_SIZE), to_blocks(b.dequantized, NVFP4_BLOCK_SIZE))
+    scale_differs = bits_differ(decode_scale(a), decode_scale(b)).expand_as(differ)
+    return differ, step_of_difference(to_blocks(x.float(), NVFP4_BLOCK_SIZE), a, b, differ, "e2m1", scale_differs)
 
 
 @dataclass
 class ObservedNVFP4:
     """A kernel's NVFP4 output as given to which_dialect: fake-quant values (x's shape and dtype),
-    or codes with block scales (and the stored global scale, if known)."""
+    or codes with block scales."""
 
     dequantized: torch.Tensor | None = None
     codes: torch.Tensor | None = None  # uint8 (..., nblocks, 16)
     block_scale: torch.Tensor | None = None  # float8_e4m3fn (..., nblocks)
-    global_scale: torch.Tensor | None = None
 
 
 def observed_nvfp4_differ(observed: ObservedNVFP4, steps: NVFP4Steps) -> torch.Tensor:
     """bool (..., nblocks, 16): elements of `observed` that `steps` does not reproduce."""
     if observed.dequantized is not None:
-        return bits_differ(_blocked(observed.dequantized), _blocked(steps.dequantized))
+        return bits_differ(to_blocks(observed.dequantized, NVFP4_BLOCK_SIZE),
+                           to_blocks(steps.dequantized, NVFP4_BLOCK_SIZE))
     differ = observed.codes != steps.codes
     differ |= bits_differ(observed.block_scale, steps.block_scale).unsqueeze(-1)
     return differ
@@ -119,43 +152,54 @@ def observed_nvfp4_differ(observed: ObservedNVFP4, steps: NVFP4Steps) -> torch.T
 
 def observed_nvfp4_steps(x: torch.Tensor, observed: ObservedNVFP4, best: NVFP4Steps, differ: torch.Tensor) -> torch.Tensor:
     """int64 (..., nblocks, 16): for each element of `observed` that the `best` dialect does not
-    reproduce, the index into STEPS of where they part, read from the output alone; -1 elsewhere.
+    reproduce, the index into STEPS of where they part, read from the output alone; -1 elsewhere
+    (observed_step_of_difference)."""
+    return observed_step_of_difference(x, observed, best, differ, "e2m1", NVFP4_BLOCK_SIZE, decode_scale(best),
+                                       (observed.block_scale, best.block_scale))
 
-    Fake-quant values: a block whose values are not whole E2M1 multiples of best's decode scale
-    used another scale ("block scale rounding"); else the codes are compared as for codes.
+
+def observed_step_of_difference(x: torch.Tensor, observed, best, differ: torch.Tensor, element: str, block: int,
+                                best_decode_scale: torch.Tensor, stored_scales: tuple) -> torch.Tensor:
+    """int64 (..., nblocks, block): for each element of `observed` (ObservedNVFP4 or ObservedMX)
+    that the `best` dialect's computation (NVFP4Steps or MXSteps, element format `element`) does not
+    reproduce, the index into STEPS / MX_STEPS of where they part, read from the output alone; -1
+    elsewhere.
+
+    best_decode_scale: fp32 (..., nblocks, 1), what best multiplies a code's value by in a block.
+    stored_scales: (observed's, best's) stored block scales, compared in bits when `observed` holds
+    codes. Fake-quant values: a block whose values are not element magnitudes times best's decode
+    scale (rounded to the output's dtype) used another scale; else the magnitudes are compared.
     """
-    x_blocks = _blocked(x.float())
-    scale = decode_scale(best)
     if observed.dequantized is not None:
-        output = _blocked(observed.dequantized)
-        # Which E2M1 magnitude m, times best's decode scale and rounded to the output's dtype, gives |y|.
-        magnitudes = torch.tensor((0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0), device=output.device)
-        candidates = (magnitudes * scale.unsqueeze(-1)).to(output.dtype).float()
+        output = to_blocks(observed.dequantized, block)
+        # Which magnitude m, times best's decode scale and rounded to the output's dtype, gives |y|.
+        magnitudes = mx_element(element).magnitudes(output.device)
+        candidates = (magnitudes * best_decode_scale.unsqueeze(-1)).to(output.dtype).float()
         matches = candidates == output.float().abs().unsqueeze(-1)
         on_grid = matches.any(dim=-1)
-        block_off_grid = (~on_grid & ~torch.isnan(output.float())).any(dim=-1, keepdim=True).expand_as(differ)
-        codes = matches.to(torch.uint8).argmax(dim=-1).to(torch.uint8)
-        both_zero = (output.float() == 0) & (_blocked(best.dequantized).float() == 0)
-        scale_differs = block_off_grid
+        scale_differs = (~on_grid & ~torch.isnan(output.float())).any(dim=-1, keepdim=True).expand_as(differ)
+        observed_magnitude = matches.to(torch.uint8).argmax(dim=-1)
+        both_zero = (output.float() == 0) & (to_blocks(best.dequantized, block).float() == 0)
     else:
-        codes = observed.codes
-        both_zero = ((codes & 7) == 0) & ((best.codes & 7) == 0)
-        scale_differs = bits_differ(observed.block_scale, best.block_scale).unsqueeze(-1).expand_as(differ)
-    code_differs = (codes & 7) != (best.codes & 7)
+        scale_differs = bits_differ(*stored_scales).unsqueeze(-1).expand_as(differ)
+        observed_magnitude = magnitude_index(element, observed.codes)
+        both_zero = is_zero_code(element, observed.codes) & is_zero_code(element, best.codes)
+    magnitude_differs = observed_magnitude != magnitude_index(element, best.codes)
     rules = [
-        torch.isnan(x_blocks),
+        torch.isnan(to_blocks(x.float(), block)),
         (best.block_amax == 0).expand_as(differ),
         scale_differs,
         both_zero,
-        code_differs & on_decision_point(best.quotient),
-        code_differs,
+        magnitude_differs & on_decision_point(element, best.quotient),
+        magnitude_differs,
         torch.ones_like(differ),
     ]
     return first_rule(rules, differ)
 
 
 def fp8_step_of_difference(x: torch.Tensor, a: FP8Steps, b: FP8Steps, differ: torch.Tensor) -> torch.Tensor:
-    """int64, x's shape: index into FP8_STEPS where two FP8 computations of an element part; -1 elsewhere."""
+    """int64, x's shape: index into FP8_STEPS where two FP8 computations of an element part; -1
+    elsewhere (never -1 where `differ` holds: the last step catches every element)."""
     scale_a = a.scale.float().expand_as(x)
     scale_b = b.scale.float().expand_as(x)
     data_differs = bits_differ(a.data, b.data)
@@ -180,51 +224,16 @@ def fp8_differences(x: torch.Tensor, a: FP8Steps, b: FP8Steps) -> tuple[torch.Te
 # MX
 # ------------------------------------------------------------------------------------------------
 
-MX_BLOCK = 32
-
-
-def mx_codes_differ(element: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Elementwise: two code tensors (uint8) differ, any two FP8 NaN codes counting as equal."""
-    differ = a != b
-    if mx_element(element).dtype is not None:
-        differ &= ~(torch.isnan(mx_element(element).decode(a)) & torch.isnan(mx_element(element).decode(b)))
-    return differ
-
-
-def is_zero_code(element: str, codes: torch.Tensor) -> torch.Tensor:
-    return (codes & (mx_element(element).sign_bit - 1)) == 0
-
-
-def on_mx_decision_point(element: str, quotient: torch.Tensor) -> torch.Tensor:
-    """|quotient| is a midpoint between two neighbouring magnitudes of the element format."""
-    points = mx_element(element).decision_points(quotient.device)
-    return torch.isin(quotient.abs(), points)
-
-
-def mx_step_of_difference(x_blocks: torch.Tensor, a: MXSteps, b: MXSteps, differ: torch.Tensor) -> torch.Tensor:
-    """int64 (..., nblocks, 32): for each element where `differ` holds, the index into MX_STEPS of
-    the step where the MX computations `a` and `b` (one element format) part; -1 elsewhere."""
-    scale_differs = (a.scale != b.scale).unsqueeze(-1).expand_as(differ)
-    code_differs = mx_codes_differ(a.element, a.codes, b.codes)
-    rules = [
-        torch.isnan(x_blocks),
-        (a.block_amax == 0).expand_as(differ) & (scale_differs | code_differs),
-        scale_differs,
-        is_zero_code(a.element, a.codes) & is_zero_code(b.element, b.codes),
-        code_differs & (on_mx_decision_point(a.element, a.quotient) | on_mx_decision_point(b.element, b.quotient)),
-        code_differs,
-        torch.ones_like(differ),
-    ]
-    return first_rule(rules, differ)
-
 
 def mx_differences(x: torch.Tensor, a: MXSteps, b: MXSteps) -> tuple[torch.Tensor, torch.Tensor]:
     """(differ, step) in block layout (..., nblocks, 32): where the dequantized outputs of a and b
-    differ in bits (NaN == NaN), and the step where their computations part (mx_step_of_difference)."""
+    differ in bits (NaN == NaN), and the index into MX_STEPS where their computations part
+    (step_of_difference)."""
     if a.element != b.element:
         raise ValueError(f"MX computations of different element formats ({a.element}, {b.element}) do not compare.")
-    differ = bits_differ(_blocked(a.dequantized, MX_BLOCK), _blocked(b.dequantized, MX_BLOCK))
-    return differ, mx_step_of_difference(_blocked(x.float(), MX_BLOCK), a, b, differ)
+    differ = bits_differ(to_blocks(a.dequantized, MX_BLOCK_SIZE), to_blocks(b.dequantized, MX_BLOCK_SIZE))
+    scale_differs = (a.scale != b.scale).unsqueeze(-1).expand_as(differ)
+    return differ, step_of_difference(to_blocks(x.float(), MX_BLOCK_SIZE), a, b, differ, a.element, scale_differs)
 
 
 @dataclass
@@ -241,53 +250,19 @@ class ObservedMX:
 def observed_mx_differ(observed: ObservedMX, steps: MXSteps) -> torch.Tensor:
     """bool (..., nblocks, 32): elements of `observed` that `steps` does not reproduce."""
     if observed.dequantized is not None:
-        return bits_differ(_blocked(observed.dequantized, MX_BLOCK), _blocked(steps.dequantized, MX_BLOCK))
-    differ = mx_codes_differ(observed.element, observed.codes, steps.codes)
+        return bits_differ(to_blocks(observed.dequantized, MX_BLOCK_SIZE), to_blocks(steps.dequantized, MX_BLOCK_SIZE))
+    differ = codes_differ(observed.element, observed.codes, steps.codes)
     return differ | (observed.scale != steps.scale).unsqueeze(-1)
 
 
 def observed_mx_steps(x: torch.Tensor, observed: ObservedMX, best: MXSteps, differ: torch.Tensor) -> torch.Tensor:
     """int64 (..., nblocks, 32): for each element of `observed` that the `best` dialect does not
-    reproduce, the index into MX_STEPS of where they part, read from the output alone; -1 elsewhere.
-
-    Fake-quant values: a block whose values are not element magnitudes times best's scale (rounded
-    to the output's dtype) used another scale ("shared exponent"); else codes are compared.
-    """
-    element = mx_element(best.element)
-    x_blocks = _blocked(x.float(), MX_BLOCK)
-    if observed.dequantized is not None:
-        output = _blocked(observed.dequantized, MX_BLOCK)
-        scale = e8m0_values(best.scale).unsqueeze(-1)
-        candidates = (element.magnitudes(output.device) * scale.unsqueeze(-1)).to(output.dtype).float()
-        matches = candidates == output.float().abs().unsqueeze(-1)
-        on_grid = matches.any(dim=-1)
-        scale_differs = (~on_grid & ~torch.isnan(output.float())).any(dim=-1, keepdim=True).expand_as(differ)
-        magnitude_differs = matches.to(torch.uint8).argmax(dim=-1) != _magnitude_index(element, best.codes)
-        both_zero = (output.float() == 0) & (_blocked(best.dequantized, MX_BLOCK).float() == 0)
-    else:
-        scale_differs = (observed.scale != best.scale).unsqueeze(-1).expand_as(differ)
-        magnitude_differs = _magnitude_index(element, observed.codes) != _magnitude_index(element, best.codes)
-        both_zero = is_zero_code(best.element, observed.codes) & is_zero_code(best.element, best.codes)
-    rules = [
-        torch.isnan(x_blocks),
-        (best.block_amax == 0).expand_as(differ),
-        scale_differs,
-        both_zero,
-        magnitude_differs & on_mx_decision_point(best.element, best.quotient),
-        magnitude_differs,
-        torch.ones_like(differ),
-    ]
-    return first_rule(rules, differ)
+    reproduce, the index into MX_STEPS of where they part, read from the output alone; -1 elsewhere
+    (observed_step_of_difference; the scale bytes are best's decode scale)."""
+    return observed_step_of_difference(x, observed, best, differ, best.element, MX_BLOCK_SIZE,
+                                       e8m0_values(best.scale).unsqueeze(-1), (observed.scale, best.scale))
 
 
-def _magnitude_index(element, codes: torch.Tensor) -> torch.Tensor:
-    """Index of each code's magnitude in element.magnitudes() (int64); NaN codes get -1."""
-    values = element.decode(codes).abs()
-    grid = element.magnitudes(codes.device)
-    index = torch.searchsorted(grid, values.contiguous())
-    return torch.where(torch.isnan(values), -1, index)
-
-
-__all__ = ["FP8_STEPS", "MX_STEPS", "ObservedMX", "ObservedNVFP4", "STEPS", "bits_differ", "decode_scale",
+__all__ = ["FP8_STEPS", "MX_STEPS", "ObservedMX", "ObservedNVFP4", "STEPS", "bits_differ", "bits_of", "decode_scale",
            "fp8_differences", "mx_differences", "nvfp4_differences", "observed_mx_differ", "observed_mx_steps",
            "observed_nvfp4_differ", "observed_nvfp4_steps"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..numerics.checks import AmaxLike, check_float_input
+from ..numerics.fp8 import saturating_e4m3
 from ..numerics.formats import E2M1_MAX, E4M3_MAX, NVFP4_SCALE_DENOMINATOR
 from ..numerics.nvfp4 import resolve_global_amax
 from .common import (
@@ -28,7 +29,6 @@ from .common import (
     clamp_e2m1,
     e2m1_codes_nearest_even,
     e2m1_values,
-    e4m3_round,
     require_block_multiple,
 )
 
@@ -61,7 +61,7 @@ def nvfp4_block_scale(block_amax: torch.Tensor, global_scale: torch.Tensor, dtyp
     """
     local = block_amax.to(dtype) / torch.tensor(E2M1_MAX, dtype=dtype)
     # compressed-tensors' global scale has shape [1], so the product is promoted to fp32.
-    scale = e4m3_round(global_scale * local.float()).float()
+    scale = saturating_e4m3(global_scale * local.float()).float()
     return torch.where(scale == 0, ZERO_BLOCK_SCALE, scale)
 
 
@@ -124,5 +124,5 @@ def fp8_steps(x: torch.Tensor, amax: AmaxLike = None, *, per_channel: bool = Fal
     scale = amax_in_dtype / torch.tensor(E4M3_MAX, dtype=x.dtype)
     scale = torch.where(scale == 0, torch.finfo(x.dtype).eps, scale)
     quotient = x / scale
-    data = e4m3_round(quotient.float())
+    data = saturating_e4m3(quotient.float())
     return FP8Steps("compressed-tensors", scale, quotient.float(), data, (data.to(x.dtype) * scale))

@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..numerics.checks import check_float_input
-from ..numerics.formats import E8M0_BIAS, E8M0_NAN
-from .common import SMALLEST_NORMAL_FP32
+from ..numerics.formats import E8M0_BIAS, E8M0_NAN, FP32_SMALLEST_NORMAL
 from .mx import MXSteps, mx_blocks, mx_element, unblock
 
 STACK = "microxcaling"
@@ -37,7 +36,7 @@ def shared_exponents(block_amax: torch.Tensor, emax: int) -> torch.Tensor:
     (bf16 keeps 8 bits of it), and floor then lands one too high.
     """
     zero = (block_amax == 0).to(block_amax.dtype)
-    exponent = torch.floor(torch.log2(block_amax + SMALLEST_NORMAL_FP32 * zero)) - emax
+    exponent = torch.floor(torch.log2(block_amax + FP32_SMALLEST_NORMAL * zero)) - emax
     exponent = torch.where(exponent > SCALE_EMAX, float("nan"), exponent)
     return torch.where(exponent < -SCALE_EMAX, -SCALE_EMAX, exponent)
 

@@ -155,7 +155,7 @@ def mxfp8_qtensor_steps(x: torch.Tensor) -> MXSteps:
     log2_descale = torch.where(descale > 0, torch.log2(descale), torch.tensor(-127.0))
     scale = (torch.clamp(torch.ceil(log2_descale), min=-127, max=127) + E8M0_BIAS).to(torch.uint8)
     quotient = blocks * torch.exp2(E8M0_BIAS - scale.float())
-    data = torch.clamp(quotient, min=-E4M3_MAX, max=E4M3_MAX).to(E4M3_DTYPE)
+    data = saturating_e4m3(quotient)
     dequantized = unblock(data.float() * torch.exp2(scale.float() - E8M0_BIAS), x.shape[-1]).to(x.dtype)
     return MXSteps("modelopt-qtensor", "e4m3", block_amax.float(), scale.squeeze(-1), quotient, data.view(torch.uint8),
                    dequantized, x.shape[-1])

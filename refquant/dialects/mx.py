@@ -28,8 +28,8 @@ from ..numerics.formats import (
     E8M0_DTYPE,
     MX_BLOCK_SIZE,
 )
-from ..numerics.nvfp4 import pack_e2m1
-from .common import e2m1_codes_nearest_even, e2m1_values
+from ..numerics.nvfp4 import pack_e2m1, to_blocks, unpack_e2m1
+from .common import e2m1_codes_nearest_even, e2m1_values, require_block_multiple
 
 __all__ = ["MX_ELEMENTS", "MX_FORMATS", "MXElement", "MXSteps", "e8m0_values", "mx_blocks", "mx_element", "unblock"]
 
@@ -91,9 +91,7 @@ class MXElement:
 
     def unpack(self, stored: torch.Tensor) -> torch.Tensor:
         """Inverse of pack: (..., n) uint8 codes."""
-        if self.dtype is None:
-            return torch.stack([stored & 0x0F, stored >> 4], dim=-1).flatten(-2)
-        return stored.view(torch.uint8)
+        return unpack_e2m1(stored) if self.dtype is None else stored.view(torch.uint8)
 
 
 MX_ELEMENTS = {
@@ -162,14 +160,9 @@ def mx_blocks(x: torch.Tensor, stack: str, *, pads: bool) -> torch.Tensor:
     if x.ndim == 0 or x.shape[-1] == 0:
         raise ValueError(f"{stack} quantizes MX in blocks of {MX_BLOCK_SIZE} along the last dim; x has shape "
                          f"{tuple(x.shape)}.")
-    pad = (-x.shape[-1]) % MX_BLOCK_SIZE
-    if pad and not pads:
-        raise ValueError(
-            f"{stack} quantizes MX in blocks of {MX_BLOCK_SIZE} along the last dim and does not pad; x has "
-            f"shape {tuple(x.shape)}. Pad the last dim to a multiple of {MX_BLOCK_SIZE} first."
-        )
-    padded = torch.nn.functional.pad(x, (0, pad)) if pad else x
-    return padded.unflatten(-1, (-1, MX_BLOCK_SIZE))
+    if not pads:
+        require_block_multiple(x, stack, "MX", MX_BLOCK_SIZE)
+    return to_blocks(x, MX_BLOCK_SIZE)
 
 
 def unblock(blocks: torch.Tensor, n: int) -> torch.Tensor:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from ..numerics.checks import AmaxLike, check_float_input
-from ..numerics.fp8 import divide_by_constant
-from ..numerics.formats import E2M1_MAX, E4M3_MAX, E8M0_BIAS, E8M0_NAN, NVFP4_SCALE_DENOMINATOR
+from ..numerics.fp8 import divide_by_constant, saturating_e4m3
+from ..numerics.formats import E2M1_MAX, E4M3_MAX, E8M0_BIAS, E8M0_NAN, FP32_SMALLEST_NORMAL, NVFP4_SCALE_DENOMINATOR
 from ..numerics.nvfp4 import resolve_global_amax
 from .common import (
     FP8Steps,
@@ -30,9 +30,7 @@ from .common import (
     clamp_e2m1,
     e2m1_codes_nearest_even,
     e2m1_values,
-    e4m3_round,
     require_block_multiple,
-    SMALLEST_NORMAL_FP32,
 )
 from .mx import MXSteps, e8m0_values, mx_blocks, mx_element
 
@@ -85,7 +83,7 @@ def nvfp4_steps(x: torch.Tensor, global_amax: AmaxLike = None) -> NVFP4Steps:
     per_tensor_scale = nvfp4_global_scale(resolve_global_amax(x, global_amax))
     blocks = blocks_of(x)
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)
-    block_scale = e4m3_round((block_amax / E2M1_MAX / per_tensor_scale).clamp(min=E4M3_SMALLEST_NORMAL))
+    block_scale = saturating_e4m3((block_amax / E2M1_MAX / per_tensor_scale).clamp(min=E4M3_SMALLEST_NORMAL))
     reciprocal_scale = (1.0 / per_tensor_scale) / block_scale.float()
     quotient = blocks * reciprocal_scale
     codes = e2m1_codes(clamp_e2m1(quotient))
@@ -107,7 +105,7 @@ def fp8_steps(x: torch.Tensor, amax: AmaxLike = None, *, per_row: bool = False) 
     amax_in_dtype = amax_per_tensor_or_row(x, amax, per_row)
     scale = divide_by_constant(amax_in_dtype.float(), E4M3_MAX).to(x.dtype).float()
     quotient = x.float() / scale
-    data = e4m3_round(quotient)
+    data = saturating_e4m3(quotient)
     return FP8Steps("torchao", scale, quotient, data, (data.float() * scale).to(x.dtype))
 
 
@@ -175,7 +173,7 @@ def mx_steps(x: torch.Tensor, element: str = "e4m3", scaling_mode: str = "floor"
         quotient = data * reciprocal
     else:
         scale = mx_scale_from_exponent_bits(block_amax, element, scaling_mode)
-        divisor = (scale.to(torch.int32) << 23).view(torch.float32).clamp(min=SMALLEST_NORMAL_FP32)
+        divisor = (scale.to(torch.int32) << 23).view(torch.float32).clamp(min=FP32_SMALLEST_NORMAL)
         quotient = data / divisor
     if fmt.dtype is None:
         clamped = quotient if scaling_mode != "rceil" else torch.clamp(quotient, min=-fmt.max, max=fmt.max)

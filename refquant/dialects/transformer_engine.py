@@ -16,22 +16,28 @@ from __future__ import annotations
 import torch
 
 from ..numerics.checks import AmaxLike, check_float_input
-from ..numerics.formats import E2M1_MAX, E4M3_MAX, NVFP4_BLOCK_SIZE, NVFP4_SCALE_DENOMINATOR
+from ..numerics.fp8 import saturating_e4m3
+from ..numerics.formats import E4M3_MAX, FP32_MAX, NVFP4_BLOCK_SIZE
 from ..numerics.nvfp4 import resolve_global_amax
-from .common import FP8Steps, NVFP4Steps, blocks_of, clamp_e2m1, e2m1_codes_nearest_even, e2m1_values, e4m3_round
-from .common import require_block_multiple
+from .common import (
+    RCP_6,
+    FP8Steps,
+    NVFP4Steps,
+    blocks_of,
+    clamp_e2m1,
+    e2m1_codes_nearest_even,
+    e2m1_values,
+    encode_global_scale,
+    require_block_multiple,
+)
 
 STACK = "TransformerEngine 2.20"
-FP32_MAX = torch.finfo(torch.float32).max
-# torch.reciprocal(torch.tensor(6.0)): fl(1/6), which TE folds into the global scale.
-RCP_6 = float(torch.reciprocal(torch.tensor(E2M1_MAX)))
 
 
 def nvfp4_global_scales(global_amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(S_enc, S_dec): S_enc = min(2688 / amax, fp32 max) (IEEE), 1.0 where that is 0 (amax inf);
     S_dec = 1 / S_enc (IEEE)."""
-    encode = torch.full_like(global_amax, NVFP4_SCALE_DENOMINATOR) / global_amax
-    encode = torch.minimum(encode, torch.tensor(FP32_MAX))
+    encode = torch.minimum(encode_global_scale(global_amax), torch.tensor(FP32_MAX))
     encode = torch.where(encode == 0, torch.ones_like(encode), encode)
     return encode, 1.0 / encode
 
@@ -79,8 +85,9 @@ def nvfp4_steps(x: torch.Tensor, global_amax: AmaxLike = None, *, tile_rows: int
     encode, decode = nvfp4_global_scales(resolve_global_amax(x, global_amax).float())
     blocks = blocks_of(rows)
     block_amax = tile_amax(blocks, tile_rows)
+    # RCP_6 = torch.reciprocal(torch.tensor(6.0)), which TE folds into the global scale.
     decode_scale = torch.minimum(block_amax * (encode * RCP_6), torch.tensor(FP32_MAX))
-    block_scale = e4m3_round(decode_scale)
+    block_scale = saturating_e4m3(decode_scale)
     element_scale = torch.minimum(1.0 / (block_scale.float() * decode), torch.tensor(FP32_MAX))
     quotient = blocks * element_scale
     codes = te_codes(clamp_e2m1(quotient))
@@ -105,5 +112,5 @@ def fp8_steps(x: torch.Tensor, amax: AmaxLike = None) -> FP8Steps:
     scale = torch.where(amax_fp32 == 0, torch.ones_like(scale), scale)
     scale_inv = torch.reciprocal(scale)
     quotient = x.float() * scale
-    data = e4m3_round(quotient)
+    data = saturating_e4m3(quotient)
     return FP8Steps("transformer-engine", scale_inv, quotient, data, (data.float() * scale_inv).to(x.dtype))

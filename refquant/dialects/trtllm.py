@@ -21,17 +21,20 @@ from __future__ import annotations
 import torch
 
 from ..numerics.checks import AmaxLike, check_float_input
-from ..numerics.formats import E2M1_MAX, NVFP4_SCALE_DENOMINATOR
+from ..numerics.fp8 import saturating_e4m3
+from ..numerics.formats import E2M1_MAX
 from ..numerics.nvfp4 import resolve_global_amax
-from .common import NVFP4Steps, blocks_of, e2m1_codes_nearest_even, e2m1_values, e4m3_round, rcp_approx_ftz
-from .common import require_block_multiple
+from .common import (
+    NVFP4Steps,
+    blocks_of,
+    e2m1_codes_nearest_even,
+    e2m1_values,
+    encode_global_scale,
+    rcp_approx_ftz,
+    require_block_multiple,
+)
 
 STACK = "TensorRT-LLM (FlashInfer 0.7.2)"
-
-
-def nvfp4_global_scale(global_amax: torch.Tensor) -> torch.Tensor:
-    """SFScaleVal = 2688 / amax, one IEEE fp32 division (the caller's PyTorch code)."""
-    return torch.full_like(global_amax, NVFP4_SCALE_DENOMINATOR) / global_amax
 
 
 def nvfp4_steps(x: torch.Tensor, global_amax: AmaxLike = None) -> NVFP4Steps:
@@ -46,10 +49,10 @@ def nvfp4_steps(x: torch.Tensor, global_amax: AmaxLike = None) -> NVFP4Steps:
     """
     check_float_input(x)
     require_block_multiple(x, STACK)
-    encode = nvfp4_global_scale(resolve_global_amax(x, global_amax).float())
+    encode = encode_global_scale(resolve_global_amax(x, global_amax).float())  # SFScaleVal
     blocks = blocks_of(x)
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)
-    block_scale = e4m3_round(encode * (block_amax * rcp_approx_ftz(torch.tensor(E2M1_MAX))))
+    block_scale = saturating_e4m3(encode * (block_amax * rcp_approx_ftz(torch.tensor(E2M1_MAX))))
     output_scale = rcp_approx_ftz(block_scale.float() * rcp_approx_ftz(encode))
     output_scale = torch.where(block_amax != 0, output_scale, 0.0)
     quotient = blocks * output_scale

@@ -12,15 +12,12 @@ from __future__ import annotations
 import torch
 
 from ..numerics.checks import AmaxLike, check_float_input
-from ..numerics.formats import E2M1_MAX, NVFP4_SCALE_DENOMINATOR
+from ..numerics.fp8 import saturating_e4m3
 from ..numerics.nvfp4 import resolve_global_amax
-from .common import NVFP4Steps, blocks_of, clamp_e2m1, e4m3_round, require_block_multiple
+from .common import RCP_6, NVFP4Steps, blocks_of, clamp_e2m1, e2m1_values, encode_global_scale, require_block_multiple
 from .compressed_tensors import cast_to_fp4_codes
-from .common import e2m1_values
 
 STACK = "vLLM NVFP4 emulation"
-# FLOAT4_E2M1_MAX_RECIPROCAL = 1 / 6 in Python, rounded to fp32 where a CPU multiply takes it.
-RCP_6 = float(torch.tensor(1.0 / E2M1_MAX, dtype=torch.float32))
 # get_reciprocal(t) = 1 / (t + (t == 0) * 1e8): a zero is replaced by 1e8 before the division.
 ZERO_GUARD = 1e8
 
@@ -41,10 +38,11 @@ def nvfp4_steps(x: torch.Tensor, global_amax: AmaxLike = None) -> NVFP4Steps:
     """
     check_float_input(x)
     require_block_multiple(x, STACK)
-    encode = torch.full((), NVFP4_SCALE_DENOMINATOR) / resolve_global_amax(x, global_amax).float()
+    encode = encode_global_scale(resolve_global_amax(x, global_amax).float())
     blocks = blocks_of(x)
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)
-    block_scale = e4m3_round(encode * (block_amax * RCP_6))
+    # FLOAT4_E2M1_MAX_RECIPROCAL = 1 / 6 in Python, rounded to fp32 (RCP_6) where a CPU multiply takes it.
+    block_scale = saturating_e4m3(encode * (block_amax * RCP_6))
     output_scale = _guarded_reciprocal(block_scale.float() * _guarded_reciprocal(encode))
     quotient = blocks * output_scale
     codes = cast_to_fp4_codes(clamp_e2m1(quotient))

@@ -64,6 +64,9 @@ FP8_AMAX_FLOOR = 2.0**-24
 SUPPORTED_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The largest finite fp32: an amax or scale beyond it is inf where the numerics compute (fp32).
 FP32_MAX = torch.finfo(torch.float32).max
+# The smallest normal fp32 (torch.finfo(torch.float32).tiny): below it, the GPU's reciprocal
+# instruction flushes a divisor to zero and refquant.numerics.gpu_division normalizes one first.
+FP32_SMALLEST_NORMAL = 2.0**-126
 
 
 def e2m1_code_table(device: torch.device | str | None = None) -> torch.Tensor:
@@ -74,5 +77,6 @@ def e2m1_code_table(device: torch.device | str | None = None) -> torch.Tensor:
 
 
 def fp32_bits(value: float) -> int:
-    """The IEEE binary32 bit pattern of `value` rounded to fp32 (for docs and tests)."""
+    """The IEEE binary32 bit pattern of `value` rounded to fp32, as an unsigned int (for docs, tests and
+    error messages)."""
     return int(torch.tensor(value, dtype=torch.float32).view(torch.int32).item()) & 0xFFFFFFFF

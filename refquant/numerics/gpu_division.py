@@ -27,13 +27,14 @@ from pathlib import Path
 
 import torch
 
+from .formats import FP32_SMALLEST_NORMAL
+
 TABLE_PATH = Path(__file__).resolve().parent / "data" / "rcp_approx_sm90.bin.zlib"
 MANTISSA_BITS = 23
 _MANTISSA_MASK = (1 << MANTISSA_BITS) - 1
 _ONE_BITS = 0x3F800000  # fp32 1.0
 _EXPONENT_MASK = 0x7F800000
 _SIGN_MASK = -(1 << 31)  # bit 31 of an int32
-_SMALLEST_NORMAL = 2.0**-126
 # Scales a subnormal divisor into the normal range exactly (its reciprocal is scaled back in float64).
 _SUBNORMAL_SHIFT = 64
 
@@ -101,7 +102,7 @@ def approx_reciprocal(b: torch.Tensor) -> torch.Tensor:
     subnormal b is first scaled by 2^64 (exact) into the normal range.
     """
     b = b.float()
-    tiny = b.abs() < _SMALLEST_NORMAL
+    tiny = b.abs() < FP32_SMALLEST_NORMAL
     normalized = torch.where(tiny, b * 2.0**_SUBNORMAL_SHIFT, b)  # exact: a power-of-two scaling
     bits = normalized.view(torch.int32)
     r_one = _reciprocal_bits_of_mantissa(bits).view(torch.float32).double()

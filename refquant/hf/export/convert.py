@@ -27,13 +27,27 @@ The config files (hf_quant_config.json, quantization_config) are not converted h
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-NVFP4_MODELOPT = ("weight", "weight_scale", "weight_scale_2", "input_scale")
+from ...numerics.formats import SUPPORTED_FLOAT_DTYPES, fp32_bits
 
 
-def _fp32_bits(t: torch.Tensor) -> int:
-    return int(t.reshape(1).view(torch.int32)[0]) & 0xFFFFFFFF
+@dataclass(frozen=True)
+class CheckpointNames:
+    """How one format names an NVFP4 layer's tensors (after the layer's prefix), and the shape it
+    gives a per-tensor scale (NVFP4 global scales, FP8 weight and input scales). The block scale is
+    `weight_scale` in both formats."""
+
+    packed_weight: str
+    weight_global_scale: str
+    input_global_scale: str
+    scale_shape: tuple[int, ...]
+
+
+MODELOPT = CheckpointNames("weight", "weight_scale_2", "input_scale", ())
+COMPRESSED_TENSORS = CheckpointNames("weight_packed", "weight_global_scale", "input_global_scale", (1,))
 
 
 def reciprocal_scale(scale: torch.Tensor, name: str, exact: bool = True) -> torch.Tensor:
@@ -48,9 +62,9 @@ def reciprocal_scale(scale: torch.Tensor, name: str, exact: bool = True) -> torc
     if not (torch.isfinite(value) and value > 0):
         raise ValueError(f"{name} = {float(value)!r}: a scale must be finite and > 0 to be inverted; fix the checkpoint.")
     inverse = 1.0 / value
-    if exact and _fp32_bits(1.0 / inverse) != _fp32_bits(value):
+    if exact and fp32_bits(float(1.0 / inverse)) != fp32_bits(float(value)):
         raise ValueError(
-            f"{name} = {float(value)!r} (fp32 0x{_fp32_bits(value):08X}) has no exact fp32 reciprocal: "
+            f"{name} = {float(value)!r} (fp32 0x{fp32_bits(float(value)):08X}) has no exact fp32 reciprocal: "
             f"1 / fl(1 / s) = {float(1.0 / inverse)!r}, so the other format's 1 / x convention cannot hold "
             "this scale. Pass exact=False to write fl(1 / s) (the scale a runtime rebuilds moves by one ulp)."
         )
@@ -59,40 +73,41 @@ def reciprocal_scale(scale: torch.Tensor, name: str, exact: bool = True) -> torc
 
 def modelopt_to_compressed_tensors(tensors: dict[str, torch.Tensor], *, exact: bool = True) -> dict[str, torch.Tensor]:
     """modelopt HF checkpoint tensors -> compressed-tensors' (the table in the module docstring)."""
-    out = dict(tensors)
-    for prefix in _prefixes(tensors, "weight_scale_2"):
-        out[f"{prefix}.weight_packed"] = _require(out, f"{prefix}.weight", torch.uint8).clone()
-        del out[f"{prefix}.weight"]
-        _require(out, f"{prefix}.weight_scale", torch.float8_e4m3fn)
-        out[f"{prefix}.weight_global_scale"] = reciprocal_scale(out.pop(f"{prefix}.weight_scale_2"),
-                                                                f"{prefix}.weight_scale_2", exact).reshape(1)
-        if f"{prefix}.input_scale" in out:
-            out[f"{prefix}.input_global_scale"] = reciprocal_scale(out.pop(f"{prefix}.input_scale"),
-                                                                   f"{prefix}.input_scale", exact).reshape(1)
-    for prefix in _fp8_prefixes(out):
-        for suffix in ("weight_scale", "input_scale"):
-            if f"{prefix}.{suffix}" in out:
-                out[f"{prefix}.{suffix}"] = _one_fp32(out[f"{prefix}.{suffix}"], f"{prefix}.{suffix}").reshape(1)
-    return out
+    return convert_checkpoint_tensors(tensors, MODELOPT, COMPRESSED_TENSORS, exact=exact)
 
 
 def compressed_tensors_to_modelopt(tensors: dict[str, torch.Tensor], *, exact: bool = True) -> dict[str, torch.Tensor]:
     """compressed-tensors checkpoint tensors -> modelopt's (the table in the module docstring)."""
+    return convert_checkpoint_tensors(tensors, COMPRESSED_TENSORS, MODELOPT, exact=exact)
+
+
+def convert_checkpoint_tensors(tensors: dict[str, torch.Tensor], source: CheckpointNames, target: CheckpointNames, *,
+                               exact: bool = True) -> dict[str, torch.Tensor]:
+    """A new dict: `tensors` with each NVFP4 layer's tensors renamed from `source`'s names to
+    `target`'s (the packed weight and block scales are the same tensors) and its global scales
+    inverted (reciprocal_scale), and every per-tensor scale reshaped to target's scale_shape. A
+    layer is NVFP4 where `source`'s weight global scale is, FP8 where its weight is float8_e4m3fn."""
     out = dict(tensors)
-    for prefix in _prefixes(tensors, "weight_global_scale"):
-        out[f"{prefix}.weight"] = _require(out, f"{prefix}.weight_packed", torch.uint8).clone()
-        del out[f"{prefix}.weight_packed"]
+    for prefix in _prefixes(tensors, source.weight_global_scale):
+        out[f"{prefix}.{target.packed_weight}"] = _require(out, f"{prefix}.{source.packed_weight}", torch.uint8)
+        del out[f"{prefix}.{source.packed_weight}"]
         _require(out, f"{prefix}.weight_scale", torch.float8_e4m3fn)
-        out[f"{prefix}.weight_scale_2"] = reciprocal_scale(out.pop(f"{prefix}.weight_global_scale"),
-                                                           f"{prefix}.weight_global_scale", exact).reshape(())
-        if f"{prefix}.input_global_scale" in out:
-            out[f"{prefix}.input_scale"] = reciprocal_scale(out.pop(f"{prefix}.input_global_scale"),
-                                                            f"{prefix}.input_global_scale", exact).reshape(())
+        out[f"{prefix}.{target.weight_global_scale}"] = _pop_inverse(out, f"{prefix}.{source.weight_global_scale}",
+                                                                     target.scale_shape, exact)
+        if f"{prefix}.{source.input_global_scale}" in out:
+            out[f"{prefix}.{target.input_global_scale}"] = _pop_inverse(out, f"{prefix}.{source.input_global_scale}",
+                                                                        target.scale_shape, exact)
     for prefix in _fp8_prefixes(out):
         for suffix in ("weight_scale", "input_scale"):
-            if f"{prefix}.{suffix}" in out:
-                out[f"{prefix}.{suffix}"] = _one_fp32(out[f"{prefix}.{suffix}"], f"{prefix}.{suffix}").reshape(())
+            name = f"{prefix}.{suffix}"
+            if name in out:
+                out[name] = _one_fp32(out[name], name).reshape(target.scale_shape)
     return out
+
+
+def _pop_inverse(tensors: dict, name: str, shape: tuple[int, ...], exact: bool) -> torch.Tensor:
+    """Remove the global scale `name` from `tensors` and return its reciprocal_scale, of `shape`."""
+    return reciprocal_scale(tensors.pop(name), name, exact).reshape(shape)
 
 
 def _prefixes(tensors: dict, suffix: str) -> list[str]:
@@ -117,6 +132,6 @@ def _one_fp32(scale: torch.Tensor, name: str) -> torch.Tensor:
     if scale.numel() != 1:
         raise ValueError(f"{name} has shape {tuple(scale.shape)}: modelopt's FP8 checkpoints hold one scale per tensor; "
                          "a per-channel compressed-tensors scale has no modelopt FP8 form.")
-    if scale.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if scale.dtype not in SUPPORTED_FLOAT_DTYPES:
         raise ValueError(f"{name} has dtype {scale.dtype}; an FP8 scale is fp32, bf16 or fp16.")
     return scale.float()
