@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import refquant as rq
 from refquant.cli import main
 from refquant.quant import recipe as recipe_module
+from refquant.quant.quantizer import named_quantizers
 from refquant.quant.recipe import Recipe, apply_recipe, load_recipe, recipe_to_toml, shipped_recipes
 
 transformers = pytest.importorskip("transformers")
@@ -101,6 +102,19 @@ def test_an_enabling_rule_that_matches_nothing_in_a_recipe_that_quantizes_no_wei
     recipe = recipe_with(tmp_path, '{ quantizer_name = "*Linear*", cfg = { import = "numerics/fp8" } }', body="")
     with pytest.raises(ValueError, match=r"'\*Linear\*'\) enables quantizers but matched none.*quantizes no weight"):
         rq.quantize_model(tiny_model(), recipe, [BATCH], progress=False)
+
+
+def test_an_enabling_rule_for_another_family_is_a_notice_when_only_expert_weights_are_quantized(tmp_path):
+    """Fused experts' weight quantizers are `...weight_quantizers.N`: a recipe that enables only
+    them quantizes weights, so an enabling rule for another family is a notice, not an error."""
+    recipe = recipe_with(tmp_path, f'{{ quantizer_name = "*experts*weight_quantizer", {NVFP4} }}',
+                         f'{{ quantizer_name = "*block_sparse_moe.experts*", {NVFP4} }}', body="")
+    model = tiny_model("qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    rq.insert_quantizers(model)
+    notices = recipe_module.check_application(apply_recipe(model, recipe), model)
+    assert len(notices) == 1 and "'*block_sparse_moe.experts*') enables quantizers but matched none" in notices[0]
+    assert any(name.endswith("experts.down_proj_weight_quantizers.3") and q.is_enabled
+               for name, q in named_quantizers(model))
 
 
 def test_a_disabling_rule_for_another_family_passes_silently(tmp_path):

@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 from torch import nn
 
 from ..quant.quantizer import TensorQuantizer
+from .swap import quant_class, swapped
 
 BMM_QUANTIZER_NAMES = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "p_bmm_quantizer")
 
@@ -106,11 +107,8 @@ def _swapped_attention_function(module: nn.Module, wrapper: Callable) -> Iterato
     modeling = _modeling_module(module)
     if impl is None or impl == "eager":
         original = modeling.eager_attention_forward
-        modeling.eager_attention_forward = lambda *a, **kw: wrapper(original, *a, **kw)
-        try:
+        with swapped(modeling, "eager_attention_forward", lambda *a, **kw: wrapper(original, *a, **kw)):
             yield
-        finally:
-            modeling.eager_attention_forward = original
         return
     registry = modeling.ALL_ATTENTION_FUNCTIONS
     original = registry[impl]
@@ -155,12 +153,6 @@ def check_attention_hookable(name: str, module: nn.Module) -> None:
         )
 
 
-_QUANT_CLASSES: dict[type, type] = {}
-
-
 def quant_attention_class(cls: type) -> type:
     """QuantAttentionMixin + cls, made once per attention class (QuantLlamaAttention, ...)."""
-    if cls not in _QUANT_CLASSES:
-        attributes = {"_refquant_original_class": cls}
-        _QUANT_CLASSES[cls] = type(f"Quant{cls.__name__}", (QuantAttentionMixin, cls), attributes)
-    return _QUANT_CLASSES[cls]
+    return quant_class(QuantAttentionMixin, cls, _refquant_original_class=cls)

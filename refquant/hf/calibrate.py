@@ -110,7 +110,6 @@ def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: b
             weight_quantizers={name for name, _ in quantizers if is_weight_quantizer(name)},
             fallback_device=lambda name: execution_device(model.get_submodule(name.rpartition(".")[0])),
         )
-    if world > 1:
         synchronize_token_counts(model)
     needs_data = [
         name for name, q in quantizers

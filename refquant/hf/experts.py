@@ -38,15 +38,15 @@ calls the quantizers expert by expert, as modelopt.
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..quant.quantizer import SliceQuantizers, TensorQuantizer, quantizes_with_fixed_amax
+from .swap import quant_class, swapped
 
 EAGER = "eager"  # the experts implementation that calls F.linear per expert
 # Experts classes modelopt quantizes with wrappers of their own that refquant does not implement:
@@ -159,15 +159,20 @@ class QuantExpertsMixin:
         raise NotImplementedError
 
     def expert_quantizers(self) -> Iterator[TensorQuantizer]:
-        for module in self.modules():
-            if isinstance(module, TensorQuantizer):
-                yield module
+        """Each projection's input quantizer, then its weight quantizer(s), in registration order."""
+        for projection in self._refquant_layout.projections:
+            input_q, weight_q = self.projection_quantizers(projection)
+            yield input_q
+            yield from weight_q if isinstance(weight_q, nn.ModuleList) else (weight_q,)
 
-    def _expert_quantizers_active(self) -> bool:
-        return any(q.is_enabled for q in self.expert_quantizers())
-
-    def _calibrating(self) -> bool:
-        return any(q.is_calibrating for q in self.expert_quantizers())
+    def _quantizers_on_and_calibrating(self) -> tuple[bool, bool]:
+        """(whether any of the experts' quantizers is on, whether any is calibrating), in one pass:
+        every forward asks, and a layer has two quantizers per expert."""
+        on = calibrating = False
+        for quantizer in self.expert_quantizers():
+            on = on or quantizer.is_enabled
+            calibrating = calibrating or quantizer.is_calibrating
+        return on, calibrating
 
     def _check_experts_implementation(self) -> None:
         implementation = getattr(getattr(self, "config", None), "_experts_implementation", None)
@@ -212,25 +217,16 @@ def _storage_of(parameter: torch.Tensor) -> tuple[int, torch.device, int, int, i
             parameter.stride(0), parameter.shape[0])
 
 
-def _slice_index(storage: tuple[int, torch.device, int, int, int], weight: torch.Tensor) -> Optional[int]:
+def _slice_index(storage: tuple[int, torch.device, int, int, int], weight: torch.Tensor, weight_address: int) -> Optional[int]:
     """Which slice of a 3-D parameter (its _storage_of) the view `weight` is, from where it lies in
     the parameter's storage (modelopt's _get_expert_idx_from_first_proj); None when it is not a
-    view of that storage."""
+    view of that storage. weight_address: weight.untyped_storage().data_ptr(), read once by the
+    caller for all the parameters it tries."""
     address, device, offset, stride, slices = storage
-    if weight.device != device or weight.untyped_storage().data_ptr() != address:
+    if weight.device != device or weight_address != address:
         return None
     index = (weight.storage_offset() - offset) // stride if stride else 0
     return index if 0 <= index < slices else None
-
-
-@contextmanager
-def _swapped(owner: object, attribute: str, replacement: Callable) -> Iterator[None]:
-    original = getattr(owner, attribute)
-    setattr(owner, attribute, replacement)
-    try:
-        yield
-    finally:
-        setattr(owner, attribute, original)
 
 
 class QuantFusedExpertsMixin(QuantExpertsMixin):
@@ -264,13 +260,14 @@ class QuantFusedExpertsMixin(QuantExpertsMixin):
                 yield weight[index], quantizer
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        if not self._expert_quantizers_active():
+        on, calibrating = self._quantizers_on_and_calibrating()
+        if not on:
             return super().forward(hidden_states, *args, **kwargs)
         self._check_experts_implementation()
         first, _ = self._refquant_layout.projections
         parameters = {projection: getattr(self, projection) for projection in self._refquant_layout.projections}
         storages = {projection: _storage_of(parameter) for projection, parameter in parameters.items()}
-        counts = self._token_counts() if self._calibrating() else None
+        counts = self._token_counts() if calibrating else None
         # Each projection's per-expert weights fake-quantized at once, where that is exact.
         quantized = {projection: self._refquant_slice_quantizers[projection](parameters[projection])
                      for projection in parameters}
@@ -284,8 +281,9 @@ class QuantFusedExpertsMixin(QuantExpertsMixin):
 
         def quantized_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
             nonlocal calls
+            address = weight.untyped_storage().data_ptr()
             for projection, storage in storages.items():
-                index = _slice_index(storage, weight)
+                index = _slice_index(storage, weight, address)
                 if index is not None:
                     break
             else:
@@ -307,7 +305,7 @@ class QuantFusedExpertsMixin(QuantExpertsMixin):
             weight = weight_qs[index](weight) if stacked is None else stacked[index]
             return original_linear(input, weight, bias)
 
-        with _swapped(F, "linear", quantized_linear):
+        with swapped(F, "linear", quantized_linear):
             output = super().forward(hidden_states, *args, **kwargs)
         self._bypassed(calls, hidden_states.shape[0] if hidden_states.dim() else 0)
         return output
@@ -341,10 +339,11 @@ class QuantTransposedExpertsMixin(QuantExpertsMixin):
         return quantizer(weight.transpose(-1, -2).contiguous()).transpose(-1, -2)
 
     def forward(self, hidden_states: torch.Tensor, router_indices=None, routing_weights=None):
-        if not self._expert_quantizers_active():
+        on, calibrating = self._quantizers_on_and_calibrating()
+        if not on:
             return super().forward(hidden_states, router_indices, routing_weights)
         self._check_experts_implementation()
-        if self._calibrating() and router_indices is not None:
+        if calibrating and router_indices is not None:
             hits = torch.bincount(router_indices.reshape(-1), minlength=self.num_experts).tolist()
             self.calibration_tokens = [a + b for a, b in zip(self._token_counts(), hits[: self.num_experts])]
         parameters = {projection: getattr(self, projection) for projection in self._refquant_layout.projections}
@@ -356,8 +355,9 @@ class QuantTransposedExpertsMixin(QuantExpertsMixin):
 
         def quantized_matmul(left: torch.Tensor, right: torch.Tensor):
             nonlocal calls
+            address = right.untyped_storage().data_ptr() if isinstance(right, torch.Tensor) else None
             for projection, storage in storages.items():
-                index = _slice_index(storage, right) if isinstance(right, torch.Tensor) else None
+                index = _slice_index(storage, right, address) if address is not None else None
                 if index is not None:
                     break
             else:
@@ -367,22 +367,16 @@ class QuantTransposedExpertsMixin(QuantExpertsMixin):
                 left = self.down_proj_input_quantizer(left)
             return torch.matmul(left, weights[projection][index])
 
-        with _swapped(torch.Tensor, "__matmul__", quantized_matmul):
+        with swapped(torch.Tensor, "__matmul__", quantized_matmul):
             output = super().forward(hidden_states, router_indices, routing_weights)
         self._bypassed(calls, hidden_states.shape[0] if hidden_states.dim() else 0)
         return output
 
 
-_QUANT_CLASSES: dict[type, type] = {}
-
-
 def quant_experts_class(cls: type, layout: ExpertsLayout) -> type:
     """The quantized class for an experts class (QuantQwen3MoeExperts, ...), made once."""
-    if cls not in _QUANT_CLASSES:
-        mixin = QuantTransposedExpertsMixin if layout.kind == "transposed" else QuantFusedExpertsMixin
-        attributes = {"_refquant_original_class": cls, "_refquant_layout": layout}
-        _QUANT_CLASSES[cls] = type(f"Quant{cls.__name__}", (mixin, cls), attributes)
-    return _QUANT_CLASSES[cls]
+    mixin = QuantTransposedExpertsMixin if layout.kind == "transposed" else QuantFusedExpertsMixin
+    return quant_class(mixin, cls, _refquant_original_class=cls, _refquant_layout=layout)
 
 
 def find_experts(model: nn.Module) -> list[tuple[str, nn.Module, ExpertsLayout]]:
@@ -395,11 +389,11 @@ def find_experts(model: nn.Module) -> list[tuple[str, nn.Module, ExpertsLayout]]
     return found
 
 
-def check_experts_forward(name: str, module: nn.Module) -> None:
+def check_experts_forward(name: str, module: nn.Module, layout: ExpertsLayout) -> None:
     """Raise ValueError unless the experts forward is one whose calls refquant can place
-    quantizers on: its source calls F.linear (fused) or `@` (transposed)."""
+    quantizers on: its source calls F.linear (fused) or `@` (transposed); `layout` is the
+    module's (find_experts)."""
     cls = getattr(module, "_refquant_original_class", type(module))
-    layout = experts_layout(name, module)
     try:
         source = inspect.getsource(inspect.unwrap(cls.forward))
     except (OSError, TypeError):

@@ -21,6 +21,7 @@ from . import placement
 from .attention import check_attention_hookable, is_attention_module, quant_attention_class
 from .experts import check_experts_forward, find_experts, force_eager_experts, quant_experts_class
 from .dispatch import check_forward_rebindable, rebind_forward
+from .swap import quant_class
 from ..quant.quantizer import QuantizerConfig, SharedInputResult, TensorQuantizer, named_quantizers
 
 LINEAR_QUANTIZER_NAMES = placement.QUANTIZER_NAMES[placement.LINEAR]
@@ -108,24 +109,11 @@ def refuse_unsupported_quantizers(model: nn.Module) -> None:
     )
 
 
-class QuantLinear(QuantLinearMixin, nn.Linear):
-    pass
-
-
-class QuantEmbedding(QuantEmbeddingMixin, nn.Embedding):
-    pass
-
-
-_QUANT_CLASSES: dict[type, type] = {nn.Linear: QuantLinear, nn.Embedding: QuantEmbedding}
+# modelopt's QuantLinear and QuantEmbedding; a subclass of those layers, or a norm, gets its own
+# class the same way when a model holds one
+QuantLinear = quant_class(QuantLinearMixin, nn.Linear)
+QuantEmbedding = quant_class(QuantEmbeddingMixin, nn.Embedding)
 _MIXINS = {placement.LINEAR: QuantLinearMixin, placement.EMBEDDING: QuantEmbeddingMixin, placement.INPUT: QuantInputMixin}
-
-
-def _quant_class(mixin: type, cls: type) -> type:
-    """QuantLinear / QuantEmbedding, or for another class (a subclass of those layers, a norm) a
-    mixin class made once."""
-    if cls not in _QUANT_CLASSES:
-        _QUANT_CLASSES[cls] = type(f"Quant{cls.__name__}", (mixin, cls), {})
-    return _QUANT_CLASSES[cls]
 
 
 def _is_quantized(module: nn.Module) -> bool:
@@ -183,8 +171,8 @@ def insert_quantizers(model: nn.Module, *, backend: str = "reference", flavor: F
     conv1ds = [(name, m) for name, m in named if kinds[name] == placement.CONV1D]
     converted = [(name, m) for name, m in named if kinds[name] in _MIXINS and not _is_quantized(m)]
     experts = [(name, m, layout) for name, m, layout in find_experts(model) if not _is_quantized(m)]
-    for name, module, _ in experts:
-        check_experts_forward(name, module)
+    for name, module, layout in experts:
+        check_experts_forward(name, module, layout)
     for name, module in conv1ds + converted + attentions + [(name, m) for name, m, _ in experts]:
         check_forward_rebindable(name, module)
 
@@ -194,7 +182,7 @@ def insert_quantizers(model: nn.Module, *, backend: str = "reference", flavor: F
     kinds.update((name, placement.LINEAR) for name, _ in conv1ds)
     for name, module in converted:
         kind = kinds[name]
-        module.__class__ = _quant_class(_MIXINS[kind], type(module))
+        module.__class__ = quant_class(_MIXINS[kind], type(module))
         rebind_forward(module)  # an accelerate hook calls the quantized forward from now on
         for quantizer_name in placement.QUANTIZER_NAMES[kind]:
             if kind == placement.EMBEDDING and quantizer_name == "input_quantizer":

@@ -20,16 +20,17 @@ a subclass that overrides `forward` is left alone. So `nn.Embedding` gets quanti
                  leaves one on raises (refquant.hf.insert.UnsupportedQuantizer). An RNN (modelopt's
                  QuantRNN) makes insert_quantizers raise.
 
-Quantizers are named as modelopt names them (QUANTIZER_NAMES); is_weight_quantizer tells a weight
-quantizer by its name.
+Quantizers are named as modelopt names them (QUANTIZER_NAMES); is_weight_quantizer
+(refquant.quant.quantizer) tells a weight quantizer by its name.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Optional
 
 from torch import nn
+
+from ..quant.quantizer import is_weight_quantizer  # noqa: F401  (placement's names: imported from here too)
 
 LINEAR, EMBEDDING, INPUT, CONV1D, UNSUPPORTED = "linear", "embedding", "input", "conv1d", "unsupported"
 
@@ -112,8 +113,3 @@ def unsupported_reason(module: nn.Module) -> str:
     if description is None:
         description = f"{cls.__name__}, which modelopt quantizes with its own forward (quant_conv.py / quant_rnn.py)"
     return description
-
-
-def is_weight_quantizer(name: str) -> bool:
-    """A weight quantizer: `...weight_quantizer`, or an expert's `...weight_quantizers.3`."""
-    return name.endswith("weight_quantizer") or re.search(r"weight_quantizers\.\d+$", name) is not None

@@ -12,9 +12,12 @@ report. Semantics are modelopt's `mtq.quantize(model, cfg, forward_loop)`
    nn.Embedding gets `weight_quantizer`, `output_quantizer` and an `input_quantizer` that never
    turns on (its input is token ids); every nn.LayerNorm (and the other norms, activations and
    poolings modelopt registers) gets `input_quantizer` and `output_quantizer`; GPT-2's Conv1D
-   becomes a QuantLinear, its weight transposed in place to [out, in]. A subclass that overrides
-   forward gets none, as in modelopt (Gemma's scaled embedding). Names are modelopt's, so recipe
-   patterns mean the same (`model.layers.0.self_attn.k_bmm_quantizer`). All start disabled.
+   becomes a QuantLinear, its weight transposed in place to [out, in]; fused MoE experts (3-D
+   weights, refquant.hf.experts) get an input quantizer per projection, shared by the experts, and
+   a weight quantizer per expert (`gate_up_proj_input_quantizer`,
+   `gate_up_proj_weight_quantizers.{i}`, ...; gpt-oss: one of each per projection). A subclass that
+   overrides forward gets none, as in modelopt (Gemma's scaled embedding). Names are modelopt's, so
+   recipe patterns mean the same (`model.layers.0.self_attn.k_bmm_quantizer`). All start disabled.
 2. apply_recipe (refquant.quant.recipe): the recipe's rules, in order, later wins.
 3. max calibration (refquant.hf.calibrate, docs/modelopt_behaviour.md §6.1): model.eval(); every
    enabled quantizer stops quantizing and starts collecting max|x| (constant-amax ones only pass

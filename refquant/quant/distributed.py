@@ -15,8 +15,10 @@ After the forward loop, while the quantizers still collect (before finish_calibr
      between ranks is refused instead of silently maxed.
 Constant-amax and disabled quantizers collect nothing and are left alone. Nothing runs per batch.
 
-Before calibration, stop_together gives the ranks one more exchange: a rank that failed on its
-way there (loading its model, an evaluation forward) stops the others at once.
+Around the calibration, stop_together gives the ranks one more exchange at each stage: a rank
+that failed on its way to calibration (loading its model, an evaluation forward), or between
+calibration and the export (the report, a sensitivity run; refquant.cli.quantize), stops the
+others at once.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ switched off; a quantizer whose calibrator saw nothing keeps no amax.
 
 from __future__ import annotations
 
+import re
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -109,7 +110,6 @@ class _MaxCalibrator:
 # _amax_value_now's answer where a call is neither bound nor shared (a per-channel amax, or one
 # that cannot be read now); never equal to a bound call's value.
 _NOT_SHARED = object()
-_READ_NOW = object()  # _fake_quant's default: the amax value is read by the call itself
 
 
 @dataclass(frozen=True)
@@ -345,9 +345,8 @@ class TensorQuantizer(nn.Module):
             )
         return token(amax.dtype, value) if amax.numel() == 1 else _NOT_SHARED
 
-    def _fake_quant(self, x: torch.Tensor, amax_value: Any = _READ_NOW) -> torch.Tensor:
-        if amax_value is _READ_NOW:
-            amax_value = self._amax_value_now()
+    def _fake_quant(self, x: torch.Tensor, amax_value: Any) -> torch.Tensor:
+        """x fake-quantized; amax_value: this call's _amax_value_now()."""
         # A call that records a gradient takes the numerics' autograd path, never a bound call
         # (a bound graph or kernel launch is made for calls outside autograd).
         bindable = amax_value is not _NOT_SHARED and not _records_gradient(x)
@@ -453,6 +452,11 @@ def named_quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, TensorQuantizer)]
 
 
+def is_weight_quantizer(name: str) -> bool:
+    """A weight quantizer, by its full name: `...weight_quantizer`, or an expert's `...weight_quantizers.3`."""
+    return name.endswith("weight_quantizer") or re.search(r"weight_quantizers\.\d+$", name) is not None
+
+
 @contextmanager
 def all_quantizers_off(model: nn.Module) -> Iterator[None]:
     """Within the block every quantizer of `model` is disabled; on exit each gets back the exact
@@ -483,14 +487,19 @@ def quantizes_with_fixed_amax(quantizer: TensorQuantizer) -> bool:
 
 
 def _plain_quantizer(quantizer: nn.Module) -> bool:
-    """A TensorQuantizer whose call is its own forward, with no hook that wants to see each call
-    (refquant.quant.metrics measures through forward hooks)."""
+    """A TensorQuantizer whose call is its own forward, with no hook of its own that wants to see
+    each call (refquant.quant.metrics measures through forward hooks; global hooks: _global_hooks)."""
     return (
         isinstance(quantizer, TensorQuantizer)
         and type(quantizer).forward is TensorQuantizer.forward
         and not (quantizer._forward_hooks or quantizer._forward_pre_hooks)
-        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
     )
+
+
+def _global_hooks() -> bool:
+    """Whether a global forward hook (nn.modules.module.register_module_forward_hook) wants to see
+    every module call."""
+    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
 
 
 class SliceQuantizers:
@@ -512,7 +521,7 @@ class SliceQuantizers:
 
     def __call__(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         quantizers = list(self.quantizers)
-        if len(quantizers) != x.shape[0] or not quantizers:
+        if len(quantizers) != x.shape[0] or not quantizers or _global_hooks():
             return None
         first = quantizers[0]
         for quantizer in quantizers:

@@ -31,7 +31,7 @@ from typing import ClassVar, Optional, Union
 from dataclasses_json import DataClassJsonMixin, config
 from torch import nn
 
-from .quantizer import QuantizerConfig, named_quantizers
+from .quantizer import QuantizerConfig, is_weight_quantizer, named_quantizers
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -512,13 +512,13 @@ def check_application(application: RecipeApplication, model: nn.Module) -> list[
                           f"e.g. {matched[0]})")
         elif enables:
             notices.append(f"recipe {recipe.name} {where} enables quantizers but matched none in {type(model).__name__}.")
-    weights_enabled = any(name.endswith("weight_quantizer") and q.is_enabled for name, q in quantizers)
+    weights_enabled = any(is_weight_quantizer(name) and q.is_enabled for name, q in quantizers)
     if unmatched_enabling and not weights_enabled:
         errors += [notice.removeprefix(f"recipe {recipe.name} ") for notice in notices]
         errors.append(f"so the recipe quantizes no weight of {type(model).__name__}")
         notices = []
     if errors:
-        example = next((name for name, _ in quantizers if name.endswith("weight_quantizer")), quantizers[0][0])
+        example = next((name for name, _ in quantizers if is_weight_quantizer(name)), quantizers[0][0])
         raise ValueError(
             f"recipe {recipe.name} does not fit {type(model).__name__}: " + "; ".join(errors) + ". Fix the "
             f"pattern (quantizer names look like {example!r}), or delete the rule."

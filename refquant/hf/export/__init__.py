@@ -16,6 +16,11 @@ computed by refquant's own numerics in the quantizers' flavor:
                input_scale   fp32 0-d                  input amax / 2688
   attention    k_proj.k_scale, v_proj.v_scale fp32 0-d   calibrated K / V amax / 448; none for the
                                                        constant-amax ("cast") KV modes
+  MoE experts  fused (Qwen-MoE, Mixtral, ...): each expert's linears, `experts.{i}.gate_proj` /
+               `.up_proj` / `.down_proj`, with the tensors above for the module's format (gate and
+               up share one weight amax; names.py gives the hub's names, Mixtral's w1 / w3 / w2);
+               gpt-oss: the 3-D weights under their own names, each quantized whole, and
+               `{proj}_weight_scale`, `{proj}_weight_scale_2`, `{proj}_input_scale` (experts.py)
   files        config.json (+ quantization_config), hf_quant_config.json, generation_config.json,
                model.safetensors (sharded with an index past max_shard_size, 10 GB by default as
                modelopt's; streamed a layer at a time), and refquant_quantizers.json: refquant's
@@ -31,13 +36,16 @@ the group's largest amax. FP8 layers are not fused (modelopt's rule). The export
 untouched; `compress_weights(model)` applies the same rule and replaces each weight by its exported
 round trip, in place, and is what `load_checkpoint` gives back bit for bit (docs/export.md).
 
-  plan.py      what a model exports (ExportPlan): layer formats, fusion groups, K/V scales
+  plan.py      what a model exports (ExportPlan): layer formats, fusion groups, K/V scales, names
+  experts.py   the MoE experts' tensors, per expert (fused) or per 3-D weight (gpt-oss)
+  names.py     the names the checkpoint uses: transformers' load-time renames reversed, as modelopt does
   tensors.py   the checkpoint tensors of one linear, and the weight read back from them
   configs.py   hf_quant_config.json and config.json's quantization_config
   state.py     refquant_quantizers.json: the exact quantizer state
   write.py     export_checkpoint: tensors streamed into shards, files written atomically, rank 0 only
   load.py      compress_weights and load_checkpoint
   validate.py  what load_checkpoint checks before it trusts a folder (files, JSON, tensors, agreement)
+  convert.py   a checkpoint's tensors from modelopt's format to compressed-tensors' and back
 """
 
 from .configs import layer_quant_config, quantization_config, summarise_excluded

@@ -40,19 +40,36 @@ from ...quant.quantizer import TensorQuantizer
 from ..dispatch import loaded_weights, require_loaded
 from ..experts import ExpertsLayout, is_quant_experts
 from .configs import LAYER_QUANT_ALGO
-from .plan import CompressedWeightQuantizer, layer_format
+from .names import CheckpointNames, checkpoint_names
+from .plan import CompressedWeightQuantizer, layer_format, required_amax
 from .tensors import dequantize_linear_weight, export_input_scale, export_linear_tensors, fp8_weight_scale
-from .validate import check_tensor, checkpoint_error, expected_layer_tensors
+from .validate import checked_tensors, expected_layer_tensors
 
 
 @dataclass
 class ProjectionExport:
-    """One exported linear of an expert (fused), or one exported 3-D weight (gpt-oss)."""
+    """One exported linear of an expert (fused), or one exported 3-D weight (gpt-oss).
 
-    key: str  # "3.gate_proj" (fused: module-relative prefix of its tensors) or "gate_up_proj"
-    layer_format: Optional[str]  # None: written unquantized
+    key:        the module-relative prefix of its tensors: "3.gate_proj" (fused) or "gate_up_proj"
+    parameter:  the module's 3-D parameter it is read from ("gate_up_proj", "up_proj", "down_proj")
+    index:      fused: the expert whose slice of `parameter` it is; None: all of it (gpt-oss)
+    rows:       fused: its rows of that slice (gate or up of a fused gate_up); all rows otherwise
+    layer_format: None: written unquantized
+    """
+
+    key: str
+    parameter: str
+    index: Optional[int]
+    rows: slice
+    layer_format: Optional[str]
     weight_amax: Optional[torch.Tensor]
     input_amax: Optional[torch.Tensor]
+    weight_quantizer: TensorQuantizer = field(repr=False)
+    input_quantizer: TensorQuantizer = field(repr=False)
+
+    def part_of(self, parameter: torch.Tensor) -> torch.Tensor:
+        """Its part of the 3-D `parameter` (a view): expert `index`'s `rows`, or all of it."""
+        return parameter if self.index is None else parameter[self.index][self.rows]
 
 
 @dataclass
@@ -66,9 +83,12 @@ class ExpertsExport:
     name: str
     layout: ExpertsLayout
     layer_format: Optional[str]
-    parameters: tuple[str, ...]
     projections: list[ProjectionExport] = field(repr=False)
     compute: Callable[[], dict[str, torch.Tensor]] = field(repr=False)
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        return self.layout.projections
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return self.compute()
@@ -134,7 +154,6 @@ def _fused_parts(module: nn.Module, index: int) -> list[tuple[str, str, slice]]:
 def _plan_fused(name: str, module: nn.Module, fmt: Optional[str], flavor: str) -> ExpertsExport:
     layout = module._refquant_layout
     projections: list[ProjectionExport] = []
-    jobs = []  # (key, rows, weight quantizer, input quantizer, projection format, weight amax, input amax, compressed)
     weight_quantizers = [q for projection in layout.projections for q in module.projection_quantizers(projection)[1]]
     # a fallback amax reads its weight: offloaded weights are loaded as the module's hook loads them
     reads_weights = any(_takes_weight_fallback(q) for q in weight_quantizers)
@@ -156,28 +175,31 @@ def _plan_fused(name: str, module: nn.Module, fmt: Optional[str], flavor: str) -
                     else:
                         weight_amax = _weight_amax_or_fallback(weight_q, weight, f"{name}.{projection}")
                     input_amax = _input_amax(input_q)
-                key = f"{index}.{part}"
-                projections.append(ProjectionExport(key, part_format, weight_amax, input_amax))
-                jobs.append((key, projection, index, rows, weight_q, input_q, part_format, weight_amax, input_amax))
+                projections.append(ProjectionExport(
+                    f"{index}.{part}", projection, index, rows, part_format, weight_amax, input_amax,
+                    weight_quantizer=weight_q, input_quantizer=input_q))
 
     def compute() -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         with loaded_weights(module):
-            for key, projection, index, rows, weight_q, input_q, part_format, weight_amax, input_amax in jobs:
-                part = key.partition(".")[2]
+            for export in projections:
+                weight_q = export.weight_quantizer
                 if isinstance(weight_q, CompressedWeightQuantizer):
-                    out.update({f"{index}.{k}": v for k, v in weight_q.exported.items() if k.startswith(part + ".")})
+                    # its tensors are the expert's (gate and up share one quantizer): this part's
+                    part = export.key.removeprefix(f"{export.index}.")
+                    out.update({f"{export.index}.{k}": v for k, v in weight_q.exported.items() if k.startswith(part + ".")})
                     continue
-                weight = require_loaded(f"{name}.{projection}", getattr(module, projection))[index][rows].detach()
-                if part_format is None:
-                    out[f"{key}.weight"] = weight
+                parameter = require_loaded(f"{name}.{export.parameter}", getattr(module, export.parameter))
+                weight = export.part_of(parameter).detach()
+                if export.layer_format is None:
+                    out[f"{export.key}.weight"] = weight
                     continue
-                tensors = export_linear_tensors(f"{name}.{key}", _view(weight, weight_q, input_q), part_format,
-                                                weight_amax, input_amax, flavor)
-                out.update({f"{key}.{suffix}": tensor for suffix, tensor in tensors.items()})
+                tensors = export_linear_tensors(f"{name}.{export.key}", _view(weight, weight_q, export.input_quantizer),
+                                                export.layer_format, export.weight_amax, export.input_amax, flavor)
+                out.update({f"{export.key}.{suffix}": tensor for suffix, tensor in tensors.items()})
         return out
 
-    return ExpertsExport(name, layout, fmt, layout.projections, projections, compute)
+    return ExpertsExport(name, layout, fmt, projections, compute)
 
 
 def _plan_transposed(name: str, module: nn.Module, fmt: Optional[str], flavor: str) -> ExpertsExport:
@@ -185,34 +207,32 @@ def _plan_transposed(name: str, module: nn.Module, fmt: Optional[str], flavor: s
     projections = []
     for projection in layout.projections:
         input_q, weight_q = module.projection_quantizers(projection)
-        if fmt is None:
-            projections.append(ProjectionExport(projection, None, None, None))
-            continue
-        if weight_q.amax is None and not isinstance(weight_q, CompressedWeightQuantizer):
-            raise ValueError(
-                f"{name}.{projection}_weight_quantizer is enabled but has no amax: a checkpoint needs "
-                "calibrated scales. Run rq.quantize_model(model, recipe, calib_batches) before exporting."
-            )
-        projections.append(ProjectionExport(projection, fmt, weight_q.amax, _input_amax(input_q)))
+        weight_amax = input_amax = None
+        if fmt is not None:
+            weight_amax = (weight_q.amax if isinstance(weight_q, CompressedWeightQuantizer)
+                           else required_amax(f"{name}.{projection}_weight_quantizer", weight_q))
+            input_amax = _input_amax(input_q)
+        projections.append(ProjectionExport(
+            projection, projection, None, slice(None), fmt, weight_amax, input_amax,
+            weight_quantizer=weight_q, input_quantizer=input_q))
 
     def compute() -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         with loaded_weights(module):
             for export in projections:
-                input_q, weight_q = module.projection_quantizers(export.key)
                 weight = require_loaded(f"{name}.{export.key}", getattr(module, export.key)).detach()
                 if export.layer_format is None:
                     out[export.key] = weight
-                elif isinstance(weight_q, CompressedWeightQuantizer):
-                    out.update(weight_q.exported)
+                elif isinstance(export.weight_quantizer, CompressedWeightQuantizer):
+                    out.update(export.weight_quantizer.exported)
                 else:
-                    out.update(_transposed_tensors(export, weight, input_q, flavor))
+                    out.update(_transposed_tensors(export, weight, flavor))
         return out
 
-    return ExpertsExport(name, layout, fmt, layout.projections, projections, compute)
+    return ExpertsExport(name, layout, fmt, projections, compute)
 
 
-def _transposed_tensors(export: ProjectionExport, weight: torch.Tensor, input_q: TensorQuantizer, flavor: str) -> dict:
+def _transposed_tensors(export: ProjectionExport, weight: torch.Tensor, flavor: str) -> dict:
     """A gpt-oss projection's tensors: its (E, in, out) weight quantized with one amax."""
     key = export.key
     tensors: dict[str, torch.Tensor] = {}
@@ -227,7 +247,7 @@ def _transposed_tensors(export: ProjectionExport, weight: torch.Tensor, input_q:
         tensors[key] = quantized.packed.transpose(-1, -2)
         tensors[f"{key}_weight_scale"] = quantized.block_scale.transpose(-1, -2)
         tensors[f"{key}_weight_scale_2"] = quantized.global_scale.reshape(())
-    input_scale = export_input_scale(export.layer_format, input_q, export.input_amax, flavor)
+    input_scale = export_input_scale(export.layer_format, export.input_quantizer, export.input_amax, flavor)
     if input_scale is not None:
         tensors[f"{key}_input_scale"] = input_scale
     return tensors
@@ -245,7 +265,16 @@ def plan_experts(model: nn.Module, flavor: str) -> dict[str, ExpertsExport]:
     return plans
 
 
+def model_checkpoint_names(model: nn.Module, experts: dict[str, ExpertsExport]) -> CheckpointNames:
+    """checkpoint_names of `model`, whose fused experts (planned as `experts`) the export writes
+    expert by expert, so their 3-D parameters are not in the checkpoint under their own names."""
+    return checkpoint_names(model, {f"{name}.{p}" for name, e in experts.items() if e.layout.kind == "fused" for p in e.parameters})
+
+
 # --- compressed experts (compress_weights, load_checkpoint) ------------------------------------
+LINEAR_SUFFIXES = ("weight", "weight_scale", "weight_scale_2", "input_scale")  # an expert's linear's tensors
+
+
 def dequantized_experts(export: ExpertsExport, tensors: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
     """Each 3-D parameter of the experts module as the checkpoint `tensors` (module-relative keys)
     hold it: quantized projections dequantized (refquant.hf.export.tensors.dequantize_linear_weight)."""
@@ -264,11 +293,8 @@ def dequantized_experts(export: ExpertsExport, tensors: dict[str, torch.Tensor],
             value = dequantize_linear_weight(projection.layer_format, stored, shape, target.dtype)
             weights[projection.key] = value if projection.layer_format == "fp8" else value.transpose(-1, -2)
             continue
-        index, _, part = projection.key.partition(".")
-        parameter, rows = next((p, r) for name, p, r in _fused_parts(module, int(index)) if name == part)
-        target = weights[parameter][int(index)][rows]
-        stored = {suffix: tensors[f"{projection.key}.{suffix}"] for suffix in ("weight", "weight_scale", "weight_scale_2", "input_scale")
-                  if f"{projection.key}.{suffix}" in tensors}
+        target = projection.part_of(weights[projection.parameter])
+        stored = {suffix: tensors[f"{projection.key}.{suffix}"] for suffix in LINEAR_SUFFIXES if f"{projection.key}.{suffix}" in tensors}
         if projection.layer_format is None:
             target.copy_(stored["weight"])
         else:
@@ -284,21 +310,26 @@ def compress_experts(module: nn.Module, export: ExpertsExport, tensors: dict[str
     with torch.no_grad():
         for parameter, value in weights.items():
             getattr(module, parameter).copy_(value.to(getattr(module, parameter).device))
-    for projection in export.layout.projections:
-        _, quantizers = module.projection_quantizers(projection)
-        if export.layout.kind == "transposed":
-            if export.layer_format is not None and not isinstance(quantizers, CompressedWeightQuantizer):
+    if export.layout.kind == "transposed":
+        for projection in export.layout.projections:
+            _, quantizer = module.projection_quantizers(projection)
+            if export.layer_format is not None and not isinstance(quantizer, CompressedWeightQuantizer):
                 own = {k: v for k, v in tensors.items() if k == projection or k.startswith(f"{projection}_")}
-                setattr(module, f"{projection}_weight_quantizer", CompressedWeightQuantizer(quantizers, export.layer_format, own))
+                setattr(module, f"{projection}_weight_quantizer", CompressedWeightQuantizer(quantizer, export.layer_format, own))
+        return
+    # an expert's weight quantizer holds the tensors of its parts (gate and up share one), keyed
+    # without the expert's index; its format is its first part's
+    parts: dict[tuple[str, int], list[ProjectionExport]] = {}
+    for projection in export.projections:
+        parts.setdefault((projection.parameter, projection.index), []).append(projection)
+    for (parameter, index), own_parts in parts.items():
+        quantizers = module.projection_quantizers(parameter)[1]
+        quantizer = quantizers[index]
+        if not quantizer.is_enabled or isinstance(quantizer, CompressedWeightQuantizer):
             continue
-        for index, quantizer in enumerate(quantizers):
-            if not quantizer.is_enabled or isinstance(quantizer, CompressedWeightQuantizer):
-                continue
-            parts = [part for part, p, _ in _fused_parts(module, index) if p == projection]
-            own = {k.partition(".")[2]: v for k, v in tensors.items()
-                   if k.partition(".")[0] == str(index) and k.partition(".")[2].partition(".")[0] in parts}
-            fmt = next(p.layer_format for p in export.projections if p.key == f"{index}.{parts[0]}")
-            quantizers[index] = CompressedWeightQuantizer(quantizer, fmt, own)
+        own = {f"{part.key.removeprefix(f'{index}.')}.{suffix}": tensors[f"{part.key}.{suffix}"]
+               for part in own_parts for suffix in LINEAR_SUFFIXES if f"{part.key}.{suffix}" in tensors}
+        quantizers[index] = CompressedWeightQuantizer(quantizer, own_parts[0].layer_format, own)
 
 
 def expected_experts_tensors(export: ExpertsExport, module: nn.Module) -> dict[str, tuple[Optional[torch.dtype], tuple[int, ...], bool]]:
@@ -308,29 +339,25 @@ def expected_experts_tensors(export: ExpertsExport, module: nn.Module) -> dict[s
     plain tensors it is cast to the parameter's dtype on load."""
     expected: dict[str, tuple[Optional[torch.dtype], tuple[int, ...], bool]] = {}
     for projection in export.projections:
+        weight = projection.part_of(getattr(module, projection.parameter))
+        quantizers = (projection.weight_quantizer, projection.input_quantizer)
         if export.layout.kind == "transposed":
-            input_q, weight_q = module.projection_quantizers(projection.key)
-            weight = getattr(module, projection.key)
             if projection.layer_format is None:
                 expected[projection.key] = (None, tuple(weight.shape), False)
                 continue
             # quantized as (E, out, in) and written transposed back (NVFP4); FP8 keeps (E, in, out)
             transposed = projection.layer_format != "fp8"
-            view = _view(weight.transpose(-1, -2) if transposed else weight, weight_q, input_q)
+            view = _view(weight.transpose(-1, -2) if transposed else weight, *quantizers)
             for suffix, (dtype, shape) in expected_layer_tensors(projection.layer_format, view).items():
                 if transposed and len(shape) == 3:
                     shape = (*shape[:-2], shape[-1], shape[-2])
                 key = projection.key if suffix == "weight" else f"{projection.key}_{suffix}"
                 expected[key] = (dtype, tuple(shape), suffix != "weight")
             continue
-        index, _, part = projection.key.partition(".")
-        parameter, rows = next((p, r) for name, p, r in _fused_parts(module, int(index)) if name == part)
-        input_q, weight_qs = module.projection_quantizers(parameter)
-        weight = getattr(module, parameter)[int(index)][rows]
         if projection.layer_format is None:
             expected[f"{projection.key}.weight"] = (None, tuple(weight.shape), False)
             continue
-        view = _view(weight, weight_qs[int(index)], input_q)
+        view = _view(weight, *quantizers)
         for suffix, (dtype, shape) in expected_layer_tensors(projection.layer_format, view).items():
             expected[f"{projection.key}.{suffix}"] = (dtype, tuple(shape), suffix != "weight")
     return expected
@@ -339,19 +366,15 @@ def expected_experts_tensors(export: ExpertsExport, module: nn.Module) -> dict[s
 def checkpoint_experts_tensors(export: ExpertsExport, module: nn.Module, tensors: dict[str, torch.Tensor],
                                rename: Callable[[str], str], file_of: Callable[[str], Path], used: set[str]) -> dict[str, torch.Tensor]:
     """The module-relative tensors of one experts module read from a checkpoint's `tensors` (keys
-    as written: in-memory names through `rename`), each checked as a dense layer's are: present,
-    of its dtype and shape, finite (scales not negative); ValueError naming the file (`file_of`
-    the key) and the tensor otherwise. The keys read are added to `used`."""
-    module_tensors = {}
-    for relative, (dtype, shape, scale) in expected_experts_tensors(export, module).items():
-        key = rename(f"{export.name}.{relative}")
-        if key not in tensors:
-            kind = LAYER_QUANT_ALGO[export.layer_format] if export.layer_format else "unquantized"
-            raise checkpoint_error(file_of(key), key, f"missing: the checkpoint of a {kind} experts module holds it for every expert")
-        check_tensor(file_of(key), key, tensors[key], dtype, shape, scale=scale)
-        module_tensors[relative] = tensors[key]
-        used.add(key)
-    return module_tensors
+    as written: in-memory names through `rename`), each checked as a dense layer's are
+    (refquant.hf.export.validate.checked_tensors): present, of its dtype and shape, finite (scales
+    not negative); ValueError naming the file (`file_of` the key) and the tensor otherwise. The keys
+    read are added to `used`."""
+    kind = LAYER_QUANT_ALGO[export.layer_format] if export.layer_format else "unquantized"
+    expected = {relative: (rename(f"{export.name}.{relative}"), dtype, shape, scale)
+                for relative, (dtype, shape, scale) in expected_experts_tensors(export, module).items()}
+    return checked_tensors(tensors, expected, file_of, used,
+                           f"missing: the checkpoint of a {kind} experts module holds it for every expert")
 
 
 # --- the layers hf_quant_config lists ----------------------------------------------------------

@@ -13,14 +13,13 @@ from torch import nn
 from ...quant.quantizer import QuantizerConfig, child_quantizer, named_quantizers
 from ..dispatch import has_offloaded_weights
 from .configs import LAYER_QUANT_ALGO
-from .experts import checkpoint_experts_tensors, compress_experts, plan_experts
-from .names import checkpoint_names
-from .plan import CompressedWeightQuantizer, ExportPlan, plan_export, uncalibrated_scale_quantizers
+from .experts import checkpoint_experts_tensors, compress_experts, model_checkpoint_names, plan_experts
+from .plan import CompressedWeightQuantizer, ExportPlan, kv_scale_quantizers, plan_export, uncalibrated_scale_quantizers
 from .state import STATE_FILE, STATE_FORMAT, STATE_VERSION, decode_amax, restore_buffer_dtypes
 from .tensors import dequantize_linear_weight
 from .validate import (
-    check_configs_agree, check_layer_formats, check_state_document, check_tensor, check_weight_map,
-    checkpoint_error, expected_kv_scales, expected_layer_tensors, float_dtype, read_json, read_safetensors,
+    check_configs_agree, check_dequantized, check_layer_formats, check_state_document, check_tensor, check_weight_map,
+    checked_tensors, expected_layer_tensors, float_dtype, read_json, read_safetensors,
 )
 
 
@@ -55,12 +54,17 @@ def _apply_plan(model: nn.Module, plan: ExportPlan) -> list[str]:
         input_q = child_quantizer(module, "input_quantizer")
         if input_q is not None and input_q.is_calibrated and linear.input_amax is not None:
             input_q.set_amax(linear.input_amax)
-        tensors = linear.tensors()
-        weight = dequantize_linear_weight(linear.layer_format, tensors, module.weight.shape, module.weight.dtype)
-        with torch.no_grad():
-            module.weight.copy_(weight.to(module.weight.device))
-        module.weight_quantizer = CompressedWeightQuantizer(weight_q, linear.layer_format, tensors)
+        compress_linear(module, linear.layer_format, linear.tensors())
     return list(plan.linears) + list(plan.experts)
+
+
+def compress_linear(module: nn.Module, fmt: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Give a quantized linear, in place, what its checkpoint `tensors` (suffix -> tensor) hold: its
+    weight the dequantized value, its weight quantizer a CompressedWeightQuantizer holding them."""
+    weight = dequantize_linear_weight(fmt, tensors, module.weight.shape, module.weight.dtype)
+    with torch.no_grad():
+        module.weight.copy_(weight.to(module.weight.device))
+    module.weight_quantizer = CompressedWeightQuantizer(module.weight_quantizer, fmt, tensors)
 
 
 def compress_weights(model: nn.Module) -> list[str]:
@@ -205,7 +209,7 @@ def load_checkpoint(out_dir: str | os.PathLike, *, attn_implementation: Optional
     where = lambda key: file_of.get(key, folder / "model.safetensors")  # noqa: E731
     modules = dict(model.named_modules())
     experts = plan_experts(model, state["flavor"])
-    names = checkpoint_names(model, {f"{name}.{p}" for name, e in experts.items() if e.layout.kind == "fused" for p in e.parameters})
+    names = model_checkpoint_names(model, experts)
     experts_parameters = {f"{name}.{p}" for name, e in experts.items() for p in e.parameters}
     quantizer_prefixes = tuple(f"{name}." for name in quantizers)
     used: set[str] = set()
@@ -228,34 +232,20 @@ def load_checkpoint(out_dir: str | os.PathLike, *, attn_implementation: Optional
     if missing_keys:
         raise ValueError(f"the checkpoint in {folder} lacks tensors the model needs: {missing_keys[:5]}.")
 
-    for key in expected_kv_scales(model):
-        if key not in tensors:
-            raise checkpoint_error(where(key), key, "missing: the quantizer state has a calibrated K/V amax for it")
-        check_tensor(where(key), key, tensors[key], torch.float32, (), scale=True)
-        used.add(key)
+    kv_expected = {key: (key, torch.float32, (), True) for key in kv_scale_quantizers(model)}
+    checked_tensors(tensors, kv_expected, where, used, "missing: the quantizer state has a calibrated K/V amax for it")
     for name, export in experts.items():
         module = modules[name]
         compress_experts(module, export, checkpoint_experts_tensors(export, module, tensors, names.tensor, where, used))
         for parameter in export.parameters:
-            value = getattr(module, parameter)
-            check_tensor(where(names.tensor(f"{name}.{parameter}")), f"{name}.{parameter} (dequantized with its scales)",
-                         value, None, tuple(value.shape))
+            check_dequantized(where(names.tensor(f"{name}.{parameter}")), f"{name}.{parameter}", getattr(module, parameter))
     for name, fmt in layers.items():
         module = modules[name]
-        expected = expected_layer_tensors(fmt, module)
-        layer_tensors = {}
-        for suffix, (dtype, shape) in expected.items():
-            key = names.tensor(f"{name}.{suffix}")
-            if key not in tensors:
-                raise checkpoint_error(where(key), key, f"missing: a {LAYER_QUANT_ALGO[fmt]} layer's checkpoint holds it")
-            check_tensor(where(key), key, tensors[key], dtype, shape, scale=suffix != "weight")
-            layer_tensors[suffix] = tensors[key]
-            used.add(key)
-        weight = dequantize_linear_weight(fmt, layer_tensors, module.weight.shape, module.weight.dtype)
-        check_tensor(where(f"{name}.weight"), f"{name}.weight (dequantized with its scales)", weight, None, tuple(weight.shape))
-        with torch.no_grad():
-            module.weight.copy_(weight)
-        module.weight_quantizer = CompressedWeightQuantizer(module.weight_quantizer, fmt, layer_tensors)
+        expected = {suffix: (names.tensor(f"{name}.{suffix}"), dtype, shape, suffix != "weight")
+                    for suffix, (dtype, shape) in expected_layer_tensors(fmt, module).items()}
+        layer_tensors = checked_tensors(tensors, expected, where, used, f"missing: a {LAYER_QUANT_ALGO[fmt]} layer's checkpoint holds it")
+        compress_linear(module, fmt, layer_tensors)
+        check_dequantized(where(f"{name}.weight"), f"{name}.weight", module.weight)
     unknown = sorted(set(tensors) - used)
     if unknown:
         raise ValueError(f"the checkpoint in {folder} holds tensors the model has no place for: {unknown[:5]}.")

@@ -1,5 +1,7 @@
 """What a model exports, computed without touching it: each quantized linear's format and tensors,
-the fusion groups of shared-input layers, the K/V scales and hf_quant_config (ExportPlan)."""
+the fusion groups of shared-input layers, the K/V scales, each MoE experts module's plan
+(refquant.hf.export.experts), the checkpoint names (refquant.hf.export.names) and hf_quant_config
+under those names (ExportPlan)."""
 
 from __future__ import annotations
 
@@ -168,7 +170,9 @@ def _group_max(amaxes: list[torch.Tensor]) -> torch.Tensor:
     return torch.max(torch.stack([a.reshape(()).to(amaxes[0].device) for a in amaxes]))
 
 
-def _required_amax(name: str, quantizer: TensorQuantizer) -> torch.Tensor:
+def required_amax(name: str, quantizer: TensorQuantizer) -> torch.Tensor:
+    """The amax of the enabled quantizer `name` that the checkpoint's scales come from; ValueError
+    when it has none (calibration did not run)."""
     amax = quantizer.amax
     if amax is None:
         raise ValueError(
@@ -281,22 +285,34 @@ def _check_tied_weights(model: nn.Module) -> None:
         )
 
 
+def kv_scale_quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
+    """checkpoint key (`...self_attn.k_proj.k_scale`, `...v_proj.v_scale`) -> the K or V quantizer
+    whose scale the checkpoint holds: each enabled one that does not use the constant amax (the
+    "cast" KV modes write no scale). The export refuses one without a calibrated amax
+    (uncalibrated_scale_quantizers), so every key here gets its quantizer's amax / 448."""
+    found = {}
+    for name, module in model.named_modules():
+        for attr, suffix in KV_QUANTIZERS.items():
+            quantizer = child_quantizer(module, attr)
+            if quantizer is not None and quantizer.is_enabled and not quantizer.config.use_constant_amax:
+                found[f"{name}.{suffix}" if name else suffix] = quantizer
+    return found
+
+
 def uncalibrated_scale_quantizers(model: nn.Module, layers) -> list[str]:
     """Quantizers whose scale the checkpoint's config promises but which hold no amax: the input
-    quantizer of each quantized layer in `layers` (a static input_scale) and K/V (k_scale, v_scale),
-    each enabled, not constant, without a calibrated amax. Calibration did not finish, or its data
-    never reached them; a checkpoint would lack the scale and a runtime use a default (or fail)."""
+    quantizer of each quantized layer in `layers` (a static input_scale) and K/V (k_scale, v_scale,
+    kv_scale_quantizers), each enabled, not constant, without a calibrated amax. Calibration did not
+    finish, or its data never reached them; a checkpoint would lack the scale and a runtime use a
+    default (or fail)."""
     modules = dict(model.named_modules())
     missing = []
     for name in layers:
         input_q = child_quantizer(modules[name], "input_quantizer")
         if input_q is not None and input_q.is_enabled and input_q.amax is None:
             missing.append(f"{name}.input_quantizer")
-    for name, module in modules.items():
-        for attr in KV_QUANTIZERS:
-            quantizer = child_quantizer(module, attr)
-            if quantizer is not None and quantizer.is_enabled and quantizer.amax is None:
-                missing.append(f"{name}.{attr}" if name else attr)
+    quantizer_names = {quantizer: name for name, quantizer in named_quantizers(model)}
+    missing += [quantizer_names[q] for q in kv_scale_quantizers(model).values() if q.amax is None]
     return missing
 
 
@@ -341,7 +357,7 @@ def plan_export(model: nn.Module) -> ExportPlan:
         if fmt is None:
             continue
         module = modules[name]
-        weight_amax[name] = _required_amax(f"{name}.weight_quantizer", module.weight_quantizer)
+        weight_amax[name] = required_amax(f"{name}.weight_quantizer", module.weight_quantizer)
         input_q = child_quantizer(module, "input_quantizer")
         input_amax[name] = input_q.amax if input_q is not None and input_q.is_enabled else None
 
@@ -376,26 +392,20 @@ def plan_export(model: nn.Module) -> ExportPlan:
         linears[name] = LinearExport(name, formats[name], weight_amax[name], input_amax[name], compute)
     _check_scales_calibrated(model, linears)
 
-    kv_scales = {}
-    for name, module in modules.items():
-        for attr, suffix in KV_QUANTIZERS.items():
-            quantizer = child_quantizer(module, attr)
-            if quantizer is not None and quantizer.is_enabled and quantizer.is_calibrated:
-                key = f"{name}.{suffix}" if name else suffix
-                kv_scales[key] = fp8_scale(quantizer.amax, flavor)
+    kv_scales = {key: fp8_scale(quantizer.amax, flavor) for key, quantizer in kv_scale_quantizers(model).items()}
 
     hf_quant_config = {
         "producer": {"name": "modelopt", "version": MODELOPT_FORMAT_VERSION},
         "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
     }
-    from .experts import config_layers, plan_experts
-    from .names import checkpoint_names, renamed_quant_config
+    from .experts import config_layers, model_checkpoint_names, plan_experts
+    from .names import renamed_quant_config
 
     experts = plan_experts(model, flavor)
     hf_quant_config["quantization"].update(layer_quant_config(config_layers(model, formats, experts)))
     kv_algo = _kv_cache_algo(model)
     if kv_algo is not None:
         hf_quant_config["quantization"]["kv_cache_quant_algo"] = kv_algo
-    names = checkpoint_names(model, {f"{name}.{p}" for name, e in experts.items() if e.layout.kind == "fused" for p in e.parameters})
+    names = model_checkpoint_names(model, experts)
     hf_quant_config = renamed_quant_config(hf_quant_config, names)
     return ExportPlan(linears, kv_scales, fused_groups, hf_quant_config, flavor, backend, quantizers, experts, names)

@@ -62,20 +62,29 @@ def export_linear_tensors(
     return tensors
 
 
+def writes_input_scale(fmt: str, input_q: Optional[TensorQuantizer]) -> bool:
+    """Whether a quantized linear of format `fmt` with this input quantizer gets an input_scale
+    (modelopt's rule): FP8 whenever the input quantizer holds a calibrated amax (on or off); NVFP4
+    when it is on and has an amax (a constant one included); W4A16 never."""
+    if input_q is None:
+        return False
+    if fmt == "fp8":
+        return input_q.is_calibrated
+    return fmt == "nvfp4" and input_q.is_enabled and input_q.amax is not None
+
+
 def export_input_scale(
     fmt: str, input_q: Optional[TensorQuantizer], input_amax: Optional[torch.Tensor], flavor: str
 ) -> Optional[torch.Tensor]:
-    """A quantized linear's fp32 0-d input_scale, or None where modelopt writes none. FP8: amax /
-    448 whenever the input quantizer holds a calibrated amax; NVFP4: amax / (6 * 448) from the
-    (fused) input amax; W4A16: none."""
-    if fmt == "fp8":
-        if input_q is not None and input_q.is_calibrated:
-            return fp8_scale(_export_amax(input_q.amax, E4M3_MAX, clamp=True), flavor).reshape(())
+    """A quantized linear's fp32 0-d input_scale, or None where modelopt writes none
+    (writes_input_scale). FP8: the input quantizer's amax / 448; NVFP4: amax / (6 * 448) from
+    `input_amax`, the (fused) input amax the plan gives wherever a scale is written."""
+    if not writes_input_scale(fmt, input_q):
         return None
-    if fmt == "nvfp4" and input_amax is not None:
-        sanitized = _export_amax(input_amax, E2M1_MAX, clamp=False)
-        return global_scale_from_amax(sanitized.float(), flavor).reshape(())
-    return None
+    if fmt == "fp8":
+        return fp8_scale(_export_amax(input_q.amax, E4M3_MAX, clamp=True), flavor).reshape(())
+    sanitized = _export_amax(input_amax, E2M1_MAX, clamp=False)
+    return global_scale_from_amax(sanitized.float(), flavor).reshape(())
 
 
 def dequantize_linear_weight(fmt: str, tensors: dict[str, torch.Tensor], shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:

@@ -19,7 +19,7 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -29,15 +29,8 @@ from ...numerics.formats import NVFP4_BLOCK_SIZE
 from ...quant.backends import BACKENDS
 from ...quant.quantizer import child_quantizer
 from .configs import LAYER_QUANT_ALGO, quantization_config
-from .plan import KV_QUANTIZERS, ExportPlan, layer_format
-
-# safetensors' dtype names (its format's "dtype" field) -> torch
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
-
+from .plan import ExportPlan, layer_format
+from .tensors import writes_input_scale
 
 def checkpoint_error(path: Path, key: str, problem: str, fix: str = "The checkpoint is damaged; export it again.") -> ValueError:
     return ValueError(f"{path}: {key}: {problem}. {fix}")
@@ -184,32 +177,18 @@ def expected_layer_tensors(fmt: str, module: nn.Module) -> dict[str, tuple[torch
     (refquant.hf.export.tensors.export_linear_tensors), its quantizers restored."""
     shape = tuple(module.weight.shape)
     rows, columns = shape[:-1], shape[-1]
-    input_q = child_quantizer(module, "input_quantizer")
     if fmt == "fp8":
         tensors = {"weight": (torch.float8_e4m3fn, shape), "weight_scale": (torch.float32, ())}
-        if input_q is not None and input_q.is_calibrated:
-            tensors["input_scale"] = (torch.float32, ())
-        return tensors
-    blocks = -(-columns // NVFP4_BLOCK_SIZE)
-    tensors = {
-        "weight": (torch.uint8, (*rows, blocks * NVFP4_BLOCK_SIZE // 2)),
-        "weight_scale": (torch.float8_e4m3fn, (*rows, blocks)),
-        "weight_scale_2": (torch.float32, ()),
-    }
-    if fmt == "nvfp4" and input_q is not None and input_q.is_enabled and input_q.amax is not None:
+    else:
+        blocks = -(-columns // NVFP4_BLOCK_SIZE)
+        tensors = {
+            "weight": (torch.uint8, (*rows, blocks * NVFP4_BLOCK_SIZE // 2)),
+            "weight_scale": (torch.float8_e4m3fn, (*rows, blocks)),
+            "weight_scale_2": (torch.float32, ()),
+        }
+    if writes_input_scale(fmt, child_quantizer(module, "input_quantizer")):
         tensors["input_scale"] = (torch.float32, ())
     return tensors
-
-
-def expected_kv_scales(model: nn.Module) -> list[str]:
-    """The K/V scale keys the export writes: one per enabled, calibrated K or V quantizer."""
-    keys = []
-    for name, module in model.named_modules():
-        for attr, suffix in KV_QUANTIZERS.items():
-            quantizer = child_quantizer(module, attr)
-            if quantizer is not None and quantizer.is_enabled and quantizer.is_calibrated:
-                keys.append(f"{name}.{suffix}" if name else suffix)
-    return keys
 
 
 def check_tensor(path: Path, key: str, tensor: torch.Tensor, dtype: Optional[torch.dtype], shape: tuple, scale: bool = False) -> None:
@@ -233,6 +212,30 @@ def check_tensor(path: Path, key: str, tensor: torch.Tensor, dtype: Optional[tor
         first = tensor.flatten()[bad.flatten()][0].float().item()
         what = "NaN, infinite or negative" if scale else "NaN or infinite"
         raise checkpoint_error(path, key, f"{int(bad.sum())} of its {tensor.numel()} values are {what} (e.g. {first})")
+
+
+def checked_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[str, Optional[torch.dtype], tuple, bool]],
+                    file_of: Callable[[str], Path], used: set[str], missing: str) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors `expected` names, each checked (check_tensor).
+
+    expected: the caller's name for a tensor -> (its checkpoint key, dtype (None: any), shape, whether
+    it is a scale). Returns the caller's name -> the tensor. A key not in `tensors` raises
+    checkpoint_error with the problem `missing` ("missing: ..."); `file_of` gives the file a key
+    comes from; every key read is added to `used`."""
+    found = {}
+    for name, (key, dtype, shape, scale) in expected.items():
+        if key not in tensors:
+            raise checkpoint_error(file_of(key), key, missing)
+        check_tensor(file_of(key), key, tensors[key], dtype, shape, scale=scale)
+        found[name] = tensors[key]
+        used.add(key)
+    return found
+
+
+def check_dequantized(path: Path, name: str, weight: torch.Tensor) -> None:
+    """A weight dequantized from its checkpoint tensors is finite (finite codes and scales can still
+    overflow its dtype); `name` is the weight's, reported as "NAME (dequantized with its scales)"."""
+    check_tensor(path, f"{name} (dequantized with its scales)", weight, None, tuple(weight.shape))
 
 
 # --- agreement --------------------------------------------------------------------------------
