@@ -6,7 +6,8 @@ Measured per variant (plain bf16, modelopt, refquant compiled, refquant referenc
 
     calibration s    wall time of rq.quantize_model / mtq.quantize (the forward loop included)
     forward ms       median of timed forwards of the evaluation batch (CUDA events, after warm-up);
-                     the JSON keeps every forward's time and host time, in order
+                     the JSON keeps every forward's time and host time, in order, and the two
+                     warm-up forwards' (the first is the first forward after calibration)
     export s         rq.export_checkpoint / modelopt's export_hf_checkpoint
     peak GiB         torch.cuda.max_memory_allocated over calibration + forward + export; the
                      pristine weights wait on the CPU, so the GPU holds the working model only
@@ -17,9 +18,16 @@ Measured per variant (plain bf16, modelopt, refquant compiled, refquant referenc
                      one (benchmarks/README.md, "Reading the timings")
     vs modelopt      every quantizer's amax, the evaluation logits and every exported tensor,
                      bit for bit (refquant compiled and reference against modelopt's run)
-    vs compiled      the same, for compiled_fallback against compiled
+    vs compiled      the same, for compiled_fallback and compiled_no_graph_call against compiled
 
-Variants: plain (bf16, no quantizers), modelopt, compiled, reference, and compiled_fallback: the
+The plain row is the model as transformers runs it by default (MoE experts: grouped_mm where
+torch has it), its calibration the same forwards after one warm-up forward. For an MoE shape a
+plain_eager row adds the experts' eager loop (an F.linear per expert), the computation modelopt
+quantizes and whose bits refquant reproduces; ratios are to the plain row.
+
+Variants: plain (bf16, no quantizers), modelopt, compiled, reference, compiled_no_graph_call
+(the direct graph call off, the fast kernel launch as it decides: what the direct graph call buys),
+and compiled_fallback: the
 compiled backend with its fast paths off (REFQUANT_FAST_LAUNCH=0: Triton's kernel[grid](...) and
 dynamo's own dispatch; refquant.compiled.private_api), to measure what they buy in the same run.
 --fast-launch off (or on) sets REFQUANT_FAST_LAUNCH for every variant instead; each row records
@@ -68,8 +76,9 @@ SHAPES = {
                 num_experts_per_tok=8, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=32000),
 }
 DEFAULT_RECIPES = ("fp8_default-fp8_kv", "nvfp4_default-fp8_cast_kv", "nvfp4_default-fp8_kv")
-VARIANTS = ("plain", "modelopt", "compiled", "compiled_fallback", "reference")
-DEFAULT_VARIANTS = ("plain", "modelopt", "compiled", "reference")
+VARIANTS = ("plain", "plain_eager", "modelopt", "compiled", "compiled_no_graph_call", "compiled_fallback", "reference")
+DEFAULT_VARIANTS = ("plain", "plain_eager", "modelopt", "compiled", "reference")
+PLAIN_VARIANTS = ("plain", "plain_eager")  # no quantizers: one row a shape
 FAST_LAUNCH_SETTINGS = {"auto": None, "on": "1", "off": "0"}  # --fast-launch: REFQUANT_FAST_LAUNCH for the run
 
 
@@ -104,8 +113,8 @@ def fast_paths_on() -> dict:
 
 def build_model(shape: str, seed: int, device: torch.device):
     """The causal LM of SHAPES[shape] (Llama unless it names a model_type), transformers' own init
-    under `seed`, bf16, eval, on device. MoE experts run eagerly (an F.linear per expert), the
-    implementation modelopt and refquant quantize, so the plain row is the same computation."""
+    under `seed`, bf16, eval, on device, with transformers' default experts implementation
+    (modelopt and refquant switch a model with fused experts to the eager loop themselves)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     settings = dict(SHAPES[shape])
@@ -122,9 +131,11 @@ def build_model(shape: str, seed: int, device: torch.device):
                 model = AutoModelForCausalLM.from_config(config)
         finally:
             torch.set_default_dtype(default)
-    if hasattr(model, "set_experts_implementation") and getattr(model.config, "_experts_implementation", None) is not None:
-        model.set_experts_implementation("eager")
     return model.eval()
+
+
+def has_fused_experts(model) -> bool:
+    return getattr(model.config, "_experts_implementation", None) is not None
 
 
 def batches_for(shape: str, count: int, batch: int, seq: int, seed: int) -> list[torch.Tensor]:
@@ -155,7 +166,7 @@ def timed_forward_ms(model, batch: torch.Tensor, device: torch.device, repeats: 
     well above it: the thread waited or was not running), and the machine's share of stolen CPU
     time over the timed forwards."""
     batch = batch.to(device)
-    times, host, host_cpu = [], [], []
+    times, host, host_cpu, warm_up = [], [], [], []
     ticks_before = None
     with torch.no_grad():
         for step in range(repeats + 2):
@@ -175,12 +186,15 @@ def timed_forward_ms(model, batch: torch.Tensor, device: torch.device, repeats: 
                 began = time.perf_counter()
                 model(input_ids=batch)
                 elapsed = (time.perf_counter() - began) * 1e3
-            if step >= 2:
+            if step < 2:
+                warm_up.append(elapsed)
+            else:
                 times.append(elapsed)
                 if device.type == "cuda":
                     host.append(issued)
                     host_cpu.append(issued_cpu)
-    timing = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "each_ms": times}
+    timing = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "each_ms": times,
+              "warm_up_each_ms": warm_up}
     if host:
         timing["host_ms"] = statistics.median(host)
         timing["host_each_ms"] = host  # in order: a host that slows down or speeds up shows here
@@ -209,9 +223,17 @@ def run_variant(variant: str, recipe: str, pristine, shape: str, args, batches, 
     before anything else runs on it (the pytest-benchmark suite times its forwards there)."""
     setting = "0" if variant == "compiled_fallback" else FAST_LAUNCH_SETTINGS[getattr(args, "fast_launch", "auto")]
     with fast_launch_setting(setting):
-        result = _run_variant(variant, recipe, pristine, shape, args, batches, eval_batch, workdir, on_calibrated)
-        if variant in ("compiled", "compiled_fallback"):
-            result["fast_paths"] = fast_paths_on()
+        from refquant.compiled import private_api
+
+        if variant == "compiled_no_graph_call":
+            private_api.GRAPH_CALL.on = False  # decided: off; the kernel launch decides as it would
+        try:
+            result = _run_variant(variant, recipe, pristine, shape, args, batches, eval_batch, workdir, on_calibrated)
+            if variant.startswith("compiled"):
+                result["fast_paths"] = fast_paths_on()
+        finally:
+            if variant == "compiled_no_graph_call":
+                private_api.forget_decisions()
     return result
 
 
@@ -223,15 +245,20 @@ def _run_variant(variant: str, recipe: str, pristine, shape: str, args, batches,
     result: dict = {"variant": variant, "recipe": recipe}
     synchronize(device)
     began = time.perf_counter()
-    if variant == "plain":
+    if variant in PLAIN_VARIANTS:
+        if variant == "plain_eager":
+            model.set_experts_implementation("eager")
         with torch.no_grad():
+            model(input_ids=batches[0].to(device))  # warm-up: first-use costs out of the baseline
+            synchronize(device)
+            began = time.perf_counter()
             for batch in batches:
                 model(input_ids=batch.to(device))
     elif variant == "modelopt":
         quantize_with_modelopt(model, recipe, batches, device)
     else:
         flavor = "modelopt-cuda" if device.type == "cuda" else "modelopt-cpu"
-        backend = "compiled" if variant == "compiled_fallback" else variant
+        backend = "compiled" if variant.startswith("compiled") else variant
         rq.quantize_model(model, rq.load_recipe(recipe), batches, backend=backend, flavor=flavor, progress=False)
     synchronize(device)
     result["calibration_s"] = time.perf_counter() - began
@@ -239,8 +266,8 @@ def _run_variant(variant: str, recipe: str, pristine, shape: str, args, batches,
         on_calibrated(model, eval_batch, device)
     result["forward"] = timed_forward_ms(model, eval_batch, device, args.repeats)
     logits = logits_of(model, eval_batch)
-    amax = amax_table(model) if variant != "plain" and args.compare else None
-    if variant != "plain" and args.paired:
+    amax = amax_table(model) if variant not in PLAIN_VARIANTS and args.compare else None
+    if variant not in PLAIN_VARIANTS and args.paired:
         # before the export, which leaves modelopt's model holding exported weights (no longer a
         # fake-quant model); the plain copy's memory is kept out of the peak
         peak_before = peak_gib(device)
@@ -250,7 +277,7 @@ def _run_variant(variant: str, recipe: str, pristine, shape: str, args, batches,
         reset_peak(device)
     else:
         peak_before = None
-    if variant != "plain" and not args.no_export:
+    if variant not in PLAIN_VARIANTS and not args.no_export:
         out = workdir / f"{recipe}-{variant}"
         began = time.perf_counter()
         if variant == "modelopt":
@@ -370,10 +397,13 @@ def run_shape(shape: str, args, modelopt_ok: bool, rows: list[dict]) -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         plain = run_variant("plain", "-", pristine, shape, args, batches, eval_batch, Path(tmp))
         rows.append(table_row(shape, parameters, plain, plain))
+        if "plain_eager" in args.variants and has_fused_experts(pristine):
+            rows.append(table_row(shape, parameters, run_variant("plain_eager", "-", pristine, shape, args, batches,
+                                                                 eval_batch, Path(tmp)), plain))
         for recipe in recipes:
             results = {}
             for variant in args.variants:
-                if variant == "plain" or (variant == "modelopt" and not modelopt_ok):
+                if variant in PLAIN_VARIANTS or (variant == "modelopt" and not modelopt_ok):
                     continue
                 try:
                     results[variant] = run_variant(variant, recipe, pristine, shape, args, batches, eval_batch, Path(tmp))
@@ -385,7 +415,7 @@ def run_shape(shape: str, args, modelopt_ok: bool, rows: list[dict]) -> None:
             for variant, result in results.items():
                 if variant != "modelopt" and "modelopt" in results and "error" not in result and "error" not in results["modelopt"]:
                     result["vs_modelopt"] = compare_to_modelopt(result, results["modelopt"])
-                if variant == "compiled_fallback" and "error" not in result and "error" not in results.get("compiled", {"error": ""}):
+                if variant in ("compiled_fallback", "compiled_no_graph_call") and "error" not in result and "error" not in results.get("compiled", {"error": ""}):
                     result["vs_compiled"] = compare_to_modelopt(result, results["compiled"])
                 rows.append(table_row(shape, parameters, result, plain))
             for result in results.values():
@@ -440,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shapes", default="small,large", help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--recipes", nargs="*", default=list(DEFAULT_RECIPES))
     parser.add_argument("--variants", nargs="*", default=list(DEFAULT_VARIANTS), choices=VARIANTS,
-                        help="compiled_fallback: the compiled backend with its fast paths off, beside compiled")
+                        help="compiled_fallback: the compiled backend with its fast paths off, beside compiled; "
+                             "compiled_no_graph_call: with the direct graph call off")
     parser.add_argument("--fast-launch", choices=list(FAST_LAUNCH_SETTINGS), default="auto",
                         help="REFQUANT_FAST_LAUNCH for every variant: off (0), on (1), or auto (as set, else on where tested)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -466,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="modelopt")
     modelopt_ok = "modelopt" in args.variants and modelopt_available()
     # the amax tables are read only to compare with modelopt's, or the fallback's with compiled's
-    args.compare = modelopt_ok or {"compiled", "compiled_fallback"} <= set(args.variants)
+    args.compare = modelopt_ok or ("compiled" in args.variants and bool({"compiled_fallback", "compiled_no_graph_call"} & set(args.variants)))
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     rows: list[dict] = []
     for shape in shapes:

@@ -156,6 +156,9 @@ DENSE_FAMILIES: dict[str, Family] = {
 MOE_FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(
         MOE, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2), "eager"),
+    # top-4 of 8: a token's output sums four experts, so the order of the sum shows in the bits
+    "qwen3_moe_top4": Family("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(
+        MOE, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=4), "eager"),
     # a shared expert with its sigmoid shared_expert_gate (an nn.Linear)
     "qwen2_moe": Family("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(
         MOE, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2), "eager"),

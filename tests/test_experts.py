@@ -21,8 +21,9 @@ from torch import nn
 
 import refquant as rq
 from refquant.hf import experts as experts_module
+from refquant.hf import experts_loop
 from refquant.hf.export import read_checkpoint_tensors
-from refquant.quant.quantizer import QuantizerConfig, SliceQuantizers, TensorQuantizer
+from refquant.quant.quantizer import QuantizerConfig, SliceQuantizers, TensorQuantizer, all_quantizers_off
 from conftest import REPO
 
 pytest.importorskip("transformers")
@@ -188,6 +189,10 @@ def test_one_call_over_all_experts_on_cuda_equals_each_experts_own_quantizer(fmt
     stacked = SliceQuantizers(quantizers)(weight)
     for index, quantizer in enumerate(quantizers):
         assert torch.equal(stacked[index].view(torch.int16), quantizer(weight[index]).view(torch.int16)), f"expert {index}"
+        # and the reference numerics of that expert alone (the compiled backend launches a kernel a slice)
+        alone = (rq.fp8_fake_quant(weight[index], amax[index], flavor="modelopt-cuda") if fmt == "fp8"
+                 else rq.nvfp4_fake_quant(weight[index], amax[index]))
+        assert torch.equal(stacked[index].view(torch.int16), alone.view(torch.int16)), f"expert {index} vs reference"
 
 
 def test_nvfp4_takes_one_amax_per_slice_only_when_asked():
@@ -221,19 +226,96 @@ def test_one_call_over_all_experts_declines_where_it_would_not_be_exact():
     assert call(weight) is None
 
 
-@pytest.mark.parametrize("family,recipe", [("qwen3_moe", "nvfp4_default-fp8_kv"), ("mixtral", "fp8_default-fp8_kv")])
-def test_experts_forward_gives_the_per_expert_calls_bits(family, recipe, monkeypatch):
-    """The quantized forward (hidden states quantized once before routing, all experts' weights in
-    one call) against modelopt's order of work: every expert's input and weight through its
-    quantizer at its own F.linear call."""
-    batches, eval_batch = mc.default_batches()
-    model = mc.build_model(family)
-    rq.quantize_model(model, rq.load_recipe(recipe), batches, progress=False)
-    fast = mc.logits_of(model, eval_batch)
+def modelopts_order_of_work(monkeypatch) -> None:
+    """From here on, the experts run as modelopt runs them: transformers' own eager loop, every
+    expert's input and weight through its quantizers at its own F.linear call."""
+    monkeypatch.setattr(experts_module, "runs_eager_forward", lambda cls: False)
     monkeypatch.setattr(experts_module, "quantizes_with_fixed_amax", lambda quantizer: False)
-    monkeypatch.setattr(SliceQuantizers, "__call__", lambda self, x: None)
-    per_expert = mc.logits_of(model, eval_batch)
-    assert torch.equal(fast, per_expert)
+    monkeypatch.setattr(SliceQuantizers, "__call__", lambda self, x, first=0: None)
+
+
+def calibrated_state(model) -> dict:
+    """Every quantizer's amax and every experts module's calibration token counts."""
+    state = {name: q.amax.clone() for name, q in model.named_modules() if isinstance(q, TensorQuantizer) and q.amax is not None}
+    state |= {name: list(m.calibration_tokens) for name, m in model.named_modules() if experts_module.is_quant_experts(m)}
+    return state
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3"])
+def test_transformers_eager_experts_forward_is_the_one_refquants_loop_reproduces(family):
+    model = mc.build_model(family)
+    classes = {type(m) for m in model.modules() if experts_module.experts_layout("", m) is not None}
+    assert classes and all(experts_loop.runs_eager_forward(cls) for cls in classes), classes
+
+
+@pytest.mark.parametrize("family,recipe,experts_per_group", [
+    ("qwen3_moe_top4", "nvfp4_default-fp8_kv", 8), ("qwen3_moe_top4", "fp8_default-fp8_cast_kv", 3),
+    ("qwen3_moe_top4", "nvfp4_default-fp8_cast_kv", 5),
+    ("mixtral", "fp8_default-fp8_kv", 8), ("deepseek_v3", "nvfp4_default-fp8_kv", 1), ("olmoe", "fp8_default-fp8_kv", 3),
+])
+def test_experts_loop_calibrates_and_quantizes_with_the_per_expert_calls_bits(family, recipe, experts_per_group, monkeypatch):
+    """refquant's experts loop (tokens found by one sort, elementwise steps and the shared input
+    quantizers over a group of experts' rows, weights quantized a group at a time) against
+    modelopt's order of work: the same amaxes and token counts after calibration, the same logits
+    quantized, and the same logits with every quantizer off, bit for bit."""
+    batches, eval_batch = mc.default_batches()
+    monkeypatch.setattr(experts_loop, "experts_per_group", lambda module: experts_per_group)
+    model = mc.build_model(family)
+    per_expert = copy.deepcopy(model)
+    rq.quantize_model(model, rq.load_recipe(recipe), batches, progress=False)
+    ours = (calibrated_state(model), mc.logits_of(model, eval_batch))
+    with all_quantizers_off(model):
+        ours_off = mc.logits_of(model, eval_batch)
+    modelopts_order_of_work(monkeypatch)
+    rq.quantize_model(per_expert, rq.load_recipe(recipe), batches, progress=False)
+    assert same_state(ours[0], calibrated_state(per_expert))
+    assert torch.equal(ours[1], mc.logits_of(per_expert, eval_batch))
+    assert torch.equal(ours[1], mc.logits_of(model, eval_batch))  # the calibrated model, run modelopt's way
+    with all_quantizers_off(per_expert):
+        assert torch.equal(ours_off, mc.logits_of(per_expert, eval_batch))
+
+
+def test_experts_loop_calls_a_watched_or_dynamic_quantizer_once_per_expert_as_modelopt():
+    """An input quantizer whose calls something watches (a hook), or whose amax comes from each
+    call's data, is called on each expert's rows, as the eager loop calls it."""
+    model = mc.build_model("qwen3_moe")
+    rq.insert_quantizers(model)
+    rq.apply_recipe(model, rq.load_recipe("fp8_default-fp8_kv"))  # no calibration: amax from each call
+    experts = next(m for m in model.modules() if experts_module.is_quant_experts(m))
+    seen = []
+    experts.down_proj_input_quantizer.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    tokens = torch.tensor([[0, 1], [1, 2], [0, 3]])
+    weights = torch.full((3, 2), 0.5, dtype=torch.bfloat16)
+    hidden = torch.randn(3, model.config.hidden_size, dtype=torch.bfloat16)
+    with torch.no_grad():
+        experts(hidden, tokens, weights)
+    assert seen == [2, 2, 1, 1]  # experts 0..3 received 2, 2, 1 and 1 rows
+
+
+def test_experts_loop_groups_as_many_experts_as_the_byte_budget_holds():
+    model = mc.build_model("qwen3_moe")
+    experts = next(m for m in model.modules() if experts_module.experts_layout("", m) is not None)
+    per_expert = (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) * 2  # bf16
+    assert experts_loop.experts_per_group(experts) == experts_loop.GROUP_BYTES // per_expert
+    with torch.no_grad():
+        big = nn.Parameter(torch.empty(2, experts_loop.GROUP_BYTES, 1, dtype=torch.bfloat16), requires_grad=False)
+    experts.gate_up_proj = big
+    assert experts_loop.experts_per_group(experts) == 1  # never fewer than one
+
+
+def test_experts_loop_leaves_an_index_beyond_the_experts_to_the_modules_own_forward():
+    model = mc.build_model("qwen3_moe")
+    rq.insert_quantizers(model)
+    rq.apply_recipe(model, rq.load_recipe("fp8_default-fp8_kv"))
+    experts = next(m for m in model.modules() if experts_module.is_quant_experts(m))
+    hidden = torch.randn(2, model.config.hidden_size, dtype=torch.bfloat16)
+    beyond = torch.tensor([[0, experts.num_experts], [1, 2]])
+    assert experts_loop.loop_forward(experts, hidden, beyond, torch.ones(2, 2, dtype=torch.bfloat16), None) is None
 
 
 def test_compiled_backend_quantizes_moe_as_modelopt(modelopt):
@@ -356,3 +438,21 @@ def test_cli_quantize_of_a_local_qwen3_moe_folder_writes_modelopts_checkpoint(mo
     assert comparison["tensors"] == len(read_checkpoint_tensors(out))
     assert json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"] == [
         "lm_head", "model.embed_tokens", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+
+
+def test_experts_loop_collects_each_expert_weight_once_per_calibration(monkeypatch):
+    """The weight slices pass through their quantizers once, before the forwards; the loop does
+    not collect them again at every batch (the same max, at a launch per expert and batch)."""
+    from refquant.quant import quantizer as quantizer_module
+
+    collected = []
+    collect = quantizer_module._MaxCalibrator.collect
+    monkeypatch.setattr(quantizer_module._MaxCalibrator, "collect",
+                        lambda self, x, name: (collected.append(name), collect(self, x, name))[1])
+    batches, _ = mc.default_batches()
+    model = mc.build_model("qwen3_moe_top4")
+    rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
+    expert_weights = [n for n in collected if ".experts." in n and "weight_quantizers." in n]
+    assert expert_weights and len(expert_weights) == len(set(expert_weights))
+    shared_inputs = [n for n in collected if n.endswith("experts.down_proj_input_quantizer")]
+    assert len(shared_inputs) == len(batches) * model.config.num_hidden_layers

@@ -188,6 +188,10 @@ def fp8_fake_quant(
     if axis is None and _is_per_tensor(amax):
         out = _run(_compiled_fp8_fake_quant, reference_fp8.fp8_fake_quant, _rows(x), amax, axis=None, flavor=flavor)
         return _as_shape_of(out, x)
+    if axis is None and _takes_kernel_per_slice(x, amax, BoundKernelLaunch.DTYPES):
+        from . import fp8_fake_triton
+
+        return _fake_quant_slices(fp8_fake_triton.fake_quant_kernel(flavor), x, amax)
     return _run(_compiled_fp8_fake_quant, reference_fp8.fp8_fake_quant, _own(x), _own(amax), axis=axis, flavor=flavor)
 
 
@@ -258,12 +262,35 @@ def nvfp4_fake_quant(
     if amax is not None:
         amax = as_amax_tensor(amax, x)
     if per_slice_amax and not _is_per_tensor(amax) and amax.numel() != 1:
-        # one global amax per slice (a stack of expert weights): the compiled reference takes
-        # x in its own shape; the Triton block step takes one global amax
+        # one global amax per slice (a stack of expert weights)
+        if _takes_triton_block_step(x) and _takes_kernel_per_slice(x, amax, BoundKernelLaunch.DTYPES):
+            from . import nvfp4_fake_triton
+
+            return _fake_quant_slices(nvfp4_fake_triton.fake_quant_kernel(), x, amax)
         return _run(_nvfp4_fake_quant_graph(x, per_slice=True), reference_nvfp4.nvfp4_fake_quant, _own(x), _own(amax),
                     per_slice_amax=True)
     out = _run(_nvfp4_fake_quant_graph(x), reference_nvfp4.nvfp4_fake_quant, _rows(x), amax)
     return _as_shape_of(out, x)
+
+
+def _takes_kernel_per_slice(x: torch.Tensor, amax: torch.Tensor, dtypes: tuple) -> bool:
+    """Whether a fake quant of x under one amax per slice along dim 0 (amax of shape (E, 1, ..., 1),
+    a stack of expert weights) runs as our Triton kernel, slice by slice: CUDA, a dtype the kernel
+    is checked for, contiguous, outside autograd."""
+    return (x.is_cuda and x.dtype in dtypes and x.is_contiguous() and x.ndim >= 2
+            and amax.ndim == x.ndim and amax.shape[0] == amax.numel() == x.shape[0]
+            and not (x.requires_grad and torch.is_grad_enabled()))
+
+
+def _fake_quant_slices(kernel: FakeQuantKernel, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """Each slice x[i] fake-quantized by `kernel` under its own amax amax[i], which is the
+    reference's per-slice result (each kernel is held to the reference for one amax); one launch a
+    slice, no graph, and for NVFP4 no GPU-division table on the device (the kernel divides as the
+    GPU does)."""
+    out = torch.empty_like(x)
+    for index, slice_amax in enumerate(amax.reshape(-1).unbind(0)):
+        kernel(x[index], (slice_amax,), out[index])
+    return out
 
 
 def _takes_triton_block_step(x: torch.Tensor) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -179,23 +179,24 @@ class FakeQuantKernel:
         output = runtime_parameters(kernel, constants)[-2]
         return cls(DirectLaunch(kernel, constants, num_warps, outputs=(output,)), unit, per_program)
 
-    def arguments(self, x: torch.Tensor, params: tuple) -> tuple[int, tuple, tuple]:
+    def arguments(self, x: torch.Tensor, params: tuple, out: Optional[torch.Tensor] = None) -> tuple[int, tuple, tuple]:
         """(programs, runtime arguments, key) for x, with a new y as arguments[-2]. The key is what
         a bound launch looks its kernel up by (launch_bound): what can change between calls of a
         binding, which fixes the dtypes, the device and the constexprs. That is the count, x's and
         y's addresses modulo ADDRESS_MODULUS, and each param's dtype and address (a write to
         `.data` changes both without a version counter); with what the binding fixes, it holds
-        all of DirectLaunch.key_of."""
-        y = torch.empty_like(x)
+        all of DirectLaunch.key_of. `out`, when given, is y (x's shape, dtype and strides)."""
+        y = torch.empty_like(x) if out is None else out
         count = x.numel() // self.unit
         key = (count, x.data_ptr() % ADDRESS_MODULUS, y.data_ptr() % ADDRESS_MODULUS)
         for param in params:  # a loop: a comprehension is one more frame on every call
             key += (param.dtype, param.data_ptr() % ADDRESS_MODULUS)
         return -(-count // self.per_program), (x, *params, y, count), key
 
-    def __call__(self, x: torch.Tensor, params: tuple) -> torch.Tensor:
-        """y for x, one launch through DirectLaunch's own look-up (calls that are not bound)."""
-        programs, args, _ = self.arguments(x, params)
+    def __call__(self, x: torch.Tensor, params: tuple, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """y for x (written into `out` when given), one launch through DirectLaunch's own look-up
+        (calls that are not bound)."""
+        programs, args, _ = self.arguments(x, params, out)
         self.launch.launch(programs, args)
         return args[-2]
 

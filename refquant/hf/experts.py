@@ -27,12 +27,14 @@ reached none of them while a quantizer is on raises, so another experts implemen
 (`grouped_mm`, `batched_mm`) can never leave a model silently unquantized; insert_quantizers
 sets `config._experts_implementation = "eager"` as modelopt does.
 
-Same bits, less work (the quantized forward, not calibration): a shared input quantizer with a
-fixed per-tensor amax quantizes the hidden states once before they are routed (each token's row
-is quantized alone, so gathering rows after quantizing gives the bits of quantizing the gathered
-rows), and each projection's per-expert weights are fake-quantized in one numerics call over the
-3-D parameter with one amax per expert (refquant.quant.quantizer.SliceQuantizers). Calibration
-calls the quantizers expert by expert, as modelopt.
+Same bits, less work: when the class's forward is transformers' eager experts forward word for
+word (most MoE families), refquant.hf.experts_loop runs it in a loop of its own, with the
+quantizers where the swapped F.linear would put them and the same bits, at one device sync a layer.
+In the swapped forward, a shared input quantizer with a fixed per-tensor amax quantizes the hidden
+states once before they are routed (each token's row is quantized alone, so gathering rows after
+quantizing gives the bits of quantizing the gathered rows), and each projection's per-expert
+weights are fake-quantized in one numerics call over the 3-D parameter with one amax per expert
+(refquant.quant.quantizer.SliceQuantizers).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.quantizer import SliceQuantizers, TensorQuantizer, quantizes_with_fixed_amax
+from ..quant.quantizer import SliceQuantizers, TensorQuantizer, quantizer_sees_each_call, quantizes_with_fixed_amax
+from .experts_loop import loop_forward, runs_eager_forward
 from .swap import quant_class, swapped
 
 EAGER = "eager"  # the experts implementation that calls F.linear per expert
@@ -251,6 +254,10 @@ class QuantFusedExpertsMixin(QuantExpertsMixin):
         """(shared input quantizer, per-expert weight quantizers) of "gate_up_proj"/"up_proj" or "down_proj"."""
         return getattr(self, f"{projection}_input_quantizer"), getattr(self, f"{projection}_weight_quantizers")
 
+    def slice_quantizers(self, projection: str) -> SliceQuantizers:
+        """The projection's weight quantizers, applied to a stack of expert slices in one call."""
+        return self._refquant_slice_quantizers[projection]
+
     def weights_for_calibration(self) -> Iterator[tuple[torch.Tensor, TensorQuantizer]]:
         """modelopt's iter_weights_for_calibration: (expert i's slice, its weight quantizer)."""
         for projection in self._refquant_layout.projections:
@@ -264,16 +271,20 @@ class QuantFusedExpertsMixin(QuantExpertsMixin):
         if not on:
             return super().forward(hidden_states, *args, **kwargs)
         self._check_experts_implementation()
+        counts = self._token_counts() if calibrating else None
+        if self._refquant_layout is FUSED_GATED and runs_eager_forward(self._refquant_original_class) and not kwargs and len(args) == 2:
+            output = loop_forward(self, hidden_states, *args, count_tokens=counts)
+            if output is not None:
+                return output
         first, _ = self._refquant_layout.projections
         parameters = {projection: getattr(self, projection) for projection in self._refquant_layout.projections}
         storages = {projection: _storage_of(parameter) for projection, parameter in parameters.items()}
-        counts = self._token_counts() if calibrating else None
         # Each projection's per-expert weights fake-quantized at once, where that is exact.
         quantized = {projection: self._refquant_slice_quantizers[projection](parameters[projection])
                      for projection in parameters}
         first_input_q = getattr(self, f"{first}_input_quantizer")
         routed_input_quantized = False
-        if quantizes_with_fixed_amax(first_input_q):
+        if quantizes_with_fixed_amax(first_input_q) and not quantizer_sees_each_call(first_input_q):
             hidden_states = first_input_q(hidden_states)  # once, before routing: same bits per row
             routed_input_quantized = True
         calls = 0

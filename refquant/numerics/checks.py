@@ -130,6 +130,14 @@ def _already_checked(amax: torch.Tensor) -> bool:
     return entry is not None and entry[0]() is amax and entry[1] == amax._version
 
 
+def vouch_checked(amax: torch.Tensor) -> None:
+    """Record that a GPU amax tensor holds values its maker checked (e.g. stacked from buffers
+    each checked already), so as_amax_tensor does not read it back to check it again (a device
+    sync a call). Until its version moves."""
+    if amax.device.type != "cpu":
+        _remember_checked(amax)
+
+
 def _remember_checked(amax: torch.Tensor) -> None:
     if len(_CHECKED) >= _CHECKED_MAX_ENTRIES:
         _CHECKED.clear()

@@ -18,7 +18,7 @@ import torch
 from dataclasses_json import DataClassJsonMixin
 from torch import nn
 
-from ..numerics.checks import FLAVORS, Flavor, bad_amax_values, is_valid_amax_value, reduce_amax
+from ..numerics.checks import FLAVORS, Flavor, bad_amax_values, is_valid_amax_value, reduce_amax, vouch_checked
 from .backends import BACKENDS, numerics
 from ..numerics.formats import E4M3_MAX
 
@@ -77,14 +77,22 @@ def _is_axis(axis: object) -> bool:
     return axis is None or is_int(axis) or (isinstance(axis, (list, tuple)) and all(map(is_int, axis)))
 
 
+def memory_key(x: torch.Tensor) -> tuple:
+    """Where x's values lie and whether they changed since: storage, offset, shape, strides,
+    dtype, device and the version counter it shares with its base."""
+    return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
+
+
 @dataclass
 class _MaxCalibrator:
     """modelopt's MaxCalibrator: running max of max|x| (keep-dims per channel), in x's dtype."""
 
     axis: Axis = None
     amax: Optional[torch.Tensor] = field(default=None)
+    last: Optional[tuple] = None  # memory_key of the tensor collected last
 
     def collect(self, x: torch.Tensor, name: str) -> None:
+        self.last = memory_key(x)
         local = reduce_amax(x.detach(), self.axis)
         if self.amax is not None and self.amax.shape != local.shape:
             raise ValueError(
@@ -274,6 +282,12 @@ class TensorQuantizer(nn.Module):
     @property
     def is_calibrating(self) -> bool:
         return self._calibrator is not None
+
+    def collected_last(self, x: torch.Tensor) -> bool:
+        """Whether this calibration's last collected tensor is x, unchanged since: then a call on x
+        would return x and leave the collected max as it is (max calibration's max of the same
+        values again), so a caller may skip it."""
+        return self._calibrator is not None and not self._quantizing and self._calibrator.last == memory_key(x)
 
     # --- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -486,20 +500,17 @@ def quantizes_with_fixed_amax(quantizer: TensorQuantizer) -> bool:
     return amax is not None and amax.numel() == 1
 
 
-def _plain_quantizer(quantizer: nn.Module) -> bool:
-    """A TensorQuantizer whose call is its own forward, with no hook of its own that wants to see
-    each call (refquant.quant.metrics measures through forward hooks; global hooks: _global_hooks)."""
+def quantizer_sees_each_call(quantizer: nn.Module) -> bool:
+    """Whether something wants to see each call of `quantizer`, so its calls must be made one by
+    one as modelopt makes them: a subclass's forward, a forward hook of its own
+    (refquant.quant.metrics measures through them), or a global module hook
+    (nn.modules.module.register_module_forward_hook)."""
     return (
-        isinstance(quantizer, TensorQuantizer)
-        and type(quantizer).forward is TensorQuantizer.forward
-        and not (quantizer._forward_hooks or quantizer._forward_pre_hooks)
+        not isinstance(quantizer, TensorQuantizer)
+        or type(quantizer).forward is not TensorQuantizer.forward
+        or bool(quantizer._forward_hooks or quantizer._forward_pre_hooks)
+        or bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
     )
-
-
-def _global_hooks() -> bool:
-    """Whether a global forward hook (nn.modules.module.register_module_forward_hook) wants to see
-    every module call."""
-    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
 
 
 class SliceQuantizers:
@@ -519,25 +530,28 @@ class SliceQuantizers:
     def __init__(self, quantizers: nn.ModuleList):
         self.quantizers = quantizers
 
-    def __call__(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        quantizers = list(self.quantizers)
-        if len(quantizers) != x.shape[0] or not quantizers or _global_hooks():
+    def __call__(self, x: torch.Tensor, first: int = 0) -> Optional[torch.Tensor]:
+        """quantizers[first + i] applied to x[i] for every i, or None where one call would not be
+        exact (the caller then makes the per-slice calls). `first`: where x's slices start in
+        the list (a group of experts)."""
+        quantizers = list(self.quantizers)[first:first + x.shape[0]]
+        if len(quantizers) != x.shape[0] or not quantizers:
             return None
-        first = quantizers[0]
+        leader = quantizers[0]
         for quantizer in quantizers:
-            if not (_plain_quantizer(quantizer) and quantizes_with_fixed_amax(quantizer)):
+            if quantizer_sees_each_call(quantizer) or not quantizes_with_fixed_amax(quantizer):
                 return None
-            if (quantizer.config, quantizer.flavor, quantizer.backend) != (first.config, first.flavor, first.backend):
+            if (quantizer.config, quantizer.flavor, quantizer.backend) != (leader.config, leader.flavor, leader.backend):
                 return None
-        if first.config.use_constant_amax:
+        if leader.config.use_constant_amax:
             amax: Any = E4M3_MAX
         else:
             amax = self._stacked_amax(quantizers, x)
             if amax is None:
                 return None
-        impl = numerics(first.backend)
-        if first.config.format == "fp8":
-            return impl.fp8_fake_quant(x, amax, flavor=first.flavor)
+        impl = numerics(leader.backend)
+        if leader.config.format == "fp8":
+            return impl.fp8_fake_quant(x, amax, flavor=leader.flavor)
         return impl.nvfp4_fake_quant(x, amax, per_slice_amax=True)
 
     def _stacked_amax(self, quantizers: list[TensorQuantizer], x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -548,4 +562,6 @@ class SliceQuantizers:
             return None  # torch.stack would promote; the separate calls each keep their dtype
         for quantizer in quantizers:
             quantizer._amax_value_now()
-        return torch.stack([b.reshape(()).to(x.device) for b in buffers]).reshape(-1, *([1] * (x.ndim - 1)))
+        stacked = torch.stack([b.reshape(()).to(x.device) for b in buffers]).reshape(-1, *([1] * (x.ndim - 1)))
+        vouch_checked(stacked)  # each buffer was checked just now: no second check (a sync on a GPU)
+        return stacked

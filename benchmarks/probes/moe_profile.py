@@ -1,0 +1,78 @@
+"""Where the time of a quantized MoE forward goes: torch.profiler over one forward of
+benchmarks/ptq_gpu.py's "moe" shape after refquant's calibration (compiled backend), tables by
+host time and by device time, and the count of calls that wait for the device.
+
+    python3 benchmarks/probes/moe_profile.py --out DIR [--recipe R] [--shape moe]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ptq_gpu  # noqa: E402
+import refquant as rq  # noqa: E402
+
+
+def synchronizing_calls(model, batch) -> dict[str, int]:
+    """{file:line (message): count} of the calls of one forward that synchronize with the device."""
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(input_ids=batch)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    counts: dict[str, int] = {}
+    for warning in caught:
+        key = f"{Path(warning.filename).name}:{warning.lineno} ({str(warning.message)[:60]})"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--recipe", default="fp8_default-fp8_kv")
+    parser.add_argument("--shape", default="moe")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    model = ptq_gpu.build_model(args.shape, 0, device)
+    batches = ptq_gpu.batches_for(args.shape, 4, 4, 1024, 1)
+    flavor = "modelopt-cuda" if device.type == "cuda" else "modelopt-cpu"
+    rq.quantize_model(model, rq.load_recipe(args.recipe), batches, backend="compiled", flavor=flavor, progress=False)
+    batch = batches[0].to(device)
+    with torch.no_grad():
+        for _ in range(2):
+            model(input_ids=batch)
+        ptq_gpu.synchronize(device)
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as profile:
+            model(input_ids=batch)
+            ptq_gpu.synchronize(device)
+        syncs = synchronizing_calls(model, batch) if device.type == "cuda" else {}
+    averages = profile.key_averages()
+    text = [f"{args.shape} {args.recipe} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"]
+    text.append(averages.table(sort_by="self_cpu_time_total", row_limit=30))
+    if device.type == "cuda":
+        text.append(averages.table(sort_by="self_cuda_time_total", row_limit=20))
+    waits = {e.key: e.count for e in averages if any(w in e.key for w in ("Synchronize", "_local_scalar_dense", "aten::item", "nonzero"))}
+    text.append(f"calls that wait for the device: {waits}")
+    text.append("synchronizing calls by where (torch.cuda.set_sync_debug_mode): "
+                + "; ".join(f"{count} x {where}" for where, count in sorted(syncs.items(), key=lambda kv: -kv[1])))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"moe_profile_{args.recipe}.txt").write_text("\n".join(text))
+    print("\n".join(text[-1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

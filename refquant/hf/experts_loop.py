@@ -1,0 +1,207 @@
+"""The quantized fused experts' forward in refquant's own loop: transformers' eager experts
+forward, computed with the same operations on the same operands, with fewer launches and one
+device sync a layer instead of two an expert.
+
+transformers 5 gives most MoE families one eager experts forward (EAGER_FORWARD below: Qwen2/3-MoE,
+Mixtral, OLMoE, DeepSeek-V2/V3, GLM-4-MoE, Ernie-4.5-MoE, GraniteMoE, ...). It loops over the
+experts that received tokens; each iteration finds its tokens with torch.where (a sync), gathers
+their hidden states, runs F.linear, the activation, F.linear, scales by the routing weights and
+index_adds into the output. modelopt quantizes it by putting each expert's input and weight
+through its quantizers at each F.linear call (refquant.hf.experts does the same for any other
+forward). On a GPU that loop is bound by the host.
+
+What stays as the eager loop has it, so the bits do:
+- each expert's two matmuls are F.linear on operands of the same shape and values: the expert's
+  token rows in torch.where's order (by top-k position, then token), and its weight slice after
+  its own quantizer;
+- the outputs are summed by one index_add_ per expert, in ascending expert order (within one
+  expert no token repeats, so each index_add_ is deterministic, and the order across experts is
+  the eager loop's).
+What changes:
+- every expert's tokens come from one stable sort of the routed expert ids and one read of the
+  counts;
+- elementwise steps (activation, product with up, routing weights, dtype cast) run once over the
+  rows of a group of experts: an elementwise function gives each element what it gives it in a
+  smaller tensor;
+- an input quantizer runs once over all of its rows where its result does not depend on how the
+  rows are split (ROWS_INDEPENDENT): a fixed per-tensor amax quantizes row by row (FP8 by element,
+  NVFP4 by blocks along the row), and max calibration's max is the same over any split. Otherwise
+  it is called on each expert's rows, as the eager loop calls it;
+- each projection's weights are fake-quantized a group of experts at a time
+  (refquant.quant.quantizer.SliceQuantizers), where that is exact, else expert by expert;
+  groups of at most GROUP_BYTES of weights bound the memory this takes;
+- while calibrating, an expert's weight slice that its quantizer collected last (the whole slice,
+  before the forwards: refquant.hf.calibrate) is not collected again: the max of the same values
+  again is the same max.
+tests/test_experts.py holds it to the eager loop with the quantizers at each F.linear bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import textwrap
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant.quantizer import TensorQuantizer, quantizes_with_fixed_amax, quantizer_sees_each_call
+
+# The eager experts forward this loop reproduces, as transformers 5 writes it. A class whose
+# forward reads otherwise runs its own forward with the quantizers at each F.linear call.
+EAGER_FORWARD = '''
+def forward(
+    self,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    final_hidden_states = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts)
+        expert_mask = expert_mask.permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+
+    for expert_idx in expert_hit:
+        expert_idx = expert_idx[0]
+        if expert_idx == self.num_experts:
+            continue
+        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+        current_state = hidden_states[token_idx]
+        gate, up = nn.functional.linear(current_state, self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+        current_hidden_states = self.act_fn(gate) * up
+        current_hidden_states = nn.functional.linear(current_hidden_states, self.down_proj[expert_idx])
+        current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+        final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+
+    return final_hidden_states
+'''
+
+# The fake-quantized weights a group of experts may hold at once (a group's weights are quantized
+# in one call and its rows go through the elementwise steps together): 10 experts of a
+# Qwen3-30B-A3B-sized layer, one of DeepSeek-V3's (modelopt holds one expert's at a time).
+GROUP_BYTES = 96 * 2**20
+
+
+def experts_per_group(module: nn.Module) -> int:
+    """How many consecutive experts go in a group: as many as GROUP_BYTES holds, at least one."""
+    per_expert = sum(getattr(module, p)[0].numel() * getattr(module, p).element_size() for p in ("gate_up_proj", "down_proj"))
+    return max(1, GROUP_BYTES // max(per_expert, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def runs_eager_forward(cls: type) -> bool:
+    """Whether `cls.forward` is transformers' eager experts forward, EAGER_FORWARD, word for word."""
+    try:
+        source = inspect.getsource(inspect.unwrap(cls.forward))
+    except (OSError, TypeError):
+        return False
+    return textwrap.dedent(source).strip() == EAGER_FORWARD.strip()
+
+
+def rows_independent(quantizer: TensorQuantizer) -> bool:
+    """Whether one call of `quantizer` on a tensor gives what calls on any split of its rows give
+    (and nothing watches the calls): off; fake-quantizing with a fixed per-tensor amax; or
+    collecting a per-tensor max."""
+    if quantizer_sees_each_call(quantizer):
+        return False
+    if not quantizer.is_enabled or quantizes_with_fixed_amax(quantizer):
+        return True
+    return quantizer.is_calibrating and not quantizer._quantizing and quantizer.config.axis is None
+
+
+class _Routing:
+    """Which rows each expert gets, in the eager loop's order: `token` and `weight` per row,
+    the rows of expert e being starts[e]:starts[e + 1]."""
+
+    def __init__(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, experts: int):
+        tokens = top_k_index.shape[0]
+        # position-major, as torch.where over the eager loop's (top-k position, token) mask
+        routed = top_k_index.transpose(0, 1).reshape(-1)
+        order = torch.sort(routed, stable=True).indices
+        self.counts: list[int] = torch.bincount(routed, minlength=experts).tolist()  # the one sync
+        self.token = order % tokens
+        self.weight = top_k_weights[self.token, order // tokens]
+        self.starts = [0]
+        for count in self.counts:
+            self.starts.append(self.starts[-1] + count)
+
+
+def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor, count_tokens: Optional[list[int]]) -> Optional[torch.Tensor]:
+    """EAGER_FORWARD of a quantized fused experts module (refquant.hf.experts), with its
+    quantizers where modelopt puts them, bit for bit; None where the routing holds an index the
+    loop does not handle (the module's own forward then runs). count_tokens: per-expert counts to
+    add the routed tokens to (calibration), or None."""
+    experts = module.num_experts
+    if hidden_states.dim() != 2 or top_k_index.dim() != 2 or top_k_index.shape[0] != hidden_states.shape[0]:
+        return None
+    if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
+        return None
+    routing = _Routing(top_k_index, top_k_weights, experts)
+    if len(routing.counts) != experts:
+        return None  # an id >= num_experts: the eager loop skips or fails on it
+    if count_tokens is not None:
+        for index, count in enumerate(routing.counts):
+            count_tokens[index] += count
+    first_input_q, _ = module.projection_quantizers("gate_up_proj")
+    # every token is routed to top_k experts, so the first projection's rows are all the tokens
+    if rows_independent(first_input_q):
+        hidden_states, first_input_q = first_input_q(hidden_states), None
+    output = torch.zeros_like(hidden_states)
+    size = experts_per_group(module)
+    for first in range(0, experts, size):
+        _group(module, routing, hidden_states, first_input_q, range(first, min(first + size, experts)), output)
+    return output
+
+
+def _group(module: nn.Module, routing: _Routing, hidden_states: torch.Tensor, first_input_q: Optional[TensorQuantizer],
+           group: range, output: torch.Tensor) -> None:
+    """The eager loop's iterations for the experts in `group`, into `output`."""
+    begin, end = routing.starts[group.start], routing.starts[group.stop]
+    if begin == end:
+        return
+    counts = routing.counts[group.start:group.stop]
+    tokens = routing.token[begin:end]
+    gate_up = _projection(module, "gate_up_proj", hidden_states[tokens], first_input_q, group, counts)
+    gate, up = gate_up.chunk(2, dim=-1)
+    h = module.act_fn(gate) * up
+    del gate_up, gate, up
+    down_input_q, _ = module.projection_quantizers("down_proj")
+    if rows_independent(down_input_q):
+        h, down_input_q = down_input_q(h), None
+    y = _projection(module, "down_proj", h, down_input_q, group, counts)
+    y = (y * routing.weight[begin:end, None]).to(output.dtype)
+    for expert_tokens, rows, count in zip(tokens.split(counts), y.split(counts), counts):
+        if count:
+            output.index_add_(0, expert_tokens, rows)
+
+
+def _projection(module: nn.Module, projection: str, x: torch.Tensor, input_q: Optional[TensorQuantizer],
+                group: range, counts: list[int]) -> torch.Tensor:
+    """F.linear of each expert's rows of x (counts[i] rows for expert group[i], in order) with
+    its weight, each through its quantizers (input_q None: x is quantized already), the results
+    in x's row order."""
+    weights = _expert_weights(module, projection, group, counts)
+    pieces = [F.linear(rows if input_q is None else input_q(rows), weight)
+              for rows, weight, count in zip(x.split(counts), weights, counts) if count]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _expert_weights(module: nn.Module, projection: str, group: range, counts: list[int]) -> list[Optional[torch.Tensor]]:
+    """Each expert's weight slice after its quantizer, for the experts of `group` that have rows
+    (None for the others: the eager loop never calls their quantizers)."""
+    parameter = getattr(module, projection)
+    stacked = module.slice_quantizers(projection)(parameter[group.start:group.stop], first=group.start)
+    if stacked is not None:
+        return list(stacked.unbind(0))
+    _, quantizers = module.projection_quantizers(projection)
+    return [_expert_weight(parameter[e], quantizers[e]) if count else None for e, count in zip(group, counts)]
+
+
+def _expert_weight(weight: torch.Tensor, quantizer: TensorQuantizer) -> torch.Tensor:
+    if quantizer.collected_last(weight) and not quantizer_sees_each_call(quantizer):
+        return weight  # calibration saw this slice whole before the forwards (refquant.hf.calibrate)
+    return quantizer(weight)
