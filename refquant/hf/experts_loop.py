@@ -80,9 +80,9 @@ def forward(
 '''
 
 # The fake-quantized weights a group of experts may hold at once (a group's weights are quantized
-# in one call and its rows go through the elementwise steps together): 10 experts of a
+# in one call and its rows go through the elementwise steps together): 8 experts of a
 # Qwen3-30B-A3B-sized layer, one of DeepSeek-V3's (modelopt holds one expert's at a time).
-GROUP_BYTES = 96 * 2**20
+GROUP_BYTES = 80 * 2**20
 
 
 def experts_per_group(module: nn.Module) -> int:
