@@ -91,6 +91,43 @@ def test_per_tensor_amax_is_the_largest_magnitude_over_all_batches_in_the_input_
     assert quantizer.amax.shape == () and quantizer.is_calibrated
 
 
+def test_a_long_calibration_folds_its_per_call_maxima_into_the_max_of_every_call():
+    """Per-tensor collection keeps one max|x| a call and folds them now and then; the stored amax
+    is the max over every call whatever the folds (and NaN in any call wins, as torch.maximum's)."""
+    from refquant.quant import quantizer as quantizer_module
+
+    calls = 3 * quantizer_module._FOLD_EVERY + 5
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 32, generator=generator).bfloat16() * (1 + i % 7) for i in range(calls)]
+    q = TensorQuantizer(QuantizerConfig(format="fp8"))
+    q.start_calibration()
+    for x in batches:
+        q(x)
+    q.finish_calibration()
+    assert torch.equal(q.amax, torch.stack([x.abs().amax() for x in batches]).amax())
+    assert q.amax.dtype == torch.bfloat16
+    q.start_calibration()
+    for index, x in enumerate(batches):
+        q(x if index != quantizer_module._FOLD_EVERY + 1 else torch.full_like(x, float("nan")))
+    with pytest.raises(ValueError, match="saw NaN"):
+        q.finish_calibration()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_kernel_max_abs_is_max_abs_for_every_pattern_of_the_dtype(dtype):
+    """The calibration's one-reduction max|x| against the numerics' max_abs, over every bit
+    pattern (NaN, inf, zeros of both signs, subnormals), in chunks so each maximum is exercised."""
+    from refquant.numerics.checks import max_abs, max_abs_one_kernel
+
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for chunk in patterns.to(device).reshape(-1, 64, 16).unbind(0):
+            expected, got = max_abs(chunk), max_abs_one_kernel(chunk)
+            assert got.dtype == dtype
+            assert torch.equal(got.view(torch.int16), expected.view(torch.int16)) or (got.isnan() and expected.isnan()), chunk
+
+
 def test_per_channel_amax_keeps_dims_and_takes_each_channels_max_over_batches():
     first = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0], [-9.0, 1.0, 1.0]])
     second = torch.tensor([[3.0, 0.0, 0.0], [0.0, -0.25, 0.0], [1.0, 1.0, 1.0]])

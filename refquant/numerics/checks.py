@@ -189,6 +189,13 @@ def max_abs(x: torch.Tensor) -> torch.Tensor:
     return x.abs().amax(dim=-1).amax()
 
 
+def max_abs_one_kernel(x: torch.Tensor) -> torch.Tensor:
+    """max_abs(x), the same value (NaN propagating, in x's dtype), as one reduction that reads x
+    once: torch.linalg.vector_norm with ord inf. For eager callers such as calibration, which
+    collects it at every quantizer call; max_abs's two steps are for torch.compile."""
+    return torch.linalg.vector_norm(x, ord=math.inf)
+
+
 def reduce_amax(x: torch.Tensor, axis: int | tuple[int, ...] | None = None) -> torch.Tensor:
     """max|x| over every dim not in `axis` (all dims when None), keep-dims, in x's dtype.
 

@@ -11,14 +11,15 @@ from __future__ import annotations
 import re
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Literal, Optional, Union
 
 import torch
 from dataclasses_json import DataClassJsonMixin
 from torch import nn
 
-from ..numerics.checks import FLAVORS, Flavor, bad_amax_values, is_valid_amax_value, reduce_amax, vouch_checked
+from ..numerics.checks import (FLAVORS, Flavor, bad_amax_values, is_valid_amax_value, max_abs_one_kernel, reduce_amax,
+                               vouch_checked)
 from .backends import BACKENDS, numerics
 from ..numerics.formats import E4M3_MAX
 
@@ -77,23 +78,55 @@ def _is_axis(axis: object) -> bool:
     return axis is None or is_int(axis) or (isinstance(axis, (list, tuple)) and all(map(is_int, axis)))
 
 
+def _parameter_data(x: torch.Tensor) -> bool:
+    """A parameter, or a view of one (an expert's slice of a 3-D weight)."""
+    return isinstance(x, nn.Parameter) or isinstance(x._base, nn.Parameter)
+
+
 def memory_key(x: torch.Tensor) -> tuple:
     """Where x's values lie and whether they changed since: storage, offset, shape, strides,
     dtype, device and the version counter it shares with its base."""
     return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
 
 
-@dataclass
-class _MaxCalibrator:
-    """modelopt's MaxCalibrator: running max of max|x| (keep-dims per channel), in x's dtype."""
+_FOLD_EVERY = 64  # calls whose maxima a calibrator keeps before it folds them into one
 
-    axis: Axis = None
-    amax: Optional[torch.Tensor] = field(default=None)
-    last: Optional[tuple] = None  # memory_key of the tensor collected last
+
+class _MaxCalibrator:
+    """modelopt's MaxCalibrator: running max of max|x| (keep-dims per channel), in x's dtype.
+
+    Per tensor, a call costs one reduction kernel: each call's max|x| is kept, and they are
+    folded into one max when the amax is read (a max does not depend on the order; torch.amax and
+    torch.maximum propagate NaN alike), not by a launch a call."""
+
+    def __init__(self, axis: Axis = None):
+        self.axis = axis
+        self._amax: Optional[torch.Tensor] = None
+        self._unfolded: list[torch.Tensor] = []  # per-tensor maxima of calls since the last fold
+        self.last: Optional[tuple] = None  # memory_key of the weight collected last (None: not a weight)
+
+    @property
+    def amax(self) -> Optional[torch.Tensor]:
+        if self._unfolded:
+            if self._amax is not None:
+                self._unfolded.append(self._amax)
+            self._amax = self._unfolded[0] if len(self._unfolded) == 1 else torch.stack(self._unfolded).amax()
+            self._unfolded = []
+        return self._amax
+
+    @amax.setter
+    def amax(self, value: Optional[torch.Tensor]) -> None:
+        self._amax, self._unfolded = value, []
 
     def collect(self, x: torch.Tensor, name: str) -> None:
-        self.last = memory_key(x)
-        local = reduce_amax(x.detach(), self.axis)
+        self.last = memory_key(x) if _parameter_data(x) else None
+        x = x.detach()
+        if self.axis is None:
+            self._unfolded.append(max_abs_one_kernel(x))
+            if len(self._unfolded) >= _FOLD_EVERY:
+                self.amax  # noqa: B018 - folds: the kept maxima stay few over a long calibration
+            return
+        local = reduce_amax(x, self.axis)
         if self.amax is not None and self.amax.shape != local.shape:
             raise ValueError(
                 f"calibration of {name or 'a quantizer'}: per-channel amax shape changed from "
