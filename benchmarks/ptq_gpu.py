@@ -18,20 +18,18 @@ Measured per variant (plain bf16, modelopt, refquant compiled, refquant referenc
                      one (benchmarks/README.md, "Reading the timings")
     vs modelopt      every quantizer's amax, the evaluation logits and every exported tensor,
                      bit for bit (refquant compiled and reference against modelopt's run)
-    vs compiled      the same, for compiled_fallback and compiled_no_graph_call against compiled
+    vs compiled      the same, for compiled_fallback against compiled
 
 The plain row is the model as transformers runs it by default (MoE experts: grouped_mm where
 torch has it), its calibration the same forwards after one warm-up forward. For an MoE shape a
 plain_eager row adds the experts' eager loop (an F.linear per expert), the computation modelopt
 quantizes and whose bits refquant reproduces; ratios are to the plain row.
 
-Variants: plain (bf16, no quantizers), modelopt, compiled, reference, compiled_no_graph_call
-(the direct graph call off, the fast kernel launch as it decides: what the direct graph call buys),
-and compiled_fallback: the
-compiled backend with its fast paths off (REFQUANT_FAST_LAUNCH=0: Triton's kernel[grid](...) and
-dynamo's own dispatch; refquant.compiled.private_api), to measure what they buy in the same run.
+Variants: plain (bf16, no quantizers), modelopt, compiled, reference, and compiled_fallback: the
+compiled backend with its fast kernel launch off (REFQUANT_FAST_LAUNCH=0: Triton's
+kernel[grid](...); refquant.compiled.private_api), to measure what it buys in the same run.
 --fast-launch off (or on) sets REFQUANT_FAST_LAUNCH for every variant instead; each row records
-which fast paths were on.
+whether the fast launch was on.
 
     python3 benchmarks/ptq_gpu.py --out DIR [--shapes small,large] [--recipes R ...]
         [--variants plain modelopt compiled compiled_fallback] [--fast-launch auto|on|off]
@@ -76,7 +74,7 @@ SHAPES = {
                 num_experts_per_tok=8, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=32000),
 }
 DEFAULT_RECIPES = ("fp8_default-fp8_kv", "nvfp4_default-fp8_cast_kv", "nvfp4_default-fp8_kv")
-VARIANTS = ("plain", "plain_eager", "modelopt", "compiled", "compiled_no_graph_call", "compiled_fallback", "reference")
+VARIANTS = ("plain", "plain_eager", "modelopt", "compiled", "compiled_fallback", "reference")
 DEFAULT_VARIANTS = ("plain", "plain_eager", "modelopt", "compiled", "reference")
 PLAIN_VARIANTS = ("plain", "plain_eager")  # no quantizers: one row a shape
 FAST_LAUNCH_SETTINGS = {"auto": None, "on": "1", "off": "0"}  # --fast-launch: REFQUANT_FAST_LAUNCH for the run
@@ -84,8 +82,8 @@ FAST_LAUNCH_SETTINGS = {"auto": None, "on": "1", "off": "0"}  # --fast-launch: R
 
 @contextlib.contextmanager
 def fast_launch_setting(value: str | None):
-    """REFQUANT_FAST_LAUNCH=value within the block (None: as it was), both fast paths deciding
-    again on their next use, and again after the block."""
+    """REFQUANT_FAST_LAUNCH=value within the block (None: as it was), the fast launch deciding
+    again on its next use, and again after the block."""
     if value is None:
         yield
         return
@@ -105,10 +103,10 @@ def fast_launch_setting(value: str | None):
 
 
 def fast_paths_on() -> dict:
-    """Which of refquant.compiled's fast paths were on (None: not used) after a variant ran."""
+    """Whether refquant.compiled's fast kernel launch was on (None: not used) after a variant ran."""
     from refquant.compiled import private_api
 
-    return {"kernel_launch": private_api.KERNEL_LAUNCH.on, "graph_call": private_api.GRAPH_CALL.on}
+    return {"kernel_launch": private_api.KERNEL_LAUNCH.on}
 
 
 def build_model(shape: str, seed: int, device: torch.device):
@@ -223,17 +221,9 @@ def run_variant(variant: str, recipe: str, pristine, shape: str, args, batches, 
     before anything else runs on it (the pytest-benchmark suite times its forwards there)."""
     setting = "0" if variant == "compiled_fallback" else FAST_LAUNCH_SETTINGS[getattr(args, "fast_launch", "auto")]
     with fast_launch_setting(setting):
-        from refquant.compiled import private_api
-
-        if variant == "compiled_no_graph_call":
-            private_api.GRAPH_CALL.on = False  # decided: off; the kernel launch decides as it would
-        try:
-            result = _run_variant(variant, recipe, pristine, shape, args, batches, eval_batch, workdir, on_calibrated)
-            if variant.startswith("compiled"):
-                result["fast_paths"] = fast_paths_on()
-        finally:
-            if variant == "compiled_no_graph_call":
-                private_api.forget_decisions()
+        result = _run_variant(variant, recipe, pristine, shape, args, batches, eval_batch, workdir, on_calibrated)
+        if variant.startswith("compiled"):
+            result["fast_paths"] = fast_paths_on()
     return result
 
 
@@ -415,7 +405,7 @@ def run_shape(shape: str, args, modelopt_ok: bool, rows: list[dict]) -> None:
             for variant, result in results.items():
                 if variant != "modelopt" and "modelopt" in results and "error" not in result and "error" not in results["modelopt"]:
                     result["vs_modelopt"] = compare_to_modelopt(result, results["modelopt"])
-                if variant in ("compiled_fallback", "compiled_no_graph_call") and "error" not in result and "error" not in results.get("compiled", {"error": ""}):
+                if variant == "compiled_fallback" and "error" not in result and "error" not in results.get("compiled", {"error": ""}):
                     result["vs_compiled"] = compare_to_modelopt(result, results["compiled"])
                 rows.append(table_row(shape, parameters, result, plain))
             for result in results.values():
@@ -470,8 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shapes", default="small,large", help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--recipes", nargs="*", default=list(DEFAULT_RECIPES))
     parser.add_argument("--variants", nargs="*", default=list(DEFAULT_VARIANTS), choices=VARIANTS,
-                        help="compiled_fallback: the compiled backend with its fast paths off, beside compiled; "
-                             "compiled_no_graph_call: with the direct graph call off")
+                        help="compiled_fallback: the compiled backend with its fast kernel launch off, beside compiled")
     parser.add_argument("--fast-launch", choices=list(FAST_LAUNCH_SETTINGS), default="auto",
                         help="REFQUANT_FAST_LAUNCH for every variant: off (0), on (1), or auto (as set, else on where tested)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -497,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="modelopt")
     modelopt_ok = "modelopt" in args.variants and modelopt_available()
     # the amax tables are read only to compare with modelopt's, or the fallback's with compiled's
-    args.compare = modelopt_ok or ("compiled" in args.variants and bool({"compiled_fallback", "compiled_no_graph_call"} & set(args.variants)))
+    args.compare = modelopt_ok or ("compiled" in args.variants and "compiled_fallback" in args.variants)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     rows: list[dict] = []
     for shape in shapes:

@@ -65,8 +65,9 @@ def test_host_time_of_a_small_quantizer_call(benchmark, fmt, path):
         per_signature = functions._compiled_fp8_fake_quant if fmt == "fp8" else functions._compiled_nvfp4_fake_quant
         graph_kwargs = {"axis": None, **kwargs} if fmt == "fp8" else {}
         entry = per_signature.for_call((functions._rows(x), amax), graph_kwargs)
-        rows = functions._marked((functions._rows(x),))[0]
-        call = lambda: entry.dynamo(rows, amax, **graph_kwargs)  # noqa: E731
+        rows = functions._rows(x)
+        functions._mark_positional((rows,))
+        call = lambda: entry(rows, amax, **graph_kwargs)  # noqa: E731
     with torch.no_grad():
         call()
         benchmark(call)

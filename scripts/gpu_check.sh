@@ -32,7 +32,7 @@ case "$phase" in
 tests)
   timeout 480 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf -k "cuda or launch or bound or kernel" \
     tests/test_fp8_fake_kernel.py tests/test_nvfp4_fake_kernel.py tests/test_triton_launch.py tests/test_amax_in_place.py \
-    tests/test_gradients.py tests/test_direct_call.py tests/test_compiled_parity.py tests/test_fast_launch.py \
+    tests/test_gradients.py tests/test_quantizer.py tests/test_compiled_parity.py tests/test_fast_launch.py \
     tests/test_nvfp4_kernel_vectors.py 2>&1 | tee "$OUT/compiled_cuda.log" | tail -15
   ;;
 families)

@@ -10,6 +10,9 @@ exhaustive sweeps are one tensor per function.
 
 from __future__ import annotations
 
+import inspect
+import types
+
 import pytest
 import torch
 import torch._inductor.config as inductor_config
@@ -256,10 +259,131 @@ def test_one_torch_compile_per_call_signature():
         per_signature.for_call((torch.ones(2, 3, 8),), {}),
         per_signature.for_call((torch.ones(2, 8),), {"flavor": "modelopt-cuda"}),
     ]
-    code_objects = {id(_scaled.__code__)} | {id(c.fn.__code__) for c in [rows_2, *others]}
+    code_objects = {id(_scaled.__code__)} | {id(inspect.unwrap(c).__code__) for c in [rows_2, *others]}
     assert len(code_objects) == 5, "each signature needs a code object of its own"
     assert torch.equal(rows_2(torch.ones(5, 8)), torch.full((5, 8), 2.0))
     assert torch.equal(others[2](torch.ones(2, 8), flavor="modelopt-cuda"), torch.full((2, 8), 3.0))
+
+
+def _halved(x: torch.Tensor, amax: torch.Tensor, flavor: str = "a") -> torch.Tensor:
+    return (x.float() * (0.5 if flavor == "a" else 0.25) / amax).to(x.dtype)
+
+
+def test_calls_of_any_row_count_share_the_first_calls_graph():
+    """Through _run (rows marked dynamic, as the public functions call): after the first call of a
+    signature, other row counts take its graph, with eager's bits."""
+    from refquant.compiled import functions
+    from refquant.compiled.options import CompiledPerSignature
+
+    own = types.FunctionType(_halved.__code__.replace(co_name="_halved_rows"), globals(), None, _halved.__defaults__)
+    per_signature = CompiledPerSignature(own)
+    amax = torch.tensor(3.0)
+    first = torch.randn(8, 32, dtype=torch.bfloat16)
+    assert_bitexact(functions._run(per_signature, own, functions._rows(first), amax), _halved(first, amax))
+    before = _graphs_compiled()
+    for rows in (2, 5, 300):
+        x = torch.randn(rows, 32, dtype=torch.bfloat16)
+        assert_bitexact(functions._run(per_signature, own, functions._rows(x), amax), _halved(x, amax), f"{rows} rows")
+    assert _graphs_compiled() == before, "another row count compiled a new graph"
+
+
+@pytest.mark.parametrize(
+    "what, make",
+    [
+        ("another dtype", lambda: (torch.randn(8, 32, dtype=torch.float16), {})),
+        ("a transposed view", lambda: (torch.randn(32, 8, dtype=torch.bfloat16).t(), {})),
+        ("one row", lambda: (torch.randn(1, 32, dtype=torch.bfloat16), {})),
+        ("another flavor", lambda: (torch.randn(8, 32, dtype=torch.bfloat16), {"flavor": "b"})),
+        ("a tensor that requires grad, under grad mode", lambda: (torch.randn(8, 32, dtype=torch.bfloat16).requires_grad_(), {})),
+    ],
+)
+def test_a_call_the_first_graph_does_not_fit_compiles_its_own_and_is_right(what, make):
+    """A call the first graph's guards reject (or whose signature is another) compiles a graph of
+    its own, with eager's bits; the next such call takes that graph."""
+    from refquant.compiled import functions
+    from refquant.compiled.options import CompiledPerSignature
+
+    # a function of its own name per case: dynamo keeps what it learnt about sizes per function
+    # name and line, and the cases would otherwise teach each other
+    own = types.FunctionType(_halved.__code__.replace(co_name=f"_halved_{abs(hash(what))}"), globals(), None, _halved.__defaults__)
+    per_signature = CompiledPerSignature(own)
+    amax = torch.tensor(3.0)
+    functions._run(per_signature, own, torch.randn(8, 32, dtype=torch.bfloat16), amax)
+    x, kwargs = make()
+    before = _graphs_compiled()
+    out = functions._run(per_signature, own, x, amax, **kwargs)
+    assert _graphs_compiled() == before + 1, f"{what}: the first graph should not fit it"
+    assert_bitexact(out.detach(), _halved(x.detach(), amax, **kwargs), what)
+    again = functions._run(per_signature, own, x, amax, **kwargs)
+    assert _graphs_compiled() == before + 1, f"{what}: the new graph was not used again"
+    assert_bitexact(again.detach(), out.detach(), what)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_public_functions_give_the_reference_bits_on_a_weight_and_a_kv_view_without_recompiling(device):
+    """A weight (a Parameter), K/V's transposed layout, a constant amax and an amax from x: the
+    reference's bits on the first call and again, the second round compiling nothing."""
+    weight = torch.nn.Parameter(torch.randn(16, 64, dtype=torch.bfloat16, device=device))
+    states = torch.randn(2, 4, 5, 64, dtype=torch.bfloat16, device=device).transpose(1, 2)  # a K/V layout: not contiguous
+    amax = torch.tensor(2.5, device=device)
+    calls = [
+        (rc.fp8_fake_quant, rq.fp8_fake_quant, weight, amax),
+        (rc.fp8_fake_quant, rq.fp8_fake_quant, states, 448.0),
+        (rc.nvfp4_fake_quant, rq.nvfp4_fake_quant, weight, amax),
+        (rc.nvfp4_fake_quant, rq.nvfp4_fake_quant, states, None),
+    ]
+    with torch.no_grad():
+        for compiled, reference, x, a in calls:
+            compiled(x, a)
+        before = _graphs_compiled()
+        for compiled, reference, x, a in calls:
+            cpu_amax = a.cpu() if isinstance(a, torch.Tensor) else a
+            expected = reference(x.detach().cpu(), cpu_amax)
+            assert_bitexact(compiled(x, a).cpu(), expected, f"{compiled.__name__} of {tuple(x.shape)} on {device}")
+    assert _graphs_compiled() == before, "a second call compiled a new graph"
+
+
+@cuda
+def test_nvfp4_quantize_on_cuda_with_the_amax_from_x_gives_the_reference_bits_for_any_row_count():
+    """With the amax taken from x, rc.nvfp4_quantize runs its graph (the reduction fused, the block
+    step our kernel): after the first call, other row counts take that graph."""
+    x = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
+    rc.nvfp4_quantize(x)
+    before = _graphs_compiled()
+    for rows in (64, 3, 200):
+        y = torch.randn(rows, 128, device="cuda", dtype=torch.bfloat16)
+        got, want = rc.nvfp4_quantize(y), rq.nvfp4_quantize(y.cpu())
+        assert_bitexact(got.packed.cpu(), want.packed, f"{rows} rows, packed")
+        assert_bitexact(got.block_scale.cpu(), want.block_scale, f"{rows} rows, block scales")
+        assert_bitexact(got.global_scale.cpu(), want.global_scale, f"{rows} rows, global scale")
+    assert _graphs_compiled() == before, "another row count compiled a new graph"
+
+
+def test_inside_a_users_torch_compile_the_functions_are_traced_as_before():
+    amax = torch.tensor(2.0)
+    x = torch.randn(6, 32, dtype=torch.bfloat16)
+    rc.fp8_fake_quant(x, amax)  # a graph of refquant's own exists already
+
+    def user(x):
+        return rc.fp8_fake_quant(x, amax) * 2 + rc.nvfp4_fake_quant(x, amax)
+
+    expected = rq.fp8_fake_quant(x, amax) * 2 + rq.nvfp4_fake_quant(x, amax)
+    assert_bitexact(torch.compile(user, backend="eager", fullgraph=True)(x), expected)
+
+
+def test_a_quantized_model_under_a_users_torch_compile_gives_the_eager_logits():
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    rq.quantize_model(model, rq.load_recipe("nvfp4_default-fp8_cast_kv"), [ids], backend="compiled", flavor="modelopt-cpu", progress=False)
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        traced = torch.compile(model, backend="eager")(input_ids=ids).logits
+        with rq.quant.quantizer.all_quantizers_off(model):
+            plain = model(input_ids=ids).logits
+    assert_bitexact(traced, eager, "the quantized model through dynamo")
+    assert not torch.equal(eager, plain), "the quantizers did nothing"
 
 
 @cuda

@@ -1,12 +1,11 @@
-"""refquant.compiled's fast paths and their public fallback (refquant.compiled.private_api).
+"""refquant.compiled's fast kernel launch and its public fallback (refquant.compiled.private_api).
 
 What must hold: a fast kernel launch takes the kernel `kernel[grid](...)` picked for its key and
 never a kernel compiled for other arguments, whatever Triton's specialization rules; its first
 fast launch is checked against the public path; anything that goes wrong (a launcher that raises,
 one whose signature changed, one that writes other bits, a private API missing, untested
 versions, REFQUANT_FAST_LAUNCH=0) sends that call and every later one through the public path,
-with the public path's bits and at most one warning; the same for compiled graphs called
-directly (dynamo's own dispatch is their public path). Nothing outside private_api touches a
+with the public path's bits and at most one warning. Nothing outside private_api touches a
 private API, and the docs show the versions it declares.
 
 On the CPU the Triton side is a stand-in (tests/triton_stand_in.py: Triton 3.6's JITFunction and
@@ -44,9 +43,7 @@ from triton_stand_in import (
 import refquant as rq
 import refquant.compiled as rc
 from refquant.compiled import functions, private_api
-from refquant.compiled.options import CompiledPerSignature
 from refquant.compiled.private_api import (
-    GRAPH_CALL,
     KERNEL_LAUNCH,
     SETTING,
     RefquantFastLaunchMismatch,
@@ -57,21 +54,19 @@ from refquant.testing import assert_bitexact
 
 
 @pytest.fixture
-def fast_paths(monkeypatch):
-    """Both fast paths undecided at the start, REFQUANT_FAST_LAUNCH unset; afterwards each is as
-    it was (the rest of the test session keeps its compiled functions)."""
+def fast_launch_undecided(monkeypatch):
+    """The fast launch undecided at the start, REFQUANT_FAST_LAUNCH unset; afterwards as it was
+    (the rest of the test session keeps its compiled kernels)."""
     monkeypatch.delenv(SETTING, raising=False)
-    saved = [(path, path.on, path._warned) for path in (KERNEL_LAUNCH, GRAPH_CALL)]
+    on, warned = KERNEL_LAUNCH.on, KERNEL_LAUNCH._warned
     monkeypatch.setattr(private_api, "_launcher", private_api._launcher)
-    monkeypatch.setattr(private_api, "_graph", private_api._graph)
     private_api.forget_decisions()
     yield
-    for path, on, warned in saved:
-        path.on, path._warned = on, warned
+    KERNEL_LAUNCH.on, KERNEL_LAUNCH._warned = on, warned
 
 
 @pytest.fixture
-def knobs(monkeypatch, fast_paths):
+def knobs(monkeypatch, fast_launch_undecided):
     """The stand-in Triton in private_api, on a tested (torch, Triton) pair, and outputs placed as
     on CUDA (empty_like_at_512_bytes); the stand-in's knobs."""
     knobs = stand_in_knobs()
@@ -288,87 +283,42 @@ def test_a_direct_launch_names_outputs_among_its_runtime_parameters(knobs):
         DirectLaunch(StandInJITFunction(knobs=knobs), {"RECIPROCAL_THEN_MULTIPLY": True}, 4, outputs=("y_ptr",))
 
 
-# --- the direct graph call, with torch.compile itself (CPU) --------------------------------------
+# --- what binds a launch (CPU: no kernel runs) ----------------------------------------------------
 
 
-def _halved(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    return (x.float() * 0.5 / amax).to(x.dtype)
+def test_a_launch_takes_a_permutation_of_a_contiguous_tensor_with_the_last_dim_innermost():
+    """What BoundKernelLaunch reads in place besides contiguous tensors (functions._rows_in_memory):
+    the layouts whose elements fill one stretch of memory as rows of the last dim."""
+    base = torch.empty(2, 8, 4, 32)
+    takes = {
+        "contiguous": base,
+        "K and V without a KV cache": base.transpose(1, 2),
+        "the leading dims permuted": base.permute(2, 0, 1, 3),
+        "a size-1 dim with any stride": torch.empty(4, 1, 32).as_strided((4, 1, 32), (32, 7, 1)),
+    }
+    refuses = {
+        "the last dim not innermost": base.transpose(2, 3),
+        "a slice of each row": base[..., :16],
+        "every other row": base[:, ::2],
+        "an expanded dim (stride 0)": torch.empty(1, 32).expand(4, 32),
+        "overlapping rows": torch.empty(80).as_strided((4, 32), (16, 1)),
+    }
+    for what, x in takes.items():
+        assert functions._rows_in_memory(x), what
+    for what, x in refuses.items():
+        assert not functions._rows_in_memory(x), what
 
 
-def _graph_calls(times: int = 3):
-    """A fresh compiled function called `times` times on rows of several lengths, each result
-    checked against eager; its DirectCompiled entry."""
-    per_signature = CompiledPerSignature(_halved, prepare=functions._marked)
-    amax = torch.tensor(3.0)
-    entry = None
-    for i in range(times):
-        x = torch.randn(4 + i, 32, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(i))
-        rows = functions._rows(x)
-        entry = per_signature.for_call((rows, amax), {})
-        assert_bitexact(entry(rows, amax), _halved(x, amax), f"call {i}")
-    return entry
-
-
-def test_with_refquant_fast_launch_0_compiled_graphs_go_through_dynamo_with_the_same_bits(fast_paths, monkeypatch):
-    monkeypatch.setenv(SETTING, "0")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        entry = _graph_calls()
-        assert rc.bind_fake_quant("fp8", torch.randn(4, 64), torch.tensor(2.0)) is None, "a graph was bound with the direct call off"
-    assert _warnings_of(caught, RefquantFastLaunchWarning) == []
-    assert entry.direct_graphs == 0 and entry.calls_through_dynamo == 3 and GRAPH_CALL.on is False
-
-
-def test_outside_the_tested_torch_compiled_graphs_go_through_dynamo_with_one_warning(fast_paths, monkeypatch):
-    monkeypatch.setattr(private_api, "installed_versions", lambda: ("2.12", None))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        entry = _graph_calls()
-        _graph_calls()
-    messages = _warnings_of(caught, RefquantFastLaunchWarning)
-    assert len(messages) == 1 and "direct call of compiled graphs" in messages[0] and f"{SETTING}=1" in messages[0], messages
-    assert entry.direct_graphs == 0 and entry.calls_through_dynamo == 3
-
-
-def test_dynamo_internals_that_moved_turn_the_direct_graph_call_off_with_one_warning(fast_paths, monkeypatch):
-    def moved():
-        raise ImportError("cannot import name '_debug_get_cache_entry_list'")
-
-    monkeypatch.setattr(private_api, "graph_call_internals", moved)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        entry = _graph_calls()
-    messages = _warnings_of(caught, RefquantFastLaunchWarning)
-    assert len(messages) == 1 and "_debug_get_cache_entry_list" in messages[0], messages
-    assert entry.calls_through_dynamo == 3
-
-
-@pytest.mark.parametrize("failure", ["the graph's call", "the guards' check", "reading dynamo's cache"])
-def test_a_direct_graph_call_that_raises_falls_back_to_dynamo_for_the_process(fast_paths, monkeypatch, failure):
-    entry = _graph_calls(2)
-    assert entry.direct_graphs == 1 and GRAPH_CALL.on
-
-    def broken(*args, **kwargs):
-        raise RuntimeError(f"{failure} failed")
-
-    graph = entry._direct[0]
-    if failure == "the graph's call":
-        monkeypatch.setattr(graph, "inference_code", broken)
-        monkeypatch.setattr(graph, "compiled", broken)
-    elif failure == "the guards' check":
-        monkeypatch.setattr(graph, "check", broken)
-    else:
-        monkeypatch.setattr(private_api, "cache_entries", broken)
-        monkeypatch.setattr(entry, "_direct", [])  # so the next call goes through dynamo, then looks for graphs
-    through_dynamo = entry.calls_through_dynamo
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        x = torch.randn(9, 32, dtype=torch.bfloat16)
-        for i in range(3):
-            assert_bitexact(entry(functions._rows(x), torch.tensor(3.0)), _halved(x, torch.tensor(3.0)), f"call {i}")
-    messages = _warnings_of(caught, RefquantFastLaunchWarning)
-    assert len(messages) == 1 and f"{failure} failed" in messages[0], messages
-    assert GRAPH_CALL.on is False and entry.calls_through_dynamo == through_dynamo + 3
+def test_bind_fake_quant_binds_nothing_it_cannot_launch_and_refuses_a_bad_amax():
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    rc.fp8_fake_quant(x, torch.ones(1, 64), flavor="modelopt-cpu")
+    assert rc.bind_fake_quant("fp8", x, torch.ones(1, 64)) is None, "a per-channel amax"
+    assert rc.bind_fake_quant("fp8", torch.randn(0, 64), 1.0) is None, "an empty x"
+    assert rc.bind_fake_quant("int8", x, 1.0) is None, "an unknown format"
+    assert rc.bind_fake_quant("nvfp4", x, None) is None, "no amax (taken from each x)"
+    assert rc.bind_fake_quant("fp8", x, torch.tensor(2.0)) is None, "the CPU"
+    with pytest.raises(ValueError, match="amax"):
+        rc.bind_fake_quant("fp8", x, -1.0)
 
 
 # --- one module holds every private API, and the docs show what it declares -----------------------
@@ -469,9 +419,8 @@ def _docs_version_table() -> list[tuple[str, ...]]:
     return rows
 
 
-def test_the_docs_show_the_versions_the_fast_paths_declare():
-    declared = [(r.torch, r.triton, "on" if r.kernel_launch else "off", "on" if r.graph_call else "off", r.tested_on)
-                for r in private_api.TESTED]
+def test_the_docs_show_the_versions_the_fast_launch_declares():
+    declared = [(r.torch, r.triton, "on" if r.kernel_launch else "off", r.tested_on) for r in private_api.TESTED]
     assert _docs_version_table() == declared
 
 
@@ -550,8 +499,8 @@ def test_nvfp4_real_quant_launched_fast_gives_the_reference_bits_at_every_alignm
 
 @cuda
 @pytest.mark.parametrize("recipe", ["fp8_default-fp8_kv", "nvfp4_default-fp8_cast_kv", "nvfp4_default-fp8_kv"])
-def test_a_forced_fallback_ptq_gives_the_fast_paths_amax_logits_and_export(recipe, fast_paths, monkeypatch, tmp_path):
-    """A tiny Llama's PTQ on CUDA with the fast paths (as installed) and with REFQUANT_FAST_LAUNCH=0:
+def test_a_forced_fallback_ptq_gives_the_fast_launchs_amax_logits_and_export(recipe, fast_launch_undecided, monkeypatch, tmp_path):
+    """A tiny Llama's PTQ on CUDA with the fast launch (as installed) and with REFQUANT_FAST_LAUNCH=0:
     the same amax in every quantizer, the same logits (a first and a steady forward, with and
     without a KV cache), byte-identical exports; and only the first run launched fast."""
     from conftest import folder_files, tiny_llama

@@ -133,7 +133,7 @@ def test_a_quantizers_gradient_is_the_upstream_gradient_after_its_calls_were_bou
 @pytest.mark.parametrize("fn", ["fp8_fake_quant", "nvfp4_fake_quant"])
 def test_compiled_fake_quant_passes_the_gradient_through_on_every_call(fn):
     """The compiled function with x requiring grad, twice: its first call compiles the graph with
-    the backward, the second calls that graph directly (refquant.compiled.direct_call)."""
+    the backward, the second runs that graph again."""
     x = _inputs(torch.bfloat16)
     for call in ("first", "second"):
         upstream = _upstream("random", x)

@@ -1,17 +1,23 @@
-"""TensorQuantizer: where its amax comes from, max calibration, constant-amax KV cast, state_dict.
+"""TensorQuantizer: where its amax comes from, max calibration, constant-amax KV cast, state_dict,
+the shared input result (SharedInputResult) and the compiled backend's bound call.
 
 docs/modelopt_behaviour.md §1.2 (amax priority), §5 (use_constant_amax), §6 (max calibration).
-Inputs are hand-made so the right amax is known without running the code under test.
+The amax tests' inputs are hand-made so the right amax is known without running the code under test.
 """
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
-from conftest import vector_cases
+from conftest import cuda, vector_cases
 
 import refquant as rq
+import refquant.compiled as rc
 from refquant import QuantizerConfig, TensorQuantizer
+from refquant.compiled import functions
+from refquant.quant.quantizer import SharedInputResult
 from refquant.testing import assert_bitexact
 
 FP8 = QuantizerConfig(format="fp8")
@@ -259,3 +265,234 @@ def test_set_enabled_keeps_every_other_attribute():
     quantizer.set_enabled(False)
     quantizer.set_enabled(True)
     assert quantizer.config == FP8_CAST
+
+
+# --- SharedInputResult: one tensor into quantizers of equal settings, quantized once ----------
+
+
+def _calibrated(amax: float, fmt: str = "fp8", shared: SharedInputResult | None = None) -> TensorQuantizer:
+    quantizer = TensorQuantizer(QuantizerConfig(format=fmt))
+    quantizer.set_amax(torch.tensor(amax))
+    quantizer.shared_input_result = shared
+    return quantizer
+
+
+def _counting(monkeypatch) -> list:
+    computed = []
+    original = TensorQuantizer._fake_quant
+
+    def counted(self, x, amax_value):
+        computed.append(self)
+        return original(self, x, amax_value)
+
+    monkeypatch.setattr(TensorQuantizer, "_fake_quant", counted)
+    return computed
+
+
+def _quantized_tiny_llama(recipe: str, seed: int, backend: str = "compiled", device: str = "cpu"):
+    """conftest's tiny Llama on `device`, quantized with `recipe` on one batch of ids (the modelopt
+    flavor of that device); (model, ids)."""
+    from conftest import tiny_llama
+
+    model = tiny_llama().to(device)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(seed)).to(device)
+    flavor = "modelopt-cuda" if device == "cuda" else "modelopt-cpu"
+    rq.quantize_model(model, rq.load_recipe(recipe), [ids], backend=backend, flavor=flavor, progress=False)
+    return model, ids
+
+
+def test_one_tensor_into_quantizers_of_equal_settings_is_quantized_once(monkeypatch):
+    shared = SharedInputResult()
+    q, k, v = (_calibrated(3.0, shared=shared) for _ in range(3))
+    computed = _counting(monkeypatch)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    outputs = [q(x), k(x), v(x)]
+    assert computed == [q]
+    assert outputs[1] is outputs[0] and outputs[2] is outputs[0]
+    assert_bitexact(outputs[0], rq.fp8_fake_quant(x, torch.tensor(3.0)))
+
+
+@pytest.mark.parametrize(
+    "what, second",
+    [
+        ("another amax", lambda shared: _calibrated(2.0, shared=shared)),
+        ("another format", lambda shared: _calibrated(3.0, "nvfp4", shared=shared)),
+        ("no shared cache", lambda shared: _calibrated(3.0)),
+    ],
+)
+def test_other_settings_compute_their_own_result(monkeypatch, what, second):
+    shared = SharedInputResult()
+    first, other = _calibrated(3.0, shared=shared), second(shared)
+    computed = _counting(monkeypatch)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    first(x)
+    out = other(x)
+    assert computed == [first, other], what
+    assert_bitexact(out, other._fake_quant(x, other._amax_value_now()), what)
+
+
+def test_a_changed_input_or_result_or_amax_is_computed_again(monkeypatch):
+    shared = SharedInputResult()
+    a, b = _calibrated(3.0, shared=shared), _calibrated(3.0, shared=shared)
+    computed = _counting(monkeypatch)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    a(x)
+    x.mul_(2)  # in place: the input's version moves
+    assert_bitexact(b(x), rq.fp8_fake_quant(x, torch.tensor(3.0)), "after x changed")
+    result = a(x)  # b's result, shared
+    result.add_(1)  # someone wrote into the shared result
+    assert_bitexact(b(x), rq.fp8_fake_quant(x, torch.tensor(3.0)), "after the result changed")
+    b._buffers["_amax"].fill_(2.0)  # amax changed in place: b's settings differ now
+    assert_bitexact(b(x), rq.fp8_fake_quant(x, torch.tensor(2.0)), "after the amax changed")
+    assert computed == [a, b, b, b], "a, then b after each change; a's second call shared b's result"
+
+
+def test_weights_are_not_kept_and_a_freed_input_frees_the_entry():
+    shared = SharedInputResult()
+    quantizer = _calibrated(3.0, shared=shared)
+    quantizer(torch.nn.Parameter(torch.randn(8, 64)))
+    assert shared._entry is None, "a weight was kept"
+    x = torch.randn(4, 64)
+    quantizer(x)
+    assert shared._entry is not None
+    del x
+    gc.collect()
+    assert shared._entry is None, "the entry outlived its input"
+
+
+def test_insert_quantizers_gives_a_models_quantizers_one_shared_cache_and_qkv_share_it(monkeypatch):
+    model, ids = _quantized_tiny_llama("fp8_default-fp8_kv", 1, backend="reference")
+    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
+    assert len({id(q.shared_input_result) for q in quantizers}) == 1
+    computed = _counting(monkeypatch)
+    with torch.no_grad():
+        shared_logits = model(input_ids=ids).logits
+        for quantizer in quantizers:
+            quantizer.shared_input_result = None
+        computed_with_cache = len(computed)
+        own_logits = model(input_ids=ids).logits
+    # per layer: k_proj and v_proj reuse q_proj's input result, up_proj gate_proj's
+    assert len(computed) - computed_with_cache - computed_with_cache == 3 * 2
+    assert_bitexact(shared_logits, own_logits, "logits with and without the shared results")
+
+
+# --- the compiled backend's bound call (refquant.compiled.bind_fake_quant) ----------------------
+# On CUDA, a calibrated bf16 or fp16 quantizer's later calls are each one bound kernel launch; on
+# the CPU, and wherever nothing binds, every call is the ordinary one. Both give the reference's bits.
+
+DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
+
+
+def _compiled_quantizer(fmt: str, amax: float | None, device: str, flavor: str = "modelopt-cpu") -> TensorQuantizer:
+    quantizer = TensorQuantizer(QuantizerConfig(format=fmt), backend="compiled", flavor=flavor)
+    if amax is not None:
+        quantizer.set_amax(torch.tensor(amax, device=device))
+    return quantizer
+
+
+def _expected(quantizer: TensorQuantizer, x: torch.Tensor) -> torch.Tensor:
+    """The CPU reference's result of the quantizer's fake quantization of x."""
+    amax = None if quantizer.amax is None else quantizer.amax.cpu()
+    if quantizer.config.format == "fp8":
+        return rq.fp8_fake_quant(x.cpu(), amax, flavor=quantizer.flavor)
+    return rq.nvfp4_fake_quant(x.cpu(), amax)
+
+
+def _public_functions_refuse(monkeypatch):
+    for name in ("fp8_fake_quant", "nvfp4_fake_quant"):
+        monkeypatch.setattr(rc, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("the public function ran")))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt, amax", [("fp8", 3.0), ("nvfp4", 3.0), ("nvfp4", None), ("fp8", None)])
+def test_a_quantizers_later_calls_take_the_bound_launch_on_cuda_and_give_the_reference_bits(monkeypatch, fmt, amax, device):
+    quantizer = _compiled_quantizer(fmt, amax, device)
+    x = torch.randn(3, 7, 64, dtype=torch.bfloat16, device=device)
+    with torch.no_grad():
+        assert_bitexact(quantizer(x).cpu(), _expected(quantizer, x), "first call")
+        if device == "cuda" and amax is not None:
+            assert isinstance(quantizer._bound[0], functions.BoundKernelLaunch)
+            _public_functions_refuse(monkeypatch)
+        else:  # an amax from x, or the CPU: nothing to bind
+            assert quantizer._bound is None
+        for shape in ((3, 7, 64), (5, 64), (2, 2, 9, 64)):
+            y = torch.randn(*shape, dtype=torch.bfloat16, device=device)
+            assert_bitexact(quantizer(y).cpu(), _expected(quantizer, y), f"later call, {shape}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "what, change",
+    [
+        ("the amax changed in place", lambda q: q._buffers["_amax"].fill_(0.5)),
+        ("a new amax", lambda q: q.set_amax(torch.tensor(0.25, device=q.amax.device))),
+        ("another format", lambda q: q.set_config(QuantizerConfig(format="nvfp4"))),
+        ("another flavor", lambda q: setattr(q, "flavor", "modelopt-cuda")),
+        ("the constant amax", lambda q: q.set_config(QuantizerConfig(format="fp8", use_constant_amax=True))),
+        ("the reference backend", lambda q: setattr(q, "backend", "reference")),
+    ],
+)
+def test_a_quantizer_whose_settings_changed_does_not_use_its_old_bound_call(what, change, device):
+    quantizer = _compiled_quantizer("fp8", 3.0, device)
+    x = torch.randn(4, 64, dtype=torch.bfloat16, device=device) * 2
+    with torch.no_grad():
+        quantizer(x)
+        change(quantizer)
+        assert_bitexact(quantizer(x).cpu(), _expected(quantizer, x), what)
+        assert_bitexact(quantizer(x).cpu(), _expected(quantizer, x), f"{what}, again")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_tensor_the_bound_launch_does_not_take_gets_the_ordinary_call(device):
+    quantizer = _compiled_quantizer("nvfp4", 3.0, device)
+    with torch.no_grad():
+        quantizer(torch.randn(4, 64, dtype=torch.bfloat16, device=device))
+        refused = (torch.randn(4, 64, dtype=torch.float16), torch.randn(64, 4).t().contiguous().t(), torch.randn(1, 64),
+                   torch.randn(0, 64))
+        for x in refused:
+            x = x.to(device)
+            assert_bitexact(quantizer(x).cpu(), _expected(quantizer, x), f"{x.dtype} {tuple(x.shape)} {x.stride()}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_quantized_model_with_bound_calls_deep_copies_and_its_quantizers_pickle(device):
+    import copy
+    import io
+
+    model, ids = _quantized_tiny_llama("nvfp4_default-fp8_cast_kv", 2, device=device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        if device == "cuda":
+            assert any(q._bound is not None for q in model.modules() if isinstance(q, TensorQuantizer))
+        copied = copy.deepcopy(model)
+        shared = {id(q.shared_input_result) for q in copied.modules() if isinstance(q, TensorQuantizer)}
+        assert len(shared) == 1 and shared != {id(model.model.layers[0].self_attn.q_proj.input_quantizer.shared_input_result)}
+        assert_bitexact(copied(input_ids=ids).logits, logits, "the deep copy")
+        quantizer = model.model.layers[0].self_attn.k_proj.weight_quantizer
+        buffer = io.BytesIO()
+        torch.save(quantizer, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        weight = model.model.layers[0].self_attn.k_proj.weight
+        assert_bitexact(loaded(weight), quantizer(weight), "a quantizer pickled after its bound call")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv_cache", "no_kv_cache"])
+@pytest.mark.parametrize("recipe", ["fp8_default-fp8_kv", "nvfp4_default-fp8_cast_kv", "nvfp4_default-fp8_kv"])
+def test_a_steady_quantized_forward_compiles_nothing_and_on_cuda_binds_nothing_new(monkeypatch, recipe, use_cache, device):
+    """After a warm-up forward, forwards of other lengths compile no graph; on CUDA every quantizer
+    call is a bound launch or a shared result (a regression here would only show as lost speed).
+    Without a KV cache the attention gets K and V as transposed views; a kernel launch that
+    refused them would be bound and bound again on every call (docs/compiled.md, "Tried and
+    rejected")."""
+    model, ids = _quantized_tiny_llama(recipe, 3, device=device)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=use_cache)
+        graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        if device == "cuda":
+            monkeypatch.setattr(TensorQuantizer, "_bind", lambda *a, **k: pytest.fail("a quantizer bound again"))
+            _public_functions_refuse(monkeypatch)
+        for length in (12, 7):
+            model(input_ids=ids[:, :length], use_cache=use_cache)
+    assert int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) == graphs, "a steady forward compiled a graph"

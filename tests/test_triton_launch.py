@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cuda, nvfp4_kernel_inputs
+from conftest import cuda, cuda_at_element_offset, nvfp4_kernel_inputs
 
 import refquant as rq
 import refquant.compiled as rc
@@ -89,15 +89,14 @@ def _amaxes(x: torch.Tensor) -> list:
 def test_a_bound_nvfp4_quantizer_launches_its_kernel_and_gives_the_reference_bits():
     """bind_fake_quant("nvfp4", x, amax) on CUDA binds the kernel's launch (BoundKernelLaunch) for
     bf16 and fp16: every bf16 pattern, fp16 input, under every kind of amax, given as fp32 and as
-    bf16, gives the CPU reference's bits. fp32 binds the graph instead (BoundKernelLaunch says why)."""
+    bf16, gives the CPU reference's bits. fp32 binds nothing (BoundKernelLaunch says why)."""
     for name, x in nvfp4_kernel_inputs().items():
         x = x.cuda()
         if x.dtype == torch.float32:
-            assert not isinstance(rc.bind_fake_quant("nvfp4", x, 1.0), functions.BoundKernelLaunch), f"{name}: fp32 was bound"
+            assert rc.bind_fake_quant("nvfp4", x, 1.0) is None, f"{name}: fp32 was bound"
             continue
         if not functions._rows_in_memory(x):  # a view the kernel cannot read in place: no launch is bound
-            bound = rc.bind_fake_quant("nvfp4", x, 1.0)
-            assert not isinstance(bound, functions.BoundKernelLaunch), f"{name}: a launch was bound for a view it cannot read"
+            assert rc.bind_fake_quant("nvfp4", x, 1.0) is None, f"{name}: a launch was bound for a view it cannot read"
             continue
         for amax in _amaxes(x):
             for amax_dtype in (torch.float32, torch.bfloat16):
@@ -246,3 +245,49 @@ def test_a_bound_launch_looks_up_the_kernel_triton_picks_as_counts_and_alignment
         else:
             knobs.runtime.launch_enter_hook = chain
     assert entered, "the launch hook was not called"
+
+
+@pytest.mark.parametrize("flavor", ["modelopt-cpu", "modelopt-cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_a_bound_fp8_launch_reads_its_amax_tensor_at_every_call(flavor, dtype):
+    """FP8 with an amax tensor binds the launch of the FP8 kernel for bf16 and fp16 (fp32 binds
+    nothing), which forms the scales from the amax at every launch: every amax regime (ordinary,
+    below the 2**-24 floor, 448, huge) gives the reference's bits, and so does a value written
+    into the same tensor later through `.data` (which moves no version counter)."""
+    gen = torch.Generator().manual_seed(4)
+    inputs = [(torch.randn(rows, 64, generator=gen) * 40).to(dtype) for rows in (5, 2, 17)]
+    amax = torch.tensor(3.0, device="cuda")
+    bound = rc.bind_fake_quant("fp8", inputs[0].cuda(), amax, flavor=flavor)
+    if dtype == torch.float32:
+        assert bound is None, "fp32 was bound"
+        return
+    assert isinstance(bound, functions.BoundKernelLaunch), "nothing was bound"
+    for value in (3.0, 1e-30, 448.0, 3.0e38):
+        amax.data.copy_(torch.tensor(value))
+        for x in inputs:
+            out = bound(x.cuda())
+            assert out is not None, f"{tuple(x.shape)}: the bound launch did not take it"
+            assert_bitexact(out.cpu(), rq.fp8_fake_quant(x, value, flavor=flavor), f"amax {value}, {tuple(x.shape)}")
+
+
+def test_nvfp4_quantize_on_cuda_with_an_amax_is_one_launch_of_the_kernel(monkeypatch):
+    """With an amax given, rc.nvfp4_quantize launches the kernel itself (DirectLaunch), no graph:
+    the reference's bits for bf16 (16-byte aligned: the words path; a view 8 bytes off it), fp16,
+    fp32, a non-contiguous view, 3-D x, an amax in bf16 and as a float, both flavors."""
+    monkeypatch.setattr(functions, "_nvfp4_quantize_with_triton_blocks", lambda: pytest.fail("the graph ran"))
+    base = torch.randn(48, 80, generator=torch.Generator().manual_seed(6)) * 3
+    bf16 = base[:, :64].to(torch.bfloat16).contiguous()
+    cases = {  # name: (x on the CPU, x on CUDA)
+        "bf16": (bf16, bf16.cuda()),
+        "bf16, 8 bytes off alignment": (bf16, cuda_at_element_offset(bf16, 4)),
+        "fp16": (base[:, :64].half(), base[:, :64].half().cuda()),
+        "fp32": (base[:, :64].contiguous(), base[:, :64].cuda()),
+        "bf16, transposed view": (bf16[:, :48].t(), bf16.cuda()[:, :48].t()),
+        "bf16, 3-D": (bf16.reshape(4, 12, 64), bf16.cuda().reshape(4, 12, 64)),
+    }
+    for name, (x, on_device) in cases.items():
+        for amax in (torch.tensor(2.5), torch.tensor(7.0, dtype=torch.bfloat16), 1.5):
+            given = amax.cuda() if isinstance(amax, torch.Tensor) else amax
+            for flavor in ("modelopt-cpu", "modelopt-cuda"):
+                want = rq.nvfp4_quantize(x, amax, flavor=flavor)
+                assert_bitexact(rc.nvfp4_quantize(on_device, given, flavor=flavor), want, f"{name}, amax {amax}, {flavor}")

@@ -6,10 +6,7 @@ time of many back-to-back calls is their host time. Measured per call (median of
     eager launch          x.mul(2): one eager kernel launch, the floor
     quantizer             TensorQuantizer(backend="compiled")(x), as the PTQ forward calls it
     public function       refquant.compiled.<fn>(x, amax)
-    direct call           the compiled graph through refquant.compiled.direct_call (guards + run)
-    through dynamo        the same graph through torch.compile's own dispatch
-    guard check           dynamo's guards of the graph, evaluated on the arguments
-    graph only            inductor's compiled function, inputs ready
+    through dynamo        the compiled graph the public function calls, through torch.compile
 
 On CUDA (bf16 and fp16), a calibrated quantizer's call is one launch of a Triton kernel of ours
 (BoundKernelLaunch, DirectLaunch); its steps, outermost first:
@@ -34,7 +31,8 @@ On CUDA (bf16 and fp16), a calibrated quantizer's call is one launch of a Triton
 Prints a table and writes DIR/host_time.json. With --profile-recipe, also quantizes ptq_gpu.py's
 model of --shape with recipe R (compiled backend, one calibration batch of 4 x 1024 tokens) and
 profiles one forward on the host (cProfile): the functions that take the most time, and how many
-compiled calls went through dynamo rather than directly. A report: nothing is asserted.
+quantizer calls made the ordinary (compiled) call rather than a bound one. A report: nothing is
+asserted.
 """
 
 from __future__ import annotations
@@ -76,8 +74,8 @@ def per_call_us(step, device: torch.device, calls: int = 400, rounds: int = 7) -
 
 def steps_of(name: str, x: torch.Tensor, amax: torch.Tensor, flavor: str) -> dict:
     """The call of refquant.compiled.<name> cut into its steps, each a zero-argument callable: the
-    graph the public function calls (for NVFP4 on CUDA, the one around the Triton block step). A
-    TensorQuantizer's FP8 bound call runs a graph of the element step instead (scales bound)."""
+    public function, and the compiled graph it calls through dynamo (for NVFP4 on CUDA, the one
+    around the Triton block step)."""
     if name == "fp8_fake_quant":
         compiled = functions._compiled_fp8_fake_quant
     else:
@@ -88,18 +86,10 @@ def steps_of(name: str, x: torch.Tensor, amax: torch.Tensor, flavor: str) -> dic
     rows = functions._rows(x)
     entry = compiled.for_call((rows, amax), kwargs)
     entry(rows, amax, **kwargs)
-    steps = {
+    return {
         "public function": lambda: public(x, amax, **({"flavor": flavor} if name == "fp8_fake_quant" else {})),
-        "through dynamo": lambda: entry.dynamo(rows, amax, **kwargs),
+        "through dynamo": lambda: entry(rows, amax, **kwargs),
     }
-    if entry.direct_graphs:
-        graph = entry._direct[0]
-        frame = entry._frame((rows, amax), kwargs)
-        values = [read(frame) for read in graph.inputs]
-        steps["direct call"] = lambda: entry(rows, amax, **kwargs)
-        steps["guard check"] = lambda: graph.guards.check(frame)
-        steps["graph only"] = lambda: graph.compiled(*values)
-    return steps, entry.direct_graphs
 
 
 def bound_launch_steps(fmt: str, x: torch.Tensor, amax: torch.Tensor, flavor: str) -> dict:
@@ -161,23 +151,20 @@ def bound_launch_steps(fmt: str, x: torch.Tensor, amax: torch.Tensor, flavor: st
 # a quantizer whose bound call is refused makes the ordinary call (_run) and binds again (_bind).
 # A bound launch calls DirectLaunch.launch_compiled; DirectLaunch.launch is a first launch (or one
 # under a launch hook).
-WATCHED = ("_bind", "bind_fake_quant", "_run", "call_direct", "fp8_fake_quant", "nvfp4_fake_quant",
-           "launch", "launch_compiled")
+WATCHED = ("_bind", "bind_fake_quant", "_run", "fp8_fake_quant", "nvfp4_fake_quant", "launch", "launch_compiled")
 
 
 def forward_profile(model, batch: torch.Tensor, top: int = 30) -> dict:
     """cProfile of one forward of `model` (after three unprofiled ones): host ms under the
-    profiler, compiled calls that went through dynamo, calls of the WATCHED functions, and the
-    `top` functions by their own time."""
+    profiler, calls of the WATCHED functions (each _run is a compiled call through dynamo), and
+    the `top` functions by their own time."""
     import cProfile
     import io
     import pstats
 
-    entries = lambda: [e for c in functions.compiled_functions() for e in c._compiled.values()]  # noqa: E731
     with torch.no_grad():
         for _ in range(3):
             model(input_ids=batch)
-        before = sum(e.calls_through_dynamo for e in entries())
         profiler = cProfile.Profile()
         began = time.perf_counter()
         profiler.enable()
@@ -191,8 +178,7 @@ def forward_profile(model, batch: torch.Tensor, top: int = 30) -> dict:
         if name in watched:
             watched[name] += calls
     stats.sort_stats("tottime").print_stats(top)
-    return {"host_ms_profiled": host_ms, "calls_through_dynamo": sum(e.calls_through_dynamo for e in entries()) - before,
-            "watched_calls": watched, "top": text.getvalue()}
+    return {"host_ms_profiled": host_ms, "watched_calls": watched, "top": text.getvalue()}
 
 
 def profile_forward(recipe: str, shape: str, device: torch.device) -> dict:
@@ -206,7 +192,7 @@ def profile_forward(recipe: str, shape: str, device: torch.device) -> dict:
     rq.quantize_model(model, rq.load_recipe(recipe), [batch], backend="compiled", flavor=flavor, progress=False)
     profile = forward_profile(model, batch)
     print(f"profile of one {shape} forward, {recipe}: {profile['host_ms_profiled']:.1f} ms on the host under cProfile; "
-          f"{profile['calls_through_dynamo']} compiled calls went through dynamo; calls {profile['watched_calls']}")
+          f"calls {profile['watched_calls']}")
     print(profile["top"])
     return {"recipe": recipe, "shape": shape, **profile}
 
@@ -229,18 +215,18 @@ def main(argv: list[str] | None = None) -> int:
     for name, fmt in (("fp8_fake_quant", "fp8"), ("nvfp4_fake_quant", "nvfp4")):
         quantizer = TensorQuantizer(QuantizerConfig(format=fmt), backend="compiled", flavor=flavor)
         quantizer.set_amax(amax)
-        steps, direct = steps_of(name, x, amax, flavor)
-        row = {"direct graphs": direct, "quantizer": per_call_us(lambda: quantizer(x), device)}
+        steps = steps_of(name, x, amax, flavor)
+        row = {"quantizer": per_call_us(lambda: quantizer(x), device)}
         row.update({step: per_call_us(call, device) for step, call in steps.items()})
         results["functions"][name] = row
     print(f"{results['device']}, torch {results['torch']}, x {args.rows} x {args.cols} bf16; host us per call "
           f"(eager launch {results['eager launch']:.1f})")
-    columns = ["quantizer", "public function", "direct call", "through dynamo", "guard check", "graph only"]
-    print("| function | direct graphs | " + " | ".join(columns) + " |")
-    print("| --- | --- |" + " --- |" * len(columns))
+    columns = ["quantizer", "public function", "through dynamo"]
+    print("| function | " + " | ".join(columns) + " |")
+    print("| --- |" + " --- |" * len(columns))
     for name, row in results["functions"].items():
         cells = [f"{row[c]:.1f}" if c in row else "-" for c in columns]
-        print(f"| {name} | {row['direct graphs']} | " + " | ".join(cells) + " |")
+        print(f"| {name} | " + " | ".join(cells) + " |")
     launch_columns = ["quantizer", "quantizer, shared", "quantizer.forward", "bound call", "bound checks",
                       "arguments", "launch_compiled", "Triton launcher", "empty_like", "DirectLaunch.launch", "key"]
     for fmt in ("fp8", "nvfp4"):

@@ -6,8 +6,9 @@ and CUDA (Triton). Each one is torch.compile applied to the reference function i
 inductor options in refquant.compiled.options, scoped to these calls. Two exceptions: on CUDA,
 NVFP4 real and fake quant's per-block steps are the Triton kernels of
 refquant.compiled.nvfp4_triton and refquant.compiled.nvfp4_fake_triton (imported only then), held
-to the reference bit for bit by the CUDA tests. docs/compiled.md has the design. The private torch and Triton APIs the fast paths use, the versions they were tested
-on and the switch that turns them off (REFQUANT_FAST_LAUNCH) are in refquant.compiled.private_api.
+to the reference bit for bit by the CUDA tests. docs/compiled.md has the design. The private
+torch and Triton APIs the fast kernel launch uses, the versions it was tested on and the switch
+that turns it off (REFQUANT_FAST_LAUNCH) are in refquant.compiled.private_api.
 """
 
 from .functions import FP8Tensor, NVFP4Tensor, bind_fake_quant, fp8_fake_quant, fp8_quantize, nvfp4_fake_quant, nvfp4_quantize

@@ -40,20 +40,17 @@ if TYPE_CHECKING:  # Triton is imported where a kernel of ours is launched, neve
     from .triton_launch import FakeQuantKernel
 
 
-def _marked(args: tuple) -> tuple:
-    """The positional arguments as dynamo traces them: every tensor of rank >= 1 marked as _mark
-    says. Only a call that goes through dynamo (compiles, or finds no graph to call directly)
-    pays for this. The wrappers below pass such tensors as objects of their own (_rows, _own), so
-    a mark never lands on a caller's tensor, and the direct call sees the same kind of object as
-    the trace did (see _own)."""
+def _mark_positional(args: tuple) -> None:
+    """Every positional tensor of rank >= 1 marked as _mark says, for dynamo to trace it so should
+    this call compile. The wrappers below pass such tensors as objects of their own (_rows, _own),
+    so a mark never lands on a caller's tensor."""
     for a in args:
         if isinstance(a, torch.Tensor) and a.ndim:
             _mark(a)
-    return args
 
 
 def _compiled(fn: Callable, realize_opcount_threshold: int = REALIZE_OPCOUNT_THRESHOLD) -> CompiledPerSignature:
-    return CompiledPerSignature(fn, realize_opcount_threshold, prepare=_marked)
+    return CompiledPerSignature(fn, realize_opcount_threshold)
 
 
 _compiled_fp8_fake_quant = _compiled(reference_fp8.fp8_fake_quant, FP8_REALIZE_OPCOUNT_THRESHOLD)
@@ -78,6 +75,7 @@ def _run(compiled: CompiledPerSignature | Callable, reference: Callable, *args, 
             # a compiled copy of it here, for_call, is not something dynamo can trace)
             return compiled.fn(*args, **kwargs)
         compiled = compiled.for_call(args, kwargs)
+        _mark_positional(args)
     try:
         try:
             return compiled(*args, **kwargs)
@@ -97,7 +95,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as (rows, last dim), a tensor object of our own (see _own): a view where strides allow,
     a copy otherwise.
 
-    The rows are dynamic (marked by _marked before dynamo traces them): every batch x sequence
+    The rows are dynamic (marked by _mark_positional before dynamo sees them): every batch x sequence
     length and every ndim share one graph. The last dim is static on CUDA (see _mark) and dynamic
     on the CPU.
     """
@@ -106,7 +104,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def _own(t: torch.Tensor | None) -> torch.Tensor | None:
     """t as a tensor object of our own, for the graph: marks then never land on a caller's tensor
-    (see _marked), and it is not a view, so dynamo's guards do not reach into how the caller's
+    (see _mark_positional), and it is not a view, so dynamo's guards do not reach into how the caller's
     tensor was made (a view's guards check its base's sizes, and a graph traced on a reshaped
     4-D tensor would not take a 2-D one). detach() gives such an alias; under grad mode a tensor
     that requires grad gets a view instead, which keeps the autograd graph. None and 0-d tensors
@@ -219,7 +217,7 @@ def fp8_quantize(
         lead = x.shape[:-1]
         block_scale = quantized.scale if block_size is None else quantized.scale.reshape(*lead, -1)
         return FP8Tensor(quantized.data.reshape(x.shape), block_scale, quantized.dtype, quantized.block_size)
-    kwargs["scale"] = None if scale is None else _dynamic(scale)  # a keyword: _marked does not see it
+    kwargs["scale"] = None if scale is None else _dynamic(scale)  # a keyword: _mark_positional does not see it
     return _compiled_result(_run(_compiled_fp8_quantize, reference_fp8.fp8_quantize, _own(x), _own(amax), **kwargs))
 
 
@@ -241,7 +239,7 @@ class NVFP4Tensor(reference_nvfp4.NVFP4Tensor):
             return reference_nvfp4.NVFP4Tensor.dequantize(self, dtype)
         # The reference takes the leading dims from packed and only the last one from shape.
         as_rows = reference_nvfp4.NVFP4Tensor(
-            packed=_dynamic(_rows(self.packed)),  # fields: _marked marks only tensor arguments
+            packed=_dynamic(_rows(self.packed)),  # fields: _mark_positional marks only tensor arguments
             block_scale=_dynamic(_rows(self.block_scale)),
             global_scale=self.global_scale,
             shape=torch.Size([self.packed.numel() // self.packed.shape[-1], self.shape[-1]]),
@@ -330,32 +328,6 @@ def _nvfp4_fake_quant_with_triton_blocks() -> CompiledPerSignature:
 # ---------------------------------------------------------------------------------------------
 
 
-class BoundFakeQuant:
-    """fp8_fake_quant(x, amax, flavor=...) or nvfp4_fake_quant(x, amax) for one per-tensor amax
-    tensor (read by the graph at every call), with the per-call work of the functions above done
-    once: the amax checked and placed on the device, the call signature resolved, the graph's
-    other arguments bound. A call only reshapes x and calls the graph directly
-    behind its guards (refquant.compiled.direct_call), which check everything else about x (dtype,
-    device, sizes, strides, grad); it returns None when they do not pass, and the caller then
-    makes the ordinary call. Made by bind_fake_quant, for calls outside autograd: an x that
-    requires grad under grad mode is refused too (the graph's own guards would refuse it as well).
-    """
-
-    __slots__ = ("_entry", "_frame")
-
-    def __init__(self, entry, frame: dict):
-        self._entry = entry
-        self._frame = frame
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        if x.ndim == 0 or (x.requires_grad and torch.is_grad_enabled()):
-            return None
-        frame = dict(self._frame)  # a dict per call: a quantizer may run in several threads
-        frame["x"] = _rows(x)       # (nn.DataParallel's replicas share it)
-        out = self._entry.call_direct(frame)
-        return None if out is None else _as_shape_of(out, x)
-
-
 class BoundKernelLaunch:
     """A fake quantization for one fixed amax on CUDA whose whole call is one launch of a Triton
     kernel of ours (nvfp4_fake_triton.py, fp8_fake_triton.py), past the graph around it (its
@@ -366,8 +338,8 @@ class BoundKernelLaunch:
     multiple of the kernel's unit, not empty, and outside autograd (no requires_grad under grad
     mode); for any other it returns None and the caller makes the ordinary call. Made by
     bind_fake_quant for bf16 and fp16 only (checked on a GPU against the reference, every
-    pattern): fp32 keeps the graph (the fake kernel's fp32 path is not checked through this
-    launch).
+    pattern): fp32 binds nothing and takes the ordinary call (the fake kernel's fp32 path is not
+    checked through this launch).
 
     A PTQ forward makes ~100 of these calls and the host sets its pace, so a call does only what
     changes from call to call: the checks of x, then FakeQuantKernel.launch_bound (the output's
@@ -444,48 +416,30 @@ def _constant_amax(value: float, device: torch.device) -> torch.Tensor:
     return torch.full((), value, dtype=torch.float32, device=device)
 
 
-def bind_fake_quant(format: str, x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> BoundFakeQuant | None:
-    """The fake quantization of `format` ("fp8" or "nvfp4") with this amax (None: taken from each
-    x; a float or a 0-d tensor), bound for tensors like x: a BoundFakeQuant, or None where there
-    is nothing to bind (a per-channel amax, a degenerate x, a graph that cannot be called
-    directly, the direct graph call off: refquant.compiled.private_api). A tensor amax is bound
-    as the tensor itself, never as values computed from it: every call reads it where it lives,
-    so a write to it in place (`.data` included) is used by the next call, as by the reference.
-    Its value is checked here, once per binding. With an amax, a bf16 or fp16 x on CUDA binds the
-    launch of a Triton kernel (BoundKernelLaunch); the other cases bind the graph of the ordinary
-    call with x, compiling it here if no graph takes x yet."""
+def bind_fake_quant(format: str, x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> BoundKernelLaunch | None:
+    """The fake quantization of `format` ("fp8" or "nvfp4") under this per-tensor amax (a float or
+    a 0-d tensor), bound for tensors like x as one launch of a Triton kernel of ours
+    (BoundKernelLaunch): with a bf16 or fp16 x on CUDA that the launch takes. None where there is
+    nothing to bind (no amax, a per-channel amax, a degenerate x, the CPU, another dtype, an
+    unknown format): the caller makes the ordinary call. A tensor amax is bound as the tensor
+    itself, never as values computed from it: every launch reads it where it lives, so a write to
+    it in place (`.data` included) is used by the next call, as by the reference. A bad amax or
+    flavor raises the ValueError of the ordinary call."""
     if _is_degenerate(x) or format not in ("fp8", "nvfp4"):
         return None
     check_flavor(flavor)
-    if amax is not None:
-        constant = not isinstance(amax, torch.Tensor)
-        amax = as_amax_tensor(amax, x)
-        if amax.ndim != 0:
-            return None
-        if constant:
-            amax = _constant_amax(float(amax), amax.device)
-    launch = None if amax is None else _bound_kernel_launch(format, x, amax, flavor)
-    # Only a launch that takes x itself: a binding that refuses the tensor it was made for sends
-    # every call back to the ordinary call, which binds again. K and V reach the attention as
-    # transposed views when the model runs without a KV cache; they bind the graph below, which
-    # takes any strides.
-    if launch is not None and launch.takes(x):
-        return launch
-    if not private_api.GRAPH_CALL.decide():  # each call goes through dynamo: nothing to bind
+    if amax is None:
         return None
-    args = (_rows(x), amax)
-    if format == "fp8":
-        compiled, reference, kwargs = _compiled_fp8_fake_quant, reference_fp8.fp8_fake_quant, {"axis": None, "flavor": flavor}
-    else:
-        compiled, reference, kwargs = _nvfp4_fake_quant_graph(x), reference_nvfp4.nvfp4_fake_quant, {}
-    entry = compiled.for_call(args, kwargs)
-    if not entry.fits(entry.frame_of(*args, **kwargs)):  # no graph for tensors like x yet: this call makes one
-        _run(compiled, reference, *args, **kwargs)
-    frame = entry.frame_of(*args, **kwargs)
-    if not entry.direct_graphs or frame is None or "x" not in frame:
+    constant = not isinstance(amax, torch.Tensor)
+    amax = as_amax_tensor(amax, x)
+    if amax.ndim != 0:
         return None
-    frame["x"] = None  # each call puts its own x here; keeping this one would keep it alive
-    return BoundFakeQuant(entry, frame)
+    if constant:
+        amax = _constant_amax(float(amax), amax.device)
+    launch = _bound_kernel_launch(format, x, amax, flavor)
+    # Only a launch that takes x itself: a binding that refuses the tensor it was made for would
+    # send every call back to the ordinary call, which binds again.
+    return launch if launch is not None and launch.takes(x) else None
 
 
 def nvfp4_quantize(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "modelopt-cpu") -> NVFP4Tensor:
@@ -509,8 +463,7 @@ def nvfp4_quantize(x: torch.Tensor, amax: AmaxLike = None, *, flavor: Flavor = "
         packed, block_scale, global_scale = nvfp4_quantize_from_amax_now(_rows(x).contiguous(), global_amax, flavor == "modelopt-cpu")
         global_scale = global_scale.reshape(())
     else:
-        # the amax from x (the graph fuses its reduction), or inside a user's torch.compile. A
-        # tuple of tensors, which the graph returns as they are: called directly (direct_call)
+        # the amax from x (the graph fuses its reduction), or inside a user's torch.compile
         compiled = _nvfp4_quantize_with_triton_blocks()
         packed, block_scale, global_scale = _run(compiled, reference_nvfp4.nvfp4_quantize, _rows(x), amax, flavor=flavor)
     lead = x.shape[:-1]
@@ -540,12 +493,3 @@ def _nvfp4_quantize_with_triton_blocks() -> CompiledPerSignature:
     CPU-only installs have no Triton)."""
     return _compiled(_nvfp4_quantize_triton_blocks)
 
-
-def compiled_functions() -> list[CompiledPerSignature]:
-    """Every compiled function made so far, the Triton-backed ones included (for tests and reports:
-    each holds its per-signature DirectCompiled entries and their calls_through_dynamo)."""
-    found = [c for c in globals().values() if isinstance(c, CompiledPerSignature)]
-    for made_on_first_use in (_nvfp4_quantize_with_triton_blocks, _nvfp4_fake_quant_with_triton_blocks):
-        if made_on_first_use.cache_info().currsize:
-            found.append(made_on_first_use())
-    return found

@@ -13,7 +13,6 @@ import types
 import torch
 
 from . import private_api
-from .direct_call import DirectCompiled
 
 
 def division_rounding_option() -> str:
@@ -70,15 +69,14 @@ RECOMPILE_LIMIT = 64
 LIMIT_PER_FUNCTION = "recompile_limit" in inspect.signature(torch.compile).parameters
 
 
-def compile_reference(fn, realize_opcount_threshold: int = REALIZE_OPCOUNT_THRESHOLD, prepare=None) -> DirectCompiled:
+def compile_reference(fn, realize_opcount_threshold: int = REALIZE_OPCOUNT_THRESHOLD):
     """torch.compile(fn) as refquant.compiled runs it: one graph (fullgraph), sizes made dynamic by
-    the caller's marks, our inductor options, our recompile limit where torch takes one; and once a
-    graph exists, calls that pass its guards skip dynamo's dispatch (refquant.compiled.direct_call).
-    prepare(args) gives the positional arguments dynamo traces (views with dynamic dims marked)."""
-    kwargs = {"fullgraph": True, "dynamic": None}
+    the caller's marks, our inductor options, our recompile limit where torch takes one. Every
+    call goes through dynamo, which checks the graphs' guards and compiles where none passes."""
+    kwargs = {"fullgraph": True, "dynamic": None, "options": inductor_options(realize_opcount_threshold)}
     if LIMIT_PER_FUNCTION:
         kwargs["recompile_limit"] = RECOMPILE_LIMIT
-    return DirectCompiled(fn, inductor_options(realize_opcount_threshold), kwargs, prepare)
+    return torch.compile(fn, **kwargs)
 
 
 def recompile_limit_patch():
@@ -99,17 +97,16 @@ class CompiledPerSignature:
     graph for all.
     """
 
-    def __init__(self, fn, realize_opcount_threshold: int = REALIZE_OPCOUNT_THRESHOLD, prepare=None):
+    def __init__(self, fn, realize_opcount_threshold: int = REALIZE_OPCOUNT_THRESHOLD):
         self.fn = fn
         self.realize_opcount_threshold = realize_opcount_threshold
-        self.prepare = prepare
         self._compiled: dict[tuple, object] = {}
 
     def for_call(self, args: tuple, kwargs: dict):
         key = (tuple(map(_signature, args)), tuple([(name, _signature(value)) for name, value in sorted(kwargs.items())]))
         compiled = self._compiled.get(key)
         if compiled is None:
-            compiled = compile_reference(_own_code_copy(self.fn), self.realize_opcount_threshold, self.prepare)
+            compiled = compile_reference(_own_code_copy(self.fn), self.realize_opcount_threshold)
             self._compiled[key] = compiled
         return compiled
 

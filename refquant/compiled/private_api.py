@@ -1,25 +1,22 @@
 """Every private torch and Triton API that refquant.compiled uses, in one place, each use guarded.
 
-refquant.compiled has two fast paths that cut host time with internals of torch and Triton. Each
-has a public path that gives the same bits without them:
+refquant.compiled has one eager fast path that cuts host time with internals of Triton and torch:
+the fast kernel launch (triton_launch.py), a Triton kernel of ours launched through the launcher
+of the kernel Triton compiled for the arguments, past the per-call binding of `kernel[grid](...)`.
+Its public path, `kernel[grid](...)`, gives the same bits. Compiled graphs are called through
+torch.compile (dynamo) and nothing else.
 
-- the fast kernel launch (triton_launch.py): a Triton kernel of ours launched through the
-  launcher of the kernel Triton compiled for the arguments, past the per-call binding of
-  `kernel[grid](...)`. Public path: `kernel[grid](...)`.
-- the direct graph call (direct_call.py): a graph inductor compiled, called behind dynamo's own
-  guards, past dynamo's dispatch. Public path: the torch.compile'd function (dynamo).
-
-Supported versions. A fast path is on where the installed torch and Triton are among those it
-was tested on (TESTED, compared by major.minor; docs/compiled.md has the same table, and a test
-checks that they agree), off elsewhere with one warning that says how to turn it on. The
-environment variable REFQUANT_FAST_LAUNCH decides otherwise: 0 turns both off, 1 turns both on
+Supported versions. The fast launch is on where the installed torch and Triton are among the
+pairs it was tested on (TESTED, compared by major.minor; docs/compiled.md has the same table, and
+a test checks that they agree), off elsewhere with one warning that says how to turn it on. The
+environment variable REFQUANT_FAST_LAUNCH decides otherwise: 0 turns it off, 1 turns it on
 whatever the versions (unset: on where tested).
 
 Failures. A private name that is missing, a call into one that raises, or a fast launch whose
-bits differ from the public path's switches that fast path off for the process: that call and
+bits differ from the public path's switches the fast launch off for the process: that call and
 every later one take the public path, with one warning (RefquantFastLaunchWarning; a difference
 in bits is also logged as an error and warned as RefquantFastLaunchMismatch). A user's forward
-never fails because of a fast path and never gets other bits from one.
+never fails because of the fast launch and never gets other bits from it.
 
 Why the fast kernel launch cannot give other bits than `kernel[grid](...)`:
 (a) Triton compiles a kernel once per specialization of its arguments: today a pointer's dtype
@@ -40,11 +37,9 @@ Why the fast kernel launch cannot give other bits than `kernel[grid](...)`:
     launch writes outputs first filled with the complement of those bits (so an output it fails
     to write cannot pass), and a difference switches the fast launch off, logs an error, and
     returns the public path's bits.
-A kernel is thus either launched as Triton launches it, or not launched fast at all. The direct
-graph call keeps its own check (direct_call.py): a graph is called only behind dynamo's own guard
-manager, and adopted only after its first direct call gave dynamo's result bit for bit.
+A kernel is thus either launched as Triton launches it, or not launched fast at all.
 
-The private APIs, by the fast path that uses them; TESTED says on which versions.
+The private APIs; TESTED says on which versions the fast launch was tested.
 Triton (the fast kernel launch):
   - CompiledKernel.run(grid_x, grid_y, grid_z, stream, function, packed_metadata,
     launch_metadata, launch_enter_hook, launch_exit_hook, *every argument in signature order,
@@ -57,15 +52,6 @@ torch (the fast kernel launch):
   - torch._C._cuda_getCurrentRawStream(device), torch._C._cuda_getDevice(),
     torch.cuda._DeviceGuard(device): what Triton's own launch reads and sets, without the
     Python layers of torch.cuda.current_stream / torch.cuda.device.
-torch (the direct graph call):
-  - torch._dynamo.eval_frame._debug_get_cache_entry_list(code): each cache entry's
-    guard_manager (its check, or its root's) and compile_id.
-  - torch._guards.CompileContext.current_compile_id().
-  - torch._inductor.compile_fx.compile_fx(gm, inputs, inner_compile=..., config_patches=...),
-    compile_fx_inner, and its output's current_callable (inductor's generated call(args)).
-  - an fx placeholder's meta["grapharg"] (source, example, pass_arg_as_tensor) and
-    torch._dynamo.source.LocalSource, TensorPropertySource, TensorProperty.
-  - torch._functorch.config.enable_autograd_cache.
 torch (the public path of every compiled function; refquant.compiled needs them, no fallback):
   - torch._inductor.config: the names of the options in options.py, read with hasattr.
   - torch._dynamo.config.patch(recompile_limit=...) (torch without a per-function limit).
@@ -75,8 +61,6 @@ torch (the public path of every compiled function; refquant.compiled needs them,
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import logging
 import os
 import warnings
@@ -91,25 +75,25 @@ SETTING = "REFQUANT_FAST_LAUNCH"
 
 @dataclass(frozen=True)
 class VersionPair:
-    """One (torch, Triton) pair and which fast paths were tested on it (major.minor each)."""
+    """One (torch, Triton) pair (major.minor each), whether the fast kernel launch was tested on
+    it, and on which machines refquant.compiled was."""
 
     torch: str
     triton: str
     kernel_launch: bool
-    graph_call: bool
     tested_on: str
 
 
-# docs/compiled.md, "Fast paths: versions, switch, fallback", shows this table (a test checks it).
+# docs/compiled.md, "The fast launch: versions, switch, fallback", shows this table (a test checks it).
 TESTED = (
-    VersionPair("2.11", "3.6", kernel_launch=True, graph_call=True, tested_on="CUDA (H100, H200) and CPU"),
-    VersionPair("2.13", "3.7", kernel_launch=False, graph_call=True, tested_on="CPU only (its CUDA build pins Triton 3.7.1)"),
+    VersionPair("2.11", "3.6", kernel_launch=True, tested_on="CUDA (H100, H200) and CPU"),
+    VersionPair("2.13", "3.7", kernel_launch=False, tested_on="CPU only (its CUDA build pins Triton 3.7.1)"),
 )
 
 
 class RefquantFastLaunchWarning(UserWarning):
-    """A fast path of refquant.compiled is off (untested versions, a private API missing, or a
-    failure); the public path runs instead: same bits, more host time."""
+    """refquant.compiled's fast kernel launch is off (untested versions, a private API missing, or
+    a failure); the public path runs instead: same bits, more host time."""
 
 
 class RefquantFastLaunchMismatch(RuntimeWarning):
@@ -133,14 +117,12 @@ def installed_versions() -> tuple[str, Optional[str]]:
     return _major_minor(torch.__version__), _major_minor(triton.__version__)
 
 
-def _tested_text(path: str) -> str:
-    pairs = [f"torch {r.torch} with Triton {r.triton}" if path == "kernel_launch" else f"torch {r.torch}"
-             for r in TESTED if getattr(r, path)]
-    return ", ".join(pairs)
+def _tested_text() -> str:
+    return ", ".join(f"torch {r.torch} with Triton {r.triton}" for r in TESTED if r.kernel_launch)
 
 
 class FastPath:
-    """One fast path's state in this process. `on` is True (take it), False (take the public
+    """The fast path's state in this process (KERNEL_LAUNCH below). `on` is True (take it), False (take the public
     path), or None before the first decision (hot paths read it as off, and the slow path that
     follows decides: decide())."""
 
@@ -166,7 +148,7 @@ class FastPath:
         setting = os.environ.get(SETTING, "").strip()
         if setting not in ("", "0", "1"):
             raise ValueError(
-                f"{SETTING}={setting!r} (from the environment) is not a setting of refquant.compiled's fast paths; "
+                f"{SETTING}={setting!r} (from the environment) is not a setting of refquant.compiled's fast kernel launch; "
                 f"use {SETTING}=0 (off), {SETTING}=1 (on, whatever the versions), or leave it unset (on where tested)."
             )
         if setting == "0":
@@ -197,7 +179,7 @@ class FastPath:
         self._warn(
             f"refquant.compiled: {self.name} failed while {during} ({type(error).__name__}: {error}); it is off for "
             f"this process and {self.public_path} runs instead: same bits, more host time. Please report this with "
-            f"your torch and Triton versions; {SETTING}=0 turns the fast paths off without this warning."
+            f"your torch and Triton versions; {SETTING}=0 turns the fast launch off without this warning."
         )
 
     def mismatch(self, what: str) -> None:
@@ -222,9 +204,8 @@ class FastPath:
 
 
 def forget_decisions() -> None:
-    """Both fast paths decide again on their next use (from REFQUANT_FAST_LAUNCH as it is then)."""
+    """The fast launch decides again on its next use (from REFQUANT_FAST_LAUNCH as it is then)."""
     KERNEL_LAUNCH.forget()
-    GRAPH_CALL.forget()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,119 +276,6 @@ def stream_capturing(device: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# The direct graph call (direct_call.py)
-# ---------------------------------------------------------------------------------------------
-
-_graph: Any = None  # graph_call_internals(), once GRAPH_CALL decided on
-
-
-def graph_call_internals() -> SimpleNamespace:
-    """The private names the direct graph call uses, looked up now (raises ImportError,
-    AttributeError or TypeError where one is missing or has another form)."""
-    import torch._functorch.config as functorch_config
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-    from torch._dynamo.source import LocalSource, TensorProperty, TensorPropertySource
-    from torch._guards import CompileContext
-    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-
-    parameters = inspect.signature(compile_fx).parameters
-    if "inner_compile" not in parameters or "config_patches" not in parameters:
-        raise TypeError("torch._inductor.compile_fx.compile_fx takes no inner_compile or config_patches")
-    for prop in ("SIZE", "STRIDE", "STORAGE_OFFSET"):
-        getattr(TensorProperty, prop)
-    return SimpleNamespace(cache_entries=_debug_get_cache_entry_list, LocalSource=LocalSource,
-                           TensorProperty=TensorProperty, TensorPropertySource=TensorPropertySource,
-                           compile_id=CompileContext.current_compile_id, compile_fx=compile_fx,
-                           compile_fx_inner=compile_fx_inner, functorch_config=functorch_config)
-
-
-def _resolve_graph_call() -> None:
-    global _graph
-    _graph = graph_call_internals()
-
-
-def inductor_compile(gm: torch.fx.GraphModule, example_inputs: list, options: dict) -> Callable:
-    """What torch.compile(backend="inductor", options=options) does with a graph dynamo traced."""
-    from torch._inductor.compile_fx import compile_fx
-
-    return compile_fx(gm, example_inputs, config_patches=options)
-
-
-def inductor_compile_keeping_outputs(gm: torch.fx.GraphModule, example_inputs: list, options: dict) -> tuple[Callable, list]:
-    """inductor_compile, also returning what inductor compiled for each graph it made: a list of
-    (output code, is_inference). AOTAutograd's own cache is off here: a hit would hand back a
-    stored wrapper and skip inductor's inner compile (inductor's graph cache still applies)."""
-    internals = _graph
-    made = []
-
-    def inner_compile(*args, **kwargs):
-        output_code = internals.compile_fx_inner(*args, **kwargs)
-        made.append((output_code, kwargs.get("is_inference", False)))
-        return output_code
-
-    config = internals.functorch_config
-    no_cache = config.patch(enable_autograd_cache=False) if hasattr(config, "enable_autograd_cache") else contextlib.nullcontext()
-    with no_cache:
-        compiled = internals.compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=options)
-    return compiled, made
-
-
-def current_compile_id() -> str:
-    """The id of the compile under way (dynamo's cache entry for the graph carries the same)."""
-    return str(_graph.compile_id())
-
-
-def graph_input_args(gm: torch.fx.GraphModule) -> list:
-    """dynamo's record of where each graph input comes from (a GraphArg, or None), in order."""
-    return [node.meta.get("grapharg") for node in gm.graph.nodes if node.op == "placeholder"]
-
-
-def inference_callable(output_code: Any) -> Optional[Callable[[list], Any]]:
-    """inductor's generated call(args) of an output code, or None."""
-    return getattr(output_code, "current_callable", None)
-
-
-def cache_entries(code: Any) -> list[tuple[Any, str]]:
-    """(guard manager, compile id) of each graph dynamo keeps for a code object."""
-    return [(getattr(entry, "guard_manager", None), str(getattr(entry, "compile_id", None)))
-            for entry in _graph.cache_entries(code)]
-
-
-def guard_check(guards: Any) -> Optional[Callable[[dict], bool]]:
-    """The check dynamo runs before using a graph (the C++ one of the root, a Python frame less),
-    as a callable of the function's locals; None where the guard manager has none."""
-    if guards is None or not hasattr(guards, "check"):
-        return None
-    return getattr(guards, "root", guards).check
-
-
-def graph_input_reader(graph_arg: Any) -> Optional[Callable[[dict], Any]]:
-    """How to get one graph input from the function's locals (None: a source not rebuilt here)."""
-    internals = _graph
-    if graph_arg is None or getattr(graph_arg, "pass_arg_as_tensor", False):
-        return None
-    source = graph_arg.source
-    if isinstance(source, internals.LocalSource):
-        name = source.local_name
-        return lambda frame: frame[name]
-    if isinstance(source, internals.TensorPropertySource) and isinstance(source.base, internals.LocalSource):
-        name, index, prop = source.base.local_name, source.idx, source.prop
-        if prop == internals.TensorProperty.SIZE:
-            return lambda frame: frame[name].size(index)
-        if prop == internals.TensorProperty.STRIDE:
-            return lambda frame: frame[name].stride(index)
-        if prop == internals.TensorProperty.STORAGE_OFFSET:
-            return lambda frame: frame[name].storage_offset()
-        return None
-    # A tensor the function reads from a global (refquant's per-device reciprocal table): dynamo
-    # passes it as an input; it is the same object on every call, so the one seen here is kept.
-    example = getattr(graph_arg, "example", None)
-    if isinstance(example, torch.Tensor):
-        return lambda frame: example
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
 # The public path of every compiled function (no fallback: refquant.compiled needs these)
 # ---------------------------------------------------------------------------------------------
 
@@ -444,14 +312,6 @@ KERNEL_LAUNCH = FastPath(
     "each kernel's first fast launch is still checked bit for bit against kernel[grid](...)",
     lambda torch_version, triton_version: any(
         r.kernel_launch and (r.torch, r.triton) == (torch_version, triton_version) for r in TESTED),
-    _tested_text("kernel_launch"),
+    _tested_text(),
     _resolve_kernel_launch,
-)
-GRAPH_CALL = FastPath(
-    "the direct call of compiled graphs",
-    "dynamo's own dispatch (plain torch.compile)",
-    "each graph's first direct call is still checked bit for bit against dynamo's",
-    lambda torch_version, triton_version: any(r.graph_call and r.torch == torch_version for r in TESTED),
-    _tested_text("graph_call"),
-    _resolve_graph_call,
 )

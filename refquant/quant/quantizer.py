@@ -394,9 +394,9 @@ class TensorQuantizer(nn.Module):
 
     def _fake_quant(self, x: torch.Tensor, amax_value: Any) -> torch.Tensor:
         """x fake-quantized; amax_value: this call's _amax_value_now()."""
-        # A call that records a gradient takes the numerics' autograd path, never a bound call
-        # (a bound graph or kernel launch is made for calls outside autograd).
-        bindable = amax_value is not _NOT_SHARED and not _records_gradient(x)
+        # A bound call is one kernel launch under one per-tensor amax (stored or constant), made
+        # for calls outside autograd: a call that records a gradient takes the numerics' path.
+        bindable = amax_value is not None and amax_value is not _NOT_SHARED and not _records_gradient(x)
         if bindable:
             out = self._call_bound(x, amax_value)
             if out is not None:
@@ -407,18 +407,17 @@ class TensorQuantizer(nn.Module):
             axis = self.config.axis if amax is None else None
             out = impl.fp8_fake_quant(x, amax, axis=axis, flavor=self.flavor)
         else:
-            axis = None
             if isinstance(amax, torch.Tensor) and amax.numel() != 1:
                 # modelopt reduces a non-scalar NVFP4 amax with a plain max (docs/modelopt_behaviour.md §3.2)
                 amax = amax.amax()
             out = impl.nvfp4_fake_quant(x, amax)
-        if bindable and axis is None:  # per channel (an amax from x per `axis`) binds nothing
+        if bindable:
             self._bind(impl, x, amax, amax_value)
         return out
 
     def __getstate__(self) -> dict:
-        """For copy.deepcopy and pickling: the bound call (compiled graphs and dynamo's guard
-        managers, which cannot be copied) is left out and made again on the next call."""
+        """For copy.deepcopy and pickling: the bound call (compiled Triton kernels, which cannot be
+        copied) is left out and made again on the next call."""
         state = self.__dict__.copy()
         state["_bound"] = None
         state["_device_amax_read"] = None
@@ -427,9 +426,10 @@ class TensorQuantizer(nn.Module):
     # --- the compiled backend's fast path ---------------------------------------------------
     # A forward after calibration calls the same fake quantization with the same amax on tensors
     # of the same kind, over and over; refquant.compiled.bind_fake_quant does that call's
-    # argument handling once. The bound call is used while the quantizer's config, flavor,
-    # backend, amax buffer (object) and amax value (_amax_value_now) are those it was bound for,
-    # and while its graph's guards accept x; otherwise the ordinary call runs, and binds again.
+    # argument handling once, as one kernel launch (CUDA, bf16 or fp16, a per-tensor amax). The
+    # bound call is used while the quantizer's config, flavor, backend, amax buffer (object) and
+    # amax value (_amax_value_now) are those it was bound for, and while it takes x; otherwise the
+    # ordinary call runs, and binds again where it can.
 
     def _call_bound(self, x: torch.Tensor, amax_value: Any) -> torch.Tensor | None:
         bound = self._bound
