@@ -540,3 +540,24 @@ def test_a_forced_fallback_ptq_gives_the_fast_launchs_amax_logits_and_export(rec
         assert_bitexact(got, want, f"logits of forward {i}")
     assert export_off == export, "the exports differ"
     assert launched > 0 and launched_off == 0, (launched, launched_off)
+
+
+def test_alignment_is_the_address_triton_tests_not_the_offset_into_the_storage():
+    """The bf16-pairs path of NVFP4 real quant needs x 16-byte aligned as Triton sees a pointer:
+    by address. A storage need not start aligned (torch.frombuffer), so the storage offset alone
+    would say aligned where the address is not."""
+    from refquant.compiled.triton_launch import starts_aligned
+
+    raw = torch.frombuffer(bytearray(256), dtype=torch.uint8)
+    lead = -raw.data_ptr() % 16  # bytes to the first 16-byte boundary
+    for offset in range(16):
+        x = raw[lead + offset: lead + offset + 64]
+        assert starts_aligned(x, 16) == (offset == 0), offset
+        assert starts_aligned(x, 2) == (offset % 2 == 0), offset
+    # a storage that itself starts 2 bytes past a boundary: offset 0 into it, yet not aligned
+    buffer = bytearray(256)
+    base = torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()
+    skew = (2 - base) % 16
+    unaligned_start = torch.frombuffer(memoryview(buffer)[skew:], dtype=torch.uint8)
+    assert unaligned_start.storage_offset() == 0 and unaligned_start.data_ptr() % 16 == 2
+    assert not starts_aligned(unaligned_start, 16)

@@ -85,7 +85,7 @@ from ..numerics.formats import (
     RCP_2688,
 )
 from .nvfp4_fake_triton import load_four  # elements ptr[0..3] of each block, in x's dtype
-from .triton_launch import DirectLaunch
+from .triton_launch import DirectLaunch, starts_aligned
 
 # A tile of 128 blocks on 4 warps (one block a thread), 8 persistent programs an SM. The bf16
 # path needs 56 registers a thread (scripts/triton_sass.py), so up to 9 such programs fit an SM at
@@ -520,15 +520,6 @@ def kernel_constants(bf16_pairs: bool, scale_from: int = GIVEN_GLOBAL_SCALE) -> 
     }
 
 
-def _starts_16_byte_aligned(x: torch.Tensor) -> bool:
-    """Whether x's first element is 16-byte aligned (PyTorch's allocators align a storage's start).
-    The bf16 path reads (BLOCKS, 4) tiles of words, and only for a 16-byte aligned x does Triton
-    give each thread a whole row of such a tile; for any other x it spreads a row over threads
-    (scripts/triton_sass.py --unaligned-x), the layouts whose results changed from launch to
-    launch on the H200, so that x takes the any-dtype path, one-dimensional."""
-    return x.storage_offset() * x.element_size() % 16 == 0
-
-
 def _outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Empty (packed bytes, block scales) for x."""
     packed = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
@@ -537,7 +528,11 @@ def _outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _takes_bf16_pairs(x: torch.Tensor) -> bool:
-    return x.dtype == torch.bfloat16 and _starts_16_byte_aligned(x)
+    """The bf16 path reads (BLOCKS, 4) tiles of words, and only for a 16-byte aligned x does Triton
+    give each thread a whole row of such a tile; for any other x it spreads a row over threads
+    (scripts/triton_sass.py --unaligned-x), the layouts whose results changed from launch to launch
+    on the H200, so that x takes the any-dtype path, one-dimensional."""
+    return x.dtype == torch.bfloat16 and starts_aligned(x, 16)
 
 
 def _launch(x: torch.Tensor, scale_source: torch.Tensor, global_scale: torch.Tensor, scale_from: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,6 +50,13 @@ def runtime_parameters(kernel: Any, constants: dict[str, Any]) -> list[str]:
     return runtime
 
 
+def starts_aligned(x: torch.Tensor, alignment: int) -> bool:
+    """Whether x's first element lies at an address that is a multiple of `alignment` bytes, which
+    is how Triton tests a pointer argument: by its address, not by the offset into its storage (a
+    storage need not start aligned, e.g. one made by torch.frombuffer)."""
+    return x.data_ptr() % alignment == 0
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """t's bits as an integer tensor of the same element size (same memory)."""
     return t.view(_SAME_SIZE_INTEGER[t.element_size()])
