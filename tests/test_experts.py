@@ -308,6 +308,19 @@ def test_experts_loop_groups_as_many_experts_as_the_byte_budget_holds():
     assert experts_loop.experts_per_group(experts) == 1  # never fewer than one
 
 
+def test_experts_loop_of_no_tokens_is_the_eager_loops_empty_result(monkeypatch):
+    model = mc.build_model("qwen3_moe")
+    rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), mc.default_batches()[0], progress=False)
+    experts = next(m for m in model.modules() if experts_module.is_quant_experts(m))
+    hidden = torch.empty(0, model.config.hidden_size, dtype=torch.bfloat16)
+    args = (hidden, torch.empty(0, 2, dtype=torch.long), torch.empty(0, 2, dtype=torch.bfloat16))
+    with torch.no_grad():
+        ours = experts(*args)
+        modelopts_order_of_work(monkeypatch)
+        theirs = experts(*args)
+    assert ours.shape == theirs.shape == hidden.shape and ours.dtype == theirs.dtype
+
+
 def test_experts_loop_leaves_an_index_beyond_the_experts_to_the_modules_own_forward():
     model = mc.build_model("qwen3_moe")
     rq.insert_quantizers(model)

@@ -140,6 +140,8 @@ def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: to
         return None
     if top_k_index.dtype.is_floating_point or top_k_index.dtype == torch.bool:
         return None
+    if hidden_states.shape[0] == 0:
+        return torch.zeros_like(hidden_states)  # the eager loop's result: no expert is hit
     routing = _Routing(top_k_index, top_k_weights, experts)
     if len(routing.counts) != experts:
         return None  # an id >= num_experts: the eager loop skips or fails on it
