@@ -240,9 +240,9 @@ def fake_quant_kernel() -> FakeQuantKernel:
                               per_program=BLOCKS_PER_PROGRAM)
 
 
-def nvfp4_fake_quant_blocks_now(x: torch.Tensor, amax: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def nvfp4_fake_quant_blocks_now(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     """nvfp4_fake_quant_blocks launched eagerly (refquant.compiled.triton_launch), past the
     dispatcher and any graph, as refquant.compiled.functions.BoundKernelLaunch launches it. The amax
     may be any float dtype of one element on x's device (the kernel reads it as fp32, as the
-    reference's .float()). `out`: where to write y (x's shape, dtype and strides), else a new tensor."""
-    return fake_quant_kernel()(x, (amax,), out)
+    reference's .float())."""
+    return fake_quant_kernel()(x, (amax,))

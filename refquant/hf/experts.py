@@ -280,8 +280,7 @@ class QuantFusedExpertsMixin(QuantExpertsMixin):
         parameters = {projection: getattr(self, projection) for projection in self._refquant_layout.projections}
         storages = {projection: _storage_of(parameter) for projection, parameter in parameters.items()}
         # Each projection's per-expert weights fake-quantized at once, where that is exact.
-        quantized = {projection: self._refquant_slice_quantizers[projection](parameters[projection])
-                     for projection in parameters}
+        quantized = {projection: self.slice_quantizers(projection)(parameters[projection]) for projection in parameters}
         first_input_q = getattr(self, f"{first}_input_quantizer")
         routed_input_quantized = False
         if quantizes_with_fixed_amax(first_input_q) and not quantizer_sees_each_call(first_input_q):

@@ -87,7 +87,7 @@ GROUP_BYTES = 80 * 2**20
 
 def experts_per_group(module: nn.Module) -> int:
     """How many consecutive experts go in a group: as many as GROUP_BYTES holds, at least one."""
-    per_expert = sum(getattr(module, p)[0].numel() * getattr(module, p).element_size() for p in ("gate_up_proj", "down_proj"))
+    per_expert = sum(p.numel() // p.shape[0] * p.element_size() for p in (module.gate_up_proj, module.down_proj))
     return max(1, GROUP_BYTES // max(per_expert, 1))
 
 
@@ -152,16 +152,21 @@ def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: to
     # every token is routed to top_k experts, so the first projection's rows are all the tokens
     if rows_independent(first_input_q):
         hidden_states, first_input_q = first_input_q(hidden_states), None
+    down_input_q, _ = module.projection_quantizers("down_proj")
+    down_per_expert = not rows_independent(down_input_q)
     output = torch.zeros_like(hidden_states)
     size = experts_per_group(module)
     for first in range(0, experts, size):
-        _group(module, routing, hidden_states, first_input_q, range(first, min(first + size, experts)), output)
+        _group(module, routing, hidden_states, first_input_q, down_input_q, down_per_expert,
+               range(first, min(first + size, experts)), output)
     return output
 
 
 def _group(module: nn.Module, routing: _Routing, hidden_states: torch.Tensor, first_input_q: Optional[TensorQuantizer],
-           group: range, output: torch.Tensor) -> None:
-    """The eager loop's iterations for the experts in `group`, into `output`."""
+           down_input_q: TensorQuantizer, down_per_expert: bool, group: range, output: torch.Tensor) -> None:
+    """The eager loop's iterations for the experts in `group`, into `output`. first_input_q: None
+    when hidden_states are quantized already; down_per_expert: whether down_input_q is called on
+    each expert's rows (else once on the group's)."""
     begin, end = routing.starts[group.start], routing.starts[group.stop]
     if begin == end:
         return
@@ -171,10 +176,9 @@ def _group(module: nn.Module, routing: _Routing, hidden_states: torch.Tensor, fi
     gate, up = gate_up.chunk(2, dim=-1)
     h = module.act_fn(gate) * up
     del gate_up, gate, up
-    down_input_q, _ = module.projection_quantizers("down_proj")
-    if rows_independent(down_input_q):
-        h, down_input_q = down_input_q(h), None
-    y = _projection(module, "down_proj", h, down_input_q, group, counts)
+    if not down_per_expert:
+        h = down_input_q(h)
+    y = _projection(module, "down_proj", h, down_input_q if down_per_expert else None, group, counts)
     y = (y * routing.weight[begin:end, None]).to(output.dtype)
     for expert_tokens, rows, count in zip(tokens.split(counts), y.split(counts), counts):
         if count:

@@ -78,11 +78,6 @@ def _is_axis(axis: object) -> bool:
     return axis is None or is_int(axis) or (isinstance(axis, (list, tuple)) and all(map(is_int, axis)))
 
 
-def _parameter_data(x: torch.Tensor) -> bool:
-    """A parameter, or a view of one (an expert's slice of a 3-D weight)."""
-    return isinstance(x, nn.Parameter) or isinstance(x._base, nn.Parameter)
-
-
 def memory_key(x: torch.Tensor) -> tuple:
     """Where x's values lie and whether they changed since: storage, offset, shape, strides,
     dtype, device and the version counter it shares with its base."""
@@ -172,6 +167,11 @@ def _is_parameter(x: torch.Tensor) -> bool:
     """isinstance(x, nn.Parameter), answered without Parameter's Python __instancecheck__ for the
     plain tensors a forward's activations are (host time on every quantizer call)."""
     return type(x) is not torch.Tensor and isinstance(x, nn.Parameter)
+
+
+def _parameter_data(x: torch.Tensor) -> bool:
+    """A parameter, or a view of one (an expert's slice of a 3-D weight), by _is_parameter."""
+    return _is_parameter(x) or (x._base is not None and _is_parameter(x._base))
 
 
 class SharedInputResult:
