@@ -4,7 +4,8 @@ For each shape and recipe, a model built from a config with seeded weights (bf16
 a user would: calibration over the same batches, a forward of an evaluation batch, an export.
 Measured per variant (plain bf16, modelopt, refquant compiled, refquant reference):
 
-    calibration s    wall time of rq.quantize_model / mtq.quantize (the forward loop included)
+    calibration s    wall time of rq.quantize_model / mtq.quantize (the forward loop included; the
+                     recipe is loaded, and modelopt's config made from it, before the clock starts)
     forward ms       median of timed forwards of the evaluation batch (CUDA events, after warm-up);
                      the JSON keeps every forward's time and host time, in order, and the two
                      warm-up forwards' (the first is the first forward after calibration)
@@ -27,7 +28,9 @@ quantizes and whose bits refquant reproduces; ratios are to the plain row.
 
 Variants: plain (bf16, no quantizers), modelopt, compiled, reference, and compiled_fallback: the
 compiled backend with its fast kernel launch off (REFQUANT_FAST_LAUNCH=0: Triton's
-kernel[grid](...); refquant.compiled.private_api), to measure what it buys in the same run.
+kernel[grid](...); refquant.compiled.private_api), to measure what it buys in the same run; and
+compiled_folded: the compiled run with its weights folded after calibration (rq.fold_weights: each
+fake-quantized weight computed once; its fold_s is recorded apart, and it exports nothing).
 --fast-launch off (or on) sets REFQUANT_FAST_LAUNCH for every variant instead; each row records
 whether the fast launch was on.
 
@@ -74,7 +77,7 @@ SHAPES = {
                 num_experts_per_tok=8, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=32000),
 }
 DEFAULT_RECIPES = ("fp8_default-fp8_kv", "nvfp4_default-fp8_cast_kv", "nvfp4_default-fp8_kv")
-VARIANTS = ("plain", "plain_eager", "modelopt", "compiled", "compiled_fallback", "reference")
+VARIANTS = ("plain", "plain_eager", "modelopt", "compiled", "compiled_fallback", "compiled_folded", "reference")
 DEFAULT_VARIANTS = ("plain", "plain_eager", "modelopt", "compiled", "reference")
 PLAIN_VARIANTS = ("plain", "plain_eager")  # no quantizers: one row a shape
 FAST_LAUNCH_SETTINGS = {"auto": None, "on": "1", "off": "0"}  # --fast-launch: REFQUANT_FAST_LAUNCH for the run
@@ -231,6 +234,12 @@ def _run_variant(variant: str, recipe: str, pristine, shape: str, args, batches,
                  on_calibrated=None) -> dict:
     device = torch.device(args.device)
     model = copy.deepcopy(pristine).to(device)
+    if variant == "modelopt":
+        from compare_modelopt import modelopt_quant_cfg
+
+        config = modelopt_quant_cfg(recipe)
+    elif variant not in PLAIN_VARIANTS:
+        loaded = rq.load_recipe(recipe)
     reset_peak(device)
     result: dict = {"variant": variant, "recipe": recipe}
     synchronize(device)
@@ -245,18 +254,23 @@ def _run_variant(variant: str, recipe: str, pristine, shape: str, args, batches,
             for batch in batches:
                 model(input_ids=batch.to(device))
     elif variant == "modelopt":
-        quantize_with_modelopt(model, recipe, batches, device)
+        quantize_with_modelopt(model, config, batches, device)
     else:
         flavor = "modelopt-cuda" if device.type == "cuda" else "modelopt-cpu"
         backend = "compiled" if variant.startswith("compiled") else variant
-        rq.quantize_model(model, rq.load_recipe(recipe), batches, backend=backend, flavor=flavor, progress=False)
+        rq.quantize_model(model, loaded, batches, backend=backend, flavor=flavor, progress=False)
     synchronize(device)
     result["calibration_s"] = time.perf_counter() - began
+    amax = amax_table(model) if variant not in PLAIN_VARIANTS and args.compare else None  # before any fold
+    if variant == "compiled_folded":
+        began = time.perf_counter()
+        rq.fold_weights(model)
+        synchronize(device)
+        result["fold_s"] = time.perf_counter() - began
     if on_calibrated is not None:
         on_calibrated(model, eval_batch, device)
     result["forward"] = timed_forward_ms(model, eval_batch, device, args.repeats)
     logits = logits_of(model, eval_batch)
-    amax = amax_table(model) if variant not in PLAIN_VARIANTS and args.compare else None
     if variant not in PLAIN_VARIANTS and args.paired:
         # before the export, which leaves modelopt's model holding exported weights (no longer a
         # fake-quant model); the plain copy's memory is kept out of the peak
@@ -267,7 +281,7 @@ def _run_variant(variant: str, recipe: str, pristine, shape: str, args, batches,
         reset_peak(device)
     else:
         peak_before = None
-    if variant not in PLAIN_VARIANTS and not args.no_export:
+    if variant not in PLAIN_VARIANTS and variant != "compiled_folded" and not args.no_export:  # folded: no masters
         out = workdir / f"{recipe}-{variant}"
         began = time.perf_counter()
         if variant == "modelopt":
@@ -288,17 +302,17 @@ def _run_variant(variant: str, recipe: str, pristine, shape: str, args, batches,
     return result | {"_logits": logits, "_amax": amax}
 
 
-def quantize_with_modelopt(model, recipe: str, batches: list[torch.Tensor], device: torch.device) -> None:
-    """mtq.quantize of `model` under `recipe`'s modelopt config, calibrated on `batches` (the
-    batches refquant's calibration gets), as a modelopt user's forward loop would."""
+def quantize_with_modelopt(model, config: dict, batches: list[torch.Tensor], device: torch.device) -> None:
+    """mtq.quantize of `model` under a recipe's modelopt config (compare_modelopt.modelopt_quant_cfg),
+    calibrated on `batches` (the batches refquant's calibration gets), as a modelopt user's forward
+    loop would."""
     import modelopt.torch.quantization as mtq
-    from compare_modelopt import modelopt_quant_cfg
 
     def forward_loop(m):
         for batch in batches:
             m(input_ids=batch.to(device))
 
-    mtq.quantize(model, modelopt_quant_cfg(recipe), forward_loop)
+    mtq.quantize(model, config, forward_loop)
 
 
 def paired_forward_ratio(model, plain, batch: torch.Tensor, device: torch.device, pairs: int) -> dict:

@@ -21,6 +21,7 @@ from .quant.quantizer import QuantizerConfig, TensorQuantizer
 from .quant.recipe import QuantRule, Recipe, apply_recipe, load_recipe, select_recipe
 from .hf.insert import insert_quantizers
 from .hf.ptq import quantize_model
+from .hf.fold import fold_weights
 from .hf.report import PTQReport
 from .hf.export import compress_weights, export_checkpoint, load_checkpoint
 
@@ -35,6 +36,7 @@ __all__ = [
     "apply_recipe",
     "compress_weights",
     "export_checkpoint",
+    "fold_weights",
     "formats",
     "fp8_fake_quant",
     "fp8_quantize",

@@ -461,7 +461,7 @@ def test_experts_loop_collects_each_expert_weight_once_per_calibration(monkeypat
     collected = []
     collect = quantizer_module._MaxCalibrator.collect
     monkeypatch.setattr(quantizer_module._MaxCalibrator, "collect",
-                        lambda self, x, name: (collected.append(name), collect(self, x, name))[1])
+                        lambda self, x, name, *rest: (collected.append(name), collect(self, x, name, *rest))[1])
     batches, _ = mc.default_batches()
     model = mc.build_model("qwen3_moe_top4")
     rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)

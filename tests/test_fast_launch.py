@@ -561,3 +561,16 @@ def test_alignment_is_the_address_triton_tests_not_the_offset_into_the_storage()
     unaligned_start = torch.frombuffer(memoryview(buffer)[skew:], dtype=torch.uint8)
     assert unaligned_start.storage_offset() == 0 and unaligned_start.data_ptr() % 16 == 2
     assert not starts_aligned(unaligned_start, 16)
+
+
+def test_alignment_of_a_fake_tensor_under_tracing_is_its_storage_offset():
+    """Under torch.compile's tracing (NVFP4 real quant's triton_op body runs on fake tensors) there
+    is no address: the storage offset decides, as inductor assumes an offset-aligned input aligned."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from refquant.compiled.triton_launch import starts_aligned
+
+    with FakeTensorMode():
+        storage = torch.empty(64, dtype=torch.bfloat16)
+        for offset in range(9):
+            assert starts_aligned(storage[offset:], 16) == (offset % 8 == 0), offset

@@ -16,8 +16,8 @@ from refquant.cli import main
 
 PUBLIC_NAMES = [
     "FP8Tensor", "NVFP4Tensor", "PTQReport", "QuantRule", "QuantizerConfig", "Recipe", "TensorQuantizer",
-    "apply_recipe", "compress_weights", "export_checkpoint", "formats", "fp8_fake_quant", "fp8_quantize",
-    "insert_quantizers", "load_checkpoint", "load_recipe", "nvfp4_fake_quant", "nvfp4_quantize",
+    "apply_recipe", "compress_weights", "export_checkpoint", "fold_weights", "formats", "fp8_fake_quant",
+    "fp8_quantize", "insert_quantizers", "load_checkpoint", "load_recipe", "nvfp4_fake_quant", "nvfp4_quantize",
     "quantize_model", "select_recipe", "testing",
 ]
 

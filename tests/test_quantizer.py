@@ -17,7 +17,7 @@ import refquant as rq
 import refquant.compiled as rc
 from refquant import QuantizerConfig, TensorQuantizer
 from refquant.compiled import functions
-from refquant.quant.quantizer import SharedInputResult
+from refquant.quant.quantizer import SharedInputResult, named_quantizers
 from refquant.testing import assert_bitexact
 
 FP8 = QuantizerConfig(format="fp8")
@@ -119,6 +119,63 @@ def test_a_long_calibration_folds_its_per_call_maxima_into_the_max_of_every_call
         q.finish_calibration()
 
 
+def _counting_reductions(monkeypatch) -> list:
+    """The tensors calibration takes max|x| of (refquant.numerics.checks.max_abs_one_kernel)."""
+    from refquant.quant import quantizer as quantizer_module
+
+    reduced = []
+    original = quantizer_module.max_abs_one_kernel
+    monkeypatch.setattr(quantizer_module, "max_abs_one_kernel", lambda x: (reduced.append(x), original(x))[1])
+    return reduced
+
+
+def test_calibration_takes_a_weights_max_once_and_again_only_after_the_weight_changed(monkeypatch):
+    reduced = _counting_reductions(monkeypatch)
+    weight = torch.nn.Parameter(torch.randn(8, 32, generator=torch.Generator().manual_seed(0)).bfloat16())
+    q = TensorQuantizer(QuantizerConfig(format="fp8"))
+    q.start_calibration()
+    for _ in range(4):
+        assert q(weight) is weight
+    assert len(reduced) == 1
+    with torch.no_grad():
+        weight[3, 5] = 100.0  # in place: the version moves
+    q(weight)
+    q(weight)
+    assert len(reduced) == 2
+    q(weight[:4])  # a view of it is other memory: collected
+    assert len(reduced) == 3
+    q.finish_calibration()
+    assert torch.equal(q.amax, torch.tensor(100.0, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("recipe", ["fp8_default-fp8_kv", "nvfp4_default-fp8_cast_kv"])
+def test_calibration_reduces_each_weight_once_and_a_tensor_that_feeds_several_quantizers_once(monkeypatch, recipe):
+    """Over a calibration, each weight's max is taken once (before the forwards), and in a forward
+    the input q/k/v_proj share (and gate/up_proj) once; the amax are those of quantizers that each
+    reduce every tensor they see."""
+    from conftest import tiny_llama
+
+    from refquant.quant import quantizer as quantizer_module
+
+    batches = [torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    reduced = _counting_reductions(monkeypatch)
+    model = tiny_llama()
+    rq.quantize_model(model, rq.load_recipe(recipe), batches, progress=False)
+    layers = model.config.num_hidden_layers
+    weights = sum(1 for name, q in named_quantizers(model) if q.is_enabled and name.endswith("weight_quantizer"))
+    activations_per_layer = 4 + (2 if recipe.endswith("fp8_kv") and "cast" not in recipe else 0)
+    assert len(reduced) == weights + len(batches) * layers * activations_per_layer
+
+    # each quantizer reducing every tensor it is given: no shared max, no weight skipped
+    monkeypatch.setattr(quantizer_module.SharedInputResult, "max_abs", lambda self, x: quantizer_module.max_abs_one_kernel(x))
+    monkeypatch.setattr(quantizer_module, "memory_key", lambda x: object())
+    separate = tiny_llama()
+    rq.quantize_model(separate, rq.load_recipe(recipe), batches, progress=False)
+    for (name, ours), (_, theirs) in zip(named_quantizers(model), named_quantizers(separate)):
+        if ours.is_calibrated or theirs.is_calibrated:
+            assert_bitexact(ours.amax, theirs.amax, name)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_one_kernel_max_abs_is_max_abs_for_every_pattern_of_the_dtype(dtype):
     """The calibration's one-reduction max|x| against the numerics' max_abs, over every bit
@@ -189,6 +246,43 @@ def test_nan_or_inf_activation_during_calibration_is_a_clear_error(bad):
     with pytest.raises(ValueError, match=r"up_proj\.input_quantizer saw (NaN|inf)"):
         quantizer.finish_calibration()
     assert not quantizer.is_calibrated
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_model_whose_weight_holds_nan_or_inf_fails_calibration_naming_that_quantizer(bad):
+    """max_calibrate checks every collected amax at once; a bad one still raises, naming it."""
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 2] = bad
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj\.weight_quantizer saw (NaN|inf)"):
+        rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), [torch.randint(0, 128, (1, 8))], progress=False)
+
+
+def test_the_batched_amax_reads_equal_the_one_by_one_reads():
+    """refquant.numerics.checks.largest_values and all_finite (one read back a device) against
+    float(t.float().max()) and isfinite(t).all() tensor by tensor, over seeded lists that mix 0-d,
+    one-element and per-channel amaxes in bf16, fp16 and fp32 with NaN, inf and -inf sprinkled."""
+    import math
+
+    from refquant.numerics.checks import all_finite, largest_values
+
+    generator = torch.Generator().manual_seed(0)
+    specials = [float("nan"), float("inf"), float("-inf")]
+    for trial in range(200):
+        tensors = []
+        for _ in range(1 + trial % 9):
+            shape = [(), (1,), (4, 1), (1, 3, 1)][int(torch.randint(0, 4, (), generator=generator))]
+            dtype = [torch.bfloat16, torch.float16, torch.float32][int(torch.randint(0, 3, (), generator=generator))]
+            t = (torch.rand(shape, generator=generator) * 10).to(dtype)
+            if torch.rand((), generator=generator) < 0.05:
+                t.view(-1)[0] = specials[int(torch.randint(0, 3, (), generator=generator))]
+            tensors.append(t)
+        want = [float(t.float().max()) for t in tensors]
+        got = largest_values(tensors)
+        assert all((math.isnan(a) and math.isnan(b)) or a == b for a, b in zip(got, want)), (got, want)
+        assert all_finite(tensors) == all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def test_nvfp4_calibration_records_one_global_amax_used_by_the_forward():
@@ -475,6 +569,21 @@ def test_a_quantized_model_with_bound_calls_deep_copies_and_its_quantizers_pickl
         loaded = torch.load(buffer, weights_only=False)
         weight = model.model.layers[0].self_attn.k_proj.weight
         assert_bitexact(loaded(weight), quantizer(weight), "a quantizer pickled after its bound call")
+
+
+@cuda
+@pytest.mark.parametrize("recipe", ["fp8_default-fp8_kv", "nvfp4_default-fp8_cast_kv", "nvfp4_default-fp8_kv"])
+def test_the_first_forward_after_calibration_on_cuda_compiles_no_graph_and_gives_the_reference_bits(recipe):
+    """Each quantizer's first call is already its bound launch: no graph to wait for (a compile a
+    hidden size and dtype), and the reference backend's logits."""
+    model, ids = _quantized_tiny_llama(recipe, 5, device="cuda")
+    reference, _ = _quantized_tiny_llama(recipe, 5, backend="reference", device="cuda")
+    graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) == graphs, "the first forward compiled a graph"
+    with torch.no_grad():
+        assert_bitexact(logits, reference(input_ids=ids).logits, "logits, compiled against the reference")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -58,7 +58,9 @@ def quantize_with_modelopt(model, recipe: str, calibration: list[torch.Tensor], 
     forward time of refquant's later ones?"""
     if not modelopt_available():
         raise SystemExit(f"modelopt:{recipe} in --sequence, but modelopt does not import here.")
-    ptq_gpu.quantize_with_modelopt(model, recipe, calibration, device)
+    from compare_modelopt import modelopt_quant_cfg
+
+    ptq_gpu.quantize_with_modelopt(model, modelopt_quant_cfg(recipe), calibration, device)
 
 
 def main(argv: list[str] | None = None) -> int:

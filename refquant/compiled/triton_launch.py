@@ -53,8 +53,14 @@ def runtime_parameters(kernel: Any, constants: dict[str, Any]) -> list[str]:
 def starts_aligned(x: torch.Tensor, alignment: int) -> bool:
     """Whether x's first element lies at an address that is a multiple of `alignment` bytes, which
     is how Triton tests a pointer argument: by its address, not by the offset into its storage (a
-    storage need not start aligned, e.g. one made by torch.frombuffer)."""
-    return x.data_ptr() % alignment == 0
+    storage need not start aligned, e.g. one made by torch.frombuffer). Under torch.compile's
+    tracing x is a fake tensor with no address: then its storage offset decides, as inductor
+    decides which inputs it may assume aligned (torch's allocators align a storage's start)."""
+    try:
+        address = x.data_ptr()
+    except RuntimeError:  # a fake tensor (FakeTensor, FunctionalTensor): no memory to point at
+        return x.storage_offset() * x.element_size() % alignment == 0
+    return address % alignment == 0
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ is on raises instead of silently leaving K and V unquantized.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from contextlib import contextmanager
 from types import ModuleType
@@ -133,12 +134,7 @@ def check_attention_hookable(name: str, module: nn.Module) -> None:
     cls = type(module)
     modeling = inspect.getmodule(cls)
     missing = [attr for attr in ("eager_attention_forward", "ALL_ATTENTION_FUNCTIONS") if not hasattr(modeling, attr)]
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        source = ""
-    uses_interface = "ALL_ATTENTION_FUNCTIONS" in source or "eager_attention_forward" in source
-    if missing or not uses_interface:
+    if missing or not _forward_calls_interface(cls):
         why = (
             f"its module {getattr(modeling, '__name__', '?')} lacks {' and '.join(missing)}"
             if missing
@@ -151,6 +147,17 @@ def check_attention_hookable(name: str, module: nn.Module) -> None:
             "docs/modelopt_behaviour.md §9). Use a transformers model class that dispatches through the "
             "attention interface (transformers >= 4.48: Llama, Mistral, Qwen2, Qwen3, ...)."
         )
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_calls_interface(cls: type) -> bool:
+    """Whether cls.forward's source names transformers' attention interface (read once a class:
+    a model has one attention class and many layers)."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source or "eager_attention_forward" in source
 
 
 def quant_attention_class(cls: type) -> type:

@@ -36,12 +36,15 @@ class QuantLinearMixin:
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        input = self.input_quantizer(input)
-        weight = self.weight_quantizer(self.weight)
-        output = F.linear(input, weight, self.bias)
         # A disabled quantizer returns its input: not calling it (recipes leave the output
-        # quantizer off) saves a module call a layer, host time in a host-bound forward.
-        return self.output_quantizer(output) if self.output_quantizer.is_enabled else output
+        # quantizer off, a folded weight's quantizer is off) saves a module call, host time in a
+        # host-bound forward.
+        input_quantizer, weight_quantizer, output_quantizer = self.input_quantizer, self.weight_quantizer, self.output_quantizer
+        if input_quantizer.is_enabled:
+            input = input_quantizer(input)
+        weight = weight_quantizer(self.weight) if weight_quantizer.is_enabled else self.weight
+        output = F.linear(input, weight, self.bias)
+        return output_quantizer(output) if output_quantizer.is_enabled else output
 
 
 class QuantEmbeddingMixin:

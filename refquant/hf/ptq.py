@@ -43,7 +43,7 @@ from typing import Any, Iterable, Optional
 
 from torch import nn
 
-from ..numerics.checks import Flavor
+from ..numerics.checks import Flavor, largest_values
 from .coverage import WeightCoverage, coverage_warning, weight_coverage
 from .experts import is_quant_experts
 from .insert import insert_quantizers, refuse_unsupported_quantizers
@@ -67,6 +67,15 @@ from .report_table import ERROR_SORT_KEYS  # noqa: F401
 CALIBRATION_ALGORITHMS = ("max", None)
 
 
+def _quantizer_rows(quantizers: list[tuple[str, TensorQuantizer]], last_rule: dict[str, int]) -> list[QuantizerRow]:
+    """The report's row of each quantizer; the amaxes read back at once (refquant.numerics.checks.largest_values)."""
+    rows = [_quantizer_row(name, q, last_rule.get(name)) for name, q in quantizers]
+    stored = [(row, q.amax) for row, (_, q) in zip(rows, quantizers) if q.amax is not None]
+    for (row, _), value in zip(stored, largest_values([amax for _, amax in stored])):
+        row.amax = value
+    return rows
+
+
 def _quantizer_row(name: str, quantizer: TensorQuantizer, rule: Optional[int]) -> QuantizerRow:
     config = quantizer.config
     row = QuantizerRow(name=name, format=config.format, enabled=quantizer.is_enabled, amax_source="off",
@@ -78,8 +87,7 @@ def _quantizer_row(name: str, quantizer: TensorQuantizer, rule: Optional[int]) -
     else:
         source = "dynamic"
     amax = quantizer.amax
-    if amax is not None:
-        row.amax = float(amax.float().max())
+    if amax is not None:  # row.amax: filled in by _quantizer_rows
         row.amax_shape = [] if amax.numel() == 1 else list(amax.shape)
         row.amax_dtype = str(amax.dtype).removeprefix("torch.")
     if quantizer.is_enabled:
@@ -228,7 +236,7 @@ def quantize_model(
             quantized_logits = eval_logits(model, eval_batch)
         quality = quality_report(original_logits, quantized_logits, eval_batch)
         errors = meter.results()
-    rows = [_quantizer_row(name, q, last_rule.get(name)) for name, q in quantizers]
+    rows = _quantizer_rows(quantizers, last_rule)
     for row in rows:
         row.error = errors.get(row.name)
     coverage = weight_coverage(model)

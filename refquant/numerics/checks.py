@@ -189,6 +189,33 @@ def max_abs(x: torch.Tensor) -> torch.Tensor:
     return x.abs().amax(dim=-1).amax()
 
 
+def largest_values(tensors: list[torch.Tensor]) -> list[float]:
+    """float(t.float().max()) of each tensor (NaN where it holds one), read back from each device
+    once: a model's amaxes read one by one would wait for the device once each."""
+    values: list[float] = [0.0] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for index, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(index)
+    for indices in by_device.values():
+        maxima = torch.stack([tensors[i].float().max() if tensors[i].numel() > 1 else tensors[i].float().reshape(())
+                              for i in indices])
+        for i, value in zip(indices, maxima.tolist()):
+            values[i] = value
+    return values
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite, with one read back per device."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    for group in by_device.values():
+        flags = torch.stack([torch.isfinite(t).all() if t.numel() > 1 else torch.isfinite(t.reshape(())) for t in group])
+        if not bool(flags.all()):
+            return False
+    return True
+
+
 def max_abs_one_kernel(x: torch.Tensor) -> torch.Tensor:
     """max_abs(x), the same value (NaN propagating, in x's dtype), as one reduction that reads x
     once: torch.linalg.vector_norm with ord inf. For eager callers such as calibration, which

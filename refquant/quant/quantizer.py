@@ -113,15 +113,23 @@ class _MaxCalibrator:
     def amax(self, value: Optional[torch.Tensor]) -> None:
         self._amax, self._unfolded = value, []
 
-    def collect(self, x: torch.Tensor, name: str) -> None:
-        self.last = memory_key(x) if _parameter_data(x) else None
-        x = x.detach()
+    def collect(self, x: torch.Tensor, name: str, shared: Optional["SharedInputResult"] = None) -> None:
+        """Take x's max|x| into the running max. The weight collected last, unchanged since, is
+        skipped (the max of the same values again: every calibration batch passes each weight);
+        `shared` gives the max of an activation another quantizer collected already."""
+        if _parameter_data(x):
+            key = memory_key(x)
+            if key == self.last:
+                return
+            self.last = key
+        else:
+            self.last = None
         if self.axis is None:
-            self._unfolded.append(max_abs_one_kernel(x))
+            self._unfolded.append(max_abs_one_kernel(x.detach()) if shared is None else shared.max_abs(x))
             if len(self._unfolded) >= _FOLD_EVERY:
                 self.amax  # noqa: B018 - folds: the kept maxima stay few over a long calibration
             return
-        local = reduce_amax(x, self.axis)
+        local = reduce_amax(x.detach(), self.axis)
         if self.amax is not None and self.amax.shape != local.shape:
             raise ValueError(
                 f"calibration of {name or 'a quantizer'}: per-channel amax shape changed from "
@@ -181,7 +189,8 @@ class SharedInputResult:
     quantizers all get the normed hidden states, gate_proj and up_proj's the same tensor again.
     Max calibration gives them the same amax (they saw the same data), so their outputs are equal,
     bit for bit. The first computes; the others get its result (one kernel and one call instead of
-    three). A hit needs the very same tensor object, unchanged since (`_version`), with the same
+    three). In calibration they share max|x| the same way (SharedInputResult.max_abs). A hit
+    needs the very same tensor object, unchanged since (`_version`), with the same
     settings (config, flavor, backend, the amax's value), and the result unchanged too. It holds
     the input by a weak reference: when the input is freed the entry goes, so nothing outlives
     the forward. Weights (nn.Parameter) are not entered: each has one quantizer, and a weight would
@@ -190,6 +199,19 @@ class SharedInputResult:
 
     def __init__(self) -> None:
         self._entry: Optional[tuple] = None
+        self._max_entry: Optional[tuple] = None
+
+    def max_abs(self, x: torch.Tensor) -> torch.Tensor:
+        """max|x| for calibration: computed for the first collecting quantizer given x, the same
+        tensor for the next ones while x is the same object, unchanged (a max does not depend on
+        who asks). Weights are not entered, as for results."""
+        entry = self._max_entry
+        if entry is not None and entry[0]() is x and entry[1] == x._version:
+            return entry[2]
+        result = max_abs_one_kernel(x.detach())
+        if not _is_parameter(x):
+            self._max_entry = (weakref.ref(x, self._forget), x._version, result)
+        return result
 
     def get(self, x: torch.Tensor, settings: tuple) -> Optional[torch.Tensor]:
         entry = self._entry
@@ -208,13 +230,15 @@ class SharedInputResult:
     def _forget(self, source: weakref.ref) -> None:
         if self._entry is not None and self._entry[0] is source:
             self._entry = None
+        if self._max_entry is not None and self._max_entry[0] is source:
+            self._max_entry = None
 
     # A copy (copy.deepcopy of a model, pickling) starts empty: the entry is a cache of one forward.
     def __getstate__(self) -> dict:
-        return {"_entry": None}
+        return {"_entry": None, "_max_entry": None}
 
     def __setstate__(self, state: dict) -> None:
-        self._entry = None
+        self._entry = self._max_entry = None
 
 
 class TensorQuantizer(nn.Module):
@@ -251,18 +275,23 @@ class TensorQuantizer(nn.Module):
         self.shared_input_result: Optional[SharedInputResult] = None
         self._bound: Optional[tuple] = None  # (bound call, what it was bound for): see _call_bound
         self._device_amax_read: Optional[tuple] = None  # (buffer, its version, _DeviceAmax): see _amax_value_now
+        self.folded = False  # its weight holds its output already (refquant.hf.fold): never on again
         if config is not None:
             self.set_config(config)
 
     # --- configuration -------------------------------------------------------------------
     def set_config(self, config: QuantizerConfig) -> None:
         """Replace every attribute (modelopt's set_from_attribute_config); a stored amax stays."""
+        if config.enable:
+            self._refuse_if_folded()
         self.config = config
         if config.use_constant_amax and "_amax" in self._buffers:
             del self._buffers["_amax"]
 
     def set_enabled(self, enable: bool) -> None:
         """Flip on/off and keep every other attribute (modelopt's enable-only quant_cfg entry)."""
+        if enable:
+            self._refuse_if_folded()
         if enable and self.config.format == "disabled":
             raise ValueError(
                 f"cannot enable {self.name or 'this quantizer'}: it has no format yet. Give it a "
@@ -273,6 +302,20 @@ class TensorQuantizer(nn.Module):
     @property
     def is_enabled(self) -> bool:
         return self.config.enable
+
+    def mark_folded(self) -> None:
+        """Off for good: refquant.hf.fold.fold_weights stored this quantizer's output in its weight.
+        The amax stays (reports show it)."""
+        self.config = replace(self.config, enable=False)
+        self.folded = True
+
+    def _refuse_if_folded(self) -> None:
+        if getattr(self, "folded", False):
+            raise ValueError(
+                f"{self.name or 'this quantizer'} was folded into its weight (rq.fold_weights): the weight holds "
+                "its fake-quantized values, and switching it on would quantize them twice. Quantize a model "
+                "that was not folded."
+            )
 
     @property
     def amax(self) -> torch.Tensor | None:
@@ -303,11 +346,13 @@ class TensorQuantizer(nn.Module):
         self._quantizing = False
         self._calibrator = None if self.config.use_constant_amax else _MaxCalibrator(self.config.axis)
 
-    def finish_calibration(self) -> None:
+    def finish_calibration(self, checked_finite: bool = False) -> None:
         """Store the collected amax (if any data came), switch quantization back on. Raises
-        ValueError (and stores nothing) when the data held NaN or inf."""
+        ValueError (and stores nothing) when the data held NaN or inf; `checked_finite`: the
+        caller found the collected amax finite already (max_calibrate checks a model's at once)."""
         if self._calibrator is not None and self._calibrator.amax is not None:
-            self._calibrator.check_finite(self.name)
+            if not checked_finite:
+                self._calibrator.check_finite(self.name)
             self.set_amax(self._calibrator.amax)
         self._calibrator = None
         self._quantizing = True
@@ -315,6 +360,11 @@ class TensorQuantizer(nn.Module):
     @property
     def is_calibrating(self) -> bool:
         return self._calibrator is not None
+
+    @property
+    def collected_amax(self) -> Optional[torch.Tensor]:
+        """What this calibration collected so far (None: nothing yet, or not calibrating)."""
+        return None if self._calibrator is None else self._calibrator.amax
 
     def collected_last(self, x: torch.Tensor) -> bool:
         """Whether this calibration's last collected tensor is x, unchanged since: then a call on x
@@ -327,7 +377,7 @@ class TensorQuantizer(nn.Module):
         if not self.is_enabled or x.numel() == 0:
             return x
         if self._calibrator is not None:
-            self._calibrator.collect(x, self.name)
+            self._calibrator.collect(x, self.name, self.shared_input_result)
         if not self._quantizing:
             return x
         amax_value = self._amax_value_now()
@@ -396,6 +446,8 @@ class TensorQuantizer(nn.Module):
         """x fake-quantized; amax_value: this call's _amax_value_now()."""
         # A bound call is one kernel launch under one per-tensor amax (stored or constant), made
         # for calls outside autograd: a call that records a gradient takes the numerics' path.
+        # Bound before the first call too: that call then compiles no graph (the first forward
+        # after calibration would otherwise wait for a compile a hidden size and dtype).
         bindable = amax_value is not None and amax_value is not _NOT_SHARED and not _records_gradient(x)
         if bindable:
             out = self._call_bound(x, amax_value)
@@ -403,6 +455,11 @@ class TensorQuantizer(nn.Module):
                 return out
         impl = numerics(self.backend)
         amax = self.amax_for(x)
+        if bindable:
+            self._bind(impl, x, amax, amax_value)
+            out = self._call_bound(x, amax_value)
+            if out is not None:
+                return out
         if self.config.format == "fp8":
             axis = self.config.axis if amax is None else None
             out = impl.fp8_fake_quant(x, amax, axis=axis, flavor=self.flavor)
@@ -411,8 +468,6 @@ class TensorQuantizer(nn.Module):
                 # modelopt reduces a non-scalar NVFP4 amax with a plain max (docs/modelopt_behaviour.md §3.2)
                 amax = amax.amax()
             out = impl.nvfp4_fake_quant(x, amax)
-        if bindable:
-            self._bind(impl, x, amax, amax_value)
         return out
 
     def __getstate__(self) -> dict:

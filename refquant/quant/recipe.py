@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import difflib
 import fnmatch
+import functools
 import json
 import os
 import re
@@ -26,12 +27,12 @@ import sys
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 from dataclasses_json import DataClassJsonMixin, config
 from torch import nn
 
-from .quantizer import QuantizerConfig, is_weight_quantizer, named_quantizers
+from .quantizer import QuantizerConfig, TensorQuantizer, is_weight_quantizer
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -432,15 +433,39 @@ def parent_class_of(name: str, where: str = "parent_class") -> type[nn.Module]:
 _FUSED_EXPERT_INDEX = re.compile(r"(weight_quantizers?|input_quantizers?)\.\d+(?=$|\.)")
 
 
-def rule_matches(rule: QuantRule, name: str, parent: nn.Module | None, parent_class: type | None = None) -> bool:
-    """fnmatch (case-sensitive) on the full dotted name, or on its fused-expert form; then the parent."""
-    normalized = _FUSED_EXPERT_INDEX.sub(lambda m: m.group(1).removesuffix("s"), name)
-    if not (fnmatch.fnmatchcase(name, rule.quantizer_name) or fnmatch.fnmatchcase(normalized, rule.quantizer_name)):
-        return False
+def fused_expert_form(name: str) -> str:
+    """A quantizer name with a fused-expert list index dropped ("...weight_quantizers.3" ->
+    "...weight_quantizer"), the form the singular pattern matches."""
+    return _FUSED_EXPERT_INDEX.sub(lambda m: m.group(1).removesuffix("s"), name)
+
+
+@functools.lru_cache(maxsize=1024)
+def _glob(pattern: str) -> Callable[[str], Any]:
+    """fnmatch.fnmatchcase(name, pattern) as one compiled regex's match."""
+    return re.compile(fnmatch.translate(pattern)).match
+
+
+def rule_matches(rule: QuantRule, name: str, parent: nn.Module | None, parent_class: type | None = None,
+                 normalized: str | None = None) -> bool:
+    """fnmatch (case-sensitive) on the full dotted name, or on its fused-expert form
+    (`normalized`, computed when not given); then the parent."""
+    match = _glob(rule.quantizer_name)
+    if match(name) is None:
+        normalized = fused_expert_form(name) if normalized is None else normalized
+        if normalized == name or match(normalized) is None:
+            return False
     if rule.parent_class is None:
         return True
     parent_class = parent_class or parent_class_of(rule.parent_class)
     return isinstance(parent, parent_class)
+
+
+def _quantizers_and_parents(model: nn.Module) -> tuple[list[tuple[str, TensorQuantizer]], dict[str, nn.Module]]:
+    """named_quantizers(model), and each one's parent module (`a.b` for `a.b.c`; the model for a
+    top-level name), from one walk over the modules."""
+    modules = dict(model.named_modules())
+    quantizers = [(name, module) for name, module in modules.items() if isinstance(module, TensorQuantizer)]
+    return quantizers, {name: modules[name.rpartition(".")[0]] for name, _ in quantizers}
 
 
 def apply_recipe(model: nn.Module, recipe: Recipe) -> RecipeApplication:
@@ -450,8 +475,8 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> RecipeApplication:
     an enable-only rule flips on/off. The parent of `a.b.c` is the module `a.b` (the model for a
     top-level name). Returns the names each rule matched and the rules that matched nothing.
     """
-    quantizers = named_quantizers(model)
-    parents = {name: model.get_submodule(name.rpartition(".")[0]) for name, _ in quantizers}
+    quantizers, parents = _quantizers_and_parents(model)
+    normalized = {name: fused_expert_form(name) for name, _ in quantizers}
     matches: dict[int, list[str]] = {}
     for index, rule in enumerate(recipe.quant_cfg):
         where = f"{recipe.name} quant_cfg[{index}] ({rule.origin or rule.quantizer_name})"
@@ -460,7 +485,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> RecipeApplication:
         parent_class = parent_class_of(rule.parent_class, where) if rule.parent_class else None
         matched = []
         for name, quantizer in quantizers:
-            if not rule_matches(rule, name, parents[name], parent_class):
+            if not rule_matches(rule, name, parents[name], parent_class, normalized[name]):
                 continue
             matched.append(name)
             if rule.cfg is not None:
@@ -490,8 +515,8 @@ def check_application(application: RecipeApplication, model: nn.Module) -> list[
         recipe asks for quantization and would quantize no weight.
     Returns one line for each other enabling rule that matched nothing (a rule for another family).
     """
-    quantizers = named_quantizers(model)
-    parents = {name: model.get_submodule(name.rpartition(".")[0]) for name, _ in quantizers}
+    quantizers, parents = _quantizers_and_parents(model)
+    normalized = {name: fused_expert_form(name) for name, _ in quantizers}
     words = {word for name, _ in quantizers for word in _WORD.findall(name)}
     components = {part for name, _ in quantizers for part in name.split(".")}
     recipe = application.recipe
@@ -503,7 +528,7 @@ def check_application(application: RecipeApplication, model: nn.Module) -> list[
         enables = rule.cfg is not None or bool(rule.enable)
         unmatched_enabling |= enables
         targets = [(name, quantizer) for name, quantizer in quantizers if enables or quantizer.is_enabled]
-        suggestion = _one_edit_fix(rule, targets, parents, words, components)
+        suggestion = _one_edit_fix(rule, targets, parents, normalized, words, components)
         where = f"quant_cfg[{index}] ({rule.origin or 'rule'}: quantizer_name={rule.quantizer_name!r})"
         if suggestion is not None:
             pattern, matched = suggestion
@@ -531,7 +556,7 @@ _GLOB_BRACKETS = re.compile(r"\[[^\]]*\]")
 _LITERAL_RUN = re.compile(r"[^.*?\[\]]+")
 
 
-def _one_edit_fix(rule: QuantRule, targets, parents, words: set[str], components: set[str]):
+def _one_edit_fix(rule: QuantRule, targets, parents, normalized: dict[str, str], words: set[str], components: set[str]):
     """(pattern, names it matches) for the first one-edit change of a word (or a literal run
     between dots and wildcards) of the rule's pattern into a word (or a dotted component) of the
     quantizer names after which the rule matches some of `targets`; None when there is none."""
@@ -546,7 +571,8 @@ def _one_edit_fix(rule: QuantRule, targets, parents, words: set[str], components
     parent_class = parent_class_of(rule.parent_class) if rule.parent_class else None
     for (start, end), word in edits:
         candidate = replace(rule, quantizer_name=pattern[:start] + word + pattern[end:])
-        matched = [name for name, _ in targets if rule_matches(candidate, name, parents[name], parent_class)]
+        matched = [name for name, _ in targets
+                   if rule_matches(candidate, name, parents[name], parent_class, normalized[name])]
         if matched:
             return candidate.quantizer_name, matched
     return None
