@@ -6,8 +6,10 @@
 #   bash scripts/gpu_check.sh families  the family matrix against modelopt with every recipe's logits,
 #                                       and the experts' CUDA tests; ~2 min
 #   bash scripts/gpu_check.sh bench     the MoE shape (also its plain eager loop) and the 0.6B shape (48 calibration
-#                                       batches, also with the fast launch off) against modelopt
-#                                       (benchmarks/ptq_gpu.py); ~6 min
+#                                       batches, also folded and with the fast launch off) against
+#                                       modelopt (benchmarks/ptq_gpu.py); ~6 min
+#   bash scripts/gpu_check.sh large     the 6.7B shape (48 calibration batches, also folded) and the kernel
+#                                       table (benchmarks/gpu_report.py); ~4 min
 # Logs and JSON go to $OUT (default out/gpu_check). Before the call, on a machine with network:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #     -d .whl nvidia-modelopt==0.47.0 pydantic pydantic-core annotated-types typing-inspection \
@@ -45,7 +47,14 @@ bench)
   timeout 300 python3 benchmarks/ptq_gpu.py --out "$OUT/moe" --shapes moe --recipes nvfp4_default-fp8_cast_kv fp8_default-fp8_kv \
     --variants plain plain_eager modelopt compiled --batches 4 --repeats 5 --no-paired 2>&1 | tee "$OUT/ptq_moe.log" | tail -12
   timeout 280 python3 benchmarks/ptq_gpu.py --out "$OUT/small" --shapes small --recipes fp8_default-fp8_kv nvfp4_default-fp8_cast_kv \
-    --variants plain modelopt compiled compiled_fallback --batches 48 --repeats 10 --no-export 2>&1 | tee "$OUT/ptq_small.log" | tail -10
+    --variants plain modelopt compiled compiled_folded compiled_fallback --batches 48 --repeats 10 --no-export 2>&1 | tee "$OUT/ptq_small.log" | tail -12
   ;;
-*) echo "unknown phase $phase: use tests, families or bench"; exit 2 ;;
+large)
+  build_modelopt_fp8
+  timeout 200 python3 benchmarks/ptq_gpu.py --out "$OUT/large" --shapes large --recipes fp8_default-fp8_kv nvfp4_default-fp8_cast_kv \
+    --variants plain compiled compiled_folded --batches 48 --repeats 10 --no-export --no-paired 2>&1 | tee "$OUT/ptq_large.log" | tail -8
+  timeout 200 python3 benchmarks/gpu_report.py --out "$OUT/kernels" --shapes main --no-parity --no-finding --no-eager 2>&1 \
+    | tee "$OUT/kernels.log" | tail -12
+  ;;
+*) echo "unknown phase $phase: use tests, families, bench or large"; exit 2 ;;
 esac
