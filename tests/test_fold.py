@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import modelopt_compare as mc
+from conftest import cuda
 import refquant as rq
 from refquant.quant.quantizer import named_quantizers
 from refquant.testing import assert_bitexact
@@ -27,16 +28,21 @@ CASES = [
 ]
 
 
-def _quantized(family: str, recipe: str, backend: str):
+def _quantized(family: str, recipe: str, backend: str, device: str = "cpu"):
     batches, eval_batch = mc.default_batches()
-    model = mc.build_model(family)
-    rq.quantize_model(model, rq.load_recipe(recipe), batches, backend=backend, progress=False)
-    return model, eval_batch
+    model = mc.build_model(family, device=device)
+    flavor = "modelopt-cuda" if device == "cuda" else "modelopt-cpu"
+    rq.quantize_model(model, rq.load_recipe(recipe), batches, backend=backend, flavor=flavor, progress=False)
+    return model, eval_batch.to(device)
 
 
-@pytest.mark.parametrize("family, recipe, backend", CASES)
-def test_a_folded_model_gives_the_bits_of_the_unfolded_one(family, recipe, backend):
-    model, eval_batch = _quantized(family, recipe, backend)
+CUDA_CASES = [pytest.param(family, recipe, "compiled", "cuda", marks=cuda)
+              for family in ("llama", "qwen3_moe_top4") for recipe in ("fp8_default-fp8_kv", "nvfp4_default-fp8_cast_kv")]
+
+
+@pytest.mark.parametrize("family, recipe, backend, device", [(*case, "cpu") for case in CASES] + CUDA_CASES)
+def test_a_folded_model_gives_the_bits_of_the_unfolded_one(family, recipe, backend, device):
+    model, eval_batch = _quantized(family, recipe, backend, device)
     with torch.no_grad():
         want = model(input_ids=eval_batch).logits
     weight_quantizers = [name for name, q in named_quantizers(model) if q.is_enabled and "weight_quantizer" in name]
@@ -50,25 +56,60 @@ def test_a_folded_model_gives_the_bits_of_the_unfolded_one(family, recipe, backe
         assert_bitexact(model(input_ids=eval_batch).logits, want, "logits after folding twice")
 
 
-def test_a_folded_model_refuses_export_calibration_and_a_weight_quantizer_switched_on(tmp_path):
-    model, _ = _quantized("llama", "fp8_default-fp8_kv", "reference")
+def _state(model) -> tuple:
+    """What a refusal must leave as it was: every quantizer's config and amax, every weight."""
+    quantizers = [(name, q.config, None if q.amax is None else q.amax.clone()) for name, q in named_quantizers(model)]
+    return quantizers, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _assert_unchanged(model, state, eval_batch, logits, what: str) -> None:
+    quantizers, parameters = _state(model)
+    for (name, config, amax), (_, config_now, amax_now) in zip(state[0], quantizers):
+        assert config_now == config and (amax is None) == (amax_now is None), f"{what}: {name}"
+        assert amax is None or torch.equal(amax, amax_now), f"{what}: {name}'s amax"
+    assert all(torch.equal(parameters[name], p) for name, p in state[1].items()), f"{what}: a weight changed"
+    with torch.no_grad():
+        assert_bitexact(model(input_ids=eval_batch).logits, logits, f"logits after {what}")
+
+
+def test_a_folded_model_refuses_what_needs_its_master_weights_and_stays_as_it_was(tmp_path):
+    from refquant.hf.sensitivity import measure_sensitivity
+
+    model, eval_batch = _quantized("llama", "fp8_default-fp8_kv", "reference")
     unfolded = copy.deepcopy(model)
     rq.fold_weights(model)
-    with pytest.raises(ValueError, match="cannot export.*folded"):
-        rq.export_checkpoint(model, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-    with pytest.raises(ValueError, match="cannot export or compress.*folded"):
-        rq.compress_weights(model)
+    with torch.no_grad():
+        logits = model(input_ids=eval_batch).logits
+    state = _state(model)
     batches, _ = mc.default_batches()
-    with pytest.raises(ValueError, match="folded"):
-        rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
-    with pytest.raises(ValueError, match="cannot calibrate.*folded"):
-        rq.quantize_model(model, None, batches, progress=False)
-    quantizer = model.model.layers[0].mlp.down_proj.weight_quantizer
-    with pytest.raises(ValueError, match="quantize them twice"):
-        quantizer.set_enabled(True)
+    refusals = [
+        ("export", "cannot export.*folded", lambda: rq.export_checkpoint(model, tmp_path / "out")),
+        ("compress", "cannot export or compress.*folded", lambda: rq.compress_weights(model)),
+        ("quantize", "cannot apply recipe .*folded",
+         lambda: rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)),
+        ("apply_recipe", "cannot apply recipe .*folded", lambda: rq.apply_recipe(model, rq.load_recipe("nvfp4_default-fp8_kv"))),
+        ("calibrate", "cannot calibrate.*folded", lambda: rq.quantize_model(model, None, batches, progress=False)),
+        ("sensitivity", "cannot measure the sensitivity.*folded", lambda: measure_sensitivity(model, eval_batch, progress=False)),
+        ("enable", "quantize them twice", lambda: model.model.layers[0].mlp.down_proj.weight_quantizer.set_enabled(True)),
+    ]
+    for what, message, call in refusals:
+        with pytest.raises(ValueError, match=message):
+            call()
+        _assert_unchanged(model, state, eval_batch, logits, what)
+    assert not (tmp_path / "out").exists()
     assert copy.deepcopy(model).model.layers[0].mlp.down_proj.weight_quantizer.folded
     rq.export_checkpoint(unfolded, tmp_path / "unfolded")  # the copy made before folding exports
+
+
+def test_folding_while_calibration_runs_is_refused():
+    model = mc.build_model("llama")
+    rq.insert_quantizers(model)
+    quantizer = model.model.layers[0].mlp.up_proj.weight_quantizer
+    quantizer.set_config(rq.QuantizerConfig(format="fp8", use_constant_amax=True))  # collects nothing
+    quantizer.start_calibration()
+    with pytest.raises(ValueError, match="still calibrating"):
+        rq.fold_weights(model)
+    assert not quantizer.folded and quantizer.is_enabled
 
 
 def test_folding_a_weight_tied_to_another_module_is_refused_before_anything_changes():

@@ -148,6 +148,40 @@ def test_calibration_takes_a_weights_max_once_and_again_only_after_the_weight_ch
     assert torch.equal(q.amax, torch.tensor(100.0, dtype=torch.bfloat16))
 
 
+def test_calibration_and_a_forward_under_inference_mode_equal_those_under_no_grad():
+    """Inference tensors have no version counter: the shared max, the shared result and the
+    weight skip must not ask for one (they compute instead)."""
+    from conftest import tiny_llama
+
+    batches = [torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    recipe = rq.load_recipe("fp8_default-fp8_kv")
+    model, inferred = tiny_llama(), tiny_llama()
+    rq.quantize_model(model, recipe, batches, progress=False)
+    with torch.inference_mode():
+        rq.quantize_model(inferred, recipe, batches, progress=False)
+        inferred_logits = inferred(input_ids=batches[0]).logits
+    for (name, ours), (_, theirs) in zip(named_quantizers(model), named_quantizers(inferred)):
+        if ours.is_calibrated:
+            assert_bitexact(theirs.amax, ours.amax, name)
+    with torch.no_grad():
+        assert_bitexact(inferred_logits, model(input_ids=batches[0]).logits, "logits under inference_mode")
+
+
+def test_a_hook_on_a_disabled_quantizer_of_a_linear_still_sees_each_call():
+    """A disabled quantizer is not called (host time), unless something wants to see its calls."""
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), [torch.randint(0, 128, (1, 8))], progress=False)
+    seen = []
+    output_quantizer = model.model.layers[0].mlp.down_proj.output_quantizer
+    assert not output_quantizer.is_enabled
+    output_quantizer.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 128, (1, 5)))
+    assert seen == [torch.Size([1, 5, 64])]
+
+
 @pytest.mark.parametrize("recipe", ["fp8_default-fp8_kv", "nvfp4_default-fp8_cast_kv"])
 def test_calibration_reduces_each_weight_once_and_a_tensor_that_feeds_several_quantizers_once(monkeypatch, recipe):
     """Over a calibration, each weight's max is taken once (before the forwards), and in a forward
@@ -579,7 +613,8 @@ def test_the_first_forward_after_calibration_on_cuda_compiles_no_graph_and_gives
     model, ids = _quantized_tiny_llama(recipe, 5, device="cuda")
     reference, _ = _quantized_tiny_llama(recipe, 5, backend="reference", device="cuda")
     graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-    with torch.no_grad():
+    with pytest.MonkeyPatch.context() as monkeypatch, torch.no_grad():
+        _public_functions_refuse(monkeypatch)  # a graph from an earlier test would compile nothing either
         logits = model(input_ids=ids).logits
     assert int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) == graphs, "the first forward compiled a graph"
     with torch.no_grad():

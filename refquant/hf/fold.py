@@ -2,8 +2,8 @@
 evaluation (modelopt's mtq.fold_weight).
 
 A quantized layer fake-quantizes its master weight at every forward (nothing is cached, as in
-modelopt): on a large model that is a read and a write of every weight a forward, about 7% of a
-6.7B Llama's forward on an H100. Once calibration is over the weights and their amax no longer
+modelopt): on a large model that is a read and a write of every weight a forward (docs/ptq.md,
+"Folded weights", has a measurement). Once calibration is over the weights and their amax no longer
 change, so fold_weights writes each weight's fake-quantized values over it, in place, and switches
 its weight quantizer off. Later forwards give the same bits (the stored weight is what the
 quantizer returned for it; the activations' quantizers are untouched) with no weight quantization
@@ -57,7 +57,7 @@ def fold_weights(model: nn.Module) -> list[str]:
     for name, parameter in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(parameter), []).append(name)
     for name, parameter, _, quantizer in found:
-        if quantizer.is_calibrating:
+        if not quantizer.is_quantizing:
             raise ValueError(f"{quantizer_names[id(quantizer)]} is still calibrating; fold weights after calibration.")
         require_loaded(f"{name}'s weight", parameter)
         if len(owners.get(id(parameter), [])) > 1:
@@ -79,7 +79,7 @@ def fold_weights(model: nn.Module) -> list[str]:
 
 def refuse_folded(model: nn.Module, what: str) -> None:
     """Raise ValueError when `model`'s weights were folded (fold_weights): `what` needs the masters."""
-    folded = [name for name, q in named_quantizers(model) if q.folded]
+    folded = [name for name, q in named_quantizers(model) if getattr(q, "folded", False)]  # older pickles lack it
     if folded:
         raise ValueError(
             f"cannot {what}: the weights of {len(folded)} quantizers (e.g. {folded[0]}) were folded for "

@@ -22,7 +22,7 @@ from .attention import check_attention_hookable, is_attention_module, quant_atte
 from .experts import check_experts_forward, find_experts, force_eager_experts, quant_experts_class
 from .dispatch import check_forward_rebindable, rebind_forward
 from .swap import quant_class
-from ..quant.quantizer import QuantizerConfig, SharedInputResult, TensorQuantizer, named_quantizers
+from ..quant.quantizer import QuantizerConfig, SharedInputResult, TensorQuantizer, named_quantizers, quantizer_sees_each_call
 
 LINEAR_QUANTIZER_NAMES = placement.QUANTIZER_NAMES[placement.LINEAR]
 
@@ -36,15 +36,16 @@ class QuantLinearMixin:
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        # A disabled quantizer returns its input: not calling it (recipes leave the output
-        # quantizer off, a folded weight's quantizer is off) saves a module call, host time in a
-        # host-bound forward.
-        input_quantizer, weight_quantizer, output_quantizer = self.input_quantizer, self.weight_quantizer, self.output_quantizer
-        if input_quantizer.is_enabled:
-            input = input_quantizer(input)
-        weight = weight_quantizer(self.weight) if weight_quantizer.is_enabled else self.weight
-        output = F.linear(input, weight, self.bias)
-        return output_quantizer(output) if output_quantizer.is_enabled else output
+        input = _through(self.input_quantizer, input)
+        output = F.linear(input, _through(self.weight_quantizer, self.weight), self.bias)
+        return _through(self.output_quantizer, output)
+
+
+def _through(quantizer: TensorQuantizer, x: torch.Tensor) -> torch.Tensor:
+    """quantizer(x). A disabled quantizer returns x: it is not called (recipes leave the output
+    quantizer off, a folded weight's quantizer is off), a module call less in a host-bound
+    forward, unless a hook or a subclass wants to see the call (quantizer_sees_each_call)."""
+    return quantizer(x) if quantizer.is_enabled or quantizer_sees_each_call(quantizer) else x
 
 
 class QuantEmbeddingMixin:

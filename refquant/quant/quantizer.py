@@ -116,8 +116,10 @@ class _MaxCalibrator:
     def collect(self, x: torch.Tensor, name: str, shared: Optional["SharedInputResult"] = None) -> None:
         """Take x's max|x| into the running max. The weight collected last, unchanged since, is
         skipped (the max of the same values again: every calibration batch passes each weight);
-        `shared` gives the max of an activation another quantizer collected already."""
-        if _parameter_data(x):
+        `shared` gives the max of an activation another quantizer collected already. "Unchanged"
+        is by version counter: a write through `.data` between two batches moves none and would go
+        unseen (nothing in refquant writes a weight while it calibrates)."""
+        if _parameter_data(x) and not x.is_inference():  # an inference tensor has no version counter
             key = memory_key(x)
             if key == self.last:
                 return
@@ -205,6 +207,8 @@ class SharedInputResult:
         """max|x| for calibration: computed for the first collecting quantizer given x, the same
         tensor for the next ones while x is the same object, unchanged (a max does not depend on
         who asks). Weights are not entered, as for results."""
+        if x.is_inference():  # no version counter to tell whether it changed: not shared
+            return max_abs_one_kernel(x)
         entry = self._max_entry
         if entry is not None and entry[0]() is x and entry[1] == x._version:
             return entry[2]
@@ -215,7 +219,7 @@ class SharedInputResult:
 
     def get(self, x: torch.Tensor, settings: tuple) -> Optional[torch.Tensor]:
         entry = self._entry
-        if entry is None:
+        if entry is None or x.is_inference():
             return None
         source, version, entry_settings, result, result_version = entry
         if source() is x and x._version == version and result._version == result_version and entry_settings == settings:
@@ -223,7 +227,8 @@ class SharedInputResult:
         return None
 
     def put(self, x: torch.Tensor, settings: tuple, result: torch.Tensor) -> None:
-        if _is_parameter(x):
+        # inference tensors (torch.inference_mode) have no version counter to key an entry by
+        if _is_parameter(x) or x.is_inference() or result.is_inference():
             return
         self._entry = (weakref.ref(x, self._forget), x._version, settings, result, result._version)
 
@@ -360,6 +365,12 @@ class TensorQuantizer(nn.Module):
     @property
     def is_calibrating(self) -> bool:
         return self._calibrator is not None
+
+    @property
+    def is_quantizing(self) -> bool:
+        """False from start_calibration to finish_calibration (a constant-amax quantizer too,
+        which collects nothing but passes its data through meanwhile)."""
+        return self._quantizing
 
     @property
     def collected_amax(self) -> Optional[torch.Tensor]:
