@@ -280,6 +280,30 @@ def test_experts_loop_calibrates_and_quantizes_with_the_per_expert_calls_bits(fa
         assert torch.equal(ours_off, mc.logits_of(per_expert, eval_batch))
 
 
+@pytest.mark.parametrize("family,recipe,experts_per_group", [
+    ("qwen3_moe_top4", "nvfp4_default-fp8_kv", 3), ("qwen3_moe_top4", "fp8_default-fp8_cast_kv", 1),
+    ("mixtral", "nvfp4_default-fp8_cast_kv", 8), ("olmoe", "fp8_default-fp8_kv", 5),
+])
+def test_swapped_experts_forward_quantizes_a_group_of_experts_at_a_time_with_the_per_expert_calls_bits(
+        family, recipe, experts_per_group, monkeypatch):
+    """An experts class whose forward is not transformers' eager text runs its own forward with
+    F.linear swapped: each expert's weight comes from a group of at most experts_per_group
+    experts quantized in one call when first asked for, not from all experts at once, and gives
+    the per-expert calls' bits."""
+    batches, eval_batch = mc.default_batches()
+    model = mc.build_model(family)
+    rq.quantize_model(model, rq.load_recipe(recipe), batches, progress=False)
+    monkeypatch.setattr(experts_module, "runs_eager_forward", lambda cls: False)  # the swapped forward
+    monkeypatch.setattr(experts_loop, "experts_per_group", lambda module: experts_per_group)
+    groups = []
+    call = SliceQuantizers.__call__
+    monkeypatch.setattr(SliceQuantizers, "__call__", lambda self, x, first=0: (groups.append(x.shape[0]), call(self, x, first))[1])
+    swapped = mc.logits_of(model, eval_batch)
+    assert groups and max(groups) <= experts_per_group
+    modelopts_order_of_work(monkeypatch)
+    assert torch.equal(swapped, mc.logits_of(model, eval_batch))
+
+
 def test_experts_loop_calls_a_watched_or_dynamic_quantizer_once_per_expert_as_modelopt():
     """An input quantizer whose calls something watches (a hook), or whose amax comes from each
     call's data, is called on each expert's rows, as the eager loop calls it."""

@@ -279,8 +279,7 @@ class QuantFusedExpertsMixin(QuantExpertsMixin):
         first, _ = self._refquant_layout.projections
         parameters = {projection: getattr(self, projection) for projection in self._refquant_layout.projections}
         storages = {projection: _storage_of(parameter) for projection, parameter in parameters.items()}
-        # Each projection's per-expert weights fake-quantized at once, where that is exact.
-        quantized = {projection: self.slice_quantizers(projection)(parameters[projection]) for projection in parameters}
+        expert_weight = self._grouped_expert_weights(parameters)
         first_input_q = getattr(self, f"{first}_input_quantizer")
         routed_input_quantized = False
         if quantizes_with_fixed_amax(first_input_q) and not quantizer_sees_each_call(first_input_q):
@@ -303,7 +302,7 @@ class QuantFusedExpertsMixin(QuantExpertsMixin):
                     "cannot tell which quantizer it belongs to."
                 )
             calls += 1
-            input_q, weight_qs = self.projection_quantizers(projection)
+            input_q, _ = self.projection_quantizers(projection)
             if projection == first:
                 if counts is not None:
                     counts[index] += input.shape[0]
@@ -311,14 +310,37 @@ class QuantFusedExpertsMixin(QuantExpertsMixin):
                     input = input_q(input)
             else:
                 input = input_q(input)
-            stacked = quantized[projection]
-            weight = weight_qs[index](weight) if stacked is None else stacked[index]
-            return original_linear(input, weight, bias)
+            return original_linear(input, expert_weight(projection, index, weight), bias)
 
         with swapped(F, "linear", quantized_linear):
             output = super().forward(hidden_states, *args, **kwargs)
         self._bypassed(calls, hidden_states.shape[0] if hidden_states.dim() else 0)
         return output
+
+
+    def _grouped_expert_weights(self, parameters: dict[str, torch.Tensor]):
+        """expert_weight(projection, index, weight): expert `index`'s slice `weight` through its
+        weight quantizer. Where that is exact (SliceQuantizers), the slices of a group of
+        consecutive experts (refquant.hf.experts_loop.experts_per_group) are fake-quantized in one
+        call when the forward first asks for one of them, and kept until it asks for another
+        group: the experts' forwards visit experts in ascending order, so each group is quantized
+        once, and one group's quantized weights a projection are held at a time (modelopt holds
+        one expert's)."""
+        from .experts_loop import experts_per_group
+
+        size = experts_per_group(self)
+        held: dict[str, tuple[int, Optional[torch.Tensor]]] = {}
+
+        def expert_weight(projection: str, index: int, weight: torch.Tensor) -> torch.Tensor:
+            start = index - index % size
+            entry = held.get(projection)
+            if entry is None or entry[0] != start:
+                group = parameters[projection][start:start + size]
+                entry = held[projection] = (start, self.slice_quantizers(projection)(group, first=start))
+            stacked = entry[1]
+            return self.projection_quantizers(projection)[1][index](weight) if stacked is None else stacked[index - start]
+
+        return expert_weight
 
 
 class QuantTransposedExpertsMixin(QuantExpertsMixin):

@@ -86,8 +86,11 @@ GROUP_BYTES = 80 * 2**20
 
 
 def experts_per_group(module: nn.Module) -> int:
-    """How many consecutive experts go in a group: as many as GROUP_BYTES holds, at least one."""
-    per_expert = sum(p.numel() // p.shape[0] * p.element_size() for p in (module.gate_up_proj, module.down_proj))
+    """How many consecutive experts go in a group: as many as GROUP_BYTES holds of the weights of
+    every projection, at least one."""
+    parameters = [p for p in (getattr(module, name, None) for name in ("gate_up_proj", "up_proj", "down_proj"))
+                  if isinstance(p, torch.Tensor)]  # the fused layouts' 3-D weights, gated or not
+    per_expert = sum(p.numel() // p.shape[0] * p.element_size() for p in parameters)
     return max(1, GROUP_BYTES // max(per_expert, 1))
 
 
