@@ -373,6 +373,19 @@ def compare_to_modelopt(ours: dict, theirs: dict) -> dict:
     return result
 
 
+def modelopt_fp8_extension_loaded() -> bool | None:
+    """Whether modelopt's FP8 CUDA extension is built and loads (None off CUDA). Without it
+    modelopt's FP8 fake quant falls back to a slower eager path: its times are then not its best."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from modelopt.torch.quantization.extensions import get_cuda_ext_fp8
+
+        return get_cuda_ext_fp8() is not None
+    except Exception:  # noqa: BLE001 - no modelopt, or no extension: either way not loaded
+        return False
+
+
 def modelopt_available() -> bool:
     try:
         import pulp  # noqa: F401  (modelopt imports it at start-up; never used for quantization)
@@ -395,7 +408,9 @@ def prepare_shape(shape: str, args):
     return pristine, batches, eval_batch, sum(t.numel() for t in pristine.parameters())
 
 
-def run_shape(shape: str, args, modelopt_ok: bool, rows: list[dict]) -> None:
+def run_shape(shape: str, args, modelopt_ok: bool, rows: list[dict], save=lambda: None) -> None:
+    """Every variant of every recipe on `shape`, appended to `rows`; save() after each recipe (a
+    run cut short keeps what it measured)."""
     pristine, batches, eval_batch, parameters = prepare_shape(shape, args)
     recipes = args.recipes
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
@@ -426,6 +441,7 @@ def run_shape(shape: str, args, modelopt_ok: bool, rows: list[dict]) -> None:
                 if "export_dir" in result:
                     shutil.rmtree(result["export_dir"], ignore_errors=True)
             print(format_table(rows[-len(results):]), flush=True)
+            save()
 
 
 def table_row(shape: str, parameters: int, result: dict, plain: dict) -> dict:
@@ -503,12 +519,17 @@ def main(argv: list[str] | None = None) -> int:
     args.compare = modelopt_ok or ("compiled" in args.variants and "compiled_fallback" in args.variants)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     rows: list[dict] = []
-    for shape in shapes:
-        run_shape(shape, args, modelopt_ok, rows)
     args.out.mkdir(parents=True, exist_ok=True)
     document = {"device": device_name, "torch": torch.__version__, "modelopt": modelopt_ok,
+                "modelopt_fp8_extension": modelopt_fp8_extension_loaded() if modelopt_ok else None,
                 "settings": {k: v for k, v in vars(args).items() if k not in ("out", "workdir", "compare")}, "rows": rows}
-    (args.out / "ptq_gpu.json").write_text(json.dumps(document, indent=1, default=str) + "\n")
+
+    def save() -> None:
+        (args.out / "ptq_gpu.json").write_text(json.dumps(document, indent=1, default=str) + "\n")
+
+    for shape in shapes:
+        run_shape(shape, args, modelopt_ok, rows, save)
+    save()
     print(f"\n{device_name}, torch {torch.__version__}; {args.batches} calibration batches of {args.batch_size} x {args.seq} tokens")
     print(format_table(rows))
     return 0

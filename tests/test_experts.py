@@ -294,14 +294,40 @@ def test_swapped_experts_forward_quantizes_a_group_of_experts_at_a_time_with_the
     model = mc.build_model(family)
     rq.quantize_model(model, rq.load_recipe(recipe), batches, progress=False)
     monkeypatch.setattr(experts_module, "runs_eager_forward", lambda cls: False)  # the swapped forward
+    monkeypatch.setattr(experts_module, "loop_forward", lambda *a, **k: pytest.fail("the loop ran"))
     monkeypatch.setattr(experts_loop, "experts_per_group", lambda module: experts_per_group)
     groups = []
     call = SliceQuantizers.__call__
-    monkeypatch.setattr(SliceQuantizers, "__call__", lambda self, x, first=0: (groups.append(x.shape[0]), call(self, x, first))[1])
-    swapped = mc.logits_of(model, eval_batch)
-    assert groups and max(groups) <= experts_per_group
+
+    def recorded(self, x, first=0):
+        result = call(self, x, first)
+        groups.append((id(self.quantizers), first, x.shape[0], result is not None))
+        return result
+
+    monkeypatch.setattr(SliceQuantizers, "__call__", recorded)
+    swapped = mc.logits_of(model, eval_batch)  # one forward
+    assert groups and all(stacked for *_, stacked in groups)  # the grouped results are what the forward used
+    assert max(size for _, _, size, _ in groups) <= experts_per_group
+    assert len({(quantizers, first) for quantizers, first, _, _ in groups}) == len(groups)  # each group quantized once
     modelopts_order_of_work(monkeypatch)
     assert torch.equal(swapped, mc.logits_of(model, eval_batch))
+
+
+def test_swapped_experts_forward_gives_a_part_of_an_experts_slice_to_that_experts_quantizer():
+    """A forward that hands F.linear part of an expert's slice (rows of gate_up_proj) gets that
+    part through the expert's own quantizer, as modelopt's call on that view, not the group's
+    quantized slice."""
+    batches, _ = mc.default_batches()
+    model = mc.build_model("qwen3_moe")
+    rq.quantize_model(model, rq.load_recipe("nvfp4_default-fp8_kv"), batches, progress=False)
+    experts = next(m for m in model.modules() if experts_module.is_quant_experts(m))
+    parameters = {p: getattr(experts, p) for p in experts._refquant_layout.projections}
+    expert_weight = experts._grouped_expert_weights(parameters)
+    quantizer = experts.gate_up_proj_weight_quantizers[2]
+    with torch.no_grad():
+        whole, part = experts.gate_up_proj[2], experts.gate_up_proj[2][:16]
+        assert torch.equal(expert_weight("gate_up_proj", 2, whole), quantizer(whole))
+        assert torch.equal(expert_weight("gate_up_proj", 2, part), quantizer(part))
 
 
 def test_experts_loop_calls_a_watched_or_dynamic_quantizer_once_per_expert_as_modelopt():

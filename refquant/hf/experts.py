@@ -33,8 +33,8 @@ quantizers where the swapped F.linear would put them and the same bits, at one d
 In the swapped forward, a shared input quantizer with a fixed per-tensor amax quantizes the hidden
 states once before they are routed (each token's row is quantized alone, so gathering rows after
 quantizing gives the bits of quantizing the gathered rows), and each projection's per-expert
-weights are fake-quantized in one numerics call over the 3-D parameter with one amax per expert
-(refquant.quant.quantizer.SliceQuantizers).
+weights are fake-quantized a group of experts at a time, in one numerics call with one amax per
+expert (refquant.quant.quantizer.SliceQuantizers), when the forward first asks for one of them.
 """
 
 from __future__ import annotations
@@ -332,10 +332,15 @@ class QuantFusedExpertsMixin(QuantExpertsMixin):
         held: dict[str, tuple[int, Optional[torch.Tensor]]] = {}
 
         def expert_weight(projection: str, index: int, weight: torch.Tensor) -> torch.Tensor:
+            parameter = parameters[projection]
+            whole = (weight.shape == parameter.shape[1:] and weight.stride() == parameter.stride()[1:]
+                     and weight.storage_offset() == parameter.storage_offset() + index * parameter.stride(0))
+            if not whole:  # a part of the expert's slice: its quantizer sees that part, as modelopt's does
+                return self.projection_quantizers(projection)[1][index](weight)
             start = index - index % size
             entry = held.get(projection)
             if entry is None or entry[0] != start:
-                group = parameters[projection][start:start + size]
+                group = parameter[start:start + size]
                 entry = held[projection] = (start, self.slice_quantizers(projection)(group, first=start))
             stacked = entry[1]
             return self.projection_quantizers(projection)[1][index](weight) if stacked is None else stacked[index - start]
