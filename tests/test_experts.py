@@ -504,14 +504,21 @@ def test_cli_quantize_of_a_local_qwen3_moe_folder_writes_modelopts_checkpoint(mo
 
 
 def test_experts_loop_collects_each_expert_weight_once_per_calibration(monkeypatch):
-    """The weight slices pass through their quantizers once, before the forwards; the loop does
-    not collect them again at every batch (the same max, at a launch per expert and batch)."""
+    """Each weight slice's max is taken once, when the slices pass through their quantizers before
+    the forwards; the loop's later calls on the same slice take nothing new (the same max, at a
+    launch per expert and batch)."""
     from refquant.quant import quantizer as quantizer_module
 
-    collected = []
+    collected = []  # the quantizers whose calibrator took a max, one entry a max
     collect = quantizer_module._MaxCalibrator.collect
-    monkeypatch.setattr(quantizer_module._MaxCalibrator, "collect",
-                        lambda self, x, name, *rest: (collected.append(name), collect(self, x, name, *rest))[1])
+
+    def counted(self, x, name, *rest):
+        before = (len(self._unfolded), id(self._amax))
+        collect(self, x, name, *rest)
+        if (len(self._unfolded), id(self._amax)) != before:
+            collected.append(name)
+
+    monkeypatch.setattr(quantizer_module._MaxCalibrator, "collect", counted)
     batches, _ = mc.default_batches()
     model = mc.build_model("qwen3_moe_top4")
     rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)

@@ -17,11 +17,10 @@ from torch import nn
 from .insert import QuantEmbeddingMixin, QuantLinearMixin, refuse_unsupported_quantizers
 from .experts import is_quant_experts, synchronize_token_counts
 from .dispatch import execution_device, loaded_weights, require_loaded
-from .fold import refuse_folded
 from .placement import is_weight_quantizer
 from ..quant.distributed import rank_and_world, synchronize_calibration
 from ..numerics.checks import all_finite
-from ..quant.quantizer import named_quantizers
+from ..quant.quantizer import named_quantizers, refuse_folded
 
 
 def run_batch(model: nn.Module, batch: Any) -> Any:
@@ -79,10 +78,10 @@ def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: b
     amax, docs/modelopt_behaviour.md §10.13).
     """
     refuse_unsupported_quantizers(model)
-    refuse_folded(model, "calibrate")  # its forwards would see quantized weights, not the masters
+    quantizers = named_quantizers(model)
+    refuse_folded(quantizers, "calibrate")  # its forwards would see quantized weights, not the masters
     was_training = model.training
     model.eval()
-    quantizers = named_quantizers(model)
     for _, quantizer in quantizers:
         quantizer.start_calibration()
     for module in model.modules():
@@ -118,7 +117,7 @@ def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: b
         name for name, q in quantizers
         if q.is_calibrating and not is_weight_quantizer(name)
     ]
-    collected = [q.collected_amax for _, q in quantizers if q.collected_amax is not None]
+    collected = [amax for _, q in quantizers if (amax := q.collected_amax) is not None]
     checked_finite = all_finite(collected)  # else each quantizer checks its own, and the first bad one raises
     for _, quantizer in quantizers:
         quantizer.finish_calibration(checked_finite)

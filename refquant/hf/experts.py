@@ -333,17 +333,18 @@ class QuantFusedExpertsMixin(QuantExpertsMixin):
 
         def expert_weight(projection: str, index: int, weight: torch.Tensor) -> torch.Tensor:
             parameter = parameters[projection]
+            # a part of the expert's slice goes to its quantizer alone, as modelopt's call on that view
             whole = (weight.shape == parameter.shape[1:] and weight.stride() == parameter.stride()[1:]
                      and weight.storage_offset() == parameter.storage_offset() + index * parameter.stride(0))
-            if not whole:  # a part of the expert's slice: its quantizer sees that part, as modelopt's does
-                return self.projection_quantizers(projection)[1][index](weight)
-            start = index - index % size
-            entry = held.get(projection)
-            if entry is None or entry[0] != start:
-                group = parameter[start:start + size]
-                entry = held[projection] = (start, self.slice_quantizers(projection)(group, first=start))
-            stacked = entry[1]
-            return self.projection_quantizers(projection)[1][index](weight) if stacked is None else stacked[index - start]
+            if whole:
+                start = index - index % size
+                entry = held.get(projection)
+                if entry is None or entry[0] != start:
+                    group = parameter[start:start + size]
+                    entry = held[projection] = (start, self.slice_quantizers(projection)(group, first=start))
+                if entry[1] is not None:
+                    return entry[1][index - start]
+            return self.projection_quantizers(projection)[1][index](weight)
 
         return expert_weight
 

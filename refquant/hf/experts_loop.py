@@ -29,10 +29,9 @@ What changes:
   it is called on each expert's rows, as the eager loop calls it;
 - each projection's weights are fake-quantized a group of experts at a time
   (refquant.quant.quantizer.SliceQuantizers), where that is exact, else expert by expert;
-  groups of at most GROUP_BYTES of weights bound the memory this takes;
-- while calibrating, an expert's weight slice that its quantizer collected last (the whole slice,
-  before the forwards: refquant.hf.calibrate) is not collected again: the max of the same values
-  again is the same max.
+  groups of at most GROUP_BYTES of weights bound the memory this takes (while calibrating each
+  expert's slice goes through its own quantizer, whose calibrator skips a slice it collected
+  already, unchanged since).
 tests/test_experts.py holds it to the eager loop with the quantizers at each F.linear bit for bit.
 """
 
@@ -207,10 +206,4 @@ def _expert_weights(module: nn.Module, projection: str, group: range, counts: li
     if stacked is not None:
         return list(stacked.unbind(0))
     _, quantizers = module.projection_quantizers(projection)
-    return [_expert_weight(parameter[e], quantizers[e]) if count else None for e, count in zip(group, counts)]
-
-
-def _expert_weight(weight: torch.Tensor, quantizer: TensorQuantizer) -> torch.Tensor:
-    if quantizer.collected_last(weight) and not quantizer_sees_each_call(quantizer):
-        return weight  # calibration saw this slice whole before the forwards (refquant.hf.calibrate)
-    return quantizer(weight)
+    return [quantizers[e](parameter[e]) if count else None for e, count in zip(group, counts)]

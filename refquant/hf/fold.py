@@ -76,13 +76,3 @@ def fold_weights(model: nn.Module) -> list[str]:
             folded.append(quantizer_names[id(quantizer)])
     return folded
 
-
-def refuse_folded(model: nn.Module, what: str) -> None:
-    """Raise ValueError when `model`'s weights were folded (fold_weights): `what` needs the masters."""
-    folded = [name for name, q in named_quantizers(model) if getattr(q, "folded", False)]  # older pickles lack it
-    if folded:
-        raise ValueError(
-            f"cannot {what}: the weights of {len(folded)} quantizers (e.g. {folded[0]}) were folded for "
-            "evaluation (rq.fold_weights), so the master weights are gone. Do it before folding, or on a copy "
-            "of the model made before folding."
-        )

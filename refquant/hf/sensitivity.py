@@ -23,9 +23,8 @@ from typing import Any, Iterator, Optional
 
 from torch import nn
 
-from ..quant.quantizer import all_quantizers_off, named_quantizers
+from ..quant.quantizer import all_quantizers_off, named_quantizers, refuse_folded
 from ..quant.recipe import QuantRule, rule_matches
-from .fold import refuse_folded
 from .quality import eval_logits, perplexity, quality_report
 from .report import SensitivityReport, SensitivityRow
 
@@ -115,7 +114,7 @@ def measure_sensitivity(
     logits on `eval_batch` with the original's. Rows come sorted by mean absolute logit error, the
     largest first; `keep` (default: default_keep) of them go into the suggested recipe rules.
     Raises ValueError when no quantizer is enabled or `keep` is out of range."""
-    refuse_folded(model, "measure the sensitivity")  # its original logits need the master weights
+    refuse_folded(named_quantizers(model), "measure the sensitivity")  # its original logits need the master weights
     started = time.perf_counter()
     units = sensitivity_units(model, granularity)
     if not units:

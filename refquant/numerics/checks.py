@@ -189,31 +189,27 @@ def max_abs(x: torch.Tensor) -> torch.Tensor:
     return x.abs().amax(dim=-1).amax()
 
 
-def largest_values(tensors: list[torch.Tensor]) -> list[float]:
-    """float(t.float().max()) of each tensor (NaN where it holds one), read back from each device
-    once: a model's amaxes read one by one would wait for the device once each."""
-    values: list[float] = [0.0] * len(tensors)
+def _each_read_back_once(tensors: list[torch.Tensor], reduce) -> list:
+    """reduce(t), a 0-d tensor, of each tensor as a Python number, read back from each device once:
+    a model's amaxes read one by one would wait for the device once each."""
+    values: list = [None] * len(tensors)
     by_device: dict[torch.device, list[int]] = {}
     for index, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(index)
     for indices in by_device.values():
-        maxima = torch.stack([tensors[i].float().max() if tensors[i].numel() > 1 else tensors[i].float().reshape(())
-                              for i in indices])
-        for i, value in zip(indices, maxima.tolist()):
+        for i, value in zip(indices, torch.stack([reduce(tensors[i]) for i in indices]).tolist()):
             values[i] = value
     return values
 
 
+def largest_values(tensors: list[torch.Tensor]) -> list[float]:
+    """float(t.float().max()) of each tensor (NaN where it holds one), one read back a device."""
+    return _each_read_back_once(tensors, lambda t: t.float().max())
+
+
 def all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every element of every tensor is finite, with one read back per device."""
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
-    for group in by_device.values():
-        flags = torch.stack([torch.isfinite(t).all() if t.numel() > 1 else torch.isfinite(t.reshape(())) for t in group])
-        if not bool(flags.all()):
-            return False
-    return True
+    """Whether every element of every tensor is finite, one read back a device."""
+    return all(_each_read_back_once(tensors, lambda t: torch.isfinite(t).all()))
 
 
 def max_abs_one_kernel(x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import re
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, Iterable, Iterator, Literal, Optional, Union
 
 import torch
 from dataclasses_json import DataClassJsonMixin
@@ -377,12 +377,6 @@ class TensorQuantizer(nn.Module):
         """What this calibration collected so far (None: nothing yet, or not calibrating)."""
         return None if self._calibrator is None else self._calibrator.amax
 
-    def collected_last(self, x: torch.Tensor) -> bool:
-        """Whether this calibration's last collected tensor is x, unchanged since: then a call on x
-        would return x and leave the collected max as it is (max calibration's max of the same
-        values again), so a caller may skip it."""
-        return self._calibrator is not None and not self._quantizing and self._calibrator.last == memory_key(x)
-
     # --- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_enabled or x.numel() == 0:
@@ -568,6 +562,19 @@ def named_quantizers(model: nn.Module) -> list[tuple[str, TensorQuantizer]]:
 def is_weight_quantizer(name: str) -> bool:
     """A weight quantizer, by its full name: `...weight_quantizer`, or an expert's `...weight_quantizers.3`."""
     return name.endswith("weight_quantizer") or re.search(r"weight_quantizers\.\d+$", name) is not None
+
+
+def refuse_folded(quantizers: Iterable[tuple[str, TensorQuantizer]], what: str) -> None:
+    """Raise ValueError, naming `what`, when any of these (name, quantizer) pairs was folded into
+    its weight (refquant.hf.fold.fold_weights): `what` needs the master weights, or would
+    quantize the folded ones twice."""
+    folded = [name for name, q in quantizers if getattr(q, "folded", False)]  # older pickles lack it
+    if folded:
+        raise ValueError(
+            f"cannot {what}: the weights of {len(folded)} quantizers (e.g. {folded[0]}) were folded for "
+            "evaluation (rq.fold_weights), so the master weights are gone. Do it before folding, or on a copy "
+            "of the model made before folding."
+        )
 
 
 @contextmanager

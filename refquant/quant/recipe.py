@@ -32,7 +32,7 @@ from typing import Any, Callable, ClassVar, Optional, Union
 from dataclasses_json import DataClassJsonMixin, config
 from torch import nn
 
-from .quantizer import QuantizerConfig, TensorQuantizer, is_weight_quantizer
+from .quantizer import QuantizerConfig, TensorQuantizer, is_weight_quantizer, refuse_folded
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -476,13 +476,8 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> RecipeApplication:
     top-level name). Returns the names each rule matched and the rules that matched nothing.
     """
     quantizers, parents = _quantizers_and_parents(model)
-    folded = [name for name, quantizer in quantizers if getattr(quantizer, "folded", False)]
-    if folded:  # before any rule: a rule that switches a quantizer off would already change the model
-        raise ValueError(
-            f"cannot apply recipe {recipe.name}: the weights of {len(folded)} quantizers (e.g. {folded[0]}) were "
-            "folded (rq.fold_weights), so a rule that enables them would quantize them twice. Apply it to a "
-            "model that was not folded."
-        )
+    # before any rule: a rule that switches a quantizer off would already change the model
+    refuse_folded(quantizers, f"apply recipe {recipe.name}")
     normalized = {name: fused_expert_form(name) for name, _ in quantizers}
     matches: dict[int, list[str]] = {}
     for index, rule in enumerate(recipe.quant_cfg):

@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 from ...numerics.checks import bad_amax_values
-from ...quant.quantizer import TensorQuantizer, all_quantizers_off, child_quantizer, named_quantizers
+from ...quant.quantizer import TensorQuantizer, all_quantizers_off, child_quantizer, named_quantizers, refuse_folded
 from ..dispatch import execution_device, loaded_weights, require_loaded
-from ..fold import refuse_folded
 from .configs import MODELOPT_FORMAT_VERSION, layer_quant_config
 from .tensors import export_linear_tensors, fp8_scale
 
@@ -330,8 +329,8 @@ def _check_scales_calibrated(model: nn.Module, linears: dict[str, "LinearExport"
 
 def plan_export(model: nn.Module) -> ExportPlan:
     """Compute every tensor and config entry the checkpoint of `model` holds; the model is unchanged."""
-    refuse_folded(model, "export or compress the weights")
     quantizers = dict(named_quantizers(model))
+    refuse_folded(quantizers.items(), "export or compress the weights")
     if not any(q.is_enabled for q in quantizers.values()):
         raise ValueError(
             f"{type(model).__name__} has no enabled quantizer, so there is nothing to export as a "
