@@ -14,7 +14,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from .insert import QuantEmbeddingMixin, QuantLinearMixin, refuse_unsupported_quantizers
+from .insert import enabled_weight_views, refuse_unsupported_quantizers, weight_quantizer_modules
 from .experts import is_quant_experts, synchronize_token_counts
 from .dispatch import execution_device, loaded_weights, require_loaded
 from .placement import is_weight_quantizer
@@ -48,21 +48,10 @@ def _calibrate_weights(model: nn.Module) -> None:
     """modelopt's weight_only_quantize: each enabled weight quantizer sees its weight once, so
     weights calibrate even where the forward never reaches them. Weights accelerate offloaded are
     loaded as their layer's hook loads them around a forward."""
-    for name, module in model.named_modules():
-        if isinstance(module, (QuantLinearMixin, QuantEmbeddingMixin)) and module.weight_quantizer.is_enabled:
-            with loaded_weights(module):
-                module.weight_quantizer(require_loaded(f"{name}.weight", module.weight))
-        elif is_quant_experts(module):
-            _calibrate_expert_weights(name, module)
-
-
-def _calibrate_expert_weights(name: str, module: nn.Module) -> None:
-    """modelopt's iter_weights_for_calibration of the fused experts: each expert's slice through
-    its own weight quantizer (gpt-oss: each whole weight, transposed, through the projection's)."""
-    with loaded_weights(module):
-        for weight, quantizer in module.weights_for_calibration():
-            if quantizer.is_enabled:
-                quantizer(require_loaded(f"{name} expert weights", weight))
+    for name, module in weight_quantizer_modules(model):
+        with loaded_weights(module):
+            for weight_name, view, quantizer in enabled_weight_views(module):
+                quantizer(require_loaded(f"{name}.{weight_name}", view))
 
 
 def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: bool = True) -> tuple[int, int]:

@@ -258,13 +258,14 @@ class QuantFusedExpertsMixin(QuantExpertsMixin):
         """The projection's weight quantizers, applied to a stack of expert slices in one call."""
         return self._refquant_slice_quantizers[projection]
 
-    def weights_for_calibration(self) -> Iterator[tuple[torch.Tensor, TensorQuantizer]]:
-        """modelopt's iter_weights_for_calibration: (expert i's slice, its weight quantizer)."""
+    def weights_for_calibration(self) -> Iterator[tuple[str, torch.Tensor, TensorQuantizer]]:
+        """modelopt's iter_weights_for_calibration: ("projection.i", expert i's slice, its weight
+        quantizer)."""
         for projection in self._refquant_layout.projections:
             weight = getattr(self, projection)
             _, quantizers = self.projection_quantizers(projection)
             for index, quantizer in enumerate(quantizers):
-                yield weight[index], quantizer
+                yield f"{projection}.{index}", weight[index], quantizer
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         on, calibrating = self._quantizers_on_and_calibrating()
@@ -363,10 +364,11 @@ class QuantTransposedExpertsMixin(QuantExpertsMixin):
     def projection_quantizers(self, projection: str) -> tuple[TensorQuantizer, TensorQuantizer]:
         return getattr(self, f"{projection}_input_quantizer"), getattr(self, f"{projection}_weight_quantizer")
 
-    def weights_for_calibration(self) -> Iterator[tuple[torch.Tensor, TensorQuantizer]]:
-        """modelopt's _TransposedExpertsCalibMixin: each whole weight, transposed to (E, out, in)."""
+    def weights_for_calibration(self) -> Iterator[tuple[str, torch.Tensor, TensorQuantizer]]:
+        """modelopt's _TransposedExpertsCalibMixin: (projection, each whole weight transposed to
+        (E, out, in), the projection's weight quantizer)."""
         for projection in self._refquant_layout.projections:
-            yield getattr(self, projection).transpose(-1, -2), self.projection_quantizers(projection)[1]
+            yield projection, getattr(self, projection).transpose(-1, -2), self.projection_quantizers(projection)[1]
 
     def _transposed_weight(self, projection: str) -> torch.Tensor:
         """modelopt's _transposed_quantize: the quantizer sees (E, out, in), contiguous."""

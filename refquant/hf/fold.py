@@ -24,23 +24,16 @@ import torch
 from torch import nn
 
 from .dispatch import require_loaded
-from .experts import is_quant_experts
-from .insert import QuantEmbeddingMixin, QuantLinearMixin
+from .insert import enabled_weight_views, weight_quantizer_modules
 from ..quant.quantizer import TensorQuantizer, named_quantizers
 
 
 def _weights_with_quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, torch.Tensor, TensorQuantizer]]:
-    """(module name, parameter, the view its quantizer sees, that quantizer) of every enabled
-    weight quantizer: a layer's weight, or an expert's slice of a fused weight (or a fused weight
-    transposed, gpt-oss), as calibration passes them (refquant.hf.calibrate)."""
-    for name, module in model.named_modules():
-        if isinstance(module, (QuantLinearMixin, QuantEmbeddingMixin)):
-            if module.weight_quantizer.is_enabled:
-                yield name, module.weight, module.weight, module.weight_quantizer
-        elif is_quant_experts(module):
-            for view, quantizer in module.weights_for_calibration():
-                if quantizer.is_enabled:
-                    yield name, view if view._base is None else view._base, view, quantizer
+    """(weight's name, parameter, the view its quantizer sees, that quantizer) of every enabled
+    weight quantizer, as calibration passes them (refquant.hf.insert.enabled_weight_views)."""
+    for name, module in weight_quantizer_modules(model):
+        for weight_name, view, quantizer in enabled_weight_views(module):
+            yield f"{name}.{weight_name}", view if view._base is None else view._base, view, quantizer
 
 
 def fold_weights(model: nn.Module) -> list[str]:
@@ -59,7 +52,7 @@ def fold_weights(model: nn.Module) -> list[str]:
     for name, parameter, _, quantizer in found:
         if not quantizer.is_quantizing:
             raise ValueError(f"{quantizer_names[id(quantizer)]} is still calibrating; fold weights after calibration.")
-        require_loaded(f"{name}'s weight", parameter)
+        require_loaded(name, parameter)
         if len(owners.get(id(parameter), [])) > 1:
             raise ValueError(
                 f"{' and '.join(owners[id(parameter)])} are one tensor (tied weights); folding the quantized one "

@@ -11,6 +11,7 @@ a recipe turns one on).
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch import nn
 from ..numerics.checks import Flavor
 from . import placement
 from .attention import check_attention_hookable, is_attention_module, quant_attention_class
-from .experts import check_experts_forward, find_experts, force_eager_experts, quant_experts_class
+from .experts import check_experts_forward, find_experts, force_eager_experts, is_quant_experts, quant_experts_class
 from .dispatch import check_forward_rebindable, rebind_forward
 from .swap import quant_class
 from ..quant.quantizer import QuantizerConfig, SharedInputResult, TensorQuantizer, named_quantizers, quantizer_sees_each_call
@@ -111,6 +112,28 @@ def refuse_unsupported_quantizers(model: nn.Module) -> None:
         f"does not quantize {quantizer.reason} as modelopt does, so this model family is not supported. "
         f"Quantize it with modelopt, or leave those layers unquantized with last recipe rules {rules}."
     )
+
+
+def weight_quantizer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every layer or fused-experts module whose weights have weight quantizers."""
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantLinearMixin, QuantEmbeddingMixin)) or is_quant_experts(module):
+            yield name, module
+
+
+def enabled_weight_views(module: nn.Module) -> Iterator[tuple[str, torch.Tensor, TensorQuantizer]]:
+    """(its name in the module, the tensor a weight quantizer sees, that quantizer) for each enabled
+    weight quantizer of a module of weight_quantizer_modules: a layer's weight, or an expert's
+    slice of a fused weight (gpt-oss: each whole weight, transposed), as modelopt's weight
+    calibration passes them. Read them while the weights are loaded (offloaded ones are on the
+    meta device)."""
+    if isinstance(module, (QuantLinearMixin, QuantEmbeddingMixin)):
+        if module.weight_quantizer.is_enabled:
+            yield "weight", module.weight, module.weight_quantizer
+        return
+    for name, view, quantizer in module.weights_for_calibration():
+        if quantizer.is_enabled:
+            yield name, view, quantizer
 
 
 # modelopt's QuantLinear and QuantEmbedding; a subclass of those layers, or a norm, gets its own
