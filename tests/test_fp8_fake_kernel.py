@@ -1,10 +1,11 @@
 """refquant/compiled/fp8_fake_triton.py, the Triton kernel of FP8 fake quant's element step, launched
-by a bound quantizer (refquant.compiled.functions.BoundKernelLaunch) on CUDA.
+by a bound quantizer (refquant.compiled.functions.BoundKernelLaunch) and by rc.fp8_fake_quant with a
+given per-tensor amax, on CUDA.
 
 What must hold: the reference's bits (refquant.fp8_fake_quant on the CPU) for every bf16 and
 fp16 pattern, under every amax regime (ordinary, at and below
-the 2**-24 floor, 448, huge) and both flavors; a calibrated FP8 quantizer's later calls are
-launches of it.
+the 2**-24 floor, 448, huge) and both flavors; a calibrated FP8 quantizer's later calls, and the
+public function's calls with a given amax, are launches of it (and other calls are not).
 """
 
 from __future__ import annotations
@@ -87,3 +88,44 @@ def test_a_calibrated_fp8_quantizers_later_calls_are_launches_of_the_kernel(monk
             y = torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 3
             want = rq.fp8_fake_quant(y.cpu(), quantizer.amax.cpu(), flavor="modelopt-cuda")
             assert_bitexact(quantizer(y).cpu(), want, f"{shape}")
+
+
+@pytest.mark.parametrize("flavor", ["modelopt-cpu", "modelopt-cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fp8_fake_quant_with_a_given_amax_is_one_launch_of_the_kernel_with_the_reference_bits(dtype, flavor, monkeypatch):
+    """rc.fp8_fake_quant(x, amax) on CUDA, bf16 / fp16, a number or a 0-d amax: the kernel, no graph
+    (the graph is made to fail), every pattern, every amax regime, contiguous and a permutation."""
+    monkeypatch.setattr(functions, "_compiled_fp8_fake_quant", lambda *a, **k: pytest.fail("the graph ran"))
+    x = every_16_bit_pattern(dtype).reshape(-1, 64)
+    for amax in AMAXES:
+        want = rq.fp8_fake_quant(x, amax, flavor=flavor)
+        stored = torch.tensor(amax, device="cuda").bfloat16()  # as a bf16 model's quantizer stores it
+        for given, expected in ((amax, want), (torch.tensor(amax, device="cuda"), want),
+                                (stored, rq.fp8_fake_quant(x, stored.cpu(), flavor=flavor))):
+            assert_bitexact(rc.fp8_fake_quant(x.cuda(), given, flavor=flavor).cpu(), expected, f"{dtype}, {flavor}, amax {given!r}")
+        permuted = x.reshape(8, -1, 64).transpose(0, 1)  # the last dim innermost, rows in another order
+        assert_bitexact(rc.fp8_fake_quant(permuted.cuda(), amax, flavor=flavor).cpu(), rq.fp8_fake_quant(permuted, amax, flavor=flavor))
+
+
+def test_fp8_fake_quant_keeps_the_graph_where_the_launch_does_not_apply(monkeypatch):
+    """fp32, an amax from x, a per-column amax, a strided view and a call under autograd go
+    through the compiled reference (the kernel is made to fail), with its bits and its gradient."""
+    from refquant.compiled import fp8_fake_triton
+
+    monkeypatch.setattr(fp8_fake_triton, "fake_quant_kernel", lambda flavor: pytest.fail("the kernel was launched"))
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(1)) * 3
+    cases = {
+        "fp32": (x, 3.0),
+        "amax from x": (x.bfloat16(), None),
+        "per-column amax": (x.bfloat16(), x.abs().amax(dim=0, keepdim=True).bfloat16()),
+        "strided view": (x.bfloat16()[:, ::2], 3.0),
+    }
+    for name, (value, amax) in cases.items():
+        on_gpu = x.bfloat16().cuda()[:, ::2] if name == "strided view" else value.cuda()  # .cuda() of a view is contiguous
+        given = amax.cuda() if isinstance(amax, torch.Tensor) else amax
+        assert_bitexact(rc.fp8_fake_quant(on_gpu, given).cpu(), rq.fp8_fake_quant(value, amax), name)
+    leaf = x.bfloat16().cuda().requires_grad_()
+    out = rc.fp8_fake_quant(leaf, 3.0)
+    out.sum().backward()
+    assert_bitexact(out.detach().cpu(), rq.fp8_fake_quant(x.bfloat16(), 3.0), "under autograd")
+    assert torch.equal(leaf.grad, torch.ones_like(leaf)), "the straight-through gradient"

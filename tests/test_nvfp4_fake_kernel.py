@@ -186,6 +186,31 @@ def test_the_fake_kernel_gives_the_same_bits_launch_after_launch(rows, dtype, of
 
 
 @cuda
+def test_nvfp4_fake_quant_with_a_given_amax_is_one_launch_of_the_kernel_with_the_reference_bits(monkeypatch):
+    """rc.nvfp4_fake_quant(x, amax) on CUDA, bf16 / fp16 rows in memory, a number or a 0-d amax
+    (fp32, or bf16 as a bf16 model's quantizer stores it): the kernel, no graph (the graph is made
+    to fail), every kind of global amax; fp32, an amax from x and a transposed x keep the graph."""
+    from refquant.compiled import functions, nvfp4_fake_triton
+
+    inputs = {name: x for name, x in nvfp4_kernel_inputs().items() if x.dtype != torch.float32 and x.is_contiguous()}
+    assert len(inputs) >= 3
+    with monkeypatch.context() as patch:
+        patch.setattr(functions, "_nvfp4_fake_quant_graph", lambda *a, **k: pytest.fail("the graph ran"))
+        for name, x in inputs.items():
+            for amax in (0.0, 1e-30, 3.0, 2688.0, 3.0e38):
+                stored = torch.tensor(amax).bfloat16()
+                for given, expected in ((amax, rq.nvfp4_fake_quant(x, amax)), (torch.tensor(amax).cuda(), rq.nvfp4_fake_quant(x, amax)),
+                                        (stored.cuda(), rq.nvfp4_fake_quant(x, stored))):
+                    assert_bitexact(rc.nvfp4_fake_quant(x.cuda(), given).cpu(), expected, f"{name}, amax {given!r}")
+    monkeypatch.setattr(nvfp4_fake_triton, "fake_quant_kernel", lambda: pytest.fail("the kernel was launched"))
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(5)) * 3
+    for name, value, amax in (("fp32", x, 3.0), ("amax from x", x.bfloat16(), None)):
+        assert_bitexact(rc.nvfp4_fake_quant(value.cuda(), amax).cpu(), rq.nvfp4_fake_quant(value, amax), name)
+    transposed = x.bfloat16().cuda().t()  # the last dim strided: not rows in memory
+    assert_bitexact(rc.nvfp4_fake_quant(transposed, 3.0).cpu(), rq.nvfp4_fake_quant(x.bfloat16().t(), 3.0), "transposed")
+
+
+@cuda
 def test_the_kernels_reciprocal_is_the_reference_table_for_every_mantissa():
     """The kernel takes R(b) from the GPU's rcp.approx.ftz.f32 (the instruction inside Triton's
     `/`, which modelopt's kernel divides with); the reference takes it from the shipped table,

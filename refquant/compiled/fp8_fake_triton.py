@@ -1,4 +1,5 @@
-"""FP8 fake quantization's element step as one Triton kernel (CUDA only), for a bound quantizer.
+"""FP8 fake quantization's element step as one Triton kernel (CUDA only), for a bound quantizer
+and for refquant.compiled.fp8_fake_quant with a given per-tensor amax.
 
 Why a kernel of our own, when inductor's kernel for the reference's element step already runs at
 0.98 of a device copy: host time. A calibrated FP8 quantizer's call is this one kernel, and
@@ -16,8 +17,8 @@ mul.rn. Then v = fl(fp32(x) * scale), clamped to +-448 (NaN stays NaN: both comp
 for it), rounded to E4M3 (nearest, ties to even: cvt.rn.satfinite), times the inverse scale in
 fp32, rounded to x's dtype. A NaN or infinite amax gives what the reference computes from it.
 tests/test_fp8_fake_kernel.py holds it to the reference bit for bit on CUDA: every bf16 and fp16
-pattern, under every amax regime, both flavors (a bound quantizer launches it for bf16 and fp16
-only; fp32 keeps inductor's kernel).
+pattern, under every amax regime, both flavors (it is launched for bf16 and fp16 only; fp32
+keeps inductor's kernel).
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Each public function here validates its arguments eagerly (cheap host checks; a 
 read back once, see refquant.numerics.checks.as_amax_tensor), presents the compiled graph a
 canonical view of x, calls torch.compile(<the reference function>), and returns what the
 reference returns. Nothing here computes a number: the math is refquant.numerics.fp8 /
-refquant.numerics.nvfp4, once.
+refquant.numerics.nvfp4, once. On CUDA a few calls launch a Triton kernel of ours instead of the
+graph (a fake quant under a given per-tensor amax, NVFP4's block steps, per-slice amaxes): each
+kernel is the reference's step written for the GPU and held to it bit for bit by the CUDA tests.
 
 Shapes: elementwise and per-block work sees x as (rows, last dim), rows marked dynamic, so every
 leading shape (any batch x sequence length, any ndim) shares one graph; the last dim is static on
@@ -184,6 +186,10 @@ def fp8_fake_quant(
     if amax is not None:
         amax = as_amax_tensor(amax, x)
     if axis is None and _is_per_tensor(amax):
+        if _one_launch_takes(x, amax, unit=1):
+            from . import fp8_fake_triton
+
+            return fp8_fake_triton.fake_quant_kernel(flavor)(x, (amax,))
         out = _run(_compiled_fp8_fake_quant, reference_fp8.fp8_fake_quant, _rows(x), amax, axis=None, flavor=flavor)
         return _as_shape_of(out, x)
     if axis is None and _takes_kernel_per_slice(x, amax, BoundKernelLaunch.DTYPES):
@@ -267,6 +273,10 @@ def nvfp4_fake_quant(
             return _fake_quant_slices(nvfp4_fake_triton.fake_quant_kernel(), x, amax)
         return _run(_nvfp4_fake_quant_graph(x, per_slice=True), reference_nvfp4.nvfp4_fake_quant, _own(x), _own(amax),
                     per_slice_amax=True)
+    if _one_launch_takes(x, amax, unit=NVFP4_BLOCK_SIZE):
+        from . import nvfp4_fake_triton
+
+        return nvfp4_fake_triton.fake_quant_kernel()(x, (amax,))
     out = _run(_nvfp4_fake_quant_graph(x), reference_nvfp4.nvfp4_fake_quant, _rows(x), amax)
     return _as_shape_of(out, x)
 
@@ -278,6 +288,20 @@ def _takes_kernel_per_slice(x: torch.Tensor, amax: torch.Tensor, dtypes: tuple) 
     return (x.is_cuda and x.dtype in dtypes and x.is_contiguous() and x.ndim >= 2
             and amax.ndim == x.ndim and amax.shape[0] == amax.numel() == x.shape[0]
             and not (x.requires_grad and torch.is_grad_enabled()))
+
+
+def _one_launch_takes(x: torch.Tensor, amax: torch.Tensor | None, *, unit: int) -> bool:
+    """Whether a fake quant of x under this given per-tensor amax is one launch of the kernel a
+    bound quantizer launches (FP8: fp8_fake_triton.py, unit 1; NVFP4: nvfp4_fake_triton.py, unit
+    16), unbound: CUDA, a dtype the kernel is checked for, an amax of 0 dims in a dtype the
+    quantizers bind. A call then costs a launch's host time (refquant.compiled.triton_launch), not
+    dynamo's guards and inductor's wrapper around the same kernel; the kernels are held to the
+    reference bit for bit on CUDA (tests/test_fp8_fake_kernel.py, tests/test_nvfp4_fake_kernel.py)."""
+    return (amax is not None and amax.ndim == 0 and amax.dtype in _AMAX_DTYPES and x.is_cuda
+            and x.dtype in BoundKernelLaunch.DTYPES and _launch_takes(x, unit))
+
+
+_AMAX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # a quantizer's buffer (x's dtype) or a number's fp32
 
 
 def _fake_quant_slices(kernel: FakeQuantKernel, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
@@ -358,21 +382,26 @@ class BoundKernelLaunch:
         self._kernels: dict[tuple, object] = {}  # FakeQuantKernel.launch_bound's look-ups
 
     def takes(self, x: torch.Tensor) -> bool:
-        return not (
-            x.dtype is not self._dtype
-            or x.get_device() != self._device_index
-            or x.ndim == 0
-            or x.shape[-1] % self._kernel.unit
-            or x.numel() == 0
-            or not (x.is_contiguous() or _rows_in_memory(x))
-            or (x.requires_grad and torch.is_grad_enabled())
-            or torch.compiler.is_compiling()
-        )
+        return x.dtype is self._dtype and x.get_device() == self._device_index and _launch_takes(x, self._kernel.unit)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self.takes(x):
             return None
         return self._kernel.launch_bound(x, self._params, self._device_index, self._kernels)
+
+
+def _launch_takes(x: torch.Tensor, unit: int) -> bool:
+    """Whether one launch of a fake-quant kernel of ours (FakeQuantKernel) takes x as it lies:
+    not 0-d or empty, last dim a multiple of the kernel's unit, rows in memory (_rows_in_memory),
+    outside autograd (no requires_grad under grad mode) and outside torch.compile's tracing."""
+    return not (
+        x.ndim == 0
+        or x.shape[-1] % unit
+        or x.numel() == 0
+        or not (x.is_contiguous() or _rows_in_memory(x))
+        or (x.requires_grad and torch.is_grad_enabled())
+        or torch.compiler.is_compiling()
+    )
 
 
 def _rows_in_memory(x: torch.Tensor) -> bool:
