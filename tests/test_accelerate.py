@@ -197,3 +197,20 @@ def test_compress_weights_refuses_offloaded_weights(tmp_path):
     with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.q_proj \(and 6 more\) keeps its weight "
                        r"offloaded by accelerate.*rq\.load_checkpoint"):
         rq.compress_weights(model)
+
+
+def test_the_weight_pass_loads_only_layers_whose_weight_quantizer_is_on(monkeypatch):
+    """Calibration's pass over the weights loads an offloaded layer around its weight quantizer's
+    call; a layer whose weight quantizer is off (lm_head, embed_tokens under fp8_default) is not
+    loaded for it (a load of the largest tensors, for nothing)."""
+    from refquant.hf import calibrate
+
+    model = cpu_offload(tiny_llama(), execution_device=torch.device("cpu"))
+    loaded = []
+    original = calibrate.loaded_weights
+    monkeypatch.setattr(calibrate, "loaded_weights", lambda module: loaded.append(module) or original(module))
+    rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches(1), progress=False)
+    enabled = {name.rsplit(".", 1)[0] for name, q in named_quantizers(model) if name.endswith(".weight_quantizer") and q.is_enabled}
+    names = {module: name for name, module in model.named_modules()}
+    assert {names[m] for m in loaded} == enabled and len(loaded) == len(enabled)
+    assert "lm_head" not in enabled and "model.embed_tokens" not in enabled

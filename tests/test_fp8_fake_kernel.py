@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cuda, every_16_bit_pattern
+from conftest import cuda, cuda_at_element_offset, every_16_bit_pattern
 
 import refquant as rq
 import refquant.compiled as rc
@@ -97,14 +97,18 @@ def test_fp8_fake_quant_with_a_given_amax_is_one_launch_of_the_kernel_with_the_r
     (the graph is made to fail), every pattern, every amax regime, contiguous and a permutation."""
     monkeypatch.setattr(functions, "_compiled_fp8_fake_quant", lambda *a, **k: pytest.fail("the graph ran"))
     x = every_16_bit_pattern(dtype).reshape(-1, 64)
-    for amax in AMAXES:
+    for amax in AMAXES + (0.0,):
         want = rq.fp8_fake_quant(x, amax, flavor=flavor)
         stored = torch.tensor(amax, device="cuda").bfloat16()  # as a bf16 model's quantizer stores it
         for given, expected in ((amax, want), (torch.tensor(amax, device="cuda"), want),
                                 (stored, rq.fp8_fake_quant(x, stored.cpu(), flavor=flavor))):
             assert_bitexact(rc.fp8_fake_quant(x.cuda(), given, flavor=flavor).cpu(), expected, f"{dtype}, {flavor}, amax {given!r}")
         permuted = x.reshape(8, -1, 64).transpose(0, 1)  # the last dim innermost, rows in another order
-        assert_bitexact(rc.fp8_fake_quant(permuted.cuda(), amax, flavor=flavor).cpu(), rq.fp8_fake_quant(permuted, amax, flavor=flavor))
+        out = rc.fp8_fake_quant(permuted.cuda(), amax, flavor=flavor)
+        assert out.stride() == permuted.stride(), "x's strides, as the reference keeps them"
+        assert_bitexact(out.cpu(), rq.fp8_fake_quant(permuted, amax, flavor=flavor), f"permuted, amax {amax}")
+        unaligned = cuda_at_element_offset(x, 1)  # a 2-byte address: another specialization of the kernel
+        assert_bitexact(rc.fp8_fake_quant(unaligned, amax, flavor=flavor).cpu(), want, f"unaligned, amax {amax}")
 
 
 def test_fp8_fake_quant_keeps_the_graph_where_the_launch_does_not_apply(monkeypatch):

@@ -194,6 +194,8 @@ def test_nvfp4_fake_quant_with_a_given_amax_is_one_launch_of_the_kernel_with_the
 
     inputs = {name: x for name, x in nvfp4_kernel_inputs().items() if x.dtype != torch.float32 and x.is_contiguous()}
     assert len(inputs) >= 3
+    shuffled = inputs["shuffled"]
+    inputs["permuted"] = shuffled.reshape(2, -1, shuffled.shape[-1]).transpose(0, 1)  # rows in memory, another order
     with monkeypatch.context() as patch:
         patch.setattr(functions, "_nvfp4_fake_quant_graph", lambda *a, **k: pytest.fail("the graph ran"))
         for name, x in inputs.items():
@@ -201,7 +203,9 @@ def test_nvfp4_fake_quant_with_a_given_amax_is_one_launch_of_the_kernel_with_the
                 stored = torch.tensor(amax).bfloat16()
                 for given, expected in ((amax, rq.nvfp4_fake_quant(x, amax)), (torch.tensor(amax).cuda(), rq.nvfp4_fake_quant(x, amax)),
                                         (stored.cuda(), rq.nvfp4_fake_quant(x, stored))):
-                    assert_bitexact(rc.nvfp4_fake_quant(x.cuda(), given).cpu(), expected, f"{name}, amax {given!r}")
+                    out = rc.nvfp4_fake_quant(x.cuda(), given)
+                    assert out.stride() == x.stride(), f"{name}: x's strides, as the reference keeps them"
+                    assert_bitexact(out.cpu(), expected, f"{name}, amax {given!r}")
     monkeypatch.setattr(nvfp4_fake_triton, "fake_quant_kernel", lambda: pytest.fail("the kernel was launched"))
     x = torch.randn(32, 64, generator=torch.Generator().manual_seed(5)) * 3
     for name, value, amax in (("fp32", x, 3.0), ("amax from x", x.bfloat16(), None)):

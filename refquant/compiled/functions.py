@@ -24,7 +24,7 @@ import torch
 
 from ..numerics import fp8 as reference_fp8
 from ..numerics import nvfp4 as reference_nvfp4
-from ..numerics.checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input
+from ..numerics.checks import AmaxLike, Flavor, as_amax_tensor, check_flavor, check_float_input, is_valid_amax_value
 from ..numerics.formats import NVFP4_BLOCK_SIZE
 from ..numerics.gpu_division import reciprocal_table
 from ..numerics.straight_through import straight_through
@@ -184,7 +184,7 @@ def fp8_fake_quant(
     check_flavor(flavor)
     check_float_input(x)
     if amax is not None:
-        amax = as_amax_tensor(amax, x)
+        amax = _given_amax(amax, x)
     if axis is None and _is_per_tensor(amax):
         if _one_launch_takes(x, amax, unit=1):
             from . import fp8_fake_triton
@@ -264,7 +264,7 @@ def nvfp4_fake_quant(
     check_flavor(flavor)
     check_float_input(x)
     if amax is not None:
-        amax = as_amax_tensor(amax, x)
+        amax = _given_amax(amax, x)
     if per_slice_amax and not _is_per_tensor(amax) and amax.numel() != 1:
         # one global amax per slice (a stack of expert weights)
         if _takes_triton_block_step(x) and _takes_kernel_per_slice(x, amax, BoundKernelLaunch.DTYPES):
@@ -298,10 +298,19 @@ def _one_launch_takes(x: torch.Tensor, amax: torch.Tensor | None, *, unit: int) 
     dynamo's guards and inductor's wrapper around the same kernel; the kernels are held to the
     reference bit for bit on CUDA (tests/test_fp8_fake_kernel.py, tests/test_nvfp4_fake_kernel.py)."""
     return (amax is not None and amax.ndim == 0 and amax.dtype in _AMAX_DTYPES and x.is_cuda
-            and x.dtype in BoundKernelLaunch.DTYPES and _launch_takes(x, unit))
+            and x.dtype in BoundKernelLaunch.DTYPES and _launch_takes(x, unit)
+            and not (amax.requires_grad and torch.is_grad_enabled()))
 
 
 _AMAX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # a quantizer's buffer (x's dtype) or a number's fp32
+
+
+def _given_amax(amax: AmaxLike, x: torch.Tensor) -> torch.Tensor:
+    """as_amax_tensor(amax, x), where a valid number on CUDA is the one fp32 tensor of its value
+    kept per device (_constant_amax): not a fill, a launch of its own, on every call."""
+    if x.is_cuda and isinstance(amax, (int, float)) and not isinstance(amax, bool) and is_valid_amax_value(amax):
+        return _constant_amax(float(amax), x.device)
+    return as_amax_tensor(amax, x)
 
 
 def _fake_quant_slices(kernel: FakeQuantKernel, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
@@ -441,7 +450,8 @@ def _bound_kernel_launch(format: str, x: torch.Tensor, amax: torch.Tensor, flavo
 @functools.lru_cache(maxsize=64)
 def _constant_amax(value: float, device: torch.device) -> torch.Tensor:
     """One fp32 0-d tensor per constant amax (448 for the cast KV modes) and device, shared by
-    every binding of it: what as_amax_tensor makes of the number, made once."""
+    every binding of it and every call given that number: what as_amax_tensor makes of the
+    number, made once. Only read, never written."""
     return torch.full((), value, dtype=torch.float32, device=device)
 
 

@@ -52,6 +52,10 @@ torch (the fast kernel launch):
   - torch._C._cuda_getCurrentRawStream(device), torch._C._cuda_getDevice(),
     torch.cuda._DeviceGuard(device): what Triton's own launch reads and sets, without the
     Python layers of torch.cuda.current_stream / torch.cuda.device.
+torch (the alignment test of a launch, triton_launch.starts_aligned):
+  - torch._subclasses.fake_tensor.is_fake(x): a tensor of torch.compile's tracing, which has no
+    address (torch 2.13 warns on its data_ptr(), torch 2.11 raises). Missing: False, and the
+    caller asks the tensor itself.
 torch (the public path of every compiled function; refquant.compiled needs them, no fallback):
   - torch._inductor.config: the names of the options in options.py, read with hasattr.
   - torch._dynamo.config.patch(recompile_limit=...) (torch without a per-function limit).
@@ -267,6 +271,16 @@ def launch_compiled_kernel(compiled: Any, programs: int, device: int, arguments:
     else:
         compiled.run(programs, 1, 1, launcher.raw_stream(device), compiled.function, compiled.packed_metadata,
                      None, None, None, *arguments)
+
+
+def is_fake(x: torch.Tensor) -> bool:
+    """Whether x is a tensor of torch.compile's tracing (a FakeTensor, or a functional tensor
+    around one): no memory, no address. False where torch has no such function."""
+    try:
+        from torch._subclasses.fake_tensor import is_fake as fake
+    except ImportError:
+        return False
+    return bool(fake(x))
 
 
 def stream_capturing(device: int) -> bool:

@@ -23,7 +23,6 @@ calls are in refquant.compiled.private_api, and nowhere else.
 from __future__ import annotations
 
 import inspect
-import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -57,14 +56,12 @@ def starts_aligned(x: torch.Tensor, alignment: int) -> bool:
     storage need not start aligned, e.g. one made by torch.frombuffer). Under torch.compile's
     tracing x is a fake tensor with no address: then its storage offset decides, as inductor
     decides which inputs it may assume aligned (torch's allocators align a storage's start)."""
-    with warnings.catch_warnings():
-        # torch 2.13 warns for a fake tensor (its address is its offset from 0: the same answer);
-        # torch 2.11 raises
-        warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor", UserWarning)
-        try:
-            address = x.data_ptr()
-        except RuntimeError:  # a fake tensor (FakeTensor, FunctionalTensor): no memory to point at
-            return x.storage_offset() * x.element_size() % alignment == 0
+    if private_api.is_fake(x):
+        return x.storage_offset() * x.element_size() % alignment == 0
+    try:
+        address = x.data_ptr()
+    except RuntimeError:  # another tensor without memory to point at
+        return x.storage_offset() * x.element_size() % alignment == 0
     return address % alignment == 0
 
 

@@ -115,10 +115,12 @@ def refuse_unsupported_quantizers(model: nn.Module) -> None:
 
 
 def weight_quantizer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) of every layer or fused-experts module whose weights have weight quantizers."""
+    """(name, module) of every layer or fused-experts module with an enabled weight quantizer
+    (asked without loading an offloaded module's weights: a view of a meta tensor is enough)."""
     for name, module in model.named_modules():
         if isinstance(module, (QuantLinearMixin, QuantEmbeddingMixin)) or is_quant_experts(module):
-            yield name, module
+            if next(enabled_weight_views(module), None) is not None:
+                yield name, module
 
 
 def enabled_weight_views(module: nn.Module) -> Iterator[tuple[str, torch.Tensor, TensorQuantizer]]:
