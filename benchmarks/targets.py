@@ -13,8 +13,10 @@ settings make a target meaningless (not 48 calibration batches, the fast launch 
 compiled row, modelopt without its FP8 CUDA extension for the targets that compare with it).
 Each speed target is a ratio within one run (to its plain forward, its plain calibration, its
 device copy, or modelopt's forward); the bits rows say whether each variant's amaxes and logits
-equal modelopt's (the fallback's also the compiled run's). The cards are printed with the table:
-ratios differ between an H100 and an H200. Nothing here asserts a time.
+equal modelopt's (the fallback's also the compiled run's). A forward target notes which of its
+forwards were host-bound (host time at least 0.9 of the forward's): their ratio is the host's
+speed at that moment as much as refquant's. The cards are printed with the table: ratios differ
+between an H100 and an H200. Nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Target:
     name: str
     limit: str  # "<= 1.08", ">= 2.5", "> 1.0" or "== 1" (bits: 1 when equal, 0 when not)
     value: Optional[float]  # None: not measured in these runs
+    note: str = ""  # e.g. which of the compared forwards the host set the pace of
 
     @property
     def met(self) -> Optional[bool]:
@@ -91,6 +94,22 @@ def _first_forward_over_steady_s(row: Optional[dict]) -> Optional[float]:
     return None if not warm_up else (warm_up[0] - row["forward"]["median_ms"]) / 1e3
 
 
+HOST_BOUND_SHARE = 0.9  # a forward whose host time is at least this share of its time is host-bound
+
+
+def _host_bound(**rows: Optional[dict]) -> str:
+    """Which of the compared forwards were host-bound (the host issued them about as slowly as the
+    GPU ran them, so their time is the host's speed at that moment): "compiled host-bound (20.0
+    of 20.6 ms)", or "" when none was."""
+    notes = []
+    for label, row in rows.items():
+        forward = {} if row is None else row["forward"]
+        host, median = forward.get("host_ms"), forward.get("median_ms")
+        if host is not None and median and host >= HOST_BOUND_SHARE * median:
+            notes.append(f"{label} host-bound ({host:.1f} of {median:.1f} ms)")
+    return "; ".join(notes)
+
+
 def _same_bits(row: Optional[dict], key: str) -> Optional[float]:
     """1.0 when the row's comparison `key` (vs_modelopt, vs_compiled) found every amax and logit
     equal, 0.0 when not, None when there was none."""
@@ -117,20 +136,21 @@ def ptq_targets(run: Run, shape: str) -> list[Target]:
         modelopt = run.rows.get((recipe, "modelopt")) if modelopt_best else None
         name = f"{shape} {short}:"
         targets.append(Target(f"{name} compiled forward / plain", "<= 1.08" if large else "<= 1.15",
-                              _ratio(_forward_ms(compiled), _forward_ms(plain))))
+                              _ratio(_forward_ms(compiled), _forward_ms(plain)), _host_bound(compiled=compiled, plain=plain)))
         if not large:
             targets.append(Target(f"{name} modelopt forward / compiled forward", ">= 2.5",
-                                  _ratio(_forward_ms(modelopt), _forward_ms(compiled))))
+                                  _ratio(_forward_ms(modelopt), _forward_ms(compiled)),
+                                  _host_bound(modelopt=modelopt, compiled=compiled)))
         targets += [
             Target(f"{name} calibration / plain forwards ({CALIBRATION_BATCHES} batches)", "<= 1.10",
                    _ratio(_calibration_s(compiled), _calibration_s(plain)) if full else None),
             Target(f"{name} first forward after calibration - steady, s", "<= 2.0", _first_forward_over_steady_s(compiled)),
             Target(f"{name} fast launch off, forward / plain", "<= 1.15" if large else "<= 2.0",
-                   _ratio(_forward_ms(fallback), _forward_ms(plain))),
+                   _ratio(_forward_ms(fallback), _forward_ms(plain)), _host_bound(**{"fast launch off": fallback, "plain": plain})),
             Target(f"{name} modelopt forward / fast launch off forward", "> 1.0",
-                   _ratio(_forward_ms(modelopt), _forward_ms(fallback))),
+                   _ratio(_forward_ms(modelopt), _forward_ms(fallback)), _host_bound(modelopt=modelopt, **{"fast launch off": fallback})),
             Target(f"{name} (extra) folded forward / plain", "<= 1.08" if large else "<= 1.15",
-                   _ratio(_forward_ms(folded), _forward_ms(plain))),
+                   _ratio(_forward_ms(folded), _forward_ms(plain)), _host_bound(folded=folded, plain=plain)),
             Target(f"{name} bits: compiled = modelopt (amax, logits)", "== 1", _same_bits(compiled, "vs_modelopt")),
             Target(f"{name} bits: folded = modelopt", "== 1", _same_bits(folded, "vs_modelopt")),
             Target(f"{name} bits: fast launch off = modelopt", "== 1", _same_bits(fallback, "vs_modelopt")),
@@ -176,11 +196,12 @@ def evaluate(folders: list[Path]) -> tuple[str, list[Target]]:
 
 
 def format_table(card: str, targets: list[Target]) -> str:
-    lines = [f"{card}: each value a ratio within one run", "", "| target | limit | value | met |", "| --- | --- | --- | --- |"]
+    lines = [f"{card}: each value a ratio within one run", "", "| target | limit | value | met | note |",
+             "| --- | --- | --- | --- | --- |"]
     for target in targets:
         value = "not measured" if target.value is None else f"{target.value:.3f}"
         met = {None: "-", True: "yes", False: "no"}[target.met]
-        lines.append(f"| {target.name} | {target.limit} | {value} | {met} |")
+        lines.append(f"| {target.name} | {target.limit} | {value} | {met} | {target.note} |")
     return "\n".join(lines)
 
 

@@ -81,3 +81,21 @@ def test_what_is_missing_cut_short_or_run_otherwise_is_not_measured(tmp_path):
     assert by_name["small fp8_default: compiled forward / plain"].value is not None
     path.write_text(path.read_text()[:100])  # cut short while written
     assert all(t.value is None for t in targets.evaluate([folder])[1])
+
+
+def test_a_forward_target_says_which_of_its_forwards_were_host_bound(tmp_path):
+    """The kept targets run: the 0.6B rows met a slow host (each quantized forward's host time
+    near its time), the 6.7B rows are GPU-bound; the note says so, from the JSON's host times."""
+    small = _run_folder(tmp_path / "a", small="ptq_gpu_small_h100_2026-12-06_targets.json")
+    large = _run_folder(tmp_path / "b", large="ptq_gpu_large_h100_2026-12-06_targets.json")
+    by_name = _by_name([small, large])
+    rows = {(r["recipe"], r["variant"]): r["forward"] for r in json.loads((small / "small" / "ptq_gpu.json").read_text())["rows"]}
+    compiled = rows[("fp8_default-fp8_kv", "compiled")]
+    assert compiled["host_ms"] >= targets.HOST_BOUND_SHARE * compiled["median_ms"]
+    note = by_name["small fp8_default: compiled forward / plain"].note
+    assert note == f"compiled host-bound ({compiled['host_ms']:.1f} of {compiled['median_ms']:.1f} ms)"
+    assert "plain" not in note  # the plain forward's host time (6.0 of 11.2 ms) was not
+    assert by_name["large fp8_default: compiled forward / plain"].note == ""
+    assert by_name["large fp8_default: bits: compiled = modelopt (amax, logits)"].note == ""
+    table = targets.format_table("card", list(by_name.values()))
+    assert f"| {note} |" in table
