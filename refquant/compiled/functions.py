@@ -307,8 +307,10 @@ _AMAX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # a quantizer's b
 
 def _given_amax(amax: AmaxLike, x: torch.Tensor) -> torch.Tensor:
     """as_amax_tensor(amax, x), where a valid number on CUDA is the one fp32 tensor of its value
-    kept per device (_constant_amax): not a fill, a launch of its own, on every call."""
-    if x.is_cuda and isinstance(amax, (int, float)) and not isinstance(amax, bool) and is_valid_amax_value(amax):
+    kept per device (_constant_amax): not a fill, a launch of its own, on every call. Inside a
+    user's torch.compile the fill stays (it becomes part of their graph)."""
+    if (x.is_cuda and isinstance(amax, (int, float)) and not isinstance(amax, bool) and is_valid_amax_value(amax)
+            and not torch.compiler.is_compiling()):
         return _constant_amax(float(amax), x.device)
     return as_amax_tensor(amax, x)
 
