@@ -56,13 +56,12 @@ def starts_aligned(x: torch.Tensor, alignment: int) -> bool:
     storage need not start aligned, e.g. one made by torch.frombuffer). Under torch.compile's
     tracing x is a fake tensor with no address: then its storage offset decides, as inductor
     decides which inputs it may assume aligned (torch's allocators align a storage's start)."""
-    if private_api.is_fake(x):
-        return x.storage_offset() * x.element_size() % alignment == 0
-    try:
-        address = x.data_ptr()
-    except RuntimeError:  # another tensor without memory to point at
-        return x.storage_offset() * x.element_size() % alignment == 0
-    return address % alignment == 0
+    if not private_api.is_fake(x):
+        try:
+            return x.data_ptr() % alignment == 0
+        except RuntimeError:  # another tensor without memory to point at
+            pass
+    return x.storage_offset() * x.element_size() % alignment == 0
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

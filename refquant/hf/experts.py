@@ -318,7 +318,6 @@ class QuantFusedExpertsMixin(QuantExpertsMixin):
         self._bypassed(calls, hidden_states.shape[0] if hidden_states.dim() else 0)
         return output
 
-
     def _grouped_expert_weights(self, parameters: dict[str, torch.Tensor]):
         """expert_weight(projection, index, weight): expert `index`'s slice `weight` through its
         weight quantizer. Where that is exact (SliceQuantizers), the slices of a group of

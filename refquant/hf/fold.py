@@ -62,10 +62,6 @@ def fold_weights(model: nn.Module) -> list[str]:
     with torch.no_grad():
         for _, _, view, quantizer in found:
             view.copy_(quantizer(view.contiguous()))
-    folded = []
     for _, _, _, quantizer in found:
-        if not quantizer.folded:
-            quantizer.mark_folded()
-            folded.append(quantizer_names[id(quantizer)])
-    return folded
-
+        quantizer.mark_folded()
+    return [quantizer_names[id(quantizer)] for _, _, _, quantizer in found]

@@ -460,12 +460,15 @@ def rule_matches(rule: QuantRule, name: str, parent: nn.Module | None, parent_cl
     return isinstance(parent, parent_class)
 
 
-def _quantizers_and_parents(model: nn.Module) -> tuple[list[tuple[str, TensorQuantizer]], dict[str, nn.Module]]:
-    """named_quantizers(model), and each one's parent module (`a.b` for `a.b.c`; the model for a
-    top-level name), from one walk over the modules."""
+def _quantizers_and_parents(
+    model: nn.Module,
+) -> tuple[list[tuple[str, TensorQuantizer]], dict[str, nn.Module], dict[str, str]]:
+    """named_quantizers(model), each one's parent module (`a.b` for `a.b.c`; the model for a
+    top-level name) from one walk over the modules, and each name's fused_expert_form."""
     modules = dict(model.named_modules())
     quantizers = [(name, module) for name, module in modules.items() if isinstance(module, TensorQuantizer)]
-    return quantizers, {name: modules[name.rpartition(".")[0]] for name, _ in quantizers}
+    parents = {name: modules[name.rpartition(".")[0]] for name, _ in quantizers}
+    return quantizers, parents, {name: fused_expert_form(name) for name, _ in quantizers}
 
 
 def apply_recipe(model: nn.Module, recipe: Recipe) -> RecipeApplication:
@@ -475,10 +478,9 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> RecipeApplication:
     an enable-only rule flips on/off. The parent of `a.b.c` is the module `a.b` (the model for a
     top-level name). Returns the names each rule matched and the rules that matched nothing.
     """
-    quantizers, parents = _quantizers_and_parents(model)
+    quantizers, parents, normalized = _quantizers_and_parents(model)
     # before any rule: a rule that switches a quantizer off would already change the model
     refuse_folded(quantizers, f"apply recipe {recipe.name}")
-    normalized = {name: fused_expert_form(name) for name, _ in quantizers}
     matches: dict[int, list[str]] = {}
     for index, rule in enumerate(recipe.quant_cfg):
         where = f"{recipe.name} quant_cfg[{index}] ({rule.origin or rule.quantizer_name})"
@@ -517,8 +519,7 @@ def check_application(application: RecipeApplication, model: nn.Module) -> list[
         recipe asks for quantization and would quantize no weight.
     Returns one line for each other enabling rule that matched nothing (a rule for another family).
     """
-    quantizers, parents = _quantizers_and_parents(model)
-    normalized = {name: fused_expert_form(name) for name, _ in quantizers}
+    quantizers, parents, normalized = _quantizers_and_parents(model)
     words = {word for name, _ in quantizers for word in _WORD.findall(name)}
     components = {part for name, _ in quantizers for part in name.split(".")}
     recipe = application.recipe
