@@ -253,18 +253,19 @@ def test_transformers_eager_experts_forward_is_the_one_refquants_loop_reproduces
     assert classes and all(experts_loop.runs_eager_forward(cls) for cls in classes), classes
 
 
-@pytest.mark.parametrize("family,recipe,experts_per_group", [
-    ("qwen3_moe_top4", "nvfp4_default-fp8_kv", 8), ("qwen3_moe_top4", "fp8_default-fp8_cast_kv", 3),
-    ("qwen3_moe_top4", "nvfp4_default-fp8_cast_kv", 5),
-    ("mixtral", "fp8_default-fp8_kv", 8), ("deepseek_v3", "nvfp4_default-fp8_kv", 1), ("olmoe", "fp8_default-fp8_kv", 3),
+@pytest.mark.parametrize("family,recipe,group_rows", [
+    ("qwen3_moe_top4", "nvfp4_default-fp8_kv", 10**9), ("qwen3_moe_top4", "fp8_default-fp8_cast_kv", 40),
+    ("qwen3_moe_top4", "nvfp4_default-fp8_cast_kv", 7),
+    ("mixtral", "fp8_default-fp8_kv", 10**9), ("deepseek_v3", "nvfp4_default-fp8_kv", 1), ("olmoe", "fp8_default-fp8_kv", 40),
 ])
-def test_experts_loop_calibrates_and_quantizes_with_the_per_expert_calls_bits(family, recipe, experts_per_group, monkeypatch):
+def test_experts_loop_calibrates_and_quantizes_with_the_per_expert_calls_bits(family, recipe, group_rows, monkeypatch):
     """refquant's experts loop (tokens found by one sort, elementwise steps and the shared input
-    quantizers over a group of experts' rows, weights quantized a group at a time) against
-    modelopt's order of work: the same amaxes and token counts after calibration, the same logits
-    quantized, and the same logits with every quantizer off, bit for bit."""
+    quantizers over a group of experts' rows, groups of at most group_rows rows: one group, some,
+    every expert alone) against modelopt's order of work: the same amaxes and token counts after
+    calibration, the same logits quantized, and the same logits with every quantizer off, bit for
+    bit."""
     batches, eval_batch = mc.default_batches()
-    monkeypatch.setattr(experts_loop, "experts_per_group", lambda module: experts_per_group)
+    monkeypatch.setattr(experts_loop, "rows_per_group", lambda module, hidden_states: group_rows)
     model = mc.build_model(family)
     per_expert = copy.deepcopy(model)
     rq.quantize_model(model, rq.load_recipe(recipe), batches, progress=False)
@@ -347,7 +348,7 @@ def test_experts_loop_calls_a_watched_or_dynamic_quantizer_once_per_expert_as_mo
     assert seen == [2, 2, 1, 1]  # experts 0..3 received 2, 2, 1 and 1 rows
 
 
-def test_experts_loop_groups_as_many_experts_as_the_byte_budget_holds():
+def test_swapped_forward_groups_as_many_experts_as_the_byte_budget_holds():
     model = mc.build_model("qwen3_moe")
     experts = next(m for m in model.modules() if experts_module.experts_layout("", m) is not None)
     per_expert = (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) * 2  # bf16
@@ -356,6 +357,27 @@ def test_experts_loop_groups_as_many_experts_as_the_byte_budget_holds():
         big = nn.Parameter(torch.empty(2, experts_loop.GROUP_BYTES, 1, dtype=torch.bfloat16), requires_grad=False)
     experts.gate_up_proj = big
     assert experts_loop.experts_per_group(experts) == 1  # never fewer than one
+
+
+def test_experts_loop_groups_consecutive_experts_within_the_row_budget():
+    model = mc.build_model("qwen3_moe")
+    experts = next(m for m in model.modules() if experts_module.experts_layout("", m) is not None)
+    hidden = torch.empty(3, model.config.hidden_size, dtype=torch.bfloat16)
+    inner = experts.down_proj.shape[-1]
+    row_bytes = (2 * model.config.hidden_size + 3 * inner) * 2  # input, gate_up, activation, down: bf16
+    assert experts_loop.rows_per_group(experts, hidden) == experts_loop.GROUP_ROW_BYTES // row_bytes
+    assert experts_loop.rows_per_group(experts, hidden.float()) == experts_loop.GROUP_ROW_BYTES // (2 * row_bytes)
+    groups = experts_loop.expert_groups
+    assert groups([3, 0, 2, 5, 1, 0], 5) == [range(0, 3), range(3, 4), range(4, 6)]
+    assert groups([9, 1, 1], 5) == [range(0, 1), range(1, 3)]  # an expert over the budget: alone
+    assert groups([0, 0, 0], 5) == [range(0, 3)]
+    assert groups([2, 2, 2], 1) == [range(0, 1), range(1, 2), range(2, 3)]
+    counts = [int(c) for c in torch.randint(0, 9, (50,), generator=torch.Generator().manual_seed(0))]
+    for rows in (1, 4, 9, 30, 10**6):
+        found = groups(counts, rows)
+        assert [e for g in found for e in g] == list(range(50))  # every expert once, in order
+        assert all(sum(counts[e] for e in g) <= rows or sum(counts[e] > 0 for e in g) == 1 for g in found)
+        assert all(sum(counts[e] for e in a) + counts[b.start] > rows for a, b in zip(found, found[1:]))  # none could grow
 
 
 def test_experts_loop_of_no_tokens_is_the_eager_loops_empty_result(monkeypatch):

@@ -27,11 +27,12 @@ What changes:
   rows are split (ROWS_INDEPENDENT): a fixed per-tensor amax quantizes row by row (FP8 by element,
   NVFP4 by blocks along the row), and max calibration's max is the same over any split. Otherwise
   it is called on each expert's rows, as the eager loop calls it;
-- each projection's weights are fake-quantized a group of experts at a time
-  (refquant.quant.quantizer.SliceQuantizers), where that is exact, else expert by expert;
-  groups of at most GROUP_BYTES of weights bound the memory this takes (while calibrating each
-  expert's slice goes through its own quantizer, whose calibrator skips a slice it collected
-  already, unchanged since).
+- each expert's weight slice goes through its own quantizer just before its F.linear, as in the
+  eager loop, and only for experts that received rows (one expert's quantized weight at a time:
+  on a GPU a calibrated quantizer's call is one kernel launch; while calibrating, its calibrator
+  skips a slice it collected already, unchanged since);
+- groups hold at most GROUP_ROW_BYTES of rows through the two projections (consecutive experts;
+  one expert alone may hold more), which bounds the memory the elementwise steps take.
 tests/test_experts.py holds it to the eager loop with the quantizers at each F.linear bit for bit.
 """
 
@@ -78,8 +79,8 @@ def forward(
     return final_hidden_states
 '''
 
-# The fake-quantized weights a group of experts may hold at once (a group's weights are quantized
-# in one call and its rows go through the elementwise steps together): 8 experts of a
+# The fake-quantized weights a group of experts may hold at once in the swapped F.linear forward
+# (refquant.hf.experts: a group's weights are quantized in one call): 8 experts of a
 # Qwen3-30B-A3B-sized layer, one of DeepSeek-V3's (modelopt holds one expert's at a time).
 GROUP_BYTES = 80 * 2**20
 
@@ -91,6 +92,33 @@ def experts_per_group(module: nn.Module) -> int:
                   if isinstance(p, torch.Tensor)]  # the fused layouts' 3-D weights, gated or not
     per_expert = sum(p.numel() // p.shape[0] * p.element_size() for p in parameters)
     return max(1, GROUP_BYTES // max(per_expert, 1))
+
+
+# The rows a group of experts takes through its two projections at once (each row's input, the
+# first projection's output, the activation and the second projection's output): about 10 experts'
+# rows of a Qwen3-30B-A3B-sized layer routed 4096 tokens at top-8 (the eager loop holds one expert's).
+GROUP_ROW_BYTES = 64 * 2**20
+
+
+def rows_per_group(module: nn.Module, hidden_states: torch.Tensor) -> int:
+    """How many rows a group of experts may hold: GROUP_ROW_BYTES over one row's bytes through the
+    projections, at least one."""
+    inner = module.down_proj.shape[-1]  # EAGER_FORWARD's experts are gated: gate_up_proj gives 2 * inner
+    width = 2 * hidden_states.shape[-1] + 3 * inner
+    return max(1, GROUP_ROW_BYTES // (width * hidden_states.element_size()))
+
+
+def expert_groups(counts: list[int], rows: int) -> list[range]:
+    """Consecutive experts in groups of at most `rows` rows (counts[e]: expert e's rows); an
+    expert with more rows than that is the only one of its group with rows."""
+    groups, first, held = [], 0, 0
+    for expert, count in enumerate(counts):
+        if held and held + count > rows:
+            groups.append(range(first, expert))
+            first, held = expert, 0
+        held += count
+    groups.append(range(first, len(counts)))
+    return groups
 
 
 @functools.lru_cache(maxsize=None)
@@ -157,10 +185,8 @@ def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: to
     down_input_q, _ = module.projection_quantizers("down_proj")
     down_per_expert = not rows_independent(down_input_q)
     output = torch.zeros_like(hidden_states)
-    size = experts_per_group(module)
-    for first in range(0, experts, size):
-        _group(module, routing, hidden_states, first_input_q, down_input_q, down_per_expert,
-               range(first, min(first + size, experts)), output)
+    for group in expert_groups(routing.counts, rows_per_group(module, hidden_states)):
+        _group(module, routing, hidden_states, first_input_q, down_input_q, down_per_expert, group, output)
     return output
 
 
@@ -191,19 +217,13 @@ def _projection(module: nn.Module, projection: str, x: torch.Tensor, input_q: Op
                 group: range, counts: list[int]) -> torch.Tensor:
     """F.linear of each expert's rows of x (counts[i] rows for expert group[i], in order) with
     its weight, each through its quantizers (input_q None: x is quantized already), the results
-    in x's row order."""
-    weights = _expert_weights(module, projection, group, counts)
-    pieces = [F.linear(rows if input_q is None else input_q(rows), weight)
-              for rows, weight, count in zip(x.split(counts), weights, counts) if count]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-
-def _expert_weights(module: nn.Module, projection: str, group: range, counts: list[int]) -> list[Optional[torch.Tensor]]:
-    """Each expert's weight slice after its quantizer, for the experts of `group` that have rows
-    (None for the others: the eager loop never calls their quantizers)."""
+    in x's row order. An expert without rows is skipped, its quantizers not called, as in the
+    eager loop."""
     parameter = getattr(module, projection)
-    stacked = module.slice_quantizers(projection)(parameter[group.start:group.stop], first=group.start)
-    if stacked is not None:
-        return list(stacked.unbind(0))
-    _, quantizers = module.projection_quantizers(projection)
-    return [quantizers[e](parameter[e]) if count else None for e, count in zip(group, counts)]
+    _, weight_quantizers = module.projection_quantizers(projection)
+    pieces = []
+    for expert, rows in zip(group, x.split(counts)):
+        if rows.shape[0]:  # the input's quantizer, then the weight's, as modelopt's F.linear calls them
+            rows = rows if input_q is None else input_q(rows)
+            pieces.append(F.linear(rows, weight_quantizers[expert](parameter[expert])))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
