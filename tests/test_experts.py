@@ -368,16 +368,20 @@ def test_experts_loop_groups_consecutive_experts_within_the_row_budget():
     assert experts_loop.rows_per_group(experts, hidden) == experts_loop.GROUP_ROW_BYTES // row_bytes
     assert experts_loop.rows_per_group(experts, hidden.float()) == experts_loop.GROUP_ROW_BYTES // (2 * row_bytes)
     groups = experts_loop.expert_groups
-    assert groups([3, 0, 2, 5, 1, 0], 5) == [range(0, 3), range(3, 4), range(4, 6)]
-    assert groups([9, 1, 1], 5) == [range(0, 1), range(1, 3)]  # an expert over the budget: alone
-    assert groups([0, 0, 0], 5) == [range(0, 3)]
-    assert groups([2, 2, 2], 1) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert groups([3, 0, 2, 5, 1, 0], 5, 8) == [range(0, 3), range(3, 4), range(4, 6)]
+    assert groups([9, 1, 1], 5, 8) == [range(0, 1), range(1, 3)]  # an expert over the budget: alone
+    assert groups([0, 0, 0], 5, 8) == [range(0, 3)]
+    assert groups([0, 0, 0], 5, 2) == [range(0, 2), range(2, 3)]
+    assert groups([2, 2, 2], 1, 8) == [range(0, 1), range(1, 2), range(2, 3)]
     counts = [int(c) for c in torch.randint(0, 9, (50,), generator=torch.Generator().manual_seed(0))]
     for rows in (1, 4, 9, 30, 10**6):
-        found = groups(counts, rows)
-        assert [e for g in found for e in g] == list(range(50))  # every expert once, in order
-        assert all(sum(counts[e] for e in g) <= rows or sum(counts[e] > 0 for e in g) == 1 for g in found)
-        assert all(sum(counts[e] for e in a) + counts[b.start] > rows for a, b in zip(found, found[1:]))  # none could grow
+        for most in (1, 3, 50):
+            found = groups(counts, rows, most)
+            assert [e for g in found for e in g] == list(range(50))  # every expert once, in order
+            assert all(len(g) <= most for g in found)
+            assert all(sum(counts[e] for e in g) <= rows or sum(counts[e] > 0 for e in g) == 1 for g in found)
+            assert all(len(a) == most or sum(counts[e] for e in a) + counts[b.start] > rows
+                       for a, b in zip(found, found[1:]))  # none could grow
 
 
 def test_experts_loop_of_no_tokens_is_the_eager_loops_empty_result(monkeypatch):

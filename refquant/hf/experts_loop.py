@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.quantizer import TensorQuantizer, quantizes_with_fixed_amax, quantizer_sees_each_call
+from ..quant.quantizer import TensorQuantizer, passes_input_through, quantizes_with_fixed_amax, quantizer_sees_each_call
+from .grouped_linear import grouped_linear, grouped_matmul_allowed
 
 # The eager experts forward this loop reproduces, as transformers 5 writes it. A class whose
 # forward reads otherwise runs its own forward with the quantizers at each F.linear call.
@@ -108,12 +109,12 @@ def rows_per_group(module: nn.Module, hidden_states: torch.Tensor) -> int:
     return max(1, GROUP_ROW_BYTES // (width * hidden_states.element_size()))
 
 
-def expert_groups(counts: list[int], rows: int) -> list[range]:
-    """Consecutive experts in groups of at most `rows` rows (counts[e]: expert e's rows); an
-    expert with more rows than that is the only one of its group with rows."""
+def expert_groups(counts: list[int], rows: int, experts: int) -> list[range]:
+    """Consecutive experts in groups of at most `experts` experts and `rows` rows (counts[e]:
+    expert e's rows); an expert with more rows than that is the only one of its group with rows."""
     groups, first, held = [], 0, 0
     for expert, count in enumerate(counts):
-        if held and held + count > rows:
+        if (held and held + count > rows) or expert - first == experts:
             groups.append(range(first, expert))
             first, held = expert, 0
         held += count
@@ -151,12 +152,22 @@ class _Routing:
         # position-major, as torch.where over the eager loop's (top-k position, token) mask
         routed = top_k_index.transpose(0, 1).reshape(-1)
         order = torch.sort(routed, stable=True).indices
-        self.counts: list[int] = torch.bincount(routed, minlength=experts).tolist()  # the one sync
+        counts = torch.bincount(routed, minlength=experts)
+        self.counts: list[int] = counts.tolist()  # the one sync
+        self._counts_on_device = counts
         self.token = order % tokens
         self.weight = top_k_weights[self.token, order // tokens]
         self.starts = [0]
         for count in self.counts:
             self.starts.append(self.starts[-1] + count)
+        self._ends: Optional[torch.Tensor] = None
+
+    def group_offsets(self, group: range) -> torch.Tensor:
+        """The int32 running row counts of `group`'s experts, from 0 at its first row, on the
+        device (grouped_mm's offsets; no copy from the host)."""
+        if self._ends is None:
+            self._ends = self._counts_on_device.cumsum(0, dtype=torch.int32)
+        return self._ends[group.start:group.stop] - self.starts[group.start]
 
 
 def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -185,7 +196,7 @@ def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: to
     down_input_q, _ = module.projection_quantizers("down_proj")
     down_per_expert = not rows_independent(down_input_q)
     output = torch.zeros_like(hidden_states)
-    for group in expert_groups(routing.counts, rows_per_group(module, hidden_states)):
+    for group in expert_groups(routing.counts, rows_per_group(module, hidden_states), experts_per_group(module)):
         _group(module, routing, hidden_states, first_input_q, down_input_q, down_per_expert, group, output)
     return output
 
@@ -200,13 +211,13 @@ def _group(module: nn.Module, routing: _Routing, hidden_states: torch.Tensor, fi
         return
     counts = routing.counts[group.start:group.stop]
     tokens = routing.token[begin:end]
-    gate_up = _projection(module, "gate_up_proj", hidden_states[tokens], first_input_q, group, counts)
+    gate_up = _projection(module, "gate_up_proj", hidden_states[tokens], first_input_q, group, counts, routing)
     gate, up = gate_up.chunk(2, dim=-1)
     h = module.act_fn(gate) * up
     del gate_up, gate, up
     if not down_per_expert:
         h = down_input_q(h)
-    y = _projection(module, "down_proj", h, down_input_q if down_per_expert else None, group, counts)
+    y = _projection(module, "down_proj", h, down_input_q if down_per_expert else None, group, counts, routing)
     y = (y * routing.weight[begin:end, None]).to(output.dtype)
     for expert_tokens, rows, count in zip(tokens.split(counts), y.split(counts), counts):
         if count:
@@ -214,16 +225,53 @@ def _group(module: nn.Module, routing: _Routing, hidden_states: torch.Tensor, fi
 
 
 def _projection(module: nn.Module, projection: str, x: torch.Tensor, input_q: Optional[TensorQuantizer],
-                group: range, counts: list[int]) -> torch.Tensor:
+                group: range, counts: list[int], routing: _Routing) -> torch.Tensor:
     """F.linear of each expert's rows of x (counts[i] rows for expert group[i], in order) with
     its weight, each through its quantizers (input_q None: x is quantized already), the results
-    in x's row order. An expert without rows is skipped, its quantizers not called, as in the
-    eager loop."""
+    in x's row order: one grouped matmul where that gives the same bits (refquant.hf.grouped_linear),
+    else one F.linear per expert. An expert without rows is skipped, its quantizers not called,
+    as in the eager loop."""
     parameter = getattr(module, projection)
     _, weight_quantizers = module.projection_quantizers(projection)
+    if input_q is None and grouped_matmul_allowed(x):
+        weights = _group_weights(module, projection, parameter, weight_quantizers, group, counts)
+        if weights is not None:
+            out = grouped_linear(x, weights, counts, routing.group_offsets(group))
+            if out is not None:
+                return out
+            return _per_expert(x, counts, lambda index, expert: weights[index], group)
+    def quantized(index: int, expert: int) -> torch.Tensor:
+        return weight_quantizers[expert](parameter[expert])
+    return _per_expert(x, counts, quantized, group, input_q)
+
+
+def _per_expert(x: torch.Tensor, counts: list[int], weight_of, group: range,
+                input_q: Optional[TensorQuantizer] = None) -> torch.Tensor:
+    """One F.linear per expert with rows: its rows (through input_q when given), then
+    weight_of(index in group, expert), as modelopt's F.linear calls the two quantizers."""
     pieces = []
-    for expert, rows in zip(group, x.split(counts)):
-        if rows.shape[0]:  # the input's quantizer, then the weight's, as modelopt's F.linear calls them
+    for index, (expert, rows) in enumerate(zip(group, x.split(counts))):
+        if rows.shape[0]:
             rows = rows if input_q is None else input_q(rows)
-            pieces.append(F.linear(rows, weight_quantizers[expert](parameter[expert])))
+            pieces.append(F.linear(rows, weight_of(index, expert)))
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _group_weights(module: nn.Module, projection: str, parameter: torch.Tensor, quantizers: nn.ModuleList,
+                   group: range, counts: list[int]) -> Optional[torch.Tensor]:
+    """The group's weights after their quantizers as one (experts, out, in) tensor, where that
+    needs no separate call of a quantizer that quantizes: one call over the group's slices with one
+    amax per expert (SliceQuantizers); or, when every quantizer of an expert with rows passes
+    its input through (off, folded, or only collecting while calibrating) and nothing watches it,
+    those calls (the eager loop's) and the parameter's slices themselves. Else None."""
+    slices = parameter[group.start:group.stop]
+    stacked = module.slice_quantizers(projection)(slices, first=group.start)
+    if stacked is not None:
+        return stacked
+    called = [quantizers[expert] for expert, count in zip(group, counts) if count]
+    if not all(passes_input_through(q) and not quantizer_sees_each_call(q) for q in called):
+        return None
+    for expert, count in zip(group, counts):
+        if count:
+            quantizers[expert](parameter[expert])
+    return slices

@@ -606,6 +606,12 @@ def quantizes_with_fixed_amax(quantizer: TensorQuantizer) -> bool:
     return amax is not None and amax.numel() == 1
 
 
+def passes_input_through(quantizer: TensorQuantizer) -> bool:
+    """Whether a call of `quantizer` returns its input itself: off, or not quantizing (only
+    collecting while calibrating, or neither)."""
+    return not quantizer.is_enabled or not quantizer._quantizing
+
+
 def quantizer_sees_each_call(quantizer: nn.Module) -> bool:
     """Whether something wants to see each call of `quantizer`, so its calls must be made one by
     one as modelopt makes them: a subclass's forward, a forward hook of its own

@@ -1,0 +1,108 @@
+"""Many experts' F.linear in one grouped matmul, where that is measured to give their bits.
+
+modelopt's bits for fused experts are those of transformers' eager loop: one F.linear per expert
+on that expert's rows (cuBLAS on a GPU, ~1,000 calls a forward for a 64-expert model), whose
+host time alone is most of a plain forward. torch.nn.functional.grouped_mm computes every
+expert's product in one kernel. The two give the same bits when, for every output, both add the
+K products in the same order, which no library documents; refquant measures it instead, once per
+process and per (device, dtype, out features, in features) of the weights:
+
+  - grouped_mm's rows do not depend on where the groups start and end (one call on all rows
+    against a call on the same rows split into groups of several sizes), and
+  - for every row count M from 1 up to the largest any expert receives, F.linear on the first M
+    rows gives grouped_mm's rows (one call per M: cuBLAS picks its kernel by shape).
+
+On seeded random operands of the weights' shapes and layout: two ways of summing that differ in
+order differ on random data, so equal bits there mean the same order, and the same order gives
+the same bits on any data. A key that passes is used for groups whose experts have at most the
+checked row count (a larger count extends the check first, to the next power of two); one that
+fails, or a grouped_mm that raises, keeps the per-expert calls for the process, with a warning.
+REFQUANT_GROUPED_EXPERTS=0 keeps them always.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+SETTING = "REFQUANT_GROUPED_EXPERTS"
+DTYPES = (torch.bfloat16,)  # what grouped_mm takes on CUDA
+# Group sizes that start the split call (the rest of the rows is its last group).
+SPLIT_SIZES = (1, 2, 3, 5, 8, 13, 64, 1, 100, 7)
+SEED = 20261206
+
+_checked_rows: dict[tuple, int] = {}  # key -> largest row count checked equal
+_failed: dict[tuple, str] = {}  # key -> why the per-expert calls stay
+
+
+def grouped_matmul_allowed(x: torch.Tensor) -> bool:
+    """Whether a grouped matmul may stand for the per-expert calls on x at all: CUDA, bf16, the
+    setting not off, grouped_mm present."""
+    return (x.is_cuda and x.dtype in DTYPES and os.environ.get(SETTING, "1") != "0"
+            and hasattr(F, "grouped_mm"))
+
+
+def _key(x: torch.Tensor, weights: torch.Tensor) -> tuple:
+    return (x.device.type, x.get_device(), x.dtype, weights.shape[-2], weights.shape[-1])
+
+
+def grouped_linear(x: torch.Tensor, weights: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> Optional[torch.Tensor]:
+    """F.linear(rows_i, weights[i]) for each group i of counts[i] consecutive rows of x, in one
+    grouped_mm, or None where that is not measured to give the same bits (the caller then makes
+    the per-expert calls). weights: (groups, out, in), each slice contiguous; offsets: the int32
+    running sums of counts on x's device."""
+    key = _key(x, weights)
+    if key in _failed or x.shape[-1] * x.element_size() % 16 or not weights[0].is_contiguous():
+        return None
+    needed = max(counts)
+    if _checked_rows.get(key, 0) < needed:
+        rows = 1 << max(needed - 1, 0).bit_length()  # the next power of two: few extensions
+        reason = _check(x, weights, rows)
+        if reason is not None:
+            _failed[key] = reason
+            warnings.warn(f"refquant: the experts' per-expert F.linear calls stay for {key[2]} weights of "
+                          f"{key[3]} x {key[4]} on {x.device} ({reason}); same bits, more host time.", stacklevel=3)
+            return None
+        _checked_rows[key] = rows
+    try:
+        return F.grouped_mm(x, weights.transpose(-2, -1), offs=offsets)
+    except (RuntimeError, TypeError, ValueError) as error:  # a layout or build grouped_mm does not take
+        _failed[key] = f"grouped_mm raised {type(error).__name__}: {error}"
+        return None
+
+
+def _check(x: torch.Tensor, weights: torch.Tensor, rows: int) -> Optional[str]:
+    """None when grouped_mm's rows equal F.linear's for every row count up to `rows` (the module
+    docstring), else why not."""
+    out_features, in_features = weights.shape[-2:]
+    generator = torch.Generator(device=x.device).manual_seed(SEED)
+    a = torch.randn(rows, in_features, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
+    w = torch.randn(1, out_features, in_features, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
+    try:
+        whole = F.grouped_mm(a, w.transpose(-2, -1), offs=torch.tensor([rows], dtype=torch.int32, device=x.device))
+        ends = [end for end in torch.tensor(SPLIT_SIZES).cumsum(0).tolist() if end < rows] + [rows]
+        split = F.grouped_mm(a, w.expand(len(ends), -1, -1).contiguous().transpose(-2, -1),
+                             offs=torch.tensor(ends, dtype=torch.int32, device=x.device))
+    except (RuntimeError, TypeError, ValueError) as error:
+        return f"grouped_mm raised {type(error).__name__}: {error}"
+    differs = torch.zeros((), dtype=torch.bool, device=x.device)
+    differs |= (_bits(split) != _bits(whole)).any()
+    for count in range(1, rows + 1):
+        differs |= (_bits(F.linear(a[:count], w[0])) != _bits(whole[:count])).any()
+    if bool(differs):  # the one read of the check
+        return "grouped_mm's bits differ from F.linear's"
+    return None
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
+
+
+def forget_checks() -> None:
+    """Drop what was measured (tests; a process that changes its CUDA libraries)."""
+    _checked_rows.clear()
+    _failed.clear()

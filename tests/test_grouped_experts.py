@@ -1,0 +1,166 @@
+"""The experts loop's grouped matmul (refquant.hf.grouped_linear): used only where it is measured
+to give each expert's F.linear bits, and the per-expert calls otherwise. On a GPU the family matrix
+(tests/test_modelopt_families.py) runs it against modelopt; here it is let onto the CPU, where
+grouped_mm exists too, and held to modelopt's order of work bit for bit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import refquant as rq
+from refquant.hf import experts_loop, grouped_linear
+from refquant.quant.quantizer import TensorQuantizer
+
+pytest.importorskip("transformers")
+
+import modelopt_compare as mc  # noqa: E402  (tests/modelopt_compare.py)
+from test_experts import calibrated_state, modelopts_order_of_work, same_state  # noqa: E402
+
+if not hasattr(F, "grouped_mm"):
+    pytest.skip("this torch has no torch.nn.functional.grouped_mm", allow_module_level=True)
+
+
+@pytest.fixture
+def grouped_on_cpu(monkeypatch):
+    """The grouped matmul allowed for bf16 on any device, its measurements fresh, and its calls
+    counted: returns the list of each grouped_mm call's group count."""
+    grouped_linear.forget_checks()
+    monkeypatch.setattr(experts_loop, "grouped_matmul_allowed", lambda x: x.dtype == torch.bfloat16)
+    calls = []
+    real = F.grouped_mm
+
+    def counted(a, b, *args, **kwargs):
+        calls.append(b.shape[0])
+        return real(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(F, "grouped_mm", counted)
+    yield calls
+    grouped_linear.forget_checks()
+
+
+@pytest.mark.parametrize("family,recipe", [
+    ("qwen3_moe_top4", "nvfp4_default-fp8_kv"), ("qwen3_moe_top4", "fp8_default-fp8_cast_kv"),
+    ("mixtral", "fp8_default-fp8_kv"), ("deepseek_v3", "nvfp4_default-fp8_cast_kv"), ("olmoe", "fp8_default-fp8_kv"),
+])
+def test_grouped_matmul_calibrates_and_quantizes_with_the_per_expert_calls_bits(family, recipe, grouped_on_cpu, monkeypatch):
+    """With the grouped matmul on (calibration collects each expert's weight and multiplies the
+    group at once; the forward multiplies the group's quantized weights at once), amaxes, token
+    counts and logits equal modelopt's order of work, bit for bit, and the grouped matmul ran."""
+    batches, eval_batch = mc.default_batches()
+    model = mc.build_model(family)
+    per_expert = copy.deepcopy(model)
+    rq.quantize_model(model, rq.load_recipe(recipe), batches, progress=False)
+    ours = (calibrated_state(model), mc.logits_of(model, eval_batch))
+    assert len(grouped_on_cpu) > 2 and grouped_linear._checked_rows and not grouped_linear._failed
+    modelopts_order_of_work(monkeypatch)
+    monkeypatch.setattr(experts_loop, "grouped_matmul_allowed", lambda x: False)
+    rq.quantize_model(per_expert, rq.load_recipe(recipe), batches, progress=False)
+    assert same_state(ours[0], calibrated_state(per_expert))
+    assert torch.equal(ours[1], mc.logits_of(per_expert, eval_batch))
+
+
+def test_grouped_matmul_on_folded_weights_gives_the_per_expert_calls_bits(grouped_on_cpu):
+    batches, eval_batch = mc.default_batches()
+    model = mc.build_model("qwen3_moe_top4")
+    rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
+    unfolded = mc.logits_of(model, eval_batch)
+    rq.fold_weights(model)
+    grouped_on_cpu.clear()
+    assert torch.equal(mc.logits_of(model, eval_batch), unfolded)
+    assert grouped_on_cpu  # the folded weights' slices went to grouped_mm as they lie
+
+
+def test_grouped_matmul_whose_bits_differ_is_not_used(grouped_on_cpu, monkeypatch):
+    """A grouped_mm whose result differs from F.linear's in one bit fails the check: a warning
+    names the weights, the per-expert calls give the bits, and the check is not made again."""
+    real = F.grouped_mm
+
+    def off_by_one_bit(a, b, *args, **kwargs):
+        out = real(a, b, *args, **kwargs)
+        out.view(torch.int16)[-1, -1] ^= 1
+        return out
+
+    batches, eval_batch = mc.default_batches()
+    model = mc.build_model("qwen3_moe_top4")
+    reference = copy.deepcopy(model)
+    monkeypatch.setattr(F, "grouped_mm", off_by_one_bit)
+    with pytest.warns(UserWarning, match="per-expert F.linear calls stay"):
+        rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
+    assert grouped_linear._failed and not grouped_linear._checked_rows
+    monkeypatch.setattr(experts_loop, "grouped_matmul_allowed", lambda x: False)
+    rq.quantize_model(reference, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
+    monkeypatch.setattr(experts_loop, "grouped_matmul_allowed", lambda x: x.dtype == torch.bfloat16)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second check, no second warning
+        ours = mc.logits_of(model, eval_batch)
+    assert torch.equal(ours, mc.logits_of(reference, eval_batch))
+
+
+def test_grouped_matmul_that_raises_leaves_the_per_expert_calls(grouped_on_cpu, monkeypatch):
+    batches, eval_batch = mc.default_batches()
+    model = mc.build_model("mixtral")
+    reference = copy.deepcopy(model)
+    rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
+    rq.quantize_model(reference, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
+    grouped_linear.forget_checks()
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("no kernel for this layout")
+
+    monkeypatch.setattr(F, "grouped_mm", refuses)
+    with pytest.warns(UserWarning, match="grouped_mm raised RuntimeError"):
+        ours = mc.logits_of(model, eval_batch)
+    monkeypatch.setattr(experts_loop, "grouped_matmul_allowed", lambda x: False)
+    assert torch.equal(ours, mc.logits_of(reference, eval_batch))
+
+
+def test_the_check_covers_every_row_count_up_to_the_next_power_of_two(grouped_on_cpu, monkeypatch):
+    """The check calls F.linear once for each row count 1..R (R: the next power of two of the most
+    rows an expert has), and a larger count extends it; a count already covered checks nothing."""
+    counts = []
+    real_linear = F.linear
+    monkeypatch.setattr(grouped_linear.F, "linear", lambda a, w, *r: counts.append(a.shape[0]) or real_linear(a, w, *r))
+    x = torch.randn(12, 32, dtype=torch.bfloat16)
+    weights = torch.randn(3, 16, 32, dtype=torch.bfloat16)
+    offsets = torch.tensor([5, 5, 12], dtype=torch.int32)
+    out = grouped_linear.grouped_linear(x, weights, [5, 0, 7], offsets)
+    assert counts == list(range(1, 9))
+    assert torch.equal(out, torch.cat([F.linear(x[:5], weights[0]), F.linear(x[5:], weights[2])]))
+    counts.clear()
+    grouped_linear.grouped_linear(x, weights, [8, 0, 4], offsets)
+    assert counts == []
+    grouped_linear.grouped_linear(torch.randn(20, 32, dtype=torch.bfloat16), weights, [2, 9, 9],
+                                  torch.tensor([2, 11, 20], dtype=torch.int32))
+    assert counts == list(range(1, 17))
+
+
+def test_grouped_matmul_is_off_by_setting_and_off_the_gpu(monkeypatch):
+    x = torch.zeros(4, 16, dtype=torch.bfloat16)
+    assert not grouped_linear.grouped_matmul_allowed(x)  # CPU
+    if torch.cuda.is_available():
+        monkeypatch.setenv(grouped_linear.SETTING, "0")
+        assert not grouped_linear.grouped_matmul_allowed(x.cuda())
+        monkeypatch.setenv(grouped_linear.SETTING, "1")
+        assert grouped_linear.grouped_matmul_allowed(x.cuda())
+        assert not grouped_linear.grouped_matmul_allowed(x.cuda().half())
+
+
+def test_a_watched_weight_quantizer_keeps_the_per_expert_calls(grouped_on_cpu):
+    """A weight quantizer something watches is called expert by expert, once per expert with
+    rows, and its group does not go to grouped_mm."""
+    batches, eval_batch = mc.default_batches()
+    model = mc.build_model("qwen3_moe")
+    rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
+    experts = next(m for m in model.modules() if hasattr(m, "gate_up_proj_weight_quantizers"))
+    seen = []
+    quantizer: TensorQuantizer = experts.gate_up_proj_weight_quantizers[0]
+    quantizer.register_forward_hook(lambda module, args, out: seen.append(1))
+    grouped_on_cpu.clear()
+    mc.logits_of(model, eval_batch)
+    assert len(seen) == 1  # once: expert 0 of layer 0 gets rows from this batch
