@@ -13,7 +13,8 @@ forward). On a GPU that loop is bound by the host.
 What stays as the eager loop has it, so the bits do:
 - each expert's two matmuls are F.linear on operands of the same shape and values: the expert's
   token rows in torch.where's order (by top-k position, then token), and its weight slice after
-  its own quantizer;
+  its own quantizer; or, where refquant.hf.grouped_linear measured that it gives those bits (on a
+  GPU, bf16), one grouped_mm over a group of experts on the same operands;
 - the outputs are summed by one index_add_ per expert, in ascending expert order (within one
   expert no token repeats, so each index_add_ is deterministic, and the order across experts is
   the eager loop's).
@@ -27,13 +28,17 @@ What changes:
   rows are split (ROWS_INDEPENDENT): a fixed per-tensor amax quantizes row by row (FP8 by element,
   NVFP4 by blocks along the row), and max calibration's max is the same over any split. Otherwise
   it is called on each expert's rows, as the eager loop calls it;
-- each expert's weight slice goes through its own quantizer just before its F.linear, as in the
-  eager loop, and only for experts that received rows (one expert's quantized weight at a time:
-  on a GPU a calibrated quantizer's call is one kernel launch; while calibrating, its calibrator
-  skips a slice it collected already, unchanged since);
-- groups hold at most GROUP_ROW_BYTES of rows through the two projections (consecutive experts;
-  one expert alone may hold more), which bounds the memory the elementwise steps take.
-tests/test_experts.py holds it to the eager loop with the quantizers at each F.linear bit for bit.
+- for the grouped matmul, a group's weights are fake-quantized in one call with one amax per
+  expert (refquant.quant.quantizer.SliceQuantizers) where that is exact; while calibrating, or
+  folded or off, the quantizers of the experts with rows are called (they pass their input
+  through) and the parameter's slices are used as they lie;
+- otherwise each expert's weight slice goes through its own quantizer just before its F.linear,
+  and only for experts that received rows (one expert's quantized weight at a time; while
+  calibrating, its calibrator skips a slice it collected already, unchanged since);
+- groups are consecutive experts, at most GROUP_ROW_BYTES of rows through the two projections
+  and GROUP_BYTES of weights (one expert alone may hold more), which bounds the memory.
+tests/test_experts.py and tests/test_grouped_experts.py hold it to the eager loop with the quantizers
+at each F.linear bit for bit.
 """
 
 from __future__ import annotations
@@ -80,8 +85,8 @@ def forward(
     return final_hidden_states
 '''
 
-# The fake-quantized weights a group of experts may hold at once in the swapped F.linear forward
-# (refquant.hf.experts: a group's weights are quantized in one call): 8 experts of a
+# The fake-quantized weights a group of experts may hold at once (quantized in one call for the
+# grouped matmul, and in the swapped F.linear forward of refquant.hf.experts): 8 experts of a
 # Qwen3-30B-A3B-sized layer, one of DeepSeek-V3's (modelopt holds one expert's at a time).
 GROUP_BYTES = 80 * 2**20
 
