@@ -6,6 +6,7 @@ experts module's own inputs (hooked from a forward), unquantized bf16.
 
 Timings (host: until the calls return; device: CUDA events), medians over the repeats:
   grouped_mm / eager      the experts module's forward with transformers' two implementations
+                          (grouped_mm sums each token's top-k outputs in fp32: other bits than eager)
   linear_each             the two projections' F.linear per expert that got rows (the GEMMs alone)
   mm_out_each             the same GEMMs as torch.mm into slices of one output
   index_add_each          one index_add_ per expert in ascending order (the eager loop's sum)
@@ -139,7 +140,15 @@ def main() -> int:
     with torch.no_grad():
         from transformers.integrations.moe import grouped_mm_experts_forward
 
-        eager_forward = type(experts).forward
+        implementation = experts.config._experts_implementation
+
+        def eager_forward(module, *inputs):  # the class's forward dispatches on the config's implementation
+            module.config._experts_implementation = "eager"
+            try:
+                return type(module).forward(module, *inputs)
+            finally:
+                module.config._experts_implementation = implementation
+
         result["time"] = {
             "grouped_mm": timed(lambda: grouped_mm_experts_forward(experts, hidden, top_k_index, top_k_weights), args.repeats),
             "eager": timed(lambda: eager_forward(experts, hidden, top_k_index, top_k_weights), args.repeats),
