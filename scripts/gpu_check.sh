@@ -50,7 +50,7 @@ families)
 bench)
   build_modelopt_fp8
   timeout 300 python3 benchmarks/ptq_gpu.py --out "$OUT/moe" --shapes moe --recipes nvfp4_default-fp8_cast_kv fp8_default-fp8_kv \
-    --variants plain plain_eager modelopt compiled --batches 4 --repeats 5 --no-paired 2>&1 | tee "$OUT/ptq_moe.log" | tail -12
+    --variants plain plain_eager modelopt compiled compiled_folded --batches 4 --repeats 5 --no-paired 2>&1 | tee "$OUT/ptq_moe.log" | tail -12
   timeout 280 python3 benchmarks/ptq_gpu.py --out "$OUT/small" --shapes small --recipes fp8_default-fp8_kv nvfp4_default-fp8_cast_kv \
     --variants plain modelopt compiled compiled_folded compiled_fallback --batches 48 --repeats 10 --no-export 2>&1 | tee "$OUT/ptq_small.log" | tail -12
   ;;
