@@ -120,6 +120,29 @@ def test_grouped_matmul_that_raises_leaves_the_per_expert_calls(grouped_on_cpu, 
     assert torch.equal(ours, mc.logits_of(reference, eval_batch))
 
 
+def test_grouped_matmul_that_raises_after_its_check_warns_and_leaves_the_per_expert_calls(grouped_on_cpu, monkeypatch):
+    """The check passed (an earlier forward used grouped_mm); a later grouped_mm that raises is
+    named in a warning, and the per-expert calls give the bits."""
+    batches, eval_batch = mc.default_batches()
+    model = mc.build_model("qwen3_moe_top4")
+    reference = copy.deepcopy(model)
+    rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
+    assert grouped_linear._checked_rows and grouped_on_cpu
+    checked = {key: 10**9 for key in grouped_linear._checked_rows}  # no check left to run
+    monkeypatch.setattr(grouped_linear, "_checked_rows", checked)
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("no kernel for this layout")
+
+    monkeypatch.setattr(F, "grouped_mm", refuses)
+    with pytest.warns(UserWarning, match="grouped_mm raised RuntimeError: no kernel"):
+        ours = mc.logits_of(model, eval_batch)
+    assert grouped_linear._failed
+    monkeypatch.setattr(experts_loop, "grouped_matmul_allowed", lambda x: False)
+    rq.quantize_model(reference, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
+    assert torch.equal(ours, mc.logits_of(reference, eval_batch))
+
+
 def test_the_check_covers_every_row_count_up_to_the_next_power_of_two(grouped_on_cpu, monkeypatch):
     """The check calls F.linear once for each row count 1..R (R: the next power of two of the most
     rows an expert has), and a larger count extends it; a count already covered checks nothing."""

@@ -245,6 +245,7 @@ def _projection(module: nn.Module, projection: str, x: torch.Tensor, input_q: Op
             if out is not None:
                 return out
             return _per_expert(x, counts, lambda index, expert: weights[index], group)
+
     def quantized(index: int, expert: int) -> torch.Tensor:
         return weight_quantizers[expert](parameter[expert])
     return _per_expert(x, counts, quantized, group, input_q)

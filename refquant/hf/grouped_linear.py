@@ -22,12 +22,15 @@ REFQUANT_GROUPED_EXPERTS=0 keeps them always.
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from ..dialects.compare import bits_of
 
 SETTING = "REFQUANT_GROUPED_EXPERTS"
 DTYPES = (torch.bfloat16,)  # what grouped_mm takes on CUDA
@@ -63,16 +66,20 @@ def grouped_linear(x: torch.Tensor, weights: torch.Tensor, counts: list[int], of
         rows = 1 << max(needed - 1, 0).bit_length()  # the next power of two: few extensions
         reason = _check(x, weights, rows)
         if reason is not None:
-            _failed[key] = reason
-            warnings.warn(f"refquant: the experts' per-expert F.linear calls stay for {key[2]} weights of "
-                          f"{key[3]} x {key[4]} on {x.device} ({reason}); same bits, more host time.", stacklevel=3)
-            return None
+            return _keep_per_expert_calls(key, reason)
         _checked_rows[key] = rows
     try:
         return F.grouped_mm(x, weights.transpose(-2, -1), offs=offsets)
     except (RuntimeError, TypeError, ValueError) as error:  # a layout or build grouped_mm does not take
-        _failed[key] = f"grouped_mm raised {type(error).__name__}: {error}"
-        return None
+        return _keep_per_expert_calls(key, f"grouped_mm raised {type(error).__name__}: {error}")
+
+
+def _keep_per_expert_calls(key: tuple, reason: str) -> None:
+    """Marks `key` as failed for the process and says so once."""
+    _failed[key] = reason
+    device = f"{key[0]}:{key[1]}" if key[1] >= 0 else key[0]
+    warnings.warn(f"refquant: the experts' per-expert F.linear calls stay for {key[2]} weights of "
+                  f"{key[3]} x {key[4]} on {device} ({reason}); same bits, more host time.", stacklevel=4)
 
 
 def _check(x: torch.Tensor, weights: torch.Tensor, rows: int) -> Optional[str]:
@@ -84,22 +91,18 @@ def _check(x: torch.Tensor, weights: torch.Tensor, rows: int) -> Optional[str]:
     w = torch.randn(1, out_features, in_features, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
     try:
         whole = F.grouped_mm(a, w.transpose(-2, -1), offs=torch.tensor([rows], dtype=torch.int32, device=x.device))
-        ends = [end for end in torch.tensor(SPLIT_SIZES).cumsum(0).tolist() if end < rows] + [rows]
+        ends = [end for end in itertools.accumulate(SPLIT_SIZES) if end < rows] + [rows]
         split = F.grouped_mm(a, w.expand(len(ends), -1, -1).contiguous().transpose(-2, -1),
                              offs=torch.tensor(ends, dtype=torch.int32, device=x.device))
     except (RuntimeError, TypeError, ValueError) as error:
         return f"grouped_mm raised {type(error).__name__}: {error}"
     differs = torch.zeros((), dtype=torch.bool, device=x.device)
-    differs |= (_bits(split) != _bits(whole)).any()
+    differs |= (bits_of(split) != bits_of(whole)).any()
     for count in range(1, rows + 1):
-        differs |= (_bits(F.linear(a[:count], w[0])) != _bits(whole[:count])).any()
+        differs |= (bits_of(F.linear(a[:count], w[0])) != bits_of(whole[:count])).any()
     if bool(differs):  # the one read of the check
         return "grouped_mm's bits differ from F.linear's"
     return None
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
 
 
 def forget_checks() -> None:
