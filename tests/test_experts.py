@@ -147,12 +147,12 @@ def test_experts_modelopt_wraps_otherwise_are_a_clear_error():
 
 
 # --- all experts' weights in one call, the hidden states before routing ------------------------
-def expert_weights(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def expert_weights(seed: int = 0, shape: tuple[int, int] = (32, 48)) -> tuple[torch.Tensor, torch.Tensor]:
     """An (E, N, K) bf16 weight whose experts span scales, with per-expert amaxes: its own max,
     half of it (clipping), a zero expert, a tiny one (FP8's amax floor)."""
     generator = torch.Generator().manual_seed(seed)
     scales = torch.tensor([1e-2, 1.0, 30.0, 1e-8, 3.0]).view(-1, 1, 1)
-    weight = (torch.randn(5, 32, 48, generator=generator) * scales).bfloat16()
+    weight = (torch.randn(5, *shape, generator=generator) * scales).bfloat16()
     weight[3] = 0
     amax = weight.abs().amax(dim=(1, 2)).clone()
     amax[1] = amax[1] / 2
@@ -180,8 +180,10 @@ def test_one_call_over_all_experts_equals_each_experts_own_quantizer_bit_for_bit
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
 @pytest.mark.parametrize("backend", ["reference", "compiled"])
-def test_one_call_over_all_experts_on_cuda_equals_each_experts_own_quantizer(fmt, backend):
-    weight, amax = (t.cuda() for t in expert_weights())
+@pytest.mark.parametrize("shape", [(32, 48), (64, 128)], ids=["a launch a slice", "one launch"])
+def test_one_call_over_all_experts_on_cuda_equals_each_experts_own_quantizer(fmt, backend, shape):
+    """(64, 128) slices are whole numbers of the compiled kernels' programs: one launch for all."""
+    weight, amax = (t.cuda() for t in expert_weights(shape=shape))
     quantizers = nn.ModuleList(TensorQuantizer(QuantizerConfig(format=fmt), backend=backend, flavor="modelopt-cuda")
                                for _ in amax)
     for quantizer, value in zip(quantizers, amax):
@@ -193,6 +195,58 @@ def test_one_call_over_all_experts_on_cuda_equals_each_experts_own_quantizer(fmt
         alone = (rq.fp8_fake_quant(weight[index], amax[index], flavor="modelopt-cuda") if fmt == "fp8"
                  else rq.nvfp4_fake_quant(weight[index], amax[index]))
         assert torch.equal(stacked[index].view(torch.int16), alone.view(torch.int16)), f"expert {index} vs reference"
+
+
+def _slice_quantizer_states() -> nn.ModuleList:
+    """Weight quantizers of every state collect_slices must tell apart: collecting per tensor
+    (two), off, collecting per channel, watched by a hook, a constant amax, quantizing."""
+    configs = [QuantizerConfig(format="fp8"), QuantizerConfig(format="nvfp4"), QuantizerConfig(format="fp8", enable=False),
+               QuantizerConfig(format="fp8", axis=0), QuantizerConfig(format="fp8"), QuantizerConfig(format="fp8", use_constant_amax=True),
+               QuantizerConfig(format="fp8")]
+    quantizers = nn.ModuleList(TensorQuantizer(config) for config in configs)
+    for index, quantizer in enumerate(quantizers):
+        quantizer.name = f"experts.{index}"
+        if index != 6:
+            quantizer.start_calibration()
+        else:
+            quantizer.set_amax(torch.tensor(2.0))
+    return quantizers
+
+
+def test_collect_slices_keeps_what_each_slice_call_keeps():
+    """collect_slices (one reduction for the slices whose calls only collect) against a call per
+    slice: the same collected maxima (a NaN slice included), the watched quantizer called once a
+    slice, a second pass over unchanged slices collecting nothing, a changed weight collected again."""
+    from refquant.quant.quantizer import collect_slices, memory_key, slice_memory_keys
+
+    generator = torch.Generator().manual_seed(11)
+    weight = nn.Parameter((torch.randn(7, 16, 32, generator=generator) * torch.arange(1, 8).view(-1, 1, 1)).bfloat16())
+    with torch.no_grad():
+        weight[1, 3, 5] = float("nan")
+    assert slice_memory_keys(weight) == [memory_key(weight[i]) for i in range(7)]
+    called, batched = _slice_quantizer_states(), _slice_quantizer_states()
+    seen = {id(q): 0 for q in (called[4], batched[4])}
+    for quantizers in (called, batched):
+        quantizers[4].register_forward_hook(lambda module, args, out: seen.__setitem__(id(module), seen[id(module)] + 1))
+    with torch.no_grad():
+        for _ in range(2):
+            for index in range(7):
+                called[index](weight[index])
+            collect_slices(batched, weight, range(7))
+    assert seen[id(called[4])] == seen[id(batched[4])] == 2
+    for index in range(7):
+        mine, theirs = batched[index].collected_amax, called[index].collected_amax
+        assert (mine is None) == (theirs is None), index
+        if mine is not None:
+            assert mine.dtype == theirs.dtype and torch.equal(mine.view(torch.int16), theirs.view(torch.int16)), index
+    kept = [len(q._calibrator._unfolded) if q._calibrator is not None else None for q in batched]
+    collect_slices(batched, weight, range(7))  # unchanged: nothing new
+    assert [len(q._calibrator._unfolded) if q._calibrator is not None else None for q in batched] == kept
+    assert torch.isnan(batched[1].collected_amax)  # the NaN slice's max, as its own call takes it
+    with torch.no_grad():
+        weight[2].mul_(4)  # the version moves: the slices asked for are collected again
+    collect_slices(batched, weight, [0, 1])
+    assert [len(q._calibrator._unfolded) for q in batched[:2]] == [kept[0] + 1, kept[1] + 1]
 
 
 def test_nvfp4_takes_one_amax_per_slice_only_when_asked():
@@ -253,19 +307,21 @@ def test_transformers_eager_experts_forward_is_the_one_refquants_loop_reproduces
     assert classes and all(experts_loop.runs_eager_forward(cls) for cls in classes), classes
 
 
-@pytest.mark.parametrize("family,recipe,group_rows", [
-    ("qwen3_moe_top4", "nvfp4_default-fp8_kv", 10**9), ("qwen3_moe_top4", "fp8_default-fp8_cast_kv", 40),
-    ("qwen3_moe_top4", "nvfp4_default-fp8_cast_kv", 7),
-    ("mixtral", "fp8_default-fp8_kv", 10**9), ("deepseek_v3", "nvfp4_default-fp8_kv", 1), ("olmoe", "fp8_default-fp8_kv", 40),
+@pytest.mark.parametrize("family,recipe,group_rows,sum_bytes", [
+    ("qwen3_moe_top4", "nvfp4_default-fp8_kv", 10**9, experts_loop.SUM_BYTES), ("qwen3_moe_top4", "fp8_default-fp8_cast_kv", 40, 0),
+    ("qwen3_moe_top4", "nvfp4_default-fp8_cast_kv", 7, experts_loop.SUM_BYTES), ("qwen3_moe_top4", "fp8_default-fp8_kv", 10**9, 0),
+    ("mixtral", "fp8_default-fp8_kv", 10**9, experts_loop.SUM_BYTES), ("deepseek_v3", "nvfp4_default-fp8_kv", 1, 0),
+    ("olmoe", "fp8_default-fp8_kv", 40, experts_loop.SUM_BYTES),
 ])
-def test_experts_loop_calibrates_and_quantizes_with_the_per_expert_calls_bits(family, recipe, group_rows, monkeypatch):
+def test_experts_loop_calibrates_and_quantizes_with_the_per_expert_calls_bits(family, recipe, group_rows, sum_bytes, monkeypatch):
     """refquant's experts loop (tokens found by one sort, elementwise steps and the shared input
     quantizers over a group of experts' rows, groups of at most group_rows rows: one group, some,
-    every expert alone) against modelopt's order of work: the same amaxes and token counts after
-    calibration, the same logits quantized, and the same logits with every quantizer off, bit for
-    bit."""
+    every expert alone; outputs summed token by token, or, sum_bytes 0, by an index_add_ per
+    expert) against modelopt's order of work: the same amaxes and token counts after calibration,
+    the same logits quantized, and the same logits with every quantizer off, bit for bit."""
     batches, eval_batch = mc.default_batches()
     monkeypatch.setattr(experts_loop, "rows_per_group", lambda module, hidden_states: group_rows)
+    monkeypatch.setattr(experts_loop, "SUM_BYTES", sum_bytes)
     model = mc.build_model(family)
     per_expert = copy.deepcopy(model)
     rq.quantize_model(model, rq.load_recipe(recipe), batches, progress=False)
@@ -531,24 +587,37 @@ def test_cli_quantize_of_a_local_qwen3_moe_folder_writes_modelopts_checkpoint(mo
 
 def test_experts_loop_collects_each_expert_weight_once_per_calibration(monkeypatch):
     """Each weight slice's max is taken once, when the slices pass through their quantizers before
-    the forwards; the loop's later calls on the same slice take nothing new (the same max, at a
-    launch per expert and batch)."""
+    the forwards (one reduction a projection); the loop's later calls on the same slice take
+    nothing new (the same max, at a launch per expert and batch)."""
     from refquant.quant import quantizer as quantizer_module
 
+    names = {}  # calibrator -> its quantizer's name
     collected = []  # the quantizers whose calibrator took a max, one entry a max
-    collect = quantizer_module._MaxCalibrator.collect
+    start, keep_max = TensorQuantizer.start_calibration, quantizer_module._MaxCalibrator.keep_max
 
-    def counted(self, x, name, *rest):
-        before = (len(self._unfolded), id(self._amax))
-        collect(self, x, name, *rest)
-        if (len(self._unfolded), id(self._amax)) != before:
-            collected.append(name)
+    def started(self):
+        start(self)
+        if self._calibrator is not None:
+            names[id(self._calibrator)] = self.name
 
-    monkeypatch.setattr(quantizer_module._MaxCalibrator, "collect", counted)
+    def counted(self, value):
+        keep_max(self, value)
+        collected.append(names[id(self)])
+
+    monkeypatch.setattr(TensorQuantizer, "start_calibration", started)
+    monkeypatch.setattr(quantizer_module._MaxCalibrator, "keep_max", counted)
+    reductions = []
+    norm = torch.linalg.vector_norm
+    monkeypatch.setattr(torch.linalg, "vector_norm", lambda x, *a, **k: reductions.append(x) or norm(x, *a, **k))
     batches, _ = mc.default_batches()
     model = mc.build_model("qwen3_moe_top4")
     rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
     expert_weights = [n for n in collected if ".experts." in n and "weight_quantizers." in n]
     assert expert_weights and len(expert_weights) == len(set(expert_weights))
+    experts = [m for m in model.modules() if experts_module.is_fused_experts(m)]
+    assert len(expert_weights) == sum(2 * m.num_experts for m in experts)  # every expert of both projections
+    weights = [getattr(m, p) for m in experts for p in ("gate_up_proj", "down_proj")]
+    of_weights = [r for r in reductions if any(r.untyped_storage().data_ptr() == w.untyped_storage().data_ptr() for w in weights)]
+    assert sorted(tuple(r.shape) for r in of_weights) == sorted(tuple(w.shape) for w in weights)  # each 3-D weight once, no slice
     shared_inputs = [n for n in collected if n.endswith("experts.down_proj_input_quantizer")]
     assert len(shared_inputs) == len(batches) * model.config.num_hidden_layers

@@ -1,8 +1,11 @@
 """Where the time of a quantized MoE forward goes: torch.profiler over one forward of
 benchmarks/ptq_gpu.py's "moe" shape after refquant's calibration (compiled backend), tables by
-host time and by device time, and the count of calls that wait for the device.
+host time and by device time, and the count of calls that wait for the device. With
+--calibration, where the host time of rq.quantize_model goes instead: cProfile over the second of
+two calibrations of the same pristine model (the first pays the compiles and one-time checks),
+tables by own time and by cumulative time.
 
-    python3 benchmarks/probes/moe_profile.py --out DIR [--recipe R] [--shape moe]
+    python3 benchmarks/probes/moe_profile.py --out DIR [--recipe R] [--shape moe] [--calibration]
 """
 
 from __future__ import annotations
@@ -36,14 +39,55 @@ def synchronizing_calls(model, batch) -> dict[str, int]:
     return counts
 
 
+def calibration_profile(args, device: torch.device) -> list[str]:
+    """cProfile tables of the second rq.quantize_model of two, each on a fresh copy of one model."""
+    import copy
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    pristine = ptq_gpu.build_model(args.shape, 0, torch.device("cpu"))
+    batches = ptq_gpu.batches_for(args.shape, 4, 4, 1024, 1)
+    flavor = "modelopt-cuda" if device.type == "cuda" else "modelopt-cpu"
+    recipe = rq.load_recipe(args.recipe)
+    text = [f"{args.shape} {args.recipe} calibration on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"]
+    for attempt in ("first", "second"):
+        model = copy.deepcopy(pristine).to(device)
+        ptq_gpu.synchronize(device)
+        profiler = cProfile.Profile() if attempt == "second" else None
+        began = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
+        rq.quantize_model(model, recipe, batches, backend="compiled", flavor=flavor, progress=False)
+        ptq_gpu.synchronize(device)
+        if profiler is not None:
+            profiler.disable()
+        text.append(f"{attempt} calibration: {time.perf_counter() - began:.3f} s")
+        del model
+    for order in ("tottime", "cumulative"):
+        stream = io.StringIO()
+        pstats.Stats(profiler, stream=stream).sort_stats(order).print_stats(45)
+        text.append(stream.getvalue())
+    return text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--recipe", default="fp8_default-fp8_kv")
     parser.add_argument("--shape", default="moe")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--calibration", action="store_true", help="profile rq.quantize_model's host time instead")
     args = parser.parse_args()
     device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.calibration:
+        text = calibration_profile(args, device)
+        (out / f"moe_calibration_profile_{args.recipe}.txt").write_text("\n".join(text))
+        print("\n".join(text[:3]))
+        return 0
     model = ptq_gpu.build_model(args.shape, 0, device)
     batches = ptq_gpu.batches_for(args.shape, 4, 4, 1024, 1)
     flavor = "modelopt-cuda" if device.type == "cuda" else "modelopt-cpu"
@@ -67,8 +111,6 @@ def main() -> int:
     text.append(f"calls that wait for the device: {waits}")
     text.append("synchronizing calls by where (torch.cuda.set_sync_debug_mode): "
                 + "; ".join(f"{count} x {where}" for where, count in sorted(syncs.items(), key=lambda kv: -kv[1])))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / f"moe_profile_{args.recipe}.txt").write_text("\n".join(text))
     print("\n".join(text[-1:]))
     return 0

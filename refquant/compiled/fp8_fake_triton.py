@@ -19,6 +19,11 @@ fp32, rounded to x's dtype. A NaN or infinite amax gives what the reference comp
 tests/test_fp8_fake_kernel.py holds it to the reference bit for bit on CUDA: every bf16 and fp16
 pattern, under every amax regime, both flavors (it is launched for bf16 and fp16 only; fp32
 keeps inductor's kernel).
+
+One amax per slice (a stack of expert weights, each under its own quantizer's amax): with
+PROGRAMS_PER_SLICE > 0 each slice is that many programs' elements, and a program reads the amax of
+its slice, amax_ptr[program // PROGRAMS_PER_SLICE]; the rest is the same step, so each slice gets
+what a launch on it alone under its amax gives.
 """
 
 from __future__ import annotations
@@ -39,15 +44,20 @@ NUM_WARPS = 4
 
 @triton.jit
 def _fp8_fake_kernel(x_ptr, amax_ptr, y_ptr, n, E4M3_MAX_: tl.constexpr, AMAX_FLOOR: tl.constexpr,
-                     RECIPROCAL_THEN_MULTIPLY: tl.constexpr, ELEMENTS: tl.constexpr):
-    amax = tl.load(amax_ptr).to(tl.float32)
+                     RECIPROCAL_THEN_MULTIPLY: tl.constexpr, ELEMENTS: tl.constexpr,
+                     PROGRAMS_PER_SLICE: tl.constexpr):
+    program = tl.program_id(0)
+    if PROGRAMS_PER_SLICE:  # one amax per slice: this program's slice's
+        amax = tl.load(amax_ptr + program // PROGRAMS_PER_SLICE).to(tl.float32)
+    else:
+        amax = tl.load(amax_ptr).to(tl.float32)
     amax = tl.where(amax <= AMAX_FLOOR, 1.0, amax)
     if RECIPROCAL_THEN_MULTIPLY:  # modelopt-cpu: Python's `448.0 / tensor` is a reciprocal, then a product
         scale = tl.div_rn(1.0, amax) * E4M3_MAX_
     else:  # modelopt-cuda: one correctly rounded division
         scale = tl.div_rn(E4M3_MAX_, amax)
     inv_scale = tl.div_rn(1.0, scale)
-    offsets = tl.program_id(0).to(tl.int64) * ELEMENTS + tl.arange(0, ELEMENTS)
+    offsets = program.to(tl.int64) * ELEMENTS + tl.arange(0, ELEMENTS)
     in_range = offsets < n
     x = tl.load(x_ptr + offsets, mask=in_range, other=0.0)
     v = mul_rn(x.to(tl.float32), scale)
@@ -58,12 +68,15 @@ def _fp8_fake_kernel(x_ptr, amax_ptr, y_ptr, n, E4M3_MAX_: tl.constexpr, AMAX_FL
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=in_range)
 
 
-def kernel_constants(flavor: str) -> dict[str, float | int | bool]:
+def kernel_constants(flavor: str, programs_per_slice: int = 0) -> dict[str, float | int | bool]:
     return {"E4M3_MAX_": E4M3_MAX, "AMAX_FLOOR": FP8_AMAX_FLOOR,
-            "RECIPROCAL_THEN_MULTIPLY": flavor == "modelopt-cpu", "ELEMENTS": ELEMENTS_PER_PROGRAM}
+            "RECIPROCAL_THEN_MULTIPLY": flavor == "modelopt-cpu", "ELEMENTS": ELEMENTS_PER_PROGRAM,
+            "PROGRAMS_PER_SLICE": programs_per_slice}
 
 
 @functools.cache
-def fake_quant_kernel(flavor: str) -> FakeQuantKernel:
-    """The kernel of one flavor as a bound launch calls it: params (amax,), a count per element."""
-    return FakeQuantKernel.of(_fp8_fake_kernel, kernel_constants(flavor), NUM_WARPS, unit=1, per_program=ELEMENTS_PER_PROGRAM)
+def fake_quant_kernel(flavor: str, programs_per_slice: int = 0) -> FakeQuantKernel:
+    """The kernel of one flavor as a bound launch calls it: params (amax,), a count per element;
+    with programs_per_slice > 0, amax holds one value per slice of that many programs' elements."""
+    return FakeQuantKernel.of(_fp8_fake_kernel, kernel_constants(flavor, programs_per_slice), NUM_WARPS, unit=1,
+                              per_program=ELEMENTS_PER_PROGRAM)

@@ -195,7 +195,7 @@ def fp8_fake_quant(
     if axis is None and _takes_kernel_per_slice(x, amax, BoundKernelLaunch.DTYPES):
         from . import fp8_fake_triton
 
-        return _fake_quant_slices(fp8_fake_triton.fake_quant_kernel(flavor), x, amax)
+        return _fake_quant_slices(functools.partial(fp8_fake_triton.fake_quant_kernel, flavor), x, amax)
     return _run(_compiled_fp8_fake_quant, reference_fp8.fp8_fake_quant, _own(x), _own(amax), axis=axis, flavor=flavor)
 
 
@@ -270,7 +270,7 @@ def nvfp4_fake_quant(
         if _takes_triton_block_step(x) and _takes_kernel_per_slice(x, amax, BoundKernelLaunch.DTYPES):
             from . import nvfp4_fake_triton
 
-            return _fake_quant_slices(nvfp4_fake_triton.fake_quant_kernel(), x, amax)
+            return _fake_quant_slices(nvfp4_fake_triton.fake_quant_kernel, x, amax)
         return _run(_nvfp4_fake_quant_graph(x, per_slice=True), reference_nvfp4.nvfp4_fake_quant, _own(x), _own(amax),
                     per_slice_amax=True)
     if _one_launch_takes(x, amax, unit=NVFP4_BLOCK_SIZE):
@@ -315,14 +315,22 @@ def _given_amax(amax: AmaxLike, x: torch.Tensor) -> torch.Tensor:
     return as_amax_tensor(amax, x)
 
 
-def _fake_quant_slices(kernel: FakeQuantKernel, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    """Each slice x[i] fake-quantized by `kernel` under its own amax amax[i], which is the
-    reference's per-slice result (each kernel is held to the reference for one amax); one launch a
-    slice, no graph, and for NVFP4 no GPU-division table on the device (the kernel divides as the
-    GPU does)."""
+def _fake_quant_slices(kernel_of: Callable[[int], FakeQuantKernel], x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """Each slice x[i] fake-quantized by a kernel of ours under its own amax amax[i], which is the
+    reference's per-slice result (each kernel is held to the reference for one amax, and per slice
+    to the per-slice reference); no graph, and for NVFP4 no GPU-division table on the device (the
+    kernel divides as the GPU does). kernel_of(programs_per_slice): the kernel, 0 for one amax.
+
+    One launch for the whole stack where a slice is a whole number of the kernel's programs (each
+    program then lies in one slice and reads that slice's amax: expert weights, whose sizes are
+    multiples of 4096); else one launch a slice."""
+    one_amax = kernel_of(0)
+    programs_per_slice, rest = divmod(x[0].numel() // one_amax.unit, one_amax.per_program)
+    if programs_per_slice and not rest:
+        return kernel_of(programs_per_slice)(x, (amax.reshape(-1).contiguous(),))
     out = torch.empty_like(x)
     for index, slice_amax in enumerate(amax.reshape(-1).unbind(0)):
-        kernel(x[index], (slice_amax,), out[index])
+        one_amax(x[index], (slice_amax,), out[index])
     return out
 
 

@@ -24,6 +24,10 @@ bf16 pattern, fp16 and fp32, NaN and inf blocks, elements next to every decision
 every block scale, zero, tiny, huge, inf and NaN global amax). The global scale is computed in the kernel from the amax (amax *
 fp32(1/2688), the reference's global_scale_from_amax for modelopt's kernel), so a call with a
 given amax is one launch.
+
+One global amax per slice (a stack of expert weights): with PROGRAMS_PER_SLICE > 0 each slice is
+that many programs' blocks and a program reads its slice's amax, amax_ptr[program //
+PROGRAMS_PER_SLICE]; the rest is the same step, so each slice gets what a launch on it alone gives.
 """
 
 from __future__ import annotations
@@ -159,12 +163,16 @@ def _nvfp4_fake_kernel(
     E2M1_MAX_: tl.constexpr,
     E4M3_MAX_: tl.constexpr,
     BLOCKS: tl.constexpr,
+    PROGRAMS_PER_SLICE: tl.constexpr,
 ):
+    program = tl.program_id(0)
+    if PROGRAMS_PER_SLICE:  # one global amax per slice: this program's slice's
+        amax_ptr = amax_ptr + program // PROGRAMS_PER_SLICE
     # The tensor's values, as refquant.numerics.nvfp4.nvfp4_fake_quant computes them.
     global_scale = tl.load(amax_ptr).to(tl.float32) * RCP_2688_  # any float amax: its .float(), exactly
     g = tl.where(global_scale > 0.0, global_scale, G_FLOOR)
     rcp_6g = _approx_reciprocal(g * E2M1_MAX_)
-    block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    block = program * BLOCKS + tl.arange(0, BLOCKS)
 
     # One thread owns a block, so every per-block value lives in its registers. The block max is
     # taken in x's dtype (exact, and the same order), skipping NaN (tl.max and tl.maximum).
@@ -200,8 +208,9 @@ def _nvfp4_fake_kernel(
         _store_four(y_ptr + start + 12, x12, x13, x14, x15, scale, rcp_scale, in_range)
 
 
-def kernel_constants() -> dict[str, float | int]:
-    """The kernel's constexpr arguments (also used by scripts/triton_sass.py)."""
+def kernel_constants(programs_per_slice: int = 0) -> dict[str, float | int]:
+    """The kernel's constexpr arguments (also used by scripts/triton_sass.py); programs_per_slice >
+    0: one amax per slice of that many programs' blocks."""
     return {
         "RCP_2688_": RCP_2688,
         "G_FLOOR": NVFP4_GLOBAL_SCALE_FLOOR,
@@ -209,6 +218,7 @@ def kernel_constants() -> dict[str, float | int]:
         "E2M1_MAX_": E2M1_MAX,
         "E4M3_MAX_": E4M3_MAX,
         "BLOCKS": BLOCKS_PER_PROGRAM,
+        "PROGRAMS_PER_SLICE": programs_per_slice,
     }
 
 
@@ -234,9 +244,10 @@ def nvfp4_fake_quant_blocks(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor
 
 
 @functools.cache
-def fake_quant_kernel() -> FakeQuantKernel:
-    """The kernel as a bound launch calls it: params (amax,), a count per block of 16."""
-    return FakeQuantKernel.of(_nvfp4_fake_kernel, kernel_constants(), NUM_WARPS, unit=NVFP4_BLOCK_SIZE,
+def fake_quant_kernel(programs_per_slice: int = 0) -> FakeQuantKernel:
+    """The kernel as a bound launch calls it: params (amax,), a count per block of 16; with
+    programs_per_slice > 0, amax holds one value per slice of that many programs' blocks."""
+    return FakeQuantKernel.of(_nvfp4_fake_kernel, kernel_constants(programs_per_slice), NUM_WARPS, unit=NVFP4_BLOCK_SIZE,
                               per_program=BLOCKS_PER_PROGRAM)
 
 

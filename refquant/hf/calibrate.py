@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from .insert import enabled_weight_views, refuse_unsupported_quantizers, weight_quantizer_modules
-from .experts import is_quant_experts, synchronize_token_counts
+from .experts import is_fused_experts, is_quant_experts, synchronize_token_counts
 from .dispatch import execution_device, loaded_weights, require_loaded
 from .placement import is_weight_quantizer
 from ..quant.distributed import rank_and_world, synchronize_calibration
 from ..numerics.checks import all_finite
-from ..quant.quantizer import named_quantizers, refuse_folded
+from ..quant.quantizer import collect_slices, named_quantizers, refuse_folded
 
 
 def run_batch(model: nn.Module, batch: Any) -> Any:
@@ -46,10 +46,15 @@ def batch_tokens(batch: Any) -> int:
 
 def _calibrate_weights(model: nn.Module) -> None:
     """modelopt's weight_only_quantize: each enabled weight quantizer sees its weight once, so
-    weights calibrate even where the forward never reaches them. Weights accelerate offloaded are
-    loaded as their layer's hook loads them around a forward."""
+    weights calibrate even where the forward never reaches them (fused experts: each projection's
+    slices in one reduction, refquant.quant.quantizer.collect_slices). Weights accelerate
+    offloaded are loaded as their layer's hook loads them around a forward."""
     for name, module in weight_quantizer_modules(model):
         with loaded_weights(module):
+            if is_fused_experts(module):
+                for projection, weight, quantizers in module.weight_slices_for_calibration():
+                    collect_slices(quantizers, require_loaded(f"{name}.{projection}", weight), range(weight.shape[0]))
+                continue
             for weight_name, view, quantizer in enabled_weight_views(module):
                 quantizer(require_loaded(f"{name}.{weight_name}", view))
 

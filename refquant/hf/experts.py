@@ -130,6 +130,11 @@ def is_quant_experts(module: nn.Module) -> bool:
     return isinstance(module, QuantExpertsMixin)
 
 
+def is_fused_experts(module: nn.Module) -> bool:
+    """A quantized fused experts module: one weight quantizer per expert slice."""
+    return isinstance(module, QuantFusedExpertsMixin)
+
+
 def force_eager_experts(model: nn.Module) -> bool:
     """modelopt's force_eager_experts_impl_on_the_fly: when the model has fused experts, set
     `_experts_implementation = "eager"` on its config and nested configs, so each expert runs
@@ -266,6 +271,12 @@ class QuantFusedExpertsMixin(QuantExpertsMixin):
             _, quantizers = self.projection_quantizers(projection)
             for index, quantizer in enumerate(quantizers):
                 yield f"{projection}.{index}", weight[index], quantizer
+
+    def weight_slices_for_calibration(self) -> Iterator[tuple[str, torch.Tensor, nn.ModuleList]]:
+        """(projection, its 3-D weight, its per-expert weight quantizers): weights_for_calibration's
+        slices a projection at a time."""
+        for projection in self._refquant_layout.projections:
+            yield projection, getattr(self, projection), self.projection_quantizers(projection)[1]
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         on, calibrating = self._quantizers_on_and_calibrating()

@@ -15,9 +15,9 @@ What stays as the eager loop has it, so the bits do:
   token rows in torch.where's order (by top-k position, then token), and its weight slice after
   its own quantizer; or, where refquant.hf.grouped_linear measured that it gives those bits (on a
   GPU, bf16), one grouped_mm over a group of experts on the same operands;
-- the outputs are summed by one index_add_ per expert, in ascending expert order (within one
-  expert no token repeats, so each index_add_ is deterministic, and the order across experts is
-  the eager loop's).
+- each token's outputs are added in ascending expert order onto zeros, each addition rounded
+  to the output's dtype: the eager loop's index_add_ per expert (within one expert no token
+  repeats, so each index_add_ is deterministic, and the order across experts is ascending).
 What changes:
 - every expert's tokens come from one stable sort of the routed expert ids and one read of the
   counts;
@@ -36,7 +36,11 @@ What changes:
   and only for experts that received rows (one expert's quantized weight at a time; while
   calibrating, its calibrator skips a slice it collected already, unchanged since);
 - groups are consecutive experts, at most GROUP_ROW_BYTES of rows through the two projections
-  and GROUP_BYTES of weights (one expert alone may hold more), which bounds the memory.
+  and GROUP_BYTES of weights (one expert alone may hold more), which bounds the memory;
+- where a layer's row outputs fit SUM_BYTES they are kept and summed token by token, one
+  addition a top-k slot over all tokens (top_k launches), not by an index_add_ per expert: the
+  same additions in the same order (an addition of two values rounds its exact sum once either
+  way), far fewer launches.
 tests/test_experts.py and tests/test_grouped_experts.py hold it to the eager loop with the quantizers
 at each F.linear bit for bit.
 """
@@ -52,7 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.quantizer import TensorQuantizer, passes_input_through, quantizes_with_fixed_amax, quantizer_sees_each_call
+from ..quant.quantizer import (TensorQuantizer, collect_slices, passes_input_through, quantizer_sees_each_call,
+                               quantizes_with_fixed_amax)
 from .grouped_linear import grouped_linear, grouped_matmul_allowed
 
 # The eager experts forward this loop reproduces, as transformers 5 writes it. A class whose
@@ -127,6 +132,12 @@ def expert_groups(counts: list[int], rows: int, experts: int) -> list[range]:
     return groups
 
 
+# The outputs of every row of a layer (a token's top_k rows) kept to be summed token by token in
+# top_k additions (_Routing.add_in_expert_order) instead of an index_add_ per expert: 4096 tokens
+# at top-8 of a 2048-wide layer (Qwen3-30B-A3B's). Larger layers or batches take the index_add_s.
+SUM_BYTES = 128 * 2**20
+
+
 @functools.lru_cache(maxsize=None)
 def runs_eager_forward(cls: type) -> bool:
     """Whether `cls.forward` is transformers' eager experts forward, EAGER_FORWARD, word for word."""
@@ -165,6 +176,7 @@ class _Routing:
         self.starts = [0]
         for count in self.counts:
             self.starts.append(self.starts[-1] + count)
+        self.rows = self.starts[-1]
         self._ends: Optional[torch.Tensor] = None
 
     def group_offsets(self, group: range) -> torch.Tensor:
@@ -173,6 +185,16 @@ class _Routing:
         if self._ends is None:
             self._ends = self._counts_on_device.cumsum(0, dtype=torch.int32)
         return self._ends[group.start:group.stop] - self.starts[group.start]
+
+    def add_in_expert_order(self, rows: torch.Tensor, output: torch.Tensor) -> None:
+        """output (zeros) plus each token's rows of `rows` (one row per routed (token, expert),
+        in this routing's row order), one addition a top-k slot, each token's rows in ascending
+        expert order: what an index_add_ per expert in ascending order adds, rounding for
+        rounding."""
+        # rows are by expert, so a stable sort by token keeps each token's rows by expert
+        slots = torch.sort(self.token, stable=True).indices.view(output.shape[0], -1).t().contiguous()
+        for slot in slots:
+            output.add_(rows[slot])
 
 
 def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -201,36 +223,53 @@ def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: to
     down_input_q, _ = module.projection_quantizers("down_proj")
     down_per_expert = not rows_independent(down_input_q)
     output = torch.zeros_like(hidden_states)
+    rows_out = None
+    if routing.rows * hidden_states.shape[-1] * output.element_size() <= SUM_BYTES:
+        rows_out = output.new_empty(routing.rows, hidden_states.shape[-1])
+    weight_calls: dict = {}  # per projection, the SliceCall of its weight quantizers for this forward (or None)
     for group in expert_groups(routing.counts, rows_per_group(module, hidden_states), experts_per_group(module)):
-        _group(module, routing, hidden_states, first_input_q, down_input_q, down_per_expert, group, output)
+        _group(module, routing, hidden_states, first_input_q, down_input_q, down_per_expert, group, output, rows_out,
+               weight_calls)
+    if rows_out is not None:
+        routing.add_in_expert_order(rows_out, output)
     return output
 
 
 def _group(module: nn.Module, routing: _Routing, hidden_states: torch.Tensor, first_input_q: Optional[TensorQuantizer],
-           down_input_q: TensorQuantizer, down_per_expert: bool, group: range, output: torch.Tensor) -> None:
-    """The eager loop's iterations for the experts in `group`, into `output`. first_input_q: None
-    when hidden_states are quantized already; down_per_expert: whether down_input_q is called on
-    each expert's rows (else once on the group's)."""
+           down_input_q: TensorQuantizer, down_per_expert: bool, group: range, output: torch.Tensor,
+           rows_out: Optional[torch.Tensor], weight_calls: dict) -> None:
+    """The eager loop's iterations for the experts in `group`: each row's output into rows_out,
+    or, without it, added into `output` by expert. first_input_q: None when hidden_states are
+    quantized already; down_per_expert: whether down_input_q is called on each expert's rows
+    (else once on the group's); weight_calls: as _group_weights says."""
     begin, end = routing.starts[group.start], routing.starts[group.stop]
     if begin == end:
         return
     counts = routing.counts[group.start:group.stop]
     tokens = routing.token[begin:end]
-    gate_up = _projection(module, "gate_up_proj", hidden_states[tokens], first_input_q, group, counts, routing)
+    gate_up = _projection(module, "gate_up_proj", hidden_states[tokens], first_input_q, group, counts, routing, weight_calls)
     gate, up = gate_up.chunk(2, dim=-1)
     h = module.act_fn(gate) * up
     del gate_up, gate, up
     if not down_per_expert:
         h = down_input_q(h)
-    y = _projection(module, "down_proj", h, down_input_q if down_per_expert else None, group, counts, routing)
-    y = (y * routing.weight[begin:end, None]).to(output.dtype)
+    y = _projection(module, "down_proj", h, down_input_q if down_per_expert else None, group, counts, routing,
+                    weight_calls)
+    weight = routing.weight[begin:end, None]
+    if rows_out is not None and y.dtype == weight.dtype == output.dtype:
+        torch.mul(y, weight, out=rows_out[begin:end])
+        return
+    y = (y * weight).to(output.dtype)
+    if rows_out is not None:
+        rows_out[begin:end] = y
+        return
     for expert_tokens, rows, count in zip(tokens.split(counts), y.split(counts), counts):
         if count:
             output.index_add_(0, expert_tokens, rows)
 
 
 def _projection(module: nn.Module, projection: str, x: torch.Tensor, input_q: Optional[TensorQuantizer],
-                group: range, counts: list[int], routing: _Routing) -> torch.Tensor:
+                group: range, counts: list[int], routing: _Routing, weight_calls: dict) -> torch.Tensor:
     """F.linear of each expert's rows of x (counts[i] rows for expert group[i], in order) with
     its weight, each through its quantizers (input_q None: x is quantized already), the results
     in x's row order: one grouped matmul where that gives the same bits (refquant.hf.grouped_linear),
@@ -239,7 +278,7 @@ def _projection(module: nn.Module, projection: str, x: torch.Tensor, input_q: Op
     parameter = getattr(module, projection)
     _, weight_quantizers = module.projection_quantizers(projection)
     if input_q is None and grouped_matmul_allowed(x):
-        weights = _group_weights(module, projection, parameter, weight_quantizers, group, counts)
+        weights = _group_weights(module, projection, parameter, weight_quantizers, group, counts, weight_calls)
         if weights is not None:
             out = grouped_linear(x, weights, counts, routing.group_offsets(group))
             if out is not None:
@@ -264,20 +303,22 @@ def _per_expert(x: torch.Tensor, counts: list[int], weight_of, group: range,
 
 
 def _group_weights(module: nn.Module, projection: str, parameter: torch.Tensor, quantizers: nn.ModuleList,
-                   group: range, counts: list[int]) -> Optional[torch.Tensor]:
+                   group: range, counts: list[int], weight_calls: dict) -> Optional[torch.Tensor]:
     """The group's weights after their quantizers as one (experts, out, in) tensor, where that
     needs no separate call of a quantizer that quantizes: one call over the group's slices with one
     amax per expert (SliceQuantizers); or, when every quantizer of an expert with rows passes
     its input through (off, folded, or only collecting while calibrating) and nothing watches it,
-    those calls (the eager loop's) and the parameter's slices themselves. Else None."""
+    those calls (the eager loop's, collect_slices: the maxima in one reduction, an off
+    quantizer's call skipped) and the parameter's slices themselves. Else None. weight_calls: the projection's SliceCall over all
+    its experts, bound (their checks, their amaxes stacked) at its first group of a forward."""
     slices = parameter[group.start:group.stop]
-    stacked = module.slice_quantizers(projection)(slices, first=group.start)
-    if stacked is not None:
-        return stacked
-    called = [quantizers[expert] for expert, count in zip(group, counts) if count]
-    if not all(passes_input_through(q) and not quantizer_sees_each_call(q) for q in called):
+    if projection not in weight_calls:
+        weight_calls[projection] = module.slice_quantizers(projection).bind(0, parameter.shape[0], parameter)
+    call = weight_calls[projection]
+    if call is not None:
+        return call(slices, group.start)
+    called = [(expert, quantizers[expert]) for expert, count in zip(group, counts) if count]
+    if not all(passes_input_through(q) and not quantizer_sees_each_call(q) for _, q in called):
         return None
-    for expert, count in zip(group, counts):
-        if count:
-            quantizers[expert](parameter[expert])
+    collect_slices(quantizers, parameter, [expert for expert, _ in called])
     return slices

@@ -84,6 +84,14 @@ def memory_key(x: torch.Tensor) -> tuple:
     return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
 
 
+def slice_memory_keys(weight: torch.Tensor) -> list[tuple]:
+    """memory_key(weight[i]) for every i, without making the views."""
+    storage, offset, step = weight.untyped_storage().data_ptr(), weight.storage_offset(), weight.stride(0)
+    shape, strides = tuple(weight.shape[1:]), weight.stride()[1:]
+    dtype, device, version = weight.dtype, weight.device, weight._version
+    return [(storage, offset + i * step, shape, strides, dtype, device, version) for i in range(weight.shape[0])]
+
+
 _FOLD_EVERY = 64  # calls whose maxima a calibrator keeps before it folds them into one
 
 
@@ -113,6 +121,12 @@ class _MaxCalibrator:
     def amax(self, value: Optional[torch.Tensor]) -> None:
         self._amax, self._unfolded = value, []
 
+    def keep_max(self, value: torch.Tensor) -> None:
+        """Take one call's per-tensor max|x| (0-d, x's dtype) into the running max."""
+        self._unfolded.append(value)
+        if len(self._unfolded) >= _FOLD_EVERY:
+            self.amax  # noqa: B018 - folds: the kept maxima stay few over a long calibration
+
     def collect(self, x: torch.Tensor, name: str, shared: Optional["SharedInputResult"] = None) -> None:
         """Take x's max|x| into the running max. The weight collected last, unchanged since, is
         skipped (the max of the same values again: every calibration batch passes each weight);
@@ -127,9 +141,7 @@ class _MaxCalibrator:
         else:
             self.last = None
         if self.axis is None:
-            self._unfolded.append(max_abs_one_kernel(x.detach()) if shared is None else shared.max_abs(x))
-            if len(self._unfolded) >= _FOLD_EVERY:
-                self.amax  # noqa: B018 - folds: the kept maxima stay few over a long calibration
+            self.keep_max(max_abs_one_kernel(x.detach()) if shared is None else shared.max_abs(x))
             return
         local = reduce_amax(x.detach(), self.axis)
         if self.amax is not None and self.amax.shape != local.shape:
@@ -625,6 +637,40 @@ def quantizer_sees_each_call(quantizer: nn.Module) -> bool:
     )
 
 
+def collect_slices(quantizers: nn.ModuleList, weight: torch.Tensor, indices: Iterable[int]) -> None:
+    """quantizers[i](weight[i]) for each i of `indices` (slices of a parameter, e.g. experts'
+    weights), as calibration calls them, with the max|x| of every slice that a call would only
+    collect taken in one reduction over the slices: a plain TensorQuantizer, nothing watching,
+    on, calibrating per tensor (modelopt's weights), the slice not collected already (the same
+    key the call would skip by). A max does not depend on how the elements are split, so each
+    quantizer keeps the value its own call would. An off quantizer's call does nothing and is
+    skipped; any other quantizer is called."""
+    if weight.numel() == 0 or weight.is_inference():
+        for i in indices:
+            quantizers[i](weight[i])
+        return
+    keys = slice_memory_keys(weight)
+    pending = []
+    for i in indices:
+        quantizer = quantizers[i]
+        if quantizer_sees_each_call(quantizer):
+            quantizer(weight[i])
+        elif not quantizer.is_enabled:
+            continue
+        elif quantizer._calibrator is None or quantizer._calibrator.axis is not None or quantizer._quantizing:
+            quantizer(weight[i])
+        elif quantizer._calibrator.last != keys[i]:
+            pending.append(i)
+    if not pending:
+        return
+    low, high = min(pending), max(pending) + 1
+    maxima = torch.linalg.vector_norm(weight[low:high].detach(), ord=float("inf"), dim=tuple(range(1, weight.ndim)))
+    for i in pending:
+        calibrator = quantizers[i]._calibrator
+        calibrator.last = keys[i]
+        calibrator.keep_max(maxima[i - low])
+
+
 class SliceQuantizers:
     """quantizers[i] applied to x[i] for every slice of a stacked tensor x (dim 0), in one call of
     the numerics with one amax per slice, where that gives the bits of the separate calls.
@@ -646,8 +692,16 @@ class SliceQuantizers:
         """quantizers[first + i] applied to x[i] for every i, or None where one call would not be
         exact (the caller then makes the per-slice calls). `first`: where x's slices start in
         the list (a group of experts)."""
-        quantizers = list(self.quantizers)[first:first + x.shape[0]]
-        if len(quantizers) != x.shape[0] or not quantizers:
+        call = self.bind(first, x.shape[0], x)
+        return None if call is None else call(x, first)
+
+    def bind(self, first: int, count: int, like: torch.Tensor) -> Optional["SliceCall"]:
+        """quantizers[first:first + count], checked and their amaxes stacked once, as a SliceCall
+        for stacks of their slices like `like` (dtype, device), or None where one call would not
+        be exact. The amaxes are the buffers' values now: bind again when they may have changed
+        (the experts loop binds at each forward)."""
+        quantizers = list(self.quantizers)[first:first + count]
+        if len(quantizers) != count or not quantizers:
             return None
         leader = quantizers[0]
         for quantizer in quantizers:
@@ -658,22 +712,46 @@ class SliceQuantizers:
         if leader.config.use_constant_amax:
             amax: Any = E4M3_MAX
         else:
-            amax = self._stacked_amax(quantizers, x)
+            amax = self._stacked_amax(quantizers, like)
             if amax is None:
                 return None
-        impl = numerics(leader.backend)
-        if leader.config.format == "fp8":
-            return impl.fp8_fake_quant(x, amax, flavor=leader.flavor)
-        return impl.nvfp4_fake_quant(x, amax, per_slice_amax=True)
+        return SliceCall(leader, first, amax)
 
-    def _stacked_amax(self, quantizers: list[TensorQuantizer], x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The amaxes stacked to (E, 1, ..., 1), made at every call from the buffers as they are
-        now (each quantizer's check first), so a write in place, `.data` included, is used."""
+    @staticmethod
+    def _stacked_amax(quantizers: list[TensorQuantizer], like: torch.Tensor) -> Optional[torch.Tensor]:
+        """The amaxes stacked to (E,), made from the buffers as they are now (each quantizer's
+        check first), so a write in place, `.data` included, is used."""
         buffers = [q._buffers["_amax"] for q in quantizers]
         if len({b.dtype for b in buffers}) != 1:
             return None  # torch.stack would promote; the separate calls each keep their dtype
         for quantizer in quantizers:
             quantizer._amax_value_now()
-        stacked = torch.stack([b.reshape(()).to(x.device) for b in buffers]).reshape(-1, *([1] * (x.ndim - 1)))
-        vouch_checked(stacked)  # each buffer was checked just now: no second check (a sync on a GPU)
-        return stacked
+        device = like.device
+        if not all(b.ndim == 0 and b.device == device for b in buffers):
+            buffers = [b.reshape(()).to(device) for b in buffers]
+        return torch.stack(buffers)
+
+
+class SliceCall:
+    """One numerics call over a stack of expert slices, each under its own quantizer's amax
+    (SliceQuantizers.bind): quantizers first, first + 1, ... of the bound list."""
+
+    __slots__ = ("_leader", "_first", "_amax")
+
+    def __init__(self, leader: TensorQuantizer, first: int, amax: Any):
+        self._leader, self._first, self._amax = leader, first, amax
+
+    def __call__(self, x: torch.Tensor, first: int) -> torch.Tensor:
+        """x[i] through quantizer first + i of the bound ones, for every i (x: (slices, ...))."""
+        amax = self._amax
+        if isinstance(amax, torch.Tensor):
+            start = first - self._first
+            if start < 0 or start + x.shape[0] > amax.shape[0]:
+                raise ValueError(f"slices {first}..{first + x.shape[0] - 1} are not among the bound "
+                                 f"{self._first}..{self._first + amax.shape[0] - 1}.")
+            amax = amax[start:start + x.shape[0]].reshape(-1, *([1] * (x.ndim - 1)))
+            vouch_checked(amax)  # each buffer was checked when bound: no second check (a sync on a GPU)
+        impl = numerics(self._leader.backend)
+        if self._leader.config.format == "fp8":
+            return impl.fp8_fake_quant(x, amax, flavor=self._leader.flavor)
+        return impl.nvfp4_fake_quant(x, amax, per_slice_amax=True)
