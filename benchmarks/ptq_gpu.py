@@ -5,7 +5,9 @@ a user would: calibration over the same batches, a forward of an evaluation batc
 Measured per variant (plain bf16, modelopt, refquant compiled, refquant reference):
 
     calibration s    wall time of rq.quantize_model / mtq.quantize (the forward loop included; the
-                     recipe is loaded, and modelopt's config made from it, before the clock starts)
+                     recipe is loaded, and modelopt's config made from it, before the clock starts);
+                     for refquant, after a ";", its max calibration alone (weight pass, forwards,
+                     amaxes stored; not the quantizers' insertion, the recipe's rules, the report)
     forward ms       median of timed forwards of the evaluation batch (CUDA events, after warm-up);
                      the JSON keeps every forward's time and host time, in order, and the two
                      warm-up forwards' (the first is the first forward after calibration)
@@ -230,6 +232,31 @@ def run_variant(variant: str, recipe: str, pristine, shape: str, args, batches, 
     return result
 
 
+@contextlib.contextmanager
+def timed_forward_loop(device: torch.device):
+    """Within the block, refquant's max calibration (the weight pass, the forwards over the
+    batches, the amaxes stored) is timed apart: {"s": seconds} once the block ends. The rest of
+    rq.quantize_model is the quantizers' insertion, the recipe's rules and the report."""
+    import refquant.hf.ptq as ptq_module
+
+    timing = {"s": None}
+    calibrate = ptq_module.max_calibrate
+
+    def timed(*args, **kwargs):
+        synchronize(device)
+        began = time.perf_counter()
+        out = calibrate(*args, **kwargs)
+        synchronize(device)
+        timing["s"] = time.perf_counter() - began
+        return out
+
+    ptq_module.max_calibrate = timed
+    try:
+        yield timing
+    finally:
+        ptq_module.max_calibrate = calibrate
+
+
 def _run_variant(variant: str, recipe: str, pristine, shape: str, args, batches, eval_batch, workdir: Path,
                  on_calibrated=None) -> dict:
     device = torch.device(args.device)
@@ -258,7 +285,9 @@ def _run_variant(variant: str, recipe: str, pristine, shape: str, args, batches,
     else:
         flavor = "modelopt-cuda" if device.type == "cuda" else "modelopt-cpu"
         backend = "compiled" if variant.startswith("compiled") else variant
-        rq.quantize_model(model, loaded, batches, backend=backend, flavor=flavor, progress=False)
+        with timed_forward_loop(device) as loop:
+            rq.quantize_model(model, loaded, batches, backend=backend, flavor=flavor, progress=False)
+        result["calibration_forwards_s"] = loop["s"]
     synchronize(device)
     result["calibration_s"] = time.perf_counter() - began
     amax = amax_table(model) if variant not in PLAIN_VARIANTS and args.compare else None  # before any fold
@@ -453,6 +482,8 @@ def table_row(shape: str, parameters: int, result: dict, plain: dict) -> dict:
     if "forward" in result and "forward" in plain:
         row["forward_over_plain"] = result["forward"]["median_ms"] / plain["forward"]["median_ms"]
         row["calibration_over_plain"] = result["calibration_s"] / plain["calibration_s"]
+        if result.get("calibration_forwards_s"):
+            row["calibration_forwards_over_plain"] = result["calibration_forwards_s"] / plain["calibration_s"]
     return row
 
 
@@ -467,6 +498,8 @@ def format_table(rows: list[dict]) -> str:
             continue
         f = r["forward"]
         cal = f"{r['calibration_s']:.2f} ({r.get('calibration_over_plain', 1):.2f})"
+        if r.get("calibration_forwards_s"):  # refquant: max calibration alone, then its ratio
+            cal += f"; {r['calibration_forwards_s']:.2f} ({r['calibration_forwards_over_plain']:.2f})"
         fwd = f"{f['median_ms']:.1f} ({r.get('forward_over_plain', 1):.2f}) [{f['min_ms']:.1f}-{f['max_ms']:.1f}]"
         paired = f"{r['paired']['ratio_median']:.2f}" if "paired" in r else "-"
         host = f"{f['host_ms']:.1f}" if "host_ms" in f else "-"

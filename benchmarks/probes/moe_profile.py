@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -79,6 +80,7 @@ def main() -> int:
     parser.add_argument("--shape", default="moe")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--calibration", action="store_true", help="profile rq.quantize_model's host time instead")
+    parser.add_argument("--forwards", type=int, default=8, help="timed forwards before the profiled one")
     args = parser.parse_args()
     device = torch.device(args.device)
     out = Path(args.out)
@@ -94,16 +96,21 @@ def main() -> int:
     rq.quantize_model(model, rq.load_recipe(args.recipe), batches, backend="compiled", flavor=flavor, progress=False)
     batch = batches[0].to(device)
     with torch.no_grad():
-        for _ in range(2):
+        times = []  # every forward before the profiled one, in order: a drift shows here
+        for _ in range(args.forwards):
+            ptq_gpu.synchronize(device)
+            began = time.perf_counter()
             model(input_ids=batch)
-        ptq_gpu.synchronize(device)
+            ptq_gpu.synchronize(device)
+            times.append(round((time.perf_counter() - began) * 1e3, 1))
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch.profiler.profile(activities=activities) as profile:
             model(input_ids=batch)
             ptq_gpu.synchronize(device)
         syncs = synchronizing_calls(model, batch) if device.type == "cuda" else {}
     averages = profile.key_averages()
-    text = [f"{args.shape} {args.recipe} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"]
+    text = [f"{args.shape} {args.recipe} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}",
+            f"forwards before the profiled one, ms: {times}"]
     text.append(averages.table(sort_by="self_cpu_time_total", row_limit=30))
     if device.type == "cuda":
         text.append(averages.table(sort_by="self_cuda_time_total", row_limit=20))

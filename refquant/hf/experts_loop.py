@@ -226,10 +226,10 @@ def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: to
     rows_out = None
     if routing.rows * hidden_states.shape[-1] * output.element_size() <= SUM_BYTES:
         rows_out = output.new_empty(routing.rows, hidden_states.shape[-1])
-    weight_calls: dict = {}  # per projection, the SliceCall of its weight quantizers for this forward (or None)
+    weights = {projection: _ProjectionWeights(module, projection) for projection in ("gate_up_proj", "down_proj")}
     for group in expert_groups(routing.counts, rows_per_group(module, hidden_states), experts_per_group(module)):
         _group(module, routing, hidden_states, first_input_q, down_input_q, down_per_expert, group, output, rows_out,
-               weight_calls)
+               weights)
     if rows_out is not None:
         routing.add_in_expert_order(rows_out, output)
     return output
@@ -237,24 +237,37 @@ def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: to
 
 def _group(module: nn.Module, routing: _Routing, hidden_states: torch.Tensor, first_input_q: Optional[TensorQuantizer],
            down_input_q: TensorQuantizer, down_per_expert: bool, group: range, output: torch.Tensor,
-           rows_out: Optional[torch.Tensor], weight_calls: dict) -> None:
+           rows_out: Optional[torch.Tensor], weights: dict[str, "_ProjectionWeights"]) -> None:
     """The eager loop's iterations for the experts in `group`: each row's output into rows_out,
     or, without it, added into `output` by expert. first_input_q: None when hidden_states are
     quantized already; down_per_expert: whether down_input_q is called on each expert's rows
-    (else once on the group's); weight_calls: as _group_weights says."""
+    (else once on the group's); weights: each projection's, for this forward."""
     begin, end = routing.starts[group.start], routing.starts[group.stop]
     if begin == end:
         return
     counts = routing.counts[group.start:group.stop]
     tokens = routing.token[begin:end]
-    gate_up = _projection(module, "gate_up_proj", hidden_states[tokens], first_input_q, group, counts, routing, weight_calls)
+    offsets = None  # grouped_mm's, made once a group when a projection takes the grouped matmul
+
+    def project(projection: str, x: torch.Tensor, input_q: Optional[TensorQuantizer]) -> torch.Tensor:
+        nonlocal offsets
+        stacked = weights[projection].of_group(group, counts) if input_q is None and grouped_matmul_allowed(x) else None
+        if stacked is not None:
+            if offsets is None:
+                offsets = routing.group_offsets(group)
+            out = grouped_linear(x, stacked, counts, offsets)
+            if out is not None:
+                return out
+            return _per_expert(x, counts, lambda index, expert: stacked[index], group)
+        return _per_expert(x, counts, weights[projection].quantized, group, input_q)
+
+    gate_up = project("gate_up_proj", hidden_states[tokens], first_input_q)
     gate, up = gate_up.chunk(2, dim=-1)
     h = module.act_fn(gate) * up
     del gate_up, gate, up
     if not down_per_expert:
         h = down_input_q(h)
-    y = _projection(module, "down_proj", h, down_input_q if down_per_expert else None, group, counts, routing,
-                    weight_calls)
+    y = project("down_proj", h, down_input_q if down_per_expert else None)
     weight = routing.weight[begin:end, None]
     if rows_out is not None and y.dtype == weight.dtype == output.dtype:
         torch.mul(y, weight, out=rows_out[begin:end])
@@ -268,32 +281,11 @@ def _group(module: nn.Module, routing: _Routing, hidden_states: torch.Tensor, fi
             output.index_add_(0, expert_tokens, rows)
 
 
-def _projection(module: nn.Module, projection: str, x: torch.Tensor, input_q: Optional[TensorQuantizer],
-                group: range, counts: list[int], routing: _Routing, weight_calls: dict) -> torch.Tensor:
-    """F.linear of each expert's rows of x (counts[i] rows for expert group[i], in order) with
-    its weight, each through its quantizers (input_q None: x is quantized already), the results
-    in x's row order: one grouped matmul where that gives the same bits (refquant.hf.grouped_linear),
-    else one F.linear per expert. An expert without rows is skipped, its quantizers not called,
-    as in the eager loop."""
-    parameter = getattr(module, projection)
-    _, weight_quantizers = module.projection_quantizers(projection)
-    if input_q is None and grouped_matmul_allowed(x):
-        weights = _group_weights(module, projection, parameter, weight_quantizers, group, counts, weight_calls)
-        if weights is not None:
-            out = grouped_linear(x, weights, counts, routing.group_offsets(group))
-            if out is not None:
-                return out
-            return _per_expert(x, counts, lambda index, expert: weights[index], group)
-
-    def quantized(index: int, expert: int) -> torch.Tensor:
-        return weight_quantizers[expert](parameter[expert])
-    return _per_expert(x, counts, quantized, group, input_q)
-
-
 def _per_expert(x: torch.Tensor, counts: list[int], weight_of, group: range,
                 input_q: Optional[TensorQuantizer] = None) -> torch.Tensor:
     """One F.linear per expert with rows: its rows (through input_q when given), then
-    weight_of(index in group, expert), as modelopt's F.linear calls the two quantizers."""
+    weight_of(index in group, expert), as modelopt's F.linear calls the two quantizers. An expert
+    without rows is skipped, its quantizers not called, as in the eager loop."""
     pieces = []
     for index, (expert, rows) in enumerate(zip(group, x.split(counts))):
         if rows.shape[0]:
@@ -302,23 +294,44 @@ def _per_expert(x: torch.Tensor, counts: list[int], weight_of, group: range,
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-def _group_weights(module: nn.Module, projection: str, parameter: torch.Tensor, quantizers: nn.ModuleList,
-                   group: range, counts: list[int], weight_calls: dict) -> Optional[torch.Tensor]:
-    """The group's weights after their quantizers as one (experts, out, in) tensor, where that
-    needs no separate call of a quantizer that quantizes: one call over the group's slices with one
-    amax per expert (SliceQuantizers); or, when every quantizer of an expert with rows passes
-    its input through (off, folded, or only collecting while calibrating) and nothing watches it,
-    those calls (the eager loop's, collect_slices: the maxima in one reduction, an off
-    quantizer's call skipped) and the parameter's slices themselves. Else None. weight_calls: the projection's SliceCall over all
-    its experts, bound (their checks, their amaxes stacked) at its first group of a forward."""
-    slices = parameter[group.start:group.stop]
-    if projection not in weight_calls:
-        weight_calls[projection] = module.slice_quantizers(projection).bind(0, parameter.shape[0], parameter)
-    call = weight_calls[projection]
-    if call is not None:
-        return call(slices, group.start)
-    called = [(expert, quantizers[expert]) for expert, count in zip(group, counts) if count]
-    if not all(passes_input_through(q) and not quantizer_sees_each_call(q) for _, q in called):
-        return None
-    collect_slices(quantizers, parameter, [expert for expert, _ in called])
-    return slices
+_UNBOUND = object()
+
+
+class _ProjectionWeights:
+    """A projection's 3-D weight and its per-expert weight quantizers, for one forward of the
+    loop: what is asked of all of them (bound calls, checks) is asked once a forward."""
+
+    def __init__(self, module: nn.Module, projection: str):
+        self.projection = projection
+        self.parameter = getattr(module, projection)
+        self.quantizers = list(module.projection_quantizers(projection)[1])
+        self._slice_quantizers = module.slice_quantizers(projection)
+        self._call = _UNBOUND
+        self._passing: Optional[tuple[bool, bool]] = None
+
+    def quantized(self, index: int, expert: int) -> torch.Tensor:
+        """Expert `expert`'s slice through its own quantizer (the eager loop's call)."""
+        return self.quantizers[expert](self.parameter[expert])
+
+    def of_group(self, group: range, counts: list[int]) -> Optional[torch.Tensor]:
+        """The group's weights after their quantizers as one (experts, out, in) tensor, where that
+        needs no separate call of a quantizer that quantizes: one call over the group's slices
+        with one amax per expert (SliceQuantizers, bound at the forward's first group: the checks,
+        the amaxes stacked); or, when every quantizer passes its input through (off, folded, or
+        only collecting while calibrating) and nothing watches one, the calls of the experts with
+        rows that collect (the eager loop's calls; collect_slices: the maxima in one reduction)
+        and the parameter's slices themselves. Else None."""
+        slices = self.parameter[group.start:group.stop]
+        if self._call is _UNBOUND:
+            self._call = self._slice_quantizers.bind(0, self.parameter.shape[0], self.parameter)
+        if self._call is not None:
+            return self._call(slices, group.start)
+        if self._passing is None:
+            through = all(passes_input_through(q) and not quantizer_sees_each_call(q) for q in self.quantizers)
+            self._passing = (through, through and any(q.is_enabled and q.is_calibrating for q in self.quantizers))
+        through, collecting = self._passing
+        if not through:
+            return None
+        if collecting:
+            collect_slices(self.quantizers, self.parameter, [e for e, count in zip(group, counts) if count])
+        return slices

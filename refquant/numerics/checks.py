@@ -189,27 +189,41 @@ def max_abs(x: torch.Tensor) -> torch.Tensor:
     return x.abs().amax(dim=-1).amax()
 
 
-def _each_read_back_once(tensors: list[torch.Tensor], reduce) -> list:
+def _each_read_back_once(tensors: list[torch.Tensor], reduce, each) -> list:
     """reduce(t), a 0-d tensor, of each tensor as a Python number, read back from each device once:
-    a model's amaxes read one by one would wait for the device once each."""
+    a model's amaxes read one by one would wait for the device once each. One-element tensors of
+    one dtype (a model holds thousands of such amaxes) are stacked and given to `each`, which
+    gives, element by element, what reduce gives for a tensor of that one element: one launch
+    for all of them, not one each."""
     values: list = [None] * len(tensors)
     by_device: dict[torch.device, list[int]] = {}
     for index, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(index)
     for indices in by_device.values():
-        for i, value in zip(indices, torch.stack([reduce(tensors[i]) for i in indices]).tolist()):
+        results, order = [], []
+        scalars: dict[torch.dtype, list[int]] = {}
+        for i in indices:
+            if tensors[i].numel() == 1:
+                scalars.setdefault(tensors[i].dtype, []).append(i)
+            else:
+                results.append(reduce(tensors[i]).reshape(1))
+                order.append(i)
+        for group in scalars.values():
+            results.append(each(torch.stack([tensors[i].reshape(()) for i in group])))
+            order += group
+        for i, value in zip(order, torch.cat([r.float() for r in results]).tolist()):
             values[i] = value
     return values
 
 
 def largest_values(tensors: list[torch.Tensor]) -> list[float]:
     """float(t.float().max()) of each tensor (NaN where it holds one), one read back a device."""
-    return _each_read_back_once(tensors, lambda t: t.float().max())
+    return _each_read_back_once(tensors, lambda t: t.float().max(), lambda stacked: stacked.float())
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
     """Whether every element of every tensor is finite, one read back a device."""
-    return all(_each_read_back_once(tensors, lambda t: torch.isfinite(t).all()))
+    return all(_each_read_back_once(tensors, lambda t: torch.isfinite(t).all(), torch.isfinite))
 
 
 def max_abs_one_kernel(x: torch.Tensor) -> torch.Tensor:

@@ -84,12 +84,12 @@ def memory_key(x: torch.Tensor) -> tuple:
     return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version)
 
 
-def slice_memory_keys(weight: torch.Tensor) -> list[tuple]:
-    """memory_key(weight[i]) for every i, without making the views."""
+def slice_memory_keys(weight: torch.Tensor, indices: Iterable[int]) -> dict[int, tuple]:
+    """{i: memory_key(weight[i])} for each i, without making the views."""
     storage, offset, step = weight.untyped_storage().data_ptr(), weight.storage_offset(), weight.stride(0)
     shape, strides = tuple(weight.shape[1:]), weight.stride()[1:]
     dtype, device, version = weight.dtype, weight.device, weight._version
-    return [(storage, offset + i * step, shape, strides, dtype, device, version) for i in range(weight.shape[0])]
+    return {i: (storage, offset + i * step, shape, strides, dtype, device, version) for i in indices}
 
 
 _FOLD_EVERY = 64  # calls whose maxima a calibrator keeps before it folds them into one
@@ -637,7 +637,7 @@ def quantizer_sees_each_call(quantizer: nn.Module) -> bool:
     )
 
 
-def collect_slices(quantizers: nn.ModuleList, weight: torch.Tensor, indices: Iterable[int]) -> None:
+def collect_slices(quantizers: nn.ModuleList | list, weight: torch.Tensor, indices: Iterable[int]) -> None:
     """quantizers[i](weight[i]) for each i of `indices` (slices of a parameter, e.g. experts'
     weights), as calibration calls them, with the max|x| of every slice that a call would only
     collect taken in one reduction over the slices: a plain TensorQuantizer, nothing watching,
@@ -645,28 +645,29 @@ def collect_slices(quantizers: nn.ModuleList, weight: torch.Tensor, indices: Ite
     key the call would skip by). A max does not depend on how the elements are split, so each
     quantizer keeps the value its own call would. An off quantizer's call does nothing and is
     skipped; any other quantizer is called."""
+    listed = list(quantizers)  # one pass: a ModuleList's indexing costs more than its iteration
     if weight.numel() == 0 or weight.is_inference():
         for i in indices:
-            quantizers[i](weight[i])
+            listed[i](weight[i])
         return
-    keys = slice_memory_keys(weight)
+    keys = slice_memory_keys(weight, indices)
     pending = []
-    for i in indices:
-        quantizer = quantizers[i]
+    for i, key in keys.items():
+        quantizer = listed[i]
         if quantizer_sees_each_call(quantizer):
             quantizer(weight[i])
         elif not quantizer.is_enabled:
             continue
         elif quantizer._calibrator is None or quantizer._calibrator.axis is not None or quantizer._quantizing:
             quantizer(weight[i])
-        elif quantizer._calibrator.last != keys[i]:
+        elif quantizer._calibrator.last != key:
             pending.append(i)
     if not pending:
         return
     low, high = min(pending), max(pending) + 1
     maxima = torch.linalg.vector_norm(weight[low:high].detach(), ord=float("inf"), dim=tuple(range(1, weight.ndim)))
     for i in pending:
-        calibrator = quantizers[i]._calibrator
+        calibrator = listed[i]._calibrator
         calibrator.last = keys[i]
         calibrator.keep_max(maxima[i - low])
 
