@@ -404,6 +404,31 @@ def test_experts_loop_calls_a_watched_or_dynamic_quantizer_once_per_expert_as_mo
     assert seen == [2, 2, 1, 1]  # experts 0..3 received 2, 2, 1 and 1 rows
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_token_by_token_sum_adds_what_an_index_add_per_expert_adds(dtype):
+    """_Routing.add_in_expert_order against the eager loop's index_add_ per expert in ascending
+    order, bit for bit: rows of every magnitude (sums that round, cancel, overflow), -0.0, inf
+    and NaN, top-1 to top-8 routing with experts some tokens share."""
+    generator = torch.Generator().manual_seed(5)
+    for top_k in (1, 2, 5, 8):
+        tokens, experts, hidden = 37, 9, 24
+        index = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)])
+        routing = experts_loop._Routing(index, torch.ones(tokens, top_k), experts)
+        scale = 2.0 ** torch.randint(-30, 30, (routing.rows, 1), generator=generator).float()
+        rows = (torch.randn(routing.rows, hidden, generator=generator) * scale).to(dtype)
+        rows[::7, 0] = -0.0
+        rows[3, 1], rows[5, 2], rows[8, 3] = float("inf"), float("-inf"), float("nan")
+        rows[:, 4] = torch.finfo(dtype).max  # sums past the largest value
+        ours = torch.zeros(tokens, hidden, dtype=dtype)
+        routing.add_in_expert_order(rows, ours)
+        eager = torch.zeros(tokens, hidden, dtype=dtype)
+        for expert in range(experts):
+            begin, end = routing.starts[expert], routing.starts[expert + 1]
+            if end > begin:
+                eager.index_add_(0, routing.token[begin:end], rows[begin:end])
+        assert torch.equal(ours.view(torch.uint8), eager.view(torch.uint8)), f"top-{top_k}"
+
+
 def test_swapped_forward_groups_as_many_experts_as_the_byte_budget_holds():
     model = mc.build_model("qwen3_moe")
     experts = next(m for m in model.modules() if experts_module.experts_layout("", m) is not None)
