@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Iterable, Optional, Union
 
 from dataclasses_json import DataClassJsonMixin, config
 from torch import nn
@@ -460,15 +460,29 @@ def rule_matches(rule: QuantRule, name: str, parent: nn.Module | None, parent_cl
     return isinstance(parent, parent_class)
 
 
-def _quantizers_and_parents(
-    model: nn.Module,
-) -> tuple[list[tuple[str, TensorQuantizer]], dict[str, nn.Module], dict[str, str]]:
-    """named_quantizers(model), each one's parent module (`a.b` for `a.b.c`; the model for a
-    top-level name) from one walk over the modules, and each name's fused_expert_form."""
-    modules = dict(model.named_modules())
-    quantizers = [(name, module) for name, module in modules.items() if isinstance(module, TensorQuantizer)]
-    parents = {name: modules[name.rpartition(".")[0]] for name, _ in quantizers}
-    return quantizers, parents, {name: fused_expert_form(name) for name, _ in quantizers}
+class _QuantizerNames:
+    """A model's quantizers as rules see them, from one walk over its modules: names, parents (`a.b`
+    for `a.b.c`; the model for a top-level name) and fused-expert forms; `matching` is
+    rule_matches over all of them at once (a model with MoE experts holds thousands)."""
+
+    def __init__(self, model: nn.Module):
+        modules = dict(model.named_modules())
+        self.quantizers = [(name, module) for name, module in modules.items() if isinstance(module, TensorQuantizer)]
+        self.names = [name for name, _ in self.quantizers]
+        self.parents = [modules[name.rpartition(".")[0]] for name in self.names]
+        forms = [fused_expert_form(name) for name in self.names]
+        self._other_forms = [form if form != name else None for form, name in zip(forms, self.names)]
+
+    def matching(self, rule: QuantRule, parent_class: type | None = None, among: Iterable[int] | None = None) -> list[int]:
+        """The indices (of `among`, default all) of the quantizers rule_matches(rule, ...) accepts."""
+        match = _glob(rule.quantizer_name)
+        names, forms = self.names, self._other_forms
+        found = [i for i in (range(len(names)) if among is None else among)
+                 if match(names[i]) is not None or (forms[i] is not None and match(forms[i]) is not None)]
+        if rule.parent_class is None:
+            return found
+        parent_class = parent_class or parent_class_of(rule.parent_class)
+        return [i for i in found if isinstance(self.parents[i], parent_class)]
 
 
 def apply_recipe(model: nn.Module, recipe: Recipe) -> RecipeApplication:
@@ -478,7 +492,8 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> RecipeApplication:
     an enable-only rule flips on/off. The parent of `a.b.c` is the module `a.b` (the model for a
     top-level name). Returns the names each rule matched and the rules that matched nothing.
     """
-    quantizers, parents, normalized = _quantizers_and_parents(model)
+    named = _QuantizerNames(model)
+    quantizers = named.quantizers
     # before any rule: a rule that switches a quantizer off would already change the model
     refuse_folded(quantizers, f"apply recipe {recipe.name}")
     matches: dict[int, list[str]] = {}
@@ -488,9 +503,8 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> RecipeApplication:
             raise ValueError(f"{where}: rule has neither cfg nor enable; give it one of them.")
         parent_class = parent_class_of(rule.parent_class, where) if rule.parent_class else None
         matched = []
-        for name, quantizer in quantizers:
-            if not rule_matches(rule, name, parents[name], parent_class, normalized[name]):
-                continue
+        for position in named.matching(rule, parent_class):
+            name, quantizer = quantizers[position]
             matched.append(name)
             if rule.cfg is not None:
                 quantizer.set_config(replace(rule.cfg, enable=True if rule.enable is None else rule.enable))
@@ -519,7 +533,8 @@ def check_application(application: RecipeApplication, model: nn.Module) -> list[
         recipe asks for quantization and would quantize no weight.
     Returns one line for each other enabling rule that matched nothing (a rule for another family).
     """
-    quantizers, parents, normalized = _quantizers_and_parents(model)
+    named = _QuantizerNames(model)
+    quantizers = named.quantizers
     words = {word for name, _ in quantizers for word in _WORD.findall(name)}
     components = {part for name, _ in quantizers for part in name.split(".")}
     recipe = application.recipe
@@ -530,8 +545,8 @@ def check_application(application: RecipeApplication, model: nn.Module) -> list[
             continue
         enables = rule.cfg is not None or bool(rule.enable)
         unmatched_enabling |= enables
-        targets = [(name, quantizer) for name, quantizer in quantizers if enables or quantizer.is_enabled]
-        suggestion = _one_edit_fix(rule, targets, parents, normalized, words, components)
+        targets = [index for index, (_, quantizer) in enumerate(quantizers) if enables or quantizer.is_enabled]
+        suggestion = _one_edit_fix(rule, targets, named, words, components)
         where = f"quant_cfg[{index}] ({rule.origin or 'rule'}: quantizer_name={rule.quantizer_name!r})"
         if suggestion is not None:
             pattern, matched = suggestion
@@ -559,10 +574,11 @@ _GLOB_BRACKETS = re.compile(r"\[[^\]]*\]")
 _LITERAL_RUN = re.compile(r"[^.*?\[\]]+")
 
 
-def _one_edit_fix(rule: QuantRule, targets, parents, normalized: dict[str, str], words: set[str], components: set[str]):
+def _one_edit_fix(rule: QuantRule, targets: list[int], named: _QuantizerNames, words: set[str], components: set[str]):
     """(pattern, names it matches) for the first one-edit change of a word (or a literal run
     between dots and wildcards) of the rule's pattern into a word (or a dotted component) of the
-    quantizer names after which the rule matches some of `targets`; None when there is none."""
+    quantizer names after which the rule matches some of `targets` (indices into `named`); None
+    when there is none."""
     pattern = rule.quantizer_name
     brackets = [match.span() for match in _GLOB_BRACKETS.finditer(pattern)]
     outside = lambda span: not any(start < span[1] and span[0] < end for start, end in brackets)  # noqa: E731
@@ -574,10 +590,9 @@ def _one_edit_fix(rule: QuantRule, targets, parents, normalized: dict[str, str],
     parent_class = parent_class_of(rule.parent_class) if rule.parent_class else None
     for (start, end), word in edits:
         candidate = replace(rule, quantizer_name=pattern[:start] + word + pattern[end:])
-        matched = [name for name, _ in targets
-                   if rule_matches(candidate, name, parents[name], parent_class, normalized[name])]
+        matched = named.matching(candidate, parent_class, among=targets)
         if matched:
-            return candidate.quantizer_name, matched
+            return candidate.quantizer_name, [named.names[i] for i in matched]
     return None
 
 
