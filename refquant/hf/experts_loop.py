@@ -29,9 +29,11 @@ What changes:
   NVFP4 by blocks along the row), and max calibration's max is the same over any split. Otherwise
   it is called on each expert's rows, as the eager loop calls it;
 - for the grouped matmul, a group's weights are fake-quantized in one call with one amax per
-  expert (refquant.quant.quantizer.SliceQuantizers) where that is exact; while calibrating, or
-  folded or off, the quantizers of the experts with rows are called (they pass their input
-  through) and the parameter's slices are used as they lie;
+  expert (refquant.quant.quantizer.SliceQuantizers, the quantizers checked and their amaxes
+  stacked once a forward) where that is exact; while calibrating, or folded or off, the
+  parameter's slices are used as they lie, and of the quantizers of the experts with rows those
+  that collect take their slices' maxima (collect_slices: one reduction; an off quantizer's call
+  does nothing and is not made);
 - otherwise each expert's weight slice goes through its own quantizer just before its F.linear,
   and only for experts that received rows (one expert's quantized weight at a time; while
   calibrating, its calibrator skips a slice it collected already, unchanged since);
