@@ -8,6 +8,8 @@
 #   bash scripts/gpu_check.sh bench     the MoE shape (also its plain eager loop) and the 0.6B shape (48 calibration
 #                                       batches, also folded and with the fast launch off) against
 #                                       modelopt (benchmarks/ptq_gpu.py); ~6 min
+#   bash scripts/gpu_check.sh groups    the MoE experts loop's group budgets against time and memory
+#                                       (benchmarks/probes/moe_groups.py, FP8 and NVFP4, folded too); ~2 min
 #   bash scripts/gpu_check.sh large     the 6.7B shape (48 calibration batches, also folded) and the kernel
 #                                       table (benchmarks/gpu_report.py); ~4 min
 #   bash scripts/gpu_check.sh targets   the compiled backend's speed targets: the 0.6B shape against modelopt
@@ -53,6 +55,12 @@ bench)
     --variants plain plain_eager modelopt compiled compiled_folded --batches 4 --repeats 5 --no-paired 2>&1 | tee "$OUT/ptq_moe.log" | tail -12
   timeout 280 python3 benchmarks/ptq_gpu.py --out "$OUT/small" --shapes small --recipes fp8_default-fp8_kv nvfp4_default-fp8_cast_kv \
     --variants plain modelopt compiled compiled_folded compiled_fallback --batches 48 --repeats 10 --no-export 2>&1 | tee "$OUT/ptq_small.log" | tail -12
+  ;;
+groups)
+  for recipe in fp8_default-fp8_kv nvfp4_default-fp8_cast_kv; do
+    timeout 150 python3 benchmarks/probes/moe_groups.py --out "$OUT/groups" --recipe $recipe --folded --repeats 10 2>&1 \
+      | tee -a "$OUT/moe_groups.log" | grep -v Warning | tail -6
+  done
   ;;
 large)
   build_modelopt_fp8
