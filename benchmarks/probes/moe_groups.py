@@ -16,6 +16,7 @@ included) and layer 0's experts forward's peak above what was held when it began
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -54,11 +55,20 @@ def _peak_above(held: int) -> float | None:
 SETTINGS = ((64, 80), (128, 160), (256, 320))
 
 
-def forward_under(model, batch: torch.Tensor, rows_mib: int, weights_mib: int, repeats: int) -> dict:
-    """The forward's times, peak memory and logits with the loop's budgets set to these."""
+@contextlib.contextmanager
+def budgets(rows_mib: int, weights_mib: int):
+    """The experts loop's group budgets set to these within the block."""
     saved = experts_loop.GROUP_ROW_BYTES, experts_loop.GROUP_BYTES
     experts_loop.GROUP_ROW_BYTES, experts_loop.GROUP_BYTES = rows_mib * MIB, weights_mib * MIB
     try:
+        yield
+    finally:
+        experts_loop.GROUP_ROW_BYTES, experts_loop.GROUP_BYTES = saved
+
+
+def forward_under(model, batch: torch.Tensor, rows_mib: int, weights_mib: int, repeats: int) -> dict:
+    """The forward's times, peak memory and logits with the loop's budgets set to these."""
+    with budgets(rows_mib, weights_mib):
         times = []
         with torch.no_grad():
             logits = model(input_ids=batch).logits  # warm-up
@@ -75,8 +85,6 @@ def forward_under(model, batch: torch.Tensor, rows_mib: int, weights_mib: int, r
             logits = model(input_ids=batch).logits
             _synchronize()
             peak = _peak_above(held)
-    finally:
-        experts_loop.GROUP_ROW_BYTES, experts_loop.GROUP_BYTES = saved
     return {"rows_mib": rows_mib, "weights_mib": weights_mib, "median_ms": statistics.median(times),
             "min_ms": min(times), "each_ms": times, "forward_peak_mib": peak, "_logits": logits}
 
@@ -101,13 +109,10 @@ def layer0_groups_and_peak(model, batch: torch.Tensor, rows_mib: int, weights_mi
         seen["peak"] = _peak_above(seen["held"])
 
     handles = [experts.register_forward_pre_hook(before), experts.register_forward_hook(after)]
-    saved = experts_loop.GROUP_ROW_BYTES, experts_loop.GROUP_BYTES
-    experts_loop.GROUP_ROW_BYTES, experts_loop.GROUP_BYTES = rows_mib * MIB, weights_mib * MIB
     try:
-        with torch.no_grad():
+        with budgets(rows_mib, weights_mib), torch.no_grad():
             model(input_ids=batch)
     finally:
-        experts_loop.GROUP_ROW_BYTES, experts_loop.GROUP_BYTES = saved
         for handle in handles:
             handle.remove()
     return seen["groups"], seen["peak"]

@@ -266,9 +266,7 @@ class QuantFusedExpertsMixin(QuantExpertsMixin):
     def weights_for_calibration(self) -> Iterator[tuple[str, torch.Tensor, TensorQuantizer]]:
         """modelopt's iter_weights_for_calibration: ("projection.i", expert i's slice, its weight
         quantizer)."""
-        for projection in self._refquant_layout.projections:
-            weight = getattr(self, projection)
-            _, quantizers = self.projection_quantizers(projection)
+        for projection, weight, quantizers in self.weight_slices_for_calibration():
             for index, quantizer in enumerate(quantizers):
                 yield f"{projection}.{index}", weight[index], quantizer
 

@@ -304,7 +304,6 @@ class _ProjectionWeights:
     loop: what is asked of all of them (bound calls, checks) is asked once a forward."""
 
     def __init__(self, module: nn.Module, projection: str):
-        self.projection = projection
         self.parameter = getattr(module, projection)
         self.quantizers = list(module.projection_quantizers(projection)[1])
         self._slice_quantizers = module.slice_quantizers(projection)

@@ -445,19 +445,28 @@ def _glob(pattern: str) -> Callable[[str], Any]:
     return re.compile(fnmatch.translate(pattern)).match
 
 
-def rule_matches(rule: QuantRule, name: str, parent: nn.Module | None, parent_class: type | None = None,
-                 normalized: str | None = None) -> bool:
-    """fnmatch (case-sensitive) on the full dotted name, or on its fused-expert form
-    (`normalized`, computed when not given); then the parent."""
-    match = _glob(rule.quantizer_name)
-    if match(name) is None:
-        normalized = fused_expert_form(name) if normalized is None else normalized
-        if normalized == name or match(normalized) is None:
-            return False
+def rule_matches(rule: QuantRule, name: str, parent: nn.Module | None, parent_class: type | None = None) -> bool:
+    """fnmatch (case-sensitive) on the full dotted name, or on its fused-expert form; then the
+    parent."""
+    return _name_matches(_glob(rule.quantizer_name), name, _other_form(name)) and _parent_accepts(rule, parent, parent_class)
+
+
+def _other_form(name: str) -> str | None:
+    """The name's fused-expert form where it differs from the name, else None."""
+    form = fused_expert_form(name)
+    return form if form != name else None
+
+
+def _name_matches(match: Callable[[str], Any], name: str, other_form: str | None) -> bool:
+    """A rule's name test (match: its _glob): the dotted name, or its other fused-expert form."""
+    return match(name) is not None or (other_form is not None and match(other_form) is not None)
+
+
+def _parent_accepts(rule: QuantRule, parent: nn.Module | None, parent_class: type | None = None) -> bool:
+    """A rule's parent test: none asked, or the parent is of its class (parent_class: resolved already)."""
     if rule.parent_class is None:
         return True
-    parent_class = parent_class or parent_class_of(rule.parent_class)
-    return isinstance(parent, parent_class)
+    return isinstance(parent, parent_class or parent_class_of(rule.parent_class))
 
 
 class _QuantizerNames:
@@ -470,19 +479,17 @@ class _QuantizerNames:
         self.quantizers = [(name, module) for name, module in modules.items() if isinstance(module, TensorQuantizer)]
         self.names = [name for name, _ in self.quantizers]
         self.parents = [modules[name.rpartition(".")[0]] for name in self.names]
-        forms = [fused_expert_form(name) for name in self.names]
-        self._other_forms = [form if form != name else None for form, name in zip(forms, self.names)]
+        self._other_forms = [_other_form(name) for name in self.names]
 
     def matching(self, rule: QuantRule, parent_class: type | None = None, among: Iterable[int] | None = None) -> list[int]:
         """The indices (of `among`, default all) of the quantizers rule_matches(rule, ...) accepts."""
         match = _glob(rule.quantizer_name)
         names, forms = self.names, self._other_forms
-        found = [i for i in (range(len(names)) if among is None else among)
-                 if match(names[i]) is not None or (forms[i] is not None and match(forms[i]) is not None)]
+        found = [i for i in (range(len(names)) if among is None else among) if _name_matches(match, names[i], forms[i])]
         if rule.parent_class is None:
             return found
-        parent_class = parent_class or parent_class_of(rule.parent_class)
-        return [i for i in found if isinstance(self.parents[i], parent_class)]
+        parent_class = parent_class or parent_class_of(rule.parent_class)  # once, not a name at a time
+        return [i for i in found if _parent_accepts(rule, self.parents[i], parent_class)]
 
 
 def apply_recipe(model: nn.Module, recipe: Recipe) -> RecipeApplication:
