@@ -414,6 +414,7 @@ def test_the_token_by_token_sum_adds_what_an_index_add_per_expert_adds(dtype):
         tokens, experts, hidden = 37, 9, 24
         index = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)])
         routing = experts_loop._Routing(index, torch.ones(tokens, top_k), experts)
+        assert routing.read()
         scale = 2.0 ** torch.randint(-30, 30, (routing.rows, 1), generator=generator).float()
         rows = (torch.randn(routing.rows, hidden, generator=generator) * scale).to(dtype)
         rows[::7, 0] = -0.0
@@ -478,14 +479,19 @@ def test_experts_loop_of_no_tokens_is_the_eager_loops_empty_result(monkeypatch):
     assert ours.shape == theirs.shape == hidden.shape and ours.dtype == theirs.dtype
 
 
-def test_experts_loop_leaves_an_index_beyond_the_experts_to_the_modules_own_forward():
+def test_experts_loop_leaves_an_index_outside_the_experts_to_the_modules_own_forward():
     model = mc.build_model("qwen3_moe")
     rq.insert_quantizers(model)
     rq.apply_recipe(model, rq.load_recipe("fp8_default-fp8_kv"))
     experts = next(m for m in model.modules() if experts_module.is_quant_experts(m))
     hidden = torch.randn(2, model.config.hidden_size, dtype=torch.bfloat16)
-    beyond = torch.tensor([[0, experts.num_experts], [1, 2]])
-    assert experts_loop.loop_forward(experts, hidden, beyond, torch.ones(2, 2, dtype=torch.bfloat16), None) is None
+    weights = torch.ones(2, 2, dtype=torch.bfloat16)
+    for outside in (torch.tensor([[0, experts.num_experts], [1, 2]]), torch.tensor([[0, 1], [-1, 2]])):
+        assert experts_loop.loop_forward(experts, hidden, outside, weights, None) is None
+    for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):  # the routing's counts, any integer ids
+        routing = experts_loop._Routing(torch.tensor([[0, 3], [3, 1]], dtype=dtype), weights, experts.num_experts)
+        assert routing.read() and routing.counts[:4] == [1, 1, 0, 2] and routing.starts[:5] == [0, 1, 2, 2, 4]
+        assert routing.token.tolist() == [0, 1, 1, 0]  # by expert, then by top-k position, then token
 
 
 def test_compiled_backend_quantizes_moe_as_modelopt(modelopt):

@@ -58,8 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.quantizer import (TensorQuantizer, collect_slices, passes_input_through, quantizer_sees_each_call,
-                               quantizes_with_fixed_amax)
+from ..quant.quantizer import (SliceCall, TensorQuantizer, collect_slices, each_call_watched_globally, each_call_watched_locally,
+                               passes_input_through, quantizer_sees_each_call, quantizes_with_fixed_amax)
 from .grouped_linear import grouped_linear, grouped_matmul_allowed
 
 # The eager experts forward this loop reproduces, as transformers 5 writes it. A class whose
@@ -93,9 +93,12 @@ def forward(
 '''
 
 # The fake-quantized weights a group of experts may hold at once (quantized in one call for the
-# grouped matmul, and in the swapped F.linear forward of refquant.hf.experts): 8 experts of a
-# Qwen3-30B-A3B-sized layer, one of DeepSeek-V3's (modelopt holds one expert's at a time).
-GROUP_BYTES = 80 * 2**20
+# grouped matmul, and in the swapped F.linear forward of refquant.hf.experts): 34 experts of a
+# Qwen3-30B-A3B-sized layer, 3 of DeepSeek-V3's (modelopt holds one expert's at a time). Each group
+# costs the host about ten launches and their Python; on an H100 the MoE benchmark shape's forward
+# took 60 ms at 8 groups a layer and 39 ms at 2 (plain: 29 ms), its peak staying under the LM
+# head's (benchmarks/probes/moe_groups.py).
+GROUP_BYTES = 320 * 2**20
 
 
 def experts_per_group(module: nn.Module) -> int:
@@ -108,9 +111,10 @@ def experts_per_group(module: nn.Module) -> int:
 
 
 # The rows a group of experts takes through its two projections at once (each row's input, the
-# first projection's output, the activation and the second projection's output): about 10 experts'
-# rows of a Qwen3-30B-A3B-sized layer routed 4096 tokens at top-8 (the eager loop holds one expert's).
-GROUP_ROW_BYTES = 64 * 2**20
+# first projection's output, the activation and the second projection's output): 4096 tokens'
+# rows at top-8 of a Qwen3-30B-A3B-sized layer in two groups, where transformers' grouped_mm
+# forward holds them all at once (the eager loop holds one expert's).
+GROUP_ROW_BYTES = 256 * 2**20
 
 
 def rows_per_group(module: nn.Module, hidden_states: torch.Tensor) -> int:
@@ -162,30 +166,42 @@ def rows_independent(quantizer: TensorQuantizer) -> bool:
 
 
 class _Routing:
-    """Which rows each expert gets, in the eager loop's order: `token` and `weight` per row,
-    the rows of expert e being starts[e]:starts[e + 1]."""
+    """Which rows each expert gets, in the eager loop's order, once read(): `token` and `weight`
+    per row, the rows of expert e being starts[e]:starts[e + 1]. `handled`: False where an id lies
+    outside 0..experts - 1 (the eager loop skips or refuses it; the module's own forward then runs)."""
 
     def __init__(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, experts: int):
         tokens = top_k_index.shape[0]
         # position-major, as torch.where over the eager loop's (top-k position, token) mask
         routed = top_k_index.transpose(0, 1).reshape(-1)
-        order = torch.sort(routed, stable=True).indices
-        counts = torch.bincount(routed, minlength=experts)
-        self.counts: list[int] = counts.tolist()  # the one sync
-        self._counts_on_device = counts
-        self.token = order % tokens
-        self.weight = top_k_weights[self.token, order // tokens]
-        self.starts = [0]
-        for count in self.counts:
-            self.starts.append(self.starts[-1] + count)
-        self.rows = self.starts[-1]
+        if routed.dtype not in (torch.int32, torch.int64):
+            routed = routed.long()  # searchsorted's boundaries below must hold 0..experts
+        ids, order = torch.sort(routed, stable=True)
+        # bounds[e]: how many rows have an id below e; expert e's rows are bounds[e]:bounds[e + 1]
+        # (no bincount: on a GPU it reads its input's extremes back, two syncs more)
+        self._bounds = torch.searchsorted(ids, torch.arange(experts + 1, device=ids.device, dtype=ids.dtype))
+        self._routed = routed.numel()
+        self._order, self._top_k_weights, self._tokens = order, top_k_weights, tokens
         self._ends: Optional[torch.Tensor] = None
+
+    def read(self) -> bool:
+        """Read the counts back (the one device sync; what the host does between the constructor
+        and this overlaps the device's sort) and find each row's token and routing weight.
+        Returns `handled`."""
+        self.starts: list[int] = self._bounds.tolist()
+        self.handled = self.starts[0] == 0 and self.starts[-1] == self._routed
+        self.counts = [end - begin for begin, end in zip(self.starts, self.starts[1:])]
+        self.rows = self.starts[-1]
+        if self.handled:
+            self.token = self._order % self._tokens
+            self.weight = self._top_k_weights[self.token, self._order // self._tokens]
+        return self.handled
 
     def group_offsets(self, group: range) -> torch.Tensor:
         """The int32 running row counts of `group`'s experts, from 0 at its first row, on the
         device (grouped_mm's offsets; no copy from the host)."""
         if self._ends is None:
-            self._ends = self._counts_on_device.cumsum(0, dtype=torch.int32)
+            self._ends = self._bounds[1:].to(torch.int32)
         return self._ends[group.start:group.stop] - self.starts[group.start]
 
     def add_in_expert_order(self, rows: torch.Tensor, output: torch.Tensor) -> None:
@@ -213,22 +229,26 @@ def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: to
     if hidden_states.shape[0] == 0:
         return torch.zeros_like(hidden_states)  # the eager loop's result: no expert is hit
     routing = _Routing(top_k_index, top_k_weights, experts)
-    if len(routing.counts) != experts:
-        return None  # an id >= num_experts: the eager loop skips or fails on it
+    first_input_q, _ = module.projection_quantizers("gate_up_proj")
+    down_input_q, _ = module.projection_quantizers("down_proj")
+    # every token is routed to top_k experts, so the first projection's rows are all the tokens
+    first_once, down_per_expert = rows_independent(first_input_q), not rows_independent(down_input_q)
+    weights = {projection: _ProjectionWeights(module, projection) for projection in ("gate_up_proj", "down_proj")}
+    if grouped_matmul_allowed(hidden_states):  # bound now, while the device sorts the routing
+        for projection, grouped in (("gate_up_proj", first_once), ("down_proj", not down_per_expert)):
+            if grouped:
+                weights[projection].bind()
+    if not routing.read():
+        return None  # an id < 0 or >= num_experts: the eager loop skips or fails on it
     if count_tokens is not None:
         for index, count in enumerate(routing.counts):
             count_tokens[index] += count
-    first_input_q, _ = module.projection_quantizers("gate_up_proj")
-    # every token is routed to top_k experts, so the first projection's rows are all the tokens
-    if rows_independent(first_input_q):
+    if first_once:
         hidden_states, first_input_q = first_input_q(hidden_states), None
-    down_input_q, _ = module.projection_quantizers("down_proj")
-    down_per_expert = not rows_independent(down_input_q)
     output = torch.zeros_like(hidden_states)
     rows_out = None
     if routing.rows * hidden_states.shape[-1] * output.element_size() <= SUM_BYTES:
         rows_out = output.new_empty(routing.rows, hidden_states.shape[-1])
-    weights = {projection: _ProjectionWeights(module, projection) for projection in ("gate_up_proj", "down_proj")}
     for group in expert_groups(routing.counts, rows_per_group(module, hidden_states), experts_per_group(module)):
         _group(module, routing, hidden_states, first_input_q, down_input_q, down_per_expert, group, output, rows_out,
                weights)
@@ -310,6 +330,13 @@ class _ProjectionWeights:
         self._call = _UNBOUND
         self._passing: Optional[tuple[bool, bool]] = None
 
+    def bind(self) -> Optional["SliceCall"]:
+        """The projection's weight quantizers bound for this forward (SliceQuantizers.bind, made
+        at the first ask), or None where one call over a group would not be exact."""
+        if self._call is _UNBOUND:
+            self._call = self._slice_quantizers.bind(0, self.parameter.shape[0], self.parameter)
+        return self._call
+
     def quantized(self, index: int, expert: int) -> torch.Tensor:
         """Expert `expert`'s slice through its own quantizer (the eager loop's call)."""
         return self.quantizers[expert](self.parameter[expert])
@@ -323,12 +350,11 @@ class _ProjectionWeights:
         rows that collect (the eager loop's calls; collect_slices: the maxima in one reduction)
         and the parameter's slices themselves. Else None."""
         slices = self.parameter[group.start:group.stop]
-        if self._call is _UNBOUND:
-            self._call = self._slice_quantizers.bind(0, self.parameter.shape[0], self.parameter)
-        if self._call is not None:
+        if self.bind() is not None:
             return self._call(slices, group.start)
         if self._passing is None:
-            through = all(passes_input_through(q) and not quantizer_sees_each_call(q) for q in self.quantizers)
+            through = not each_call_watched_globally() and all(
+                passes_input_through(q) and not each_call_watched_locally(q) for q in self.quantizers)
             self._passing = (through, through and any(q.is_enabled and q.is_calibrating for q in self.quantizers))
         through, collecting = self._passing
         if not through:

@@ -258,6 +258,14 @@ class SharedInputResult:
         self._entry = self._max_entry = None
 
 
+def amax_readable_now(device: torch.device) -> bool:
+    """Whether the host may read an amax on `device` now: not under torch.compile's tracing, nor
+    during a CUDA graph capture (a read there is not possible)."""
+    if torch.compiler.is_compiling():
+        return False
+    return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
 class TensorQuantizer(nn.Module):
     """Fake-quantizes the tensors that pass through it, per its QuantizerConfig.
 
@@ -434,8 +442,12 @@ class TensorQuantizer(nn.Module):
         amax = self._buffers.get("_amax")
         if amax is None:
             return None
-        if torch.compiler.is_compiling() or (amax.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if not amax_readable_now(amax.device):
             return _NOT_SHARED
+        return self._read_amax_value(amax)
+
+    def _read_amax_value(self, amax: torch.Tensor) -> Any:
+        """_amax_value_now's answer for its stored `amax`, where the host may read it now."""
         if amax.device.type != "cpu":
             read = getattr(self, "_device_amax_read", None)
             if read is None or read[0] is not amax or read[1] != amax._version:
@@ -629,12 +641,22 @@ def quantizer_sees_each_call(quantizer: nn.Module) -> bool:
     one as modelopt makes them: a subclass's forward, a forward hook of its own
     (refquant.quant.metrics measures through them), or a global module hook
     (nn.modules.module.register_module_forward_hook)."""
+    return each_call_watched_locally(quantizer) or each_call_watched_globally()
+
+
+def each_call_watched_locally(quantizer: nn.Module) -> bool:
+    """quantizer_sees_each_call but for the global module hooks (a caller asking of many
+    quantizers checks those once)."""
     return (
         not isinstance(quantizer, TensorQuantizer)
         or type(quantizer).forward is not TensorQuantizer.forward
         or bool(quantizer._forward_hooks or quantizer._forward_pre_hooks)
-        or bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
     )
+
+
+def each_call_watched_globally() -> bool:
+    """Whether a global module forward hook is registered (it sees every module's calls)."""
+    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
 
 
 def collect_slices(quantizers: nn.ModuleList | list, weight: torch.Tensor, indices: Iterable[int]) -> None:
@@ -652,9 +674,10 @@ def collect_slices(quantizers: nn.ModuleList | list, weight: torch.Tensor, indic
         return
     keys = slice_memory_keys(weight, indices)
     pending = []
+    watched = each_call_watched_globally()
     for i, key in keys.items():
         quantizer = listed[i]
-        if quantizer_sees_each_call(quantizer):
+        if watched or each_call_watched_locally(quantizer):
             quantizer(weight[i])
         elif not quantizer.is_enabled:
             continue
@@ -705,10 +728,13 @@ class SliceQuantizers:
         if len(quantizers) != count or not quantizers:
             return None
         leader = quantizers[0]
+        settings = (leader.config, leader.flavor, leader.backend)
+        if each_call_watched_globally():
+            return None
         for quantizer in quantizers:
-            if quantizer_sees_each_call(quantizer) or not quantizes_with_fixed_amax(quantizer):
+            if each_call_watched_locally(quantizer) or not quantizes_with_fixed_amax(quantizer):
                 return None
-            if (quantizer.config, quantizer.flavor, quantizer.backend) != (leader.config, leader.flavor, leader.backend):
+            if (quantizer.config, quantizer.flavor, quantizer.backend) != settings:
                 return None
         if leader.config.use_constant_amax:
             amax: Any = E4M3_MAX
@@ -725,8 +751,9 @@ class SliceQuantizers:
         buffers = [q._buffers["_amax"] for q in quantizers]
         if len({b.dtype for b in buffers}) != 1:
             return None  # torch.stack would promote; the separate calls each keep their dtype
-        for quantizer in quantizers:
-            quantizer._amax_value_now()
+        if all(amax_readable_now(device) for device in {b.device for b in buffers}):
+            for quantizer, buffer in zip(quantizers, buffers):
+                quantizer._read_amax_value(buffer)  # each one's check, as its own call makes it
         device = like.device
         if not all(b.ndim == 0 and b.device == device for b in buffers):
             buffers = [b.reshape(()).to(device) for b in buffers]
