@@ -7,7 +7,8 @@ bit for bit (the budgets change how many experts a group holds, never a bit).
     python3 benchmarks/probes/moe_groups.py --out DIR [--recipe R] [--repeats 10] [--folded]
         [--shape moe] [--device cuda]
 
-Per setting: groups per layer of layer 0's routing, the forward's median and min ms (CUDA events
+First the plain model's forward (no quantizers, transformers' own experts forward). Per
+setting: groups per layer of layer 0's routing, the forward's median and min ms (CUDA events
 after a warm-up), the forward's peak memory above what the model holds before it (the logits
 included) and layer 0's experts forward's peak above what was held when it began. With
 --folded, the same after rq.fold_weights. The JSON goes to DIR/moe_groups_<recipe>.json.
@@ -52,7 +53,7 @@ def _peak_above(held: int) -> float | None:
     """The peak memory since the last reset above `held` bytes, MiB (None on the CPU)."""
     return (torch.cuda.max_memory_allocated() - held) / MIB if CUDA else None
 # (rows, weights) budgets in MiB: the loop's own first.
-SETTINGS = ((64, 80), (128, 160), (256, 320))
+SETTINGS = ((256, 320), (64, 80), (128, 160), (1024, 1024))  # the last: one group a layer here
 
 
 @contextlib.contextmanager
@@ -132,11 +133,15 @@ def main() -> int:
     CUDA = device.type == "cuda"
     model = ptq_gpu.build_model(args.shape, 0, device)
     batches = ptq_gpu.batches_for(args.shape, 4, 4, 1024, 1)
+    batch = batches[0].to(device)
+    plain = forward_under(model, batch, 0, 0, args.repeats)  # no quantizers: transformers' own experts forward
+    del plain["_logits"]
+    print(f"plain: {plain['median_ms']:.1f} ms (min {plain['min_ms']:.1f}), forward peak {plain['forward_peak_mib']} MiB",
+          flush=True)
     flavor = "modelopt-cuda" if CUDA else "modelopt-cpu"
     rq.quantize_model(model, rq.load_recipe(args.recipe), batches, backend="compiled", flavor=flavor, progress=False)
-    batch = batches[0].to(device)
     report = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__, "recipe": args.recipe,
-              "shape": args.shape, "rows": []}
+              "shape": args.shape, "plain": plain, "rows": []}
     for folded in (False, True) if args.folded else (False,):
         if folded:
             rq.fold_weights(model)

@@ -1,11 +1,12 @@
 """Where the time of a quantized MoE forward goes: torch.profiler over one forward of
 benchmarks/ptq_gpu.py's "moe" shape after refquant's calibration (compiled backend), tables by
-host time and by device time, and the count of calls that wait for the device. With
+host time and by device time, the count of calls that wait for the device, and cProfile's
+tables of the host's Python time over five forwards. With
 --calibration, where the host time of rq.quantize_model goes instead: cProfile over the second of
 two calibrations of the same pristine model (the first pays the compiles and one-time checks),
 tables by own time and by cumulative time.
 
-    python3 benchmarks/probes/moe_profile.py --out DIR [--recipe R] [--shape moe] [--calibration]
+    python3 benchmarks/probes/moe_profile.py --out DIR [--recipe R] [--shape moe] [--folded] [--calibration]
 """
 
 from __future__ import annotations
@@ -40,12 +41,37 @@ def synchronizing_calls(model, batch) -> dict[str, int]:
     return counts
 
 
+def _tables(profiler, lines: int = 40) -> list[str]:
+    """cProfile's tables by own time and by cumulative time."""
+    import io
+    import pstats
+
+    tables = []
+    for order in ("tottime", "cumulative"):
+        stream = io.StringIO()
+        pstats.Stats(profiler, stream=stream).sort_stats(order).print_stats(lines)
+        tables.append(stream.getvalue())
+    return tables
+
+
+def python_profile(model, batch, device: torch.device, forwards: int) -> list[str]:
+    """Where the host's Python time of `forwards` forwards goes (cProfile, the device synchronized
+    at the end only, as in a timed forward)."""
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(forwards):
+        model(input_ids=batch)
+    ptq_gpu.synchronize(device)
+    profiler.disable()
+    return [f"cProfile of {forwards} forwards:"] + _tables(profiler)
+
+
 def calibration_profile(args, device: torch.device) -> list[str]:
     """cProfile tables of the second rq.quantize_model of two, each on a fresh copy of one model."""
     import copy
     import cProfile
-    import io
-    import pstats
     import time
 
     pristine = ptq_gpu.build_model(args.shape, 0, torch.device("cpu"))
@@ -66,11 +92,7 @@ def calibration_profile(args, device: torch.device) -> list[str]:
             profiler.disable()
         text.append(f"{attempt} calibration: {time.perf_counter() - began:.3f} s")
         del model
-    for order in ("tottime", "cumulative"):
-        stream = io.StringIO()
-        pstats.Stats(profiler, stream=stream).sort_stats(order).print_stats(45)
-        text.append(stream.getvalue())
-    return text
+    return text + _tables(profiler, 45)
 
 
 def main() -> int:
@@ -81,6 +103,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--calibration", action="store_true", help="profile rq.quantize_model's host time instead")
     parser.add_argument("--forwards", type=int, default=8, help="timed forwards before the profiled one")
+    parser.add_argument("--folded", action="store_true", help="profile the forward after rq.fold_weights")
     args = parser.parse_args()
     device = torch.device(args.device)
     out = Path(args.out)
@@ -94,6 +117,8 @@ def main() -> int:
     batches = ptq_gpu.batches_for(args.shape, 4, 4, 1024, 1)
     flavor = "modelopt-cuda" if device.type == "cuda" else "modelopt-cpu"
     rq.quantize_model(model, rq.load_recipe(args.recipe), batches, backend="compiled", flavor=flavor, progress=False)
+    if args.folded:
+        rq.fold_weights(model)
     batch = batches[0].to(device)
     with torch.no_grad():
         times = []  # every forward before the profiled one, in order: a drift shows here
@@ -108,8 +133,9 @@ def main() -> int:
             model(input_ids=batch)
             ptq_gpu.synchronize(device)
         syncs = synchronizing_calls(model, batch) if device.type == "cuda" else {}
+        python_tables = python_profile(model, batch, device, forwards=5)
     averages = profile.key_averages()
-    text = [f"{args.shape} {args.recipe} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}",
+    text = [f"{args.shape} {args.recipe}{' folded' if args.folded else ''} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}",
             f"forwards before the profiled one, ms: {times}"]
     text.append(averages.table(sort_by="self_cpu_time_total", row_limit=30))
     if device.type == "cuda":
@@ -118,7 +144,8 @@ def main() -> int:
     text.append(f"calls that wait for the device: {waits}")
     text.append("synchronizing calls by where (torch.cuda.set_sync_debug_mode): "
                 + "; ".join(f"{count} x {where}" for where, count in sorted(syncs.items(), key=lambda kv: -kv[1])))
-    (out / f"moe_profile_{args.recipe}.txt").write_text("\n".join(text))
+    text.extend(python_tables)
+    (out / f"moe_profile_{args.recipe}{'_folded' if args.folded else ''}.txt").write_text("\n".join(text))
     print("\n".join(text[-1:]))
     return 0
 
