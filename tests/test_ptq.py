@@ -244,6 +244,32 @@ def test_max_calibration_stores_max_abs_of_unquantized_tensors(recipe):
     assert checked == (28 if recipe.startswith("nvfp4") else 32)  # 2 layers x 7 linears x 2 (+ 2 x k/v)
 
 
+def test_calibration_runs_in_eval_mode_and_restores_the_models_mode():
+    """modelopt's calibrate: model.eval() for the forwards (no dropout), then model.train(was)."""
+    batches = [token_ids(2, 16, seed=s) for s in (1, 2)]
+    recipe = rq.load_recipe("fp8_default-fp8_kv")
+    evaluated = tiny_model("llama", layers=2)
+    rq.quantize_model(evaluated, recipe, batches, progress=False)
+    for mode in ("train", "mixed"):
+        model = tiny_model("llama", layers=2)
+        for module in model.modules():
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = 0.5  # in training mode the attention would drop
+        if mode == "train":
+            model.train()
+        else:
+            model.model.layers[1].train()  # the root in eval, one layer left training
+        seen = []
+        hook = model.model.layers[1].register_forward_pre_hook(lambda module, args: seen.append(module.training))
+        rq.quantize_model(model, recipe, batches, progress=False)
+        hook.remove()
+        assert seen and not any(seen), mode  # every calibration forward ran in eval mode
+        amaxes = {name: q.amax for name, q in named_quantizers(model) if q.is_enabled and not q.config.use_constant_amax}
+        theirs = dict(named_quantizers(evaluated))
+        assert all(torch.equal(amax, theirs[name].amax) for name, amax in amaxes.items()), mode
+        assert [m.training for m in model.modules()] == [mode == "train"] * len(list(model.modules())), mode
+
+
 def test_weights_calibrate_without_any_forward():
     model = tiny_model("llama")
     rq.insert_quantizers(model)

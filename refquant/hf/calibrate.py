@@ -75,7 +75,11 @@ def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: b
     quantizers = named_quantizers(model)
     refuse_folded(quantizers, "calibrate")  # its forwards would see quantized weights, not the masters
     was_training = model.training
-    model.eval()
+    # model.eval() and model.train() walk every module; a model all in eval mode already (the
+    # usual case) ends as it would after both
+    switches_mode = any(module.training for module in model.modules())
+    if switches_mode:
+        model.eval()
     for _, quantizer in quantizers:
         quantizer.start_calibration()
     for module in model.modules():
@@ -115,7 +119,8 @@ def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: b
     checked_finite = all_finite(collected)  # else each quantizer checks its own, and the first bad one raises
     for _, quantizer in quantizers:
         quantizer.finish_calibration(checked_finite)
-    model.train(was_training)  # as modelopt's calibrate
+    if switches_mode:
+        model.train(was_training)  # as modelopt's calibrate
     if batches == 0 and needs_data:
         raise ValueError(
             f"calib_batches gave no batch, but {len(needs_data)} enabled activation quantizers (e.g. "
