@@ -39,10 +39,11 @@ What changes:
   calibrating, its calibrator skips a slice it collected already, unchanged since);
 - groups are consecutive experts, at most GROUP_ROW_BYTES of rows through the two projections
   and GROUP_BYTES of weights (one expert alone may hold more), which bounds the memory;
-- where a layer's row outputs fit SUM_BYTES they are kept and summed token by token, one
-  addition a top-k slot over all tokens (top_k launches), not by an index_add_ per expert: the
-  same additions in the same order (an addition of two values rounds its exact sum once either
-  way), far fewer launches.
+- where a layer's row outputs fit SUM_BYTES they are kept, each written where the token's sum
+  takes it (slab j: every token's row of its j-th expert in ascending order), and summed one
+  addition a slab over all tokens (top_k launches), not by an index_add_ per expert: the same
+  additions in the same order (an addition of two values rounds its exact sum once either way),
+  far fewer launches.
 tests/test_experts.py and tests/test_grouped_experts.py hold it to the eager loop with the quantizers
 at each F.linear bit for bit.
 """
@@ -139,7 +140,7 @@ def expert_groups(counts: list[int], rows: int, experts: int) -> list[range]:
 
 
 # The outputs of every row of a layer (a token's top_k rows) kept to be summed token by token in
-# top_k additions (_Routing.add_in_expert_order) instead of an index_add_ per expert: 4096 tokens
+# top_k additions (_Routing.add_slabs) instead of an index_add_ per expert: 4096 tokens
 # at top-8 of a 2048-wide layer (Qwen3-30B-A3B's). Larger layers or batches take the index_add_s.
 SUM_BYTES = 128 * 2**20
 
@@ -182,7 +183,9 @@ class _Routing:
         self._bounds = torch.searchsorted(ids, torch.arange(experts + 1, device=ids.device, dtype=ids.dtype))
         self._routed = routed.numel()
         self._order, self._top_k_weights, self._tokens = order, top_k_weights, tokens
+        self._top_k_index = top_k_index
         self._ends: Optional[torch.Tensor] = None
+        self._positions: Optional[torch.Tensor] = None
 
     def read(self) -> bool:
         """Read the counts back (the one device sync; what the host does between the constructor
@@ -204,15 +207,30 @@ class _Routing:
             self._ends = self._bounds[1:].to(torch.int32)
         return self._ends[group.start:group.stop] - self.starts[group.start]
 
+    def sum_positions(self) -> torch.Tensor:
+        """Where each row (in this routing's row order) goes among top_k slabs of `tokens` rows:
+        slab j holds each token's row of its j-th expert in ascending expert order (a repeated
+        expert's rows in top-k position order, as the eager loop's torch.where gives them)."""
+        if self._positions is None:
+            tokens, top_k = self._top_k_index.shape
+            by_expert = self._top_k_index.argsort(dim=1, stable=True)  # the top-k positions of each rank
+            rank = torch.empty_like(by_expert)
+            rank.scatter_(1, by_expert, torch.arange(top_k, device=by_expert.device).expand(tokens, top_k))
+            self._positions = rank[self.token, self._order // tokens] * tokens + self.token
+        return self._positions
+
+    def add_slabs(self, slabs: torch.Tensor, output: torch.Tensor) -> None:
+        """output (zeros) plus slab 0, then slab 1, ... (rows placed by sum_positions): each token's
+        rows in ascending expert order, one addition a top-k slot over all tokens, which is what
+        an index_add_ per expert in ascending order adds, rounding for rounding."""
+        for slab in slabs.view(-1, *output.shape):
+            output.add_(slab)
+
     def add_in_expert_order(self, rows: torch.Tensor, output: torch.Tensor) -> None:
-        """output (zeros) plus each token's rows of `rows` (one row per routed (token, expert),
-        in this routing's row order), one addition a top-k slot, each token's rows in ascending
-        expert order: what an index_add_ per expert in ascending order adds, rounding for
-        rounding."""
-        # rows are by expert, so a stable sort by token keeps each token's rows by expert
-        slots = torch.sort(self.token, stable=True).indices.view(output.shape[0], -1).t().contiguous()
-        for slot in slots:
-            output.add_(rows[slot])
+        """add_slabs for `rows` in this routing's row order (one row per routed (token, expert))."""
+        slabs = torch.empty_like(rows)
+        slabs[self.sum_positions()] = rows
+        self.add_slabs(slabs, output)
 
 
 def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -253,15 +271,15 @@ def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: to
         _group(module, routing, hidden_states, first_input_q, down_input_q, down_per_expert, group, output, rows_out,
                weights)
     if rows_out is not None:
-        routing.add_in_expert_order(rows_out, output)
+        routing.add_slabs(rows_out, output)
     return output
 
 
 def _group(module: nn.Module, routing: _Routing, hidden_states: torch.Tensor, first_input_q: Optional[TensorQuantizer],
            down_input_q: TensorQuantizer, down_per_expert: bool, group: range, output: torch.Tensor,
            rows_out: Optional[torch.Tensor], weights: dict[str, "_ProjectionWeights"]) -> None:
-    """The eager loop's iterations for the experts in `group`: each row's output into rows_out,
-    or, without it, added into `output` by expert. first_input_q: None when hidden_states are
+    """The eager loop's iterations for the experts in `group`: each row's output into rows_out
+    (in _Routing.sum_positions' place), or, without it, added into `output` by expert. first_input_q: None when hidden_states are
     quantized already; down_per_expert: whether down_input_q is called on each expert's rows
     (else once on the group's); weights: each projection's, for this forward."""
     begin, end = routing.starts[group.start], routing.starts[group.stop]
@@ -290,13 +308,9 @@ def _group(module: nn.Module, routing: _Routing, hidden_states: torch.Tensor, fi
     if not down_per_expert:
         h = down_input_q(h)
     y = project("down_proj", h, down_input_q if down_per_expert else None)
-    weight = routing.weight[begin:end, None]
-    if rows_out is not None and y.dtype == weight.dtype == output.dtype:
-        torch.mul(y, weight, out=rows_out[begin:end])
-        return
-    y = (y * weight).to(output.dtype)
+    y = (y * routing.weight[begin:end, None]).to(output.dtype)
     if rows_out is not None:
-        rows_out[begin:end] = y
+        rows_out.index_copy_(0, routing.sum_positions()[begin:end], y)
         return
     for expert_tokens, rows, count in zip(tokens.split(counts), y.split(counts), counts):
         if count:
