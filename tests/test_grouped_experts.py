@@ -74,6 +74,24 @@ def test_grouped_matmul_on_folded_weights_gives_the_per_expert_calls_bits(groupe
     assert grouped_on_cpu  # the folded weights' slices went to grouped_mm as they lie
 
 
+def test_only_quantized_copies_of_a_groups_weights_are_bounded_by_the_weight_budget(grouped_on_cpu, monkeypatch):
+    """GROUP_BYTES bounds the weights a group holds as quantized copies; calibrating or folded,
+    the group's weights are the parameter's slices and only the row budget splits the experts."""
+    batches, eval_batch = mc.default_batches()
+    model = mc.build_model("qwen3_moe_top4")
+    experts = model.config.num_experts
+    monkeypatch.setattr(experts_loop, "GROUP_BYTES", 1)  # one expert a group where it applies
+    rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
+    assert grouped_on_cpu and max(grouped_on_cpu) == experts  # calibrating: one group a layer
+    grouped_on_cpu.clear()
+    unfolded = mc.logits_of(model, eval_batch)
+    assert grouped_on_cpu and set(grouped_on_cpu) == {1}  # quantized copies: an expert a group
+    rq.fold_weights(model)
+    grouped_on_cpu.clear()
+    assert torch.equal(mc.logits_of(model, eval_batch), unfolded)
+    assert set(grouped_on_cpu) == {experts}  # folded: one group a layer
+
+
 def test_grouped_matmul_whose_bits_differ_is_not_used(grouped_on_cpu, monkeypatch):
     """A grouped_mm whose result differs from F.linear's in one bit fails the check: a warning
     names the weights, the per-expert calls give the bits, and the check is not made again."""

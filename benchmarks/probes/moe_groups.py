@@ -53,7 +53,7 @@ def _peak_above(held: int) -> float | None:
     """The peak memory since the last reset above `held` bytes, MiB (None on the CPU)."""
     return (torch.cuda.max_memory_allocated() - held) / MIB if CUDA else None
 # (rows, weights) budgets in MiB: the loop's own first.
-SETTINGS = ((256, 320), (64, 80), (128, 160), (1024, 1024))  # the last: one group a layer here
+SETTINGS = ((256, 80), (64, 80), (128, 160), (256, 320), (1024, 1024))  # the last: one group a layer here
 
 
 @contextlib.contextmanager

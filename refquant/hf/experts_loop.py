@@ -38,7 +38,8 @@ What changes:
   and only for experts that received rows (one expert's quantized weight at a time; while
   calibrating, its calibrator skips a slice it collected already, unchanged since);
 - groups are consecutive experts, at most GROUP_ROW_BYTES of rows through the two projections
-  and GROUP_BYTES of weights (one expert alone may hold more), which bounds the memory;
+  and, where the group's weights are quantized copies, GROUP_BYTES of them (one expert alone may
+  hold more), which bounds the memory;
 - where a layer's row outputs fit SUM_BYTES they are kept, each written where the token's sum
   takes it (slab j: every token's row of its j-th expert in ascending order), and summed one
   addition a slab over all tokens (top_k launches), not by an index_add_ per expert: the same
@@ -94,12 +95,13 @@ def forward(
 '''
 
 # The fake-quantized weights a group of experts may hold at once (quantized in one call for the
-# grouped matmul, and in the swapped F.linear forward of refquant.hf.experts): 34 experts of a
-# Qwen3-30B-A3B-sized layer, 3 of DeepSeek-V3's (modelopt holds one expert's at a time). Each group
-# costs the host about ten launches and their Python; on an H100 the MoE benchmark shape's forward
-# took 60 ms at 8 groups a layer and 39 ms at 2 (plain: 29 ms), its peak staying under the LM
-# head's (benchmarks/probes/moe_groups.py).
-GROUP_BYTES = 320 * 2**20
+# grouped matmul, and in the swapped F.linear forward of refquant.hf.experts): 8 experts of a
+# Qwen3-30B-A3B-sized layer, one of DeepSeek-V3's (modelopt holds one expert's at a time). Slices
+# of the parameter used as they lie (calibrating, folded, off) are not copies and take none of it.
+# On an H100 the MoE benchmark shape's quantized forward took 60 ms at 8 groups a layer and 39 ms
+# at 2 (320 MiB; plain: 29 ms, benchmarks/probes/moe_groups.py), but at 320 MiB the benchmark's
+# quantized rows peaked 0.19 GiB above modelopt's, its folded rows (no copies) did not.
+GROUP_BYTES = 80 * 2**20
 
 
 def experts_per_group(module: nn.Module) -> int:
@@ -114,7 +116,8 @@ def experts_per_group(module: nn.Module) -> int:
 # The rows a group of experts takes through its two projections at once (each row's input, the
 # first projection's output, the activation and the second projection's output): 4096 tokens'
 # rows at top-8 of a Qwen3-30B-A3B-sized layer in two groups, where transformers' grouped_mm
-# forward holds them all at once (the eager loop holds one expert's).
+# forward holds them all at once (the eager loop holds one expert's). Each group costs the host
+# about ten launches and their Python, so few groups keep a GPU busy.
 GROUP_ROW_BYTES = 256 * 2**20
 
 
@@ -252,10 +255,11 @@ def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: to
     # every token is routed to top_k experts, so the first projection's rows are all the tokens
     first_once, down_per_expert = rows_independent(first_input_q), not rows_independent(down_input_q)
     weights = {projection: _ProjectionWeights(module, projection) for projection in ("gate_up_proj", "down_proj")}
+    quantizes_groups = False  # whether a group's weights are quantized copies (GROUP_BYTES bounds them)
     if grouped_matmul_allowed(hidden_states):  # bound now, while the device sorts the routing
         for projection, grouped in (("gate_up_proj", first_once), ("down_proj", not down_per_expert)):
-            if grouped:
-                weights[projection].bind()
+            if grouped and weights[projection].bind() is not None:
+                quantizes_groups = True
     if not routing.read():
         return None  # an id < 0 or >= num_experts: the eager loop skips or fails on it
     if count_tokens is not None:
@@ -267,7 +271,8 @@ def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: to
     rows_out = None
     if routing.rows * hidden_states.shape[-1] * output.element_size() <= SUM_BYTES:
         rows_out = output.new_empty(routing.rows, hidden_states.shape[-1])
-    for group in expert_groups(routing.counts, rows_per_group(module, hidden_states), experts_per_group(module)):
+    most = experts_per_group(module) if quantizes_groups else experts
+    for group in expert_groups(routing.counts, rows_per_group(module, hidden_states), most):
         _group(module, routing, hidden_states, first_input_q, down_input_q, down_per_expert, group, output, rows_out,
                weights)
     if rows_out is not None:
