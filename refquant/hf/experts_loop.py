@@ -60,8 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.quantizer import (SliceCall, TensorQuantizer, collect_slices, each_call_watched_globally, each_call_watched_locally,
-                               passes_input_through, quantizer_sees_each_call, quantizes_with_fixed_amax)
+from ..quant.quantizer import (SliceCall, TensorQuantizer, collect_slices, each_call_watched_globally,
+                               each_call_watched_locally, passes_input_through, quantizer_sees_each_call,
+                               quantizes_with_fixed_amax)
 from .grouped_linear import grouped_linear, grouped_matmul_allowed
 
 # The eager experts forward this loop reproduces, as transformers 5 writes it. A class whose
@@ -284,9 +285,10 @@ def _group(module: nn.Module, routing: _Routing, hidden_states: torch.Tensor, fi
            down_input_q: TensorQuantizer, down_per_expert: bool, group: range, output: torch.Tensor,
            rows_out: Optional[torch.Tensor], weights: dict[str, "_ProjectionWeights"]) -> None:
     """The eager loop's iterations for the experts in `group`: each row's output into rows_out
-    (in _Routing.sum_positions' place), or, without it, added into `output` by expert. first_input_q: None when hidden_states are
-    quantized already; down_per_expert: whether down_input_q is called on each expert's rows
-    (else once on the group's); weights: each projection's, for this forward."""
+    (in _Routing.sum_positions' place), or, without it, added into `output` by expert.
+    first_input_q: None when hidden_states are quantized already; down_per_expert: whether
+    down_input_q is called on each expert's rows (else once on the group's); weights: each
+    projection's, for this forward."""
     begin, end = routing.starts[group.start], routing.starts[group.stop]
     if begin == end:
         return
