@@ -276,6 +276,14 @@ def test_one_call_over_all_experts_declines_where_it_would_not_be_exact():
     handle = quantizers[0].register_forward_hook(lambda *args: None)
     assert call(weight) is None  # a hook (the report's error meter) sees every expert's call
     handle.remove()
+    handle = nn.modules.module.register_module_forward_hook(lambda *args: None)
+    assert call(weight) is None  # so does a global module hook
+    handle.remove()
+    assert call(weight) is not None
+    leader = quantizers[0]
+    quantizers[0] = nn.Identity()  # not a TensorQuantizer: its own call, whatever it does
+    assert call(weight) is None
+    quantizers[0] = leader
     quantizers[4].set_enabled(False)
     assert call(weight) is None
 
