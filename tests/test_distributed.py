@@ -128,6 +128,20 @@ def _rank(rank: int, port: int, folder: Path) -> None:
     finally:
         torch.save(results, folder / f"rank{rank}.pt")
         dist.destroy_process_group()
+    _exit_now()
+
+
+def _exit_now() -> None:
+    """End a rank's process once its results are saved and its process group destroyed, skipping
+    the interpreter's teardown: after a rank's injected failure, torch's C++ teardown at exit
+    sometimes aborts ("terminate called without an active exception", SIGABRT), after all the
+    work these tests check. Only a rank that returned normally gets here; one that raised exits
+    through mp.spawn with its traceback."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:
@@ -300,6 +314,7 @@ def _early_failure_rank(rank: int, port: int, folder: Path) -> None:
     finally:
         torch.save(results, folder / f"early{rank}.pt")
         dist.destroy_process_group()
+    _exit_now()
 
 
 @pytest.fixture(scope="module")
