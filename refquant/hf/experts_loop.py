@@ -200,8 +200,8 @@ class _Routing:
         self.counts = [end - begin for begin, end in zip(self.starts, self.starts[1:])]
         self.rows = self.starts[-1]
         if self.handled:
-            self.token = self._order % self._tokens
-            self.weight = self._top_k_weights[self.token, self._order // self._tokens]
+            self.token, self._slot = self._order % self._tokens, self._order // self._tokens
+            self.weight = self._top_k_weights[self.token, self._slot]
         return self.handled
 
     def group_offsets(self, group: range) -> torch.Tensor:
@@ -220,7 +220,7 @@ class _Routing:
             by_expert = self._top_k_index.argsort(dim=1, stable=True)  # the top-k positions of each rank
             rank = torch.empty_like(by_expert)
             rank.scatter_(1, by_expert, torch.arange(top_k, device=by_expert.device).expand(tokens, top_k))
-            self._positions = rank[self.token, self._order // tokens] * tokens + self.token
+            self._positions = rank[self.token, self._slot] * tokens + self.token
         return self._positions
 
     def add_slabs(self, slabs: torch.Tensor, output: torch.Tensor) -> None:
@@ -365,14 +365,15 @@ class _ProjectionWeights:
     def of_group(self, group: range, counts: list[int]) -> Optional[torch.Tensor]:
         """The group's weights after their quantizers as one (experts, out, in) tensor, where that
         needs no separate call of a quantizer that quantizes: one call over the group's slices
-        with one amax per expert (SliceQuantizers, bound at the forward's first group: the checks,
-        the amaxes stacked); or, when every quantizer passes its input through (off, folded, or
+        with one amax per expert (SliceQuantizers, bound once a forward: the checks, the amaxes
+        stacked); or, when every quantizer passes its input through (off, folded, or
         only collecting while calibrating) and nothing watches one, the calls of the experts with
         rows that collect (the eager loop's calls; collect_slices: the maxima in one reduction)
         and the parameter's slices themselves. Else None."""
         slices = self.parameter[group.start:group.stop]
-        if self.bind() is not None:
-            return self._call(slices, group.start)
+        call = self.bind()
+        if call is not None:
+            return call(slices, group.start)
         if self._passing is None:
             through = not each_call_watched_globally() and all(
                 passes_input_through(q) and not each_call_watched_locally(q) for q in self.quantizers)
