@@ -296,20 +296,23 @@ def _run_variant(variant: str, recipe: str, pristine, shape: str, args, batches,
         rq.fold_weights(model)
         synchronize(device)
         result["fold_s"] = time.perf_counter() - began
+    stage_peaks = {"calibration": peak_gib(device)}  # each stage's peak apart (the whole run's: peak_gib)
+    reset_peak(device)
     if on_calibrated is not None:
         on_calibrated(model, eval_batch, device)
     result["forward"] = timed_forward_ms(model, eval_batch, device, args.repeats)
+    stage_peaks["forwards"] = peak_gib(device)
+    reset_peak(device)
     logits = logits_of(model, eval_batch)
+    stage_peaks["logits"] = peak_gib(device)
+    reset_peak(device)
     if variant not in PLAIN_VARIANTS and args.paired:
         # before the export, which leaves modelopt's model holding exported weights (no longer a
         # fake-quant model); the plain copy's memory is kept out of the peak
-        peak_before = peak_gib(device)
         plain = copy.deepcopy(pristine).to(device)
         result["paired"] = paired_forward_ratio(model, plain, eval_batch, device, args.repeats)
         del plain
         reset_peak(device)
-    else:
-        peak_before = None
     if variant not in PLAIN_VARIANTS and variant != "compiled_folded" and not args.no_export:  # folded: no masters
         out = workdir / f"{recipe}-{variant}"
         began = time.perf_counter()
@@ -324,8 +327,10 @@ def _run_variant(variant: str, recipe: str, pristine, shape: str, args, batches,
         synchronize(device)
         result["export_s"] = time.perf_counter() - began
         result["export_dir"] = str(out)
-    peak = peak_gib(device)
-    result["peak_gib"] = peak if peak_before is None or peak is None else max(peak, peak_before)
+    stage_peaks["export"] = peak_gib(device) if "export_s" in result else None
+    known = [p for p in stage_peaks.values() if p is not None]
+    result["peak_gib"] = max(known) if known else None
+    result["stage_peak_gib"] = stage_peaks
     del model
     reset_peak(device)
     return result | {"_logits": logits, "_amax": amax}

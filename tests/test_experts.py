@@ -328,7 +328,8 @@ def test_experts_loop_calibrates_and_quantizes_with_the_per_expert_calls_bits(fa
     expert) against modelopt's order of work: the same amaxes and token counts after calibration,
     the same logits quantized, and the same logits with every quantizer off, bit for bit."""
     batches, eval_batch = mc.default_batches()
-    monkeypatch.setattr(experts_loop, "rows_per_group", lambda module, hidden_states: group_rows)
+    monkeypatch.setattr(experts_loop, "row_bytes", lambda module, hidden_states: 1)  # the budget counts rows
+    monkeypatch.setattr(experts_loop, "GROUP_BYTES", group_rows)
     monkeypatch.setattr(experts_loop, "SUM_BYTES", sum_bytes)
     model = mc.build_model(family)
     per_expert = copy.deepcopy(model)
@@ -442,36 +443,39 @@ def test_swapped_forward_groups_as_many_experts_as_the_byte_budget_holds():
     model = mc.build_model("qwen3_moe")
     experts = next(m for m in model.modules() if experts_module.experts_layout("", m) is not None)
     per_expert = (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) * 2  # bf16
-    assert experts_loop.experts_per_group(experts) == experts_loop.GROUP_BYTES // per_expert
+    assert experts_loop.expert_copy_bytes(experts) == per_expert
+    assert experts_loop.experts_per_group(experts) == experts_loop.COPY_BYTES // per_expert
     with torch.no_grad():
-        big = nn.Parameter(torch.empty(2, experts_loop.GROUP_BYTES, 1, dtype=torch.bfloat16), requires_grad=False)
+        big = nn.Parameter(torch.empty(2, experts_loop.COPY_BYTES, 1, dtype=torch.bfloat16), requires_grad=False)
     experts.gate_up_proj = big
     assert experts_loop.experts_per_group(experts) == 1  # never fewer than one
 
 
-def test_experts_loop_groups_consecutive_experts_within_the_row_budget():
+def test_experts_loop_groups_consecutive_experts_within_the_byte_budget():
     model = mc.build_model("qwen3_moe")
     experts = next(m for m in model.modules() if experts_module.experts_layout("", m) is not None)
     hidden = torch.empty(3, model.config.hidden_size, dtype=torch.bfloat16)
     inner = experts.down_proj.shape[-1]
     row_bytes = (2 * model.config.hidden_size + 3 * inner) * 2  # input, gate_up, activation, down: bf16
-    assert experts_loop.rows_per_group(experts, hidden) == experts_loop.GROUP_ROW_BYTES // row_bytes
-    assert experts_loop.rows_per_group(experts, hidden.float()) == experts_loop.GROUP_ROW_BYTES // (2 * row_bytes)
+    assert experts_loop.row_bytes(experts, hidden) == row_bytes
+    assert experts_loop.row_bytes(experts, hidden.float()) == 2 * row_bytes
     groups = experts_loop.expert_groups
-    assert groups([3, 0, 2, 5, 1, 0], 5, 8) == [range(0, 3), range(3, 4), range(4, 6)]
-    assert groups([9, 1, 1], 5, 8) == [range(0, 1), range(1, 3)]  # an expert over the budget: alone
-    assert groups([0, 0, 0], 5, 8) == [range(0, 3)]
-    assert groups([0, 0, 0], 5, 2) == [range(0, 2), range(2, 3)]
-    assert groups([2, 2, 2], 1, 8) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert groups([3, 0, 2, 5, 1, 0], 1, 0, 5) == [range(0, 3), range(3, 4), range(4, 6)]
+    assert groups([9, 1, 1], 1, 0, 5) == [range(0, 1), range(1, 3)]  # an expert over the budget: alone
+    assert groups([0, 0, 0], 1, 0, 5) == [range(0, 3)]
+    assert groups([0, 0, 0], 1, 2, 5) == [range(0, 2), range(2, 3)]  # copies cost without rows
+    assert groups([2, 2, 2], 3, 0, 5) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert groups([1, 1, 1, 1], 2, 3, 10) == [range(0, 2), range(2, 4)]  # rows and copies together
     counts = [int(c) for c in torch.randint(0, 9, (50,), generator=torch.Generator().manual_seed(0))]
-    for rows in (1, 4, 9, 30, 10**6):
-        for most in (1, 3, 50):
-            found = groups(counts, rows, most)
-            assert [e for g in found for e in g] == list(range(50))  # every expert once, in order
-            assert all(len(g) <= most for g in found)
-            assert all(sum(counts[e] for e in g) <= rows or sum(counts[e] > 0 for e in g) == 1 for g in found)
-            assert all(len(a) == most or sum(counts[e] for e in a) + counts[b.start] > rows
-                       for a, b in zip(found, found[1:]))  # none could grow
+    for per_row in (1, 3):
+        for per_expert in (0, 1, 7):
+            for budget in (1, 4, 9, 30, 10**6):
+                found = groups(counts, per_row, per_expert, budget)
+                held = [sum(counts[e] for e in g) * per_row + len(g) * per_expert for g in found]
+                assert [e for g in found for e in g] == list(range(50))  # every expert once, in order
+                assert all(h <= budget or len(g) == 1 for g, h in zip(found, held))
+                assert all(h + counts[b.start] * per_row + per_expert > budget
+                           for h, b in zip(held, found[1:]))  # none could take the next expert
 
 
 def test_experts_loop_of_no_tokens_is_the_eager_loops_empty_result(monkeypatch):

@@ -74,22 +74,44 @@ def test_grouped_matmul_on_folded_weights_gives_the_per_expert_calls_bits(groupe
     assert grouped_on_cpu  # the folded weights' slices went to grouped_mm as they lie
 
 
-def test_only_quantized_copies_of_a_groups_weights_are_bounded_by_the_weight_budget(grouped_on_cpu, monkeypatch):
-    """GROUP_BYTES bounds the weights a group holds as quantized copies; calibrating or folded,
-    the group's weights are the parameter's slices and only the row budget splits the experts."""
+def test_a_groups_budget_counts_quantized_copies_of_its_weights_never_slices_as_they_lie(grouped_on_cpu, monkeypatch):
+    """GROUP_BYTES bounds what a group holds: its rows and, where its weights are quantized
+    copies, those copies; calibrating or folded, the group's weights are the parameter's slices
+    and cost nothing. Every group of several experts stays within the budget, and the bits are
+    the same however the experts are grouped."""
     batches, eval_batch = mc.default_batches()
     model = mc.build_model("qwen3_moe_top4")
     experts = model.config.num_experts
-    monkeypatch.setattr(experts_loop, "GROUP_BYTES", 1)  # one expert a group where it applies
+    module = next(m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "down_proj"))
+    copy_bytes = experts_loop.expert_copy_bytes(module)
+    budget = 3 * copy_bytes  # rows and at most three experts' copies a group
+    monkeypatch.setattr(experts_loop, "GROUP_BYTES", budget)
+    seen = []
+    real = experts_loop.expert_groups
+
+    def recorded(counts, per_row, per_expert, limit):
+        groups = real(counts, per_row, per_expert, limit)
+        seen.append((per_expert, limit))
+        for group in groups:
+            held = sum(counts[e] for e in group) * per_row + len(group) * per_expert
+            assert len(group) == 1 or held <= limit
+        return groups
+
+    monkeypatch.setattr(experts_loop, "expert_groups", recorded)
     rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
-    assert grouped_on_cpu and max(grouped_on_cpu) == experts  # calibrating: one group a layer
+    assert seen and {per_expert for per_expert, _ in seen} == {0}  # calibrating: slices, no copies
+    calibrating_groups = len(grouped_on_cpu)
+    seen.clear()
     grouped_on_cpu.clear()
     unfolded = mc.logits_of(model, eval_batch)
-    assert grouped_on_cpu and set(grouped_on_cpu) == {1}  # quantized copies: an expert a group
+    assert seen and {per_expert for per_expert, _ in seen} == {copy_bytes} and {l for _, l in seen} == {budget}
+    assert max(grouped_on_cpu) <= 3 and len(grouped_on_cpu) > 2 * len(seen)  # the copies split the layers
     rq.fold_weights(model)
+    seen.clear()
     grouped_on_cpu.clear()
     assert torch.equal(mc.logits_of(model, eval_batch), unfolded)
-    assert set(grouped_on_cpu) == {experts}  # folded: one group a layer
+    assert {per_expert for per_expert, _ in seen} == {0}  # folded: the slices as they lie
+    assert max(grouped_on_cpu) > 3 and calibrating_groups
 
 
 def test_grouped_matmul_whose_bits_differ_is_not_used(grouped_on_cpu, monkeypatch):

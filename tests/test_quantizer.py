@@ -640,3 +640,53 @@ def test_a_steady_quantized_forward_compiles_nothing_and_on_cuda_binds_nothing_n
         for length in (12, 7):
             model(input_ids=ids[:, :length], use_cache=use_cache)
     assert int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) == graphs, "a steady forward compiled a graph"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_finishing_many_calibrations_at_once_stores_what_each_finish_stores(device):
+    """finish_calibrations (max_calibrate's: the per-tensor amaxes copied out in one batched copy)
+    against each quantizer's own finish_calibration: the same amax values and dtypes, each in a
+    buffer whose memory is its own (none shares the collected tensor, another quantizer's buffer,
+    or anything a later write could reach), quantization back on; per-channel, constant-amax, off
+    and uncollected quantizers and a subclass take their own finish; one shared collected tensor
+    (the q/k/v input quantizers' max) gives separate buffers."""
+    from refquant.quant.quantizer import finish_calibrations
+
+    class Subclass(TensorQuantizer):
+        pass
+
+    generator = torch.Generator().manual_seed(3)
+    data = [torch.randn(6, 32, generator=generator).to(device, dtype) * (1 + i)
+            for i, dtype in enumerate([torch.bfloat16, torch.float32, torch.bfloat16, torch.float16, torch.bfloat16])]
+
+    def quantizers() -> list[TensorQuantizer]:
+        made = [TensorQuantizer(FP8), TensorQuantizer(FP8), TensorQuantizer(NVFP4), TensorQuantizer(FP8),
+                TensorQuantizer(FP8), TensorQuantizer(QuantizerConfig(format="fp8", axis=0)), TensorQuantizer(FP8_CAST),
+                TensorQuantizer(QuantizerConfig(format="fp8", enable=False)), TensorQuantizer(FP8), Subclass(FP8)]
+        for q in made:
+            q.start_calibration()
+        for q, x in zip(made, data + data):
+            q(x)
+        shared = made[0]._calibrator.amax
+        made[4]._calibrator.amax = shared  # one tensor collected for two quantizers
+        return made
+
+    each, together = quantizers(), quantizers()
+    for q in each:
+        q.finish_calibration(True)
+    collected = [q.collected_amax for q in together]
+    finish_calibrations(together, True)
+    buffers = []
+    for mine, theirs, seen in zip(together, each, collected):
+        assert mine.is_quantizing and not mine.is_calibrating
+        assert (mine.amax is None) == (theirs.amax is None)
+        if mine.amax is not None and not mine.config.use_constant_amax:
+            assert mine.amax.dtype == theirs.amax.dtype and mine.amax.shape == theirs.amax.shape
+            assert torch.equal(mine.amax, theirs.amax)
+            assert mine.amax.untyped_storage().data_ptr() != seen.untyped_storage().data_ptr()
+            buffers.append(mine._buffers["_amax"])
+    assert len(buffers) == 8
+    assert len({b.untyped_storage().data_ptr() for b in buffers}) == len(buffers)
+    with torch.no_grad():
+        buffers[0].fill_(7.0)  # a write to one buffer reaches no other
+    assert torch.equal(together[4].amax, each[4].amax)

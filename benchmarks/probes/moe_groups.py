@@ -1,6 +1,6 @@
 """How the experts loop's group budgets trade host time for memory: benchmarks/ptq_gpu.py's "moe"
 shape calibrated once (compiled backend), then its forward timed and its peak memory read under
-several (GROUP_ROW_BYTES, GROUP_BYTES) settings of refquant.hf.experts_loop, all in one process so
+several GROUP_BYTES budgets of refquant.hf.experts_loop, all in one process so
 that one host's speed holds for every row; the logits of every setting compared with the first's
 bit for bit (the budgets change how many experts a group holds, never a bit).
 
@@ -52,24 +52,24 @@ def _reset_peak() -> None:
 def _peak_above(held: int) -> float | None:
     """The peak memory since the last reset above `held` bytes, MiB (None on the CPU)."""
     return (torch.cuda.max_memory_allocated() - held) / MIB if CUDA else None
-# (rows, weights) budgets in MiB: the loop's own first.
-SETTINGS = ((256, 80), (64, 80), (128, 160), (256, 320), (1024, 1024))  # the last: one group a layer here
+# GROUP_BYTES budgets in MiB: the loop's own first; the last makes one group a layer here.
+SETTINGS = (336, 240, 448, 576, 1024)
 
 
 @contextlib.contextmanager
-def budgets(rows_mib: int, weights_mib: int):
-    """The experts loop's group budgets set to these within the block."""
-    saved = experts_loop.GROUP_ROW_BYTES, experts_loop.GROUP_BYTES
-    experts_loop.GROUP_ROW_BYTES, experts_loop.GROUP_BYTES = rows_mib * MIB, weights_mib * MIB
+def budget(mib: int):
+    """The experts loop's group budget set to `mib` within the block."""
+    saved = experts_loop.GROUP_BYTES
+    experts_loop.GROUP_BYTES = mib * MIB
     try:
         yield
     finally:
-        experts_loop.GROUP_ROW_BYTES, experts_loop.GROUP_BYTES = saved
+        experts_loop.GROUP_BYTES = saved
 
 
-def forward_under(model, batch: torch.Tensor, rows_mib: int, weights_mib: int, repeats: int) -> dict:
-    """The forward's times, peak memory and logits with the loop's budgets set to these."""
-    with budgets(rows_mib, weights_mib):
+def forward_under(model, batch: torch.Tensor, mib: int, repeats: int) -> dict:
+    """The forward's times, peak memory and logits with the loop's budget set to `mib`."""
+    with budget(mib):
         times = []
         with torch.no_grad():
             logits = model(input_ids=batch).logits  # warm-up
@@ -86,21 +86,22 @@ def forward_under(model, batch: torch.Tensor, rows_mib: int, weights_mib: int, r
             logits = model(input_ids=batch).logits
             _synchronize()
             peak = _peak_above(held)
-    return {"rows_mib": rows_mib, "weights_mib": weights_mib, "median_ms": statistics.median(times),
+    return {"budget_mib": mib, "median_ms": statistics.median(times),
             "min_ms": min(times), "each_ms": times, "forward_peak_mib": peak, "_logits": logits}
 
 
-def layer0_groups_and_peak(model, batch: torch.Tensor, rows_mib: int, weights_mib: int) -> tuple[int, float]:
+def layer0_groups_and_peak(model, batch: torch.Tensor, mib: int, copies: bool) -> tuple[int, float]:
     """(groups layer 0's routing of `batch` makes, the peak memory of layer 0's experts forward
-    above what was held when it began, MiB) under these budgets."""
+    above what was held when it began, MiB) under this budget; copies: whether the forward
+    quantizes the group's weights into copies."""
     experts = next(m for m in model.modules() if hasattr(m, "slice_quantizers"))
     seen = {}
 
     def before(module, args):
         hidden, top_k_index = args[0], args[1]
         counts = torch.bincount(top_k_index.reshape(-1), minlength=module.num_experts).tolist()
-        rows = experts_loop.rows_per_group(module, hidden)
-        seen["groups"] = len(experts_loop.expert_groups(counts, rows, experts_loop.experts_per_group(module)))
+        per_expert = experts_loop.expert_copy_bytes(module) if copies else 0
+        seen["groups"] = len(experts_loop.expert_groups(counts, experts_loop.row_bytes(module, hidden), per_expert, mib * MIB))
         _synchronize()
         seen["held"] = _allocated()
         _reset_peak()
@@ -111,7 +112,7 @@ def layer0_groups_and_peak(model, batch: torch.Tensor, rows_mib: int, weights_mi
 
     handles = [experts.register_forward_pre_hook(before), experts.register_forward_hook(after)]
     try:
-        with budgets(rows_mib, weights_mib), torch.no_grad():
+        with budget(mib), torch.no_grad():
             model(input_ids=batch)
     finally:
         for handle in handles:
@@ -134,7 +135,7 @@ def main() -> int:
     model = ptq_gpu.build_model(args.shape, 0, device)
     batches = ptq_gpu.batches_for(args.shape, 4, 4, 1024, 1)
     batch = batches[0].to(device)
-    plain = forward_under(model, batch, 0, 0, args.repeats)  # no quantizers: transformers' own experts forward
+    plain = forward_under(model, batch, 0, args.repeats)  # no quantizers: transformers' own experts forward
     del plain["_logits"]
     print(f"plain: {plain['median_ms']:.1f} ms (min {plain['min_ms']:.1f}), forward peak {plain['forward_peak_mib']} MiB",
           flush=True)
@@ -146,15 +147,15 @@ def main() -> int:
         if folded:
             rq.fold_weights(model)
         first = None
-        for rows_mib, weights_mib in SETTINGS:
-            row = forward_under(model, batch, rows_mib, weights_mib, args.repeats)
+        for mib in SETTINGS:
+            row = forward_under(model, batch, mib, args.repeats)
             logits = row.pop("_logits")
             first = logits if first is None else first
             row["logits_equal_to_first"] = bool(torch.equal(logits, first))
             row["folded"] = folded
-            row["groups_layer0"], row["experts_peak_mib"] = layer0_groups_and_peak(model, batch, rows_mib, weights_mib)
+            row["groups_layer0"], row["experts_peak_mib"] = layer0_groups_and_peak(model, batch, mib, not folded)
             report["rows"].append(row)
-            print(f"folded={folded} rows {rows_mib} MiB, weights {weights_mib} MiB: {row['groups_layer0']} groups, "
+            print(f"folded={folded} budget {mib} MiB: {row['groups_layer0']} groups, "
                   f"{row['median_ms']:.1f} ms (min {row['min_ms']:.1f}), forward peak {row['forward_peak_mib']} MiB, "
                   f"layer 0's experts peak {row['experts_peak_mib']} MiB, "
                   f"logits equal: {row['logits_equal_to_first']}", flush=True)

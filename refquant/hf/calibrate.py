@@ -20,7 +20,7 @@ from .dispatch import execution_device, loaded_weights, require_loaded
 from .placement import is_weight_quantizer
 from ..quant.distributed import rank_and_world, synchronize_calibration
 from ..numerics.checks import all_finite
-from ..quant.quantizer import collect_slices, named_quantizers, refuse_folded
+from ..quant.quantizer import collect_slices, finish_calibrations, named_quantizers, refuse_folded
 
 
 def run_batch(model: nn.Module, batch: Any) -> Any:
@@ -117,8 +117,7 @@ def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: b
     ]
     collected = [amax for _, q in quantizers if (amax := q.collected_amax) is not None]
     checked_finite = all_finite(collected)  # else each quantizer checks its own, and the first bad one raises
-    for _, quantizer in quantizers:
-        quantizer.finish_calibration(checked_finite)
+    finish_calibrations((quantizer for _, quantizer in quantizers), checked_finite)
     if switches_mode:
         model.train(was_training)  # as modelopt's calibrate
     if batches == 0 and needs_data:

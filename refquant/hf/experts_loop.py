@@ -37,9 +37,9 @@ What changes:
 - otherwise each expert's weight slice goes through its own quantizer just before its F.linear,
   and only for experts that received rows (one expert's quantized weight at a time; while
   calibrating, its calibrator skips a slice it collected already, unchanged since);
-- groups are consecutive experts, at most GROUP_ROW_BYTES of rows through the two projections
-  and, where the group's weights are quantized copies, GROUP_BYTES of them (one expert alone may
-  hold more), which bounds the memory;
+- groups are consecutive experts holding at most GROUP_BYTES: their rows through the two
+  projections and, where the group's weights are quantized copies, those copies (one expert alone
+  may hold more), which bounds the memory;
 - where a layer's row outputs fit SUM_BYTES they are kept, each written where the token's sum
   takes it (slab j: every token's row of its j-th expert in ascending order), and summed one
   addition a slab over all tokens (top_k launches), not by an index_add_ per expert: the same
@@ -95,50 +95,52 @@ def forward(
     return final_hidden_states
 '''
 
-# The fake-quantized weights a group of experts may hold at once (quantized in one call for the
-# grouped matmul, and in the swapped F.linear forward of refquant.hf.experts): 8 experts of a
-# Qwen3-30B-A3B-sized layer, one of DeepSeek-V3's (modelopt holds one expert's at a time). Slices
-# of the parameter used as they lie (calibrating, folded, off) are not copies and take none of it.
-# On an H100 the MoE benchmark shape's quantized forward took 60 ms at 8 groups a layer and 39 ms
-# at 2 (320 MiB; plain: 29 ms, benchmarks/probes/moe_groups.py), but at 320 MiB the benchmark's
-# quantized rows peaked 0.19 GiB above modelopt's, its folded rows (no copies) did not.
-GROUP_BYTES = 80 * 2**20
+# What a group of experts may hold at once in the loop: its rows through the two projections
+# (row_bytes each) and, where the group's weights are quantized copies (a forward that quantizes
+# them in one call for the grouped matmul), those copies; slices of the parameter used as they lie
+# (calibrating, folded, off) are not copies and take none of it. Each group costs the host about
+# ten launches and their Python, so few groups keep a GPU busy: the MoE benchmark shape's layer
+# (4096 tokens at top-8 of 64 experts of 768, Qwen3-30B-A3B's) takes two groups calibrating or
+# folded and three quantizing its weights. One expert over the budget is a group of its own.
+GROUP_BYTES = 336 * 2**20
+
+# The quantized weights refquant.hf.experts' swapped F.linear forward holds at once (a group of
+# consecutive experts quantized in one call): 8 experts of a Qwen3-30B-A3B-sized layer, one of
+# DeepSeek-V3's (modelopt holds one expert's at a time).
+COPY_BYTES = 80 * 2**20
+
+
+def expert_copy_bytes(module: nn.Module) -> int:
+    """One expert's weights of every projection, bytes: what a quantized copy of them holds."""
+    parameters = [p for p in (getattr(module, name, None) for name in ("gate_up_proj", "up_proj", "down_proj"))
+                  if isinstance(p, torch.Tensor)]  # the fused layouts' 3-D weights, gated or not
+    return sum(p.numel() // max(p.shape[0], 1) * p.element_size() for p in parameters)
 
 
 def experts_per_group(module: nn.Module) -> int:
-    """How many consecutive experts go in a group: as many as GROUP_BYTES holds of the weights of
-    every projection, at least one."""
-    parameters = [p for p in (getattr(module, name, None) for name in ("gate_up_proj", "up_proj", "down_proj"))
-                  if isinstance(p, torch.Tensor)]  # the fused layouts' 3-D weights, gated or not
-    per_expert = sum(p.numel() // p.shape[0] * p.element_size() for p in parameters)
-    return max(1, GROUP_BYTES // max(per_expert, 1))
+    """How many consecutive experts' quantized weights the swapped F.linear forward holds at once:
+    as many as COPY_BYTES holds, at least one."""
+    return max(1, COPY_BYTES // max(expert_copy_bytes(module), 1))
 
 
-# The rows a group of experts takes through its two projections at once (each row's input, the
-# first projection's output, the activation and the second projection's output): 4096 tokens'
-# rows at top-8 of a Qwen3-30B-A3B-sized layer in two groups, where transformers' grouped_mm
-# forward holds them all at once (the eager loop holds one expert's). Each group costs the host
-# about ten launches and their Python, so few groups keep a GPU busy.
-GROUP_ROW_BYTES = 256 * 2**20
-
-
-def rows_per_group(module: nn.Module, hidden_states: torch.Tensor) -> int:
-    """How many rows a group of experts may hold: GROUP_ROW_BYTES over one row's bytes through the
-    projections, at least one."""
+def row_bytes(module: nn.Module, hidden_states: torch.Tensor) -> int:
+    """One routed row's bytes through the projections: its input, the first projection's output,
+    the activation and the second projection's output."""
     inner = module.down_proj.shape[-1]  # EAGER_FORWARD's experts are gated: gate_up_proj gives 2 * inner
-    width = 2 * hidden_states.shape[-1] + 3 * inner
-    return max(1, GROUP_ROW_BYTES // (width * hidden_states.element_size()))
+    return (2 * hidden_states.shape[-1] + 3 * inner) * hidden_states.element_size()
 
 
-def expert_groups(counts: list[int], rows: int, experts: int) -> list[range]:
-    """Consecutive experts in groups of at most `experts` experts and `rows` rows (counts[e]:
-    expert e's rows); an expert with more rows than that is the only one of its group with rows."""
+def expert_groups(counts: list[int], bytes_per_row: int, bytes_per_expert: int, budget: int) -> list[range]:
+    """Consecutive experts in groups holding at most `budget` bytes: counts[e] rows of
+    bytes_per_row for expert e, and bytes_per_expert for each expert of the group (its quantized
+    weights; 0 where none are copied). An expert over the budget alone is a group of its own."""
     groups, first, held = [], 0, 0
     for expert, count in enumerate(counts):
-        if (held and held + count > rows) or expert - first == experts:
+        cost = count * bytes_per_row + bytes_per_expert
+        if expert > first and held + cost > budget:
             groups.append(range(first, expert))
             first, held = expert, 0
-        held += count
+        held += cost
     groups.append(range(first, len(counts)))
     return groups
 
@@ -256,7 +258,7 @@ def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: to
     # every token is routed to top_k experts, so the first projection's rows are all the tokens
     first_once, down_per_expert = rows_independent(first_input_q), not rows_independent(down_input_q)
     weights = {projection: _ProjectionWeights(module, projection) for projection in ("gate_up_proj", "down_proj")}
-    quantizes_groups = False  # whether a group's weights are quantized copies (GROUP_BYTES bounds them)
+    quantizes_groups = False  # whether a group's weights are quantized copies (GROUP_BYTES counts them)
     if grouped_matmul_allowed(hidden_states):  # bound now, while the device sorts the routing
         for projection, grouped in (("gate_up_proj", first_once), ("down_proj", not down_per_expert)):
             if grouped and weights[projection].bind() is not None:
@@ -272,8 +274,8 @@ def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: to
     rows_out = None
     if routing.rows * hidden_states.shape[-1] * output.element_size() <= SUM_BYTES:
         rows_out = output.new_empty(routing.rows, hidden_states.shape[-1])
-    most = experts_per_group(module) if quantizes_groups else experts
-    for group in expert_groups(routing.counts, rows_per_group(module, hidden_states), most):
+    copies = expert_copy_bytes(module) if quantizes_groups else 0
+    for group in expert_groups(routing.counts, row_bytes(module, hidden_states), copies, GROUP_BYTES):
         _group(module, routing, hidden_states, first_input_q, down_input_q, down_per_expert, group, output, rows_out,
                weights)
     if rows_out is not None:
@@ -298,7 +300,7 @@ def _group(module: nn.Module, routing: _Routing, hidden_states: torch.Tensor, fi
 
     def project(projection: str, x: torch.Tensor, input_q: Optional[TensorQuantizer]) -> torch.Tensor:
         nonlocal offsets
-        stacked = weights[projection].of_group(group, counts) if input_q is None and grouped_matmul_allowed(x) else None
+        stacked = weights[projection].of_group(group, routing.counts) if input_q is None and grouped_matmul_allowed(x) else None
         if stacked is not None:
             if offsets is None:
                 offsets = routing.group_offsets(group)
@@ -367,9 +369,10 @@ class _ProjectionWeights:
         needs no separate call of a quantizer that quantizes: one call over the group's slices
         with one amax per expert (SliceQuantizers, bound once a forward: the checks, the amaxes
         stacked); or, when every quantizer passes its input through (off, folded, or
-        only collecting while calibrating) and nothing watches one, the calls of the experts with
-        rows that collect (the eager loop's calls; collect_slices: the maxima in one reduction)
-        and the parameter's slices themselves. Else None."""
+        only collecting while calibrating) and nothing watches one, the parameter's slices
+        themselves, the calls of every expert with rows (`counts`: the layer's, one per expert)
+        that collect made at the first group (the eager loop's calls; their order does not change
+        a max; collect_slices: the maxima in one reduction). Else None."""
         slices = self.parameter[group.start:group.stop]
         call = self.bind()
         if call is not None:
@@ -382,5 +385,6 @@ class _ProjectionWeights:
         if not through:
             return None
         if collecting:
-            collect_slices(self.quantizers, self.parameter, [e for e, count in zip(group, counts) if count])
+            collect_slices(self.quantizers, self.parameter, [e for e, count in enumerate(counts) if count])
+            self._passing = (through, False)  # once a forward
         return slices

@@ -364,12 +364,17 @@ class TensorQuantizer(nn.Module):
         self.register_buffer("_amax", amax.detach().clone())
 
     # --- calibration (modelopt's enable_stats_collection / finish_stats_collection) -------
+    def _set_calibration_state(self, quantizing: bool, calibrator: Optional["_MaxCalibrator"]) -> None:
+        # plain attributes, set past nn.Module.__setattr__'s checks for parameters, buffers and
+        # submodules (neither value is one): a 64-expert model has ~1,200 quantizers to switch
+        object.__setattr__(self, "_quantizing", quantizing)
+        object.__setattr__(self, "_calibrator", calibrator)
+
     def start_calibration(self) -> None:
         """Quantization off; collect max|x| unless the amax is constant (then nothing collects)."""
         if not self.is_enabled:
             return
-        self._quantizing = False
-        self._calibrator = None if self.config.use_constant_amax else _MaxCalibrator(self.config.axis)
+        self._set_calibration_state(False, None if self.config.use_constant_amax else _MaxCalibrator(self.config.axis))
 
     def finish_calibration(self, checked_finite: bool = False) -> None:
         """Store the collected amax (if any data came), switch quantization back on. Raises
@@ -379,8 +384,13 @@ class TensorQuantizer(nn.Module):
             if not checked_finite:
                 self._calibrator.check_finite(self.name)
             self.set_amax(self._calibrator.amax)
-        self._calibrator = None
-        self._quantizing = True
+        self._set_calibration_state(True, None)
+
+    def _finish_calibration_with(self, amax: torch.Tensor) -> None:
+        """finish_calibration where the caller made `amax`, a copy of the collected amax that
+        nothing else holds, and found it finite (finish_calibrations)."""
+        self.register_buffer("_amax", amax)
+        self._set_calibration_state(True, None)
 
     @property
     def is_calibrating(self) -> bool:
@@ -693,6 +703,35 @@ def collect_slices(quantizers: nn.ModuleList | list, weight: torch.Tensor, indic
         calibrator = listed[i]._calibrator
         calibrator.last = keys[i]
         calibrator.keep_max(maxima[i - low])
+
+
+def finish_calibrations(quantizers: Iterable[TensorQuantizer], checked_finite: bool = False) -> None:
+    """finish_calibration of each quantizer, each storing what its own call stores. Where the
+    collected amaxes were found finite (`checked_finite`), the per-tensor ones of each device and
+    dtype are copied out of one stack in one batched copy (torch.split_with_sizes_copy), each
+    into a tensor of its own, not by a clone each: a 64-expert model stores over a thousand."""
+    listed = list(quantizers)
+    batched: dict[tuple, list[tuple[TensorQuantizer, torch.Tensor]]] = {}
+    if checked_finite:
+        for quantizer in listed:
+            amax = quantizer.collected_amax
+            if (amax is not None and amax.ndim == 0 and type(quantizer) is TensorQuantizer
+                    and not quantizer.config.use_constant_amax):
+                batched.setdefault((amax.device, amax.dtype), []).append((quantizer, amax))
+    done = set()
+    with torch.no_grad():
+        for (device, dtype), pairs in batched.items():
+            if len(pairs) < 2:
+                continue
+            stacked = torch.stack([amax for _, amax in pairs])
+            copies = [torch.empty((), dtype=dtype, device=device) for _ in pairs]
+            torch.split_with_sizes_copy(stacked, [1] * len(pairs), out=[c.view(1) for c in copies])
+            for (quantizer, _), amax in zip(pairs, copies):
+                quantizer._finish_calibration_with(amax)
+                done.add(id(quantizer))
+    for quantizer in listed:
+        if id(quantizer) not in done:
+            quantizer.finish_calibration(checked_finite)
 
 
 class SliceQuantizers:
