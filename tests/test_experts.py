@@ -249,6 +249,51 @@ def test_collect_slices_keeps_what_each_slice_call_keeps():
     assert [len(q._calibrator._unfolded) for q in batched[:2]] == [kept[0] + 1, kept[1] + 1]
 
 
+def test_collecting_passing_slices_makes_the_calls_of_the_wanted_slices_or_none():
+    """collect_passing_slices against a call per wanted slice: where every quantizer returns its
+    input (collecting per tensor or per channel, off, a constant amax) and nothing watches one,
+    the same collected maxima for the wanted slices and nothing for the others, then nothing new
+    for unchanged slices; where one quantizes, a hook watches one or a global hook watches all,
+    False and no call made (the caller calls each quantizer itself)."""
+    from refquant.quant.quantizer import collect_passing_slices
+
+    generator = torch.Generator().manual_seed(12)
+    weight = nn.Parameter((torch.randn(7, 16, 32, generator=generator) * torch.arange(1, 8).view(-1, 1, 1)).bfloat16())
+    wanted = [1, 0, 3, 1, 1, 1, 0]
+    called, batched = _slice_quantizer_states(), _slice_quantizer_states()
+    for quantizers in (called, batched):
+        quantizers[6] = TensorQuantizer(QuantizerConfig(format="fp8"))  # collecting, not quantizing
+        quantizers[6].start_calibration()
+    with torch.no_grad():
+        handle = batched[4].register_forward_hook(lambda *args: None)
+        assert not collect_passing_slices(batched, weight, wanted)  # a hook watches quantizer 4
+        assert all(q._calibrator is None or q.collected_amax is None for q in batched)  # no call made
+        handle.remove()
+        for index in range(7):
+            if wanted[index]:
+                called[index](weight[index])
+        assert collect_passing_slices(batched, weight, wanted)
+    for index in range(7):
+        mine, theirs = batched[index].collected_amax, called[index].collected_amax
+        assert (mine is None) == (theirs is None), index
+        if mine is not None:
+            assert mine.dtype == theirs.dtype and torch.equal(mine.view(torch.int16), theirs.view(torch.int16)), index
+    assert batched[1].collected_amax is None and batched[6].collected_amax is None  # not wanted
+    kept = [len(q._calibrator._unfolded) if q._calibrator is not None else None for q in batched]
+    assert collect_passing_slices(batched, weight, wanted)  # unchanged: nothing new
+    assert [len(q._calibrator._unfolded) if q._calibrator is not None else None for q in batched] == kept
+    batched[0].finish_calibration()  # quantizes now
+    assert not collect_passing_slices(batched, weight, [1] * 7)
+    assert batched[6].collected_amax is None  # declined before any call
+    batched[0].set_enabled(False)
+    assert collect_passing_slices(batched, weight, [1] * 7)
+    handle = nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert not collect_passing_slices(batched, weight, [1] * 7)
+    finally:
+        handle.remove()
+
+
 def test_nvfp4_takes_one_amax_per_slice_only_when_asked():
     weight, amax = expert_weights()
     per_slice = amax.reshape(-1, 1, 1)

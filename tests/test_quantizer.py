@@ -675,7 +675,7 @@ def test_finishing_many_calibrations_at_once_stores_what_each_finish_stores(devi
     for q in each:
         q.finish_calibration(True)
     collected = [q.collected_amax for q in together]
-    finish_calibrations(together, True)
+    finish_calibrations(together)
     buffers = []
     for mine, theirs, seen in zip(together, each, collected):
         assert mine.is_quantizing and not mine.is_calibrating
@@ -690,3 +690,8 @@ def test_finishing_many_calibrations_at_once_stores_what_each_finish_stores(devi
     with torch.no_grad():
         buffers[0].fill_(7.0)  # a write to one buffer reaches no other
     assert torch.equal(together[4].amax, each[4].amax)
+    bad = quantizers()
+    bad[3]._calibrator.amax = torch.tensor(float("inf"), dtype=torch.float16, device=device)
+    with pytest.raises(ValueError, match="inf"):
+        finish_calibrations(bad)  # the quantizers before the bad one finish, as a loop of their own calls
+    assert [q.is_calibrating for q in bad[:5]] == [False, False, False, True, True]

@@ -32,8 +32,8 @@ What changes:
   expert (refquant.quant.quantizer.SliceQuantizers, the quantizers checked and their amaxes
   stacked once a forward) where that is exact; while calibrating, or folded or off, the
   parameter's slices are used as they lie, and of the quantizers of the experts with rows those
-  that collect take their slices' maxima (collect_slices: one reduction; an off quantizer's call
-  does nothing and is not made);
+  that collect take their slices' maxima once a forward (collect_passing_slices: one reduction;
+  an off quantizer's call does nothing and is not made);
 - otherwise each expert's weight slice goes through its own quantizer just before its F.linear,
   and only for experts that received rows (one expert's quantized weight at a time; while
   calibrating, its calibrator skips a slice it collected already, unchanged since);
@@ -60,8 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.quantizer import (SliceCall, TensorQuantizer, collect_slices, each_call_watched_globally,
-                               each_call_watched_locally, passes_input_through, quantizer_sees_each_call,
+from ..quant.quantizer import (SliceCall, TensorQuantizer, collect_passing_slices, quantizer_sees_each_call,
                                quantizes_with_fixed_amax)
 from .grouped_linear import grouped_linear, grouped_matmul_allowed
 
@@ -351,7 +350,7 @@ class _ProjectionWeights:
         self.quantizers = list(module.projection_quantizers(projection)[1])
         self._slice_quantizers = module.slice_quantizers(projection)
         self._call = _UNBOUND
-        self._passing: Optional[tuple[bool, bool]] = None
+        self._passing: Optional[bool] = None  # whether every quantizer passes its slice through (asked once)
 
     def bind(self) -> Optional["SliceCall"]:
         """The projection's weight quantizers bound for this forward (SliceQuantizers.bind, made
@@ -372,19 +371,11 @@ class _ProjectionWeights:
         only collecting while calibrating) and nothing watches one, the parameter's slices
         themselves, the calls of every expert with rows (`counts`: the layer's, one per expert)
         that collect made at the first group (the eager loop's calls; their order does not change
-        a max; collect_slices: the maxima in one reduction). Else None."""
+        a max; collect_passing_slices: the maxima in one reduction). Else None."""
         slices = self.parameter[group.start:group.stop]
         call = self.bind()
         if call is not None:
             return call(slices, group.start)
-        if self._passing is None:
-            through = not each_call_watched_globally() and all(
-                passes_input_through(q) and not each_call_watched_locally(q) for q in self.quantizers)
-            self._passing = (through, through and any(q.is_enabled and q.is_calibrating for q in self.quantizers))
-        through, collecting = self._passing
-        if not through:
-            return None
-        if collecting:
-            collect_slices(self.quantizers, self.parameter, [e for e, count in enumerate(counts) if count])
-            self._passing = (through, False)  # once a forward
-        return slices
+        if self._passing is None:  # at the first group: the calls of every expert with rows
+            self._passing = collect_passing_slices(self.quantizers, self.parameter, counts)
+        return slices if self._passing else None

@@ -86,10 +86,16 @@ def memory_key(x: torch.Tensor) -> tuple:
 
 def slice_memory_keys(weight: torch.Tensor, indices: Iterable[int]) -> dict[int, tuple]:
     """{i: memory_key(weight[i])} for each i, without making the views."""
+    key_of = _slice_key_maker(weight)
+    return {i: key_of(i) for i in indices}
+
+
+def _slice_key_maker(weight: torch.Tensor):
+    """i -> memory_key(weight[i]), without making the view."""
     storage, offset, step = weight.untyped_storage().data_ptr(), weight.storage_offset(), weight.stride(0)
     shape, strides = tuple(weight.shape[1:]), weight.stride()[1:]
     dtype, device, version = weight.dtype, weight.device, weight._version
-    return {i: (storage, offset + i * step, shape, strides, dtype, device, version) for i in indices}
+    return lambda i: (storage, offset + i * step, shape, strides, dtype, device, version)
 
 
 _FOLD_EVERY = 64  # calls whose maxima a calibrator keeps before it folds them into one
@@ -640,12 +646,6 @@ def quantizes_with_fixed_amax(quantizer: TensorQuantizer) -> bool:
     return amax is not None and amax.numel() == 1
 
 
-def passes_input_through(quantizer: TensorQuantizer) -> bool:
-    """Whether a call of `quantizer` returns its input itself: off, or not quantizing (only
-    collecting while calibrating, or neither)."""
-    return not quantizer.is_enabled or not quantizer._quantizing
-
-
 def quantizer_sees_each_call(quantizer: nn.Module) -> bool:
     """Whether something wants to see each call of `quantizer`, so its calls must be made one by
     one as modelopt makes them: a subclass's forward, a forward hook of its own
@@ -695,6 +695,12 @@ def collect_slices(quantizers: nn.ModuleList | list, weight: torch.Tensor, indic
             quantizer(weight[i])
         elif quantizer._calibrator.last != key:
             pending.append(i)
+    _keep_slice_maxima(listed, weight, pending, keys)
+
+
+def _keep_slice_maxima(listed: list, weight: torch.Tensor, pending: list[int], keys: dict[int, tuple]) -> None:
+    """Each listed[i]'s calibrator (plain, per tensor) takes max|weight[i]| for i in `pending`,
+    the maxima in one reduction, and remembers keys[i] as the slice it collected last."""
     if not pending:
         return
     low, high = min(pending), max(pending) + 1
@@ -705,33 +711,78 @@ def collect_slices(quantizers: nn.ModuleList | list, weight: torch.Tensor, indic
         calibrator.keep_max(maxima[i - low])
 
 
-def finish_calibrations(quantizers: Iterable[TensorQuantizer], checked_finite: bool = False) -> None:
-    """finish_calibration of each quantizer, each storing what its own call stores. Where the
-    collected amaxes were found finite (`checked_finite`), the per-tensor ones of each device and
-    dtype are copied out of one stack in one batched copy (torch.split_with_sizes_copy), each
-    into a tensor of its own, not by a clone each: a 64-expert model stores over a thousand."""
+def collect_passing_slices(quantizers: nn.ModuleList | list, weight: torch.Tensor, wanted: list[int]) -> bool:
+    """Where every quantizer of the list returns its input itself (off, folded, or only
+    collecting while calibrating) and nothing watches one: the calls quantizers[i](weight[i]) for
+    each i with wanted[i] made as collect_slices makes them (a slice collected already and
+    unchanged since is skipped, the per-tensor maxima of the rest in one reduction), and True.
+    Else False, and no call made. One pass over the list for both questions: the experts loop asks
+    them of every projection at every calibrating or folded forward."""
+    if each_call_watched_globally() or weight.numel() == 0 or weight.is_inference():
+        return False  # (an inference weight has no version to tell a collected slice by)
     listed = list(quantizers)
-    batched: dict[tuple, list[tuple[TensorQuantizer, torch.Tensor]]] = {}
-    if checked_finite:
-        for quantizer in listed:
-            amax = quantizer.collected_amax
-            if (amax is not None and amax.ndim == 0 and type(quantizer) is TensorQuantizer
-                    and not quantizer.config.use_constant_amax):
-                batched.setdefault((amax.device, amax.dtype), []).append((quantizer, amax))
-    done = set()
+    key_of = _slice_key_maker(weight)
+    pending, called, keys = [], [], {}
+    for i, quantizer in enumerate(listed):
+        if each_call_watched_locally(quantizer):
+            return False
+        if not quantizer.config.enable:
+            continue
+        if quantizer._quantizing:
+            return False
+        calibrator = quantizer._calibrator
+        if calibrator is None or not wanted[i]:
+            continue  # (an unwatched call that neither quantizes nor collects does nothing)
+        if calibrator.axis is not None:
+            called.append(i)  # per channel: its own call collects
+            continue
+        key = key_of(i)
+        if calibrator.last != key:
+            pending.append(i)
+            keys[i] = key
+    for i in called:
+        listed[i](weight[i])
+    _keep_slice_maxima(listed, weight, pending, keys)
+    return True
+
+
+def finish_calibrations(quantizers: Iterable[TensorQuantizer]) -> None:
+    """finish_calibration of each quantizer, each storing what its own call stores, with one read
+    back a device to find every collected amax finite, not one a quantizer. The per-tensor amaxes
+    of each device and dtype are stacked once, for that check and to be copied out in one batched
+    copy (torch.split_with_sizes_copy), each into a tensor of its own: a 64-expert model stores
+    over a thousand. Where one is not finite, each quantizer finishes in turn as its own call
+    does: the first bad one raises, naming itself."""
+    listed = list(quantizers)
+    scalars: dict[tuple, list[tuple[TensorQuantizer, torch.Tensor]]] = {}
+    others: dict[torch.device, list[torch.Tensor]] = {}
+    for quantizer in listed:
+        amax = quantizer.collected_amax
+        if amax is None:
+            continue
+        if amax.ndim == 0 and type(quantizer) is TensorQuantizer:
+            scalars.setdefault((amax.device, amax.dtype), []).append((quantizer, amax))
+        else:
+            others.setdefault(amax.device, []).append(amax)
     with torch.no_grad():
-        for (device, dtype), pairs in batched.items():
-            if len(pairs) < 2:
-                continue
-            stacked = torch.stack([amax for _, amax in pairs])
+        stacks = {key: torch.stack([amax for _, amax in pairs]) for key, pairs in scalars.items()}
+        finite = True
+        for device in {key[0] for key in stacks} | set(others):
+            checks = [torch.isfinite(stack).all().reshape(1) for key, stack in stacks.items() if key[0] == device]
+            checks += [torch.isfinite(amax).all().reshape(1) for amax in others.get(device, [])]
+            finite = finite and bool(torch.cat(checks).all())  # the one read back of the device
+        if not finite:
+            for quantizer in listed:
+                quantizer.finish_calibration()
+            return
+        for (device, dtype), pairs in scalars.items():
             copies = [torch.empty((), dtype=dtype, device=device) for _ in pairs]
-            torch.split_with_sizes_copy(stacked, [1] * len(pairs), out=[c.view(1) for c in copies])
+            torch.split_with_sizes_copy(stacks[device, dtype], [1] * len(pairs), out=[c.view(1) for c in copies])
             for (quantizer, _), amax in zip(pairs, copies):
                 quantizer._finish_calibration_with(amax)
-                done.add(id(quantizer))
     for quantizer in listed:
-        if id(quantizer) not in done:
-            quantizer.finish_calibration(checked_finite)
+        if quantizer.is_calibrating or not quantizer.is_quantizing:
+            quantizer.finish_calibration(checked_finite=True)
 
 
 class SliceQuantizers:
