@@ -13,7 +13,9 @@ Measured per variant (plain bf16, modelopt, refquant compiled, refquant referenc
                      warm-up forwards' (the first is the first forward after calibration)
     export s         rq.export_checkpoint / modelopt's export_hf_checkpoint
     peak GiB         torch.cuda.max_memory_allocated over calibration + forward + export; the
-                     pristine weights wait on the CPU, so the GPU holds the working model only
+                     pristine weights wait on the CPU, so the GPU holds the working model only. The
+                     JSON's stage_peak_gib has each stage's own: calibration, the timed forwards,
+                     the logits comparison (logits_of) and the export
     paired x plain   before the export, a plain copy of the model joins it on the device (its memory
                      kept out of the peak) and the two run turn about (plain, quantized, plain, ...): the median of each
                      pair's ratio. On a host whose speed changes from one moment to the next, the
