@@ -543,7 +543,9 @@ def test_experts_loop_leaves_an_index_outside_the_experts_to_the_modules_own_for
     experts = next(m for m in model.modules() if experts_module.is_quant_experts(m))
     hidden = torch.randn(2, model.config.hidden_size, dtype=torch.bfloat16)
     weights = torch.ones(2, 2, dtype=torch.bfloat16)
-    for outside in (torch.tensor([[0, experts.num_experts], [1, 2]]), torch.tensor([[0, 1], [-1, 2]])):
+    for outside in (torch.tensor([[0, experts.num_experts], [1, 2]]), torch.tensor([[0, 1], [-1, 2]]),
+                    torch.tensor([[0, 1], [2**16 + 1, 2]]), torch.tensor([[0, 1], [-2**16, 2]]),
+                    torch.tensor([[0, 1], [2**31 - 1, 2]], dtype=torch.int32)):  # none wraps onto an expert
         assert experts_loop.loop_forward(experts, hidden, outside, weights, None) is None
     for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):  # the routing's counts, any integer ids
         routing = experts_loop._Routing(torch.tensor([[0, 3], [3, 1]], dtype=dtype), weights, experts.num_experts)
