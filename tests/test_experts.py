@@ -331,6 +331,34 @@ def test_one_call_over_all_experts_declines_where_it_would_not_be_exact():
     quantizers[0] = leader
     quantizers[4].set_enabled(False)
     assert call(weight) is None
+    quantizers[4].set_enabled(True)
+    assert call(weight) is not None
+    saved = quantizers[3].amax
+    quantizers[3].set_amax(saved.reshape(1, 1).repeat(2, 1))
+    assert call(weight) is None  # an amax of more than one element
+    quantizers[3].set_amax(saved.double())
+    assert call(weight) is None  # amaxes of mixed dtypes: a stack would promote
+    quantizers[3].set_amax(saved)
+    quantizers[2].flavor = "modelopt-cuda"
+    assert call(weight) is None  # mixed flavors
+    quantizers[2].flavor = quantizers[0].flavor
+
+    class Quiet(TensorQuantizer):
+        pass
+
+    class Loud(TensorQuantizer):
+        def forward(self, x):
+            return super().forward(x)
+
+    for cls, binds in ((Quiet, True), (Loud, False)):
+        other = cls(quantizers[1].config)
+        other.set_amax(quantizers[1].amax)
+        original, quantizers[1] = quantizers[1], other
+        assert (call(weight) is not None) == binds  # a subclass with its own forward is called itself
+        quantizers[1] = original
+    for quantizer in quantizers:
+        quantizer.set_config(QuantizerConfig(format="fp8", use_constant_amax=True))
+    assert torch.equal(call(weight), rq.fp8_fake_quant(weight, 448.0))  # every amax the constant
 
 
 def modelopts_order_of_work(monkeypatch) -> None:

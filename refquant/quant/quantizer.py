@@ -820,33 +820,47 @@ class SliceQuantizers:
         leader = quantizers[0]
         if each_call_watched_globally() or each_call_watched_locally(leader):
             return None  # (a module that is not a TensorQuantizer has no settings to compare)
-        settings = (leader.config, leader.flavor, leader.backend)
+        config, flavor, backend = leader.config, leader.flavor, leader.backend
+        if not config.enable:
+            return None
+        buffers = []
+        # each_call_watched_locally and quantizes_with_fixed_amax of every quantizer, written out:
+        # this loop runs over every expert of a projection at every forward. A config equal to
+        # the leader's is as enabled and as constant as the leader's.
         for quantizer in quantizers:
-            if each_call_watched_locally(quantizer) or not quantizes_with_fixed_amax(quantizer):
+            if type(quantizer) is TensorQuantizer:
+                if quantizer._forward_hooks or quantizer._forward_pre_hooks:
+                    return None
+            elif each_call_watched_locally(quantizer):
                 return None
-            if (quantizer.config, quantizer.flavor, quantizer.backend) != settings:
+            own = quantizer.config
+            if (own is not config and own != config) or quantizer.flavor != flavor or quantizer.backend != backend:
                 return None
-        if leader.config.use_constant_amax:
-            amax: Any = E4M3_MAX
-        else:
-            amax = self._stacked_amax(quantizers, like)
-            if amax is None:
+            if not quantizer._quantizing or quantizer._calibrator is not None:
                 return None
-        return SliceCall(leader, first, amax)
+            if not config.use_constant_amax:
+                amax = quantizer._buffers.get("_amax")
+                if amax is None or amax.numel() != 1:
+                    return None
+                buffers.append(amax)
+        if config.use_constant_amax:
+            return SliceCall(leader, first, E4M3_MAX)
+        amax = self._stacked_amax(quantizers, buffers, like)
+        return None if amax is None else SliceCall(leader, first, amax)
 
     @staticmethod
-    def _stacked_amax(quantizers: list[TensorQuantizer], like: torch.Tensor) -> Optional[torch.Tensor]:
+    def _stacked_amax(quantizers: list[TensorQuantizer], buffers: list[torch.Tensor],
+                      like: torch.Tensor) -> Optional[torch.Tensor]:
         """The amaxes stacked to (E,), made from the buffers as they are now (each quantizer's
         check first), so a write in place, `.data` included, is used."""
-        buffers = [q._buffers["_amax"] for q in quantizers]
         if len({b.dtype for b in buffers}) != 1:
             return None  # torch.stack would promote; the separate calls each keep their dtype
-        if all(amax_readable_now(device) for device in {b.device for b in buffers}):
+        devices = {b.device for b in buffers}
+        if all(amax_readable_now(device) for device in devices):
             for quantizer, buffer in zip(quantizers, buffers):
                 quantizer._read_amax_value(buffer)  # each one's check, as its own call makes it
-        device = like.device
-        if not all(b.ndim == 0 and b.device == device for b in buffers):
-            buffers = [b.reshape(()).to(device) for b in buffers]
+        if devices != {like.device} or any(b.ndim for b in buffers):
+            buffers = [b.reshape(()).to(like.device) for b in buffers]
         return torch.stack(buffers)
 
 
