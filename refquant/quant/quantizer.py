@@ -18,8 +18,8 @@ import torch
 from dataclasses_json import DataClassJsonMixin
 from torch import nn
 
-from ..numerics.checks import (FLAVORS, Flavor, bad_amax_values, is_valid_amax_value, max_abs_one_kernel, reduce_amax,
-                               vouch_checked)
+from ..numerics.checks import (FLAVORS, Flavor, all_finite, bad_amax_values, is_valid_amax_value, max_abs_one_kernel,
+                               reduce_amax, vouch_checked)
 from .backends import BACKENDS, numerics
 from ..numerics.formats import E4M3_MAX
 
@@ -747,37 +747,27 @@ def collect_passing_slices(quantizers: nn.ModuleList | list, weight: torch.Tenso
 
 
 def finish_calibrations(quantizers: Iterable[TensorQuantizer]) -> None:
-    """finish_calibration of each quantizer, each storing what its own call stores, with one read
-    back a device to find every collected amax finite, not one a quantizer. The per-tensor amaxes
-    of each device and dtype are stacked once, for that check and to be copied out in one batched
-    copy (torch.split_with_sizes_copy), each into a tensor of its own: a 64-expert model stores
-    over a thousand. Where one is not finite, each quantizer finishes in turn as its own call
-    does: the first bad one raises, naming itself."""
+    """finish_calibration of each quantizer, each storing what its own call stores: every
+    collected amax checked finite at once (all_finite: one read back a device, not one a
+    quantizer), and the per-tensor amaxes of each device and dtype copied out of one stack in one
+    batched copy (torch.split_with_sizes_copy), each into a tensor of its own, not by a clone
+    each: a 64-expert model stores over a thousand. Where one is not finite, each quantizer
+    finishes in turn as its own call does: the first bad one raises, naming itself."""
     listed = list(quantizers)
+    collected = [(quantizer, amax) for quantizer in listed if (amax := quantizer.collected_amax) is not None]
+    if not all_finite([amax for _, amax in collected]):
+        for quantizer in listed:
+            quantizer.finish_calibration()
+        return
     scalars: dict[tuple, list[tuple[TensorQuantizer, torch.Tensor]]] = {}
-    others: dict[torch.device, list[torch.Tensor]] = {}
-    for quantizer in listed:
-        amax = quantizer.collected_amax
-        if amax is None:
-            continue
+    for quantizer, amax in collected:
         if amax.ndim == 0 and type(quantizer) is TensorQuantizer:
             scalars.setdefault((amax.device, amax.dtype), []).append((quantizer, amax))
-        else:
-            others.setdefault(amax.device, []).append(amax)
     with torch.no_grad():
-        stacks = {key: torch.stack([amax for _, amax in pairs]) for key, pairs in scalars.items()}
-        finite = True
-        for device in {key[0] for key in stacks} | set(others):
-            checks = [torch.isfinite(stack).all().reshape(1) for key, stack in stacks.items() if key[0] == device]
-            checks += [torch.isfinite(amax).all().reshape(1) for amax in others.get(device, [])]
-            finite = finite and bool(torch.cat(checks).all())  # the one read back of the device
-        if not finite:
-            for quantizer in listed:
-                quantizer.finish_calibration()
-            return
         for (device, dtype), pairs in scalars.items():
+            stacked = torch.stack([amax for _, amax in pairs])
             copies = [torch.empty((), dtype=dtype, device=device) for _ in pairs]
-            torch.split_with_sizes_copy(stacks[device, dtype], [1] * len(pairs), out=[c.view(1) for c in copies])
+            torch.split_with_sizes_copy(stacked, [1] * len(pairs), out=[c.view(1) for c in copies])
             for (quantizer, _), amax in zip(pairs, copies):
                 quantizer._finish_calibration_with(amax)
     for quantizer in listed:
