@@ -810,30 +810,17 @@ class SliceQuantizers:
         leader = quantizers[0]
         if each_call_watched_globally() or each_call_watched_locally(leader):
             return None  # (a module that is not a TensorQuantizer has no settings to compare)
-        config, flavor, backend = leader.config, leader.flavor, leader.backend
-        if not config.enable:
-            return None
+        settings = (leader.config, leader.flavor, leader.backend)
+        constant = leader.config.use_constant_amax
         buffers = []
-        # each_call_watched_locally and quantizes_with_fixed_amax of every quantizer, written out:
-        # this loop runs over every expert of a projection at every forward. A config equal to
-        # the leader's is as enabled and as constant as the leader's.
         for quantizer in quantizers:
-            if type(quantizer) is TensorQuantizer:
-                if quantizer._forward_hooks or quantizer._forward_pre_hooks:
-                    return None
-            elif each_call_watched_locally(quantizer):
+            if each_call_watched_locally(quantizer) or not quantizes_with_fixed_amax(quantizer):
                 return None
-            own = quantizer.config
-            if (own is not config and own != config) or quantizer.flavor != flavor or quantizer.backend != backend:
+            if (quantizer.config, quantizer.flavor, quantizer.backend) != settings:
                 return None
-            if not quantizer._quantizing or quantizer._calibrator is not None:
-                return None
-            if not config.use_constant_amax:
-                amax = quantizer._buffers.get("_amax")
-                if amax is None or amax.numel() != 1:
-                    return None
-                buffers.append(amax)
-        if config.use_constant_amax:
+            if not constant:
+                buffers.append(quantizer._buffers["_amax"])  # one element (quantizes_with_fixed_amax)
+        if constant:
             return SliceCall(leader, first, E4M3_MAX)
         amax = self._stacked_amax(quantizers, buffers, like)
         return None if amax is None else SliceCall(leader, first, amax)
