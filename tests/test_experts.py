@@ -488,7 +488,8 @@ def test_experts_loop_calls_a_watched_or_dynamic_quantizer_once_per_expert_as_mo
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_the_token_by_token_sum_adds_what_an_index_add_per_expert_adds(dtype):
-    """_Routing.add_in_expert_order against the eager loop's index_add_ per expert in ascending
+    """The loop's sum (each row placed by _Routing.sum_positions, as _group's index_copy_ places
+    it, then _Routing.add_slabs) against the eager loop's index_add_ per expert in ascending
     order, bit for bit: rows of every magnitude (sums that round, cancel, overflow), -0.0, inf
     and NaN, top-1 to top-8 routing with experts some tokens share."""
     generator = torch.Generator().manual_seed(5)
@@ -503,7 +504,8 @@ def test_the_token_by_token_sum_adds_what_an_index_add_per_expert_adds(dtype):
         rows[3, 1], rows[5, 2], rows[8, 3] = float("inf"), float("-inf"), float("nan")
         rows[:, 4] = torch.finfo(dtype).max  # sums past the largest value
         ours = torch.zeros(tokens, hidden, dtype=dtype)
-        routing.add_in_expert_order(rows, ours)
+        slabs = torch.empty_like(rows).index_copy_(0, routing.sum_positions(), rows)
+        routing.add_slabs(slabs, ours)
         eager = torch.zeros(tokens, hidden, dtype=dtype)
         for expert in range(experts):
             begin, end = routing.starts[expert], routing.starts[expert + 1]

@@ -231,12 +231,6 @@ class _Routing:
         for slab in slabs.view(-1, *output.shape):
             output.add_(slab)
 
-    def add_in_expert_order(self, rows: torch.Tensor, output: torch.Tensor) -> None:
-        """add_slabs for `rows` in this routing's row order (one row per routed (token, expert))."""
-        slabs = torch.empty_like(rows)
-        slabs[self.sum_positions()] = rows
-        self.add_slabs(slabs, output)
-
 
 def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                  top_k_weights: torch.Tensor, count_tokens: Optional[list[int]]) -> Optional[torch.Tensor]:
