@@ -235,20 +235,22 @@ def run_variant(variant: str, recipe: str, pristine, shape: str, args, batches, 
 
 
 @contextlib.contextmanager
-def timed_forward_loop(device: torch.device):
+def timed_forward_loop(device: torch.device, around=contextlib.nullcontext):
     """Within the block, refquant's max calibration (the weight pass, the forwards over the
     batches, the amaxes stored) is timed apart: {"s": seconds} once the block ends. The rest of
-    rq.quantize_model is the quantizers' insertion, the recipe's rules and the report."""
+    rq.quantize_model is the quantizers' insertion, the recipe's rules and the report. around():
+    a context the max calibration runs in (a profiler), its value kept as timing["around"]."""
     import refquant.hf.ptq as ptq_module
 
-    timing = {"s": None}
+    timing = {"s": None, "around": None}
     calibrate = ptq_module.max_calibrate
 
     def timed(*args, **kwargs):
         synchronize(device)
         began = time.perf_counter()
-        out = calibrate(*args, **kwargs)
-        synchronize(device)
+        with around() as timing["around"]:
+            out = calibrate(*args, **kwargs)
+            synchronize(device)
         timing["s"] = time.perf_counter() - began
         return out
 

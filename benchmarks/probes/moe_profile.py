@@ -101,10 +101,9 @@ def calibration_profile(args, device: torch.device) -> list[str]:
 def _calibration_device_profile(pristine, recipe, batches, device: torch.device, flavor: str) -> list[str]:
     """A third calibration's max calibration alone (timed, then under torch.profiler: its host
     and device time by operator), beside the plain model's forwards over the same batches."""
+    import contextlib
     import copy
     import time
-
-    from refquant.hf import ptq as ptq_module
 
     plain = copy.deepcopy(pristine).to(device)
     with torch.no_grad():
@@ -116,34 +115,15 @@ def _calibration_device_profile(pristine, recipe, batches, device: torch.device,
         ptq_gpu.synchronize(device)
     text = [f"plain forwards over the batches: {time.perf_counter() - began:.4f} s"]
     del plain
-    calibrate = ptq_module.max_calibrate
-    for profiled in (False, True):
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    for around in (contextlib.nullcontext, lambda: torch.profiler.profile(activities=activities)):
         model = copy.deepcopy(pristine).to(device)
-        seen = {}
-
-        def timed(*args, **kwargs):
-            ptq_gpu.synchronize(device)
-            began = time.perf_counter()
-            if profiled:
-                activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-                with torch.profiler.profile(activities=activities) as profile:
-                    out = calibrate(*args, **kwargs)
-                    ptq_gpu.synchronize(device)
-                seen["profile"] = profile
-            else:
-                out = calibrate(*args, **kwargs)
-                ptq_gpu.synchronize(device)
-            seen["s"] = time.perf_counter() - began
-            return out
-
-        ptq_module.max_calibrate = timed
-        try:
+        with ptq_gpu.timed_forward_loop(device, around) as seen:
             rq.quantize_model(model, recipe, batches, backend="compiled", flavor=flavor, progress=False)
-        finally:
-            ptq_module.max_calibrate = calibrate
+        profiled = seen["around"] is not None
         text.append(f"max calibration{' under torch.profiler' if profiled else ''}: {seen['s']:.4f} s")
         del model
-    averages = seen["profile"].key_averages()
+    averages = seen["around"].key_averages()
     text.append(averages.table(sort_by="self_cpu_time_total", row_limit=30))
     text.append(averages.table(sort_by="self_cuda_time_total", row_limit=20))
     return text
