@@ -695,3 +695,42 @@ def test_finishing_many_calibrations_at_once_stores_what_each_finish_stores(devi
     with pytest.raises(ValueError, match="inf"):
         finish_calibrations(bad)  # the quantizers before the bad one finish, as a loop of their own calls
     assert [q.is_calibrating for q in bad[:5]] == [False, False, False, True, True]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_finishing_many_calibrations_folds_each_ones_kept_maxima_to_its_own_amax(device):
+    """finish_calibrations folds the maxima every calibrator kept over many calls (the same counts
+    in one stack) to what each quantizer's own finish stores: calls counts 2, 3, 3 and 70 (past
+    the fold every 64 calls), one quantizer seeing bf16 then fp32 (left to its own fold), a
+    per-channel one; a NaN among one quantizer's calls raises naming it."""
+    from refquant.quant.quantizer import finish_calibrations
+
+    generator = torch.Generator().manual_seed(5)
+    plan = [(2, [torch.bfloat16]), (3, [torch.bfloat16]), (3, [torch.float32]), (3, [torch.bfloat16]),
+            (70, [torch.bfloat16]), (2, [torch.bfloat16, torch.float32]), (1, [torch.bfloat16])]
+    batches = [[torch.randn(4, 16, generator=generator).to(device, dtypes[i % len(dtypes)]) * (1 + i % 7)
+                for i in range(calls)] for calls, dtypes in plan]
+
+    def quantizers(nan_in: int = -1) -> list[TensorQuantizer]:
+        made = [TensorQuantizer(FP8) for _ in plan] + [TensorQuantizer(QuantizerConfig(format="fp8", axis=0))]
+        for q in made:
+            q.start_calibration()
+        for index, (q, calls) in enumerate(zip(made, batches + [batches[1]])):
+            for number, x in enumerate(calls):
+                q(x if (index, number) != (nan_in, 1) else torch.full_like(x, float("nan")))
+        return made
+
+    each, together = quantizers(), quantizers()
+    for q in each:
+        q.finish_calibration()
+    finish_calibrations(together)
+    for mine, theirs in zip(together, each):
+        assert mine.amax.dtype == theirs.amax.dtype and mine.amax.shape == theirs.amax.shape
+        assert torch.equal(mine.amax, theirs.amax)
+        assert not mine.is_calibrating
+    expected = [max(float(x.float().abs().max()) for x in calls) for calls in batches]
+    assert [float(q.amax.float()) for q in together[:len(plan)]] == pytest.approx(expected, rel=1e-2)
+    bad = quantizers(nan_in=3)
+    bad[3].name = "the third of three"
+    with pytest.raises(ValueError, match="the third of three.*NaN"):
+        finish_calibrations(bad)

@@ -43,12 +43,13 @@ def batch_tokens(batch: Any) -> int:
     return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
 
 
-def _calibrate_weights(model: nn.Module) -> None:
+def _calibrate_weights(model: nn.Module, named_modules: Optional[list[tuple[str, nn.Module]]] = None) -> None:
     """modelopt's weight_only_quantize: each enabled weight quantizer sees its weight once, so
     weights calibrate even where the forward never reaches them (fused experts: each projection's
     slices in one reduction, refquant.quant.quantizer.collect_slices). Weights accelerate
-    offloaded are loaded as their layer's hook loads them around a forward."""
-    for name, module in weight_quantizer_modules(model):
+    offloaded are loaded as their layer's hook loads them around a forward. named_modules:
+    model.named_modules() listed already."""
+    for name, module in weight_quantizer_modules(model, named_modules):
         with loaded_weights(module):
             if is_fused_experts(module):
                 for projection, weight, quantizers in module.weight_slices_for_calibration():
@@ -70,13 +71,14 @@ def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: b
     although an enabled activation quantizer needs one (it would silently fall back to a per-call
     amax, docs/modelopt_behaviour.md §10.13).
     """
-    refuse_unsupported_quantizers(model)
-    quantizers = named_quantizers(model)
+    named_modules = list(model.named_modules())  # one walk of the module tree for what follows
+    quantizers = named_quantizers(model, named_modules)
+    refuse_unsupported_quantizers(quantizers)
     refuse_folded(quantizers, "calibrate")  # its forwards would see quantized weights, not the masters
     was_training = model.training
     # model.eval() and model.train() walk every module; a model all in eval mode already (the
     # usual case) ends as it would after both
-    modules = list(model.modules())  # one walk of the module tree for what follows
+    modules = [module for _, module in named_modules]
     switches_mode = any(module.training for module in modules)
     if switches_mode:
         model.eval()
@@ -90,7 +92,7 @@ def max_calibrate(model: nn.Module, calib_batches: Iterable[Any], *, progress: b
     failure: Optional[Exception] = None
     with torch.no_grad():
         try:
-            _calibrate_weights(model)
+            _calibrate_weights(model, named_modules)
             iterator = calib_batches
             if progress and rank == 0:
                 from tqdm.auto import tqdm

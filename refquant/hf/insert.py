@@ -11,7 +11,7 @@ a recipe turns one on).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -98,10 +98,10 @@ class UnsupportedQuantizer(TensorQuantizer):
         self.model_class = model_class
 
 
-def refuse_unsupported_quantizers(model: nn.Module) -> None:
-    """Raise ValueError naming the model class, the first enabled UnsupportedQuantizer and recipe
-    rules that would turn them all off."""
-    enabled = [(name, q) for name, q in named_quantizers(model) if isinstance(q, UnsupportedQuantizer) and q.is_enabled]
+def refuse_unsupported_quantizers(quantizers: list[tuple[str, TensorQuantizer]]) -> None:
+    """Raise ValueError naming the model class, the first enabled UnsupportedQuantizer among a
+    model's (name, quantizer) pairs (named_quantizers) and recipe rules that would turn them all off."""
+    enabled = [(name, q) for name, q in quantizers if isinstance(q, UnsupportedQuantizer) and q.is_enabled]
     if not enabled:
         return
     name, quantizer = enabled[0]
@@ -114,10 +114,12 @@ def refuse_unsupported_quantizers(model: nn.Module) -> None:
     )
 
 
-def weight_quantizer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def weight_quantizer_modules(model: nn.Module, named_modules: Optional[list[tuple[str, nn.Module]]] = None
+                             ) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) of every layer or fused-experts module with an enabled weight quantizer
-    (asked without loading an offloaded module's weights: a view of a meta tensor is enough)."""
-    for name, module in model.named_modules():
+    (asked without loading an offloaded module's weights: a view of a meta tensor is enough).
+    named_modules: model.named_modules() listed already, where the caller walked the tree."""
+    for name, module in model.named_modules() if named_modules is None else named_modules:
         if isinstance(module, (QuantLinearMixin, QuantEmbeddingMixin)) or is_quant_experts(module):
             if next(enabled_weight_views(module), None) is not None:
                 yield name, module

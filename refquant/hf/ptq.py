@@ -223,7 +223,7 @@ def quantize_model(
                 "quantizers. Check the recipe's quantizer_name patterns against the model's module names."
             )
         _refuse_quantized_tied_weights(model, recipe, last_rule)
-        refuse_unsupported_quantizers(model)
+        refuse_unsupported_quantizers(quantizers)
 
     batches = tokens = 0
     if algorithm == "max":
