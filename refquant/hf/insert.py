@@ -235,12 +235,28 @@ def insert_quantizers(model: nn.Module, *, backend: str = "reference", flavor: F
         module._setup_bmm_quantizers(backend, flavor)
     _insert_expert_quantizers(model, experts, backend, flavor)
 
-    quantizers = named_quantizers(model)
+    after = list(model.named_modules())
+    _new_modules_in_parents_mode(named, after)
+    quantizers = named_quantizers(model, after)
     shared = SharedInputResult()  # q/k/v (and gate/up) input quantizers share one tensor
     for name, quantizer in quantizers:
         quantizer.name, quantizer.backend, quantizer.flavor = name, backend, flavor
         quantizer.shared_input_result = shared
     return [name for name, _ in quantizers]
+
+
+def _new_modules_in_parents_mode(before: list[tuple[str, nn.Module]], after: list[tuple[str, nn.Module]]) -> None:
+    """Each module the insertion added (quantizers, their lists) takes its parent's training
+    flag, as model.eval() or model.train() would have set it: a new nn.Module starts in training
+    mode, so a model in eval mode would otherwise hold quantizers in training mode, and max
+    calibration would switch the whole model to eval and back (two walks of every module) to
+    leave it in one mode. `before` and `after`: model.named_modules() before and after the
+    insertion (a parent comes before its children)."""
+    existing = {id(module) for _, module in before}
+    by_name = dict(after)
+    for name, module in after:
+        if id(module) not in existing and name:
+            module.training = by_name[name.rpartition(".")[0]].training
 
 
 def _insert_expert_quantizers(model: nn.Module, experts: list, backend: str, flavor: str) -> None:
