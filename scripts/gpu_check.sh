@@ -8,6 +8,11 @@
 #   bash scripts/gpu_check.sh bench     the MoE shape (also its plain eager loop) and the 0.6B shape (48 calibration
 #                                       batches, also folded and with the fast launch off) against
 #                                       modelopt (benchmarks/ptq_gpu.py); ~6 min
+#   bash scripts/gpu_check.sh moe       the MoE shape alone against modelopt (both recipes, compiled and
+#                                       folded, 10 timed forwards), then the experts' CUDA tests and the
+#                                       family matrix on CUDA: the MoE targets and bits in one call; ~7 min
+#   bash scripts/gpu_check.sh moe_profile   where the MoE shape's max calibration and quantized forward
+#                                       spend host and device time (benchmarks/probes/moe_profile.py); ~3 min
 #   bash scripts/gpu_check.sh groups    the MoE experts loop's group budgets against time and memory
 #                                       (benchmarks/probes/moe_groups.py, FP8 and NVFP4, folded too); ~2 min
 #   bash scripts/gpu_check.sh large     the 6.7B shape (48 calibration batches, also folded) and the kernel
@@ -56,6 +61,21 @@ bench)
   timeout 280 python3 benchmarks/ptq_gpu.py --out "$OUT/small" --shapes small --recipes fp8_default-fp8_kv nvfp4_default-fp8_cast_kv \
     --variants plain modelopt compiled compiled_folded compiled_fallback --batches 48 --repeats 10 --no-export 2>&1 | tee "$OUT/ptq_small.log" | tail -12
   ;;
+moe)
+  build_modelopt_fp8
+  timeout 250 python3 benchmarks/ptq_gpu.py --out "$OUT/moe" --shapes moe --recipes nvfp4_default-fp8_cast_kv fp8_default-fp8_kv \
+    --variants plain modelopt compiled compiled_folded --batches 4 --repeats 10 --no-paired 2>&1 | tee "$OUT/ptq_moe.log" | tail -8
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -n 6 --tb=short -rf -k cuda tests/test_grouped_experts.py \
+    tests/test_experts.py tests/test_quantizer.py 2>&1 | tee "$OUT/experts_cuda.log" | tail -3
+  timeout 90 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf -k cuda tests/test_modelopt_families.py 2>&1 \
+    | tee "$OUT/families_cuda.log" | tail -3
+  ;;
+moe_profile)
+  timeout 150 python3 benchmarks/probes/moe_profile.py --out "$OUT/profile" --recipe nvfp4_default-fp8_cast_kv --calibration \
+    > "$OUT/moe_calibration_profile.log" 2>&1
+  timeout 90 python3 benchmarks/probes/moe_profile.py --out "$OUT/profile" --recipe fp8_default-fp8_kv > "$OUT/moe_profile.log" 2>&1
+  grep -hE "calibration|plain forwards|forwards before" "$OUT"/profile/*.txt
+  ;;
 groups)
   for recipe in fp8_default-fp8_kv nvfp4_default-fp8_cast_kv; do
     timeout 150 python3 benchmarks/probes/moe_groups.py --out "$OUT/groups" --recipe $recipe --folded --repeats 10 2>&1 \
@@ -87,5 +107,5 @@ targets|targets_large)
   fi
   python3 benchmarks/targets.py "$OUT" --json "$OUT/targets.json"
   ;;
-*) echo "unknown phase $phase: use tests, families, bench, large, targets or targets_large"; exit 2 ;;
+*) echo "unknown phase $phase: use tests, families, bench, moe, moe_profile, groups, large, targets or targets_large"; exit 2 ;;
 esac
