@@ -117,9 +117,8 @@ class _MaxCalibrator:
     @property
     def amax(self) -> Optional[torch.Tensor]:
         if self._unfolded:
-            if self._amax is not None:
-                self._unfolded.append(self._amax)
-            self._amax = self._unfolded[0] if len(self._unfolded) == 1 else torch.stack(self._unfolded).amax()
+            values = self.kept_maxima()
+            self._amax = values[0] if len(values) == 1 else torch.stack(values).amax()
             self._unfolded = []
         return self._amax
 
@@ -760,11 +759,9 @@ def _fold_kept_maxima(calibrators: list[_MaxCalibrator]) -> None:
     with hundreds to fold."""
     together: dict[tuple, list[tuple[_MaxCalibrator, list[torch.Tensor]]]] = {}
     for calibrator in calibrators:
-        if not calibrator._unfolded:
-            continue
         values = calibrator.kept_maxima()
         if len(values) < 2:
-            continue  # one value (a weight's one max), which the property takes as it is
+            continue  # nothing kept, or one value (a weight's one max), which the property takes as it is
         first = values[0]
         if all(v.ndim == 0 and v.dtype == first.dtype and v.device == first.device for v in values):
             together.setdefault((len(values), first.device, first.dtype), []).append((calibrator, values))
@@ -776,33 +773,31 @@ def _fold_kept_maxima(calibrators: list[_MaxCalibrator]) -> None:
 
 def finish_calibrations(quantizers: Iterable[TensorQuantizer]) -> None:
     """finish_calibration of each quantizer, each storing what its own call stores: the maxima
-    each calibrator kept folded together (_fold_kept_maxima), the
-    per-tensor amaxes of each device and dtype stacked once, every collected amax checked finite
-    at once on those stacks and the rest (all_finite: one read back a device, not one a
-    quantizer), and the per-tensor ones copied out of their stack in one batched copy
-    (torch.split_with_sizes_copy), each into a tensor of its own, not by a clone each: a
-    64-expert model stores over a thousand. Where one is not finite, each quantizer finishes in
-    turn as its own call does: the first bad one raises, naming itself."""
+    each calibrator kept folded together (_fold_kept_maxima), the per-tensor amaxes of each
+    device and dtype stacked once, every collected amax checked finite at once on those stacks
+    and the rest (all_finite: one read back a device, not one a quantizer), and the per-tensor
+    ones copied out of their stack in one batched copy (torch.split_with_sizes_copy), each into a
+    tensor of its own, not by a clone each: a 64-expert model stores over a thousand. Where one
+    is not finite, each quantizer finishes in turn as its own call does: the first bad one
+    raises, naming itself."""
     listed = list(quantizers)
     with torch.no_grad():
         _fold_kept_maxima([q._calibrator for q in listed if type(q._calibrator) is _MaxCalibrator])
-    scalars: dict[tuple, list[tuple[TensorQuantizer, torch.Tensor]]] = {}
-    others = []  # per-channel amaxes, and those of subclasses (their own finish stores them)
-    for quantizer in listed:
-        amax = quantizer.collected_amax
-        if amax is None:
-            continue
-        if amax.ndim == 0 and type(quantizer) is TensorQuantizer:
-            scalars.setdefault((amax.device, amax.dtype), []).append((quantizer, amax))
-        else:
-            others.append(amax)
-    with torch.no_grad():
-        stacks = {key: torch.stack([amax for _, amax in pairs]) for key, pairs in scalars.items()}
-    if not all_finite(list(stacks.values()) + others):
+        scalars: dict[tuple, list[tuple[TensorQuantizer, torch.Tensor]]] = {}
+        others = []  # per-channel amaxes, and those of subclasses (their own finish stores them)
         for quantizer in listed:
-            quantizer.finish_calibration()
-        return
-    with torch.no_grad():
+            amax = quantizer.collected_amax
+            if amax is None:
+                continue
+            if amax.ndim == 0 and type(quantizer) is TensorQuantizer:
+                scalars.setdefault((amax.device, amax.dtype), []).append((quantizer, amax))
+            else:
+                others.append(amax)
+        stacks = {key: torch.stack([amax for _, amax in pairs]) for key, pairs in scalars.items()}
+        if not all_finite(list(stacks.values()) + others):
+            for quantizer in listed:
+                quantizer.finish_calibration()
+            return
         for (device, dtype), pairs in scalars.items():
             copies = [torch.empty((), dtype=dtype, device=device) for _ in pairs]
             torch.split_with_sizes_copy(stacks[device, dtype], [1] * len(pairs), out=[c.view(1) for c in copies])
