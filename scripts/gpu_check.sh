@@ -52,7 +52,7 @@ tests)
 families)
   build_modelopt_fp8
   timeout 400 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf -k cuda \
-    tests/test_modelopt_families.py tests/test_experts.py 2>&1 | tee "$OUT/families_cuda.log" | tail -15
+    tests/test_modelopt_families.py tests/test_experts.py tests/test_experts_ordered_sum.py 2>&1 | tee "$OUT/families_cuda.log" | tail -15
   ;;
 bench)
   build_modelopt_fp8
@@ -66,7 +66,7 @@ moe)
   timeout 250 python3 benchmarks/ptq_gpu.py --out "$OUT/moe" --shapes moe --recipes nvfp4_default-fp8_cast_kv fp8_default-fp8_kv \
     --variants plain modelopt compiled compiled_folded --batches 4 --repeats 10 --no-paired 2>&1 | tee "$OUT/ptq_moe.log" | tail -8
   timeout 120 python3 -m pytest -q -p no:cacheprovider -n 6 --tb=short -rf -k cuda tests/test_grouped_experts.py \
-    tests/test_experts.py tests/test_quantizer.py 2>&1 | tee "$OUT/experts_cuda.log" | tail -3
+    tests/test_experts.py tests/test_experts_ordered_sum.py tests/test_quantizer.py 2>&1 | tee "$OUT/experts_cuda.log" | tail -3
   timeout 90 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf -k cuda tests/test_modelopt_families.py 2>&1 \
     | tee "$OUT/families_cuda.log" | tail -3
   ;;

@@ -6,13 +6,18 @@ grouped_mm exists too, and held to modelopt's order of work bit for bit."""
 from __future__ import annotations
 
 import copy
+import gc
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import refquant as rq
 from refquant.hf import experts_loop, grouped_linear
+from refquant.quant.backends import numerics
 from refquant.quant.quantizer import TensorQuantizer
 
 pytest.importorskip("transformers")
@@ -76,14 +81,16 @@ def test_grouped_matmul_on_folded_weights_gives_the_per_expert_calls_bits(groupe
 
 def test_a_groups_budget_counts_quantized_copies_of_its_weights_never_slices_as_they_lie(grouped_on_cpu, monkeypatch):
     """GROUP_BYTES bounds what a group holds: its rows and, where its weights are quantized
-    copies, those copies; calibrating or folded, the group's weights are the parameter's slices
-    and cost nothing. Every group of several experts stays within the budget, and the bits are
-    the same however the experts are grouped."""
+    copies, those copies, one projection's at a time (the larger one's counted); calibrating or
+    folded, the group's weights are the parameter's slices and cost nothing. Every group of
+    several experts stays within the budget, and the bits are the same however the experts are
+    grouped."""
     batches, eval_batch = mc.default_batches()
     model = mc.build_model("qwen3_moe_top4")
     experts = model.config.num_experts
     module = next(m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "down_proj"))
-    copy_bytes = experts_loop.expert_copy_bytes(module)
+    copy_bytes = experts_loop.projection_copy_bytes(module, "gate_up_proj")
+    assert copy_bytes == 2 * experts_loop.projection_copy_bytes(module, "down_proj")  # gate_up's the larger
     budget = 3 * copy_bytes  # rows and at most three experts' copies a group
     monkeypatch.setattr(experts_loop, "GROUP_BYTES", budget)
     seen = []
@@ -227,3 +234,87 @@ def test_a_watched_weight_quantizer_keeps_the_per_expert_calls(grouped_on_cpu):
     grouped_on_cpu.clear()
     mc.logits_of(model, eval_batch)
     assert len(seen) == 1  # once: expert 0 of layer 0 gets rows from this batch
+
+
+class _NewStorageBytes(TorchDispatchMode):
+    """The bytes of the storages allocated under it and still alive, at their peak (op by op):
+    storages alive when it starts (the parameters, the routing) are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.before = set()
+        with warnings.catch_warnings():  # (isinstance on some of gc's objects warns of deprecated names)
+            warnings.simplefilter("ignore")
+            for o in gc.get_objects():
+                if isinstance(o, torch.Tensor):
+                    try:
+                        self.before.add(o.untyped_storage().data_ptr())
+                    except RuntimeError:
+                        pass  # a fake tensor left by another test's tracing: no memory
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.before:
+                storage = t.untyped_storage()
+                self.live.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
+        self.live = {key: value for key, value in self.live.items() if not value[0].expired()}
+        self.peak = max(self.peak, sum(nbytes for _, nbytes in self.live.values()))
+        return out
+
+
+def narrow_experts_model():
+    """A tiny Qwen3-MoE whose experts are narrower than half the model (64 wide, experts of 16,
+    as Qwen3-30B-A3B's 2048 and 768), seeded, bf16, eval: the second projection's rows then hold
+    more than the first's unless the loop frees and multiplies in place."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen3_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=16,
+                                  num_experts=8, num_experts_per_tok=4, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, vocab_size=320)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize("family,recipe,folded", [
+    ("narrow", "fp8_default-fp8_kv", True), ("narrow", "fp8_default-fp8_kv", False),
+    ("narrow", "nvfp4_default-fp8_cast_kv", False), ("mixtral", "fp8_default-fp8_kv", True),
+])
+def test_a_group_holds_no_more_than_its_budget_counts(family, recipe, folded, grouped_on_cpu, monkeypatch):
+    """What a group allocates and holds at once, op by op, is at most what GROUP_BYTES counts for
+    it (row_bytes a row and, quantizing, one projection's quantized copies an expert) plus the
+    int32 offsets of its grouped matmuls, and at least its rows' count: the fake quant modelled as
+    the GPU's one kernel (one output the input's size). Experts narrower than half the model
+    (narrow) and as wide as it (mixtral) hold the budget's words only with the in-place products."""
+    batches, eval_batch = mc.default_batches()
+    model = narrow_experts_model() if family == "narrow" else mc.build_model(family)
+    rq.quantize_model(model, rq.load_recipe(recipe), batches, progress=False)
+    if folded:
+        rq.fold_weights(model)
+    reference = numerics("reference")
+    monkeypatch.setattr(reference, "fp8_fake_quant", lambda x, amax, **kwargs: x.clone())
+    monkeypatch.setattr(reference, "nvfp4_fake_quant", lambda x, amax, **kwargs: x.clone())
+    module = next(m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "down_proj"))
+    copy_bytes = 0 if folded else experts_loop.projection_copy_bytes(module, "gate_up_proj")
+    row_bytes = experts_loop.row_bytes(module, torch.empty(1, model.config.hidden_size, dtype=torch.bfloat16))
+    monkeypatch.setattr(experts_loop, "GROUP_BYTES", 3 * copy_bytes + 12 * row_bytes)  # several groups a layer
+    groups = []
+    real = experts_loop._group
+
+    def measured(module, routing, hidden_states, *args):
+        group = args[-2]
+        with _NewStorageBytes() as held:
+            y = real(module, routing, hidden_states, *args)
+        rows = sum(routing.counts[e] for e in group)
+        groups.append((held.peak, rows * experts_loop.row_bytes(module, hidden_states, routing.weight), len(group) * copy_bytes,
+                       4 * (len(group) + module.num_experts)))
+        return y
+
+    monkeypatch.setattr(experts_loop, "_group", measured)
+    mc.logits_of(model, eval_batch)
+    assert len(groups) > 2 * model.config.num_hidden_layers  # several groups a layer
+    for peak, rows, copies, offsets in groups:
+        assert rows <= peak <= rows + copies + offsets, (peak, rows, copies)

@@ -39,12 +39,16 @@ What changes:
   calibrating, its calibrator skips a slice it collected already, unchanged since);
 - groups are consecutive experts holding at most GROUP_BYTES: their rows through the two
   projections and, where the group's weights are quantized copies, those copies (one expert alone
-  may hold more), which bounds the memory;
-- where a layer's row outputs fit SUM_BYTES they are kept, each written where the token's sum
-  takes it (slab j: every token's row of its j-th expert in ascending order), and summed one
-  addition a slab over all tokens (top_k launches), not by an index_add_ per expert: the same
-  additions in the same order (an addition of two values rounds its exact sum once either way),
-  far fewer launches.
+  may hold more), which bounds the memory; the products with up and with the routing weights are
+  written over their first operand where that is the same computation (_multiply);
+- each token's rows are added in ascending expert order, as the eager loop's index_add_ per
+  expert adds them (add_rows_in_order states the sum): on a GPU with the compiled backend, each
+  group's rows as soon as the group has them, one launch a group
+  (refquant.compiled.ordered_sum_triton); otherwise, where a layer's row outputs fit SUM_BYTES,
+  they are kept, each written where the token's sum takes it (slab j: every token's row of its
+  j-th expert in ascending order), and summed one addition a slab over all tokens (top_k
+  launches); else by an index_add_ per expert. The same additions in the same order each way (an
+  addition of two values rounds its exact sum once either way).
 tests/test_experts.py and tests/test_grouped_experts.py hold it to the eager loop with the quantizers
 at each F.linear bit for bit.
 """
@@ -60,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant.backends import ordered_sum_kernel
 from ..quant.quantizer import (SliceCall, TensorQuantizer, collect_passing_slices, quantizer_sees_each_call,
                                quantizes_with_fixed_amax)
 from .grouped_linear import grouped_linear, grouped_matmul_allowed
@@ -94,14 +99,18 @@ def forward(
     return final_hidden_states
 '''
 
-# What a group of experts may hold at once in the loop: its rows through the two projections
-# (row_bytes each) and, where the group's weights are quantized copies (a forward that quantizes
-# them in one call for the grouped matmul), those copies; slices of the parameter used as they lie
-# (calibrating, folded, off) are not copies and take none of it. Each group costs the host about
-# ten launches and their Python, so few groups keep a GPU busy: the MoE benchmark shape's layer
-# (4096 tokens at top-8 of 64 experts of 768, Qwen3-30B-A3B's) takes two groups calibrating or
-# folded and three quantizing its weights. One expert over the budget is a group of its own.
-GROUP_BYTES = 336 * 2**20
+# What a group of experts may hold at once in the loop: its rows (row_bytes each, the most a
+# routed row holds at once) and, where the group's weights are quantized copies (a forward that
+# quantizes them in one call for the grouped matmul), one projection's copies (projection_copy_bytes
+# an expert, the larger projection's: the first's copies are freed before the second's are made);
+# slices of the parameter used as they lie (calibrating, folded, off) are not copies and take none
+# of it. tests/test_grouped_experts.py measures a group's allocations against this count. Each
+# group costs the host about ten launches and their Python, so few groups keep a GPU busy: the
+# MoE benchmark shape's layer (4096 tokens at top-8 of 64 experts of 768, Qwen3-30B-A3B's) takes
+# two groups calibrating or folded and four quantizing its weights, and with the layer's own
+# tensors stays under what its logits take (so the loop does not set the forward's peak there).
+# One expert over the budget is a group of its own.
+GROUP_BYTES = 192 * 2**20
 
 # The quantized weights refquant.hf.experts' swapped F.linear forward holds at once (a group of
 # consecutive experts quantized in one call): 8 experts of a Qwen3-30B-A3B-sized layer, one of
@@ -122,11 +131,28 @@ def experts_per_group(module: nn.Module) -> int:
     return max(1, COPY_BYTES // max(expert_copy_bytes(module), 1))
 
 
-def row_bytes(module: nn.Module, hidden_states: torch.Tensor) -> int:
-    """One routed row's bytes through the projections: its input, the first projection's output,
-    the activation and the second projection's output."""
-    inner = module.down_proj.shape[-1]  # EAGER_FORWARD's experts are gated: gate_up_proj gives 2 * inner
-    return (2 * hidden_states.shape[-1] + 3 * inner) * hidden_states.element_size()
+def projection_copy_bytes(module: nn.Module, projection: str) -> int:
+    """One expert's weight of `projection`, bytes: what a quantized copy of it holds."""
+    parameter = getattr(module, projection)
+    return parameter.numel() // max(parameter.shape[0], 1) * parameter.element_size()
+
+
+def row_bytes(module: nn.Module, hidden_states: torch.Tensor, routing_weights: Optional[torch.Tensor] = None) -> int:
+    """The most a routed row holds at once in the group: its input and the first projection's
+    output, or, where the experts are wider than the model, that output and the activation; or,
+    where the routing weights are of a wider dtype (fp32), the second projection's output and
+    its product with them (then the product and its cast). (The product with up is written over
+    the activation, the first projection's output is freed before the second projection, whose
+    input and output are no larger, and routing weights of the output's dtype are multiplied in
+    place.)"""
+    size = hidden_states.element_size()
+    hidden, inner = hidden_states.shape[-1], module.down_proj.shape[-1]  # gated: gate_up_proj gives 2 * inner
+    most = max(hidden + 2 * inner, 3 * inner) * size
+    if routing_weights is not None:
+        product = torch.promote_types(hidden_states.dtype, routing_weights.dtype).itemsize
+        if product != size:
+            most = max(most, hidden * (size + product))
+    return most
 
 
 def expert_groups(counts: list[int], bytes_per_row: int, bytes_per_expert: int, budget: int) -> list[range]:
@@ -145,8 +171,9 @@ def expert_groups(counts: list[int], bytes_per_row: int, bytes_per_expert: int, 
 
 
 # The outputs of every row of a layer (a token's top_k rows) kept to be summed token by token in
-# top_k additions (_Routing.add_slabs) instead of an index_add_ per expert: 4096 tokens
-# at top-8 of a 2048-wide layer (Qwen3-30B-A3B's). Larger layers or batches take the index_add_s.
+# top_k additions (_Routing.add_slabs) instead of an index_add_ per expert, where the GPU kernel
+# does not sum each group as it comes: 4096 tokens at top-8 of a 2048-wide layer (Qwen3-30B-A3B's).
+# Larger layers or batches take the index_add_s.
 SUM_BYTES = 128 * 2**20
 
 
@@ -191,6 +218,7 @@ class _Routing:
         self._top_k_index = top_k_index
         self._ends: Optional[torch.Tensor] = None
         self._positions: Optional[torch.Tensor] = None
+        self._table: Optional[torch.Tensor] = None
 
     def read(self) -> bool:
         """Read the counts back (the one device sync; what the host does between the constructor
@@ -224,6 +252,16 @@ class _Routing:
             self._positions = rank[self.token, self._slot] * tokens + self.token
         return self._positions
 
+    def row_table(self) -> torch.Tensor:
+        """(top_k, tokens): entry [j, t] is the row (in this routing's row order) of token t's
+        j-th expert in ascending expert order, sum_positions turned around."""
+        if self._table is None:
+            positions = self.sum_positions()
+            self._table = torch.empty_like(positions).index_copy_(
+                0, positions, torch.arange(self.rows, device=positions.device, dtype=positions.dtype))
+            self._table = self._table.view(-1, self._tokens)
+        return self._table
+
     def add_slabs(self, slabs: torch.Tensor, output: torch.Tensor) -> None:
         """output (zeros) plus slab 0, then slab 1, ... (rows placed by sum_positions): each token's
         rows in ascending expert order, one addition a top-k slot over all tokens, which is what
@@ -251,11 +289,11 @@ def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: to
     # every token is routed to top_k experts, so the first projection's rows are all the tokens
     first_once, down_per_expert = rows_independent(first_input_q), not rows_independent(down_input_q)
     weights = {projection: _ProjectionWeights(module, projection) for projection in ("gate_up_proj", "down_proj")}
-    quantizes_groups = False  # whether a group's weights are quantized copies (GROUP_BYTES counts them)
+    copies = 0  # a group's quantized copies' bytes an expert, at most one projection's at a time (GROUP_BYTES)
     if grouped_matmul_allowed(hidden_states):  # bound now, while the device sorts the routing
         for projection, grouped in (("gate_up_proj", first_once), ("down_proj", not down_per_expert)):
             if grouped and weights[projection].bind() is not None:
-                quantizes_groups = True
+                copies = max(copies, projection_copy_bytes(module, projection))
     if not routing.read():
         return None  # an id < 0 or >= num_experts: the eager loop skips or fails on it
     if count_tokens is not None:
@@ -264,29 +302,73 @@ def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: to
     if first_once:
         hidden_states, first_input_q = first_input_q(hidden_states), None
     output = torch.zeros_like(hidden_states)
+    add_in_order = _ordered_sum_kernel(output, down_input_q)
     rows_out = None
-    if routing.rows * hidden_states.shape[-1] * output.element_size() <= SUM_BYTES:
+    if add_in_order is None and routing.rows * hidden_states.shape[-1] * output.element_size() <= SUM_BYTES:
         rows_out = output.new_empty(routing.rows, hidden_states.shape[-1])
-    copies = expert_copy_bytes(module) if quantizes_groups else 0
-    for group in expert_groups(routing.counts, row_bytes(module, hidden_states), copies, GROUP_BYTES):
-        _group(module, routing, hidden_states, first_input_q, down_input_q, down_per_expert, group, output, rows_out,
-               weights)
+    for group in expert_groups(routing.counts, row_bytes(module, hidden_states, top_k_weights), copies, GROUP_BYTES):
+        y = _group(module, routing, hidden_states, first_input_q, down_input_q, down_per_expert, group, weights)
+        if y is None:
+            continue
+        begin, end = routing.starts[group.start], routing.starts[group.stop]
+        if add_in_order is not None:
+            output = add_in_order(output, y, routing, group)
+        elif rows_out is not None:
+            rows_out.index_copy_(0, routing.sum_positions()[begin:end], y)
+        else:
+            counts = routing.counts[group.start:group.stop]
+            for expert_tokens, rows, count in zip(routing.token[begin:end].split(counts), y.split(counts), counts):
+                if count:
+                    output.index_add_(0, expert_tokens, rows)
+        del y  # before the next group's rows
     if rows_out is not None:
         routing.add_slabs(rows_out, output)
     return output
 
 
+def add_rows_in_order(sums: torch.Tensor, rows: torch.Tensor, table: torch.Tensor, first_row: int) -> torch.Tensor:
+    """sums (tokens, width) plus, for each token t and j = 0, 1, ..., top_k - 1 in that order, the
+    row table[j, t] of the layer's routed rows where it is one of `rows` (rows[r - first_row] for
+    first_row <= r < first_row + len(rows)), each addition rounded to sums' dtype; a new tensor.
+    table (top_k, tokens): _Routing.row_table, each token's rows in ascending expert order, so
+    groups of consecutive experts added in ascending order add each token's rows as the eager
+    loop's index_add_ per expert does. refquant.compiled.ordered_sum_triton computes it in one
+    launch on a GPU; the loop otherwise sums by slabs or by index_add_ (the same additions)."""
+    out = sums.clone()
+    if rows.shape[0] == 0:
+        return out
+    for row in table:
+        taken = (row >= first_row) & (row < first_row + rows.shape[0])
+        picked = rows[(row - first_row).clamp(0, rows.shape[0] - 1)]
+        out = torch.where(taken[:, None], out + picked, out)
+    return out
+
+
+def _ordered_sum_kernel(output: torch.Tensor, quantizer: TensorQuantizer):
+    """Where the loop sums each group's rows as soon as it has them, with the quantizers'
+    backend's kernel (refquant.quant.backends.ordered_sum_kernel: the compiled backend on CUDA):
+    add(sums, rows, routing, group), the group's rows added onto sums, a new tensor. Else None."""
+    kernel = ordered_sum_kernel(quantizer.backend, output)
+    if kernel is None:
+        return None
+
+    def add(sums: torch.Tensor, rows: torch.Tensor, routing: _Routing, group: range) -> torch.Tensor:
+        return kernel.add_rows_in_order(sums, rows, routing.row_table(), routing.starts[group.start])
+
+    return add
+
+
 def _group(module: nn.Module, routing: _Routing, hidden_states: torch.Tensor, first_input_q: Optional[TensorQuantizer],
-           down_input_q: TensorQuantizer, down_per_expert: bool, group: range, output: torch.Tensor,
-           rows_out: Optional[torch.Tensor], weights: dict[str, "_ProjectionWeights"]) -> None:
-    """The eager loop's iterations for the experts in `group`: each row's output into rows_out
-    (in _Routing.sum_positions' place), or, without it, added into `output` by expert.
-    first_input_q: None when hidden_states are quantized already; down_per_expert: whether
-    down_input_q is called on each expert's rows (else once on the group's); weights: each
-    projection's, for this forward."""
+           down_input_q: TensorQuantizer, down_per_expert: bool, group: range,
+           weights: dict[str, "_ProjectionWeights"]) -> Optional[torch.Tensor]:
+    """The eager loop's iterations for the experts in `group` up to the sum: each of the
+    group's rows' output (times its routing weight, in the output's dtype), in the routing's row
+    order; None where the group has no rows. first_input_q: None when hidden_states are quantized
+    already; down_per_expert: whether down_input_q is called on each expert's rows (else once on
+    the group's); weights: each projection's, for this forward."""
     begin, end = routing.starts[group.start], routing.starts[group.stop]
     if begin == end:
-        return
+        return None
     counts = routing.counts[group.start:group.stop]
     tokens = routing.token[begin:end]
     offsets = None  # grouped_mm's, made once a group when a projection takes the grouped matmul
@@ -305,18 +387,25 @@ def _group(module: nn.Module, routing: _Routing, hidden_states: torch.Tensor, fi
 
     gate_up = project("gate_up_proj", hidden_states[tokens], first_input_q)
     gate, up = gate_up.chunk(2, dim=-1)
-    h = module.act_fn(gate) * up
+    h = _multiply(module.act_fn(gate), up)
     del gate_up, gate, up
     if not down_per_expert:
         h = down_input_q(h)
     y = project("down_proj", h, down_input_q if down_per_expert else None)
-    y = (y * routing.weight[begin:end, None]).to(output.dtype)
-    if rows_out is not None:
-        rows_out.index_copy_(0, routing.sum_positions()[begin:end], y)
-        return
-    for expert_tokens, rows, count in zip(tokens.split(counts), y.split(counts), counts):
-        if count:
-            output.index_add_(0, expert_tokens, rows)
+    del h  # before the routing weights' product: the group's rows hold one tensor at a time
+    y = _multiply(y, routing.weight[begin:end, None])  # (of wider routing weights: a product in their dtype)
+    return y.to(hidden_states.dtype)  # (y of the projection freed before the cast)
+
+
+def _multiply(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """fresh * other, written over `fresh` where that gives the same tensor: the product keeps
+    fresh's dtype and shape, no gradient is recorded (autograd keeps a product's operands), and
+    fresh is no view (an activation that returns its input gives a view of the projection's
+    output). An in-place product and an out-of-place one are the same kernel, so the same bits;
+    the group's rows then hold one tensor, not two."""
+    in_place = (not torch.is_grad_enabled() and fresh._base is None and torch.result_type(fresh, other) == fresh.dtype
+                and torch.broadcast_shapes(fresh.shape, other.shape) == fresh.shape)
+    return fresh.mul_(other) if in_place else fresh * other
 
 
 def _per_expert(x: torch.Tensor, counts: list[int], weight_of, group: range,

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Optional
+
+import torch
 
 BACKENDS = ("reference", "compiled")
 
@@ -19,3 +22,16 @@ def numerics(backend: str) -> ModuleType:
     if backend == "compiled":
         return importlib.import_module("refquant.compiled")
     raise ValueError(f"backend={backend!r} is not known; use one of {', '.join(map(repr, BACKENDS))}.")
+
+
+def ordered_sum_kernel(backend: str, sums: torch.Tensor) -> Optional[ModuleType]:
+    """refquant.compiled.ordered_sum_triton (one launch adds a group of experts' routed rows onto
+    their tokens' sums) where `backend` may use it for `sums`: the compiled backend, sums on CUDA
+    in a dtype it takes, Triton importable. Else None (the reference backend stays pure torch)."""
+    if backend != "compiled" or not sums.is_cuda:
+        return None
+    try:
+        kernel = importlib.import_module("refquant.compiled.ordered_sum_triton")
+    except ImportError:
+        return None
+    return kernel if sums.dtype in kernel.DTYPES else None
