@@ -53,7 +53,7 @@ def _peak_above(held: int) -> float | None:
     """The peak memory since the last reset above `held` bytes, MiB (None on the CPU)."""
     return (torch.cuda.max_memory_allocated() - held) / MIB if CUDA else None
 # GROUP_BYTES budgets in MiB: the loop's own first; the last makes one group a layer here.
-SETTINGS = (336, 240, 448, 576, 1024)
+SETTINGS = (192, 128, 256, 336, 1024)
 
 
 @contextlib.contextmanager
@@ -100,8 +100,10 @@ def layer0_groups_and_peak(model, batch: torch.Tensor, mib: int, copies: bool) -
     def before(module, args):
         hidden, top_k_index = args[0], args[1]
         counts = torch.bincount(top_k_index.reshape(-1), minlength=module.num_experts).tolist()
-        per_expert = experts_loop.expert_copy_bytes(module) if copies else 0
-        seen["groups"] = len(experts_loop.expert_groups(counts, experts_loop.row_bytes(module, hidden), per_expert, mib * MIB))
+        per_expert = max(experts_loop.projection_copy_bytes(module, projection)  # one projection's copies at a time
+                         for projection in ("gate_up_proj", "down_proj")) if copies else 0
+        seen["groups"] = len(experts_loop.expert_groups(counts, experts_loop.row_bytes(module, hidden, args[2]), per_expert,
+                                                           mib * MIB))
         _synchronize()
         seen["held"] = _allocated()
         _reset_peak()

@@ -1,0 +1,148 @@
+"""Where the MoE shape holds GPU memory: benchmarks/ptq_gpu.py's "moe" model, plain, quantized by
+refquant (compiled; FP8 and NVFP4 cast-KV, and FP8 folded) and, with --modelopt, by modelopt (FP8),
+each on a fresh copy in one process.
+
+    python3 benchmarks/probes/moe_memory.py --out DIR [--modelopt]
+
+Per variant, MiB above the model's weights: the peak of the quantization (calibration included),
+what it leaves allocated, the peak of one forward of 4 x 1024 tokens and six forwards' times (CUDA
+events); per module (attention of layers 0-1, every layer's MoE block, lm_head): what was
+allocated when it began and its own peak above that. The JSON goes to DIR/moe_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import ptq_gpu  # noqa: E402
+import refquant as rq  # noqa: E402
+
+MIB = 2**20
+
+
+def module_peaks(model, batch: torch.Tensor) -> dict:
+    """name -> [MiB allocated when the module began, its peak above that]."""
+    layers = list(model.model.layers)
+    targets = ([(f"layer{i}.attn", layer.self_attn) for i, layer in enumerate(layers[:2])]
+               + [(f"layer{i}.mlp", layer.mlp) for i, layer in enumerate(layers)] + [("lm_head", model.lm_head)])
+    seen, handles = {}, []
+    for name, module in targets:
+        def before(module, args, name=name):
+            torch.cuda.synchronize()
+            seen[name] = [torch.cuda.memory_allocated()]
+            torch.cuda.reset_peak_memory_stats()
+
+        def after(module, args, output, name=name):
+            torch.cuda.synchronize()
+            held = seen[name][0]
+            seen[name] = [held / MIB, (torch.cuda.max_memory_allocated() - held) / MIB]
+
+        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        with torch.no_grad():
+            model(input_ids=batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def forward_measures(model, batch: torch.Tensor) -> dict:
+    with torch.no_grad():
+        model(input_ids=batch)  # warm-up
+        times = []
+        for _ in range(6):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(input_ids=batch)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        gc.collect()
+        torch.cuda.empty_cache()
+        held = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        model(input_ids=batch)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - held
+    return {"forward_ms": times, "held_before_forward_mib": held / MIB, "forward_peak_above_held_mib": peak / MIB}
+
+
+def measure(pristine, batches, batch, prepare) -> dict:
+    gc.collect()
+    torch.cuda.empty_cache()
+    model = copy.deepcopy(pristine).cuda()
+    torch.cuda.synchronize()
+    weights = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    began = time.perf_counter()
+    prepare(model, batches)
+    torch.cuda.synchronize()
+    row = {"prepare_s": time.perf_counter() - began,
+           "prepare_peak_above_weights_mib": (torch.cuda.max_memory_allocated() - weights) / MIB}
+    gc.collect()
+    row["held_after_prepare_above_weights_mib"] = (torch.cuda.memory_allocated() - weights) / MIB
+    row |= forward_measures(model, batch)
+    row["forward_peak_above_weights_mib"] = row["held_before_forward_mib"] + row["forward_peak_above_held_mib"] - weights / MIB
+    row["modules"] = module_peaks(model, batch)
+    return row
+
+
+def plain(model, batches):
+    with torch.no_grad():
+        for batch in batches:
+            model(input_ids=batch.cuda())
+
+
+def refquant_variant(recipe: str, fold: bool = False):
+    def prepare(model, batches):
+        rq.quantize_model(model, rq.load_recipe(recipe), batches, backend="compiled", flavor="modelopt-cuda", progress=False)
+        if fold:
+            rq.fold_weights(model)
+    return prepare
+
+
+def modelopt_variant(recipe: str):
+    from compare_modelopt import modelopt_quant_cfg
+
+    config = modelopt_quant_cfg(recipe)
+    return lambda model, batches: ptq_gpu.quantize_with_modelopt(model, config, batches, torch.device("cuda"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--modelopt", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pristine = ptq_gpu.build_model("moe", 0, torch.device("cpu"))
+    batches = ptq_gpu.batches_for("moe", 4, 4, 1024, 0)
+    batch = batches[0].cuda()
+    variants = {"plain": plain, "compiled_fp8": refquant_variant("fp8_default-fp8_kv"),
+                "compiled_nvfp4": refquant_variant("nvfp4_default-fp8_cast_kv"),
+                "folded_fp8": refquant_variant("fp8_default-fp8_kv", fold=True)}
+    if args.modelopt:
+        variants["modelopt_fp8"] = modelopt_variant("fp8_default-fp8_kv")
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for name, prepare in variants.items():
+        report[name] = measure(pristine, batches, batch, prepare)
+        row = report[name]
+        print(name, json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items() if k != "modules"}),
+              "| MoE peaks", [round(v[1]) for k, v in row["modules"].items() if k.endswith(".mlp")], flush=True)
+        (out / "moe_memory.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
