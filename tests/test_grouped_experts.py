@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import warnings
 
 import pytest
 import torch
@@ -243,14 +242,12 @@ class _NewStorageBytes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.before = set()
-        with warnings.catch_warnings():  # (isinstance on some of gc's objects warns of deprecated names)
-            warnings.simplefilter("ignore")
-            for o in gc.get_objects():
-                if isinstance(o, torch.Tensor):
-                    try:
-                        self.before.add(o.untyped_storage().data_ptr())
-                    except RuntimeError:
-                        pass  # a fake tensor left by another test's tracing: no memory
+        for o in gc.get_objects():
+            if issubclass(type(o), torch.Tensor):  # (not isinstance: a dead weak proxy raises on it)
+                try:
+                    self.before.add(o.untyped_storage().data_ptr())
+                except RuntimeError:
+                    pass  # a fake tensor left by another test's tracing: no memory
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.peak = 0
 
