@@ -50,7 +50,8 @@ What changes:
   launches); else by an index_add_ per expert. The same additions in the same order each way (an
   addition of two values rounds its exact sum once either way).
 tests/test_experts.py and tests/test_grouped_experts.py hold it to the eager loop with the quantizers
-at each F.linear bit for bit.
+at each F.linear bit for bit, tests/test_experts_ordered_sum.py each way of summing to the eager loop's
+index_add_s, and tests/test_grouped_experts.py a group's allocations to GROUP_BYTES' count.
 """
 
 from __future__ import annotations
@@ -120,9 +121,8 @@ COPY_BYTES = 80 * 2**20
 
 def expert_copy_bytes(module: nn.Module) -> int:
     """One expert's weights of every projection, bytes: what a quantized copy of them holds."""
-    parameters = [p for p in (getattr(module, name, None) for name in ("gate_up_proj", "up_proj", "down_proj"))
-                  if isinstance(p, torch.Tensor)]  # the fused layouts' 3-D weights, gated or not
-    return sum(p.numel() // max(p.shape[0], 1) * p.element_size() for p in parameters)
+    return sum(projection_copy_bytes(module, name) for name in ("gate_up_proj", "up_proj", "down_proj")
+               if isinstance(getattr(module, name, None), torch.Tensor))  # the fused layouts' 3-D weights, gated or not
 
 
 def experts_per_group(module: nn.Module) -> int:
@@ -144,7 +144,7 @@ def row_bytes(module: nn.Module, hidden_states: torch.Tensor, routing_weights: O
     its product with them (then the product and its cast). (The product with up is written over
     the activation, the first projection's output is freed before the second projection, whose
     input and output are no larger, and routing weights of the output's dtype are multiplied in
-    place.)"""
+    place: all outside autograd, as calibration and evaluation run.)"""
     size = hidden_states.element_size()
     hidden, inner = hidden_states.shape[-1], module.down_proj.shape[-1]  # gated: gate_up_proj gives 2 * inner
     most = max(hidden + 2 * inner, 3 * inner) * size
