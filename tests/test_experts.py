@@ -546,16 +546,33 @@ def test_experts_loop_groups_consecutive_experts_within_the_byte_budget():
     assert groups([0, 0, 0], 1, 2, 5) == [range(0, 2), range(2, 3)]  # copies cost without rows
     assert groups([2, 2, 2], 3, 0, 5) == [range(0, 1), range(1, 2), range(2, 3)]
     assert groups([1, 1, 1, 1], 2, 3, 10) == [range(0, 2), range(2, 4)]  # rows and copies together
+    assert groups([4, 1, 1, 1, 1, 1, 1], 1, 0, 8) == [range(0, 2), range(2, 7)]  # 5 and 5, not 8 and 2
+    assert groups([], 1, 0, 8) == [range(0, 0)]
+
+    def fewest_groups(costs: list[int], cap: int) -> int:
+        """Groups of consecutive experts, each taking experts in turn while it holds at most cap
+        (an expert over it alone): the fewest any split under that cap can have."""
+        count, held = 1, 0
+        for index, cost in enumerate(costs):
+            if index and held + cost > cap:
+                count, held = count + 1, 0
+            held += cost
+        return count
+
     counts = [int(c) for c in torch.randint(0, 9, (50,), generator=torch.Generator().manual_seed(0))]
     for per_row in (1, 3):
         for per_expert in (0, 1, 7):
-            for budget in (1, 4, 9, 30, 10**6):
+            costs = [c * per_row + per_expert for c in counts]
+            for budget in (1, 4, 9, 30, 100, 1000, 10**6):
                 found = groups(counts, per_row, per_expert, budget)
-                held = [sum(counts[e] for e in g) * per_row + len(g) * per_expert for g in found]
+                held = [sum(costs[e] for e in g) for g in found]
                 assert [e for g in found for e in g] == list(range(50))  # every expert once, in order
                 assert all(h <= budget or len(g) == 1 for g, h in zip(found, held))
-                assert all(h + counts[b.start] * per_row + per_expert > budget
-                           for h, b in zip(held, found[1:]))  # none could take the next expert
+                assert len(found) == fewest_groups(costs, budget)
+                largest = max(range(len(found)), key=held.__getitem__)
+                if len(found[largest]) > 1:  # (one expert alone is the largest group of any split)
+                    # no split into as few groups has a largest group smaller by more than budget / 256
+                    assert fewest_groups(costs, held[largest] - max(1, budget >> 8) - 1) > len(found)
 
 
 def test_experts_loop_of_no_tokens_is_the_eager_loops_empty_result(monkeypatch):

@@ -27,6 +27,7 @@ import torch
 from conftest import REPO, cuda
 from triton_stand_in import (
     ELEMENTS,
+    StandInCompiledKernel,
     ExtraArgumentCompiledKernel,
     GridOrderChangedCompiledKernel,
     MetadataLaunchedCompiledKernel,
@@ -42,7 +43,7 @@ from triton_stand_in import (
 
 import refquant as rq
 import refquant.compiled as rc
-from refquant.compiled import functions, private_api
+from refquant.compiled import functions, private_api, triton_launch
 from refquant.compiled.private_api import (
     KERNEL_LAUNCH,
     SETTING,
@@ -151,9 +152,13 @@ def test_a_launcher_whose_signature_changed_gives_the_public_bits_and_one_warnin
     assert KERNEL_LAUNCH.on is False and jit.fast_launches == 0 and jit.public_launches == 5
 
 
+@pytest.mark.parametrize("check_bytes", [None, 256], ids=["checked whole", "checked on a prefix"])
 @pytest.mark.parametrize("compiled_kernel", [GridOrderChangedCompiledKernel, MetadataLaunchedCompiledKernel],
                          ids=["reads the grid in another order", "launches nothing without metadata"])
-def test_a_fast_launch_that_writes_other_bits_is_an_error_and_the_public_bits_are_returned(knobs, compiled_kernel, caplog):
+def test_a_fast_launch_that_writes_other_bits_is_an_error_and_the_public_bits_are_returned(knobs, compiled_kernel, caplog,
+                                                                                           check_bytes, monkeypatch):
+    if check_bytes is not None:
+        monkeypatch.setattr(triton_launch, "CHECK_BYTES", check_bytes)  # below x's 518 bytes
     jit = StandInJITFunction(compiled_kernel=compiled_kernel, knobs=knobs)
     x = _input(4 * ELEMENTS + 3)  # five programs
     bound = _bound(jit, x, AMAX)
@@ -165,6 +170,51 @@ def test_a_fast_launch_that_writes_other_bits_is_an_error_and_the_public_bits_ar
     assert _warnings_of(caught, RefquantFastLaunchWarning) == []
     assert [r.levelno for r in caplog.records if r.name == "refquant.compiled"] == [logging.ERROR]
     assert KERNEL_LAUNCH.on is False and jit.fast_launches == 1 and not bound._kernel.launch.checked
+
+
+class CountingCompiledKernel(StandInCompiledKernel):
+    """The stand-in kernel, recording each launch as (count, whether kernel[grid] launched it)."""
+
+    def execute(self, leading: dict, arguments: tuple) -> None:
+        self.jit.launches.append((arguments[3], leading["launch_metadata"] is not None))
+        super().execute(leading, arguments)
+
+
+def _counting_jit(knobs) -> StandInJITFunction:
+    jit = StandInJITFunction(compiled_kernel=CountingCompiledKernel, knobs=knobs)
+    jit.launches = []
+    return jit
+
+
+@pytest.mark.parametrize("call_kind", ["bound", "unbound"])
+def test_a_first_fast_launch_larger_than_check_bytes_is_checked_on_a_prefix_of_its_arguments(knobs, monkeypatch, call_kind):
+    """Its check copies at most CHECK_BYTES: the check runs on a launch over the first 248 of x's
+    1000 elements (a count with 1000's residue modulo 16, 496 bytes of output), then x's own
+    launch is fast, with the reference's bits."""
+    monkeypatch.setattr(triton_launch, "CHECK_BYTES", 512)
+    jit = _counting_jit(knobs)
+    x = _input(1000)
+    call = _bound(jit, x, AMAX) if call_kind == "bound" else _unbound(jit)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _calls(call, x, 4, "checked on a prefix")
+    assert _warnings_of(caught, Warning) == []
+    public, fast = True, False
+    # call 1: kernel[grid]; call 2: the prefix's kernel[grid], its check (kernel[grid] into fresh
+    # outputs, then the fast launch), then x's fast launch; calls 3-4: fast
+    assert jit.launches == [(1000, public), (248, public), (248, public), (248, fast), (1000, fast), (1000, fast), (1000, fast)]
+    assert KERNEL_LAUNCH.on and jit.compiles == 1  # the prefix has x's specialization
+
+
+def test_a_launch_with_no_smaller_count_of_its_specialization_is_checked_whole(knobs, monkeypatch):
+    """A count whose residue modulo 16 does not fit CHECK_BYTES (here 8 elements) has no prefix
+    launch with its specialization: the check compares the whole outputs, as below CHECK_BYTES."""
+    monkeypatch.setattr(triton_launch, "CHECK_BYTES", 16)
+    jit = _counting_jit(knobs)
+    x = _input(1001)  # 1001 % 16 = 9 > 8
+    _calls(_bound(jit, x, AMAX), x, 3, "checked whole")
+    assert jit.launches == [(1001, True), (1001, True), (1001, False), (1001, False)]
+    assert KERNEL_LAUNCH.on
 
 
 @pytest.mark.parametrize("versions", [("2.12", "3.6"), ("2.13", "3.7"), ("2.11", "3.7"), ("2.11", None)])
@@ -477,6 +527,39 @@ def test_every_specialization_the_fast_launch_keys_on_gives_the_public_bits(fmt,
         same_key += kept is picked
     assert KERNEL_LAUNCH.on and kernel.launch.checked, "the fast launch fell back"
     assert same_key >= len(cases), f"only {same_key} look-ups compared with Triton's pick"
+
+
+@cuda
+@pytest.mark.parametrize("per_slice", [False, True], ids=["one amax", "an amax per slice"])
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_a_kernels_first_fast_launch_checked_on_a_prefix_gives_the_reference_bits(fmt, per_slice, fast_launch_undecided,
+                                                                                  monkeypatch):
+    """A fresh launch of each fake-quant kernel (as expert weights take it: one amax, or one a
+    slice) whose outputs exceed CHECK_BYTES: its check runs on a prefix, passes, and every call
+    gives the CPU reference's bits, fast from the second call on."""
+    from refquant.compiled import fp8_fake_triton, nvfp4_fake_triton
+
+    monkeypatch.setattr(triton_launch, "CHECK_BYTES", 8192)
+    module = fp8_fake_triton if fmt == "fp8" else nvfp4_fake_triton
+    unit = 1 if fmt == "fp8" else 16
+    x = (torch.randn(4, 64, 4096 // 64 * unit + unit, generator=torch.Generator().manual_seed(3)) * 3).bfloat16()
+    x = x[:, :, :-unit].contiguous()  # 4 slices of 4096 counts: programs lie in one slice each
+    amax = torch.tensor([1.5, 2.5, 4.0, 0.5])
+    one = module.fake_quant_kernel("modelopt-cuda") if fmt == "fp8" else module.fake_quant_kernel()
+    programs_per_slice = 4096 // one.per_program if per_slice else 0
+    constants = (fp8_fake_triton.kernel_constants("modelopt-cuda", programs_per_slice) if fmt == "fp8"
+                 else nvfp4_fake_triton.kernel_constants(programs_per_slice))
+    kernel = FakeQuantKernel.of(one.launch.kernel, constants, one.launch.num_warps, unit=unit, per_program=one.per_program)
+    fake = (lambda t, a: rq.fp8_fake_quant(t, a, flavor="modelopt-cuda")) if fmt == "fp8" else rq.nvfp4_fake_quant
+    if per_slice:
+        want = torch.stack([fake(x[i], amax[i]) for i in range(4)])
+        params = (amax.cuda(),)
+    else:
+        want = fake(x, amax[1])
+        params = (amax[1].cuda(),)
+    for call in range(3):
+        assert_bitexact(kernel(x.cuda(), params).cpu(), want, f"call {call}")
+    assert KERNEL_LAUNCH.on and kernel.launch.checked
 
 
 @cuda

@@ -4,10 +4,11 @@ each on a fresh copy in one process.
 
     python3 benchmarks/probes/moe_memory.py --out DIR [--modelopt]
 
-Per variant, MiB above the model's weights: the peak of the quantization (calibration included),
-what it leaves allocated, the peak of one forward of 4 x 1024 tokens and six forwards' times (CUDA
-events); per module (attention of layers 0-1, every layer's MoE block, lm_head): what was
-allocated when it began and its own peak above that. The JSON goes to DIR/moe_memory.json.
+Per variant, MiB above the model's weights: the peak of the quantization (calibration included)
+and where it was, what it leaves allocated, the peak of one forward of 4 x 1024 tokens and six
+forwards' times (CUDA events); per module (attention of layers 0-1, every layer's MoE block,
+lm_head), in the forward and over every calibration batch: what was allocated when it began and
+its own peak above that. The JSON goes to DIR/moe_memory.json.
 """
 
 from __future__ import annotations
@@ -30,31 +31,50 @@ import refquant as rq  # noqa: E402
 MIB = 2**20
 
 
-def module_peaks(model, batch: torch.Tensor) -> dict:
-    """name -> [MiB allocated when the module began, its peak above that]."""
-    layers = list(model.model.layers)
-    targets = ([(f"layer{i}.attn", layer.self_attn) for i, layer in enumerate(layers[:2])]
-               + [(f"layer{i}.mlp", layer.mlp) for i, layer in enumerate(layers)] + [("lm_head", model.lm_head)])
-    seen, handles = {}, []
-    for name, module in targets:
-        def before(module, args, name=name):
-            torch.cuda.synchronize()
-            seen[name] = [torch.cuda.memory_allocated()]
-            torch.cuda.reset_peak_memory_stats()
+class ModulePeaks:
+    """Hooks on attention of layers 0-1, every layer's MoE block and lm_head while the block runs:
+    per module, what was allocated when it last began and the most it ever added above that
+    (MiB), and the peak of the whole block (bytes), kept across the peak-statistics resets the
+    hooks make."""
 
-        def after(module, args, output, name=name):
-            torch.cuda.synchronize()
-            held = seen[name][0]
-            seen[name] = [held / MIB, (torch.cuda.max_memory_allocated() - held) / MIB]
+    def __init__(self, model):
+        layers = list(model.model.layers)
+        self.targets = ([(f"layer{i}.attn", layer.self_attn) for i, layer in enumerate(layers[:2])]
+                        + [(f"layer{i}.mlp", layer.mlp) for i, layer in enumerate(layers)] + [("lm_head", model.lm_head)])
+        self.seen, self.handles, self.peak, self.began = {}, [], 0, {}
 
-        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
-    try:
-        with torch.no_grad():
-            model(input_ids=batch)
-    finally:
-        for handle in handles:
+    def _settle(self) -> int:
+        torch.cuda.synchronize()
+        self.peak = max(self.peak, torch.cuda.max_memory_allocated())
+        return torch.cuda.memory_allocated()
+
+    def __enter__(self):
+        for name, module in self.targets:
+            def before(module, args, name=name):
+                self.began[name] = self._settle()
+                torch.cuda.reset_peak_memory_stats()
+
+            def after(module, args, output, name=name):
+                self._settle()
+                held = self.began[name]
+                own = (torch.cuda.max_memory_allocated() - held) / MIB
+                self.seen[name] = [held / MIB, max(self.seen.get(name, [0.0, 0.0])[1], own)]
+
+            self.handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+        torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
             handle.remove()
-    return seen
+        self._settle()
+
+
+def module_peaks(model, batch: torch.Tensor) -> dict:
+    """name -> [MiB allocated when the module began, its peak above that] over one forward."""
+    with ModulePeaks(model) as peaks, torch.no_grad():
+        model(input_ids=batch)
+    return peaks.seen
 
 
 def forward_measures(model, batch: torch.Tensor) -> dict:
@@ -84,12 +104,12 @@ def measure(pristine, batches, batch, prepare) -> dict:
     model = copy.deepcopy(pristine).cuda()
     torch.cuda.synchronize()
     weights = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
     began = time.perf_counter()
-    prepare(model, batches)
-    torch.cuda.synchronize()
+    with ModulePeaks(model) as peaks:
+        prepare(model, batches)
     row = {"prepare_s": time.perf_counter() - began,
-           "prepare_peak_above_weights_mib": (torch.cuda.max_memory_allocated() - weights) / MIB}
+           "prepare_peak_above_weights_mib": (peaks.peak - weights) / MIB,
+           "prepare_modules": peaks.seen}
     gc.collect()
     row["held_after_prepare_above_weights_mib"] = (torch.cuda.memory_allocated() - weights) / MIB
     row |= forward_measures(model, batch)

@@ -36,7 +36,9 @@ Why the fast kernel launch cannot give other bits than `kernel[grid](...)`:
     public path bit for bit: the public path runs on the same inputs into fresh outputs, the fast
     launch writes outputs first filled with the complement of those bits (so an output it fails
     to write cannot pass), and a difference switches the fast launch off, logs an error, and
-    returns the public path's bits.
+    returns the public path's bits. A launch whose outputs exceed triton_launch.CHECK_BYTES is
+    checked on a launch of the same kernel over a prefix of its arguments (the same addresses,
+    a count with the same specializations), which bounds the check's copies.
 A kernel is thus either launched as Triton launches it, or not launched fast at all.
 
 The private APIs; TESTED says on which versions the fast launch was tested.

@@ -13,7 +13,9 @@ the kernel for those arguments and returns it; that kernel is kept under a key a
 anything Triton can specialize on (refquant.compiled.private_api, (a) and (b)). Later launches of
 the key call its launcher directly, as Triton does, with every argument in signature order; the
 first such launch of each DirectLaunch in a process is checked bit for bit against
-`kernel[grid](...)` (private_api, (c)). A launch hook (a profiler such as proton) or Triton's debug
+`kernel[grid](...)` (private_api, (c)); where that launch's outputs are larger than CHECK_BYTES,
+the check is made on a launch of the same kernel over a prefix of them (FakeQuantKernel's), so a
+check never holds a second copy of an expert group's weights. A launch hook (a profiler such as proton) or Triton's debug
 knobs, the fast launch turned off (untested versions, REFQUANT_FAST_LAUNCH=0) or any failure of it
 send launches through `kernel[grid](...)`. Kernels are compiled without FMA contraction
 (enable_fp_fusion=False): every rounding is the one written in the kernel. The private APIs this
@@ -22,9 +24,10 @@ calls are in refquant.compiled.private_api, and nowhere else.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -36,6 +39,11 @@ KEYS_KEPT = 256
 BOUND_KEYS_KEPT = 32
 # Every alignment a pointer's specialization could depend on, up to this many bytes (private_api, (a)).
 ADDRESS_MODULUS = 256
+
+# The most output bytes a first fast launch's check copies (the public path's fresh outputs, the
+# complement, the comparison): a larger launch is checked on a prefix of its arguments, where its
+# DirectLaunch knows how to make one.
+CHECK_BYTES = 4 * 2**20
 
 _SAME_SIZE_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -81,9 +89,12 @@ class DirectLaunch:
     (see the module docstring). Runtime arguments come first in the kernel's signature, constexprs
     after; the tensors live on one CUDA device, the first argument's. `outputs` names the
     arguments the kernel writes in full and never reads (the first fast launch's check compares
-    them)."""
+    them). `prefix`, where given, makes from a launch's (programs, arguments) a launch of the same
+    kernel, with the same specializations, over a prefix of those outputs of at most CHECK_BYTES
+    (or None where it cannot): the check is then made on that one."""
 
-    def __init__(self, kernel: Any, constants: dict[str, Any], num_warps: int, outputs: tuple[str, ...]):
+    def __init__(self, kernel: Any, constants: dict[str, Any], num_warps: int, outputs: tuple[str, ...],
+                 prefix: Optional[Callable[[int, tuple], Optional[tuple[int, tuple]]]] = None):
         self.kernel = kernel
         self.constants = constants
         self.num_warps = num_warps
@@ -93,6 +104,7 @@ class DirectLaunch:
             raise ValueError(f"{self.name}: outputs {outputs} must name runtime parameters among {runtime}.")
         self._runtime = runtime
         self.output_indices = tuple(runtime.index(name) for name in outputs)
+        self.prefix = prefix
         constexprs = list(inspect.signature(kernel.fn).parameters)[len(runtime):]
         self._constant_values = tuple(constants[name] for name in constexprs)
         self._compiled: dict[tuple, Any] = {}
@@ -119,7 +131,7 @@ class DirectLaunch:
                     self._compiled.clear()
                 self._compiled[key] = compiled
         elif not self.checked:
-            self._check_first_fast_launch(compiled, programs, device, args)
+            self._check_then_launch(compiled, programs, device, args)
         else:
             self.launch_compiled(compiled, programs, device, args)
         return compiled if self.checked and private_api.KERNEL_LAUNCH.on else None
@@ -137,6 +149,23 @@ class DirectLaunch:
             private_api.launch_compiled_kernel(compiled, programs, device, args + self._constant_values)
         except Exception as error:  # noqa: BLE001 - a launcher of another form: the public path
             private_api.KERNEL_LAUNCH.fail(error, f"launching {self.name}")
+            self.launch_public(programs, device, args)
+
+    def _check_then_launch(self, compiled: Any, programs: int, device: int, args: tuple) -> None:
+        """The first fast launch: checked as it is, or, where its outputs exceed CHECK_BYTES and a
+        prefix launch can be made, the check made on the prefix launch (its kernel found by the
+        public path, as any key's first launch) and this launch then fast if it passed, else public."""
+        smaller = None
+        if self.prefix is not None and sum(args[i].nbytes for i in self.output_indices) > CHECK_BYTES:
+            smaller = self.prefix(programs, args)
+        if smaller is None:
+            self._check_first_fast_launch(compiled, programs, device, args)
+            return
+        small_programs, small_args = smaller
+        self._check_first_fast_launch(self.launch_public(small_programs, device, small_args), small_programs, device, small_args)
+        if self.checked and private_api.KERNEL_LAUNCH.on:
+            self.launch_compiled(compiled, programs, device, args)
+        else:
             self.launch_public(programs, device, args)
 
     def _check_first_fast_launch(self, compiled: Any, programs: int, device: int, args: tuple) -> None:
@@ -191,7 +220,8 @@ class FakeQuantKernel:
     def of(cls, kernel: Any, constants: dict[str, Any], num_warps: int, *, unit: int, per_program: int) -> FakeQuantKernel:
         """The description of `kernel`, whose runtime parameters are laid out as the class says."""
         output = runtime_parameters(kernel, constants)[-2]
-        return cls(DirectLaunch(kernel, constants, num_warps, outputs=(output,)), unit, per_program)
+        prefix = functools.partial(_prefix_launch, unit=unit, per_program=per_program)
+        return cls(DirectLaunch(kernel, constants, num_warps, outputs=(output,), prefix=prefix), unit, per_program)
 
     def arguments(self, x: torch.Tensor, params: tuple, out: Optional[torch.Tensor] = None) -> tuple[int, tuple, tuple]:
         """(programs, runtime arguments, key) for x, with a new y as arguments[-2]. The key is what
@@ -229,3 +259,18 @@ class FakeQuantKernel:
         else:
             self.launch.launch_compiled(compiled, programs, device, args)
         return args[-2]
+
+
+def _prefix_launch(programs: int, args: tuple, *, unit: int, per_program: int) -> Optional[tuple[int, tuple]]:
+    """A fake-quant kernel's launch (FakeQuantKernel's layout) over the first elements of x and y
+    in memory, as x's own launch computes them: the same addresses, and a count that keeps every
+    property Triton specializes an int on (its residue modulo 16, never 1, the same width), its
+    output within CHECK_BYTES. None where no smaller count keeps them."""
+    x, *params, y, count = args
+    limit = CHECK_BYTES // (unit * y.element_size())
+    smaller = (limit - count % 16) // 16 * 16 + count % 16
+    if not 1 < smaller < count or count >= 2**31:
+        return None
+    elements = smaller * unit
+    x_prefix, y_prefix = (t.as_strided((elements,), (1,)) for t in (x, y))  # memory order, from the first element
+    return -(-smaller // per_program), (x_prefix, *params, y_prefix, smaller)

@@ -39,7 +39,8 @@ What changes:
   calibrating, its calibrator skips a slice it collected already, unchanged since);
 - groups are consecutive experts holding at most GROUP_BYTES: their rows through the two
   projections and, where the group's weights are quantized copies, those copies (one expert alone
-  may hold more), which bounds the memory; the products with up and with the routing weights are
+  may hold more), which bounds the memory; as few groups as that takes, split as evenly as
+  consecutive experts allow; the products with up and with the routing weights are
   written over their first operand where that is the same computation (_multiply);
 - each token's rows are added in ascending expert order, as the eager loop's index_add_ per
   expert adds them (add_rows_in_order states the sum): on a GPU with the compiled backend, each
@@ -56,8 +57,10 @@ index_add_s, and tests/test_grouped_experts.py a group's allocations to GROUP_BY
 
 from __future__ import annotations
 
+import bisect
 import functools
 import inspect
+import itertools
 import textwrap
 from typing import Optional
 
@@ -106,11 +109,12 @@ def forward(
 # an expert, the larger projection's: the first's copies are freed before the second's are made);
 # slices of the parameter used as they lie (calibrating, folded, off) are not copies and take none
 # of it. tests/test_grouped_experts.py measures a group's allocations against this count. Each
-# group costs the host about ten launches and their Python, so few groups keep a GPU busy: the
-# MoE benchmark shape's layer (4096 tokens at top-8 of 64 experts of 768, Qwen3-30B-A3B's) takes
-# two groups calibrating or folded and four quantizing its weights, and with the layer's own
-# tensors stays under what its logits take (so the loop does not set the forward's peak there).
-# One expert over the budget is a group of its own.
+# group costs the host about ten launches and their Python, so few groups keep a GPU busy, and
+# expert_groups shares a layer's bytes evenly between them: the MoE benchmark shape's layer (4096
+# tokens at top-8 of 64 experts of 768, Qwen3-30B-A3B's) takes two groups of ~112 MiB calibrating
+# or folded and four of ~152 MiB quantizing its weights, and with the layer's own tensors stays
+# under what its logits take (so the loop does not set the forward's peak there). One expert over
+# the budget is a group of its own.
 GROUP_BYTES = 192 * 2**20
 
 # The quantized weights refquant.hf.experts' swapped F.linear forward holds at once (a group of
@@ -156,18 +160,37 @@ def row_bytes(module: nn.Module, hidden_states: torch.Tensor, routing_weights: O
 
 
 def expert_groups(counts: list[int], bytes_per_row: int, bytes_per_expert: int, budget: int) -> list[range]:
-    """Consecutive experts in groups holding at most `budget` bytes: counts[e] rows of
-    bytes_per_row for expert e, and bytes_per_expert for each expert of the group (its quantized
-    weights; 0 where none are copied). An expert over the budget alone is a group of its own."""
-    groups, first, held = [], 0, 0
-    for expert, count in enumerate(counts):
-        cost = count * bytes_per_row + bytes_per_expert
-        if expert > first and held + cost > budget:
-            groups.append(range(first, expert))
-            first, held = expert, 0
-        held += cost
-    groups.append(range(first, len(counts)))
-    return groups
+    """Consecutive experts in as few groups as hold at most `budget` bytes each (counts[e] rows of
+    bytes_per_row for expert e, and bytes_per_expert for each expert of the group: its quantized
+    weights, 0 where none are copied), split so that the largest group holds as little as any
+    split into that many groups can, to within 1/256 of the budget: the layer's peak, at the same
+    host cost. An expert over the budget alone is a group of its own."""
+    ends = list(itertools.accumulate(count * bytes_per_row + bytes_per_expert for count in counts))
+    fewest = len(_fill_groups(ends, budget))
+    if fewest <= 1:
+        return [range(len(counts))]
+    # the smallest cap under which filling in turn still takes that many groups: below the even
+    # share none does, and the budget does
+    fails, holds = -(-ends[-1] // fewest) - 1, budget
+    while holds - fails > max(1, budget >> 8):
+        cap = (fails + holds) // 2
+        if len(_fill_groups(ends, cap)) <= fewest:
+            holds = cap
+        else:
+            fails = cap
+    bounds = _fill_groups(ends, holds)
+    return [range(first, end) for first, end in zip([0] + bounds[:-1], bounds)]
+
+
+def _fill_groups(ends: list[int], cap: int) -> list[int]:
+    """Where each group ends when each takes experts in turn while it holds at most `cap` bytes
+    (ends: the running total of the experts' bytes), an expert over it alone."""
+    bounds, first, before = [], 0, 0
+    while first < len(ends):
+        end = max(bisect.bisect_right(ends, before + cap, lo=first), first + 1)
+        bounds.append(end)
+        first, before = end, ends[end - 1]
+    return bounds
 
 
 # The outputs of every row of a layer (a token's top_k rows) kept to be summed token by token in
