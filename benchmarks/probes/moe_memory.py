@@ -149,11 +149,12 @@ def main() -> int:
     pristine = ptq_gpu.build_model("moe", 0, torch.device("cpu"))
     batches = ptq_gpu.batches_for("moe", 4, 4, 1024, 0)
     batch = batches[0].cuda()
-    variants = {"plain": plain, "compiled_fp8": refquant_variant("fp8_default-fp8_kv"),
-                "compiled_nvfp4": refquant_variant("nvfp4_default-fp8_cast_kv"),
-                "folded_fp8": refquant_variant("fp8_default-fp8_kv", fold=True)}
+    variants = {"plain": plain}
     if args.modelopt:
         variants["modelopt_fp8"] = modelopt_variant("fp8_default-fp8_kv")
+    variants |= {"compiled_fp8": refquant_variant("fp8_default-fp8_kv"),
+                 "compiled_nvfp4": refquant_variant("nvfp4_default-fp8_cast_kv"),
+                 "folded_fp8": refquant_variant("fp8_default-fp8_kv", fold=True)}
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for name, prepare in variants.items():
         report[name] = measure(pristine, batches, batch, prepare)
