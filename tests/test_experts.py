@@ -641,6 +641,48 @@ def test_mixtral_checkpoint_uses_the_hub_names():
     assert "model.layers.1.block_sparse_moe.gate" in plan.hf_quant_config["quantization"]["exclude_modules"]
 
 
+@pytest.mark.parametrize("family, recipe", [("qwen3_moe", "nvfp4_default-fp8_cast_kv"), ("qwen3_moe", "fp8_default-fp8_kv"),
+                                            ("gpt_oss", "fp8_default-fp8_kv")])
+def test_the_export_holds_one_expert_projections_tensors_at_a_time(family, recipe, monkeypatch):
+    """checkpoint_tensors computes an experts module's tensors as they are asked for: while the
+    consumer takes one, the tensors computed before it that it let go of are freed, so the
+    layer's device holds one expert's projection (gpt-oss: one projection) at a time, not the
+    module's. The streamed tensors are the module's tensors() exactly."""
+    import weakref
+
+    from refquant.hf.export import experts as experts_export
+    from refquant.hf.export import plan_export
+    from refquant.hf.export.write import checkpoint_tensors
+
+    model = mc.build_model(family)
+    batches, _ = mc.default_batches()
+    rq.quantize_model(model, rq.load_recipe(recipe), batches, progress=False)
+    plan = plan_export(model)
+    assert plan.experts
+    computed: list[weakref.ref] = []  # every tensor the experts' export computed, in order
+    for name in ("export_linear_tensors", "_transposed_tensors"):
+        real = getattr(experts_export, name)
+
+        def recording(*args, _real=real, **kwargs):
+            tensors = _real(*args, **kwargs)
+            computed.extend(weakref.ref(t) for t in tensors.values())
+            return tensors
+
+        monkeypatch.setattr(experts_export, name, recording)
+    most_alive = 0
+    for key, tensor in checkpoint_tensors(model, plan):
+        del tensor  # the consumer writes it and lets it go (freed by reference count: no cycle holds it)
+        most_alive = max(most_alive, sum(ref() is not None for ref in computed))
+    parts = sum(len(e.projections) for e in plan.experts.values())
+    per_part = len(computed) // parts
+    assert computed and len(computed) == parts * per_part
+    assert most_alive <= per_part, f"{most_alive} exported tensors alive at once, one part has {per_part}"
+    for experts in plan.experts.values():
+        streamed = dict(experts.stream())
+        whole = experts.tensors()
+        assert list(streamed) == list(whole) and all(mc.same_bits(streamed[k], whole[k]) for k in whole)
+
+
 def test_renames_that_cannot_be_reversed_keep_the_in_memory_names_as_modelopt(modelopt):
     """gpt-oss keeps its experts 3-D; under an experts converter (here Qwen3-MoE's, as if
     from_pretrained had applied it) modelopt cannot rename them per expert and keeps every

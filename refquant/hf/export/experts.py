@@ -29,7 +29,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -77,21 +77,24 @@ class ExpertsExport:
     """One experts module as the checkpoint holds it.
 
     parameters: the module's 3-D parameters whose checkpoint tensors these are.
-    tensors(): module-relative checkpoint key -> tensor, computed at each call (not kept).
+    stream(): (module-relative checkpoint key, tensor), computed one expert's part (gpt-oss: one
+    projection) at a time as they are asked for, on the module's device: a consumer that moves
+    each away as it comes holds one part's tensors, not the layer's experts'. tensors(): all of
+    them as one dict. Neither is kept.
     """
 
     name: str
     layout: ExpertsLayout
     layer_format: Optional[str]
     projections: list[ProjectionExport] = field(repr=False)
-    compute: Callable[[], dict[str, torch.Tensor]] = field(repr=False)
+    stream: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False)
 
     @property
     def parameters(self) -> tuple[str, ...]:
         return self.layout.projections
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return self.compute()
+        return dict(self.stream())
 
 
 def _view(weight: Optional[torch.Tensor], weight_quantizer: TensorQuantizer, input_quantizer: TensorQuantizer):
@@ -179,27 +182,25 @@ def _plan_fused(name: str, module: nn.Module, fmt: Optional[str], flavor: str) -
                     f"{index}.{part}", projection, index, rows, part_format, weight_amax, input_amax,
                     weight_quantizer=weight_q, input_quantizer=input_q))
 
-    def compute() -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
         with loaded_weights(module):
             for export in projections:
                 weight_q = export.weight_quantizer
                 if isinstance(weight_q, CompressedWeightQuantizer):
                     # its tensors are the expert's (gate and up share one quantizer): this part's
                     part = export.key.removeprefix(f"{export.index}.")
-                    out.update({f"{export.index}.{k}": v for k, v in weight_q.exported.items() if k.startswith(part + ".")})
+                    yield from ((f"{export.index}.{k}", v) for k, v in weight_q.exported.items() if k.startswith(part + "."))
                     continue
                 parameter = require_loaded(f"{name}.{export.parameter}", getattr(module, export.parameter))
                 weight = export.part_of(parameter).detach()
                 if export.layer_format is None:
-                    out[f"{export.key}.weight"] = weight
+                    yield f"{export.key}.weight", weight
                     continue
                 tensors = export_linear_tensors(f"{name}.{export.key}", _view(weight, weight_q, export.input_quantizer),
                                                 export.layer_format, export.weight_amax, export.input_amax, flavor)
-                out.update({f"{export.key}.{suffix}": tensor for suffix, tensor in tensors.items()})
-        return out
+                yield from ((f"{export.key}.{suffix}", tensor) for suffix, tensor in tensors.items())
 
-    return ExpertsExport(name, layout, fmt, projections, compute)
+    return ExpertsExport(name, layout, fmt, projections, stream)
 
 
 def _plan_transposed(name: str, module: nn.Module, fmt: Optional[str], flavor: str) -> ExpertsExport:
@@ -216,20 +217,18 @@ def _plan_transposed(name: str, module: nn.Module, fmt: Optional[str], flavor: s
             projection, projection, None, slice(None), fmt, weight_amax, input_amax,
             weight_quantizer=weight_q, input_quantizer=input_q))
 
-    def compute() -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
         with loaded_weights(module):
             for export in projections:
                 weight = require_loaded(f"{name}.{export.key}", getattr(module, export.key)).detach()
                 if export.layer_format is None:
-                    out[export.key] = weight
+                    yield export.key, weight
                 elif isinstance(export.weight_quantizer, CompressedWeightQuantizer):
-                    out.update(export.weight_quantizer.exported)
+                    yield from export.weight_quantizer.exported.items()
                 else:
-                    out.update(_transposed_tensors(export, weight, flavor))
-        return out
+                    yield from _transposed_tensors(export, weight, flavor).items()
 
-    return ExpertsExport(name, layout, fmt, projections, compute)
+    return ExpertsExport(name, layout, fmt, projections, stream)
 
 
 def _transposed_tensors(export: ProjectionExport, weight: torch.Tensor, flavor: str) -> dict:

@@ -61,7 +61,8 @@ def checkpoint_tensors(model: nn.Module, plan: ExportPlan) -> Iterator[tuple[str
     exported tensors (computed when it comes up, not before), tied aliases (lm_head tied to the
     embeddings) dropped as save_pretrained does, and the K/V scales last. A layer whose weights
     accelerate offloaded has them loaded while its tensors come up. A consumer that writes as it
-    reads holds one layer's exported tensors at a time."""
+    reads holds one linear's exported tensors at a time (an experts module's: one expert's
+    projection's, not the module's)."""
     quantizer_prefixes = tuple(f"{name}." for name in plan.quantizers)
     state = model.state_dict()  # references to the model's tensors (meta where offloaded), no copies
     keys = [key for key in state if not key.startswith(quantizer_prefixes)]
@@ -92,8 +93,8 @@ def checkpoint_tensors(model: nn.Module, plan: ExportPlan) -> Iterator[tuple[str
                         yield checkpoint_key(f"{layer}.{tensor_suffix}"), _on_cpu(tensor)
                     continue
                 if experts is not None and suffix in experts.parameters:
-                    if suffix == experts.parameters[0]:  # all of the module's experts at once
-                        for relative, tensor in experts.tensors().items():
+                    if suffix == experts.parameters[0]:  # all of the module's experts, a part at a time
+                        for relative, tensor in experts.stream():
                             yield checkpoint_key(f"{layer}.{relative}"), _on_cpu(tensor)
                     continue
                 value = state[key]
@@ -223,7 +224,8 @@ def export_checkpoint(
     The tensors are streamed a layer at a time into safetensors files of at most `max_shard_size`
     (bytes, or "5GB" / "500MB" / "2GiB"; modelopt's default 10GB): one file, model.safetensors,
     when they fit, else model-0000i-of-0000N.safetensors with model.safetensors.index.json.
-    Memory beyond the model: one shard, plus one layer's exported tensors.
+    Memory beyond the model: one shard (host memory), plus one linear's or one expert projection's
+    exported tensors (the layer's device).
     Atomic: everything is written into a temporary sibling folder, renamed to `out_dir` only once
     complete; on any error the temporary folder is removed and `out_dir` does not appear.
     Under torch.distributed (world size > 1) call it on every rank: rank 0 writes, the others wait
