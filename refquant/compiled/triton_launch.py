@@ -15,11 +15,11 @@ the key call its launcher directly, as Triton does, with every argument in signa
 first such launch of each DirectLaunch in a process is checked bit for bit against
 `kernel[grid](...)` (private_api, (c)); where that launch's outputs are larger than CHECK_BYTES,
 the check is made on a launch of the same kernel over a prefix of them (FakeQuantKernel's), so a
-check never holds a second copy of an expert group's weights. A launch hook (a profiler such as proton) or Triton's debug
-knobs, the fast launch turned off (untested versions, REFQUANT_FAST_LAUNCH=0) or any failure of it
-send launches through `kernel[grid](...)`. Kernels are compiled without FMA contraction
-(enable_fp_fusion=False): every rounding is the one written in the kernel. The private APIs this
-calls are in refquant.compiled.private_api, and nowhere else.
+check never holds a second copy of an expert group's weights. A launch hook (a profiler such as
+proton) or Triton's debug knobs, the fast launch turned off (untested versions,
+REFQUANT_FAST_LAUNCH=0) or any failure of it send launches through `kernel[grid](...)`. Kernels
+are compiled without FMA contraction (enable_fp_fusion=False): every rounding is the one written
+in the kernel. The private APIs this calls are in refquant.compiled.private_api, and nowhere else.
 """
 
 from __future__ import annotations

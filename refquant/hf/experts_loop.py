@@ -169,8 +169,9 @@ def expert_groups(counts: list[int], bytes_per_row: int, bytes_per_expert: int, 
     fewest = len(_fill_groups(ends, budget))
     if fewest <= 1:
         return [range(len(counts))]
-    # the smallest cap under which filling in turn still takes that many groups: below the even
-    # share none does, and the budget does
+    # the smallest cap under which filling in turn still takes that many groups, searched from the
+    # even share (below it only an expert alone over the cap could fit, and that expert is then
+    # the largest group whatever the split) up to the budget (which does)
     fails, holds = -(-ends[-1] // fewest) - 1, budget
     while holds - fails > max(1, budget >> 8):
         cap = (fails + holds) // 2
