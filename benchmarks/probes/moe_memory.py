@@ -6,7 +6,7 @@ each on a fresh copy in one process.
 
 Per variant, MiB above the model's weights: the peak of the quantization (calibration included)
 and where it was, what it leaves allocated, the peak of one forward of 4 x 1024 tokens and six
-forwards' times (CUDA events); per module (attention of layers 0-1, every layer's MoE block,
+forwards' times after two warm-ups (CUDA events); per module (attention of layers 0-1, every layer's MoE block,
 lm_head), in the forward and over every calibration batch: what was allocated when it began and
 its own peak above that. The JSON goes to DIR/moe_memory.json.
 """
@@ -78,29 +78,21 @@ def module_peaks(model, batch: torch.Tensor) -> dict:
 
 
 def forward_measures(model, batch: torch.Tensor) -> dict:
+    """Six forwards' times after warm-up (ptq_gpu.timed_forward_ms), then one more forward's peak
+    above what was allocated before it."""
+    device = batch.device
+    times = ptq_gpu.timed_forward_ms(model, batch, device, 6)["each_ms"]
+    ptq_gpu.reset_peak(device)
+    held = torch.cuda.memory_allocated()
     with torch.no_grad():
-        model(input_ids=batch)  # warm-up
-        times = []
-        for _ in range(6):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model(input_ids=batch)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        gc.collect()
-        torch.cuda.empty_cache()
-        held = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
         model(input_ids=batch)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - held
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - held
     return {"forward_ms": times, "held_before_forward_mib": held / MIB, "forward_peak_above_held_mib": peak / MIB}
 
 
 def measure(pristine, batches, batch, prepare) -> dict:
-    gc.collect()
-    torch.cuda.empty_cache()
+    ptq_gpu.reset_peak(torch.device("cuda"))
     model = copy.deepcopy(pristine).cuda()
     torch.cuda.synchronize()
     weights = torch.cuda.memory_allocated()

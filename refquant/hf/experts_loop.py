@@ -281,9 +281,8 @@ class _Routing:
         j-th expert in ascending expert order, sum_positions turned around."""
         if self._table is None:
             positions = self.sum_positions()
-            self._table = torch.empty_like(positions).index_copy_(
-                0, positions, torch.arange(self.rows, device=positions.device, dtype=positions.dtype))
-            self._table = self._table.view(-1, self._tokens)
+            rows = torch.arange(self.rows, device=positions.device, dtype=positions.dtype)
+            self._table = torch.empty_like(positions).index_copy_(0, positions, rows).view(-1, self._tokens)
         return self._table
 
     def add_slabs(self, slabs: torch.Tensor, output: torch.Tensor) -> None:
