@@ -4,15 +4,15 @@
 #                                       (kernels, bound launches, gradients, the amax written in place);
 #                                       ~6 min on an H100 with 16 workers
 #   bash scripts/gpu_check.sh families  the family matrix against modelopt with every recipe's logits,
-#                                       and the experts' CUDA tests; ~2 min
+#                                       the experts' and the quantizer's CUDA tests; ~4 min
 #   bash scripts/gpu_check.sh bench     the MoE shape (also its plain eager loop) and the 0.6B shape (48 calibration
 #                                       batches, also folded and with the fast launch off) against
 #                                       modelopt (benchmarks/ptq_gpu.py); ~6 min
 #   bash scripts/gpu_check.sh moe       the MoE shape alone against modelopt (both recipes, compiled and
-#                                       folded, 10 timed forwards), then the fast launch's tests, where the
-#                                       MoE shape holds memory (benchmarks/probes/moe_memory.py), the
-#                                       experts' CUDA tests and the family matrix on CUDA (a call cut short
-#                                       keeps what ran first): the MoE targets and bits in one call; ~8 min
+#                                       folded, 10 timed forwards), then the fast launch's tests and where
+#                                       the MoE shape holds memory (benchmarks/probes/moe_memory.py): the
+#                                       MoE targets and bits in one call; ~8 min (a call cut short keeps
+#                                       what ran first). With `families` in a second call: every MoE check.
 #   bash scripts/gpu_check.sh moe_profile   where the MoE shape's max calibration and quantized forward
 #                                       spend host and device time (benchmarks/probes/moe_profile.py); ~3 min
 #   bash scripts/gpu_check.sh groups    the MoE experts loop's group budgets against time and memory
@@ -53,8 +53,9 @@ tests)
   ;;
 families)
   build_modelopt_fp8
-  timeout 400 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf -k cuda \
-    tests/test_modelopt_families.py tests/test_experts.py tests/test_experts_ordered_sum.py 2>&1 | tee "$OUT/families_cuda.log" | tail -15
+  timeout 400 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf -k cuda tests/test_modelopt_families.py \
+    tests/test_experts.py tests/test_experts_ordered_sum.py tests/test_grouped_experts.py tests/test_quantizer.py 2>&1 \
+    | tee "$OUT/families_cuda.log" | tail -15
   ;;
 bench)
   build_modelopt_fp8
@@ -67,14 +68,10 @@ moe)
   build_modelopt_fp8
   timeout 200 python3 benchmarks/ptq_gpu.py --out "$OUT/moe" --shapes moe --recipes nvfp4_default-fp8_cast_kv fp8_default-fp8_kv \
     --variants plain modelopt compiled compiled_folded --batches 4 --repeats 10 --no-paired 2>&1 | tee "$OUT/ptq_moe.log" | tail -8
-  timeout 60 python3 -m pytest -q -p no:cacheprovider -n 8 --tb=short -rf tests/test_fast_launch.py 2>&1 \
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -n 8 --tb=short -rf tests/test_fast_launch.py 2>&1 \
     | tee "$OUT/fast_launch_cuda.log" | tail -3
   timeout 150 python3 benchmarks/probes/moe_memory.py --out "$OUT/memory" --modelopt > "$OUT/moe_memory.log" 2>&1
   grep -E "^(plain|modelopt|compiled|folded)" "$OUT/moe_memory.log" | cut -c1-160
-  timeout 120 python3 -m pytest -q -p no:cacheprovider -n 6 --tb=short -rf -k cuda tests/test_grouped_experts.py \
-    tests/test_experts.py tests/test_experts_ordered_sum.py tests/test_quantizer.py 2>&1 | tee "$OUT/experts_cuda.log" | tail -3
-  timeout 90 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf -k cuda tests/test_modelopt_families.py 2>&1 \
-    | tee "$OUT/families_cuda.log" | tail -3
   ;;
 moe_profile)
   timeout 150 python3 benchmarks/probes/moe_profile.py --out "$OUT/profile" --recipe nvfp4_default-fp8_cast_kv --calibration \

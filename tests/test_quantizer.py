@@ -8,6 +8,7 @@ The amax tests' inputs are hand-made so the right amax is known without running 
 from __future__ import annotations
 
 import gc
+import weakref
 
 import pytest
 import torch
@@ -486,6 +487,74 @@ def test_weights_are_not_kept_and_a_freed_input_frees_the_entry():
     del x
     gc.collect()
     assert shared._entry is None, "the entry outlived its input"
+
+
+@pytest.mark.parametrize(
+    "unshared",
+    [
+        ("a per-channel amax", lambda shared: _per_channel(shared)),
+        ("a call that records a gradient", lambda shared: _calibrated(2.0, shared=shared)),
+    ],
+    ids=lambda case: case[0],
+)
+def test_a_quantizer_that_does_not_share_ends_the_previous_result_whose_input_lives_on(unshared):
+    """A V quantized under a constant amax and kept by the KV cache: its result is shared until
+    the next quantizer's call on another activation (on a GPU, where a calibrated amax is not
+    shared, the o_proj input's), then freed, not kept alive with V until the next shared call."""
+    what, make = unshared
+    shared = SharedInputResult()
+    cast = TensorQuantizer(FP8_CAST)
+    cast.shared_input_result = shared
+    other = make(shared)
+    kept = torch.randn(4, 64, dtype=torch.bfloat16)  # alive throughout, as the cache's V
+    result = weakref.ref(cast(kept))
+    assert result() is not None, "the cast result is not kept for the next quantizer given V"
+    y = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=what.startswith("a call"))
+    other(y)
+    gc.collect()
+    assert result() is None, f"after {what}, the constant-amax result of a live input is still kept"
+
+
+def _per_channel(shared: SharedInputResult) -> TensorQuantizer:
+    quantizer = TensorQuantizer(QuantizerConfig(format="fp8", axis=0))
+    quantizer.set_amax(torch.full((4, 1), 3.0))
+    quantizer.shared_input_result = shared
+    return quantizer
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_with_calibrated_amaxes_unshared_as_on_a_gpu_no_kv_result_outlives_its_attention(monkeypatch, device):
+    """The cast KV recipe where a calibrated amax is not shared (on a GPU, reading it would sync;
+    on the CPU made so here): only K and V's constant-amax results enter the shared entry. When the
+    MLP starts, V's result (V itself stays in the KV cache) is gone: o_proj's input quantizer
+    ended its turn."""
+    import refquant.quant.quantizer as quantizer_module
+
+    model, ids = _quantized_tiny_llama("nvfp4_default-fp8_cast_kv", 2, device=device)
+    if device == "cpu":
+        constant = quantizer_module.TensorQuantizer._amax_value_now
+        monkeypatch.setattr(quantizer_module.TensorQuantizer, "_amax_value_now",
+                            lambda self: constant(self) if self.config.use_constant_amax else quantizer_module._NOT_SHARED)
+    shared = next(m for m in model.modules() if isinstance(m, TensorQuantizer)).shared_input_result
+    seen = []
+    for layer in model.model.layers:
+        layer.mlp.register_forward_pre_hook(lambda module, args: seen.append(shared._entry))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True)
+    assert seen == [None] * len(model.model.layers), "a K/V result was still kept when the MLP started"
+
+
+def test_a_weights_call_keeps_the_activation_result_for_the_next_input_quantizer(monkeypatch):
+    """q_proj's weight quantizer runs between q_proj's and k_proj's input quantizers: it must not
+    end the normed hidden states' result, or k_proj computes it again."""
+    shared = SharedInputResult()
+    q_input, k_input = _calibrated(3.0, shared=shared), _calibrated(3.0, shared=shared)
+    weight = _per_channel(shared)
+    computed = _counting(monkeypatch)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    first = q_input(x)
+    weight(torch.nn.Parameter(torch.randn(4, 64)))
+    assert k_input(x) is first and computed == [q_input, weight]
 
 
 def test_insert_quantizers_gives_a_models_quantizers_one_shared_cache_and_qkv_share_it(monkeypatch):

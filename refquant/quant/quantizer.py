@@ -216,7 +216,9 @@ class SharedInputResult:
     needs the very same tensor object, unchanged since (`_version`), with the same
     settings (config, flavor, backend, the amax's value), and the result unchanged too. It holds
     the input by a weak reference: when the input is freed the entry goes, so nothing outlives
-    the forward. Weights (nn.Parameter) are not entered: each has one quantizer, and a weight would
+    the forward; and the next quantizer's call on another activation, sharing or not, ends it, so
+    a result lives no longer than that call (an input the KV cache keeps does not keep its
+    result). Weights (nn.Parameter) are not entered: each has one quantizer, and a weight would
     push out the activation the next layer's quantizer could reuse.
     """
 
@@ -252,6 +254,15 @@ class SharedInputResult:
         if _is_parameter(x) or x.is_inference() or result.is_inference():
             return
         self._entry = (weakref.ref(x, self._forget), x._version, settings, result, result._version)
+
+    def forget_unless(self, x: torch.Tensor) -> None:
+        """Drop the entry unless it is x's: a quantizer that does not share its result (a calibrated
+        amax on a GPU, a per-channel one) still ends the previous result's turn. Without this, a
+        result outlives its turn while its input does: a V fake-quantized under the cast modes'
+        constant amax stays alive with the V the KV cache holds, until the next shared call."""
+        entry = self._entry
+        if entry is not None and entry[0]() is not x:
+            self._entry = None
 
     def _forget(self, source: weakref.ref) -> None:
         if self._entry is not None and self._entry[0] is source:
@@ -433,6 +444,8 @@ class TensorQuantizer(nn.Module):
             result = shared.get(x, settings)
             if result is not None:
                 return result
+        elif shared is not None and not _parameter_data(x) and not torch.compiler.is_compiling():
+            shared.forget_unless(x)
         result = self._fake_quant(x, amax_value)
         if settings is not None:
             shared.put(x, settings, result)
