@@ -489,10 +489,17 @@ def test_weights_are_not_kept_and_a_freed_input_frees_the_entry():
     assert shared._entry is None, "the entry outlived its input"
 
 
+def _per_channel(shared: SharedInputResult) -> TensorQuantizer:
+    quantizer = TensorQuantizer(QuantizerConfig(format="fp8", axis=0))
+    quantizer.set_amax(torch.full((4, 1), 3.0))
+    quantizer.shared_input_result = shared
+    return quantizer
+
+
 @pytest.mark.parametrize(
     "unshared",
     [
-        ("a per-channel amax", lambda shared: _per_channel(shared)),
+        ("a per-channel amax", _per_channel),
         ("a call that records a gradient", lambda shared: _calibrated(2.0, shared=shared)),
     ],
     ids=lambda case: case[0],
@@ -513,13 +520,6 @@ def test_a_quantizer_that_does_not_share_ends_the_previous_result_whose_input_li
     other(y)
     gc.collect()
     assert result() is None, f"after {what}, the constant-amax result of a live input is still kept"
-
-
-def _per_channel(shared: SharedInputResult) -> TensorQuantizer:
-    quantizer = TensorQuantizer(QuantizerConfig(format="fp8", axis=0))
-    quantizer.set_amax(torch.full((4, 1), 3.0))
-    quantizer.shared_input_result = shared
-    return quantizer
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])

@@ -256,12 +256,17 @@ class SharedInputResult:
         self._entry = (weakref.ref(x, self._forget), x._version, settings, result, result._version)
 
     def forget_unless(self, x: torch.Tensor) -> None:
-        """Drop the entry unless it is x's: a quantizer that does not share its result (a calibrated
-        amax on a GPU, a per-channel one) still ends the previous result's turn. Without this, a
-        result outlives its turn while its input does: a V fake-quantized under the cast modes'
-        constant amax stays alive with the V the KV cache holds, until the next shared call."""
+        """Drop the entry unless it is x's, where x is an activation: a quantizer that does not
+        share its result (a calibrated amax on a GPU, a per-channel one) still ends the previous
+        result's turn. Without this, a result outlives its turn while its input does: a V
+        fake-quantized under the cast modes' constant amax stays alive with the V the KV cache
+        holds, until the next shared call. A weight's call keeps it (q_proj's weight quantizer runs
+        between q_proj's and k_proj's input quantizers); nothing changes under torch.compile's
+        tracing."""
+        if torch.compiler.is_compiling():  # asked first: the entry is not read under tracing
+            return
         entry = self._entry
-        if entry is not None and entry[0]() is not x:
+        if entry is not None and entry[0]() is not x and not _parameter_data(x):
             self._entry = None
 
     def _forget(self, source: weakref.ref) -> None:
@@ -444,7 +449,7 @@ class TensorQuantizer(nn.Module):
             result = shared.get(x, settings)
             if result is not None:
                 return result
-        elif shared is not None and not _parameter_data(x) and not torch.compiler.is_compiling():
+        elif shared is not None:
             shared.forget_unless(x)
         result = self._fake_quant(x, amax_value)
         if settings is not None:
