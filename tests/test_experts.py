@@ -226,6 +226,29 @@ def test_one_call_over_all_experts_on_cuda_equals_each_experts_own_quantizer(fmt
         assert torch.equal(stacked[index].view(torch.int16), alone.view(torch.int16)), f"expert {index} vs reference"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_a_kept_binding_on_cuda_launches_its_bound_kernel_for_any_group_and_reads_amax_writes(fmt):
+    from refquant.compiled.functions import BoundSliceLaunch
+
+    weight, amax = (t.cuda() for t in expert_weights(shape=(64, 128)))
+    quantizers = nn.ModuleList(TensorQuantizer(QuantizerConfig(format=fmt), backend="compiled", flavor="modelopt-cuda")
+                               for _ in amax)
+    for quantizer, value in zip(quantizers, amax):
+        quantizer.set_amax(value.reshape(()))
+    slices = SliceQuantizers(quantizers)
+    for first, count in ((0, 5), (1, 3), (3, 2), (0, 5)):
+        group = weight[first:first + count]
+        got = slices(group, first=first)
+        for index in range(count):
+            assert _same_bits(got[index], quantizers[first + index](group[index])), f"group {first}+{count}, expert {index}"
+    call = slices.bind(0, len(amax), weight)
+    assert isinstance(call._launch, BoundSliceLaunch)  # one launch a group, bound once
+    quantizers[2].amax.data.copy_(quantizers[2].amax * 3)  # moves no version: read by the launch all the same
+    assert slices.bind(0, len(amax), weight) is call
+    assert _same_bits(slices(weight)[2], quantizers[2](weight[2]))
+
+
 def _slice_quantizer_states() -> nn.ModuleList:
     """Weight quantizers of every state collect_slices must tell apart: collecting per tensor
     (two), off, collecting per channel, watched by a hook, a constant amax, quantizing."""
@@ -388,6 +411,82 @@ def test_one_call_over_all_experts_declines_where_it_would_not_be_exact():
     for quantizer in quantizers:
         quantizer.set_config(QuantizerConfig(format="fp8", use_constant_amax=True))
     assert torch.equal(call(weight), rq.fp8_fake_quant(weight, 448.0))  # every amax the constant
+
+
+def _named_bound_quantizers(weight_amax: torch.Tensor) -> nn.ModuleList:
+    quantizers = nn.ModuleList(TensorQuantizer(QuantizerConfig(format="fp8")) for _ in weight_amax)
+    for index, (quantizer, value) in enumerate(zip(quantizers, weight_amax)):
+        quantizer.name = f"experts.{index}"
+        quantizer.set_amax(value.reshape(()))
+    return quantizers
+
+
+def _each_own_call(quantizers: nn.ModuleList, weight: torch.Tensor) -> torch.Tensor:
+    return torch.stack([quantizer(weight[index]) for index, quantizer in enumerate(quantizers)])
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def test_the_binding_of_all_experts_is_kept_and_computes_with_what_the_buffers_hold_now(monkeypatch):
+    weight, amax = expert_weights()
+    quantizers = _named_bound_quantizers(amax)
+    slices = SliceQuantizers(quantizers)
+    stacks = []
+    stacked_amax = SliceQuantizers._stacked_amax
+    monkeypatch.setattr(SliceQuantizers, "_stacked_amax", staticmethod(lambda *args: stacks.append(1) or stacked_amax(*args)))
+    bound = slices.bind(0, len(amax), weight)
+    assert slices.bind(0, len(amax), weight) is bound and slices.bind(2, 3, weight) is bound  # a part of the list too
+    assert slices.bind(3, 3, weight) is None  # past the list's end
+    assert len(stacks) == 1
+    base = quantizers[0].amax._base
+    assert base is not None and all(quantizer.amax._base is base for quantizer in quantizers)  # one tensor, read by the call
+    assert _same_bits(slices(weight), _each_own_call(quantizers, weight))
+    assert len(stacks) == 1
+    # a write through .data moves no version counter: the kept call reads the buffer all the same
+    quantizers[1].amax.data.copy_(torch.tensor(0.25))
+    assert slices.bind(0, len(amax), weight) is bound
+    assert _same_bits(slices(weight), _each_own_call(quantizers, weight))
+    assert float(quantizers[1].amax) == 0.25
+    # a write in place moves it: bound again, each amax checked again
+    quantizers[2].amax.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"experts\.2: its stored amax holds \[nan\]"):
+        slices(weight)
+    quantizers[2].set_amax(torch.tensor(3.0, dtype=amax.dtype))  # a new buffer: bound again
+    assert _same_bits(slices(weight), _each_own_call(quantizers, weight))
+    assert len(stacks) == 3
+    quantizers[3].set_config(QuantizerConfig(format="fp8"))  # an equal config, a new object: bound again, same bits
+    assert _same_bits(slices(weight), _each_own_call(quantizers, weight))
+    assert len(stacks) == 4
+
+
+def test_amaxes_read_by_a_kept_binding_save_load_and_copy_as_separate_buffers():
+    import io
+
+    weight, amax = expert_weights()
+    quantizers = _named_bound_quantizers(amax)
+    slices = SliceQuantizers(quantizers)
+    expected = slices(weight)
+    state = quantizers.state_dict()
+    assert quantizers[0].amax._base is not None and all(value._base is None for value in state.values())
+    safetensors = pytest.importorskip("safetensors.torch")
+    assert safetensors.load(safetensors.save(state)).keys() == state.keys()  # no shared storage to refuse
+    saved = io.BytesIO()
+    torch.save(state, saved)
+    saved.seek(0)
+    fresh = _named_bound_quantizers(torch.ones_like(amax))
+    fresh.load_state_dict(torch.load(saved))
+    assert _same_bits(SliceQuantizers(fresh)(weight), expected)
+    # loading into the kept binding's buffers writes the tensor it reads (and moves its version)
+    quantizers.load_state_dict(_named_bound_quantizers(amax * 2).state_dict())
+    assert _same_bits(slices(weight), _each_own_call(quantizers, weight))
+    assert not _same_bits(slices(weight), expected)
+    copied = copy.deepcopy(slices)  # the kept binding is made again for the copy's quantizers
+    assert copied._kept is None
+    assert _same_bits(copied(weight), slices(weight))
+    copied.quantizers[0].set_amax(torch.tensor(1e-3, dtype=amax.dtype))
+    assert _same_bits(slices(weight), _each_own_call(quantizers, weight))  # the original's own
 
 
 def modelopts_order_of_work(monkeypatch) -> None:

@@ -22,11 +22,17 @@ from test_experts import modelopts_order_of_work  # noqa: E402
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def routed_rows(top_k: int, dtype: torch.dtype, *, tokens: int = 37, experts: int = 9, width: int = 24, seed: int = 5):
-    """(routing, rows): a read _Routing of top_k distinct experts a token, and one row a routed
-    row of every magnitude (sums that round, cancel and pass the largest value), -0.0, inf and NaN."""
+def routed_rows(top_k: int, dtype: torch.dtype, *, tokens: int = 37, experts: int = 9, width: int = 24, seed: int = 5,
+                repeats: bool = False):
+    """(routing, rows): a read _Routing of top_k distinct experts a token (with `repeats`, any
+    experts: a token may name one twice), and one row a routed row of every magnitude (sums that
+    round, cancel and pass the largest value), -0.0, inf and NaN."""
     generator = torch.Generator().manual_seed(seed + top_k)
-    index = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)])
+    if repeats:
+        index = torch.randint(0, experts, (tokens, top_k), generator=generator)
+        assert any(len(set(row)) < top_k for row in index.tolist())
+    else:
+        index = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)])
     routing = experts_loop._Routing(index, torch.ones(tokens, top_k), experts)
     assert routing.read()
     scale = 2.0 ** torch.randint(-30, 30, (routing.rows, 1), generator=generator).float()
@@ -96,6 +102,19 @@ def test_the_slabs_add_what_an_index_add_per_expert_adds(dtype, top_k):
     ours = torch.zeros(routing._tokens, rows.shape[1], dtype=dtype)
     routing.add_slabs(torch.empty_like(rows).index_copy_(0, routing.sum_positions(), rows), ours)
     assert torch.equal(bits(ours), bits(eager_sum(routing, rows)))
+
+
+@pytest.mark.parametrize("top_k", [2, 5, 8])
+def test_a_token_that_names_an_expert_twice_gets_its_rows_in_top_k_order_each_way(top_k):
+    """The eager loop's torch.where lists a repeated expert's rows by top-k position, and its
+    index_add_ (on the CPU, in index order) adds them in that order: the slabs and the groups too."""
+    routing, rows = routed_rows(top_k, torch.float32, repeats=True)
+    expected = bits(eager_sum(routing, rows))
+    slabs = torch.zeros(routing._tokens, rows.shape[1])
+    routing.add_slabs(torch.empty_like(rows).index_copy_(0, routing.sum_positions(), rows), slabs)
+    assert torch.equal(bits(slabs), expected)
+    for ends in GROUPINGS:
+        assert torch.equal(bits(sum_by_groups(reference_add(routing), routing, rows, ends)), expected), ends
 
 
 def test_the_row_table_lists_each_tokens_rows_in_ascending_expert_order():

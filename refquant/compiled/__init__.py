@@ -11,7 +11,8 @@ torch and Triton APIs the fast kernel launch uses, the versions it was tested on
 that turns it off (REFQUANT_FAST_LAUNCH) are in refquant.compiled.private_api.
 """
 
-from .functions import FP8Tensor, NVFP4Tensor, bind_fake_quant, fp8_fake_quant, fp8_quantize, nvfp4_fake_quant, nvfp4_quantize
+from .functions import (FP8Tensor, NVFP4Tensor, bind_fake_quant, bind_slice_fake_quant, fp8_fake_quant, fp8_quantize,
+                        nvfp4_fake_quant, nvfp4_quantize)
 from .options import inductor_options
 from .private_api import RefquantFastLaunchMismatch, RefquantFastLaunchWarning
 
@@ -21,6 +22,7 @@ __all__ = [
     "RefquantFastLaunchMismatch",
     "RefquantFastLaunchWarning",
     "bind_fake_quant",
+    "bind_slice_fake_quant",
     "fp8_fake_quant",
     "fp8_quantize",
     "inductor_options",

@@ -324,14 +324,21 @@ def _fake_quant_slices(kernel_of: Callable[[int], FakeQuantKernel], x: torch.Ten
     One launch for the whole stack where a slice is a whole number of the kernel's programs (each
     program then lies in one slice and reads that slice's amax: expert weights, whose sizes are
     multiples of 4096); else one launch a slice."""
-    one_amax = kernel_of(0)
-    programs_per_slice, rest = divmod(x[0].numel() // one_amax.unit, one_amax.per_program)
-    if programs_per_slice and not rest:
+    programs_per_slice = _whole_programs_per_slice(kernel_of, x)
+    if programs_per_slice:
         return kernel_of(programs_per_slice)(x, (amax.reshape(-1).contiguous(),))
+    one_amax = kernel_of(0)
     out = torch.empty_like(x)
     for index, slice_amax in enumerate(amax.reshape(-1).unbind(0)):
         one_amax(x[index], (slice_amax,), out[index])
     return out
+
+
+def _whole_programs_per_slice(kernel_of: Callable[[int], FakeQuantKernel], x: torch.Tensor) -> int:
+    """How many of the kernel's programs one slice x[i] is, where that is a whole number; else 0."""
+    one_amax = kernel_of(0)
+    programs_per_slice, rest = divmod(x[0].numel() // one_amax.unit, one_amax.per_program)
+    return 0 if rest else programs_per_slice
 
 
 def _takes_triton_block_step(x: torch.Tensor) -> bool:
@@ -455,6 +462,58 @@ def _bound_kernel_launch(format: str, x: torch.Tensor, amax: torch.Tensor, flavo
     from . import nvfp4_fake_triton
 
     return BoundKernelLaunch(x, nvfp4_fake_triton.fake_quant_kernel(), (amax,))
+
+
+class BoundSliceLaunch:
+    """A fake quantization of stacks of slices under one amax a slice (the experts' weights of
+    refquant.quant.quantizer.SliceQuantizers' kept binding), bound as BoundKernelLaunch binds a
+    per-tensor one: one launch of the kernel's per-slice variant, the launch the ordinary call
+    makes (_fake_quant_slices), for contiguous stacks of slices of the shape, dtype and CUDA device
+    it was bound for, with the amaxes (contiguous, one a slice) given at each call and read where
+    they live. For any other x it returns None and the caller makes the ordinary call. Made by
+    bind_slice_fake_quant."""
+
+    __slots__ = ("_kernel", "_slice_shape", "_dtype", "_device_index", "_kernels")
+
+    def __init__(self, x: torch.Tensor, kernel: FakeQuantKernel):
+        self._kernel = kernel
+        self._slice_shape = x.shape[1:]
+        self._dtype = x.dtype
+        self._device_index = x.get_device()
+        self._kernels: dict[tuple, object] = {}  # FakeQuantKernel.launch_bound's look-ups
+
+    def __call__(self, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor | None:
+        if not (x.dtype is self._dtype and x.get_device() == self._device_index and x.shape[1:] == self._slice_shape
+                and x.is_contiguous() and amax.dtype in _AMAX_DTYPES and amax.get_device() == self._device_index
+                and amax.is_contiguous() and amax.numel() == x.shape[0]
+                and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()):
+            return None
+        return self._kernel.launch_bound(x, (amax,), self._device_index, self._kernels)
+
+
+def bind_slice_fake_quant(format: str, x: torch.Tensor, *, flavor: Flavor = "modelopt-cpu") -> BoundSliceLaunch | None:
+    """The fake quantization of `format` under one amax a slice, bound for stacks of slices like
+    x (slices along dim 0) as one launch of the kernel's per-slice variant (BoundSliceLaunch):
+    CUDA, bf16 or fp16, contiguous, NVFP4's last dim a multiple of 16, each slice a whole number
+    of the kernel's programs. None elsewhere: the caller makes the ordinary call. A bad flavor
+    raises the ValueError of the ordinary call."""
+    if format not in ("fp8", "nvfp4") or _is_degenerate(x) or x.ndim < 2:
+        return None
+    check_flavor(flavor)
+    if not (x.is_cuda and x.dtype in BoundKernelLaunch.DTYPES and x.is_contiguous()):
+        return None
+    if format == "fp8":
+        from . import fp8_fake_triton
+
+        kernel_of = functools.partial(fp8_fake_triton.fake_quant_kernel, flavor)
+    else:
+        if not _takes_triton_block_step(x):
+            return None
+        from . import nvfp4_fake_triton
+
+        kernel_of = nvfp4_fake_triton.fake_quant_kernel
+    programs_per_slice = _whole_programs_per_slice(kernel_of, x)
+    return BoundSliceLaunch(x, kernel_of(programs_per_slice)) if programs_per_slice else None
 
 
 @functools.lru_cache(maxsize=64)

@@ -29,8 +29,9 @@ What changes:
   NVFP4 by blocks along the row), and max calibration's max is the same over any split. Otherwise
   it is called on each expert's rows, as the eager loop calls it;
 - for the grouped matmul, a group's weights are fake-quantized in one call with one amax per
-  expert (refquant.quant.quantizer.SliceQuantizers, the quantizers checked and their amaxes
-  stacked once a forward) where that is exact; while calibrating, or folded or off, the
+  expert (refquant.quant.quantizer.SliceQuantizers, its binding of the quantizers kept from
+  forward to forward while they stay as they are) where that is exact; while calibrating, or
+  folded or off, the
   parameter's slices are used as they lie, and of the quantizers of the experts with rows those
   that collect take their slices' maxima once a forward (collect_passing_slices: one reduction;
   an off quantizer's call does nothing and is not made);
@@ -270,10 +271,13 @@ class _Routing:
         expert's rows in top-k position order, as the eager loop's torch.where gives them)."""
         if self._positions is None:
             tokens, top_k = self._top_k_index.shape
-            by_expert = self._top_k_index.argsort(dim=1, stable=True)  # the top-k positions of each rank
-            rank = torch.empty_like(by_expert)
-            rank.scatter_(1, by_expert, torch.arange(top_k, device=by_expert.device).expand(tokens, top_k))
-            self._positions = rank[self.token, self._slot] * tokens + self.token
+            # a token's slots ordered by (expert, top-k position): key = expert * top_k + position,
+            # distinct within the token; a slot's rank is how many of the token's keys are smaller
+            # (top_k compares a slot, no sort: a segmented sort costs the host several launches)
+            positions = torch.arange(top_k, device=self._top_k_index.device)
+            keys = torch.add(positions, self._top_k_index.long(), alpha=top_k)
+            rank = (keys.t().unsqueeze(2) > keys.unsqueeze(0)).sum(dim=2)  # (top_k, tokens): rank[j, t] of slot j
+            self._positions = rank.view(-1)[self._order] * tokens + self.token  # _order: slot * tokens + token
         return self._positions
 
     def row_table(self) -> torch.Tensor:
@@ -427,8 +431,15 @@ def _multiply(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     output). An in-place product and an out-of-place one are the same kernel, so the same bits;
     the group's rows then hold one tensor, not two."""
     in_place = (not torch.is_grad_enabled() and fresh._base is None and torch.result_type(fresh, other) == fresh.dtype
-                and torch.broadcast_shapes(fresh.shape, other.shape) == fresh.shape)
+                and _broadcasts_to(other.shape, fresh.shape))
     return fresh.mul_(other) if in_place else fresh * other
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether `shape` broadcasts to `target` without growing it (torch.broadcast_shapes(shape,
+    target) == target, without its host time: the loop asks twice a group)."""
+    return len(shape) <= len(target) and all(
+        size == 1 or size == wanted for size, wanted in zip(reversed(shape), reversed(target)))
 
 
 def _per_expert(x: torch.Tensor, counts: list[int], weight_of, group: range,
@@ -459,8 +470,9 @@ class _ProjectionWeights:
         self._passing: Optional[bool] = None  # whether every quantizer passes its slice through (asked once)
 
     def bind(self) -> Optional["SliceCall"]:
-        """The projection's weight quantizers bound for this forward (SliceQuantizers.bind, made
-        at the first ask), or None where one call over a group would not be exact."""
+        """The projection's weight quantizers bound for this forward (SliceQuantizers.bind, asked
+        at the first ask: the kept binding where it holds), or None where one call over a group
+        would not be exact."""
         if self._call is _UNBOUND:
             self._call = self._slice_quantizers.bind(0, self.parameter.shape[0], self.parameter)
         return self._call
@@ -472,9 +484,9 @@ class _ProjectionWeights:
     def of_group(self, group: range, counts: list[int]) -> Optional[torch.Tensor]:
         """The group's weights after their quantizers as one (experts, out, in) tensor, where that
         needs no separate call of a quantizer that quantizes: one call over the group's slices
-        with one amax per expert (SliceQuantizers, bound once a forward: the checks, the amaxes
-        stacked); or, when every quantizer passes its input through (off, folded, or
-        only collecting while calibrating) and nothing watches one, the parameter's slices
+        with one amax per expert (SliceQuantizers, asked once a forward); or, when every
+        quantizer passes its input through (off, folded, or only collecting while calibrating)
+        and nothing watches one, the parameter's slices
         themselves, the calls of every expert with rows (`counts`: the layer's, one per expert)
         that collect made at the first group (the eager loop's calls; their order does not change
         a max; collect_passing_slices: the maxima in one reduction). Else None."""

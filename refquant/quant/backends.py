@@ -15,13 +15,18 @@ import torch
 BACKENDS = ("reference", "compiled")
 
 
+_MODULES = {"reference": "refquant.numerics", "compiled": "refquant.compiled"}
+_imported: dict[str, ModuleType] = {}  # every quantizer call asks: a dict look-up, not an import's
+
+
 def numerics(backend: str) -> ModuleType:
     """The module holding fp8_fake_quant, nvfp4_fake_quant, fp8_quantize, nvfp4_quantize."""
-    if backend == "reference":
-        return importlib.import_module("refquant.numerics")
-    if backend == "compiled":
-        return importlib.import_module("refquant.compiled")
-    raise ValueError(f"backend={backend!r} is not known; use one of {', '.join(map(repr, BACKENDS))}.")
+    module = _imported.get(backend)
+    if module is None:
+        if backend not in _MODULES:
+            raise ValueError(f"backend={backend!r} is not known; use one of {', '.join(map(repr, BACKENDS))}.")
+        module = _imported[backend] = importlib.import_module(_MODULES[backend])
+    return module
 
 
 def ordered_sum_kernel(backend: str, sums: torch.Tensor) -> Optional[ModuleType]:

@@ -28,7 +28,7 @@ FORMATS = ("fp8", "nvfp4", "disabled")
 Axis = Union[int, list[int], None]
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantizerConfig(DataClassJsonMixin):
     """What one quantizer does; modelopt's QuantizerAttributeConfig, reduced to FP8 and NVFP4.
 
@@ -582,6 +582,14 @@ class TensorQuantizer(nn.Module):
         return None if amax is None else amax.to(x.device)
 
     # --- state_dict: the amax buffer exists only once calibrated; accept it on load --------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        amax = destination.get(prefix + "_amax")
+        if amax is not None and amax._base is not None and not keep_vars:
+            # a view of the tensor a SliceQuantizers binding reads: saved as a tensor of its own,
+            # as set_amax stores one (safetensors refuses tensors that share a storage)
+            destination[prefix + "_amax"] = amax.clone()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         key = prefix + "_amax"
         if key in state_dict:
@@ -838,10 +846,24 @@ class SliceQuantizers:
     with one global amax per slice; tests/test_experts.py checks it bit for bit). Otherwise
     (calibrating, a quantizer off or dynamic, a hook on one, mixed configs) __call__ returns None
     and the caller makes the per-slice calls.
+
+    Every forward asks for the same binding again, so the whole list's binding is kept while it
+    holds (_KeptBinding.holds: the same quantizers, settings, state and amax buffers, no buffer
+    written since). Its amaxes are then no copy: where they are one-element buffers of one dtype
+    on the slices' device, each quantizer's buffer becomes a view of the one (E,) tensor the
+    binding reads, so a call computes with what the buffers hold when it runs, a write through
+    `.data` included, as a single quantizer's call does.
     """
 
     def __init__(self, quantizers: nn.ModuleList):
         self.quantizers = quantizers
+        self._kept: Optional[_KeptBinding] = None
+
+    def __getstate__(self) -> dict:
+        """For copy.deepcopy and pickling: the kept binding is made again on the next call."""
+        state = self.__dict__.copy()
+        state["_kept"] = None
+        return state
 
     def __call__(self, x: torch.Tensor, first: int = 0) -> Optional[torch.Tensor]:
         """quantizers[first + i] applied to x[i] for every i, or None where one call would not be
@@ -851,15 +873,34 @@ class SliceQuantizers:
         return None if call is None else call(x, first)
 
     def bind(self, first: int, count: int, like: torch.Tensor) -> Optional["SliceCall"]:
-        """quantizers[first:first + count], checked and their amaxes stacked once, as a SliceCall
-        for stacks of their slices like `like` (dtype, device), or None where one call would not
-        be exact. The amaxes are the buffers' values now: bind again when they may have changed
-        (the experts loop binds at each forward)."""
-        quantizers = list(self.quantizers)[first:first + count]
-        if len(quantizers) != count or not quantizers:
+        """quantizers[first:first + count], checked and their amaxes stacked, as a SliceCall for
+        stacks of their slices like `like` (dtype, device), or None where one call would not be
+        exact. The binding of the whole list serves any part of it and is kept while it holds;
+        each quantizer's check (a bad amax raises, naming it) runs when its buffer is written, and
+        on the CPU at every bind, as its own calls check it."""
+        if each_call_watched_globally() or count <= 0 or first < 0:
+            return None
+        kept = self._kept
+        if kept is not None and kept.holds(self.quantizers, like):
+            call = kept.call
+        else:
+            self._kept = None
+            listed = list(self.quantizers)
+            call = self._bind_listed(listed, 0, like)
+            if call is not None:
+                self._kept = _KeptBinding.made(listed, call, like)
+            elif first or count != len(listed):
+                call = self._bind_listed(listed[first:first + count], first, like)
+                return call if call is not None and count == len(listed[first:first + count]) else None
+        return call if first + count <= len(self.quantizers) else None
+
+    @staticmethod
+    def _bind_listed(quantizers: list, first: int, like: torch.Tensor) -> Optional["SliceCall"]:
+        """The SliceCall of `quantizers` (the list's from `first` on), or None."""
+        if not quantizers:
             return None
         leader = quantizers[0]
-        if each_call_watched_globally() or each_call_watched_locally(leader):
+        if each_call_watched_locally(leader):
             return None  # (a module that is not a TensorQuantizer has no settings to compare)
         settings = (leader.config, leader.flavor, leader.backend)
         constant = leader.config.use_constant_amax
@@ -873,14 +914,14 @@ class SliceQuantizers:
                 buffers.append(quantizer._buffers["_amax"])  # one element (quantizes_with_fixed_amax)
         if constant:
             return SliceCall(leader, first, E4M3_MAX)
-        amax = self._stacked_amax(quantizers, buffers, like)
+        amax = SliceQuantizers._stacked_amax(quantizers, buffers, like)
         return None if amax is None else SliceCall(leader, first, amax)
 
     @staticmethod
     def _stacked_amax(quantizers: list[TensorQuantizer], buffers: list[torch.Tensor],
                       like: torch.Tensor) -> Optional[torch.Tensor]:
         """The amaxes stacked to (E,), made from the buffers as they are now (each quantizer's
-        check first), so a write in place, `.data` included, is used."""
+        check first)."""
         if len({b.dtype for b in buffers}) != 1:
             return None  # torch.stack would promote; the separate calls each keep their dtype
         devices = {b.device for b in buffers}
@@ -892,14 +933,74 @@ class SliceQuantizers:
         return torch.stack(buffers)
 
 
+class _KeptBinding:
+    """SliceQuantizers' binding of its whole list, kept from one forward to the next while nothing
+    it was made from changed (holds). made() turns the quantizers' amax buffers into views of the
+    stack the binding reads."""
+
+    __slots__ = ("call", "device", "quantizers", "buffers", "configs", "flavor", "backend", "stack", "version")
+
+    def __init__(self, call: "SliceCall", device: torch.device, quantizers: list, buffers: list,
+                 stack: Optional[torch.Tensor]):
+        self.call, self.device, self.quantizers, self.buffers = call, device, quantizers, buffers
+        self.configs = [quantizer.config for quantizer in quantizers]  # equal values (bind); a config is frozen
+        self.flavor, self.backend = quantizers[0].flavor, quantizers[0].backend
+        self.stack = stack
+        self.version = None if stack is None else stack._version
+
+    @classmethod
+    def made(cls, quantizers: list, call: "SliceCall", like: torch.Tensor) -> Optional["_KeptBinding"]:
+        """The binding kept, or None where its amaxes are a copy the buffers would not follow (the
+        buffers on another device than the slices): it is then made again at each bind."""
+        stack = call._amax if isinstance(call._amax, torch.Tensor) else None
+        if stack is None:
+            return cls(call, like.device, quantizers, [None] * len(quantizers), None)
+        buffers = [quantizer._buffers["_amax"] for quantizer in quantizers]
+        if any(buffer.device != stack.device for buffer in buffers):
+            return None
+        views = []
+        for index, (quantizer, buffer) in enumerate(zip(quantizers, buffers)):
+            view = stack[index].view(buffer.shape)
+            read = quantizer._device_amax_read
+            quantizer._buffers["_amax"] = view
+            if read is not None and read[0] is buffer and read[1] == buffer._version:
+                quantizer._device_amax_read = (view, view._version, read[2])  # the same value, checked
+            views.append(view)
+        return cls(call, like.device, quantizers, views, stack)
+
+    def holds(self, quantizers: nn.ModuleList, like: torch.Tensor) -> bool:
+        """Whether the kept call is what binding `quantizers` for `like` gives now. A write to
+        a buffer (other than through `.data`) moves the stack's version: the binding is made
+        again, which checks the values. On the CPU each quantizer's check runs here, as its own
+        call runs it at each call."""
+        if like.device != self.device or len(quantizers) != len(self.quantizers):
+            return False
+        if self.stack is not None and self.stack._version != self.version:
+            return False
+        flavor, backend = self.flavor, self.backend
+        for quantizer, kept, buffer, config in zip(quantizers, self.quantizers, self.buffers, self.configs):
+            if (quantizer is not kept or quantizer.config is not config or quantizer._buffers.get("_amax") is not buffer
+                    or not quantizer._quantizing or quantizer._calibrator is not None
+                    or quantizer._forward_hooks or quantizer._forward_pre_hooks
+                    or quantizer.flavor != flavor or quantizer.backend != backend):
+                return False
+        if self.stack is not None and self.stack.device.type == "cpu":
+            for quantizer, buffer in zip(self.quantizers, self.buffers):
+                quantizer._read_amax_value(buffer)
+        return True
+
+
 class SliceCall:
     """One numerics call over a stack of expert slices, each under its own quantizer's amax
-    (SliceQuantizers.bind): quantizers first, first + 1, ... of the bound list."""
+    (SliceQuantizers.bind): quantizers first, first + 1, ... of the bound list. Where the
+    backend binds such calls (refquant.compiled.bind_slice_fake_quant: a launch on CUDA), the
+    first call binds one, and each call is that launch with its slices' part of the amaxes."""
 
-    __slots__ = ("_leader", "_first", "_amax")
+    __slots__ = ("_leader", "_first", "_amax", "_launch")
 
     def __init__(self, leader: TensorQuantizer, first: int, amax: Any):
         self._leader, self._first, self._amax = leader, first, amax
+        self._launch: Any = _UNBOUND
 
     def __call__(self, x: torch.Tensor, first: int) -> torch.Tensor:
         """x[i] through quantizer first + i of the bound ones, for every i (x: (slices, ...))."""
@@ -909,9 +1010,28 @@ class SliceCall:
             if start < 0 or start + x.shape[0] > amax.shape[0]:
                 raise ValueError(f"slices {first}..{first + x.shape[0] - 1} are not among the bound "
                                  f"{self._first}..{self._first + amax.shape[0] - 1}.")
-            amax = amax[start:start + x.shape[0]].reshape(-1, *([1] * (x.ndim - 1)))
+            amax = amax[start:start + x.shape[0]]
+            out = self._bound_call(x, amax)
+            if out is not None:
+                return out
+            amax = amax.reshape(-1, *([1] * (x.ndim - 1)))
             vouch_checked(amax)  # each buffer was checked when bound: no second check (a sync on a GPU)
         impl = numerics(self._leader.backend)
         if self._leader.config.format == "fp8":
             return impl.fp8_fake_quant(x, amax, flavor=self._leader.flavor)
         return impl.nvfp4_fake_quant(x, amax, per_slice_amax=True)
+
+    def _bound_call(self, x: torch.Tensor, amax: torch.Tensor) -> Optional[torch.Tensor]:
+        """The bound launch's result for x under `amax` (one a slice), or None (nothing bound, or
+        a launch that does not take x)."""
+        launch = self._launch
+        if launch is _UNBOUND:
+            binder = getattr(numerics(self._leader.backend), "bind_slice_fake_quant", None)
+            launch = None
+            if binder is not None and not torch.compiler.is_compiling():
+                launch = binder(self._leader.config.format, x, flavor=self._leader.flavor)
+            self._launch = launch
+        return None if launch is None else launch(x, amax)
+
+
+_UNBOUND = object()  # a SliceCall's launch before its first call
