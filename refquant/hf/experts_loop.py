@@ -263,7 +263,8 @@ class _Routing:
         device (grouped_mm's offsets; no copy from the host)."""
         if self._ends is None:
             self._ends = self._bounds[1:].to(torch.int32)
-        return self._ends[group.start:group.stop] - self.starts[group.start]
+        ends, first_row = self._ends[group.start:group.stop], self.starts[group.start]
+        return ends - first_row if first_row else ends  # (a group from row 0: the counts as they are, no launch)
 
     def sum_positions(self) -> torch.Tensor:
         """Where each row (in this routing's row order) goes among top_k slabs of `tokens` rows:
