@@ -2,7 +2,9 @@
 "moe" shape calibrated once (compiled backend), then its forward timed (CUDA events, and the
 host's issue time) as it is, with the weight quantizers' binding made again at every forward, with
 one group a layer, and folded; the plain model's forward first.
-Every setting's logits compared with the first's bit for bit. A report for deciding what to cut.
+Every setting's logits compared with the first's bit for bit; on CUDA its peak memory above the
+model and its direct launches that took Triton's public path (on the timed batch, then on another
+batch, whose routing makes other keys). A report for deciding what to cut.
 
     python3 benchmarks/probes/moe_host_parts.py --out DIR [--recipe R] [--repeats 10]
 """
@@ -47,9 +49,9 @@ def group_bytes(value):
 
 
 def public_launches(model, batch) -> dict:
-    """Launches of one forward that took Triton's public launch (kernel[grid](...)) rather than a
-    kept compiled kernel, by kernel: refquant's direct launches that missed their look-up, and
-    the kernels launched publicly by design."""
+    """The direct launches (refquant.compiled.triton_launch.DirectLaunch) of one forward that
+    took Triton's public launch (kernel[grid](...)) because no compiled kernel was kept for their
+    key, by kernel. (The experts' ordered sum, public at every launch by design, is not counted.)"""
     from refquant.compiled import triton_launch
 
     counts: dict = {}
@@ -81,7 +83,8 @@ def main() -> None:
     batch = batches[0].to(device)
     rows = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "recipe": args.recipe}
     rows["plain"] = ptq_gpu.timed_forward_ms(model, batch, device, args.repeats)
-    rq.quantize_model(model, rq.load_recipe(args.recipe), batches, backend="compiled", flavor="modelopt-cuda" if device.type == "cuda" else "modelopt-cpu", progress=False)
+    flavor = "modelopt-cuda" if device.type == "cuda" else "modelopt-cpu"
+    rq.quantize_model(model, rq.load_recipe(args.recipe), batches, backend="compiled", flavor=flavor, progress=False)
     with torch.no_grad():
         reference = model(input_ids=batch).logits
     settings = {
@@ -97,6 +100,8 @@ def main() -> None:
                 rows[name]["logits_equal"] = bool(torch.equal(model(input_ids=batch).logits, reference))
             if device.type == "cuda":
                 rows[name]["public_launches_a_forward"] = public_launches(model, batch)
+                # another batch routes its tokens otherwise: keys the timed batch never made
+                rows[name]["public_launches_another_batch"] = public_launches(model, batches[1].to(device))
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
                 with torch.no_grad():
@@ -108,7 +113,7 @@ def main() -> None:
         if isinstance(row, dict):
             print(f"{name:24s} {row['median_ms']:7.1f} ms  host {row.get('host_ms', 0):7.1f} ms  "
                   f"logits {row.get('logits_equal', '-')}  peak {row.get('peak_over_model_mib', 0):.0f} MiB  "
-                  f"public {row.get('public_launches_a_forward')}")
+                  f"public {row.get('public_launches_a_forward')} / another batch {row.get('public_launches_another_batch')}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"moe_host_parts_{args.recipe}.json").write_text(json.dumps(rows, indent=1))
