@@ -193,9 +193,7 @@ def fp8_fake_quant(
         out = _run(_compiled_fp8_fake_quant, reference_fp8.fp8_fake_quant, _rows(x), amax, axis=None, flavor=flavor)
         return _as_shape_of(out, x)
     if axis is None and _takes_kernel_per_slice(x, amax, BoundKernelLaunch.DTYPES):
-        from . import fp8_fake_triton
-
-        return _fake_quant_slices(functools.partial(fp8_fake_triton.fake_quant_kernel, flavor), x, amax)
+        return _fake_quant_slices(_slice_kernels("fp8", flavor), x, amax)
     return _run(_compiled_fp8_fake_quant, reference_fp8.fp8_fake_quant, _own(x), _own(amax), axis=axis, flavor=flavor)
 
 
@@ -268,9 +266,7 @@ def nvfp4_fake_quant(
     if per_slice_amax and not _is_per_tensor(amax) and amax.numel() != 1:
         # one global amax per slice (a stack of expert weights)
         if _takes_triton_block_step(x) and _takes_kernel_per_slice(x, amax, BoundKernelLaunch.DTYPES):
-            from . import nvfp4_fake_triton
-
-            return _fake_quant_slices(nvfp4_fake_triton.fake_quant_kernel, x, amax)
+            return _fake_quant_slices(_slice_kernels("nvfp4", flavor), x, amax)
         return _run(_nvfp4_fake_quant_graph(x, per_slice=True), reference_nvfp4.nvfp4_fake_quant, _own(x), _own(amax),
                     per_slice_amax=True)
     if _one_launch_takes(x, amax, unit=NVFP4_BLOCK_SIZE):
@@ -332,6 +328,17 @@ def _fake_quant_slices(kernel_of: Callable[[int], FakeQuantKernel], x: torch.Ten
     for index, slice_amax in enumerate(amax.reshape(-1).unbind(0)):
         one_amax(x[index], (slice_amax,), out[index])
     return out
+
+
+def _slice_kernels(format: str, flavor: Flavor) -> Callable[[int], FakeQuantKernel]:
+    """kernel_of(programs_per_slice) for the fake kernel of `format` (FP8: of `flavor`; 0: one amax)."""
+    if format == "fp8":
+        from . import fp8_fake_triton
+
+        return functools.partial(fp8_fake_triton.fake_quant_kernel, flavor)
+    from . import nvfp4_fake_triton
+
+    return nvfp4_fake_triton.fake_quant_kernel
 
 
 def _whole_programs_per_slice(kernel_of: Callable[[int], FakeQuantKernel], x: torch.Tensor) -> int:
@@ -484,9 +491,8 @@ class BoundSliceLaunch:
 
     def __call__(self, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor | None:
         if not (x.dtype is self._dtype and x.get_device() == self._device_index and x.shape[1:] == self._slice_shape
-                and x.is_contiguous() and amax.dtype in _AMAX_DTYPES and amax.get_device() == self._device_index
-                and amax.is_contiguous() and amax.numel() == x.shape[0]
-                and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()):
+                and x.is_contiguous() and _launch_takes(x, self._kernel.unit) and amax.dtype in _AMAX_DTYPES
+                and amax.get_device() == self._device_index and amax.is_contiguous() and amax.numel() == x.shape[0]):
             return None
         return self._kernel.launch_bound(x, (amax,), self._device_index, self._kernels)
 
@@ -502,16 +508,9 @@ def bind_slice_fake_quant(format: str, x: torch.Tensor, *, flavor: Flavor = "mod
     check_flavor(flavor)
     if not (x.is_cuda and x.dtype in BoundKernelLaunch.DTYPES and x.is_contiguous()):
         return None
-    if format == "fp8":
-        from . import fp8_fake_triton
-
-        kernel_of = functools.partial(fp8_fake_triton.fake_quant_kernel, flavor)
-    else:
-        if not _takes_triton_block_step(x):
-            return None
-        from . import nvfp4_fake_triton
-
-        kernel_of = nvfp4_fake_triton.fake_quant_kernel
+    if format == "nvfp4" and not _takes_triton_block_step(x):
+        return None
+    kernel_of = _slice_kernels(format, flavor)
     programs_per_slice = _whole_programs_per_slice(kernel_of, x)
     return BoundSliceLaunch(x, kernel_of(programs_per_slice)) if programs_per_slice else None
 

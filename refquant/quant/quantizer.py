@@ -884,14 +884,13 @@ class SliceQuantizers:
         if kept is not None and kept.holds(self.quantizers, like):
             call = kept.call
         else:
-            self._kept = None
             listed = list(self.quantizers)
             call = self._bind_listed(listed, 0, like)
-            if call is not None:
-                self._kept = _KeptBinding.made(listed, call, like)
-            elif first or count != len(listed):
-                call = self._bind_listed(listed[first:first + count], first, like)
-                return call if call is not None and count == len(listed[first:first + count]) else None
+            self._kept = None if call is None else _KeptBinding.made(listed, call, like)
+            if call is None:  # a part of the list may bind where the whole does not
+                part = listed[first:first + count]
+                whole = first == 0 and count == len(listed)
+                return None if whole or len(part) != count else self._bind_listed(part, first, like)
         return call if first + count <= len(self.quantizers) else None
 
     @staticmethod
