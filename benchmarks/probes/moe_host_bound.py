@@ -1,0 +1,196 @@
+"""Whether the MoE shape's quantized forward is host-bound, and why: benchmarks/ptq_gpu.py's "moe"
+shape calibrated once a recipe (compiled backend, 4 batches) and its forward timed on the
+evaluation batch, on a calibration batch, then on the evaluation batch again. For each: the
+forward's time (CUDA events), the host's issue time and the part of it spent waiting in the
+experts loop's one sync a layer (the routing's counts read back), the CPU time of the process's
+other threads, the device's busy time (the kernels' times summed by torch.profiler over one
+forward), and for the last timed forward the bound launches that missed their key, the direct
+launches that took Triton's public path and the expert weight bindings made (all three are 0 once
+warm). The plain model's forward first.
+
+A forward whose device busy time is the plain one's and whose host time is near its own time is
+set by the host: its ratio to plain follows the host's speed. --modelopt-first runs modelopt's
+calibration and two forwards on a copy of the model before each recipe's refquant run, in the same
+process (as benchmarks/ptq_gpu.py does), and records the global state that differs afterwards.
+
+    python3 benchmarks/probes/moe_host_bound.py --out DIR [--recipes R ...] [--modelopt-first]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import copy
+import gc
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ptq_gpu  # noqa: E402
+import refquant as rq  # noqa: E402
+from refquant.compiled import triton_launch  # noqa: E402
+from refquant.hf import experts_loop  # noqa: E402
+from refquant.quant import quantizer  # noqa: E402
+
+
+class Watch:
+    """Counts and the sync's wait, for the forward in progress (reset before each)."""
+
+    def __init__(self):
+        self.counts: collections.Counter = collections.Counter()
+        self.wait_s = 0.0
+
+    def reset(self) -> None:
+        self.counts.clear()
+        self.wait_s = 0.0
+
+
+@contextlib.contextmanager
+def watching(watch: Watch):
+    """The experts loop's sync timed, bound-launch misses, public launches and bindings counted."""
+    read, launch_bound = experts_loop._Routing.read, triton_launch.FakeQuantKernel.launch_bound
+    launch_public, made = triton_launch.DirectLaunch.launch_public, quantizer._KeptBinding.made.__func__
+
+    def timed_read(self):
+        began = time.perf_counter()
+        try:
+            return read(self)
+        finally:
+            watch.wait_s += time.perf_counter() - began
+
+    def counted_launch_bound(self, x, params, device, kept):
+        if kept.get(self.arguments(x, params)[2]) is None:
+            watch.counts["bound launch missed: " + self.launch.name] += 1
+        return launch_bound(self, x, params, device, kept)
+
+    def counted_public(self, programs, device, args):
+        watch.counts["public launch: " + self.name] += 1
+        return launch_public(self, programs, device, args)
+
+    def counted_made(cls, *args, **kwargs):
+        watch.counts["expert weights bound"] += 1
+        return made(cls, *args, **kwargs)
+
+    experts_loop._Routing.read = timed_read
+    triton_launch.FakeQuantKernel.launch_bound = counted_launch_bound
+    triton_launch.DirectLaunch.launch_public = counted_public
+    quantizer._KeptBinding.made = classmethod(counted_made)
+    try:
+        yield
+    finally:
+        experts_loop._Routing.read, triton_launch.FakeQuantKernel.launch_bound = read, launch_bound
+        triton_launch.DirectLaunch.launch_public = launch_public
+        quantizer._KeptBinding.made = classmethod(made)
+
+
+def device_busy_ms(model, batch) -> float:
+    """The kernels' device time of one forward, summed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(input_ids=batch)
+        torch.cuda.synchronize()
+    return sum(event.device_time for event in prof.events() if event.device_type.name == "CUDA") / 1e3
+
+
+def timed(model, batch, watch: Watch, repeats: int) -> dict:
+    """Medians over `repeats` forwards after two warm-ups, each forward's time, the last one's counts."""
+    forwards = []
+    with torch.no_grad():
+        for step in range(repeats + 2):
+            torch.cuda.synchronize()
+            watch.reset()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            began, process_cpu, thread_cpu = time.perf_counter(), time.process_time(), time.thread_time()
+            model(input_ids=batch)
+            host = time.perf_counter() - began
+            others = (time.process_time() - process_cpu) - (time.thread_time() - thread_cpu)
+            end.record()
+            end.synchronize()
+            if step >= 2:
+                forwards.append(dict(ms=start.elapsed_time(end), host_ms=host * 1e3, wait_ms=watch.wait_s * 1e3,
+                                     other_threads_cpu_ms=others * 1e3, counts=dict(watch.counts)))
+    row = {name: statistics.median(f[name] for f in forwards) for name in ("ms", "host_ms", "wait_ms", "other_threads_cpu_ms")}
+    row.update(each_ms=[round(f["ms"], 2) for f in forwards], counts_first=forwards[0]["counts"],
+               counts_last=forwards[-1]["counts"], python_threads=threading.active_count(),
+               device_busy_ms=device_busy_ms(model, batch))
+    return row
+
+
+def global_state() -> dict:
+    """What a library could leave changed for the rest of the process."""
+    import torch.utils._python_dispatch as dispatch
+
+    return dict(trace=repr(sys.gettrace()), profile=repr(sys.getprofile()), grad=torch.is_grad_enabled(),
+                dispatch_modes=repr(dispatch._get_current_dispatch_mode_stack()),
+                function_modes=repr(torch.overrides._get_current_function_mode_stack()),
+                tf32=torch.backends.cuda.matmul.allow_tf32, cudnn=torch.backends.cudnn.enabled,
+                deterministic=torch.are_deterministic_algorithms_enabled(), torch_threads=torch.get_num_threads(),
+                python_threads=[t.name for t in threading.enumerate()], switch_interval=sys.getswitchinterval(),
+                gc_enabled=gc.isenabled(), gc_threshold=gc.get_threshold(), sync_debug=torch.cuda.get_sync_debug_mode(),
+                module_hooks=(len(torch.nn.modules.module._global_forward_hooks),
+                              len(torch.nn.modules.module._global_forward_pre_hooks)))
+
+
+def run_modelopt(pristine, recipe: str, batches, batch, device) -> None:
+    from compare_modelopt import modelopt_quant_cfg
+
+    model = copy.deepcopy(pristine).to(device)
+    ptq_gpu.quantize_with_modelopt(model, modelopt_quant_cfg(recipe), batches, device)
+    with torch.no_grad():
+        model(input_ids=batch)
+        model(input_ids=batch)
+    torch.cuda.synchronize()
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--recipes", nargs="+", default=["nvfp4_default-fp8_cast_kv", "fp8_default-fp8_kv"])
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--modelopt-first", action="store_true")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    batches = ptq_gpu.batches_for("moe", 4, 4, 1024, 1)
+    eval_batch = ptq_gpu.batches_for("moe", 1, 4, 1024, 3)[0].to(device)  # ptq_gpu's evaluation batch
+    pristine = ptq_gpu.build_model("moe", 0, torch.device("cpu"))
+    watch = Watch()
+    rows: dict = {"device": torch.cuda.get_device_name(), "modelopt_first": args.modelopt_first}
+    with watching(watch):
+        model = copy.deepcopy(pristine).to(device)
+        rows["plain"] = timed(model, eval_batch, watch, args.repeats)
+        print("plain", rows["plain"], flush=True)
+        del model
+        for recipe in args.recipes:
+            row: dict = {}
+            if args.modelopt_first:
+                before = global_state()
+                run_modelopt(pristine, recipe, batches, eval_batch, device)
+                after = global_state()
+                row["state_changed_by_modelopt"] = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+            model = copy.deepcopy(pristine).to(device)
+            rq.quantize_model(model, rq.load_recipe(recipe), batches, backend="compiled", flavor="modelopt-cuda", progress=False)
+            for name, batch in (("eval", eval_batch), ("calibration_batch", batches[0].to(device)), ("eval_again", eval_batch)):
+                row[name] = timed(model, batch, watch, args.repeats)
+                print(recipe, name, row[name], flush=True)
+            rows[recipe] = row
+            del model
+            torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"moe_host_bound{'_modelopt_first' if args.modelopt_first else ''}.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
