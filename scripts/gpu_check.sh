@@ -13,9 +13,10 @@
 #                                       the MoE shape holds memory (benchmarks/probes/moe_memory.py): the
 #                                       MoE targets and bits in one call; ~8 min (a call cut short keeps
 #                                       what ran first). With `families` in a second call: every MoE check.
-#   bash scripts/gpu_check.sh moe_profile   where the MoE shape's max calibration and quantized forward
-#                                       spend host and device time (benchmarks/probes/moe_profile.py), and
-#                                       the forward with parts taken away (benchmarks/probes/moe_host_parts.py); ~5 min
+#   bash scripts/gpu_check.sh moe_profile   where the MoE shape's first calibration of the process and its
+#                                       quantized forward spend host and device time (benchmarks/probes/
+#                                       moe_profile.py), the forward with parts taken away (moe_host_parts.py)
+#                                       and whether it is set by the host (moe_host_bound.py); ~7 min
 #   bash scripts/gpu_check.sh groups    the MoE experts loop's group budgets against time and memory
 #                                       (benchmarks/probes/moe_groups.py, FP8 and NVFP4, folded too); ~2 min
 #   bash scripts/gpu_check.sh large     the 6.7B shape (48 calibration batches, also folded) and the kernel
@@ -75,11 +76,12 @@ moe)
   grep -E "^(plain|modelopt|compiled|folded)" "$OUT/moe_memory.log" | cut -c1-160
   ;;
 moe_profile)
-  timeout 150 python3 benchmarks/probes/moe_profile.py --out "$OUT/profile" --recipe nvfp4_default-fp8_cast_kv --calibration \
+  timeout 150 python3 benchmarks/probes/moe_profile.py --out "$OUT/profile" --recipe nvfp4_default-fp8_cast_kv --calibration --first \
     > "$OUT/moe_calibration_profile.log" 2>&1
   timeout 90 python3 benchmarks/probes/moe_profile.py --out "$OUT/profile" --recipe fp8_default-fp8_kv > "$OUT/moe_profile.log" 2>&1
   grep -hE "calibration|plain forwards|forwards before" "$OUT"/profile/*.txt
   timeout 120 python3 benchmarks/probes/moe_host_parts.py --out "$OUT/parts" 2>&1 | grep -v Warn | tail -7
+  timeout 150 python3 benchmarks/probes/moe_host_bound.py --out "$OUT/host_bound" 2>&1 | grep -v Warn | cut -c1-300
   ;;
 groups)
   for recipe in fp8_default-fp8_kv nvfp4_default-fp8_cast_kv; do

@@ -3,10 +3,10 @@ benchmarks/ptq_gpu.py's "moe" shape after refquant's calibration (compiled backe
 host time and by device time, the count of calls that wait for the device, and cProfile's
 tables of the host's Python time over five forwards. With
 --calibration, where the host time of rq.quantize_model goes instead: cProfile over the second of
-two calibrations of the same pristine model (the first pays the compiles and one-time checks),
-tables by own time and by cumulative time.
+two calibrations of the same pristine model (the first pays the compiles and one-time checks;
+--first profiles that one instead), tables by own time and by cumulative time.
 
-    python3 benchmarks/probes/moe_profile.py --out DIR [--recipe R] [--shape moe] [--folded] [--calibration]
+    python3 benchmarks/probes/moe_profile.py --out DIR [--recipe R] [--shape moe] [--folded] [--calibration [--first]]
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def python_profile(model, batch, device: torch.device, forwards: int) -> list[st
 
 
 def calibration_profile(args, device: torch.device) -> list[str]:
-    """cProfile tables of the second rq.quantize_model of two, each on a fresh copy of one model."""
+    """cProfile tables of the second rq.quantize_model of two (the first with args.first), each on
+    a fresh copy of one model."""
     import copy
     import cProfile
     import time
@@ -82,7 +83,7 @@ def calibration_profile(args, device: torch.device) -> list[str]:
     for attempt in ("first", "second"):
         model = copy.deepcopy(pristine).to(device)
         ptq_gpu.synchronize(device)
-        profiler = cProfile.Profile() if attempt == "second" else None
+        profiler = cProfile.Profile() if attempt == ("first" if args.first else "second") else None
         began = time.perf_counter()
         if profiler is not None:
             profiler.enable()
@@ -90,7 +91,7 @@ def calibration_profile(args, device: torch.device) -> list[str]:
         ptq_gpu.synchronize(device)
         if profiler is not None:
             profiler.disable()
-        text.append(f"{attempt} calibration: {time.perf_counter() - began:.3f} s")
+        text.append(f"{attempt} calibration: {time.perf_counter() - began:.3f} s{' (profiled)' if profiler else ''}")
         del model
     text += _tables(profiler, 45)
     if device.type == "cuda":
@@ -136,6 +137,7 @@ def main() -> int:
     parser.add_argument("--shape", default="moe")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--calibration", action="store_true", help="profile rq.quantize_model's host time instead")
+    parser.add_argument("--first", action="store_true", help="with --calibration: profile the process's first calibration")
     parser.add_argument("--forwards", type=int, default=8, help="timed forwards before the profiled one")
     parser.add_argument("--folded", action="store_true", help="profile the forward after rq.fold_weights")
     args = parser.parse_args()
@@ -144,7 +146,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.calibration:
         text = calibration_profile(args, device)
-        (out / f"moe_calibration_profile_{args.recipe}.txt").write_text("\n".join(text))
+        (out / f"moe_calibration_profile_{args.recipe}{'_first' if args.first else ''}.txt").write_text("\n".join(text))
         print("\n".join(text[:3]))
         return 0
     model = ptq_gpu.build_model(args.shape, 0, device)
