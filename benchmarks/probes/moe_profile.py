@@ -80,18 +80,19 @@ def calibration_profile(args, device: torch.device) -> list[str]:
     flavor = "modelopt-cuda" if device.type == "cuda" else "modelopt-cpu"
     recipe = rq.load_recipe(args.recipe)
     text = [f"{args.shape} {args.recipe} calibration on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"]
+    profiled = "first" if args.first else "second"
+    profiler = cProfile.Profile()
     for attempt in ("first", "second"):
         model = copy.deepcopy(pristine).to(device)
         ptq_gpu.synchronize(device)
-        profiler = cProfile.Profile() if attempt == ("first" if args.first else "second") else None
         began = time.perf_counter()
-        if profiler is not None:
+        if attempt == profiled:
             profiler.enable()
         rq.quantize_model(model, recipe, batches, backend="compiled", flavor=flavor, progress=False)
         ptq_gpu.synchronize(device)
-        if profiler is not None:
+        if attempt == profiled:
             profiler.disable()
-        text.append(f"{attempt} calibration: {time.perf_counter() - began:.3f} s{' (profiled)' if profiler else ''}")
+        text.append(f"{attempt} calibration: {time.perf_counter() - began:.3f} s{' (profiled)' if attempt == profiled else ''}")
         del model
     text += _tables(profiler, 45)
     if device.type == "cuda":
