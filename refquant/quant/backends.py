@@ -6,27 +6,23 @@ reference's own functions through torch.compile.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 from typing import Optional
 
 import torch
 
-BACKENDS = ("reference", "compiled")
-
-
 _MODULES = {"reference": "refquant.numerics", "compiled": "refquant.compiled"}
-_imported: dict[str, ModuleType] = {}  # every quantizer call asks: a dict look-up, not an import's
+BACKENDS = tuple(_MODULES)
 
 
+@functools.cache  # every quantizer call asks: a cache look-up, not an import's
 def numerics(backend: str) -> ModuleType:
     """The module holding fp8_fake_quant, nvfp4_fake_quant, fp8_quantize, nvfp4_quantize."""
-    module = _imported.get(backend)
-    if module is None:
-        if backend not in _MODULES:
-            raise ValueError(f"backend={backend!r} is not known; use one of {', '.join(map(repr, BACKENDS))}.")
-        module = _imported[backend] = importlib.import_module(_MODULES[backend])
-    return module
+    if backend not in _MODULES:
+        raise ValueError(f"backend={backend!r} is not known; use one of {', '.join(map(repr, BACKENDS))}.")
+    return importlib.import_module(_MODULES[backend])
 
 
 def ordered_sum_kernel(backend: str, sums: torch.Tensor) -> Optional[ModuleType]:
