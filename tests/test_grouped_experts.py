@@ -31,17 +31,20 @@ if not hasattr(F, "grouped_mm"):
 @pytest.fixture
 def grouped_on_cpu(monkeypatch):
     """The grouped matmul allowed for bf16 on any device, its measurements fresh, and its calls
-    counted: returns the list of each grouped_mm call's group count."""
+    counted: returns the list of the group count of each grouped matmul the loop made (its
+    checks' calls of grouped_mm not counted)."""
     grouped_linear.forget_checks()
     monkeypatch.setattr(experts_loop, "grouped_matmul_allowed", lambda x: x.dtype == torch.bfloat16)
     calls = []
-    real = F.grouped_mm
+    real = experts_loop.grouped_linear
 
-    def counted(a, b, *args, **kwargs):
-        calls.append(b.shape[0])
-        return real(a, b, *args, **kwargs)
+    def counted(x, weights, *args):
+        out = real(x, weights, *args)
+        if out is not None:
+            calls.append(weights.shape[0])
+        return out
 
-    monkeypatch.setattr(F, "grouped_mm", counted)
+    monkeypatch.setattr(experts_loop, "grouped_linear", counted)
     yield calls
     grouped_linear.forget_checks()
 
@@ -59,7 +62,7 @@ def test_grouped_matmul_calibrates_and_quantizes_with_the_per_expert_calls_bits(
     per_expert = copy.deepcopy(model)
     rq.quantize_model(model, rq.load_recipe(recipe), batches, progress=False)
     ours = (calibrated_state(model), mc.logits_of(model, eval_batch))
-    assert len(grouped_on_cpu) > 2 and grouped_linear._checked_rows and not grouped_linear._failed
+    assert len(grouped_on_cpu) > 2 and grouped_linear._checked_counts and not grouped_linear._failed
     modelopts_order_of_work(monkeypatch)
     monkeypatch.setattr(experts_loop, "grouped_matmul_allowed", lambda x: False)
     rq.quantize_model(per_expert, rq.load_recipe(recipe), batches, progress=False)
@@ -136,7 +139,7 @@ def test_grouped_matmul_whose_bits_differ_is_not_used(grouped_on_cpu, monkeypatc
     monkeypatch.setattr(F, "grouped_mm", off_by_one_bit)
     with pytest.warns(UserWarning, match="per-expert F.linear calls stay"):
         rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
-    assert grouped_linear._failed and not grouped_linear._checked_rows
+    assert grouped_linear._failed and not grouped_linear._checked_counts
     monkeypatch.setattr(experts_loop, "grouped_matmul_allowed", lambda x: False)
     rq.quantize_model(reference, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
     monkeypatch.setattr(experts_loop, "grouped_matmul_allowed", lambda x: x.dtype == torch.bfloat16)
@@ -173,9 +176,9 @@ def test_grouped_matmul_that_raises_after_its_check_warns_and_leaves_the_per_exp
     model = mc.build_model("qwen3_moe_top4")
     reference = copy.deepcopy(model)
     rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
-    assert grouped_linear._checked_rows and grouped_on_cpu
-    checked = {key: 10**9 for key in grouped_linear._checked_rows}  # no check left to run
-    monkeypatch.setattr(grouped_linear, "_checked_rows", checked)
+    assert grouped_linear._checked_counts and grouped_on_cpu
+    checked = {key: set(range(1, 2**16)) for key in grouped_linear._checked_counts}  # no check left to run
+    monkeypatch.setattr(grouped_linear, "_checked_counts", checked)
 
     def refuses(*args, **kwargs):
         raise RuntimeError("no kernel for this layout")
@@ -189,24 +192,63 @@ def test_grouped_matmul_that_raises_after_its_check_warns_and_leaves_the_per_exp
     assert torch.equal(ours, mc.logits_of(reference, eval_batch))
 
 
-def test_the_check_covers_every_row_count_up_to_the_next_power_of_two(grouped_on_cpu, monkeypatch):
-    """The check calls F.linear once for each row count 1..R (R: the next power of two of the most
-    rows an expert has), and a larger count extends it; a count already covered checks nothing."""
-    counts = []
-    real_linear = F.linear
-    monkeypatch.setattr(grouped_linear.F, "linear", lambda a, w, *r: counts.append(a.shape[0]) or real_linear(a, w, *r))
+def test_the_check_covers_each_new_row_count_once(grouped_on_cpu, monkeypatch):
+    """The check calls F.linear once for each row count a call brings that no earlier call of the
+    key brought (an expert without rows brings none), on operands of as many rows as its largest
+    count; the split into groups is checked again only when that is more rows than before; a key
+    of other weights' shape is checked on its own."""
+    linear_rows, grouped_groups = [], []
+    real_linear, real_grouped = F.linear, F.grouped_mm
+    monkeypatch.setattr(grouped_linear.F, "linear", lambda a, w, *r: linear_rows.append(a.shape[0]) or real_linear(a, w, *r))
+
+    def counted(a, b, *args, **kwargs):
+        grouped_groups.append((a.shape[0], b.shape[0]))
+        return real_grouped(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(grouped_linear.F, "grouped_mm", counted)
     x = torch.randn(12, 32, dtype=torch.bfloat16)
     weights = torch.randn(3, 16, 32, dtype=torch.bfloat16)
-    offsets = torch.tensor([5, 5, 12], dtype=torch.int32)
-    out = grouped_linear.grouped_linear(x, weights, [5, 0, 7], offsets)
-    assert counts == list(range(1, 9))
+    out = grouped_linear.grouped_linear(x, weights, [5, 0, 7], torch.tensor([5, 5, 12], dtype=torch.int32))
+    assert linear_rows == [5, 7]
+    # the check's whole and split calls on 7 rows (split into groups of 1, 2, 3 and the last 1), then the groups'
+    assert grouped_groups == [(7, 1), (7, 4), (12, 3)]
     assert torch.equal(out, torch.cat([F.linear(x[:5], weights[0]), F.linear(x[5:], weights[2])]))
-    counts.clear()
-    grouped_linear.grouped_linear(x, weights, [8, 0, 4], offsets)
-    assert counts == []
+    linear_rows.clear(), grouped_groups.clear()
+    grouped_linear.grouped_linear(x, weights, [7, 0, 5], torch.tensor([7, 7, 12], dtype=torch.int32))
+    assert linear_rows == [] and grouped_groups == [(12, 3)]  # both counts checked already
+    grouped_groups.clear()
+    grouped_linear.grouped_linear(x, weights, [2, 3, 7], torch.tensor([2, 5, 12], dtype=torch.int32))
+    assert linear_rows == [2, 3] and grouped_groups == [(3, 1), (12, 3)]  # no more rows than before: no split
+    linear_rows.clear(), grouped_groups.clear()
     grouped_linear.grouped_linear(torch.randn(20, 32, dtype=torch.bfloat16), weights, [2, 9, 9],
                                   torch.tensor([2, 11, 20], dtype=torch.int32))
-    assert counts == list(range(1, 17))
+    assert linear_rows == [9] and grouped_groups == [(9, 1), (9, 4), (20, 3)]  # 9 rows: the split again
+    linear_rows.clear()
+    grouped_linear.grouped_linear(x, torch.randn(3, 24, 32, dtype=torch.bfloat16), [5, 0, 7],
+                                  torch.tensor([5, 5, 12], dtype=torch.int32))
+    assert linear_rows == [5, 7]  # another out-features: another key
+    assert grouped_linear._checked_counts[grouped_linear._key(x, weights)] == {2, 3, 5, 7, 9}
+
+
+def test_a_failed_count_keeps_the_per_expert_calls_and_checks_nothing_more(grouped_on_cpu, monkeypatch):
+    """A row count whose F.linear differs from grouped_mm's rows in one bit fails the key for the
+    process, with a warning naming its weights; later calls of the key return None unchecked."""
+    real_linear = F.linear
+
+    def off_at_seven_rows(a, w, *rest):
+        out = real_linear(a, w, *rest)
+        if a.shape[0] == 7:
+            out.view(torch.int16)[-1, -1] ^= 1
+        return out
+
+    monkeypatch.setattr(grouped_linear.F, "linear", off_at_seven_rows)
+    x = torch.randn(12, 32, dtype=torch.bfloat16)
+    weights = torch.randn(3, 16, 32, dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="16 x 32 on cpu .grouped_mm's bits differ"):
+        assert grouped_linear.grouped_linear(x, weights, [5, 0, 7], torch.tensor([5, 5, 12], dtype=torch.int32)) is None
+    assert grouped_linear._key(x, weights) in grouped_linear._failed
+    monkeypatch.setattr(grouped_linear, "_check", lambda *args: pytest.fail("a failed key is not checked again"))
+    assert grouped_linear.grouped_linear(x, weights, [1, 1, 10], torch.tensor([1, 2, 12], dtype=torch.int32)) is None
 
 
 def test_grouped_matmul_is_off_by_setting_and_off_the_gpu(monkeypatch):

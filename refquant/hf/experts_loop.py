@@ -72,7 +72,7 @@ from torch import nn
 from ..quant.backends import ordered_sum_kernel
 from ..quant.quantizer import (SliceCall, TensorQuantizer, collect_passing_slices, quantizer_sees_each_call,
                                quantizes_with_fixed_amax)
-from .grouped_linear import grouped_linear, grouped_matmul_allowed
+from .grouped_linear import check_row_counts, grouped_linear, grouped_matmul_allowed
 
 # The eager experts forward this loop reproduces, as transformers 5 writes it. A class whose
 # forward reads otherwise runs its own forward with the quantizers at each F.linear call.
@@ -318,12 +318,15 @@ def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: to
     first_once, down_per_expert = rows_independent(first_input_q), not rows_independent(down_input_q)
     weights = {projection: _ProjectionWeights(module, projection) for projection in ("gate_up_proj", "down_proj")}
     copies = 0  # a group's quantized copies' bytes an expert, at most one projection's at a time (GROUP_BYTES)
-    if grouped_matmul_allowed(hidden_states):  # bound now, while the device sorts the routing
-        for projection, grouped in (("gate_up_proj", first_once), ("down_proj", not down_per_expert)):
-            if grouped and weights[projection].bind() is not None:
-                copies = max(copies, projection_copy_bytes(module, projection))
+    grouped = [projection for projection, once in (("gate_up_proj", first_once), ("down_proj", not down_per_expert))
+               if once and grouped_matmul_allowed(hidden_states)]  # its input quantized over the group's rows at once
+    for projection in grouped:  # bound now, while the device sorts the routing
+        if weights[projection].bind() is not None:
+            copies = max(copies, projection_copy_bytes(module, projection))
     if not routing.read():
         return None  # an id < 0 or >= num_experts: the eager loop skips or fails on it
+    for projection in grouped:  # the grouped matmul's check of new row counts, before any group holds rows
+        check_row_counts(hidden_states, weights[projection].parameter, routing.counts)
     if count_tokens is not None:
         for index, count in enumerate(routing.counts):
             count_tokens[index] += count

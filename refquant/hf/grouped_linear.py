@@ -9,15 +9,18 @@ process and per (device, dtype, out features, in features) of the weights:
 
   - grouped_mm's rows do not depend on where the groups start and end (one call on all rows
     against a call on the same rows split into groups of several sizes), and
-  - for every row count M from 1 up to the largest any expert receives, F.linear on the first M
-    rows gives grouped_mm's rows (one call per M: cuBLAS picks its kernel by shape).
+  - for every row count M an expert receives, F.linear on the first M rows gives grouped_mm's
+    rows (one call per M: cuBLAS picks its kernel by shape).
 
 On seeded random operands of the weights' shapes and layout: two ways of summing that differ in
 order differ on random data, so equal bits there mean the same order, and the same order gives
-the same bits on any data. A key that passes is used for groups whose experts have at most the
-checked row count (a larger count extends the check first, to the next power of two); one that
-fails, or a grouped_mm that raises, keeps the per-expert calls for the process, with a warning.
-REFQUANT_GROUPED_EXPERTS=0 keeps them always.
+the same bits on any data. Only the row counts a call brings that no earlier call brought are
+checked (a calibration of a 64-expert model meets a few hundred, not every count up to the
+largest; each F.linear of a new shape costs cuBLAS a look-up); the random operands are made
+afresh for each check, as many rows as its largest count (so that count's last row is one the
+comparison reads), and the split is checked again whenever that is more rows than before. A count that fails, or a grouped_mm that raises, keeps
+the per-expert calls for the key for the process, with a warning. REFQUANT_GROUPED_EXPERTS=0
+keeps them always.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ DTYPES = (torch.bfloat16,)  # what grouped_mm takes on CUDA
 SPLIT_SIZES = (1, 2, 3, 5, 8, 13, 64, 1, 100, 7)
 SEED = 20261206
 
-_checked_rows: dict[tuple, int] = {}  # key -> largest row count checked equal
+_checked_counts: dict[tuple, set[int]] = {}  # key -> the row counts checked equal
+_split_rows: dict[tuple, int] = {}  # key -> the most rows the split was checked on
 _failed: dict[tuple, str] = {}  # key -> why the per-expert calls stay
 
 
@@ -58,20 +62,30 @@ def grouped_linear(x: torch.Tensor, weights: torch.Tensor, counts: list[int], of
     grouped_mm, or None where that is not measured to give the same bits (the caller then makes
     the per-expert calls). weights: (groups, out, in), each slice contiguous; offsets: the int32
     running sums of counts on x's device."""
-    key = _key(x, weights)
-    if key in _failed or x.shape[-1] * x.element_size() % 16 or not weights[0].is_contiguous():
+    if x.shape[-1] * x.element_size() % 16 or not weights[0].is_contiguous() or not check_row_counts(x, weights, counts):
         return None
-    needed = max(counts)
-    if _checked_rows.get(key, 0) < needed:
-        rows = 1 << max(needed - 1, 0).bit_length()  # the next power of two: few extensions
-        reason = _check(x, weights, rows)
-        if reason is not None:
-            return _keep_per_expert_calls(key, reason)
-        _checked_rows[key] = rows
     try:
         return F.grouped_mm(x, weights.transpose(-2, -1), offs=offsets)
     except (RuntimeError, TypeError, ValueError) as error:  # a layout or build grouped_mm does not take
-        return _keep_per_expert_calls(key, f"grouped_mm raised {type(error).__name__}: {error}")
+        return _keep_per_expert_calls(_key(x, weights), f"grouped_mm raised {type(error).__name__}: {error}")
+
+
+def check_row_counts(x: torch.Tensor, weights: torch.Tensor, counts: list[int]) -> bool:
+    """Whether grouped_mm gives F.linear's bits for x's dtype and device, weights' shape and each
+    of `counts` (the module docstring), checking the counts no earlier call brought. The experts
+    loop asks for a layer's counts before its groups hold any rows, so a check's operands never
+    add to a group's memory; grouped_linear asks again (then nothing is left to check)."""
+    key = _key(x, weights)
+    if key in _failed:
+        return False
+    new_counts = {count for count in counts if count}.difference(_checked_counts.get(key, ()))
+    if new_counts:
+        reason = _check(x, weights, sorted(new_counts), key)
+        if reason is not None:
+            _keep_per_expert_calls(key, reason)
+            return False
+        _checked_counts.setdefault(key, set()).update(new_counts)
+    return True
 
 
 def _keep_per_expert_calls(key: tuple, reason: str) -> None:
@@ -82,30 +96,38 @@ def _keep_per_expert_calls(key: tuple, reason: str) -> None:
                   f"{key[3]} x {key[4]} on {device} ({reason}); same bits, more host time.", stacklevel=4)
 
 
-def _check(x: torch.Tensor, weights: torch.Tensor, rows: int) -> Optional[str]:
-    """None when grouped_mm's rows equal F.linear's for every row count up to `rows` (the module
-    docstring), else why not."""
+def _check(x: torch.Tensor, weights: torch.Tensor, counts: list[int], key: tuple) -> Optional[str]:
+    """None when grouped_mm's rows equal F.linear's for each of `counts` (and, where the operands
+    are larger than any before for `key`, whatever the split into groups: the module docstring),
+    else why not. One read of the device."""
     out_features, in_features = weights.shape[-2:]
+    rows = max(counts)
     generator = torch.Generator(device=x.device).manual_seed(SEED)
-    a = torch.randn(rows, in_features, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
-    w = torch.randn(1, out_features, in_features, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
+    a = torch.randn(rows, in_features, generator=generator, device=x.device, dtype=x.dtype)
+    w = torch.randn(1, out_features, in_features, generator=generator, device=x.device, dtype=x.dtype)
+    differs = torch.zeros((), dtype=torch.bool, device=x.device)
     try:
         whole = F.grouped_mm(a, w.transpose(-2, -1), offs=torch.tensor([rows], dtype=torch.int32, device=x.device))
-        ends = [end for end in itertools.accumulate(SPLIT_SIZES) if end < rows] + [rows]
-        split = F.grouped_mm(a, w.expand(len(ends), -1, -1).contiguous().transpose(-2, -1),
-                             offs=torch.tensor(ends, dtype=torch.int32, device=x.device))
+        check_split = rows > _split_rows.get(key, 0)
+        if check_split:
+            ends = [end for end in itertools.accumulate(SPLIT_SIZES) if end < rows] + [rows]
+            split = F.grouped_mm(a, w.expand(len(ends), -1, -1).contiguous().transpose(-2, -1),
+                                 offs=torch.tensor(ends, dtype=torch.int32, device=x.device))
+            differs |= (bits_of(split) != bits_of(whole)).any()
+            del split
     except (RuntimeError, TypeError, ValueError) as error:
         return f"grouped_mm raised {type(error).__name__}: {error}"
-    differs = torch.zeros((), dtype=torch.bool, device=x.device)
-    differs |= (bits_of(split) != bits_of(whole)).any()
-    for count in range(1, rows + 1):
+    for count in counts:
         differs |= (bits_of(F.linear(a[:count], w[0])) != bits_of(whole[:count])).any()
     if bool(differs):  # the one read of the check
         return "grouped_mm's bits differ from F.linear's"
+    if check_split:
+        _split_rows[key] = rows
     return None
 
 
 def forget_checks() -> None:
     """Drop what was measured (tests; a process that changes its CUDA libraries)."""
-    _checked_rows.clear()
+    _checked_counts.clear()
+    _split_rows.clear()
     _failed.clear()
