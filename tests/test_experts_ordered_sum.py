@@ -72,7 +72,11 @@ def reference_add(routing):
 def kernel_add(routing):
     from refquant.compiled import ordered_sum_triton
 
-    return lambda sums, rows, table, first, end: ordered_sum_triton.add_rows_in_order(sums, rows, table, routing.starts[first])
+    def add(sums, rows, table, first, end):
+        span = torch.tensor([routing.starts[first], routing.starts[end]], device=sums.device)
+        return ordered_sum_triton.add_rows_in_order(sums, rows, table, span)
+
+    return add
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +155,37 @@ def test_the_cuda_kernel_gives_add_rows_in_orders_bits(dtype, top_k, width):
         ours = sum_by_groups(kernel_add(routing), routing, rows, ends)
         assert torch.equal(bits(ours), bits(reference)), ends
         assert torch.equal(bits(ours), expected), ends
+
+
+@cuda
+def test_the_cuda_kernel_launches_directly_whatever_rows_its_groups_hold(monkeypatch):
+    """The group's first and end rows reach the kernel through a device pair, not as ints of the
+    launch: once the kernel's first launch was made (and checked), sums over other groupings
+    make no public launch, and give the same bits."""
+    from refquant.compiled import private_api, triton_launch
+
+    if not private_api.KERNEL_LAUNCH.decide():
+        pytest.skip("the fast launch is off for these versions")
+    routing, rows = routed_rows(8, torch.bfloat16, width=1000)
+    rows = rows.cuda()
+    expected = bits(eager_sum(routing, rows))
+    assert torch.equal(bits(sum_by_groups(kernel_add(routing), routing, rows, [9])), expected)
+    public = []
+    real = triton_launch.DirectLaunch.launch_public
+    monkeypatch.setattr(triton_launch.DirectLaunch, "launch_public", lambda self, *a: public.append(self.name) or real(self, *a))
+    for ends in GROUPINGS:
+        assert torch.equal(bits(sum_by_groups(kernel_add(routing), routing, rows, ends)), expected), ends
+    assert public == [] and private_api.KERNEL_LAUNCH.on
+
+
+def test_the_cuda_kernel_refuses_a_span_it_cannot_read():
+    pytest.importorskip("triton")
+    from refquant.compiled import ordered_sum_triton
+
+    sums, rows, table = torch.zeros(3, 4), torch.ones(2, 4), torch.zeros(1, 3, dtype=torch.int64)
+    for span in (torch.tensor([0, 2], dtype=torch.int32), torch.tensor([0, 2, 4]), torch.tensor([0, 0, 2, 2])[::2]):
+        with pytest.raises(ValueError, match="span must be a contiguous int64 pair"):
+            ordered_sum_triton.add_rows_in_order(sums, rows, table, span)
 
 
 @cuda

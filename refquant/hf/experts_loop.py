@@ -223,6 +223,20 @@ def rows_independent(quantizer: TensorQuantizer) -> bool:
     return quantizer.is_calibrating and not quantizer._quantizing and quantizer.config.axis is None
 
 
+def _sort_keys(top_k_index: torch.Tensor, experts: int) -> torch.Tensor:
+    """The routed ids position-major, as torch.where walks the eager loop's (top-k position, token)
+    mask, in int16 where -1..experts fit it (a radix sort's passes, so its launches, go by the
+    key's bits: two for int16, eight for int64), else int64. An id the key could not hold is
+    clamped to -1 or `experts` first: outside the experts it stays outside, never wrapped onto
+    one. (_Routing's searchsorted boundaries, 0..experts, are of the key's dtype.)"""
+    key = torch.int16 if experts < torch.iinfo(torch.int16).max else torch.int64
+    ids, held = top_k_index, torch.iinfo(key)
+    if torch.iinfo(ids.dtype).min < held.min or torch.iinfo(ids.dtype).max > held.max:
+        ids = ids.clamp(-1, experts)
+    tokens, top_k = ids.shape
+    return torch.empty(top_k, tokens, dtype=key, device=ids.device).copy_(ids.transpose(0, 1)).view(-1)
+
+
 class _Routing:
     """Which rows each expert gets, in the eager loop's order, once read(): `token` and `weight`
     per row, the rows of expert e being starts[e]:starts[e + 1]. `handled`: False where an id lies
@@ -230,10 +244,7 @@ class _Routing:
 
     def __init__(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, experts: int):
         tokens = top_k_index.shape[0]
-        # position-major, as torch.where over the eager loop's (top-k position, token) mask
-        routed = top_k_index.transpose(0, 1).reshape(-1)
-        if routed.dtype not in (torch.int32, torch.int64):
-            routed = routed.long()  # searchsorted's boundaries below must hold 0..experts
+        routed = _sort_keys(top_k_index, experts)
         ids, order = torch.sort(routed, stable=True)
         # bounds[e]: how many rows have an id below e; expert e's rows are bounds[e]:bounds[e + 1]
         # (no bincount: on a GPU it reads its input's extremes back, two syncs more)
@@ -266,29 +277,28 @@ class _Routing:
         ends, first_row = self._ends[group.start:group.stop], self.starts[group.start]
         return ends - first_row if first_row else ends  # (a group from row 0: the counts as they are, no launch)
 
-    def sum_positions(self) -> torch.Tensor:
-        """Where each row (in this routing's row order) goes among top_k slabs of `tokens` rows:
-        slab j holds each token's row of its j-th expert in ascending expert order (a repeated
-        expert's rows in top-k position order, as the eager loop's torch.where gives them)."""
-        if self._positions is None:
-            tokens, top_k = self._top_k_index.shape
-            # a token's slots ordered by (expert, top-k position): key = expert * top_k + position,
-            # distinct within the token; a slot's rank is how many of the token's keys are smaller
-            # (top_k compares a slot, no sort: a segmented sort costs the host several launches)
-            positions = torch.arange(top_k, device=self._top_k_index.device)
-            keys = torch.add(positions, self._top_k_index.long(), alpha=top_k)
-            rank = (keys.t().unsqueeze(2) > keys.unsqueeze(0)).sum(dim=2)  # (top_k, tokens): rank[j, t] of slot j
-            self._positions = rank.view(-1)[self._order] * tokens + self.token  # _order: slot * tokens + token
-        return self._positions
-
     def row_table(self) -> torch.Tensor:
         """(top_k, tokens): entry [j, t] is the row (in this routing's row order) of token t's
-        j-th expert in ascending expert order, sum_positions turned around."""
+        j-th expert in ascending expert order (a repeated expert's rows in top-k position order,
+        as the eager loop's torch.where gives them). The rows ascend by (expert, top-k position,
+        token), so a token's rows ascend with its experts: its j-th expert's row is its j-th
+        smallest row (a sort of top_k values a token, one launch; no segmented sort)."""
         if self._table is None:
-            positions = self.sum_positions()
-            rows = torch.arange(self.rows, device=positions.device, dtype=positions.dtype)
-            self._table = torch.empty_like(positions).index_copy_(0, positions, rows).view(-1, self._tokens)
+            tokens, top_k = self._top_k_index.shape
+            rows = torch.arange(self.rows, device=self._order.device)
+            row_of_slot = torch.empty_like(self._order).scatter_(0, self._order, rows)  # _order: slot * tokens + token
+            self._table = row_of_slot.view(top_k, tokens).sort(dim=0).values
         return self._table
+
+    def sum_positions(self) -> torch.Tensor:
+        """Where each row (in this routing's row order) goes among top_k slabs of `tokens` rows:
+        slab j holds each token's row of its j-th expert in ascending expert order (row_table
+        turned around)."""
+        if self._positions is None:
+            table = self.row_table().reshape(-1)
+            places = torch.arange(table.numel(), device=table.device)
+            self._positions = torch.empty_like(table).scatter_(0, table, places)
+        return self._positions
 
     def add_slabs(self, slabs: torch.Tensor, output: torch.Tensor) -> None:
         """output (zeros) plus slab 0, then slab 1, ... (rows placed by sum_positions): each token's
@@ -337,13 +347,17 @@ def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: to
     rows_out = None
     if add_in_order is None and routing.rows * hidden_states.shape[-1] * output.element_size() <= SUM_BYTES:
         rows_out = output.new_empty(routing.rows, hidden_states.shape[-1])
-    for group in expert_groups(routing.counts, row_bytes(module, hidden_states, top_k_weights), copies, GROUP_BYTES):
+    groups = expert_groups(routing.counts, row_bytes(module, hidden_states, top_k_weights), copies, GROUP_BYTES)
+    if add_in_order is not None:  # each group's (first row, end row) on the device, one copy a layer
+        spans = torch.tensor([[routing.starts[group.start], routing.starts[group.stop]] for group in groups],
+                             dtype=torch.int64, device=output.device).unbind(0)
+    for index, group in enumerate(groups):
         y = _group(module, routing, hidden_states, first_input_q, down_input_q, down_per_expert, group, weights)
         if y is None:
             continue
         begin, end = routing.starts[group.start], routing.starts[group.stop]
         if add_in_order is not None:
-            output = add_in_order(output, y, routing, group)
+            output = add_in_order(output, y, routing, spans[index])
         elif rows_out is not None:
             rows_out.index_copy_(0, routing.sum_positions()[begin:end], y)
         else:
@@ -378,13 +392,14 @@ def add_rows_in_order(sums: torch.Tensor, rows: torch.Tensor, table: torch.Tenso
 def _ordered_sum_kernel(output: torch.Tensor, quantizer: TensorQuantizer):
     """Where the loop sums each group's rows as soon as it has them, with the quantizers'
     backend's kernel (refquant.quant.backends.ordered_sum_kernel: the compiled backend on CUDA):
-    add(sums, rows, routing, group), the group's rows added onto sums, a new tensor. Else None."""
+    add(sums, rows, routing, span), the group's rows added onto sums, a new tensor (span: the
+    group's first and end row, an int64 pair on the device). Else None."""
     kernel = ordered_sum_kernel(quantizer.backend, output)
     if kernel is None:
         return None
 
-    def add(sums: torch.Tensor, rows: torch.Tensor, routing: _Routing, group: range) -> torch.Tensor:
-        return kernel.add_rows_in_order(sums, rows, routing.row_table(), routing.starts[group.start])
+    def add(sums: torch.Tensor, rows: torch.Tensor, routing: _Routing, span: torch.Tensor) -> torch.Tensor:
+        return kernel.add_rows_in_order(sums, rows, routing.row_table(), span)
 
     return add
 
