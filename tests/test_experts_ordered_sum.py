@@ -161,7 +161,8 @@ def test_the_cuda_kernel_gives_add_rows_in_orders_bits(dtype, top_k, width):
 def test_the_cuda_kernel_launches_directly_whatever_rows_its_groups_hold(monkeypatch):
     """The group's first and end rows reach the kernel through a device pair, not as ints of the
     launch: once the kernel's first launch was made (and checked), sums over other groupings
-    make no public launch, and give the same bits."""
+    make no public launch, and give the same bits. Each group's rows are a tensor of their own,
+    as the loop's are (a view into one tensor starts at other alignments: other keys)."""
     from refquant.compiled import private_api, triton_launch
 
     if not private_api.KERNEL_LAUNCH.decide():
@@ -173,8 +174,10 @@ def test_the_cuda_kernel_launches_directly_whatever_rows_its_groups_hold(monkeyp
     public = []
     real = triton_launch.DirectLaunch.launch_public
     monkeypatch.setattr(triton_launch.DirectLaunch, "launch_public", lambda self, *a: public.append(self.name) or real(self, *a))
+    add = kernel_add(routing)
     for ends in GROUPINGS:
-        assert torch.equal(bits(sum_by_groups(kernel_add(routing), routing, rows, ends)), expected), ends
+        own_rows = lambda sums, group_rows, *args: add(sums, group_rows.clone(), *args)  # noqa: E731
+        assert torch.equal(bits(sum_by_groups(own_rows, routing, rows, ends)), expected), ends
     assert public == [] and private_api.KERNEL_LAUNCH.on
 
 
