@@ -8,12 +8,16 @@ forward), and for the last timed forward the bound launches that missed their ke
 launches that took Triton's public path and the expert weight bindings made (all three are 0 once
 warm). The plain model's forward first.
 
+Each forward also counts Python's cyclic garbage collections during it and the time they took
+(gc.callbacks): a process holding many objects (another library's model, calibrated before)
+makes each collection longer. --gc-freeze times the evaluation batch once more after gc.freeze().
+
 A forward whose device busy time is the plain one's and whose host time is near its own time is
 set by the host: its ratio to plain follows the host's speed. --modelopt-first runs modelopt's
 calibration and two forwards on a copy of the model before each recipe's refquant run, in the same
 process (as benchmarks/ptq_gpu.py does), and records the global state that differs afterwards.
 
-    python3 benchmarks/probes/moe_host_bound.py --out DIR [--recipes R ...] [--modelopt-first]
+    python3 benchmarks/probes/moe_host_bound.py --out DIR [--recipes R ...] [--modelopt-first] [--gc-freeze]
 """
 
 from __future__ import annotations
@@ -46,15 +50,28 @@ class Watch:
     def __init__(self):
         self.counts: collections.Counter = collections.Counter()
         self.wait_s = 0.0
+        self.gc_s = 0.0
+        self._gc_began: float | None = None
 
     def reset(self) -> None:
         self.counts.clear()
         self.wait_s = 0.0
+        self.gc_s = 0.0
+
+    def on_gc(self, phase: str, info: dict) -> None:
+        """gc.callbacks' hook: each collection's time and generation."""
+        if phase == "start":
+            self._gc_began = time.perf_counter()
+        elif self._gc_began is not None:
+            self.gc_s += time.perf_counter() - self._gc_began
+            self.counts[f"gc_generation_{info['generation']}"] += 1
+            self._gc_began = None
 
 
 @contextlib.contextmanager
 def watching(watch: Watch):
     """The experts loop's sync timed, bound-launch misses, public launches and bindings counted."""
+    gc.callbacks.append(watch.on_gc)
     read, launch_bound = experts_loop._Routing.read, triton_launch.FakeQuantKernel.launch_bound
     launch_public, made = triton_launch.DirectLaunch.launch_public, quantizer._KeptBinding.made.__func__
 
@@ -85,6 +102,7 @@ def watching(watch: Watch):
     try:
         yield
     finally:
+        gc.callbacks.remove(watch.on_gc)
         experts_loop._Routing.read, triton_launch.FakeQuantKernel.launch_bound = read, launch_bound
         triton_launch.DirectLaunch.launch_public = launch_public
         quantizer._KeptBinding.made = classmethod(made)
@@ -117,8 +135,11 @@ def timed(model, batch, watch: Watch, repeats: int) -> dict:
             end.synchronize()
             if step >= 2:
                 forwards.append(dict(ms=start.elapsed_time(end), host_ms=host * 1e3, wait_ms=watch.wait_s * 1e3,
-                                     other_threads_cpu_ms=others * 1e3, counts=dict(watch.counts)))
-    row = {name: statistics.median(f[name] for f in forwards) for name in ("ms", "host_ms", "wait_ms", "other_threads_cpu_ms")}
+                                     gc_ms=watch.gc_s * 1e3, other_threads_cpu_ms=others * 1e3, counts=dict(watch.counts)))
+    row = {name: statistics.median(f[name] for f in forwards)
+           for name in ("ms", "host_ms", "wait_ms", "gc_ms", "other_threads_cpu_ms")}
+    row["gc_ms_each"] = [round(f["gc_ms"], 2) for f in forwards]
+    row["gc_tracked_objects"] = len(gc.get_objects())
     row.update(each_ms=[round(f["ms"], 2) for f in forwards], counts_first=forwards[0]["counts"],
                counts_last=forwards[-1]["counts"], python_threads=threading.active_count(),
                device_busy_ms=device_busy_ms(model, batch))
@@ -160,6 +181,7 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=["nvfp4_default-fp8_cast_kv", "fp8_default-fp8_kv"])
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--modelopt-first", action="store_true")
+    parser.add_argument("--gc-freeze", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda")
     batches = ptq_gpu.batches_for("moe", 4, 4, 1024, 1)
@@ -184,6 +206,12 @@ def main() -> None:
             for name, batch in (("eval", eval_batch), ("calibration_batch", batches[0].to(device)), ("eval_again", eval_batch)):
                 row[name] = timed(model, batch, watch, args.repeats)
                 print(recipe, name, row[name], flush=True)
+            if args.gc_freeze:
+                gc.collect()
+                gc.freeze()
+                row["eval_gc_frozen"] = timed(model, eval_batch, watch, args.repeats)
+                gc.unfreeze()
+                print(recipe, "eval_gc_frozen", row["eval_gc_frozen"], flush=True)
             rows[recipe] = row
             del model
             torch.cuda.empty_cache()
