@@ -230,6 +230,23 @@ def test_the_check_covers_each_new_row_count_once(grouped_on_cpu, monkeypatch):
     assert grouped_linear._checked_counts[grouped_linear._key(x, weights)] == {2, 3, 5, 7, 9}
 
 
+def test_rows_or_weights_grouped_mm_does_not_take_are_neither_checked_nor_grouped(grouped_on_cpu, monkeypatch):
+    """Rows that are not a multiple of 16 bytes, or weight slices that are not contiguous: no
+    check, no warning, the per-expert calls (None)."""
+    monkeypatch.setattr(grouped_linear, "_check", lambda *args: pytest.fail("nothing to check"))
+    offsets = torch.tensor([2, 4], dtype=torch.int32)
+    unaligned = torch.randn(4, 36, dtype=torch.bfloat16), torch.randn(2, 16, 36, dtype=torch.bfloat16)
+    strided = torch.randn(4, 32, dtype=torch.bfloat16), torch.randn(2, 32, 16, dtype=torch.bfloat16).transpose(1, 2)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x, weights in (unaligned, strided):
+            assert not grouped_linear.check_row_counts(x, weights, [2, 2])
+            assert grouped_linear.grouped_linear(x, weights, [2, 2], offsets) is None
+    assert not grouped_linear._failed and not grouped_linear._checked_counts
+
+
 def test_a_failed_count_keeps_the_per_expert_calls_and_checks_nothing_more(grouped_on_cpu, monkeypatch):
     """A row count whose F.linear differs from grouped_mm's rows in one bit fails the key for the
     process, with a warning naming its weights; later calls of the key return None unchecked."""

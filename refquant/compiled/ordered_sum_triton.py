@@ -10,9 +10,10 @@ rows as soon as the group has them, in one launch, and keeps nothing.
 
 Step for step what add_rows_in_order computes: for each token and block of columns, the sums'
 values; then for j = 0 .. TOP_K - 1, where the row table[j, token] lies in the group's rows
-first_row .. end_row - 1 (read from `span` on the device), that row of `rows` added: both in fp32, the sum rounded to the sums' dtype (nearest,
-ties to even), as torch adds two bf16 or fp16 tensors (fp32: the one rounding). A row outside the
-range leaves the value as it is (no addition of a zero). tests/test_experts_ordered_sum.py holds it
+first_row .. end_row - 1 (read from `span` on the device), that row of `rows` added: both in
+fp32, the sum rounded to the sums' dtype (nearest, ties to even), as torch adds two bf16 or fp16
+tensors (fp32: the one rounding). A row outside the range leaves the value as it is (no addition
+of a zero). tests/test_experts_ordered_sum.py holds it
 to add_rows_in_order bit for bit on CUDA.
 
 Launched through refquant's direct launch (triton_launch.DirectLaunch: Triton's launcher alone,

@@ -18,9 +18,9 @@ the same bits on any data. Only the row counts a call brings that no earlier cal
 checked (a calibration of a 64-expert model meets a few hundred, not every count up to the
 largest; each F.linear of a new shape costs cuBLAS a look-up); the random operands are made
 afresh for each check, as many rows as its largest count (so that count's last row is one the
-comparison reads), and the split is checked again whenever that is more rows than before. A count that fails, or a grouped_mm that raises, keeps
-the per-expert calls for the key for the process, with a warning. REFQUANT_GROUPED_EXPERTS=0
-keeps them always.
+comparison reads), and the split is checked again whenever that is more rows than before. A
+count that fails, or a grouped_mm that raises, keeps the per-expert calls for the key for the
+process, with a warning. REFQUANT_GROUPED_EXPERTS=0 keeps them always.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def grouped_linear(x: torch.Tensor, weights: torch.Tensor, counts: list[int], of
     grouped_mm, or None where that is not measured to give the same bits (the caller then makes
     the per-expert calls). weights: (groups, out, in), each slice contiguous; offsets: the int32
     running sums of counts on x's device."""
-    if x.shape[-1] * x.element_size() % 16 or not weights[0].is_contiguous() or not check_row_counts(x, weights, counts):
+    if not check_row_counts(x, weights, counts):
         return None
     try:
         return F.grouped_mm(x, weights.transpose(-2, -1), offs=offsets)
@@ -72,11 +72,13 @@ def grouped_linear(x: torch.Tensor, weights: torch.Tensor, counts: list[int], of
 
 def check_row_counts(x: torch.Tensor, weights: torch.Tensor, counts: list[int]) -> bool:
     """Whether grouped_mm gives F.linear's bits for x's dtype and device, weights' shape and each
-    of `counts` (the module docstring), checking the counts no earlier call brought. The experts
-    loop asks for a layer's counts before its groups hold any rows, so a check's operands never
-    add to a group's memory; grouped_linear asks again (then nothing is left to check)."""
+    of `counts` (the module docstring), checking the counts no earlier call brought; False
+    without a check for rows grouped_mm does not take (not a multiple of 16 bytes) or weight slices
+    that are not contiguous. The experts loop asks for a layer's counts before its groups hold any
+    rows, so a check's operands never add to a group's memory; grouped_linear asks again (then
+    nothing is left to check)."""
     key = _key(x, weights)
-    if key in _failed:
+    if key in _failed or weights.shape[-1] * x.element_size() % 16 or not weights[0].is_contiguous():
         return False
     new_counts = {count for count in counts if count}.difference(_checked_counts.get(key, ()))
     if new_counts:
