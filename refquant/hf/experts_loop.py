@@ -329,7 +329,7 @@ def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: to
     weights = {projection: _ProjectionWeights(module, projection) for projection in ("gate_up_proj", "down_proj")}
     copies = 0  # a group's quantized copies' bytes an expert, at most one projection's at a time (GROUP_BYTES)
     grouped = [projection for projection, once in (("gate_up_proj", first_once), ("down_proj", not down_per_expert))
-               if once and grouped_matmul_allowed(hidden_states)]  # its input quantized over the group's rows at once
+               if once] if grouped_matmul_allowed(hidden_states) else []  # input quantized over a group's rows at once
     for projection in grouped:  # bound now, while the device sorts the routing
         if weights[projection].bind() is not None:
             copies = max(copies, projection_copy_bytes(module, projection))
