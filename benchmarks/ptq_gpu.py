@@ -7,7 +7,12 @@ Measured per variant (plain bf16, modelopt, refquant compiled, refquant referenc
     calibration s    wall time of rq.quantize_model / mtq.quantize (the forward loop included; the
                      recipe is loaded, and modelopt's config made from it, before the clock starts);
                      for refquant, after a ";", its max calibration alone (weight pass, forwards,
-                     amaxes stored; not the quantizers' insertion, the recipe's rules, the report)
+                     amaxes stored; not the quantizers' insertion, the recipe's rules, the report).
+                     The plain row's calibration comes after one untimed warm-up forward; with
+                     --warm-up-calibration every quantizing variant's comes after the same
+                     quantization of a copy on one batch (the process's compiles and first calls
+                     out of the time, as plain's warm-up takes them out of its own); the JSON
+                     keeps each warm-up's time (warm_up_s)
     forward ms       median of timed forwards of the evaluation batch (CUDA events, after warm-up);
                      the JSON keeps every forward's time and host time, in order, and the two
                      warm-up forwards' (the first is the first forward after calibration)
@@ -60,6 +65,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -264,15 +270,38 @@ def timed_forward_loop(device: torch.device, around=contextlib.nullcontext):
 def _run_variant(variant: str, recipe: str, pristine, shape: str, args, batches, eval_batch, workdir: Path,
                  on_calibrated=None) -> dict:
     device = torch.device(args.device)
-    model = copy.deepcopy(pristine).to(device)
     if variant == "modelopt":
         from compare_modelopt import modelopt_quant_cfg
 
         config = modelopt_quant_cfg(recipe)
     elif variant not in PLAIN_VARIANTS:
         loaded = rq.load_recipe(recipe)
-    reset_peak(device)
     result: dict = {"variant": variant, "recipe": recipe}
+
+    def quantize(model, calibration_batches) -> Optional[float]:
+        """The variant's quantization of `model` on `calibration_batches`; refquant's max
+        calibration alone, seconds (None for modelopt)."""
+        if variant == "modelopt":
+            quantize_with_modelopt(model, config, calibration_batches, device)
+            return None
+        flavor = "modelopt-cuda" if device.type == "cuda" else "modelopt-cpu"
+        backend = "compiled" if variant.startswith("compiled") else variant
+        with timed_forward_loop(device) as loop:
+            rq.quantize_model(model, loaded, calibration_batches, backend=backend, flavor=flavor, progress=False)
+        return loop["s"]
+
+    if variant not in PLAIN_VARIANTS and getattr(args, "warm_up_calibration", False):
+        # as the plain row's warm-up forward: the process's first-use costs (compiles, launcher
+        # builds, the first cuDNN call) paid on a copy calibrated on one batch, timed apart
+        warm = copy.deepcopy(pristine).to(device)
+        synchronize(device)
+        began = time.perf_counter()
+        quantize(warm, batches[:1])
+        synchronize(device)
+        result["warm_up_s"] = time.perf_counter() - began
+        del warm
+    model = copy.deepcopy(pristine).to(device)
+    reset_peak(device)
     synchronize(device)
     began = time.perf_counter()
     if variant in PLAIN_VARIANTS:
@@ -281,17 +310,14 @@ def _run_variant(variant: str, recipe: str, pristine, shape: str, args, batches,
         with torch.no_grad():
             model(input_ids=batches[0].to(device))  # warm-up: first-use costs out of the baseline
             synchronize(device)
+            result["warm_up_s"] = time.perf_counter() - began
             began = time.perf_counter()
             for batch in batches:
                 model(input_ids=batch.to(device))
-    elif variant == "modelopt":
-        quantize_with_modelopt(model, config, batches, device)
     else:
-        flavor = "modelopt-cuda" if device.type == "cuda" else "modelopt-cpu"
-        backend = "compiled" if variant.startswith("compiled") else variant
-        with timed_forward_loop(device) as loop:
-            rq.quantize_model(model, loaded, batches, backend=backend, flavor=flavor, progress=False)
-        result["calibration_forwards_s"] = loop["s"]
+        forwards_s = quantize(model, batches)
+        if forwards_s is not None:
+            result["calibration_forwards_s"] = forwards_s
     synchronize(device)
     result["calibration_s"] = time.perf_counter() - began
     amax = amax_table(model) if variant not in PLAIN_VARIANTS and args.compare else None  # before any fold
@@ -509,6 +535,8 @@ def format_table(rows: list[dict]) -> str:
         cal = f"{r['calibration_s']:.2f} ({r.get('calibration_over_plain', 1):.2f})"
         if r.get("calibration_forwards_s"):  # refquant: max calibration alone, then its ratio
             cal += f"; {r['calibration_forwards_s']:.2f} ({r['calibration_forwards_over_plain']:.2f})"
+        if r["variant"] not in PLAIN_VARIANTS and "warm_up_s" in r:  # --warm-up-calibration
+            cal += f" [warm-up {r['warm_up_s']:.2f}]"
         fwd = f"{f['median_ms']:.1f} ({r.get('forward_over_plain', 1):.2f}) [{f['min_ms']:.1f}-{f['max_ms']:.1f}]"
         paired = f"{r['paired']['ratio_median']:.2f}" if "paired" in r else "-"
         host = f"{f['host_ms']:.1f}" if "host_ms" in f else "-"
@@ -542,6 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-export", action="store_true")
+    parser.add_argument("--warm-up-calibration", action="store_true",
+                        help="before each quantizing variant's timed calibration, the same quantization of a copy on one "
+                             "batch (its time: warm_up_s), as the plain row's warm-up forward: calibration timed warm")
     parser.add_argument("--no-paired", dest="paired", action="store_false",
                         help="skip the paired plain / quantized forwards (they need room for a second model)")
     parser.add_argument("--workdir", default=None, help="where the exports go (deleted after comparing)")

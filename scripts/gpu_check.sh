@@ -9,7 +9,8 @@
 #                                       batches, also folded and with the fast launch off) against
 #                                       modelopt (benchmarks/ptq_gpu.py); ~6 min
 #   bash scripts/gpu_check.sh moe       the MoE shape alone against modelopt (both recipes, compiled and
-#                                       folded, 10 timed forwards), then the fast launch's tests and where
+#                                       folded, 10 timed forwards, calibration timed after a warm-up
+#                                       calibration on one batch), then the fast launch's tests and where
 #                                       the MoE shape holds memory (benchmarks/probes/moe_memory.py): the
 #                                       MoE targets and bits in one call; ~8 min (a call cut short keeps
 #                                       what ran first). With `families` in a second call: every MoE check.
@@ -68,8 +69,9 @@ bench)
   ;;
 moe)
   build_modelopt_fp8
-  timeout 200 python3 benchmarks/ptq_gpu.py --out "$OUT/moe" --shapes moe --recipes nvfp4_default-fp8_cast_kv fp8_default-fp8_kv \
-    --variants plain modelopt compiled compiled_folded --batches 4 --repeats 10 --no-paired 2>&1 | tee "$OUT/ptq_moe.log" | tail -8
+  timeout 260 python3 benchmarks/ptq_gpu.py --out "$OUT/moe" --shapes moe --recipes nvfp4_default-fp8_cast_kv fp8_default-fp8_kv \
+    --variants plain modelopt compiled compiled_folded --batches 4 --repeats 10 --no-paired --warm-up-calibration 2>&1 \
+    | tee "$OUT/ptq_moe.log" | tail -8
   timeout 120 python3 -m pytest -q -p no:cacheprovider -n 8 --tb=short -rf tests/test_fast_launch.py 2>&1 \
     | tee "$OUT/fast_launch_cuda.log" | tail -3
   timeout 150 python3 benchmarks/probes/moe_memory.py --out "$OUT/memory" --modelopt > "$OUT/moe_memory.log" 2>&1

@@ -17,7 +17,15 @@ set by the host: its ratio to plain follows the host's speed. --modelopt-first r
 calibration and two forwards on a copy of the model before each recipe's refquant run, in the same
 process (as benchmarks/ptq_gpu.py does), and records the global state that differs afterwards.
 
+--pairs N times, right after the calibration and before anything else, N pairs of forwards of a
+plain copy of the model and the quantized one in turn, from the first: whether a slow stretch of
+forwards (after modelopt's run, say) slows the plain forward too (the host) or only the quantized
+one. Every timed forward also records this thread's page faults and context switches
+(getrusage), the CUDA caching allocator's new device allocations, and the host time inside the
+experts loop and inside quantizer calls outside it.
+
     python3 benchmarks/probes/moe_host_bound.py --out DIR [--recipes R ...] [--modelopt-first] [--gc-freeze]
+        [--pairs N]
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import contextlib
 import copy
 import gc
 import json
+import resource
 import statistics
 import sys
 import threading
@@ -40,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ptq_gpu  # noqa: E402
 import refquant as rq  # noqa: E402
 from refquant.compiled import triton_launch  # noqa: E402
+from refquant.hf import experts as experts_module  # noqa: E402
 from refquant.hf import experts_loop  # noqa: E402
 from refquant.quant import quantizer  # noqa: E402
 
@@ -51,12 +61,17 @@ class Watch:
         self.counts: collections.Counter = collections.Counter()
         self.wait_s = 0.0
         self.gc_s = 0.0
+        self.loop_s = 0.0  # host time inside the experts loop
+        self.quantizer_s = 0.0  # host time inside quantizer calls made outside the experts loop
+        self._in_loop = False
         self._gc_began: float | None = None
 
     def reset(self) -> None:
         self.counts.clear()
         self.wait_s = 0.0
         self.gc_s = 0.0
+        self.loop_s = 0.0
+        self.quantizer_s = 0.0
 
     def on_gc(self, phase: str, info: dict) -> None:
         """gc.callbacks' hook: each collection's time and generation."""
@@ -74,6 +89,24 @@ def watching(watch: Watch):
     gc.callbacks.append(watch.on_gc)
     read, launch_bound = experts_loop._Routing.read, triton_launch.FakeQuantKernel.launch_bound
     launch_public, made = triton_launch.DirectLaunch.launch_public, quantizer._KeptBinding.made.__func__
+    loop, quantizer_forward = experts_module.loop_forward, quantizer.TensorQuantizer.forward
+
+    def timed_loop(*args, **kwargs):
+        began, watch._in_loop = time.perf_counter(), True
+        try:
+            return loop(*args, **kwargs)
+        finally:
+            watch._in_loop = False
+            watch.loop_s += time.perf_counter() - began
+
+    def timed_quantizer(self, x):
+        if watch._in_loop:
+            return quantizer_forward(self, x)
+        began = time.perf_counter()
+        try:
+            return quantizer_forward(self, x)
+        finally:
+            watch.quantizer_s += time.perf_counter() - began
 
     def timed_read(self):
         began = time.perf_counter()
@@ -99,9 +132,11 @@ def watching(watch: Watch):
     triton_launch.FakeQuantKernel.launch_bound = counted_launch_bound
     triton_launch.DirectLaunch.launch_public = counted_public
     quantizer._KeptBinding.made = classmethod(counted_made)
+    experts_module.loop_forward, quantizer.TensorQuantizer.forward = timed_loop, timed_quantizer
     try:
         yield
     finally:
+        experts_module.loop_forward, quantizer.TensorQuantizer.forward = loop, quantizer_forward
         gc.callbacks.remove(watch.on_gc)
         experts_loop._Routing.read, triton_launch.FakeQuantKernel.launch_bound = read, launch_bound
         triton_launch.DirectLaunch.launch_public = launch_public
@@ -118,32 +153,66 @@ def device_busy_ms(model, batch) -> float:
     return sum(event.device_time for event in prof.events() if event.device_type.name == "CUDA") / 1e3
 
 
+def device_allocations() -> int:
+    """How many device allocations (cudaMalloc) the CUDA caching allocator has made so far."""
+    return torch.cuda.memory_stats().get("segment.all.allocated", 0)
+
+
+def one_forward(model, batch, watch: Watch) -> dict:
+    """One forward, synchronized before and after: its time (CUDA events), the host's issue time
+    and this thread's CPU time in it, the experts loop's sync wait, GC time, other threads' CPU
+    time, this thread's page faults and context switches, new device allocations, the host time
+    in the experts loop and in quantizer calls outside it, and the watched counts."""
+    torch.cuda.synchronize()
+    watch.reset()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    usage, allocations = resource.getrusage(resource.RUSAGE_THREAD), device_allocations()
+    start.record()
+    began, process_cpu, thread_cpu = time.perf_counter(), time.process_time(), time.thread_time()
+    model(input_ids=batch)
+    host, issued_cpu = time.perf_counter() - began, time.thread_time() - thread_cpu
+    others = (time.process_time() - process_cpu) - issued_cpu
+    end.record()
+    end.synchronize()
+    after = resource.getrusage(resource.RUSAGE_THREAD)
+    return dict(ms=start.elapsed_time(end), host_ms=host * 1e3, host_cpu_ms=issued_cpu * 1e3, wait_ms=watch.wait_s * 1e3,
+                gc_ms=watch.gc_s * 1e3, other_threads_cpu_ms=others * 1e3, loop_ms=watch.loop_s * 1e3,
+                quantizer_ms=watch.quantizer_s * 1e3, minor_faults=after.ru_minflt - usage.ru_minflt,
+                switches=(after.ru_nvcsw - usage.ru_nvcsw) + (after.ru_nivcsw - usage.ru_nivcsw),
+                device_allocations=device_allocations() - allocations, counts=dict(watch.counts))
+
+
+EACH = ("ms", "host_ms", "host_cpu_ms", "loop_ms", "quantizer_ms", "minor_faults", "switches", "device_allocations")
+
+
 def timed(model, batch, watch: Watch, repeats: int) -> dict:
     """Medians over `repeats` forwards after two warm-ups, each forward's time, the last one's counts."""
     forwards = []
     with torch.no_grad():
         for step in range(repeats + 2):
-            torch.cuda.synchronize()
-            watch.reset()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            began, process_cpu, thread_cpu = time.perf_counter(), time.process_time(), time.thread_time()
-            model(input_ids=batch)
-            host = time.perf_counter() - began
-            others = (time.process_time() - process_cpu) - (time.thread_time() - thread_cpu)
-            end.record()
-            end.synchronize()
+            forward = one_forward(model, batch, watch)
             if step >= 2:
-                forwards.append(dict(ms=start.elapsed_time(end), host_ms=host * 1e3, wait_ms=watch.wait_s * 1e3,
-                                     gc_ms=watch.gc_s * 1e3, other_threads_cpu_ms=others * 1e3, counts=dict(watch.counts)))
+                forwards.append(forward)
     row = {name: statistics.median(f[name] for f in forwards)
-           for name in ("ms", "host_ms", "wait_ms", "gc_ms", "other_threads_cpu_ms")}
+           for name in ("ms", "host_ms", "wait_ms", "gc_ms", "other_threads_cpu_ms", "loop_ms", "quantizer_ms")}
     row["gc_ms_each"] = [round(f["gc_ms"], 2) for f in forwards]
+    row["each"] = {name: [round(f[name], 2) for f in forwards] for name in EACH}
     row["gc_tracked_objects"] = len(gc.get_objects())
     row.update(each_ms=[round(f["ms"], 2) for f in forwards], counts_first=forwards[0]["counts"],
                counts_last=forwards[-1]["counts"], python_threads=threading.active_count(),
                device_busy_ms=device_busy_ms(model, batch))
     return row
+
+
+def pairs(plain, model, batch, watch: Watch, count: int) -> dict:
+    """`count` pairs of forwards, plain then quantized, from the first (no warm-up): each
+    forward's one_forward record, in order."""
+    records: dict = {"plain": [], "quantized": []}
+    with torch.no_grad():
+        for _ in range(count):
+            for name, which in (("plain", plain), ("quantized", model)):
+                records[name].append(one_forward(which, batch, watch))
+    return {name: {field: [round(r[field], 2) for r in each] for field in EACH} for name, each in records.items()}
 
 
 def global_state() -> dict:
@@ -182,6 +251,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--modelopt-first", action="store_true")
     parser.add_argument("--gc-freeze", action="store_true")
+    parser.add_argument("--pairs", type=int, default=0, help="plain / quantized pairs timed first, from the first")
     args = parser.parse_args()
     device = torch.device("cuda")
     batches = ptq_gpu.batches_for("moe", 4, 4, 1024, 1)
@@ -203,6 +273,11 @@ def main() -> None:
                 row["state_changed_by_modelopt"] = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
             model = copy.deepcopy(pristine).to(device)
             rq.quantize_model(model, rq.load_recipe(recipe), batches, backend="compiled", flavor="modelopt-cuda", progress=False)
+            if args.pairs:
+                plain = copy.deepcopy(pristine).to(device)
+                row["pairs"] = pairs(plain, model, eval_batch, watch, args.pairs)
+                print(recipe, "pairs", json.dumps(row["pairs"]), flush=True)
+                del plain
             for name, batch in (("eval", eval_batch), ("calibration_batch", batches[0].to(device)), ("eval_again", eval_batch)):
                 row[name] = timed(model, batch, watch, args.repeats)
                 print(recipe, name, row[name], flush=True)
