@@ -415,12 +415,17 @@ class BoundKernelLaunch:
         self._kernels: dict[tuple, object] = {}  # FakeQuantKernel.launch_bound's look-ups
 
     def takes(self, x: torch.Tensor) -> bool:
-        return x.dtype is self._dtype and x.get_device() == self._device_index and _launch_takes(x, self._kernel.unit)
+        return _bound_launch_takes(x, self._dtype, self._device_index, self._kernel.unit)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self.takes(x):
             return None
         return self._kernel.launch_bound(x, self._params, self._device_index, self._kernels)
+
+
+def _bound_launch_takes(x: torch.Tensor, dtype: torch.dtype, device_index: int, unit: int) -> bool:
+    """Whether a launch bound for `dtype` on CUDA device `device_index` takes x (_launch_takes)."""
+    return x.dtype is dtype and x.get_device() == device_index and _launch_takes(x, unit)
 
 
 def _launch_takes(x: torch.Tensor, unit: int) -> bool:
@@ -490,9 +495,10 @@ class BoundSliceLaunch:
         self._kernels: dict[tuple, object] = {}  # FakeQuantKernel.launch_bound's look-ups
 
     def __call__(self, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor | None:
-        if not (x.dtype is self._dtype and x.get_device() == self._device_index and x.shape[1:] == self._slice_shape
-                and x.is_contiguous() and _launch_takes(x, self._kernel.unit) and amax.dtype in _AMAX_DTYPES
-                and amax.get_device() == self._device_index and amax.is_contiguous() and amax.numel() == x.shape[0]):
+        if not (x.shape[1:] == self._slice_shape and x.is_contiguous()
+                and _bound_launch_takes(x, self._dtype, self._device_index, self._kernel.unit)
+                and amax.dtype in _AMAX_DTYPES and amax.get_device() == self._device_index and amax.is_contiguous()
+                and amax.numel() == x.shape[0]):
             return None
         return self._kernel.launch_bound(x, (amax,), self._device_index, self._kernels)
 
