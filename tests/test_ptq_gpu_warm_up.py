@@ -1,0 +1,39 @@
+"""benchmarks/ptq_gpu.py --warm-up-calibration: each quantizing variant's timed calibration comes
+after the same quantization of a copy on one batch, whose time is kept apart; the timed run's
+quantizers are those of a run without it (bit for bit against modelopt's, as before)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import ptq_gpu  # noqa: E402
+
+
+def _rows(out: Path, *extra: str) -> dict:
+    argv = ["--out", str(out), "--shapes", "tiny", "--recipes", "fp8_default-fp8_kv", "--variants", "plain", "modelopt",
+            "reference", "--batches", "2", "--batch-size", "1", "--seq", "16", "--repeats", "1", "--no-paired",
+            "--no-export", "--device", "cpu", *extra]
+    assert ptq_gpu.main(argv) == 0
+    return {row["variant"]: row for row in json.loads((out / "ptq_gpu.json").read_text())["rows"]}
+
+
+def test_warm_up_is_timed_apart_and_leaves_the_calibration_as_it_was(tmp_path):
+    if not ptq_gpu.modelopt_available():
+        pytest.skip("modelopt does not import")
+    warm = _rows(tmp_path / "warm", "--warm-up-calibration")
+    cold = _rows(tmp_path / "cold")
+    for variant in ("modelopt", "reference"):
+        assert warm[variant]["warm_up_s"] > 0
+        assert "warm_up_s" not in cold[variant]
+    assert warm["plain"]["warm_up_s"] > 0 and cold["plain"]["warm_up_s"] > 0  # plain's warm-up forward, always
+    for rows in (warm, cold):
+        same = rows["reference"]["vs_modelopt"]
+        assert same["amax_same"] == same["amax_compared"] > 0
+        assert same["logits_differing"] == 0
