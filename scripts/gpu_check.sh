@@ -9,11 +9,17 @@
 #                                       batches, also folded and with the fast launch off) against
 #                                       modelopt (benchmarks/ptq_gpu.py); ~6 min
 #   bash scripts/gpu_check.sh moe       the MoE shape alone against modelopt (both recipes, compiled and
-#                                       folded, 10 timed forwards, calibration timed after a warm-up
-#                                       calibration on one batch), then the fast launch's tests and where
-#                                       the MoE shape holds memory (benchmarks/probes/moe_memory.py): the
-#                                       MoE targets and bits in one call; ~8 min (a call cut short keeps
-#                                       what ran first). With `families` in a second call: every MoE check.
+#                                       folded, 10 timed forwards, each quantized forward also in turn with
+#                                       a plain copy's (paired), calibration timed after a warm-up
+#                                       calibration on one batch), then where the MoE shape holds memory
+#                                       (benchmarks/probes/moe_memory.py): the MoE targets and bits in one
+#                                       call; ~8 min (a call cut short keeps what ran first). With
+#                                       `families` in a second call: every MoE check.
+#   bash scripts/gpu_check.sh moe_after_modelopt   the MoE shape's quantized forward right after modelopt's
+#                                       calibration in the same process, each recipe, timed in turn with a
+#                                       plain copy from the first forward (benchmarks/probes/moe_host_bound.py
+#                                       --modelopt-first --pairs 16): whether a slow stretch there is the
+#                                       host's or refquant's; ~4 min
 #   bash scripts/gpu_check.sh moe_profile   where the MoE shape's first calibration of the process and its
 #                                       quantized forward spend host and device time (benchmarks/probes/
 #                                       moe_profile.py), the forward with parts taken away (moe_host_parts.py)
@@ -69,13 +75,16 @@ bench)
   ;;
 moe)
   build_modelopt_fp8
-  timeout 260 python3 benchmarks/ptq_gpu.py --out "$OUT/moe" --shapes moe --recipes nvfp4_default-fp8_cast_kv fp8_default-fp8_kv \
-    --variants plain modelopt compiled compiled_folded --batches 4 --repeats 10 --no-paired --warm-up-calibration 2>&1 \
+  timeout 320 python3 benchmarks/ptq_gpu.py --out "$OUT/moe" --shapes moe --recipes nvfp4_default-fp8_cast_kv fp8_default-fp8_kv \
+    --variants plain modelopt compiled compiled_folded --batches 4 --repeats 10 --warm-up-calibration 2>&1 \
     | tee "$OUT/ptq_moe.log" | tail -8
-  timeout 120 python3 -m pytest -q -p no:cacheprovider -n 8 --tb=short -rf tests/test_fast_launch.py 2>&1 \
-    | tee "$OUT/fast_launch_cuda.log" | tail -3
   timeout 150 python3 benchmarks/probes/moe_memory.py --out "$OUT/memory" --modelopt > "$OUT/moe_memory.log" 2>&1
   grep -E "^(plain|modelopt|compiled|folded)" "$OUT/moe_memory.log" | cut -c1-160
+  ;;
+moe_after_modelopt)
+  build_modelopt_fp8
+  timeout 400 python3 benchmarks/probes/moe_host_bound.py --out "$OUT/host_bound" --modelopt-first --pairs 16 2>&1 \
+    | grep -v Warn | cut -c1-300
   ;;
 moe_profile)
   timeout 150 python3 benchmarks/probes/moe_profile.py --out "$OUT/profile" --recipe nvfp4_default-fp8_cast_kv --calibration --first \
@@ -116,5 +125,5 @@ targets|targets_large)
   fi
   python3 benchmarks/targets.py "$OUT" --json "$OUT/targets.json"
   ;;
-*) echo "unknown phase $phase: use tests, families, bench, moe, moe_profile, groups, large, targets or targets_large"; exit 2 ;;
+*) echo "unknown phase $phase: use tests, families, bench, moe, moe_after_modelopt, moe_profile, groups, large, targets or targets_large"; exit 2 ;;
 esac
