@@ -59,19 +59,16 @@ class Watch:
 
     def __init__(self):
         self.counts: collections.Counter = collections.Counter()
-        self.wait_s = 0.0
-        self.gc_s = 0.0
-        self.loop_s = 0.0  # host time inside the experts loop
-        self.quantizer_s = 0.0  # host time inside quantizer calls made outside the experts loop
         self._in_loop = False
         self._gc_began: float | None = None
+        self.reset()
 
     def reset(self) -> None:
         self.counts.clear()
         self.wait_s = 0.0
         self.gc_s = 0.0
-        self.loop_s = 0.0
-        self.quantizer_s = 0.0
+        self.loop_s = 0.0  # host time inside the experts loop
+        self.quantizer_s = 0.0  # host time inside quantizer calls made outside the experts loop
 
     def on_gc(self, phase: str, info: dict) -> None:
         """gc.callbacks' hook: each collection's time and generation."""
@@ -85,7 +82,8 @@ class Watch:
 
 @contextlib.contextmanager
 def watching(watch: Watch):
-    """The experts loop's sync timed, bound-launch misses, public launches and bindings counted."""
+    """The experts loop's sync, the loop itself and quantizer calls outside it timed; bound-launch
+    misses, public launches, bindings and garbage collections counted."""
     gc.callbacks.append(watch.on_gc)
     read, launch_bound = experts_loop._Routing.read, triton_launch.FakeQuantKernel.launch_bound
     launch_public, made = triton_launch.DirectLaunch.launch_public, quantizer._KeptBinding.made.__func__
