@@ -12,7 +12,10 @@ Measured per variant (plain bf16, modelopt, refquant compiled, refquant referenc
                      --warm-up-calibration every quantizing variant's comes after the same
                      quantization of a copy on one batch (the process's compiles and first calls
                      out of the time, as plain's warm-up takes them out of its own); the JSON
-                     keeps each warm-up's time (warm_up_s)
+                     keeps each warm-up's time (warm_up_s). "[paired x]": the calibration (for
+                     refquant its max calibration alone) over the mean of a plain copy's forwards
+                     over the same batches right before and right after it (paired_calibration
+                     in the JSON; the copy's memory kept out of the peak)
     forward ms       median of timed forwards of the evaluation batch (CUDA events, after warm-up);
                      the JSON keeps every forward's time and host time, in order, and the two
                      warm-up forwards' (the first is the first forward after calibration)
@@ -227,6 +230,10 @@ def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def allocated_gib(device: torch.device) -> float:
+    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
 def run_variant(variant: str, recipe: str, pristine, shape: str, args, batches, eval_batch, workdir: Path,
                 on_calibrated=None) -> dict:
     """One variant of one recipe on a fresh copy of the model; returns timings and what to compare.
@@ -301,32 +308,48 @@ def _run_variant(variant: str, recipe: str, pristine, shape: str, args, batches,
         result["warm_up_s"] = time.perf_counter() - began
         del warm
     model = copy.deepcopy(pristine).to(device)
+    plain, plain_gib = None, 0.0
+    if variant not in PLAIN_VARIANTS and args.paired:
+        # the calibration's own moment on the host: the same forwards of a plain copy right
+        # before and right after it; the copy's memory is kept out of the peak
+        held = allocated_gib(device)
+        plain = copy.deepcopy(pristine).to(device)
+        plain_gib = allocated_gib(device) - held
+        plain_before_s = plain_forwards_s(plain, batches, device)
     reset_peak(device)
-    synchronize(device)
-    began = time.perf_counter()
     if variant in PLAIN_VARIANTS:
         if variant == "plain_eager":
             model.set_experts_implementation("eager")
+        synchronize(device)
+        began = time.perf_counter()
         with torch.no_grad():
             model(input_ids=batches[0].to(device))  # warm-up: first-use costs out of the baseline
-            synchronize(device)
-            result["warm_up_s"] = time.perf_counter() - began
-            began = time.perf_counter()
-            for batch in batches:
-                model(input_ids=batch.to(device))
+        synchronize(device)
+        result["warm_up_s"] = time.perf_counter() - began
+        result["calibration_s"] = plain_forwards_s(model, batches, device)
     else:
+        synchronize(device)
+        began = time.perf_counter()
         forwards_s = quantize(model, batches)
         if forwards_s is not None:
             result["calibration_forwards_s"] = forwards_s
-    synchronize(device)
-    result["calibration_s"] = time.perf_counter() - began
+        synchronize(device)
+        result["calibration_s"] = time.perf_counter() - began
+    calibration_peak = peak_gib(device)
+    if plain is not None:
+        calibration_peak = None if calibration_peak is None else calibration_peak - plain_gib
+        plain_after_s = plain_forwards_s(plain, batches, device)
+        result["paired_calibration"] = paired_calibration_ratio(result, plain_before_s, plain_after_s)
+        del plain
+        reset_peak(device)
     amax = amax_table(model) if variant not in PLAIN_VARIANTS and args.compare else None  # before any fold
     if variant == "compiled_folded":
         began = time.perf_counter()
         rq.fold_weights(model)
         synchronize(device)
         result["fold_s"] = time.perf_counter() - began
-    stage_peaks = {"calibration": peak_gib(device)}  # each stage's peak apart (the whole run's: peak_gib)
+    known = [p for p in (calibration_peak, peak_gib(device)) if p is not None]
+    stage_peaks = {"calibration": max(known) if known else None}  # each stage's peak apart (the whole run's: peak_gib)
     reset_peak(device)
     if on_calibrated is not None:
         on_calibrated(model, eval_batch, device)
@@ -377,6 +400,29 @@ def quantize_with_modelopt(model, config: dict, batches: list[torch.Tensor], dev
             m(input_ids=batch.to(device))
 
     mtq.quantize(model, config, forward_loop)
+
+
+def plain_forwards_s(model, batches: list[torch.Tensor], device: torch.device) -> float:
+    """Seconds of `model`'s forwards over `batches`, in order (the plain calibration's forwards)."""
+    synchronize(device)
+    began = time.perf_counter()
+    with torch.no_grad():
+        for batch in batches:
+            model(input_ids=batch.to(device))
+    synchronize(device)
+    return time.perf_counter() - began
+
+
+def paired_calibration_ratio(result: dict, plain_before_s: float, plain_after_s: float) -> dict:
+    """The calibration against a plain copy's forwards over the same batches right before and
+    right after it: their mean is the baseline; `ratio` for the whole calibration, and for
+    refquant `forwards_ratio` for its max calibration alone."""
+    baseline = (plain_before_s + plain_after_s) / 2
+    paired = {"plain_before_s": plain_before_s, "plain_after_s": plain_after_s,
+              "ratio": result["calibration_s"] / baseline}
+    if result.get("calibration_forwards_s"):
+        paired["forwards_ratio"] = result["calibration_forwards_s"] / baseline
+    return paired
 
 
 def paired_forward_ratio(model, plain, batch: torch.Tensor, device: torch.device, pairs: int) -> dict:
@@ -537,6 +583,9 @@ def format_table(rows: list[dict]) -> str:
             cal += f"; {r['calibration_forwards_s']:.2f} ({r['calibration_forwards_over_plain']:.2f})"
         if r["variant"] not in PLAIN_VARIANTS and "warm_up_s" in r:  # --warm-up-calibration
             cal += f" [warm-up {r['warm_up_s']:.2f}]"
+        if "paired_calibration" in r:
+            paired_calibration = r["paired_calibration"]
+            cal += f" [paired {paired_calibration.get('forwards_ratio', paired_calibration['ratio']):.2f}]"
         fwd = f"{f['median_ms']:.1f} ({r.get('forward_over_plain', 1):.2f}) [{f['min_ms']:.1f}-{f['max_ms']:.1f}]"
         paired = f"{r['paired']['ratio_median']:.2f}" if "paired" in r else "-"
         host = f"{f['host_ms']:.1f}" if "host_ms" in f else "-"
@@ -574,7 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="before each quantizing variant's timed calibration, the same quantization of a copy on one "
                              "batch (its time: warm_up_s), as the plain row's warm-up forward: calibration timed warm")
     parser.add_argument("--no-paired", dest="paired", action="store_false",
-                        help="skip the paired plain / quantized forwards (they need room for a second model)")
+                        help="skip the paired plain / quantized forwards and the plain forwards around each "
+                             "calibration (they need room for a second model)")
     parser.add_argument("--workdir", default=None, help="where the exports go (deleted after comparing)")
     return parser
 

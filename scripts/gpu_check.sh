@@ -11,7 +11,8 @@
 #   bash scripts/gpu_check.sh moe       the MoE shape alone against modelopt (both recipes, compiled and
 #                                       folded, 10 timed forwards, each quantized forward also in turn with
 #                                       a plain copy's (paired), calibration timed after a warm-up
-#                                       calibration on one batch), then where the MoE shape holds memory
+#                                       calibration on one batch and between a plain copy's same
+#                                       forwards), then where the MoE shape holds memory
 #                                       (benchmarks/probes/moe_memory.py): the MoE targets and bits in one
 #                                       call; ~8 min (a call cut short keeps what ran first). With
 #                                       `families` in a second call: every MoE check.

@@ -1,6 +1,8 @@
-"""benchmarks/ptq_gpu.py --warm-up-calibration: each quantizing variant's timed calibration comes
-after the same quantization of a copy on one batch, whose time is kept apart; the timed run's
-quantizers are those of a run without it (bit for bit against modelopt's, as before)."""
+"""benchmarks/ptq_gpu.py's calibration timing: with --warm-up-calibration each quantizing variant's
+timed calibration comes after the same quantization of a copy on one batch, whose time is kept
+apart; with the paired runs, a plain copy's forwards over the same batches are timed right before
+and right after each calibration. Either way the timed run's quantizers are those of a run
+without it (bit for bit against modelopt's)."""
 
 from __future__ import annotations
 
@@ -16,10 +18,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import ptq_gpu  # noqa: E402
 
 
-def _rows(out: Path, *extra: str) -> dict:
+def _rows(out: Path, *extra: str, paired: bool = False) -> dict:
     argv = ["--out", str(out), "--shapes", "tiny", "--recipes", "fp8_default-fp8_kv", "--variants", "plain", "modelopt",
-            "reference", "--batches", "2", "--batch-size", "1", "--seq", "16", "--repeats", "1", "--no-paired",
-            "--no-export", "--device", "cpu", *extra]
+            "reference", "--batches", "2", "--batch-size", "1", "--seq", "16", "--repeats", "1",
+            *([] if paired else ["--no-paired"]), "--no-export", "--device", "cpu", *extra]
     assert ptq_gpu.main(argv) == 0
     return {row["variant"]: row for row in json.loads((out / "ptq_gpu.json").read_text())["rows"]}
 
@@ -37,3 +39,24 @@ def test_warm_up_is_timed_apart_and_leaves_the_calibration_as_it_was(tmp_path):
         same = rows["reference"]["vs_modelopt"]
         assert same["amax_same"] == same["amax_compared"] > 0
         assert same["logits_differing"] == 0
+
+
+def test_each_calibration_is_paired_with_a_plain_copys_forwards_around_it(tmp_path, capsys):
+    if not ptq_gpu.modelopt_available():
+        pytest.skip("modelopt does not import")
+    rows = _rows(tmp_path / "paired", paired=True)
+    assert "paired_calibration" not in rows["plain"]
+    for variant in ("modelopt", "reference"):
+        paired = rows[variant]["paired_calibration"]
+        assert paired["plain_before_s"] > 0 and paired["plain_after_s"] > 0
+        baseline = (paired["plain_before_s"] + paired["plain_after_s"]) / 2
+        assert paired["ratio"] == pytest.approx(rows[variant]["calibration_s"] / baseline)
+    assert "forwards_ratio" not in rows["modelopt"]["paired_calibration"]  # modelopt's calibration is timed whole
+    paired = rows["reference"]["paired_calibration"]
+    assert paired["forwards_ratio"] == pytest.approx(rows["reference"]["calibration_forwards_s"]
+                                                     / ((paired["plain_before_s"] + paired["plain_after_s"]) / 2))
+    assert f"[paired {paired['forwards_ratio']:.2f}]" in capsys.readouterr().out
+    same = rows["reference"]["vs_modelopt"]
+    assert same["amax_same"] == same["amax_compared"] > 0
+    assert same["logits_differing"] == 0
+
