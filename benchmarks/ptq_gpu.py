@@ -10,9 +10,13 @@ Measured per variant (plain bf16, modelopt, refquant compiled, refquant referenc
                      amaxes stored; not the quantizers' insertion, the recipe's rules, the report).
                      The plain row's calibration comes after one untimed warm-up forward; with
                      --warm-up-calibration every quantizing variant's comes after the same
-                     quantization of a copy on one batch (the process's compiles and first calls
-                     out of the time, as plain's warm-up takes them out of its own); the JSON
-                     keeps each warm-up's time (warm_up_s). "[paired x]": the calibration (for
+                     quantization of a copy on --warm-up-batches batches of other tokens (the
+                     process's compiles and first calls out of the time, as plain's warm-up takes
+                     them out of its own; more batches: a calibration's steady state, where the
+                     grouped experts' row counts are mostly checked already); the JSON keeps each
+                     warm-up's time (warm_up_s) and, for refquant, how many row counts the timed
+                     calibration checked (row_counts_checked: refquant.hf.grouped_linear's one-time
+                     check of each count a process meets). "[paired x]": the calibration (for
                      refquant its max calibration alone) over the mean of a plain copy's forwards
                      over the same batches right before and right after it (paired_calibration
                      in the JSON; the copy's memory kept out of the peak)
@@ -76,6 +80,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 import refquant as rq  # noqa: E402
+from refquant.hf import grouped_linear  # noqa: E402
 from compare_modelopt import logits_of  # noqa: E402
 
 # Llama-shaped configs: "small" (0.6B) and "large" (Llama-2-7B's 6.7B); "moe" is Qwen3-MoE-shaped
@@ -299,11 +304,12 @@ def _run_variant(variant: str, recipe: str, pristine, shape: str, args, batches,
 
     if variant not in PLAIN_VARIANTS and getattr(args, "warm_up_calibration", False):
         # as the plain row's warm-up forward: the process's first-use costs (compiles, launcher
-        # builds, the first cuDNN call) paid on a copy calibrated on one batch, timed apart
+        # builds, the first cuDNN call) paid on a copy calibrated on other batches, timed apart
         warm = copy.deepcopy(pristine).to(device)
+        warm_up_batches = batches_for(shape, args.warm_up_batches, batches[0].shape[0], batches[0].shape[1], args.seed + 3)
         synchronize(device)
         began = time.perf_counter()
-        quantize(warm, batches[:1])
+        quantize(warm, warm_up_batches)
         synchronize(device)
         result["warm_up_s"] = time.perf_counter() - began
         del warm
@@ -328,6 +334,7 @@ def _run_variant(variant: str, recipe: str, pristine, shape: str, args, batches,
         result["warm_up_s"] = time.perf_counter() - began
         result["calibration_s"] = plain_forwards_s(model, batches, device)
     else:
+        checked = grouped_linear.row_counts_checked()
         synchronize(device)
         began = time.perf_counter()
         forwards_s = quantize(model, batches)
@@ -335,6 +342,8 @@ def _run_variant(variant: str, recipe: str, pristine, shape: str, args, batches,
             result["calibration_forwards_s"] = forwards_s
         synchronize(device)
         result["calibration_s"] = time.perf_counter() - began
+        if variant != "modelopt":
+            result["row_counts_checked"] = grouped_linear.row_counts_checked() - checked
     calibration_peak = peak_gib(device)
     if plain is not None:
         calibration_peak = None if calibration_peak is None else calibration_peak - plain_gib
@@ -583,6 +592,8 @@ def format_table(rows: list[dict]) -> str:
             cal += f"; {r['calibration_forwards_s']:.2f} ({r['calibration_forwards_over_plain']:.2f})"
         if r["variant"] not in PLAIN_VARIANTS and "warm_up_s" in r:  # --warm-up-calibration
             cal += f" [warm-up {r['warm_up_s']:.2f}]"
+        if r.get("row_counts_checked"):  # the grouped experts' one-time checks made in the timed calibration
+            cal += f" [{r['row_counts_checked']} counts checked]"
         if "paired_calibration" in r:
             paired_calibration = r["paired_calibration"]
             cal += f" [paired {paired_calibration.get('forwards_ratio', paired_calibration['ratio']):.2f}]"
@@ -620,8 +631,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-export", action="store_true")
     parser.add_argument("--warm-up-calibration", action="store_true",
-                        help="before each quantizing variant's timed calibration, the same quantization of a copy on one "
-                             "batch (its time: warm_up_s), as the plain row's warm-up forward: calibration timed warm")
+                        help="before each quantizing variant's timed calibration, the same quantization of a copy on "
+                             "--warm-up-batches batches of other tokens (its time: warm_up_s), as the plain row's warm-up "
+                             "forward: calibration timed warm")
+    parser.add_argument("--warm-up-batches", type=int, default=1,
+                        help="batches of the warm-up calibration (other tokens than the timed batches'; default 1)")
     parser.add_argument("--no-paired", dest="paired", action="store_false",
                         help="skip the paired plain / quantized forwards and the plain forwards around each "
                              "calibration (they need room for a second model)")

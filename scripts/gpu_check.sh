@@ -11,8 +11,9 @@
 #   bash scripts/gpu_check.sh moe       the MoE shape alone against modelopt (both recipes, compiled and
 #                                       folded, 10 timed forwards, each quantized forward also in turn with
 #                                       a plain copy's (paired), calibration timed after a warm-up
-#                                       calibration on one batch and between a plain copy's same
-#                                       forwards), then where the MoE shape holds memory
+#                                       calibration on 8 batches of other tokens (a calibration's steady
+#                                       state: compiles done, most row counts checked) and between a
+#                                       plain copy's same forwards), then where the MoE shape holds memory
 #                                       (benchmarks/probes/moe_memory.py): the MoE targets and bits in one
 #                                       call; ~8 min (a call cut short keeps what ran first). With
 #                                       `families` in a second call: every MoE check.
@@ -77,7 +78,7 @@ bench)
 moe)
   build_modelopt_fp8
   timeout 320 python3 benchmarks/ptq_gpu.py --out "$OUT/moe" --shapes moe --recipes nvfp4_default-fp8_cast_kv fp8_default-fp8_kv \
-    --variants plain modelopt compiled compiled_folded --batches 4 --repeats 10 --warm-up-calibration 2>&1 \
+    --variants plain modelopt compiled compiled_folded --batches 4 --repeats 10 --warm-up-calibration --warm-up-batches 8 2>&1 \
     | tee "$OUT/ptq_moe.log" | tail -8
   timeout 150 python3 benchmarks/probes/moe_memory.py --out "$OUT/memory" --modelopt > "$OUT/moe_memory.log" 2>&1
   grep -E "^(plain|modelopt|compiled|folded)" "$OUT/moe_memory.log" | cut -c1-160

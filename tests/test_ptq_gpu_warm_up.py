@@ -1,6 +1,6 @@
 """benchmarks/ptq_gpu.py's calibration timing: with --warm-up-calibration each quantizing variant's
-timed calibration comes after the same quantization of a copy on one batch, whose time is kept
-apart; with the paired runs, a plain copy's forwards over the same batches are timed right before
+timed calibration comes after the same quantization of a copy on --warm-up-batches batches of
+other tokens, whose time is kept apart; with the paired runs, a plain copy's forwards over the same batches are timed right before
 and right after each calibration. Either way the timed run's quantizers are those of a run
 without it (bit for bit against modelopt's)."""
 
@@ -29,11 +29,14 @@ def _rows(out: Path, *extra: str, paired: bool = False) -> dict:
 def test_warm_up_is_timed_apart_and_leaves_the_calibration_as_it_was(tmp_path):
     if not ptq_gpu.modelopt_available():
         pytest.skip("modelopt does not import")
-    warm = _rows(tmp_path / "warm", "--warm-up-calibration")
+    warm = _rows(tmp_path / "warm", "--warm-up-calibration", "--warm-up-batches", "2")
     cold = _rows(tmp_path / "cold")
     for variant in ("modelopt", "reference"):
         assert warm[variant]["warm_up_s"] > 0
         assert "warm_up_s" not in cold[variant]
+    # the grouped experts' one-time checks made in the timed calibration: refquant's rows count them
+    # (none on the CPU, where the per-expert calls stay); modelopt has none
+    assert warm["reference"]["row_counts_checked"] == 0 and "row_counts_checked" not in warm["modelopt"]
     assert warm["plain"]["warm_up_s"] > 0 and cold["plain"]["warm_up_s"] > 0  # plain's warm-up forward, always
     for rows in (warm, cold):
         same = rows["reference"]["vs_modelopt"]

@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.backends import ordered_sum_kernel
+from ..quant.backends import ordered_sum_kernel, routing_kernel
 from ..quant.quantizer import (SliceCall, TensorQuantizer, collect_passing_slices, quantizer_sees_each_call,
                                quantizes_with_fixed_amax)
 from .grouped_linear import check_row_counts, grouped_linear, grouped_matmul_allowed
@@ -240,21 +240,28 @@ def _sort_keys(top_k_index: torch.Tensor, experts: int) -> torch.Tensor:
 class _Routing:
     """Which rows each expert gets, in the eager loop's order, once read(): `token` and `weight`
     per row, the rows of expert e being starts[e]:starts[e + 1]. `handled`: False where an id lies
-    outside 0..experts - 1 (the eager loop skips or refuses it; the module's own forward then runs)."""
+    outside 0..experts - 1 (the eager loop skips or refuses it; the module's own forward then runs).
+    With `kernel` (refquant.compiled.routing_triton, from refquant.quant.backends.routing_kernel)
+    the same values come from its four launches instead of torch's sorts."""
 
-    def __init__(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, experts: int):
+    def __init__(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, experts: int, kernel=None):
         tokens = top_k_index.shape[0]
+        self._routed = top_k_index.numel()
+        self._top_k_weights, self._tokens, self._top_k_index = top_k_weights, tokens, top_k_index
+        self._ends: Optional[torch.Tensor] = None
+        self._positions: Optional[torch.Tensor] = None
+        self._table: Optional[torch.Tensor] = None
+        self._placed: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # the kernel's token and weight a row
+        if kernel is not None:
+            self._bounds, token, weight, self._table = kernel.route(top_k_index, top_k_weights, experts)
+            self._placed = (token, weight)
+            return
         routed = _sort_keys(top_k_index, experts)
         ids, order = torch.sort(routed, stable=True)
         # bounds[e]: how many rows have an id below e; expert e's rows are bounds[e]:bounds[e + 1]
         # (no bincount: on a GPU it reads its input's extremes back, two syncs more)
         self._bounds = torch.searchsorted(ids, torch.arange(experts + 1, device=ids.device, dtype=ids.dtype))
-        self._routed = routed.numel()
-        self._order, self._top_k_weights, self._tokens = order, top_k_weights, tokens
-        self._top_k_index = top_k_index
-        self._ends: Optional[torch.Tensor] = None
-        self._positions: Optional[torch.Tensor] = None
-        self._table: Optional[torch.Tensor] = None
+        self._order = order
 
     def read(self) -> bool:
         """Read the counts back (the one device sync; what the host does between the constructor
@@ -264,7 +271,9 @@ class _Routing:
         self.handled = self.starts[0] == 0 and self.starts[-1] == self._routed
         self.counts = [end - begin for begin, end in zip(self.starts, self.starts[1:])]
         self.rows = self.starts[-1]
-        if self.handled:
+        if self.handled and self._placed is not None:
+            self.token, self.weight = self._placed
+        elif self.handled:
             self.token, self._slot = self._order % self._tokens, self._order // self._tokens
             self.weight = self._top_k_weights[self.token, self._slot]
         return self.handled
@@ -295,7 +304,7 @@ class _Routing:
         slab j holds each token's row of its j-th expert in ascending expert order (row_table
         turned around)."""
         if self._positions is None:
-            table = self.row_table().reshape(-1)
+            table = self.row_table().reshape(-1).long()  # (the kernel's table is int32; scatter_ indexes by int64)
             places = torch.arange(table.numel(), device=table.device)
             self._positions = torch.empty_like(table).scatter_(0, table, places)
         return self._positions
@@ -321,8 +330,8 @@ def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: to
         return None
     if hidden_states.shape[0] == 0:
         return torch.zeros_like(hidden_states)  # the eager loop's result: no expert is hit
-    routing = _Routing(top_k_index, top_k_weights, experts)
     first_input_q, _ = module.projection_quantizers("gate_up_proj")
+    routing = _Routing(top_k_index, top_k_weights, experts, routing_kernel(first_input_q.backend, top_k_index))
     down_input_q, _ = module.projection_quantizers("down_proj")
     # every token is routed to top_k experts, so the first projection's rows are all the tokens
     first_once, down_per_expert = rows_independent(first_input_q), not rows_independent(down_input_q)
@@ -431,7 +440,9 @@ def _group(module: nn.Module, routing: _Routing, hidden_states: torch.Tensor, fi
             return _per_expert(x, counts, lambda index, expert: stacked[index], group)
         return _per_expert(x, counts, weights[projection].quantized, group, input_q)
 
-    gate_up = project("gate_up_proj", hidden_states[tokens], first_input_q)
+    # the eager loop's hidden_states[token_idx]: the same rows gathered (index_select: a third of
+    # advanced indexing's host time)
+    gate_up = project("gate_up_proj", hidden_states.index_select(0, tokens), first_input_q)
     gate, up = gate_up.chunk(2, dim=-1)
     h = _multiply(module.act_fn(gate), up)
     del gate_up, gate, up

@@ -128,6 +128,12 @@ def _check(x: torch.Tensor, weights: torch.Tensor, counts: list[int], key: tuple
     return None
 
 
+def row_counts_checked() -> int:
+    """How many (key, row count) pairs this process has checked equal so far (benchmarks count
+    a calibration's one-time checks with it)."""
+    return sum(len(counts) for counts in _checked_counts.values())
+
+
 def forget_checks() -> None:
     """Drop what was measured (tests; a process that changes its CUDA libraries)."""
     _checked_counts.clear()

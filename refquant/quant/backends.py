@@ -29,10 +29,23 @@ def ordered_sum_kernel(backend: str, sums: torch.Tensor) -> Optional[ModuleType]
     """refquant.compiled.ordered_sum_triton (one launch adds a group of experts' routed rows onto
     their tokens' sums) where `backend` may use it for `sums`: the compiled backend, sums on CUDA
     in a dtype it takes, Triton importable. Else None (the reference backend stays pure torch)."""
-    if backend != "compiled" or not sums.is_cuda:
+    kernel = _experts_kernel(backend, sums, "refquant.compiled.ordered_sum_triton")
+    return kernel if kernel is not None and sums.dtype in kernel.DTYPES else None
+
+
+def routing_kernel(backend: str, top_k_index: torch.Tensor) -> Optional[ModuleType]:
+    """refquant.compiled.routing_triton (the fused experts' routing in four launches, no sort)
+    where `backend` may use it for `top_k_index`: the compiled backend, on CUDA, Triton
+    importable. Else None (the torch steps of refquant.hf.experts_loop._Routing)."""
+    return _experts_kernel(backend, top_k_index, "refquant.compiled.routing_triton")
+
+
+def _experts_kernel(backend: str, tensor: torch.Tensor, module: str) -> Optional[ModuleType]:
+    """The Triton kernels of `module` for the experts loop, where the compiled backend runs them
+    on `tensor`'s device (CUDA) and Triton imports; else None."""
+    if backend != "compiled" or not tensor.is_cuda:
         return None
     try:
-        kernel = importlib.import_module("refquant.compiled.ordered_sum_triton")
+        return importlib.import_module(module)
     except ImportError:
         return None
-    return kernel if sums.dtype in kernel.DTYPES else None
