@@ -65,7 +65,7 @@ tests)
 families)
   build_modelopt_fp8
   timeout 400 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf -k cuda tests/test_modelopt_families.py \
-    tests/test_experts.py tests/test_experts_ordered_sum.py tests/test_grouped_experts.py tests/test_quantizer.py 2>&1 \
+    tests/test_experts.py tests/test_experts_ordered_sum.py tests/test_grouped_experts.py tests/test_routing_kernel.py tests/test_quantizer.py 2>&1 \
     | tee "$OUT/families_cuda.log" | tail -15
   ;;
 bench)

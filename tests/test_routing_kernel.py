@@ -97,7 +97,7 @@ def test_the_kernels_route_only_for_the_compiled_backend_on_cuda():
 
 
 @cuda
-def test_the_kernels_refuse_weights_of_another_shape():
+def test_the_cuda_kernels_refuse_weights_of_another_shape():
     pytest.importorskip("triton")
     from refquant.compiled import routing_triton
 
