@@ -76,8 +76,22 @@ def test_the_kernels_route_as_the_torch_steps_on_cuda(case):
     assert mismatches(case, "cuda") == []
 
 
+def interpreter_runs_loops() -> bool:
+    """Whether Triton's interpreter can run a loop over a runtime bound here: it turns the bound,
+    a one-element array, into an int, which numpy 2.4 refuses (2.2 takes it)."""
+    import numpy
+
+    try:
+        int(numpy.zeros(1))
+    except TypeError:
+        return False
+    return True
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter runs on the CPU)")
 def test_the_kernels_route_as_the_torch_steps_in_tritons_interpreter():
+    if not interpreter_runs_loops():
+        pytest.skip("Triton's interpreter runs the scan's loop with numpy 2.2, not 2.4")
     tests = Path(__file__).resolve().parent
     script = ("import sys; sys.path.insert(0, sys.argv[1]); import test_routing_kernel as t; "
               "wrong = [w for case in t.CASES for w in t.mismatches(case, 'cpu')]; print(wrong); sys.exit(bool(wrong))")
