@@ -4,15 +4,11 @@ the same row table, for routings of every shape the loop meets (one expert a tok
 token naming an expert twice, experts left without rows, ids outside the experts, chunks and
 scans of many steps, strided operands, integer ids of any width, weights of any float dtype).
 On CUDA as the loop runs it; on the CPU through Triton's interpreter where Triton is installed
-(a subprocess: the interpreter is chosen when the kernels are defined)."""
+(tests/triton_interpreter.py)."""
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +17,7 @@ from refquant.hf import experts_loop
 from refquant.quant.backends import routing_kernel
 
 from conftest import cuda
+from triton_interpreter import mismatches_in_interpreter
 
 # (tokens, top_k, experts, lowest id, highest id + 1, id dtype, weight dtype, strided, seed)
 CASES = [
@@ -76,29 +73,12 @@ def test_the_kernels_route_as_the_torch_steps_on_cuda(case):
     assert mismatches(case, "cuda") == []
 
 
-def interpreter_runs_loops() -> bool:
-    """Whether Triton's interpreter can run a loop over a runtime bound here: it turns the bound,
-    a one-element array, into an int, which numpy 2.4 refuses (2.2 takes it)."""
-    import numpy
-
-    try:
-        int(numpy.zeros(1))
-    except TypeError:
-        return False
-    return True
+def all_mismatches(device: str) -> list[str]:
+    return [wrong for case in CASES for wrong in mismatches(case, device)]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (its interpreter runs on the CPU)")
 def test_the_kernels_route_as_the_torch_steps_in_tritons_interpreter():
-    if not interpreter_runs_loops():
-        pytest.skip("Triton's interpreter runs the scan's loop with numpy 2.2, not 2.4")
-    tests = Path(__file__).resolve().parent
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); import test_routing_kernel as t; "
-              "wrong = [w for case in t.CASES for w in t.mismatches(case, 'cpu')]; print(wrong); sys.exit(bool(wrong))")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "REFQUANT_FAST_LAUNCH": "0"}
-    done = subprocess.run([sys.executable, "-c", script, str(tests)], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=tests.parent)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert mismatches_in_interpreter("test_routing_kernel", "all_mismatches") == []
 
 
 def test_the_kernels_route_only_for_the_compiled_backend_on_cuda():
