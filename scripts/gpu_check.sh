@@ -17,6 +17,9 @@
 #                                       (benchmarks/probes/moe_memory.py): the MoE targets and bits in one
 #                                       call; ~8 min (a call cut short keeps what ran first). With
 #                                       `families` in a second call: every MoE check.
+#   bash scripts/gpu_check.sh moe_families   the MoE shape's ptq_gpu run as in `moe` (not the memory probe),
+#                                       then `families` in the time left of the call's 600 s (~9.5 min):
+#                                       every MoE check on one machine start
 #   bash scripts/gpu_check.sh moe_after_modelopt   the MoE shape's quantized forward right after modelopt's
 #                                       calibration in the same process, each recipe, timed in turn with a
 #                                       plain copy from the first forward (benchmarks/probes/moe_host_bound.py
@@ -55,6 +58,18 @@ build_modelopt_fp8() {
   python3 -c "from modelopt.torch.quantization.extensions import get_cuda_ext_fp8; get_cuda_ext_fp8(raise_if_failed=True)" >/dev/null 2>&1 \
     || echo "modelopt's FP8 extension did not build" | tee -a "$OUT/device_$phase.txt"
 }
+# the family matrix and the experts' CUDA tests, within $1 seconds
+family_tests() {
+  timeout "$1" python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf -k cuda tests/test_modelopt_families.py \
+    tests/test_experts.py tests/test_experts_ordered_sum.py tests/test_grouped_experts.py tests/test_routing_kernel.py tests/test_quantizer.py 2>&1 \
+    | tee "$OUT/families_cuda.log" | tail -15
+}
+# the MoE shape against modelopt: both recipes, compiled and folded, calibration after a warm-up on 8 other batches
+moe_targets() {
+  timeout 320 python3 benchmarks/ptq_gpu.py --out "$OUT/moe" --shapes moe --recipes nvfp4_default-fp8_cast_kv fp8_default-fp8_kv \
+    --variants plain modelopt compiled compiled_folded --batches 4 --repeats 10 --warm-up-calibration --warm-up-batches 8 2>&1 \
+    | tee "$OUT/ptq_moe.log" | tail -8
+}
 case "$phase" in
 tests)
   timeout 480 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf -k "cuda or launch or bound or kernel" \
@@ -64,9 +79,7 @@ tests)
   ;;
 families)
   build_modelopt_fp8
-  timeout 400 python3 -m pytest -q -p no:cacheprovider -n 16 --tb=short -rf -k cuda tests/test_modelopt_families.py \
-    tests/test_experts.py tests/test_experts_ordered_sum.py tests/test_grouped_experts.py tests/test_routing_kernel.py tests/test_quantizer.py 2>&1 \
-    | tee "$OUT/families_cuda.log" | tail -15
+  family_tests 400
   ;;
 bench)
   build_modelopt_fp8
@@ -77,11 +90,15 @@ bench)
   ;;
 moe)
   build_modelopt_fp8
-  timeout 320 python3 benchmarks/ptq_gpu.py --out "$OUT/moe" --shapes moe --recipes nvfp4_default-fp8_cast_kv fp8_default-fp8_kv \
-    --variants plain modelopt compiled compiled_folded --batches 4 --repeats 10 --warm-up-calibration --warm-up-batches 8 2>&1 \
-    | tee "$OUT/ptq_moe.log" | tail -8
+  moe_targets
   timeout 150 python3 benchmarks/probes/moe_memory.py --out "$OUT/memory" --modelopt > "$OUT/moe_memory.log" 2>&1
   grep -E "^(plain|modelopt|compiled|folded)" "$OUT/moe_memory.log" | cut -c1-160
+  ;;
+moe_families)
+  build_modelopt_fp8
+  moe_targets
+  left=$((585 - SECONDS))  # (timeout 0 would mean no limit)
+  if [ "$left" -gt 30 ]; then family_tests "$left"; else echo "no time left in the call for the family tests"; fi
   ;;
 moe_after_modelopt)
   build_modelopt_fp8
@@ -127,5 +144,5 @@ targets|targets_large)
   fi
   python3 benchmarks/targets.py "$OUT" --json "$OUT/targets.json"
   ;;
-*) echo "unknown phase $phase: use tests, families, bench, moe, moe_after_modelopt, moe_profile, groups, large, targets or targets_large"; exit 2 ;;
+*) echo "unknown phase $phase: use tests, families, bench, moe, moe_families, moe_after_modelopt, moe_profile, groups, large, targets or targets_large"; exit 2 ;;
 esac
