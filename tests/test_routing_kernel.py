@@ -29,6 +29,7 @@ CASES = [
     (64, 3, 4, 0, 4, torch.uint8, torch.bfloat16, False, 6),  # tokens naming an expert twice or more
     (20, 4, 6, -1, 7, torch.int64, torch.float32, False, 7),  # ids outside the experts: not handled
     (1, 1, 1, 0, 1, torch.int64, torch.float32, False, 8),  # one token, one expert
+    (64, 8, 1024, 0, 1024, torch.int64, torch.bfloat16, False, 9),  # the most experts the kernels take
 ]
 
 
@@ -83,11 +84,13 @@ def test_the_kernels_route_as_the_torch_steps_in_tritons_interpreter():
 
 def test_the_kernels_route_only_for_the_compiled_backend_on_cuda():
     ids = torch.zeros(2, 2, dtype=torch.int64)
-    assert routing_kernel("compiled", ids) is None and routing_kernel("reference", ids) is None
+    assert routing_kernel("compiled", ids, 8) is None and routing_kernel("reference", ids, 8) is None
     if torch.cuda.is_available():
-        assert routing_kernel("reference", ids.cuda()) is None
+        assert routing_kernel("reference", ids.cuda(), 8) is None
         if importlib.util.find_spec("triton") is not None:
-            assert routing_kernel("compiled", ids.cuda()) is importlib.import_module("refquant.compiled.routing_triton")
+            kernel = importlib.import_module("refquant.compiled.routing_triton")
+            assert routing_kernel("compiled", ids.cuda(), kernel.MAX_EXPERTS) is kernel
+            assert routing_kernel("compiled", ids.cuda(), kernel.MAX_EXPERTS + 1) is None  # more: the torch steps
 
 
 @cuda

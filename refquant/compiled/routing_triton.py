@@ -39,6 +39,9 @@ from .triton_launch import DirectLaunch
 
 NUM_WARPS = 4
 TILE = 16384  # slots x bins a program's one-hot holds
+# The most experts the kernels take: their one-hot and scan tiles grow with the bins (2048 here);
+# a layer with more keeps the torch steps.
+MAX_EXPERTS = 1024
 TABLE_TOKENS = 128  # tokens a program of the table sorts
 SCAN_CHUNKS = 16  # chunks the scan adds at a time
 

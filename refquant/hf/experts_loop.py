@@ -332,7 +332,7 @@ def loop_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: to
     if hidden_states.shape[0] == 0:
         return torch.zeros_like(hidden_states)  # the eager loop's result: no expert is hit
     first_input_q, _ = module.projection_quantizers("gate_up_proj")
-    routing = _Routing(top_k_index, top_k_weights, experts, routing_kernel(first_input_q.backend, top_k_index))
+    routing = _Routing(top_k_index, top_k_weights, experts, routing_kernel(first_input_q.backend, top_k_index, experts))
     down_input_q, _ = module.projection_quantizers("down_proj")
     # every token is routed to top_k experts, so the first projection's rows are all the tokens
     first_once, down_per_expert = rows_independent(first_input_q), not rows_independent(down_input_q)

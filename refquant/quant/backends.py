@@ -33,11 +33,13 @@ def ordered_sum_kernel(backend: str, sums: torch.Tensor) -> Optional[ModuleType]
     return kernel if kernel is not None and sums.dtype in kernel.DTYPES else None
 
 
-def routing_kernel(backend: str, top_k_index: torch.Tensor) -> Optional[ModuleType]:
+def routing_kernel(backend: str, top_k_index: torch.Tensor, experts: int) -> Optional[ModuleType]:
     """refquant.compiled.routing_triton (the fused experts' routing in four launches, no sort)
-    where `backend` may use it for `top_k_index`: the compiled backend, on CUDA, Triton
-    importable. Else None (the torch steps of refquant.hf.experts_loop._Routing)."""
-    return _experts_kernel(backend, top_k_index, "refquant.compiled.routing_triton")
+    where `backend` may use it for `top_k_index` over `experts` experts: the compiled backend, on
+    CUDA, Triton importable, at most its MAX_EXPERTS. Else None (the torch steps of
+    refquant.hf.experts_loop._Routing)."""
+    kernel = _experts_kernel(backend, top_k_index, "refquant.compiled.routing_triton")
+    return kernel if kernel is not None and experts <= kernel.MAX_EXPERTS else None
 
 
 def _experts_kernel(backend: str, tensor: torch.Tensor, module: str) -> Optional[ModuleType]:
