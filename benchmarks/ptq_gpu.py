@@ -12,8 +12,8 @@ Measured per variant (plain bf16, modelopt, refquant compiled, refquant referenc
                      --warm-up-calibration every quantizing variant's comes after the same
                      quantization of a copy on --warm-up-batches batches of other tokens (the
                      process's compiles and first calls out of the time, as plain's warm-up takes
-                     them out of its own; more batches: a calibration's steady state, where the
-                     grouped experts' row counts are mostly checked already); the JSON keeps each
+                     them out of its own; more batches: nearer a long calibration's pace, where
+                     fewer of the grouped experts' row counts are new); the JSON keeps each
                      warm-up's time (warm_up_s) and, for refquant, how many row counts the timed
                      calibration checked (row_counts_checked: refquant.hf.grouped_linear's one-time
                      check of each count a process meets). "[paired x]": the calibration (for

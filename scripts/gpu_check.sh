@@ -11,8 +11,8 @@
 #   bash scripts/gpu_check.sh moe       the MoE shape alone against modelopt (both recipes, compiled and
 #                                       folded, 10 timed forwards, each quantized forward also in turn with
 #                                       a plain copy's (paired), calibration timed after a warm-up
-#                                       calibration on 8 batches of other tokens (a calibration's steady
-#                                       state: compiles done, most row counts checked) and between a
+#                                       calibration on 8 batches of other tokens (compiles done, the row
+#                                       counts those batches bring checked) and between a
 #                                       plain copy's same forwards), then where the MoE shape holds memory
 #                                       (benchmarks/probes/moe_memory.py): the MoE targets and bits in one
 #                                       call; ~8 min (a call cut short keeps what ran first). With
