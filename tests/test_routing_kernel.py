@@ -58,7 +58,7 @@ def mismatches(case, device: str) -> list[str]:
         for name in ("token", "weight"):
             if not torch.equal(getattr(got, name), getattr(expected, name)):
                 wrong.append(name)
-        if getattr(got, "weight").dtype != weights.dtype:
+        if got.weight.dtype != weights.dtype:
             wrong.append("the weights' dtype")
         if not torch.equal(got.row_table().long(), expected.row_table()):
             wrong.append("row table")

@@ -20,8 +20,9 @@ What stays as the eager loop has it, so the bits do:
   repeats, so each index_add_ is deterministic, and the order across experts is ascending).
 What changes:
 - every expert's tokens come from one stable sort of the routed expert ids and one read of the
-  counts (on a GPU with the compiled backend, a counting sort in four Triton launches,
-  refquant.compiled.routing_triton: the same integers, fewer launches and no torch sort);
+  counts (on a GPU with the compiled backend and at most 1024 experts, a counting sort in four
+  Triton launches, refquant.compiled.routing_triton: the same integers, fewer launches, no torch
+  sort);
 - elementwise steps (activation, product with up, routing weights, dtype cast) run once over the
   rows of a group of experts: an elementwise function gives each element what it gives it in a
   smaller tensor;
