@@ -20,6 +20,12 @@
 #   bash scripts/gpu_check.sh moe_families   the MoE shape's ptq_gpu run as in `moe` (not the memory probe),
 #                                       then `families` in the time left of the call's 600 s (~9.5 min):
 #                                       every MoE check on one machine start
+#   bash scripts/gpu_check.sh nvfp4_families   whether the grouped experts' row-count checks gain from worker
+#                                       threads (benchmarks/probes/parallel_checks.py), the MoE shape's NVFP4
+#                                       cast-KV run against modelopt as in `moe`, then `families` in the
+#                                       time left of the call's 600 s
+#   bash scripts/gpu_check.sh checks    the parallel-checks probe, the grouped experts' CUDA tests and the MoE
+#                                       shape's NVFP4 cast-KV run, plain and compiled only (no modelopt); ~4 min
 #   bash scripts/gpu_check.sh moe_after_modelopt   the MoE shape's quantized forward right after modelopt's
 #                                       calibration in the same process, each recipe, timed in turn with a
 #                                       plain copy from the first forward (benchmarks/probes/moe_host_bound.py
@@ -98,6 +104,18 @@ moe_families)
   build_modelopt_fp8
   moe_targets
   left=$((585 - SECONDS))  # (timeout 0 would mean no limit)
+  if [ "$left" -gt 30 ]; then family_tests "$left"; else echo "no time left in the call for the family tests"; fi
+  ;;
+nvfp4_families|checks)
+  timeout 60 python3 benchmarks/probes/parallel_checks.py --out "$OUT/checks" 2>&1 | grep -v Warn | tail -20
+  timeout 60 python3 -m pytest -q -p no:cacheprovider --tb=short -rf -k cuda tests/test_grouped_experts.py 2>&1 | tail -4
+  variants="plain compiled"
+  if [ "$phase" = nvfp4_families ]; then build_modelopt_fp8; variants="plain modelopt compiled"; fi
+  timeout 220 python3 benchmarks/ptq_gpu.py --out "$OUT/moe" --shapes moe --recipes nvfp4_default-fp8_cast_kv \
+    --variants $variants --batches 4 --repeats 10 --warm-up-calibration --warm-up-batches 8 2>&1 \
+    | tee "$OUT/ptq_moe.log" | tail -8
+  [ "$phase" = checks ] && exit 0
+  left=$((585 - SECONDS))
   if [ "$left" -gt 30 ]; then family_tests "$left"; else echo "no time left in the call for the family tests"; fi
   ;;
 moe_after_modelopt)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import threading
 
 import pytest
 import torch
@@ -209,7 +210,7 @@ def test_the_check_covers_each_new_row_count_once(grouped_on_cpu, monkeypatch):
     x = torch.randn(12, 32, dtype=torch.bfloat16)
     weights = torch.randn(3, 16, 32, dtype=torch.bfloat16)
     out = grouped_linear.grouped_linear(x, weights, [5, 0, 7], torch.tensor([5, 5, 12], dtype=torch.int32))
-    assert linear_rows == [5, 7]
+    assert sorted(linear_rows) == [5, 7]  # (made on worker threads: in any order)
     # the check's whole and split calls on 7 rows (split into groups of 1, 2, 3 and the last 1), then the groups'
     assert grouped_groups == [(7, 1), (7, 4), (12, 3)]
     assert torch.equal(out, torch.cat([F.linear(x[:5], weights[0]), F.linear(x[5:], weights[2])]))
@@ -218,7 +219,7 @@ def test_the_check_covers_each_new_row_count_once(grouped_on_cpu, monkeypatch):
     assert linear_rows == [] and grouped_groups == [(12, 3)]  # both counts checked already
     grouped_groups.clear()
     grouped_linear.grouped_linear(x, weights, [2, 3, 7], torch.tensor([2, 5, 12], dtype=torch.int32))
-    assert linear_rows == [2, 3] and grouped_groups == [(3, 1), (12, 3)]  # no more rows than before: no split
+    assert sorted(linear_rows) == [2, 3] and grouped_groups == [(3, 1), (12, 3)]  # no more rows than before: no split
     linear_rows.clear(), grouped_groups.clear()
     grouped_linear.grouped_linear(torch.randn(20, 32, dtype=torch.bfloat16), weights, [2, 9, 9],
                                   torch.tensor([2, 11, 20], dtype=torch.int32))
@@ -226,8 +227,98 @@ def test_the_check_covers_each_new_row_count_once(grouped_on_cpu, monkeypatch):
     linear_rows.clear()
     grouped_linear.grouped_linear(x, torch.randn(3, 24, 32, dtype=torch.bfloat16), [5, 0, 7],
                                   torch.tensor([5, 5, 12], dtype=torch.int32))
-    assert linear_rows == [5, 7]  # another out-features: another key
+    assert sorted(linear_rows) == [5, 7]  # another out-features: another key
     assert grouped_linear._checked_counts[grouped_linear._key(x, weights)] == {2, 3, 5, 7, 9}
+
+
+@pytest.mark.parametrize("threads", ["1", "3", "8"])
+def test_a_checks_linear_calls_are_shared_over_worker_threads(threads, grouped_on_cpu, monkeypatch):
+    """With REFQUANT_CHECK_THREADS=n, a check of many new counts makes each count's F.linear once,
+    on the pool's worker threads (on the calling thread for 1), without grad; a count that
+    differs fails the key whichever thread checked it."""
+    monkeypatch.setenv(grouped_linear.THREADS_SETTING, threads)
+    calls, real_linear = [], F.linear
+
+    def recorded(a, w, *rest):
+        calls.append((a.shape[0], threading.current_thread(), torch.is_grad_enabled()))
+        return real_linear(a, w, *rest)
+
+    monkeypatch.setattr(grouped_linear.F, "linear", recorded)
+    x = torch.randn(40, 32, dtype=torch.bfloat16)
+    weights = torch.randn(5, 16, 32, dtype=torch.bfloat16)
+    assert grouped_linear.check_row_counts(x, weights, [3, 9, 1, 17, 10])
+    assert sorted(count for count, _, _ in calls) == [1, 3, 9, 10, 17]
+    used = {thread for _, thread, _ in calls}
+    if threads == "1":
+        assert used == {threading.current_thread()}
+    else:
+        assert all(thread.name.startswith("refquant-check") for thread in used)  # the pool's, never the caller
+    assert not any(grad for _, _, grad in calls)
+
+    def off_at(rows):
+        def linear(a, w, *rest):
+            out = real_linear(a, w, *rest)
+            if a.shape[0] == rows:
+                out.view(torch.int16)[-1, -1] ^= 1
+            return out
+        return linear
+
+    for rows in (21, 33):  # the first and the last count of the sorted list: two threads' shares
+        grouped_linear.forget_checks()
+        monkeypatch.setattr(grouped_linear.F, "linear", off_at(rows))
+        with pytest.warns(UserWarning, match="grouped_mm's bits differ"):
+            assert not grouped_linear.check_row_counts(x, weights, [21, 25, 29, 33])
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "two", ""])
+def test_a_bad_number_of_check_threads_is_an_error_that_names_the_setting(text, grouped_on_cpu, monkeypatch):
+    monkeypatch.setenv(grouped_linear.THREADS_SETTING, text)
+    with pytest.raises(ValueError, match=f"REFQUANT_CHECK_THREADS={text!r}: give a whole number"):
+        grouped_linear.check_row_counts(torch.randn(4, 32, dtype=torch.bfloat16), torch.randn(2, 16, 32, dtype=torch.bfloat16), [2, 2])
+
+
+def test_check_threads_on_cuda_only_where_the_workers_workspaces_can_be_given_back(monkeypatch):
+    """The default: CHECK_THREADS, at most the CPUs; on CUDA one thread (the caller) where torch
+    cannot give back the workers' cuBLAS workspaces, whatever the setting."""
+    monkeypatch.delenv(grouped_linear.THREADS_SETTING, raising=False)
+    monkeypatch.setattr(grouped_linear.os, "cpu_count", lambda: 64)
+    releasable = []
+    monkeypatch.setattr(grouped_linear, "release_blas_workspaces", lambda dry_run=False: bool(releasable))
+    assert grouped_linear.check_threads(torch.device("cpu")) == grouped_linear.CHECK_THREADS
+    assert grouped_linear.check_threads(torch.device("cuda")) == 1
+    monkeypatch.setenv(grouped_linear.THREADS_SETTING, "6")
+    assert grouped_linear.check_threads(torch.device("cuda")) == 1
+    releasable.append(True)
+    assert grouped_linear.check_threads(torch.device("cuda")) == 6
+    monkeypatch.delenv(grouped_linear.THREADS_SETTING)
+    monkeypatch.setattr(grouped_linear, "CHECK_THREADS", 4)
+    monkeypatch.setattr(grouped_linear.os, "cpu_count", lambda: 2)
+    assert grouped_linear.check_threads(torch.device("cuda")) == 2  # a default above the CPUs: the CPUs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_check_threads_work_on_the_callers_stream_and_give_its_verdict(monkeypatch):
+    """On a side stream, the worker threads' F.linear calls run on that stream (after its
+    operands), the check passes for grouped_mm on CUDA as on the calling thread alone, and the
+    workers' cuBLAS workspaces are given back when it ends."""
+    grouped_linear.forget_checks()
+    monkeypatch.setenv(grouped_linear.THREADS_SETTING, "4")
+    streams, real_linear = [], F.linear
+    monkeypatch.setattr(grouped_linear.F, "linear",
+                        lambda a, w, *rest: streams.append(torch.cuda.current_stream()) or real_linear(a, w, *rest))
+    side = torch.cuda.Stream()
+    x = torch.randn(600, 256, dtype=torch.bfloat16, device="cuda")
+    weights = torch.randn(4, 128, 256, dtype=torch.bfloat16, device="cuda")
+    F.linear(x, weights[0])  # the caller's workspace
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    with torch.cuda.stream(side):
+        assert grouped_linear.check_row_counts(x, weights, list(range(1, 600, 37)))
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= held
+    assert len(streams) == len(range(1, 600, 37)) and all(stream == side for stream in streams)
+    assert not grouped_linear._failed
+    grouped_linear.forget_checks()
 
 
 def test_rows_or_weights_grouped_mm_does_not_take_are_neither_checked_nor_grouped(grouped_on_cpu, monkeypatch):

@@ -58,6 +58,10 @@ torch (the alignment test of a launch, triton_launch.starts_aligned):
   - torch._subclasses.fake_tensor.is_fake(x): a tensor of torch.compile's tracing, which has no
     address (torch 2.13 warns on its data_ptr(), torch 2.11 raises). Missing: False, and the
     caller asks the tensor itself.
+torch (the grouped experts' row-count checks on worker threads, refquant.hf.grouped_linear):
+  - torch._C._cuda_clearCublasWorkspaces(): gives back the cuBLAS workspace of each thread's
+    handle. Missing: the checks run on the calling thread alone (the workers' workspaces would
+    stay allocated for the process).
 torch (the public path of every compiled function; refquant.compiled needs them, no fallback):
   - torch._inductor.config: the names of the options in options.py, read with hasattr.
   - torch._dynamo.config.patch(recompile_limit=...) (torch without a per-function limit).
@@ -289,6 +293,23 @@ def stream_capturing(device: int) -> bool:
     """Whether CUDA device `device`'s current stream is capturing a CUDA graph (no device read
     back is possible then); False for the CPU (device -1)."""
     return device >= 0 and torch.cuda.is_current_stream_capturing()
+
+
+def release_blas_workspaces() -> bool:
+    """Gives back to torch's caching allocator the cuBLAS workspace torch keeps for each (cuBLAS
+    handle, stream) it has used: a thread's first cuBLAS call gets a handle of its own and a
+    workspace with it (32 MiB on sm90), held for the process. torch makes a thread's workspace
+    again at its next cuBLAS call, of the same size (so cuBLAS picks the same kernels). True
+    where done; False where this torch has no torch._C._cuda_clearCublasWorkspaces, or no CUDA."""
+    if not can_release_blas_workspaces():
+        return False
+    torch._C._cuda_clearCublasWorkspaces()
+    return True
+
+
+def can_release_blas_workspaces() -> bool:
+    """Whether release_blas_workspaces can give them back here."""
+    return hasattr(torch._C, "_cuda_clearCublasWorkspaces") and torch.cuda.is_available()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,29 +21,45 @@ afresh for each check, as many rows as its largest count (so that count's last r
 comparison reads), and the split is checked again whenever that is more rows than before. A
 count that fails, or a grouped_mm that raises, keeps the per-expert calls for the key for the
 process, with a warning. REFQUANT_GROUPED_EXPERTS=0 keeps them always.
+
+A new count's F.linear costs the host a few hundred microseconds (cuBLAS picks a kernel for the
+shape) and little device time, so a check's counts can be shared out over worker threads with
+REFQUANT_CHECK_THREADS=n (default CHECK_THREADS, the calling thread alone): each worker makes its
+F.linear calls on the caller's device and stream, so they are ordered after the operands as the
+caller's would be, and torch lets go of Python's lock while cuBLAS picks. Each worker's cuBLAS
+handle gets a workspace of the size the caller's has (cuBLAS then has the same kernels to pick
+from; benchmarks/probes/parallel_checks.py compares a worker's bits with the caller's); they are
+given back when the check ends (on a torch that cannot, the check runs on the calling thread
+alone), so a check holds n workspaces while it runs and none after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..dialects.compare import bits_of
+from ..quant.backends import release_blas_workspaces
 
 SETTING = "REFQUANT_GROUPED_EXPERTS"
 DTYPES = (torch.bfloat16,)  # what grouped_mm takes on CUDA
 # Group sizes that start the split call (the rest of the rows is its last group).
 SPLIT_SIZES = (1, 2, 3, 5, 8, 13, 64, 1, 100, 7)
 SEED = 20261206
+THREADS_SETTING = "REFQUANT_CHECK_THREADS"
+CHECK_THREADS = 1  # the calling thread; each worker adds a cuBLAS workspace (32 MiB on sm90) while a check runs
 
 _checked_counts: dict[tuple, set[int]] = {}  # key -> the row counts checked equal
 _split_rows: dict[tuple, int] = {}  # key -> the most rows the split was checked on
 _failed: dict[tuple, str] = {}  # key -> why the per-expert calls stay
+_workers: dict[int, ThreadPoolExecutor] = {}  # threads -> the pool of that many
 
 
 def grouped_matmul_allowed(x: torch.Tensor) -> bool:
@@ -119,13 +135,55 @@ def _check(x: torch.Tensor, weights: torch.Tensor, counts: list[int], key: tuple
             del split
     except (RuntimeError, TypeError, ValueError) as error:
         return f"grouped_mm raised {type(error).__name__}: {error}"
-    for count in counts:
-        differs |= (bits_of(F.linear(a[:count], w[0])) != bits_of(whole[:count])).any()
+    for part_differs in _linears_differ(a, w[0], whole, counts):
+        differs |= part_differs
     if bool(differs):  # the one read of the check
         return "grouped_mm's bits differ from F.linear's"
     if check_split:
         _split_rows[key] = rows
     return None
+
+
+def check_threads(device: torch.device) -> int:
+    """How many threads share a check's F.linear calls on `device`: THREADS_SETTING, else
+    CHECK_THREADS (at most the CPUs); 1 on CUDA where torch cannot give back the workers' cuBLAS
+    workspaces (each worker's handle would hold one for the process)."""
+    text = os.environ.get(THREADS_SETTING, str(CHECK_THREADS))
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{THREADS_SETTING}={text!r}: give a whole number of threads, 1 or more")
+    if device.type == "cuda" and not release_blas_workspaces(dry_run=True):
+        return 1
+    return min(int(text), os.cpu_count() or 1) if THREADS_SETTING not in os.environ else int(text)
+
+
+def _linears_differ(a: torch.Tensor, weight: torch.Tensor, whole: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """Per share of `counts` (sorted), a bool on the device: whether F.linear(a[:count], weight)
+    differs from whole[:count] in any bit for a count of the share; the shares' calls made on
+    worker threads where there are several."""
+    pool_size = check_threads(a.device)
+    threads = min(pool_size, len(counts))
+    stream = torch.cuda.current_stream(a.device) if a.is_cuda else None
+    if threads == 1:
+        return [_share_differs(a, weight, whole, counts, stream)]
+    shares = [counts[index::threads] for index in range(threads)]  # sorted counts dealt out: even work
+    if pool_size not in _workers:
+        _workers[pool_size] = ThreadPoolExecutor(pool_size, thread_name_prefix="refquant-check")
+    workers = _workers[pool_size]
+    futures = [workers.submit(_share_differs, a, weight, whole, share, stream) for share in shares]
+    shares_differ = [future.result() for future in futures]
+    if stream is not None:
+        release_blas_workspaces()  # the workers' handles' workspaces: memory a forward would otherwise not hold
+    return shares_differ
+
+
+def _share_differs(a: torch.Tensor, weight: torch.Tensor, whole: torch.Tensor, counts: list[int],
+                   stream: Optional[torch.cuda.Stream]) -> torch.Tensor:
+    # grad mode and the current stream are a thread's own: no graph, and the caller's stream
+    with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+        differs = torch.zeros((), dtype=torch.bool, device=a.device)
+        for count in counts:
+            differs |= (bits_of(F.linear(a[:count], weight)) != bits_of(whole[:count])).any()
+        return differs
 
 
 def row_counts_checked() -> int:

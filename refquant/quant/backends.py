@@ -51,3 +51,12 @@ def _experts_kernel(backend: str, tensor: torch.Tensor, module: str) -> Optional
         return importlib.import_module(module)
     except ImportError:
         return None
+
+
+def release_blas_workspaces(dry_run: bool = False) -> bool:
+    """refquant.compiled.private_api.release_blas_workspaces: the cuBLAS workspaces of every
+    thread's handle given back (refquant.hf.grouped_linear's worker threads make their own);
+    False where this torch cannot. dry_run: only whether it can."""
+    from ..compiled import private_api
+
+    return private_api.can_release_blas_workspaces() if dry_run else private_api.release_blas_workspaces()
