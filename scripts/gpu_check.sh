@@ -22,8 +22,9 @@
 #                                       every MoE check on one machine start
 #   bash scripts/gpu_check.sh nvfp4_families   whether the grouped experts' row-count checks gain from worker
 #                                       threads (benchmarks/probes/parallel_checks.py), the MoE shape's NVFP4
-#                                       cast-KV run against modelopt as in `moe`, then `families` in the
-#                                       time left of the call's 600 s
+#                                       cast-KV run against modelopt as in `moe` with the checks on 4 threads
+#                                       (REFQUANT_CHECK_THREADS, unless set), then `families` in the time
+#                                       left of the call's 600 s
 #   bash scripts/gpu_check.sh checks    the parallel-checks probe, the grouped experts' CUDA tests and the MoE
 #                                       shape's NVFP4 cast-KV run, plain and compiled only (no modelopt); ~4 min
 #   bash scripts/gpu_check.sh moe_after_modelopt   the MoE shape's quantized forward right after modelopt's
@@ -111,8 +112,8 @@ nvfp4_families|checks)
   timeout 60 python3 -m pytest -q -p no:cacheprovider --tb=short -rf -k cuda tests/test_grouped_experts.py 2>&1 | tail -4
   variants="plain compiled"
   if [ "$phase" = nvfp4_families ]; then build_modelopt_fp8; variants="plain modelopt compiled"; fi
-  timeout 220 python3 benchmarks/ptq_gpu.py --out "$OUT/moe" --shapes moe --recipes nvfp4_default-fp8_cast_kv \
-    --variants $variants --batches 4 --repeats 10 --warm-up-calibration --warm-up-batches 8 2>&1 \
+  REFQUANT_CHECK_THREADS=${REFQUANT_CHECK_THREADS:-4} timeout 220 python3 benchmarks/ptq_gpu.py --out "$OUT/moe" \
+    --shapes moe --recipes nvfp4_default-fp8_cast_kv --variants $variants --batches 4 --repeats 10 --warm-up-calibration --warm-up-batches 8 2>&1 \
     | tee "$OUT/ptq_moe.log" | tail -8
   [ "$phase" = checks ] && exit 0
   left=$((585 - SECONDS))
