@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from refquant.compiled.private_api import release_blas_workspaces
+
 SHAPES = {"gate_up": (1536, 2048), "down": (2048, 768)}  # (out, in) of the MoE shape's experts
 
 
@@ -95,8 +97,8 @@ def main() -> int:
             start += 192
             print(name, rows[-1], flush=True)
         before = torch.cuda.memory_allocated() / 2**20
-        torch._C._cuda_clearCublasWorkspaces()
-        rows.append({"cleared_workspaces_mib": before - torch.cuda.memory_allocated() / 2**20})
+        released = release_blas_workspaces()
+        rows.append({"workspaces_released": released, "released_mib": before - torch.cuda.memory_allocated() / 2**20})
         seen = wall_per_count(a, w, list(range(16, 16 + 192)), 1)
         seen["counts_seen_before"] = True
         rows.append(seen)
