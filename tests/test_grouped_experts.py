@@ -270,6 +270,27 @@ def test_a_checks_linear_calls_are_shared_over_worker_threads(threads, grouped_o
             assert not grouped_linear.check_row_counts(x, weights, [21, 25, 29, 33])
 
 
+def test_a_worker_that_raises_raises_for_the_check_after_every_share_ended(grouped_on_cpu, monkeypatch):
+    """An error in one worker's F.linear reaches the caller (as the calling thread's would), once
+    every share has ended."""
+    monkeypatch.setenv(grouped_linear.THREADS_SETTING, "3")
+    ended, real_linear = [], F.linear
+
+    def fails_at_nine(a, w, *rest):
+        if a.shape[0] == 9:
+            raise RuntimeError("no kernel for 9 rows")
+        out = real_linear(a, w, *rest)
+        ended.append(a.shape[0])
+        return out
+
+    monkeypatch.setattr(grouped_linear.F, "linear", fails_at_nine)
+    with pytest.raises(RuntimeError, match="no kernel for 9 rows"):
+        grouped_linear.check_row_counts(torch.randn(40, 32, dtype=torch.bfloat16),
+                                        torch.randn(5, 16, 32, dtype=torch.bfloat16), [3, 9, 1, 17, 10])
+    assert sorted(ended) == [1, 3, 10, 17]  # the other shares ran to their end
+    assert not grouped_linear._checked_counts
+
+
 @pytest.mark.parametrize("text", ["0", "-2", "two", ""])
 def test_a_bad_number_of_check_threads_is_an_error_that_names_the_setting(text, grouped_on_cpu, monkeypatch):
     monkeypatch.setenv(grouped_linear.THREADS_SETTING, text)

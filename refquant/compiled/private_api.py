@@ -299,7 +299,7 @@ def release_blas_workspaces() -> bool:
     """Gives back to torch's caching allocator the cuBLAS workspace torch keeps for each (cuBLAS
     handle, stream) it has used: a thread's first cuBLAS call gets a handle of its own and a
     workspace with it (32 MiB on sm90), held for the process. torch makes a thread's workspace
-    again at its next cuBLAS call, of the same size (so cuBLAS picks the same kernels). True
+    again at its next cuBLAS call, of the same size (cuBLAS has the same kernels to pick from). True
     where done; False where this torch has no torch._C._cuda_clearCublasWorkspaces, or no CUDA."""
     if not can_release_blas_workspaces():
         return False

@@ -39,7 +39,7 @@ import contextlib
 import itertools
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Optional
 
 import torch
@@ -170,10 +170,12 @@ def _linears_differ(a: torch.Tensor, weight: torch.Tensor, whole: torch.Tensor, 
         _workers[pool_size] = ThreadPoolExecutor(pool_size, thread_name_prefix="refquant-check")
     workers = _workers[pool_size]
     futures = [workers.submit(_share_differs, a, weight, whole, share, stream) for share in shares]
-    shares_differ = [future.result() for future in futures]
-    if stream is not None:
-        release_blas_workspaces()  # the workers' handles' workspaces: memory a forward would otherwise not hold
-    return shares_differ
+    try:
+        wait(futures)  # every share done (or failed) before the workspaces go
+        return [future.result() for future in futures]
+    finally:
+        if stream is not None:
+            release_blas_workspaces()  # the workers' handles' workspaces: memory a forward would otherwise not hold
 
 
 def _share_differs(a: torch.Tensor, weight: torch.Tensor, whole: torch.Tensor, counts: list[int],
