@@ -71,6 +71,11 @@ family_tests() {
     tests/test_experts.py tests/test_experts_ordered_sum.py tests/test_grouped_experts.py tests/test_routing_kernel.py tests/test_quantizer.py 2>&1 \
     | tee "$OUT/families_cuda.log" | tail -15
 }
+# the family tests in what is left of a call's 600 s
+family_tests_in_time_left() {
+  local left=$((585 - SECONDS))  # (timeout 0 would mean no limit)
+  if [ "$left" -gt 30 ]; then family_tests "$left"; else echo "no time left in the call for the family tests"; fi
+}
 # the MoE shape against modelopt: both recipes, compiled and folded, calibration after a warm-up on 8 other batches
 moe_targets() {
   timeout 320 python3 benchmarks/ptq_gpu.py --out "$OUT/moe" --shapes moe --recipes nvfp4_default-fp8_cast_kv fp8_default-fp8_kv \
@@ -104,8 +109,7 @@ moe)
 moe_families)
   build_modelopt_fp8
   moe_targets
-  left=$((585 - SECONDS))  # (timeout 0 would mean no limit)
-  if [ "$left" -gt 30 ]; then family_tests "$left"; else echo "no time left in the call for the family tests"; fi
+  family_tests_in_time_left
   ;;
 nvfp4_families|checks)
   timeout 60 python3 benchmarks/probes/parallel_checks.py --out "$OUT/checks" 2>&1 | grep -v Warn | tail -20
@@ -116,8 +120,7 @@ nvfp4_families|checks)
     --shapes moe --recipes nvfp4_default-fp8_cast_kv --variants $variants --batches 4 --repeats 10 --warm-up-calibration --warm-up-batches 8 2>&1 \
     | tee "$OUT/ptq_moe.log" | tail -8
   [ "$phase" = checks ] && exit 0
-  left=$((585 - SECONDS))
-  if [ "$left" -gt 30 ]; then family_tests "$left"; else echo "no time left in the call for the family tests"; fi
+  family_tests_in_time_left
   ;;
 moe_after_modelopt)
   build_modelopt_fp8
@@ -163,5 +166,5 @@ targets|targets_large)
   fi
   python3 benchmarks/targets.py "$OUT" --json "$OUT/targets.json"
   ;;
-*) echo "unknown phase $phase: use tests, families, bench, moe, moe_families, moe_after_modelopt, moe_profile, groups, large, targets or targets_large"; exit 2 ;;
+*) echo "unknown phase $phase: use tests, families, bench, moe, moe_families, nvfp4_families, checks, moe_after_modelopt, moe_profile, groups, large, targets or targets_large"; exit 2 ;;
 esac

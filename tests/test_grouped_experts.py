@@ -304,7 +304,7 @@ def test_check_threads_on_cuda_only_where_the_workers_workspaces_can_be_given_ba
     monkeypatch.delenv(grouped_linear.THREADS_SETTING, raising=False)
     monkeypatch.setattr(grouped_linear.os, "cpu_count", lambda: 64)
     releasable = []
-    monkeypatch.setattr(grouped_linear, "release_blas_workspaces", lambda dry_run=False: bool(releasable))
+    monkeypatch.setattr(grouped_linear, "can_release_blas_workspaces", lambda: bool(releasable))
     assert grouped_linear.check_threads(torch.device("cpu")) == grouped_linear.CHECK_THREADS
     assert grouped_linear.check_threads(torch.device("cuda")) == 1
     monkeypatch.setenv(grouped_linear.THREADS_SETTING, "6")

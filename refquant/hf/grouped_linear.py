@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dialects.compare import bits_of
-from ..quant.backends import release_blas_workspaces
+from ..quant.backends import can_release_blas_workspaces, release_blas_workspaces
 
 SETTING = "REFQUANT_GROUPED_EXPERTS"
 DTYPES = (torch.bfloat16,)  # what grouped_mm takes on CUDA
@@ -148,12 +148,12 @@ def check_threads(device: torch.device) -> int:
     """How many threads share a check's F.linear calls on `device`: THREADS_SETTING, else
     CHECK_THREADS (at most the CPUs); 1 on CUDA where torch cannot give back the workers' cuBLAS
     workspaces (each worker's handle would hold one for the process)."""
-    text = os.environ.get(THREADS_SETTING, str(CHECK_THREADS))
-    if not text.isdigit() or int(text) < 1:
+    text = os.environ.get(THREADS_SETTING)
+    if text is not None and (not text.isdigit() or int(text) < 1):
         raise ValueError(f"{THREADS_SETTING}={text!r}: give a whole number of threads, 1 or more")
-    if device.type == "cuda" and not release_blas_workspaces(dry_run=True):
+    if device.type == "cuda" and not can_release_blas_workspaces():
         return 1
-    return min(int(text), os.cpu_count() or 1) if THREADS_SETTING not in os.environ else int(text)
+    return min(CHECK_THREADS, os.cpu_count() or 1) if text is None else int(text)
 
 
 def _linears_differ(a: torch.Tensor, weight: torch.Tensor, whole: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:

@@ -53,10 +53,17 @@ def _experts_kernel(backend: str, tensor: torch.Tensor, module: str) -> Optional
         return None
 
 
-def release_blas_workspaces(dry_run: bool = False) -> bool:
+def release_blas_workspaces() -> bool:
     """refquant.compiled.private_api.release_blas_workspaces: the cuBLAS workspaces of every
     thread's handle given back (refquant.hf.grouped_linear's worker threads make their own);
-    False where this torch cannot. dry_run: only whether it can."""
+    False where this torch cannot."""
     from ..compiled import private_api
 
-    return private_api.can_release_blas_workspaces() if dry_run else private_api.release_blas_workspaces()
+    return private_api.release_blas_workspaces()
+
+
+def can_release_blas_workspaces() -> bool:
+    """Whether release_blas_workspaces can give them back here."""
+    from ..compiled import private_api
+
+    return private_api.can_release_blas_workspaces()
