@@ -8,6 +8,8 @@ translates our `format` names into them.
 
 from __future__ import annotations
 
+import fnmatch
+import itertools
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from torch import nn
 
 import refquant as rq
 from refquant import QuantizerConfig, QuantRule, TensorQuantizer, apply_recipe, load_recipe, select_recipe
-from refquant.quant.recipe import RECIPES_DIR, effective_config, recipe_to_toml
+from refquant.quant.recipe import RECIPES_DIR, _glob, effective_config, recipe_to_toml
 
 # docs/modelopt_behaviour.md §7.4: FP8 = {num_bits (4,3), axis None}; NVFP4 = {num_bits (2,1),
 # block_sizes {-1: 16, type: dynamic, scale_bits: (4,3)}}.
@@ -287,6 +289,18 @@ def test_glob_is_case_sensitive_crosses_dots_and_matches_fused_expert_lists():
     ))
     assert application.matches[0] == [f"experts.gate_up_proj_weight_quantizers.{i}" for i in range(2)]
     assert application.matches[1] == [] and application.unmatched_rules[0].quantizer_name == "*router*"
+
+
+def test_glob_tests_agree_with_fnmatchcase_on_every_short_pattern_and_name():
+    # every pattern of up to 4 characters over the glob's specials and two letters, against every
+    # name of up to 3 characters (the string tests for "*x*", "*x", "x*", "x" and the regex alike)
+    def words(alphabet, longest):
+        return ["".join(letters) for length in range(longest + 1) for letters in itertools.product(alphabet, repeat=length)]
+
+    names = words("ab.[", 3)
+    differ = [(pattern, name) for pattern in words("ab*?[]!", 4) for name in names
+              if bool(_glob(pattern)(name)) != fnmatch.fnmatchcase(name, pattern)]
+    assert differ == []
 
 
 def test_parent_class_rule_matches_only_under_that_class():

@@ -39,6 +39,7 @@ expert (refquant.quant.quantizer.SliceQuantizers), when the forward first asks f
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -437,14 +438,23 @@ def find_experts(model: nn.Module) -> list[tuple[str, nn.Module, ExpertsLayout]]
     return found
 
 
+@functools.lru_cache(maxsize=64)
+def _forward_source(forward) -> Optional[str]:
+    """The source of an experts class's forward, read once (a model has an experts module a
+    layer); None where there is none to read."""
+    try:
+        return inspect.getsource(inspect.unwrap(forward))
+    except (OSError, TypeError):
+        return None
+
+
 def check_experts_forward(name: str, module: nn.Module, layout: ExpertsLayout) -> None:
     """Raise ValueError unless the experts forward is one whose calls refquant can place
     quantizers on: its source calls F.linear (fused) or `@` (transposed); `layout` is the
     module's (find_experts)."""
     cls = getattr(module, "_refquant_original_class", type(module))
-    try:
-        source = inspect.getsource(inspect.unwrap(cls.forward))
-    except (OSError, TypeError):
+    source = _forward_source(cls.forward)
+    if source is None:
         return  # no source to read: the per-forward check (calls counted) still guards it
     needed = "linear(" if layout.kind == "fused" else "@"
     if needed not in source:

@@ -291,6 +291,9 @@ def amax_readable_now(device: torch.device) -> bool:
     return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
 
 
+_NO_FORMAT = QuantizerConfig(enable=False)  # a new quantizer's config (configs are frozen: one serves all)
+
+
 class TensorQuantizer(nn.Module):
     """Fake-quantizes the tensors that pass through it, per its QuantizerConfig.
 
@@ -315,17 +318,20 @@ class TensorQuantizer(nn.Module):
             raise ValueError(f"backend={backend!r} is not known; use one of {', '.join(BACKENDS)}.")
         if flavor not in FLAVORS:
             raise ValueError(f"flavor={flavor!r} is not known; use one of {', '.join(FLAVORS)}.")
-        self.backend = backend
-        self.flavor = flavor
-        self.name = name
-        self.config = QuantizerConfig(enable=False)
-        self._quantizing = True
-        self._calibrator: _MaxCalibrator | None = None
-        # set by refquant.hf.insert.insert_quantizers: one per model, see SharedInputResult
-        self.shared_input_result: Optional[SharedInputResult] = None
-        self._bound: Optional[tuple] = None  # (bound call, what it was bound for): see _call_bound
-        self._device_amax_read: Optional[tuple] = None  # (buffer, its version, _DeviceAmax): see _amax_value_now
-        self.folded = False  # its weight holds its output already (refquant.hf.fold): never on again
+        # Plain values, written past nn.Module.__setattr__, whose checks cost a model with MoE
+        # experts (thousands of quantizers) most of its quantizers' making.
+        vars(self).update(
+            backend=backend,
+            flavor=flavor,
+            name=name,
+            config=_NO_FORMAT,
+            _quantizing=True,
+            _calibrator=None,  # _MaxCalibrator while calibrating
+            shared_input_result=None,  # SharedInputResult, one a model, set by refquant.hf.insert.insert_quantizers
+            _bound=None,  # (bound call, what it was bound for): see _call_bound
+            _device_amax_read=None,  # (buffer, its version, _DeviceAmax): see _amax_value_now
+            folded=False,  # its weight holds its output already (refquant.hf.fold): never on again
+        )
         if config is not None:
             self.set_config(config)
 
