@@ -21,12 +21,14 @@
 #                                       then `families` in the time left of the call's 600 s (~9.5 min):
 #                                       every MoE check on one machine start
 #   bash scripts/gpu_check.sh nvfp4_families   whether the grouped experts' row-count checks gain from worker
-#                                       threads (benchmarks/probes/parallel_checks.py), the MoE shape's NVFP4
+#                                       threads (benchmarks/probes/parallel_checks.py), quantize_model's host time
+#                                       outside calibration (placement_time.py), the MoE shape's NVFP4
 #                                       cast-KV run against modelopt as in `moe` with the checks on 4 threads
 #                                       (REFQUANT_CHECK_THREADS, unless set), then `families` in the time
 #                                       left of the call's 600 s
-#   bash scripts/gpu_check.sh checks    the parallel-checks probe, the grouped experts' CUDA tests and the MoE
-#                                       shape's NVFP4 cast-KV run, plain and compiled only (no modelopt); ~4 min
+#   bash scripts/gpu_check.sh checks    the parallel-checks probe, the grouped experts' CUDA tests, quantize_model's
+#                                       host time outside calibration (benchmarks/probes/placement_time.py) and the
+#                                       MoE shape's NVFP4 cast-KV run, plain and compiled only (no modelopt); ~4 min
 #   bash scripts/gpu_check.sh moe_after_modelopt   the MoE shape's quantized forward right after modelopt's
 #                                       calibration in the same process, each recipe, timed in turn with a
 #                                       plain copy from the first forward (benchmarks/probes/moe_host_bound.py
@@ -114,6 +116,7 @@ moe_families)
 nvfp4_families|checks)
   timeout 60 python3 benchmarks/probes/parallel_checks.py --out "$OUT/checks" 2>&1 | grep -v Warn | tail -20
   timeout 60 python3 -m pytest -q -p no:cacheprovider --tb=short -rf -k cuda tests/test_grouped_experts.py 2>&1 | tail -4
+  timeout 60 python3 benchmarks/probes/placement_time.py --out "$OUT/placement" --device cuda 2>&1 | grep median
   variants="plain compiled"
   if [ "$phase" = nvfp4_families ]; then build_modelopt_fp8; variants="plain modelopt compiled"; fi
   REFQUANT_CHECK_THREADS=${REFQUANT_CHECK_THREADS:-4} timeout 220 python3 benchmarks/ptq_gpu.py --out "$OUT/moe" \
