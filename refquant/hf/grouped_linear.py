@@ -54,7 +54,9 @@ DTYPES = (torch.bfloat16,)  # what grouped_mm takes on CUDA
 SPLIT_SIZES = (1, 2, 3, 5, 8, 13, 64, 1, 100, 7)
 SEED = 20261206
 THREADS_SETTING = "REFQUANT_CHECK_THREADS"
-CHECK_THREADS = 1  # the calling thread; each worker adds a cuBLAS workspace (32 MiB on sm90) while a check runs
+# The calling thread: on an H100 host 4 workers made a new count's call only 1.3-2.7x faster and
+# each adds a cuBLAS workspace (32 MiB on sm90) while a check runs (benchmarks/results/parallel_checks_h100_2026-12-07.json).
+CHECK_THREADS = 1
 
 _checked_counts: dict[tuple, set[int]] = {}  # key -> the row counts checked equal
 _split_rows: dict[tuple, int] = {}  # key -> the most rows the split was checked on
