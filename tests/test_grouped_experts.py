@@ -198,6 +198,7 @@ def test_the_check_covers_each_new_row_count_once(grouped_on_cpu, monkeypatch):
     key brought (an expert without rows brings none), on operands of as many rows as its largest
     count; the split into groups is checked again only when that is more rows than before; a key
     of other weights' shape is checked on its own."""
+    monkeypatch.setenv(grouped_linear.THREADS_SETTING, "1")  # the calling thread: the counts in sorted order
     linear_rows, grouped_groups = [], []
     real_linear, real_grouped = F.linear, F.grouped_mm
     monkeypatch.setattr(grouped_linear.F, "linear", lambda a, w, *r: linear_rows.append(a.shape[0]) or real_linear(a, w, *r))
@@ -210,7 +211,7 @@ def test_the_check_covers_each_new_row_count_once(grouped_on_cpu, monkeypatch):
     x = torch.randn(12, 32, dtype=torch.bfloat16)
     weights = torch.randn(3, 16, 32, dtype=torch.bfloat16)
     out = grouped_linear.grouped_linear(x, weights, [5, 0, 7], torch.tensor([5, 5, 12], dtype=torch.int32))
-    assert sorted(linear_rows) == [5, 7]  # (made on worker threads: in any order)
+    assert linear_rows == [5, 7]
     # the check's whole and split calls on 7 rows (split into groups of 1, 2, 3 and the last 1), then the groups'
     assert grouped_groups == [(7, 1), (7, 4), (12, 3)]
     assert torch.equal(out, torch.cat([F.linear(x[:5], weights[0]), F.linear(x[5:], weights[2])]))
@@ -219,7 +220,7 @@ def test_the_check_covers_each_new_row_count_once(grouped_on_cpu, monkeypatch):
     assert linear_rows == [] and grouped_groups == [(12, 3)]  # both counts checked already
     grouped_groups.clear()
     grouped_linear.grouped_linear(x, weights, [2, 3, 7], torch.tensor([2, 5, 12], dtype=torch.int32))
-    assert sorted(linear_rows) == [2, 3] and grouped_groups == [(3, 1), (12, 3)]  # no more rows than before: no split
+    assert linear_rows == [2, 3] and grouped_groups == [(3, 1), (12, 3)]  # no more rows than before: no split
     linear_rows.clear(), grouped_groups.clear()
     grouped_linear.grouped_linear(torch.randn(20, 32, dtype=torch.bfloat16), weights, [2, 9, 9],
                                   torch.tensor([2, 11, 20], dtype=torch.int32))
@@ -227,7 +228,7 @@ def test_the_check_covers_each_new_row_count_once(grouped_on_cpu, monkeypatch):
     linear_rows.clear()
     grouped_linear.grouped_linear(x, torch.randn(3, 24, 32, dtype=torch.bfloat16), [5, 0, 7],
                                   torch.tensor([5, 5, 12], dtype=torch.int32))
-    assert sorted(linear_rows) == [5, 7]  # another out-features: another key
+    assert linear_rows == [5, 7]  # another out-features: another key
     assert grouped_linear._checked_counts[grouped_linear._key(x, weights)] == {2, 3, 5, 7, 9}
 
 
