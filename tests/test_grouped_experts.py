@@ -487,3 +487,215 @@ def test_a_group_holds_no_more_than_its_budget_counts(family, recipe, folded, gr
     assert len(groups) > 2 * model.config.num_hidden_layers  # several groups a layer
     for peak, rows, copies, offsets in groups:
         assert rows <= peak <= rows + copies + offsets, (peak, rows, copies)
+
+
+# --- the checks beside the calibration (grouped_linear.ChecksBeside, calibrate._run_batches) -----
+
+from refquant.hf import calibrate as calibrate_module  # noqa: E402
+
+
+def _lies_from(rows: int):
+    """F.grouped_mm that adds 64 to the rows-th row of every group of at least `rows` rows: a
+    grouped matmul wrong from that row count on, in the check's calls as in the forward's."""
+    real = F.grouped_mm
+
+    def lying(a, b, *args, offs=None, **kwargs):
+        out = real(a, b, *args, offs=offs, **kwargs)
+        begin = 0
+        for end in offs.tolist():
+            if end - begin >= rows:
+                out[begin + rows - 1] += 64
+            begin = end
+        return out
+
+    return lying
+
+
+def _row_counts_by_batch(family: str, recipe: str, batches: list) -> list[set[int]]:
+    """The row counts each batch's calibration forward brings to the experts' checks (a copy
+    calibrated with the per-expert calls)."""
+    seen: list[set[int]] = []
+    real_run_batch = calibrate_module.run_batch
+
+    real_read = experts_loop._Routing.read
+
+    def read(routing):
+        handled = real_read(routing)
+        seen[-1].update(count for count in routing.counts if count)
+        return handled
+
+    def run_batch(model, batch, **extra):
+        seen.append(set())
+        return real_run_batch(model, batch, **extra)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(experts_loop._Routing, "read", read)
+        patch.setattr(experts_loop, "grouped_matmul_allowed", lambda x: False)
+        patch.setattr(calibrate_module, "run_batch", run_batch)
+        rq.quantize_model(mc.build_model(family), rq.load_recipe(recipe), batches, progress=False)
+    return seen
+
+
+@pytest.fixture
+def beside_on_cpu(grouped_on_cpu, monkeypatch):
+    """The grouped matmul on the CPU (grouped_on_cpu) with the checks beside the calibration."""
+    monkeypatch.setenv(grouped_linear.BESIDE_SETTING, "1")
+    yield grouped_on_cpu
+
+
+def _beside_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("refquant-check-beside")]
+
+
+def test_checks_beside_the_calibration_run_on_their_worker_and_give_the_per_expert_calls_bits(beside_on_cpu, monkeypatch):
+    """With the checks beside the calibration, every check of the calibration runs on the
+    worker thread (none in the forward), the amaxes and token counts equal the per-expert calls',
+    the counts end checked, and no worker is left."""
+    batches = mc.calibration_batches(7, 4, 2, 16)
+    model = mc.build_model("qwen3_moe_top4")
+    reference = copy.deepcopy(model)
+    threads, real_check = [], grouped_linear._check
+    monkeypatch.setattr(grouped_linear, "_check", lambda *args, **kwargs: threads.append(
+        threading.current_thread().name) or real_check(*args, **kwargs))
+    rq.quantize_model(model, rq.load_recipe("nvfp4_default-fp8_kv"), batches, progress=False)
+    assert threads and all(name.startswith("refquant-check-beside") for name in threads)
+    assert beside_on_cpu and grouped_linear._checked_counts and not grouped_linear._failed
+    assert not _beside_threads()
+    monkeypatch.setattr(experts_loop, "grouped_matmul_allowed", lambda x: False)
+    rq.quantize_model(reference, rq.load_recipe("nvfp4_default-fp8_kv"), batches, progress=False)
+    assert same_state(calibrated_state(model), calibrated_state(reference))
+
+
+@pytest.mark.parametrize("run_again", [True, False])
+def test_a_check_that_fails_beside_the_calibration_runs_its_batch_and_those_after_it_again(run_again, beside_on_cpu, monkeypatch):
+    """A grouped matmul wrong from a row count that first comes in a later batch: the check of
+    that count fails beside the calibration, a warning names the weights, and the calibration puts
+    back what it held before the batch that brought the count and runs that batch and those after
+    it again with the per-expert calls (never an earlier one), from a one-shot iterator of
+    batches: amaxes and token counts equal the per-expert calls'. Without the run again
+    (run_again False) they would not: what this test holds is the run again's doing."""
+    batches = mc.calibration_batches(11, 1, 1, 16) + mc.calibration_batches(12, 5, 2, 16)  # the first one smaller
+    counts = _row_counts_by_batch("qwen3_moe_top4", "fp8_default-fp8_kv", batches)
+    wrong_from = max(counts[0]) + 1
+    first_wrong = next(index for index, seen in enumerate(counts) if max(seen) >= wrong_from)  # (a later batch's)
+    grouped_linear.forget_checks()
+    model = mc.build_model("qwen3_moe_top4")
+    reference = copy.deepcopy(model)
+    ran, real_run_batch = [], calibrate_module.run_batch
+    monkeypatch.setattr(calibrate_module, "run_batch", lambda model, batch, **extra: ran.append(
+        next(i for i, b in enumerate(batches) if torch.equal(b, batch))) or real_run_batch(model, batch, **extra))
+    if not run_again:
+        real_poll = grouped_linear.ChecksBeside.poll
+        monkeypatch.setattr(grouped_linear.ChecksBeside, "poll", lambda self, wait_all=False: real_poll(self, wait_all) and None)
+    monkeypatch.setattr(F, "grouped_mm", _lies_from(wrong_from))
+    with pytest.warns(UserWarning, match="grouped_mm's bits differ"):
+        rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), iter(batches), progress=False)
+    assert grouped_linear._failed and not _beside_threads()
+    ours = list(ran)  # (not the reference's runs)
+    monkeypatch.setattr(experts_loop, "grouped_matmul_allowed", lambda x: False)
+    rq.quantize_model(reference, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
+    if run_again:
+        first_repeat = next(index for position, index in enumerate(ours) if index in ours[:position])
+        assert first_repeat == first_wrong and all(ours.count(i) == 1 for i in range(first_wrong))
+        assert sorted(set(ours)) == list(range(len(batches)))
+        assert same_state(calibrated_state(model), calibrated_state(reference))
+    else:
+        assert ours == list(range(len(batches)))
+        assert not same_state(calibrated_state(model), calibrated_state(reference))
+
+
+def test_a_calibration_that_raises_with_checks_open_waits_for_its_worker_and_raises(beside_on_cpu, monkeypatch):
+    batches = mc.calibration_batches(7, 3, 2, 16)
+    model = mc.build_model("qwen3_moe_top4")
+    real_run_batch, ran = calibrate_module.run_batch, []
+
+    def fails_at_the_second(model, batch, **extra):
+        if ran:
+            raise RuntimeError("the second batch fails")
+        ran.append(batch)
+        return real_run_batch(model, batch, **extra)
+
+    monkeypatch.setattr(calibrate_module, "run_batch", fails_at_the_second)
+    with pytest.raises(RuntimeError, match="the second batch fails"):
+        rq.quantize_model(model, rq.load_recipe("fp8_default-fp8_kv"), batches, progress=False)
+    assert not _beside_threads() and grouped_linear._beside is None
+
+
+def test_an_error_in_the_worker_is_raised_by_the_calibration(beside_on_cpu, monkeypatch):
+    def fails(*args, **kwargs):
+        raise RuntimeError("no kernel for these rows")
+
+    monkeypatch.setattr(grouped_linear, "_check", fails)
+    with pytest.raises(RuntimeError, match="no kernel for these rows"):
+        rq.quantize_model(mc.build_model("qwen3_moe_top4"), rq.load_recipe("fp8_default-fp8_kv"),
+                          mc.calibration_batches(7, 2, 2, 16), progress=False)
+    assert not _beside_threads() and not grouped_linear._checked_counts
+
+
+@pytest.mark.parametrize("text", ["2", "yes", ""])
+def test_a_bad_checks_beside_setting_is_an_error_that_names_it(text, monkeypatch):
+    monkeypatch.setenv(grouped_linear.BESIDE_SETTING, text)
+    with pytest.raises(ValueError, match=f"REFQUANT_CHECKS_BESIDE={text!r}: give 0"):
+        grouped_linear.ChecksBeside.wanted({"cuda"})
+
+
+def test_checks_beside_by_default_only_on_cuda_where_the_workers_workspace_can_be_given_back(monkeypatch):
+    monkeypatch.delenv(grouped_linear.BESIDE_SETTING, raising=False)
+    releasable = []
+    monkeypatch.setattr(grouped_linear, "can_release_blas_workspaces", lambda: bool(releasable))
+    assert not grouped_linear.ChecksBeside.wanted({"cuda"})
+    releasable.append(True)
+    assert grouped_linear.ChecksBeside.wanted({"cuda"})
+    assert not grouped_linear.ChecksBeside.wanted({"cpu"}) and not grouped_linear.ChecksBeside.wanted({"cuda", "meta"})
+    monkeypatch.setenv(grouped_linear.BESIDE_SETTING, "0")
+    assert not grouped_linear.ChecksBeside.wanted({"cuda"})
+    monkeypatch.setenv(grouped_linear.BESIDE_SETTING, "1")
+    assert grouped_linear.ChecksBeside.wanted({"cpu"})
+
+
+def test_a_calibrators_state_put_back_gives_what_it_held_before():
+    """_MaxCalibrator.state / restore: the collected maxima after restore are those before the
+    batch, whatever the batch collected (kept maxima, a fold, a per-channel amax)."""
+    from refquant.quant.quantizer import _MaxCalibrator
+
+    for axis in (None, 0):
+        calibrator = _MaxCalibrator(axis)
+        calibrator.collect(torch.tensor([[1.0, -2.0], [0.5, 0.25]]), "q")
+        before = calibrator.state()
+        held = calibrator.amax.clone()
+        for _ in range(70):  # past a fold
+            calibrator.collect(torch.full((2, 2), 9.0), "q")
+        assert not torch.equal(calibrator.amax, held)
+        calibrator.restore(before)
+        assert torch.equal(calibrator.amax, held)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_checks_beside_run_on_the_workers_side_stream_and_give_back_its_workspace(monkeypatch):
+    """On CUDA (the default where the workspace can be given back): the worker's F.linear calls
+    run on a stream of its own, never the forward's, the verdicts pass, and once the block ends
+    the memory is what it was before (its workspace given back)."""
+    from refquant.quant.backends import can_release_blas_workspaces
+
+    if not can_release_blas_workspaces():
+        pytest.skip("this torch cannot give back cuBLAS workspaces: the checks stay in the forward")
+    grouped_linear.forget_checks()
+    monkeypatch.delenv(grouped_linear.BESIDE_SETTING, raising=False)
+    streams, real_linear = [], F.linear
+    monkeypatch.setattr(grouped_linear.F, "linear", lambda a, w, *rest: streams.append(
+        (threading.current_thread().name, torch.cuda.current_stream())) or real_linear(a, w, *rest))
+    x = torch.randn(600, 256, dtype=torch.bfloat16, device="cuda")
+    weights = torch.randn(4, 128, 256, dtype=torch.bfloat16, device="cuda")
+    real_linear(x, weights[0])  # the caller's workspace (not one of the check's calls)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    with grouped_linear.checks_beside({"cuda"}) as beside:
+        assert beside is not None
+        assert grouped_linear.check_row_counts(x, weights, list(range(1, 600, 37)))
+        assert beside.poll(wait_all=True) is None
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= held
+    assert len(streams) == len(range(1, 600, 37))
+    assert all(name.startswith("refquant-check-beside") and stream != torch.cuda.current_stream() for name, stream in streams)
+    assert not grouped_linear._failed and len(grouped_linear._checked_counts[grouped_linear._key(x, weights)]) == len(streams)
+    grouped_linear.forget_checks()

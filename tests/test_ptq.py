@@ -270,6 +270,43 @@ def test_calibration_runs_in_eval_mode_and_restores_the_models_mode():
         assert [m.training for m in model.modules()] == [mode == "train"] * len(list(model.modules())), mode
 
 
+def test_calibration_computes_no_logits_where_no_quantizer_watches_the_head(monkeypatch):
+    """The calibration forwards ask the model for the last position's logits alone where the
+    output head has no enabled quantizer (its input is the hidden states either way): the same
+    amaxes as with every position's logits; every position's where the head's input quantizer is
+    on, or where a batch carries labels."""
+    from refquant.hf import calibrate
+
+    batches = [token_ids(2, 16, seed=s) for s in (1, 2)]
+    recipe = rq.load_recipe("fp8_default-fp8_kv")
+    model, every_position = tiny_model("llama", layers=2), tiny_model("llama", layers=2)
+    positions = []
+    for m in (model, every_position):
+        m.lm_head.register_forward_hook(lambda module, args, out: positions.append(out.shape[1]))
+    rq.quantize_model(model, recipe, batches, progress=False)
+    assert positions == [1, 1]
+    positions.clear()
+    with monkeypatch.context() as patch:
+        patch.setattr(calibrate, "_unwatched_logits", lambda model: {})
+        rq.quantize_model(every_position, recipe, batches, progress=False)
+    assert positions == [16, 16]
+    theirs = dict(named_quantizers(every_position))
+    amaxes = [(name, q.amax) for name, q in named_quantizers(model) if q.amax is not None]
+    assert amaxes and all(torch.equal(amax, theirs[name].amax) for name, amax in amaxes)
+    positions.clear()
+    watched = tiny_model("llama")
+    watched.lm_head.register_forward_hook(lambda module, args, out: positions.append(out.shape[1]))
+    rq.insert_quantizers(watched)
+    watched.lm_head.input_quantizer.set_config(QuantizerConfig(format="fp8"))
+    max_calibrate(watched, batches, progress=False)
+    assert positions == [16, 16]
+    positions.clear()
+    labelled = tiny_model("llama")
+    labelled.lm_head.register_forward_hook(lambda module, args, out: positions.append(out.shape[1]))
+    rq.quantize_model(labelled, recipe, [{"input_ids": b, "labels": b} for b in batches], progress=False)
+    assert positions == [16, 16]
+
+
 def test_weights_calibrate_without_any_forward():
     model = tiny_model("llama")
     rq.insert_quantizers(model)

@@ -31,6 +31,11 @@ handle gets a workspace of the size the caller's has (cuBLAS then has the same k
 from; benchmarks/probes/parallel_checks.py compares a worker's bits with the caller's); they are
 given back when the check ends (on a torch that cannot, the check runs on the calling thread
 alone), so a check holds n workspaces while it runs and none after.
+
+Max calibration need not wait for a check at all (ChecksBeside, REFQUANT_CHECKS_BESIDE): it hands
+new counts to a worker thread and goes on with grouped_mm; a batch whose counts fail is run
+again with the per-expert calls from what calibration held before it, so the amaxes never
+depend on a verdict that came late.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import contextlib
 import itertools
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Optional
 
 import torch
@@ -54,6 +59,7 @@ DTYPES = (torch.bfloat16,)  # what grouped_mm takes on CUDA
 SPLIT_SIZES = (1, 2, 3, 5, 8, 13, 64, 1, 100, 7)
 SEED = 20261206
 THREADS_SETTING = "REFQUANT_CHECK_THREADS"
+BESIDE_SETTING = "REFQUANT_CHECKS_BESIDE"
 # The calling thread: on an H100 host 4 workers made a new count's call only 1.3-2.7x faster and
 # each adds a cuBLAS workspace (32 MiB on sm90) while a check runs (benchmarks/results/parallel_checks_h100_2026-12-07.json).
 CHECK_THREADS = 1
@@ -99,8 +105,10 @@ def check_row_counts(x: torch.Tensor, weights: torch.Tensor, counts: list[int]) 
     if key in _failed or weights.shape[-1] * x.element_size() % 16 or not weights[0].is_contiguous():
         return False
     new_counts = {count for count in counts if count}.difference(_checked_counts.get(key, ()))
-    if new_counts:
-        reason = _check(x, weights, sorted(new_counts), key)
+    if new_counts and _beside is not None:
+        _beside.submit(key, new_counts)  # the forward goes on; the calibration learns the verdict later
+    elif new_counts:
+        reason = _check(key, sorted(new_counts))
         if reason is not None:
             _keep_per_expert_calls(key, reason)
             return False
@@ -116,28 +124,30 @@ def _keep_per_expert_calls(key: tuple, reason: str) -> None:
                   f"{key[3]} x {key[4]} on {device} ({reason}); same bits, more host time.", stacklevel=4)
 
 
-def _check(x: torch.Tensor, weights: torch.Tensor, counts: list[int], key: tuple) -> Optional[str]:
+def _check(key: tuple, counts: list[int], threads: Optional[int] = None) -> Optional[str]:
     """None when grouped_mm's rows equal F.linear's for each of `counts` (and, where the operands
     are larger than any before for `key`, whatever the split into groups: the module docstring),
-    else why not. One read of the device."""
-    out_features, in_features = weights.shape[-2:]
+    else why not. One read of the device. threads: how many share the F.linear calls
+    (check_threads' answer when None)."""
+    device_type, index, dtype, out_features, in_features = key
+    device = torch.device(device_type) if index < 0 else torch.device(device_type, index)
     rows = max(counts)
-    generator = torch.Generator(device=x.device).manual_seed(SEED)
-    a = torch.randn(rows, in_features, generator=generator, device=x.device, dtype=x.dtype)
-    w = torch.randn(1, out_features, in_features, generator=generator, device=x.device, dtype=x.dtype)
-    differs = torch.zeros((), dtype=torch.bool, device=x.device)
+    generator = torch.Generator(device=device).manual_seed(SEED)
+    a = torch.randn(rows, in_features, generator=generator, device=device, dtype=dtype)
+    w = torch.randn(1, out_features, in_features, generator=generator, device=device, dtype=dtype)
+    differs = torch.zeros((), dtype=torch.bool, device=device)
     try:
-        whole = F.grouped_mm(a, w.transpose(-2, -1), offs=torch.tensor([rows], dtype=torch.int32, device=x.device))
+        whole = F.grouped_mm(a, w.transpose(-2, -1), offs=torch.tensor([rows], dtype=torch.int32, device=device))
         check_split = rows > _split_rows.get(key, 0)
         if check_split:
             ends = [end for end in itertools.accumulate(SPLIT_SIZES) if end < rows] + [rows]
             split = F.grouped_mm(a, w.expand(len(ends), -1, -1).contiguous().transpose(-2, -1),
-                                 offs=torch.tensor(ends, dtype=torch.int32, device=x.device))
+                                 offs=torch.tensor(ends, dtype=torch.int32, device=device))
             differs |= (bits_of(split) != bits_of(whole)).any()
             del split
     except (RuntimeError, TypeError, ValueError) as error:
         return f"grouped_mm raised {type(error).__name__}: {error}"
-    for part_differs in _linears_differ(a, w[0], whole, counts):
+    for part_differs in _linears_differ(a, w[0], whole, counts, threads):
         differs |= part_differs
     if bool(differs):  # the one read of the check
         return "grouped_mm's bits differ from F.linear's"
@@ -158,11 +168,12 @@ def check_threads(device: torch.device) -> int:
     return min(CHECK_THREADS, os.cpu_count() or 1) if text is None else int(text)
 
 
-def _linears_differ(a: torch.Tensor, weight: torch.Tensor, whole: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+def _linears_differ(a: torch.Tensor, weight: torch.Tensor, whole: torch.Tensor, counts: list[int],
+                    threads: Optional[int]) -> list[torch.Tensor]:
     """Per share of `counts` (sorted), a bool on the device: whether F.linear(a[:count], weight)
     differs from whole[:count] in any bit for a count of the share; the shares' calls made on
-    worker threads where there are several."""
-    pool_size = check_threads(a.device)
+    worker threads where there are several (`threads`, else check_threads')."""
+    pool_size = check_threads(a.device) if threads is None else threads
     threads = min(pool_size, len(counts))
     stream = torch.cuda.current_stream(a.device) if a.is_cuda else None
     if threads == 1:
@@ -188,6 +199,119 @@ def _share_differs(a: torch.Tensor, weight: torch.Tensor, whole: torch.Tensor, c
         for count in counts:
             differs |= (bits_of(F.linear(a[:count], weight)) != bits_of(whole[:count])).any()
         return differs
+
+
+class ChecksBeside:
+    """A calibration's row-count checks made on a worker thread while its forwards go on.
+
+    A new row count's check costs the host a few hundred microseconds of cuBLAS picking a kernel,
+    and a first calibration meets hundreds of new counts (the module docstring), each in the
+    forward's way. While max calibration runs its batches (refquant.hf.calibrate), check_row_counts
+    hands a call's new counts to the worker and answers True at once: the forward multiplies with
+    grouped_mm before its bits are known to be F.linear's. The calibration snapshots what a batch
+    changes before running it and asks poll() after it; a check that failed names the first batch
+    that used its counts, and the calibration puts back that batch's snapshot and runs it and the
+    batches after it again, with the key's per-expert calls. So the amaxes are those of the
+    per-expert calls whatever the verdicts (tests/test_grouped_experts.py fails a check on
+    purpose). The worker multiplies on a side stream of its own (its operands are random, it reads
+    none of the forward's tensors) and holds one cuBLAS workspace of its own until close(), which
+    gives it back. An error in the worker is raised by the next poll() or close()."""
+
+    def __init__(self) -> None:
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._tickets: list[tuple[int, tuple, set[int], Future]] = []  # (batch, key, counts, verdict), in order
+        self._pending: dict[tuple, set[int]] = {}  # key -> counts handed over, verdict not taken yet
+        self._streams: dict[tuple, torch.cuda.Stream] = {}  # the worker's own, by device
+        self.batch = 0  # the batch the forward runs now (set by the calibration)
+
+    @staticmethod
+    def wanted(device_types: set[str]) -> bool:
+        """Whether a calibration on devices of `device_types` makes its checks beside its forwards:
+        BESIDE_SETTING "0" never, "1" on any device (the CPU for tests), else ("auto") on CUDA where
+        torch can give back the worker's cuBLAS workspace."""
+        setting = os.environ.get(BESIDE_SETTING, "auto")
+        if setting not in ("0", "1", "auto"):
+            raise ValueError(f"{BESIDE_SETTING}={setting!r}: give 0 (checks in the forward), 1 or auto")
+        if setting == "auto":
+            return device_types == {"cuda"} and can_release_blas_workspaces()
+        return setting == "1"
+
+    def submit(self, key: tuple, counts: set[int]) -> None:
+        """Hand the counts of `key` not handed over already to the worker."""
+        counts = counts.difference(self._pending.get(key, ()))
+        if not counts:
+            return
+        self._pending.setdefault(key, set()).update(counts)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="refquant-check-beside")
+        self._tickets.append((self.batch, key, counts, self._pool.submit(self._work, key, sorted(counts))))
+
+    def _work(self, key: tuple, counts: list[int]) -> Optional[str]:
+        if key[0] != "cuda":
+            return _check(key, counts, threads=1)
+        stream = self._streams.get(key[:2])
+        if stream is None:
+            stream = self._streams[key[:2]] = torch.cuda.Stream(torch.device("cuda", key[1]))
+        with torch.cuda.stream(stream):
+            return _check(key, counts, threads=1)
+
+    def poll(self, wait_all: bool = False) -> Optional[int]:
+        """Take the verdicts that are in (all of them with wait_all), in the order handed over:
+        counts that passed join the checked ones; a key that failed keeps its per-expert calls
+        (with the warning). Returns the first batch that used counts that failed, or None."""
+        if wait_all:
+            wait([future for *_, future in self._tickets])
+        first_failed = None
+        while self._tickets and self._tickets[0][3].done():
+            batch, key, counts, future = self._tickets.pop(0)
+            self._pending[key].difference_update(counts)
+            reason = future.result()  # (an error of the worker's is raised here)
+            if key in _failed:
+                continue
+            if reason is not None:
+                _keep_per_expert_calls(key, reason)
+                first_failed = batch if first_failed is None else min(first_failed, batch)
+            else:
+                _checked_counts.setdefault(key, set()).update(counts)
+        return first_failed
+
+    def oldest_open_batch(self) -> Optional[int]:
+        """The first batch whose checks have not all given their verdict (None: none open)."""
+        return self._tickets[0][0] if self._tickets else None
+
+    def close(self) -> None:
+        """Wait for the worker, drop what it was given, and give back its cuBLAS workspace."""
+        if self._pool is None:
+            return
+        wait([future for *_, future in self._tickets])
+        self._pool.shutdown()
+        self._pool, self._tickets = None, []
+        self._pending.clear()
+        if self._streams:
+            for stream in self._streams.values():
+                stream.synchronize()
+            self._streams.clear()
+            release_blas_workspaces()
+
+
+_beside: Optional[ChecksBeside] = None  # the calibration's, while it runs its batches
+
+
+@contextlib.contextmanager
+def checks_beside(device_types: set[str]):
+    """Within the block, new row counts are checked on a worker thread (ChecksBeside, given to
+    the block) where ChecksBeside.wanted says so; else the block gets None and checks stay in the
+    forward."""
+    global _beside
+    if _beside is not None or not ChecksBeside.wanted(device_types):
+        yield None
+        return
+    _beside = beside = ChecksBeside()
+    try:
+        yield beside
+    finally:
+        _beside = None
+        beside.close()
 
 
 def row_counts_checked() -> int:

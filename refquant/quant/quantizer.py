@@ -126,6 +126,15 @@ class _MaxCalibrator:
     def amax(self, value: Optional[torch.Tensor]) -> None:
         self._amax, self._unfolded = value, []
 
+    def state(self) -> tuple:
+        """What a collect changes, to put back with restore() (its tensors are never written in
+        place: a collect keeps a new max or replaces the amax)."""
+        return self._amax, tuple(self._unfolded), self.last
+
+    def restore(self, state: tuple) -> None:
+        self._amax, unfolded, self.last = state
+        self._unfolded = list(unfolded)
+
     def kept_maxima(self) -> list[torch.Tensor]:
         """What the amax property folds: the kept maxima and the amax folded before them."""
         return self._unfolded + ([self._amax] if self._unfolded and self._amax is not None else [])
