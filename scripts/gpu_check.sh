@@ -17,6 +17,9 @@
 #                                       (benchmarks/probes/moe_memory.py): the MoE targets and bits in one
 #                                       call; ~8 min (a call cut short keeps what ran first). With
 #                                       `families` in a second call: every MoE check.
+#   bash scripts/gpu_check.sh beside    the grouped experts' CUDA tests, the row-count checks in the forward
+#                                       against beside it (benchmarks/probes/background_checks.py), then the
+#                                       MoE shape against modelopt as in `moe` (not the memory probe); ~8 min
 #   bash scripts/gpu_check.sh moe_families   the MoE shape's ptq_gpu run as in `moe` (not the memory probe),
 #                                       then `families` in the time left of the call's 600 s (~9.5 min):
 #                                       every MoE check on one machine start
@@ -107,6 +110,12 @@ moe)
   moe_targets
   timeout 150 python3 benchmarks/probes/moe_memory.py --out "$OUT/memory" --modelopt > "$OUT/moe_memory.log" 2>&1
   grep -E "^(plain|modelopt|compiled|folded)" "$OUT/moe_memory.log" | cut -c1-160
+  ;;
+beside)
+  build_modelopt_fp8
+  timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/test_grouped_experts.py -k cuda 2>&1 | tail -4
+  timeout 150 python3 benchmarks/probes/background_checks.py --out "$OUT/beside" --rounds 2 2>&1 | grep -v Warn | tail -8
+  moe_targets
   ;;
 moe_families)
   build_modelopt_fp8
