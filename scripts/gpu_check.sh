@@ -18,8 +18,9 @@
 #                                       call; ~8 min (a call cut short keeps what ran first). With
 #                                       `families` in a second call: every MoE check.
 #   bash scripts/gpu_check.sh beside    the grouped experts' CUDA tests, the row-count checks in the forward
-#                                       against beside it (benchmarks/probes/background_checks.py), then the
-#                                       MoE shape against modelopt as in `moe` (not the memory probe); ~8 min
+#                                       against beside it (benchmarks/probes/background_checks.py), max calibration's
+#                                       own steps with no count left to check (calibration_ab.py), then the
+#                                       MoE shape against modelopt as in `moe` (not the memory probe); ~9.5 min
 #   bash scripts/gpu_check.sh moe_families   the MoE shape's ptq_gpu run as in `moe` (not the memory probe),
 #                                       then `families` in the time left of the call's 600 s (~9.5 min):
 #                                       every MoE check on one machine start
@@ -115,6 +116,7 @@ beside)
   build_modelopt_fp8
   timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/test_grouped_experts.py -k cuda 2>&1 | tail -4
   timeout 150 python3 benchmarks/probes/background_checks.py --out "$OUT/beside" --rounds 2 2>&1 | grep -v Warn | tail -8
+  timeout 120 python3 benchmarks/probes/calibration_ab.py --out "$OUT/beside" 2>&1 | grep -v Warn | tail -2
   moe_targets
   ;;
 moe_families)
