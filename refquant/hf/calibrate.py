@@ -99,7 +99,7 @@ def _run_batches(model: nn.Module, batches: Iterable[Any], beside: Optional[Chec
     (refquant.hf.grouped_linear.ChecksBeside) the experts' row-count checks run beside the
     forwards: each batch is kept with what calibration held before it until its checks have all
     passed, and a batch that used counts whose check failed is run again from there, with every
-    batch after it (_run_again)."""
+    batch after it (_settle)."""
     count = tokens = 0
     extra = _unwatched_logits(model)
     if beside is None:
