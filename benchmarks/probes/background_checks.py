@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import os
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ptq_gpu  # noqa: E402
 import refquant as rq  # noqa: E402
 from refquant.hf import grouped_linear  # noqa: E402
+from probe_output import write_json  # noqa: E402
 
 RECIPE = "nvfp4_default-fp8_cast_kv"
 
@@ -100,9 +100,7 @@ def main() -> int:
             rows.append(row)
     result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "recipe": RECIPE,
               "plain_forward_peak_mib_over_held": plain_peak, "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "background_checks.json").write_text(json.dumps(result, indent=1))
+    write_json(args.out, "background_checks.json", result)
     return 0
 
 

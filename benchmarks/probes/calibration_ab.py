@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ptq_gpu  # noqa: E402
 import refquant as rq  # noqa: E402
 from refquant.hf import calibrate, grouped_linear  # noqa: E402
+from probe_output import write_json  # noqa: E402
 
 RECIPE = "nvfp4_default-fp8_cast_kv"
 
@@ -84,9 +84,7 @@ def main() -> int:
     result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "recipe": RECIPE, "rows": rows,
               "median_ratio_to_plain": {key: statistics.median(values) for key, values in medians.items()}}
     print(result["median_ratio_to_plain"])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "calibration_ab.json").write_text(json.dumps(result, indent=1))
+    write_json(args.out, "calibration_ab.json", result)
     return 0
 
 

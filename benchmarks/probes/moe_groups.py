@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ptq_gpu  # noqa: E402
 import refquant as rq  # noqa: E402
 from refquant.hf import experts_loop  # noqa: E402
+from probe_output import write_json  # noqa: E402
 
 MIB = 2**20
 CUDA = torch.cuda.is_available()
@@ -161,9 +161,7 @@ def main() -> int:
                   f"{row['median_ms']:.1f} ms (min {row['min_ms']:.1f}), forward peak {row['forward_peak_mib']} MiB, "
                   f"layer 0's experts peak {row['experts_peak_mib']} MiB, "
                   f"logits equal: {row['logits_equal_to_first']}", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"moe_groups_{args.recipe}.json").write_text(json.dumps(report, indent=1))
+    write_json(args.out, f"moe_groups_{args.recipe}.json", report)
     return 0
 
 

@@ -52,6 +52,7 @@ from refquant.compiled import triton_launch  # noqa: E402
 from refquant.hf import experts as experts_module  # noqa: E402
 from refquant.hf import experts_loop  # noqa: E402
 from refquant.quant import quantizer  # noqa: E402
+from probe_output import write_json  # noqa: E402
 
 
 class Watch:
@@ -288,9 +289,7 @@ def main() -> None:
             rows[recipe] = row
             del model
             torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"moe_host_bound{'_modelopt_first' if args.modelopt_first else ''}.json").write_text(json.dumps(rows, indent=1))
+    write_json(args.out, f"moe_host_bound{'_modelopt_first' if args.modelopt_first else ''}.json", rows)
 
 
 if __name__ == "__main__":

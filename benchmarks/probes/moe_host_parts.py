@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ptq_gpu  # noqa: E402
 import refquant as rq  # noqa: E402
 from refquant.hf import experts_loop  # noqa: E402
+from probe_output import write_json  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -114,9 +114,7 @@ def main() -> None:
             print(f"{name:24s} {row['median_ms']:7.1f} ms  host {row.get('host_ms', 0):7.1f} ms  "
                   f"logits {row.get('logits_equal', '-')}  peak {row.get('peak_over_model_mib', 0):.0f} MiB  "
                   f"public {row.get('public_launches_a_forward')} / another batch {row.get('public_launches_another_batch')}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"moe_host_parts_{args.recipe}.json").write_text(json.dumps(rows, indent=1))
+    write_json(args.out, f"moe_host_parts_{args.recipe}.json", rows)
 
 
 if __name__ == "__main__":

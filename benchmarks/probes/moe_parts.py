@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ptq_gpu  # noqa: E402
+from probe_output import write_json  # noqa: E402
 
 
 def timed(fn, repeats: int) -> dict:
@@ -185,9 +186,7 @@ def main() -> int:
             prefix[m] = int((F.linear(rows[:m], gate_up[0]) != full[:m]).sum())
         bits["prefix_rows_vs_all_rows"] = prefix
         result["bits"] = bits
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "moe_parts.json").write_text(json.dumps(result, indent=1))
+    write_json(args.out, "moe_parts.json", result)
     print(json.dumps({k: v for k, v in result.items() if k != "counts"}, indent=1))
     return 0
 

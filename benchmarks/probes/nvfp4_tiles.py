@@ -31,6 +31,7 @@ import refquant  # noqa: E402
 import refquant.numerics.formats  # noqa: E402
 from refquant.compiled import functions  # noqa: E402
 from refquant.testing import bits_of  # noqa: E402
+from probe_output import write_json  # noqa: E402
 
 SHAPES = {
     "main": (8192, 16384),
@@ -92,9 +93,7 @@ def main() -> None:
             row["real"] = real_quant_tiles(x, amax, copy_ms, device_ms)
         results["shapes"][name] = row
         print(name, json.dumps(row))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "nvfp4_tiles.json").write_text(json.dumps(results, indent=1))
+    write_json(args.out, "nvfp4_tiles.json", results)
 
 
 # Real quant (nvfp4_triton.py, persistent): (blocks a tile, warps, programs an SM; 0 = one program a tile).

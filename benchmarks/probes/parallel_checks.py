@@ -13,16 +13,15 @@ The JSON goes to DIR/parallel_checks.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from refquant.compiled.private_api import release_blas_workspaces
+from probe_output import write_json
 
 SHAPES = {"gate_up": (1536, 2048), "down": (2048, 768)}  # (out, in) of the MoE shape's experts
 
@@ -104,9 +103,7 @@ def main() -> int:
         rows.append(seen)
         result["shapes"][name] = {"timings": rows, "bits": thread_bits(a, w, list(range(start, 4000, 7)))}
         print(name, "bits", result["shapes"][name]["bits"], flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "parallel_checks.json").write_text(json.dumps(result, indent=1))
+    write_json(args.out, "parallel_checks.json", result)
     return 0
 
 

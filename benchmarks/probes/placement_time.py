@@ -16,17 +16,16 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import refquant as rq
 import refquant.hf.ptq as ptq
 import refquant.quant.recipe as recipe_module
+from probe_output import write_json
 
 STRUCTURE = dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=64,
                  num_experts_per_tok=8, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -94,9 +93,7 @@ def main() -> int:
               "quantizers": len(report.quantizers), "repeats": repeats,
               "median_ms": {key: statistics.median(row[key] for row in repeats) for key in repeats[0] if key != "gc_generations"}}
     print("median ms:", {key: round(value, 1) for key, value in result["median_ms"].items()})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "placement_time.json").write_text(json.dumps(result, indent=1))
+    write_json(args.out, "placement_time.json", result)
     return 0
 
 

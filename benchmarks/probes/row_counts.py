@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ptq_gpu  # noqa: E402
 import refquant as rq  # noqa: E402
 from refquant.hf import grouped_linear  # noqa: E402
+from probe_output import write_json  # noqa: E402
 
 
 def calibration_rounds(rounds: int, device: torch.device) -> list[dict]:
@@ -84,9 +84,7 @@ def main() -> int:
     result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
               "calibration_rounds": calibration_rounds(args.rounds, device),
               "linear_at_new_counts": linear_at_new_counts(device)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "row_counts.json").write_text(json.dumps(result, indent=1))
+    write_json(args.out, "row_counts.json", result)
     return 0
 
 
