@@ -247,13 +247,14 @@ class ChecksBeside:
         self._tickets.append((self.batch, key, counts, self._pool.submit(self._work, key, sorted(counts))))
 
     def _work(self, key: tuple, counts: list[int]) -> Optional[str]:
-        if key[0] != "cuda":
+        with torch.cuda.stream(self._stream(key)) if key[0] == "cuda" else contextlib.nullcontext():
             return _check(key, counts, threads=1)
-        stream = self._streams.get(key[:2])
-        if stream is None:
-            stream = self._streams[key[:2]] = torch.cuda.Stream(torch.device("cuda", key[1]))
-        with torch.cuda.stream(stream):
-            return _check(key, counts, threads=1)
+
+    def _stream(self, key: tuple) -> torch.cuda.Stream:
+        """The worker's own stream on `key`'s CUDA device."""
+        if key[:2] not in self._streams:
+            self._streams[key[:2]] = torch.cuda.Stream(torch.device("cuda", key[1]))
+        return self._streams[key[:2]]
 
     def poll(self, wait_all: bool = False) -> Optional[int]:
         """Take the verdicts that are in (all of them with wait_all), in the order handed over:
