@@ -31,16 +31,6 @@ from probe_output import write_json  # noqa: E402
 RECIPE = "nvfp4_default-fp8_cast_kv"
 
 
-def plain_seconds(plain, batches, device) -> float:
-    ptq_gpu.synchronize(device)
-    began = time.perf_counter()
-    with torch.no_grad():
-        for batch in batches:
-            plain(input_ids=batch.to(device))
-    ptq_gpu.synchronize(device)
-    return time.perf_counter() - began
-
-
 def calibrate(pristine, batches, device, beside: str) -> dict:
     """rq.quantize_model on a fresh copy with REFQUANT_CHECKS_BESIDE=beside."""
     model = copy.deepcopy(pristine).to(device)
@@ -86,16 +76,16 @@ def main() -> int:
         plain(input_ids=ptq_gpu.batches_for("moe", 1, 4, 1024, 2)[0].to(device))
     ptq_gpu.reset_peak(device)
     held = torch.cuda.memory_allocated(device)
-    plain_seconds(plain, ptq_gpu.batches_for("moe", 1, 4, 1024, 2), device)
+    ptq_gpu.plain_forwards_s(plain, ptq_gpu.batches_for("moe", 1, 4, 1024, 2), device)
     plain_peak = (torch.cuda.max_memory_allocated(device) - held) / 2**20
     rows, seed = [], 100
     for _ in range(args.rounds):
         for mode in args.modes:
             batches = ptq_gpu.batches_for("moe", 4, 4, 1024, seed)
             seed += 1
-            row = {"seed": seed - 1, "plain_s": plain_seconds(plain, batches, device)}
+            row = {"seed": seed - 1, "plain_s": ptq_gpu.plain_forwards_s(plain, batches, device)}
             row.update(calibrate(pristine, batches, device, mode))
-            row["plain_after_s"] = plain_seconds(plain, batches, device)
+            row["plain_after_s"] = ptq_gpu.plain_forwards_s(plain, batches, device)
             print(row, flush=True)
             rows.append(row)
     result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "recipe": RECIPE,

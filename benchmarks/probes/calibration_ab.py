@@ -55,12 +55,6 @@ def main() -> int:
     model = copy.deepcopy(pristine).to(device)
     rq.quantize_model(model, rq.load_recipe(RECIPE), batches, backend="compiled", flavor="modelopt-cuda", progress=False)
     plain = copy.deepcopy(pristine).to(device)
-
-    def plain_forwards():
-        with torch.no_grad():
-            for batch in batches:
-                plain(input_ids=batch.to(device))
-
     last_only = calibrate._unwatched_logits
     rows = []
     for _ in range(args.rounds):
@@ -69,7 +63,7 @@ def main() -> int:
                 os.environ[grouped_linear.BESIDE_SETTING] = beside
                 calibrate._unwatched_logits = last_only if logits == "last" else (lambda model: {})
                 try:
-                    row = {"beside": beside, "logits": logits, "plain_s": seconds(plain_forwards, device)}
+                    row = {"beside": beside, "logits": logits, "plain_s": ptq_gpu.plain_forwards_s(plain, batches, device)}
                     checked = grouped_linear.row_counts_checked()
                     row["calibration_s"] = seconds(lambda: calibrate.max_calibrate(model, batches, progress=False), device)
                     row["new_counts"] = grouped_linear.row_counts_checked() - checked
