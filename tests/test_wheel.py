@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -55,6 +56,17 @@ def user_environment(venv_dir: Path) -> dict:
     return env
 
 
+def see_this_environments_packages(venv_dir: Path) -> None:
+    """Where the tests run in a virtual environment, a venv made from it with system site packages
+    sees the base interpreter's packages, not this environment's (torch among them): list this
+    environment's site-packages in a .pth file of the new venv. Its entries are plain paths, so
+    the .pth files in them (the checkout's editable install) are not run."""
+    if sys.prefix == sys.base_prefix:
+        return
+    (site_packages,) = (venv_dir / "lib").glob("python*/site-packages")
+    (site_packages / "tests_environment.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+
+
 def test_wheel_installed_in_a_fresh_venv_runs_the_main_job_and_lists_the_recipes(tmp_path):
     source = tmp_path / "source"
     source.mkdir()
@@ -75,6 +87,7 @@ def test_wheel_installed_in_a_fresh_venv_runs_the_main_job_and_lists_the_recipes
     venv_dir = tmp_path / "venv"
     venv.EnvBuilder(system_site_packages=True, with_pip=False, symlinks=True).create(venv_dir)
     python = venv_dir / "bin" / "python"
+    see_this_environments_packages(venv_dir)
     shutil.rmtree(source)
     workdir = tmp_path / "user"
     workdir.mkdir()
