@@ -40,6 +40,16 @@ print(unmet)
 """
 
 
+# Run in the venv with the checkout's path: refquant's file and version, and whether any entry of
+# sys.path lies in the checkout (as paths: a venv beside it may share its name's first letters).
+WHERE_REFQUANT_COMES_FROM = """
+import sys
+from pathlib import Path
+import refquant
+checkout = Path(sys.argv[1]).resolve()
+print(refquant.__file__, refquant.__version__, any(Path(p).resolve().is_relative_to(checkout) for p in sys.path))
+"""
+
 def run(command: list[str], cwd: Path, env: dict | None = None, timeout: int = 300) -> str:
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(map(str, command))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -98,9 +108,7 @@ def test_wheel_installed_in_a_fresh_venv_runs_the_main_job_and_lists_the_recipes
     unmet = run([str(python), "-c", UNMET_REQUIREMENTS], cwd=workdir, env=env).strip()
     assert unmet == "[]", f"the wheel's requirements not met here: {unmet}"
 
-    where = run([str(python), "-c", "import refquant, sys; "
-                 "print(refquant.__file__, refquant.__version__, any(sys.argv[1] in p for p in sys.path))", str(REPO)],
-                cwd=workdir, env=env).split()
+    where = run([str(python), "-c", WHERE_REFQUANT_COMES_FROM, str(REPO)], cwd=workdir, env=env).split()
     assert Path(where[0]).resolve().is_relative_to(venv_dir.resolve()), where[0]
     assert where[1] == __version__
     assert where[2] == "False", "the checkout is on the venv's sys.path"
