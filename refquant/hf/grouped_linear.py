@@ -215,7 +215,8 @@ class ChecksBeside:
     per-expert calls whatever the verdicts (tests/test_grouped_experts.py fails a check on
     purpose). The worker multiplies on a side stream of its own (its operands are random, it reads
     none of the forward's tensors) and holds one cuBLAS workspace of its own until close(), which
-    gives it back. An error in the worker is raised by the next poll() or close()."""
+    gives it back. An error in the worker is raised by the next poll() (the calibration's last one
+    waits for every verdict); close() drops what is left, as it runs after a failed forward too."""
 
     def __init__(self) -> None:
         self._pool: Optional[ThreadPoolExecutor] = None
