@@ -50,6 +50,7 @@ checkout = Path(sys.argv[1]).resolve()
 print(refquant.__file__, refquant.__version__, any(Path(p).resolve().is_relative_to(checkout) for p in sys.path))
 """
 
+
 def run(command: list[str], cwd: Path, env: dict | None = None, timeout: int = 300) -> str:
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(map(str, command))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
